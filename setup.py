@@ -1,0 +1,40 @@
+"""Generates the gRPC stubs from proto/ into src/infer_proto/ whenever the package is built.
+
+Stubs are never committed: a wheel build and an editable install (`pip install -e .`) both run
+``build_py`` first, which calls ``grpc_tools.protoc`` on ``proto/infer.proto``. The virtual include
+path ``infer_proto=proto`` makes the generated code import ``from infer_proto import infer_pb2``.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).parent.resolve()
+
+
+def generate_stubs() -> None:
+    import grpc_tools
+    from grpc_tools import protoc
+
+    proto_include = Path(grpc_tools.__file__).parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{proto_include}",
+        f"-Iinfer_proto={ROOT / 'proto'}",
+        f"--python_out={ROOT / 'src'}",
+        f"--pyi_out={ROOT / 'src'}",
+        f"--grpc_python_out={ROOT / 'src'}",
+        "infer_proto/infer.proto",
+    ]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed on proto/infer.proto")
+
+
+class BuildPyWithStubs(build_py):
+    def run(self) -> None:
+        generate_stubs()
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildPyWithStubs})
