@@ -1,0 +1,167 @@
+"""Measure a model repository on held-out scenes through the server's own code path.
+
+Images are decoded and resized by the server's DALI pipeline (``infer_server.preprocess``), models
+run in the server's ONNX Runtime engine, and detections come out of the server's DetectNet_v2
+decode + NMS (``infer_server.postprocess``) — so the numbers are what a client would get.
+
+* detector: AP@0.5 per class and mAP (VOC all-point; don't-cares per ``engines.metrics``), plus
+  precision/recall at the configured confidence threshold;
+* attribute models: top-1 on ground-truth crops (cropped by the server's ROI-resize pipeline);
+* throughput: images/s of each model alone at batch 1 and 8, one ONNX Runtime thread (what one
+  stage worker gets per core).
+
+``python -m engines.evaluate [--models engines/models] [--scenes 500]`` re-measures a repository
+and prints the table; the recipe (``engines/package.py``) calls the functions below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from engines.metrics import DetectionTally, match_image
+from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES, Scene, generate_scene
+from infer_server.engines import create_engine
+from infer_server.model_repo import ModelConfig, ModelRepository
+from infer_server.pipeline import softmax
+from infer_server.postprocess import postprocess_detector
+from infer_server.preprocess import CropPreprocessor, DetectorPreprocessor
+
+AP_THRESHOLD = 0.05  # score floor for the PR curve; the shipped threshold is reported separately
+CHUNK = 8
+
+
+@dataclass
+class DecodedScenes:
+    """Detector inputs and decoded originals of a scene list, decoded once and reused per model."""
+
+    scenes: list[Scene]
+    tensors: np.ndarray  # float32 [N, 3, H, W]
+    originals: list[np.ndarray]  # uint8 HWC RGB
+
+
+def decode_scenes(seeds: range | list[int], detector: ModelConfig) -> DecodedScenes:
+    pre = DetectorPreprocessor(detector.input, device="cpu", batch_size=CHUNK, num_threads=2)
+    scenes = [generate_scene(s) for s in tqdm(seeds, desc="held-out scenes")]
+    tensors, originals = [], []
+    for i in range(0, len(scenes), CHUNK):
+        out = pre.run([s.jpeg for s in scenes[i : i + CHUNK]])
+        if out.errors:
+            raise RuntimeError(f"scenes failed to decode: {out.errors}")
+        tensors.append(np.asarray(out.tensor))
+        originals.extend(np.array(o) for o in out.originals)
+    return DecodedScenes(scenes, np.concatenate(tensors), originals)
+
+
+def evaluate_detector(onnx_path: Path, config: ModelConfig, data: DecodedScenes,
+                      threshold: float | None = None) -> dict:
+    """AP per class, mAP, and precision/recall at ``threshold`` (default: the config's)."""
+    assert config.decode is not None
+    engine = create_engine(onnx_path, "cpu", intra_op_num_threads=2)
+    low = config.decode.model_copy(update={"confidence_threshold": AP_THRESHOLD})
+    tally = DetectionTally(len(config.labels))
+    cov_name, bbox_name = config.outputs["coverage"], config.outputs["bbox"]
+    for i in tqdm(range(0, len(data.scenes), CHUNK), desc=f"detector {onnx_path.name}"):
+        out = engine.infer({config.input.name: data.tensors[i : i + CHUNK]})
+        for k, scene in enumerate(data.scenes[i : i + CHUNK]):
+            d = postprocess_detector(out[cov_name][k], out[bbox_name][k], low, input_width=config.input.width,
+                                     input_height=config.input.height, image_width=scene.width,
+                                     image_height=scene.height)
+            gt_boxes = np.array([o.box for o in scene.objects]).reshape(-1, 4)
+            gt_classes = np.array([o.class_id for o in scene.objects])
+            m = match_image(gt_boxes, gt_classes, d.boxes, d.scores, d.class_ids, scene.width, scene.height)
+            tally.add(m, gt_classes, d.scores, d.class_ids)
+    engine.close()
+    ap = tally.average_precision()
+    t = threshold if threshold is not None else config.decode.thresholds(len(config.labels))[0]
+    precision, recall = tally.precision_recall(t)
+    return {"map50": float(np.nanmean(ap)), "ap50": {c: float(a) for c, a in zip(config.labels, ap, strict=True)},
+            "threshold": t, "precision": precision, "recall": recall,
+            "ground_truth_objects": int(tally.n_gt.sum()), "_tally": tally}
+
+
+def best_threshold(tally: DetectionTally) -> float:
+    """The confidence threshold maximising F1 on a validation tally."""
+    best, best_f1 = 0.5, -1.0
+    for t in np.arange(0.2, 0.91, 0.025):
+        p, r = tally.precision_recall(float(t))
+        f1 = 2 * p * r / max(p + r, 1e-9)
+        if f1 > best_f1:
+            best, best_f1 = float(t), f1
+    return round(best, 3)
+
+
+def evaluate_classifier(onnx_path: Path, config: ModelConfig, data: DecodedScenes) -> dict:
+    """Top-1 on ground-truth boxes of the classes the model applies to."""
+    labels = {"color": COLORS, "vehicle_type": VEHICLE_TYPES}[config.name]
+    attr = "color" if config.name == "color" else "vehicle_type"
+    applies = set(config.applies_to or CLASSES)
+    owners, boxes, truth = [], [], []
+    for i, scene in enumerate(data.scenes):
+        for o in scene.objects:
+            if o.label in applies:
+                owners.append(i)
+                boxes.append(o.box)
+                truth.append(labels.index(getattr(o, attr)))
+    sizes = [(s.width, s.height) for s in data.scenes]
+    crops = CropPreprocessor(config.input, padding=config.crop_padding, batch_size=64, num_threads=2)
+    engine = create_engine(onnx_path, "cpu", intra_op_num_threads=2)
+    out_name = config.outputs.get("logits") or config.outputs["probabilities"]
+    pred = np.zeros(len(truth), np.int64)
+    for rows, tensor in crops.batches(data.originals, sizes, np.array(owners), np.array(boxes, np.float32)):
+        pred[rows] = softmax(engine.infer({config.input.name: tensor})[out_name]).argmax(1)
+    engine.close()
+    return {"top1": float(np.mean(pred == np.array(truth))), "crops": len(truth)}
+
+
+def throughput(onnx_paths: dict[str, Path], input_shape: tuple[int, int, int], batches: tuple[int, ...] = (1, 8),
+               rounds: int = 5, seconds: float = 1.0) -> dict[str, dict[str, float]]:
+    """Images/s per model and batch size, one ORT thread, models measured interleaved round by round
+    (so a busy neighbour slows all of them alike); the median round counts."""
+    engines = {k: create_engine(p, "cpu", intra_op_num_threads=1) for k, p in onnx_paths.items()}
+    rng = np.random.default_rng(0)
+    samples: dict[str, dict[int, list[float]]] = {k: {b: [] for b in batches} for k in engines}
+    for _ in range(rounds):
+        for b in batches:
+            x = rng.random((b, *input_shape), dtype=np.float32)
+            for name, eng in engines.items():
+                feeds = {eng.inputs[0].name: x}
+                eng.infer(feeds)  # warm
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    eng.infer(feeds)
+                    n += b
+                samples[name][b].append(n / (time.perf_counter() - t0))
+    for eng in engines.values():
+        eng.close()
+    return {k: {f"batch{b}_ips": round(float(np.median(v)), 2) for b, v in per.items()} for k, per in samples.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Re-measure a model repository on held-out scenes.")
+    p.add_argument("--models", type=Path, default=Path(__file__).parent / "models")
+    p.add_argument("--scenes", type=int, default=500)
+    p.add_argument("--seed", type=int, default=900_000, help="first held-out seed (the recipe's default)")
+    args = p.parse_args()
+    repo = ModelRepository.load(args.models)
+    data = decode_scenes(range(args.seed, args.seed + args.scenes), repo.detector.config)
+    report: dict = {"detector": evaluate_detector(repo.detector.onnx_path, repo.detector.config, data)}
+    report["detector"].pop("_tally")
+    for c in repo.classifiers:
+        report[c.config.name] = evaluate_classifier(c.onnx_path, c.config, data)
+    det_in = repo.detector.config.input
+    report["throughput"] = throughput({"detector": repo.detector.onnx_path}, (3, det_in.height, det_in.width))
+    for c in repo.classifiers:
+        ci = c.config.input
+        report["throughput"].update(throughput({c.config.name: c.onnx_path}, (3, ci.height, ci.width)))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
