@@ -1,0 +1,140 @@
+"""Which images are still unanswered, and by which chunk: the bookkeeping behind exactly-once.
+
+Used only by ``infer_server.pool.PipelinePool`` in the server (parent) process, always under the
+pool's lock — the ledger itself is not thread-safe and knows nothing of processes. It owns the
+chunks waiting for a worker, the map from every open image to the chunk answering it, and the
+counters ``PipelinePool.stats`` reports. Every terminal outcome, from a worker or made up by the
+pool (crash, deadline, shutdown), goes through ``resolve``: the first answer for an image is
+delivered, any later one is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from infer_server.messages import Code, ImageOutcome, ImageRef, WorkItem
+
+CRASHED = "worker crashed while processing this image"
+EXPIRED = "deadline exceeded before processing"
+
+
+@dataclass(eq=False)
+class Chunk:
+    item: WorkItem
+    submitted: float  # monotonic time its images were submitted (kept across retries)
+    remaining: set[int]  # indices of its images not answered yet
+    started: float | None = None  # when a worker said ItemStarted
+
+    def open_refs(self) -> list[ImageRef]:
+        return [r for r in self.item.images if r.index in self.remaining]
+
+
+class ChunkLedger:
+    def __init__(self, batch_size: int, max_attempts: int):
+        self.batch_size, self.max_attempts = batch_size, max_attempts
+        self.pending: collections.deque[Chunk] = collections.deque()  # waiting for a worker
+        self._chunks: dict[int, Chunk] = {}  # every chunk with open images, by item id
+        self._open: dict[tuple[str, int], int] = {}  # (batch id, image index) → item id answering it
+        self._ids = itertools.count(1)
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._stage_sum: collections.Counter[str] = collections.Counter()
+        self._stage_n: collections.Counter[str] = collections.Counter()
+
+    @property
+    def open_images(self) -> int:
+        return len(self._open)
+
+    def is_open(self, chunk: Chunk) -> bool:
+        return self._chunks.get(chunk.item.item_id) is chunk
+
+    def add_batch(
+        self, batch_id: str, path: str, dev: int, ino: int, file_size: int,
+        images: Sequence[ImageRef], deadline: float, now: float,
+    ) -> None:  # fmt: skip
+        """Cut a batch into chunks of at most ``batch_size`` images, queued at the back."""
+        for lo in range(0, len(images), self.batch_size):
+            refs = tuple(images[lo : lo + self.batch_size])
+            item = WorkItem(next(self._ids), batch_id, path, dev, ino, file_size, refs, deadline)
+            self._add(Chunk(item, now, {r.index for r in refs}))
+        self.counters["images_submitted"] += len(images)
+
+    def _add(self, chunk: Chunk, front: bool = False) -> None:
+        self._chunks[chunk.item.item_id] = chunk
+        for index in chunk.remaining:
+            self._open[(chunk.item.batch_id, index)] = chunk.item.item_id
+        (self.pending.appendleft if front else self.pending.append)(chunk)
+
+    def resolve(self, outcome: ImageOutcome) -> ImageOutcome | None:
+        """Record ``outcome`` if its image is still open and return it for delivery, else None."""
+        item_id = self._open.pop((outcome.batch_id, outcome.index), None)
+        if item_id is None:
+            self.counters["duplicates_dropped"] += 1
+            return None
+        chunk = self._chunks[item_id]
+        chunk.remaining.discard(outcome.index)
+        if not chunk.remaining:
+            del self._chunks[item_id]
+        if chunk.started is not None and outcome.code == Code.OK:
+            queued = ("queue", (chunk.started - chunk.submitted) * 1e3)
+            outcome = dataclasses.replace(outcome, timings_ms=(*outcome.timings_ms, queued))
+        self.counters["images_done" if outcome.code == Code.OK else "images_failed"] += 1
+        for stage, ms in outcome.timings_ms:
+            self._stage_sum[stage] += ms
+            self._stage_n[stage] += 1
+        return outcome
+
+    def fail(self, chunk: Chunk, code: Code, message: str) -> list[ImageOutcome | None]:
+        """Answer every open image of ``chunk`` with ``code`` and ``image N: message``."""
+        batch_id = chunk.item.batch_id
+        return [
+            self.resolve(ImageOutcome.failed(batch_id, r, code, f"image {r.index}: {message}"))
+            for r in chunk.open_refs()
+        ]
+
+    def requeue(self, chunk: Chunk) -> list[ImageOutcome | None]:
+        """A chunk whose worker died: back to the head of the line, retried, or failed.
+
+        Not started: nothing was tried, so it goes back unchanged. Started: its open images come
+        back as single-image chunks with ``attempt + 1`` (a poison image then fails only itself),
+        or are answered UNAVAILABLE once ``max_attempts`` is spent.
+        """
+        if not self.is_open(chunk):
+            return []
+        if chunk.started is None:
+            self.pending.appendleft(chunk)
+            return []
+        if chunk.item.attempt >= self.max_attempts:
+            return self.fail(chunk, Code.UNAVAILABLE, CRASHED)
+        del self._chunks[chunk.item.item_id]
+        refs = chunk.open_refs()
+        self.counters["images_retried"] += len(refs)
+        for r in reversed(refs):
+            item = dataclasses.replace(chunk.item, item_id=next(self._ids), images=(r,), attempt=chunk.item.attempt + 1)
+            self._add(Chunk(item, chunk.submitted, {r.index}), front=True)
+        return []
+
+    def expire(self, now: float) -> list[ImageOutcome | None]:
+        """Answer DEADLINE_EXCEEDED for pending chunks whose deadline has passed."""
+        expired = [c for c in self.pending if c.item.deadline < now]
+        for chunk in expired:
+            self.pending.remove(chunk)
+        return [o for c in expired for o in self.fail(c, Code.DEADLINE_EXCEEDED, EXPIRED)]
+
+    def fail_all(self, code: Code, message: str) -> list[ImageOutcome | None]:
+        self.pending.clear()
+        return [o for c in list(self._chunks.values()) for o in self.fail(c, code, message)]
+
+    def stats(self) -> dict[str, Any]:
+        keys = ("images_submitted", "images_done", "images_failed", "images_retried", "duplicates_dropped")
+        return {
+            **{k: self.counters[k] for k in keys},
+            "queue_depth": len(self.pending),
+            "pending_images": sum(len(c.remaining) for c in self.pending),
+            "open_images": len(self._open),
+            "stage_ms": {s: self._stage_sum[s] / self._stage_n[s] for s in self._stage_n},
+        }

@@ -1,0 +1,144 @@
+"""What crosses between the gRPC front (parent process) and the stage workers (children).
+
+Queues carry only these small frozen records. Image bytes never travel through a queue: a
+``WorkItem`` names a file in tmpfs (the client's batch file or the server's own staging copy of
+inline data) plus byte ranges inside it; the worker maps the file read-only and copies each image's
+bytes out exactly once.
+
+Everything here must stay picklable with the standard library only (spawn context), and nothing a
+client sent is ever unpickled: the front builds these records from validated request fields.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Code(enum.IntEnum):
+    """Per-image status codes. Values are gRPC status codes so the front maps them 1:1."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    RESOURCE_EXHAUSTED = 8
+    ABORTED = 10
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image inside a batch file: its index in the batch and its byte range."""
+
+    index: int
+    offset: int
+    size: int
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A chunk of one batch (at most the pipeline's batch size) handed to a stage worker.
+
+    ``dev``/``ino`` identify the file the front validated; the worker re-opens ``path`` with
+    O_NOFOLLOW and refuses it unless the open fd has the same identity and size, so a file swapped
+    after validation is never read. ``deadline`` is ``time.monotonic()`` based (CLOCK_MONOTONIC is
+    shared by all processes of the host); work dequeued after it is answered DEADLINE_EXCEEDED.
+    ``attempt`` counts how often this chunk was handed out (retries after a worker died).
+    """
+
+    item_id: int
+    batch_id: str
+    path: str
+    dev: int
+    ino: int
+    file_size: int
+    images: tuple[ImageRef, ...]
+    deadline: float
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class Box:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+
+@dataclass(frozen=True)
+class AttributeRecord:
+    model: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class DetectionRecord:
+    class_id: int
+    label: str
+    score: float
+    box: Box
+    attributes: tuple[AttributeRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageOutcome:
+    """The terminal record for one image: detections, or a per-image error (code != OK).
+
+    ``timings_ms`` holds this image's share of each stage's wall time (``decode``, ``detector``,
+    ``postprocess``, ``attributes``, ...) and ``queue_ms`` the time its chunk waited for a worker.
+    """
+
+    batch_id: str
+    index: int
+    name: str
+    code: Code = Code.OK
+    message: str = ""
+    width: int = 0
+    height: int = 0
+    detections: tuple[DetectionRecord, ...] = ()
+    timings_ms: tuple[tuple[str, float], ...] = ()
+    worker: int = -1
+
+    @classmethod
+    def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:
+        return cls(batch_id=batch_id, index=ref.index, name=ref.name, code=code, message=message)
+
+
+@dataclass(frozen=True)
+class WorkerReady:
+    """Sent once by a worker after ``setup()`` loaded every model."""
+
+    worker: int
+    pid: int
+    models: tuple[tuple[str, str], ...] = field(default=())  # (model name, version)
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """Sent by a worker whose ``setup()`` failed; the parent fails fast with this message."""
+
+    worker: int
+    message: str
+
+
+@dataclass(frozen=True)
+class ItemStarted:
+    """A worker took ``item_id`` off its queue (lets the supervisor know what a dead worker held)."""
+
+    worker: int
+    item_id: int
+
+
+@dataclass(frozen=True)
+class ItemDone:
+    """Every image of ``item_id`` has been answered (its ImageOutcomes were sent before this)."""
+
+    worker: int
+    item_id: int

@@ -1,0 +1,147 @@
+"""The model repository: one directory per model, each with ``model.onnx`` and ``config.yaml``.
+
+Read by the stage workers (which models to load, how to pre/post-process, which classes each
+attribute model applies to) and written by the recipe in ``engines/``. Paths, thresholds and
+routing live in these files, never in code, so a TAO-style DetectNet_v2 model (TrafficCamNet,
+PeopleNet) plugs in by dropping its ONNX and a config beside the defaults.
+
+A repository holds exactly one ``kind: detector`` model and any number of ``kind: classifier``
+models. Example ``config.yaml`` of a detector::
+
+    name: detector
+    kind: detector
+    version: "1"
+    input: {name: input, width: 416, height: 416, color: rgb, scale: 0.00392156862745098}
+    outputs: {coverage: output_cov, bbox: output_bbox}
+    labels: [car, bicycle, person, road_sign]
+    decode: {stride: 16, bbox_norm: 35.0, offset: 0.5, confidence_threshold: 0.4,
+             nms_iou_threshold: 0.5, min_box_size: 4, max_detections: 100}
+
+and of an attribute classifier::
+
+    name: color
+    kind: classifier
+    input: {name: input, width: 64, height: 64, color: rgb, scale: 0.00392156862745098}
+    outputs: {logits: logits}
+    labels: [black, white, red, green, blue, yellow, orange, purple]
+    applies_to: [car, bicycle, person, road_sign]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """How an image becomes the model's input tensor: ``(pixel * scale - mean) / std``, CHW."""
+
+    name: str = "input"
+    width: int = Field(gt=0, le=4096)
+    height: int = Field(gt=0, le=4096)
+    color: Literal["rgb", "bgr"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+class DecodeSpec(_Strict):
+    """DetectNet_v2 grid decode and NMS parameters (same meaning as in TAO / DeepStream)."""
+
+    stride: int = 16
+    bbox_norm: float = 35.0
+    offset: float = 0.5
+    confidence_threshold: float | list[float] = 0.4
+    nms_iou_threshold: float = 0.5
+    min_box_size: float = 4.0
+    max_detections: int = 100
+
+    def thresholds(self, num_classes: int) -> list[float]:
+        t = self.confidence_threshold
+        if isinstance(t, list):
+            if len(t) != num_classes:
+                raise ValueError(f"confidence_threshold has {len(t)} values for {num_classes} classes")
+            return list(t)
+        return [t] * num_classes
+
+
+class ModelConfig(_Strict):
+    name: str
+    kind: Literal["detector", "classifier"]
+    version: str = "1"
+    format: Literal["detectnet_v2", "classifier"] | None = None
+    input: InputSpec
+    outputs: dict[str, str]
+    labels: list[str]
+    decode: DecodeSpec | None = None
+    applies_to: list[str] | None = None  # classifier: detector labels it runs on (None = all)
+    crop_padding: float = 0.0  # classifier: fraction of box size added on each side of a crop
+    max_batch_size: int = 64
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> ModelConfig:
+        if self.kind == "detector":
+            if self.decode is None:
+                raise ValueError("a detector needs a 'decode' section")
+            missing = {"coverage", "bbox"} - set(self.outputs)
+            if missing:
+                raise ValueError(f"a detector needs outputs {sorted(missing)}")
+        elif "logits" not in self.outputs and "probabilities" not in self.outputs:
+            raise ValueError("a classifier needs an output named 'logits' or 'probabilities'")
+        return self
+
+
+class ModelEntry(_Strict):
+    config: ModelConfig
+    directory: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.directory / "model.onnx"
+
+
+class ModelRepository(_Strict):
+    root: Path
+    detector: ModelEntry
+    classifiers: tuple[ModelEntry, ...]
+
+    @classmethod
+    def load(cls, root: str | Path) -> ModelRepository:
+        """Read every ``*/config.yaml`` under ``root``; raise ``ValueError`` on anything invalid."""
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"model repository {root} is not a directory")
+        entries = []
+        for cfg_path in sorted(root.glob("*/config.yaml")):
+            with cfg_path.open() as f:
+                raw = yaml.safe_load(f)
+            try:
+                config = ModelConfig.model_validate(raw)
+            except ValueError as exc:
+                raise ValueError(f"{cfg_path}: {exc}") from None
+            entry = ModelEntry(config=config, directory=cfg_path.parent)
+            if not entry.onnx_path.is_file():
+                raise ValueError(f"{cfg_path.parent}: missing model.onnx")
+            entries.append(entry)
+        detectors = [e for e in entries if e.config.kind == "detector"]
+        if len(detectors) != 1:
+            raise ValueError(f"{root}: expected exactly one detector, found {len(detectors)}")
+        detector = detectors[0]
+        classifiers = tuple(e for e in entries if e.config.kind == "classifier")
+        labels = set(detector.config.labels)
+        for c in classifiers:
+            unknown = set(c.config.applies_to or []) - labels
+            if unknown:
+                raise ValueError(f"{c.config.name}: applies_to names unknown classes {sorted(unknown)}")
+        return cls(root=root, detector=detector, classifiers=classifiers)
+
+    def classifiers_for(self, label: str) -> list[ModelEntry]:
+        """Attribute models routed to detections of class ``label``."""
+        return [c for c in self.classifiers if c.config.applies_to is None or label in c.config.applies_to]

@@ -1,0 +1,253 @@
+"""The vision pipeline of one stage worker: encoded images of a chunk in, one ImageOutcome each out.
+
+Built once per worker process by ``infer_server.worker`` (its ``setup``) and called for every
+``WorkItem``; it never sees files, queues or other processes, so it can also be driven directly
+(tests, benchmarks). Stages, each timed and reported as every image's share:
+
+    header checks → ``decode`` (DALI: decode, resize, normalise) → ``detector`` engine →
+    ``postprocess`` (DetectNet_v2 decode + NMS) → ``crop`` (DALI ROI resize per box and
+    classifier) → ``attributes`` (each classifier on the crops routed to it, softmax, argmax)
+
+Everything model specific — input names and sizes, output names, labels, thresholds, routing — is
+read from the model repository's configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from infer_server.engines import Engine, create_engine
+from infer_server.messages import AttributeRecord, Box, Code, DetectionRecord, ImageOutcome, ImageRef
+from infer_server.model_repo import ModelEntry, ModelRepository
+from infer_server.postprocess import Detections, postprocess_detector
+from infer_server.preprocess import CropPreprocessor, DetectorPreprocessor, ImageRejected, check_image
+
+STAGES = ("read", "decode", "detector", "postprocess", "crop", "attributes")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _Classifier:
+    """An attribute model with the crop preprocessor for its input size and padding."""
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        source_color: str,
+        device: str,
+        intra_op_threads: int,
+        plan_cache_dir: str | None,
+    ):
+        cfg = entry.config
+        self.name, self.labels = cfg.name, cfg.labels
+        self.input_name = cfg.input.name
+        self.probabilities = "logits" not in cfg.outputs  # the model applies softmax itself
+        self.output_name = cfg.outputs["logits" if "logits" in cfg.outputs else "probabilities"]
+        self.engine = create_engine(
+            entry.onnx_path,
+            device,
+            max_batch_size=cfg.max_batch_size,
+            intra_op_num_threads=intra_op_threads,
+            plan_cache_dir=plan_cache_dir,
+        )
+        # One DALI run per engine call: the crop batch is the model's batch limit.
+        self.crops = CropPreprocessor(
+            cfg.input,
+            source_color=source_color,
+            padding=cfg.crop_padding,
+            device=device,
+            batch_size=min(cfg.max_batch_size, 128),
+        )
+
+
+class VisionPipeline:
+    """The loaded models and DALI pipelines of one worker.
+
+    ``batch_size`` bounds a chunk (the detector's DALI batch); ``max_image_pixels`` is the decoder
+    limit checked on headers; ``intra_op_threads`` the ONNX Runtime threads per model;
+    ``plan_cache_dir`` where TensorRT plans are cached (device 'gpu').
+    """
+
+    def __init__(
+        self,
+        repo: ModelRepository,
+        *,
+        device: str = "cpu",
+        batch_size: int = 8,
+        max_image_pixels: int = 40_000_000,
+        intra_op_threads: int = 1,
+        plan_cache_dir: str | None = None,
+        worker_id: int = -1,
+    ):
+        det = repo.detector.config
+        assert det.decode is not None  # validated by ModelConfig
+        if batch_size > det.max_batch_size:
+            raise ValueError(f"batch size {batch_size} exceeds the detector's max_batch_size {det.max_batch_size}")
+        cv2.setNumThreads(1)  # workers are processes, one per core; cv2 must not add its own pool
+        self.repo, self.worker_id, self.max_image_pixels = repo, worker_id, max_image_pixels
+        self.decode_spec = det.decode
+        self.input_spec = det.input
+        self.labels = det.labels
+        self._cov_name, self._bbox_name = det.outputs["coverage"], det.outputs["bbox"]
+        self.detector: Engine = create_engine(
+            repo.detector.onnx_path,
+            device,
+            max_batch_size=det.max_batch_size,
+            intra_op_num_threads=intra_op_threads,
+            plan_cache_dir=plan_cache_dir,
+        )
+        self.preprocess = DetectorPreprocessor(det.input, device=device, batch_size=batch_size)
+        self.classifiers = [
+            _Classifier(e, det.input.color, device, intra_op_threads, plan_cache_dir) for e in repo.classifiers
+        ]
+        # class id → the classifiers routed to it (positions in self.classifiers).
+        by_name = {c.name: i for i, c in enumerate(self.classifiers)}
+        self._routes = [[by_name[e.config.name] for e in repo.classifiers_for(label)] for label in self.labels]
+
+    @classmethod
+    def load(cls, repo_dir: str | Path, **options: Any) -> VisionPipeline:
+        """Read the repository at ``repo_dir`` and load it with ``options`` (see the class)."""
+        return cls(ModelRepository.load(repo_dir), **options)
+
+    @property
+    def models(self) -> tuple[tuple[str, str], ...]:
+        entries = (self.repo.detector, *self.repo.classifiers)
+        return tuple((e.config.name, e.config.version) for e in entries)
+
+    def warm_up(self) -> None:
+        """One pass through every stage and every model (first runs allocate and tune)."""
+        w, h = self.input_spec.width, self.input_spec.height
+        gradient = np.linspace(0, 255, w * h * 3, dtype=np.float32).reshape(h, w, 3).astype(np.uint8)
+        ok, jpeg = cv2.imencode(".jpg", gradient)
+        if not ok:
+            raise RuntimeError("could not encode the warm-up image")
+        list(self.process("warm-up", [(ImageRef(0, 0, len(jpeg)), jpeg.tobytes())]))
+        # The detector may find nothing in a gradient: run every classifier on one box per class.
+        decoded = self.preprocess.run([jpeg.tobytes()])
+        n = len(self.labels)
+        boxes = np.tile(np.array([[0, 0, w, h]], np.float32), (n, 1))
+        whole_image = Detections(boxes, np.ones(n, np.float32), np.arange(n, dtype=np.int64))
+        self._attributes(decoded.originals, decoded.sizes, [whole_image])
+
+    def process(
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes]], read_ms: float = 0.0
+    ) -> Iterator[ImageOutcome]:
+        """Yield one outcome per image of a chunk (``len(images) <= batch_size``) as it is final.
+
+        Images that fail the header check or do not decode are yielded first, as INVALID_ARGUMENT;
+        the rest of the chunk goes on. If a later stage raises, what was yielded stands. ``read_ms``
+        is the worker's time to read the chunk's bytes.
+        """
+        good: list[tuple[ImageRef, bytes]] = []
+        for ref, data in images:
+            try:
+                check_image(data, self.max_image_pixels)
+                good.append((ref, data))
+            except ImageRejected as exc:
+                yield self._rejected(batch_id, ref, str(exc))
+        t0 = time.perf_counter()
+        batch = self.preprocess.run([data for _, data in good])
+        t1 = time.perf_counter()
+        for pos, reason in batch.errors.items():
+            ref = good[pos][0]
+            yield self._rejected(batch_id, ref, reason)
+        n = len(batch.ok)
+        if not n:
+            return
+        out = self.detector.infer({self.input_spec.name: batch.tensor})
+        t2 = time.perf_counter()
+        sizes = batch.sizes
+        dets = [self._postprocess(out[self._cov_name][k], out[self._bbox_name][k], sizes[k]) for k in range(n)]
+        t3 = time.perf_counter()
+        attributes, crop_ms, attr_ms = self._attributes(batch.originals, sizes, dets)
+        decode_ms, detector_ms, post_ms = np.array([t1 - t0, t2 - t1, t3 - t2]) * 1e3 / n
+        for k, pos in enumerate(batch.ok):
+            ref = good[pos][0]
+            timings = (
+                ("read", read_ms / len(images)), ("decode", decode_ms), ("detector", detector_ms),
+                ("postprocess", post_ms), ("crop", crop_ms[k]), ("attributes", attr_ms[k]),
+            )  # fmt: skip
+            yield ImageOutcome(
+                batch_id=batch_id, index=ref.index, name=ref.name, width=sizes[k][0], height=sizes[k][1],
+                detections=self._records(dets[k], attributes[k]),
+                timings_ms=tuple((stage, float(ms)) for stage, ms in timings), worker=self.worker_id,
+            )  # fmt: skip
+
+    def _rejected(self, batch_id: str, ref: ImageRef, reason: str) -> ImageOutcome:
+        outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {reason}")
+        return dataclasses.replace(outcome, worker=self.worker_id)
+
+    def _postprocess(self, coverage: np.ndarray, bbox: np.ndarray, size: tuple[int, int]) -> Detections:
+        return postprocess_detector(
+            coverage,
+            bbox,
+            self.decode_spec,
+            input_width=self.input_spec.width,
+            input_height=self.input_spec.height,
+            image_width=size[0],
+            image_height=size[1],
+        )
+
+    def _attributes(
+        self, originals: list[Any], sizes: list[tuple[int, int]], dets: list[Detections]
+    ) -> tuple[list[list[list[AttributeRecord]]], np.ndarray, np.ndarray]:
+        """Attributes per image per detection, and each image's share of crop / classifier time (ms).
+
+        All crops of the chunk routed to one classifier go through it together, in batches of its
+        ``max_batch_size``; an image's share of a batch's time is its number of crops in it.
+        """
+        records: list[list[list[AttributeRecord]]] = [[[] for _ in range(len(d))] for d in dets]
+        crop_ms, attr_ms = np.zeros(len(dets)), np.zeros(len(dets))
+        if not any(len(d) for d in dets):
+            return records, crop_ms, attr_ms
+        owner = np.concatenate([np.full(len(d), k, np.int64) for k, d in enumerate(dets)])
+        det_index = np.concatenate([np.arange(len(d)) for d in dets])
+        boxes = np.concatenate([d.boxes for d in dets])
+        classes = np.concatenate([d.class_ids for d in dets])
+        for ci, clf in enumerate(self.classifiers):
+            rows = np.array([r for r, c in enumerate(classes) if ci in self._routes[c]], np.int64)
+            if rows.size == 0:
+                continue
+            t0 = time.perf_counter()
+            for sl, tensor in clf.crops.batches(originals, sizes, owner[rows], boxes[rows]):
+                t1 = time.perf_counter()
+                scores = clf.engine.infer({clf.input_name: tensor})[clf.output_name]
+                probs = scores if clf.probabilities else softmax(scores.astype(np.float64))
+                best = probs.argmax(axis=1)
+                t2 = time.perf_counter()
+                batch_rows = rows[sl]
+                counts = np.bincount(owner[batch_rows], minlength=len(dets)) / len(batch_rows)
+                crop_ms += counts * (t1 - t0) * 1e3
+                attr_ms += counts * (t2 - t1) * 1e3
+                for r, b, p in zip(batch_rows, best, probs[np.arange(len(best)), best], strict=True):
+                    records[owner[r]][det_index[r]].append(AttributeRecord(clf.name, clf.labels[b], float(p)))
+                t0 = time.perf_counter()
+        return records, crop_ms, attr_ms
+
+    def _records(self, d: Detections, attributes: list[list[AttributeRecord]]) -> tuple[DetectionRecord, ...]:
+        return tuple(
+            DetectionRecord(
+                class_id=int(c),
+                label=self.labels[c],
+                score=float(s),
+                box=Box(*(float(v) for v in box)),
+                attributes=tuple(a),
+            )
+            for box, s, c, a in zip(d.boxes, d.scores, d.class_ids, attributes, strict=True)
+        )
+
+    def close(self) -> None:
+        self.detector.close()
+        for clf in self.classifiers:
+            clf.engine.close()

@@ -1,0 +1,373 @@
+"""Supervisor of the stage workers; runs in the server (parent) process, driven by the gRPC front.
+
+Processes. ``PipelinePool`` spawns ``workers`` children (spawn context: grpc is not fork-safe), each
+running ``infer_server.worker.run_worker``: it loads the models, says ``WorkerReady`` (or
+``WorkerFailed``) and then serves ``WorkItem``s. ``start()`` returns only when every worker is READY
+and raises ``PipelineError`` with a worker's own message otherwise.
+
+Queues and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
+most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
+admission control) and are handed to workers on credit: each worker has its own small inbox and
+holds at most ``CREDIT`` chunks, so the pool always knows which chunks each worker holds. Workers
+answer through their own result pipe: ``ItemStarted``, one ``ImageOutcome`` per image, ``ItemDone``.
+A pipe per worker, not one shared queue: a worker SIGKILLed while writing to a shared
+``multiprocessing.Queue`` would leave its lock held (and a half-written message) for every other
+worker; a private pipe just reaches EOF and is discarded.
+
+Threads. The *reader* waits on every result pipe (``multiprocessing.connection.wait``), records
+which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
+for an image already answered (a dead worker's late result, a retry's second answer) is dropped
+here. The *watcher* waits on the process sentinels, so a death is seen at once without polling.
+
+Death. When a worker dies the watcher lets the reader drain its pipe to EOF (so every outcome it
+managed to send counts), reports ``on_health(False)``, and hands its chunks back to the ledger
+(``infer_server.ledger``): the unanswered images of a chunk it had started come back as
+single-image chunks with ``attempt + 1`` (a poison image can only take itself down), or are answered
+UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back unchanged. A
+replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
+every slot is READY again. Chunks whose deadline passes while waiting are answered by the pool.
+
+Stop. ``stop(drain=True)`` waits (bounded) until submitted work is answered, then stop event +
+stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still open get UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from infer_server.ledger import Chunk, ChunkLedger
+from infer_server.messages import (
+    Code,
+    ImageOutcome,
+    ImageRef,
+    ItemDone,
+    ItemStarted,
+    WorkerFailed,
+    WorkerReady,
+)
+from infer_server.worker import STOP, WorkerOptions, run_worker
+
+log = logging.getLogger(__name__)
+
+CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
+_MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
+
+
+class PipelineError(RuntimeError):
+    """The pipeline cannot take work: a worker failed to start, or the pool is stopped."""
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One worker process (a slot gets a new one after each death)."""
+
+    slot: int
+    process: Any
+    inbox: Any
+    results: multiprocessing.connection.Connection
+    ready: bool = False
+    setup_error: str | None = None
+    held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
+    drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
+
+
+class _Wakeup:
+    """Lets a thread blocked in ``connection.wait`` notice that its wait list changed."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = multiprocessing.Pipe(duplex=False)
+
+    def set(self) -> None:
+        self._writer.send_bytes(b"!")
+
+    def clear(self) -> None:
+        while self.reader.poll():
+            self.reader.recv_bytes()
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
+def _close_inbox(worker: _Worker) -> None:
+    worker.inbox.cancel_join_thread()  # never block on a queue whose reader is gone
+    worker.inbox.close()
+
+
+class PipelinePool:
+    def __init__(
+        self, repo_dir: Path, *, workers: int = 2, device: str = "cpu", batch_size: int = 8,
+        max_attempts: int = 2, max_image_pixels: int = 40_000_000, intra_op_threads: int = 1,
+        on_outcome: Callable[[ImageOutcome], None], on_health: Callable[[bool], None] | None = None,
+    ) -> None:  # fmt: skip
+        if workers < 1 or batch_size < 1 or max_attempts < 1:
+            raise ValueError("workers, batch_size and max_attempts must be at least 1")
+        self.repo_dir, self.num_workers = Path(repo_dir), workers
+        self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads)
+        self._on_outcome, self._on_health = on_outcome, on_health
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stop_event = self._ctx.Event()
+        self._cond = threading.Condition()  # guards everything below and the ledger
+        self._ledger = ChunkLedger(batch_size, max_attempts)
+        self._slots: list[_Worker | None] = [None] * workers
+        self._channels: dict[Any, _Worker] = {}  # result pipes still to read, incl. dead workers'
+        self._restart_at: dict[int, float] = {}
+        self._setup_failures = [0] * workers
+        self._restarts = 0
+        self._started = self._stopping = self._closed = False
+        self._start_failure: str | None = None
+        self._health_reported: bool | None = None
+        self._read_wakeup, self._watch_wakeup = _Wakeup(), _Wakeup()
+        self._threads = [
+            threading.Thread(target=self._read_results, name="pool-reader", daemon=True),
+            threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True),
+        ]
+
+    # ----------------------------------------------------------------------------------- public
+    def start(self, timeout: float = 120.0) -> None:
+        """Spawn every worker and block until all are READY; raise ``PipelineError`` otherwise."""
+        with self._cond:
+            if self._started or self._stopping:
+                raise PipelineError("the pool was already started")
+        for thread in self._threads:
+            thread.start()
+        for slot in range(self.num_workers):
+            self._spawn(slot)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._all_ready() and self._start_failure is None and time.monotonic() < deadline:
+                self._cond.wait(min(_MAX_WAIT, deadline - time.monotonic()))
+            failure = self._start_failure
+            if failure is None and not self._all_ready():
+                failure = f"workers were not ready after {timeout:.0f}s"
+            self._started = failure is None
+        if failure is not None:
+            self.stop(timeout=5.0, drain=False)
+            raise PipelineError(failure)
+        self._report_health()
+
+    def submit_batch(
+        self, batch_id: str, path: str, dev: int, ino: int, file_size: int,
+        images: Sequence[ImageRef], deadline: float,
+    ) -> None:  # fmt: skip
+        """Queue a batch's images in chunks of ``batch_size``; never blocks."""
+        with self._cond:
+            if not self._started or self._stopping:
+                raise PipelineError("the pipeline is not running")
+            self._ledger.add_batch(batch_id, path, dev, ino, file_size, images, deadline, time.monotonic())
+            self._dispatch()
+
+    @property
+    def healthy(self) -> bool:
+        """Every worker slot has a live, READY worker (and the pool is running)."""
+        with self._cond:
+            return self._started and not self._stopping and self._all_ready()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and logs; ``stage_ms`` is the mean of each stage per image."""
+        with self._cond:
+            ready = sum(1 for w in self._slots if w is not None and w.ready)
+            return {**self._ledger.stats(), "worker_restarts": self._restarts, "workers": self.num_workers,
+                    "workers_ready": ready}  # fmt: skip
+
+    def stop(self, timeout: float = 10.0, drain: bool = True) -> None:
+        """Drain (bounded by ``timeout``) if asked, then stop every worker; no child survives."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            if self._closed:
+                return
+            self._stopping = True
+            while drain and self._ledger.open_images and time.monotonic() < deadline:
+                self._cond.wait(min(_MAX_WAIT, deadline - time.monotonic()))
+            self._stop_event.set()  # jumps the queue: a worker checks it before each chunk
+            workers = [w for w in self._slots if w is not None]
+        for w in workers:
+            with contextlib.suppress(queue.Full):  # the event alone stops it after its chunk
+                w.inbox.put_nowait(STOP)
+        for w in workers:
+            w.process.join(max(0.5, deadline - time.monotonic()))
+        for w in workers:
+            for end in (w.process.terminate, w.process.kill):
+                if w.process.is_alive():
+                    end()
+                    w.process.join(2.0)
+        for w in workers:  # let the reader take what they sent before exiting, so it is not lost
+            w.drained.wait(min(_MAX_WAIT, max(0.5, deadline - time.monotonic())))
+        with self._cond:
+            self._closed = True
+            leftover = self._ledger.fail_all(Code.UNAVAILABLE, "server is shutting down")
+        self._deliver(leftover)
+        self._read_wakeup.set()
+        self._watch_wakeup.set()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(_MAX_WAIT)
+        for w in workers:
+            _close_inbox(w)
+            w.results.close()  # the reader has stopped; it closed those it saw end already
+        self._read_wakeup.close()
+        self._watch_wakeup.close()
+        self._report_health()
+
+    # ------------------------------------------------------------------------------- internals
+    def _all_ready(self) -> bool:
+        return all(w is not None and w.ready for w in self._slots)
+
+    def _dispatch(self) -> None:
+        """Hand pending chunks to READY workers with free credit, least loaded first (locked)."""
+        while self._ledger.pending and not self._stop_event.is_set():
+            free = [w for w in self._slots if w is not None and w.ready and len(w.held) < CREDIT]
+            if not free:
+                return
+            worker = min(free, key=lambda w: len(w.held))
+            chunk = self._ledger.pending.popleft()
+            worker.held[chunk.item.item_id] = chunk
+            worker.inbox.put_nowait(chunk.item)  # cannot be full: the inbox holds CREDIT + 1
+
+    def _deliver(self, outcomes: Sequence[ImageOutcome | None]) -> None:
+        if outcomes:
+            with self._cond:
+                self._cond.notify_all()  # stop(drain=True) waits for the ledger to empty
+        for outcome in outcomes:  # outside the lock: the callback may call back into the pool
+            if outcome is not None:
+                try:
+                    self._on_outcome(outcome)
+                except Exception:
+                    log.exception("on_outcome failed for image %d of batch %s", outcome.index, outcome.batch_id)
+
+    def _report_health(self) -> None:
+        with self._cond:
+            healthy = self._started and not self._stopping and self._all_ready()
+            changed = healthy != self._health_reported and (self._health_reported is not None or healthy)
+            self._health_reported = healthy
+        if changed and self._on_health is not None:
+            self._on_health(healthy)
+
+    def _read_results(self) -> None:
+        """Reader thread: every message of every worker, in the order each worker sent them."""
+        while not self._closed:
+            with self._cond:
+                channels = dict(self._channels)
+            ready = multiprocessing.connection.wait([*channels, self._read_wakeup.reader], _MAX_WAIT)
+            for conn in ready:
+                if conn is self._read_wakeup.reader:
+                    self._read_wakeup.clear()
+                    continue
+                worker = channels[conn]
+                try:
+                    message = conn.recv()
+                except Exception:  # EOF, or a message cut short by the worker's death
+                    with self._cond:
+                        self._channels.pop(conn, None)
+                    conn.close()
+                    worker.drained.set()
+                    continue
+                try:
+                    self._handle(worker, message)
+                except Exception:  # a bug here must not silence every worker
+                    log.exception("could not handle %r from worker %d", message, worker.slot)
+
+    def _handle(self, worker: _Worker, message: Any) -> None:
+        deliveries: list[ImageOutcome | None] = []
+        with self._cond:
+            if isinstance(message, ImageOutcome):
+                deliveries.append(self._ledger.resolve(message))
+            elif isinstance(message, ItemStarted) and message.item_id in worker.held:
+                worker.held[message.item_id].started = time.monotonic()
+            elif isinstance(message, ItemDone):
+                chunk = worker.held.pop(message.item_id, None)
+                if chunk is not None and self._ledger.is_open(chunk):  # a worker bug; never leave it open
+                    log.error("worker %d finished chunk %d with images unanswered", worker.slot, message.item_id)
+                    deliveries += self._ledger.fail(chunk, Code.INTERNAL, "pipeline error")
+                self._dispatch()
+            elif isinstance(message, WorkerReady):
+                worker.ready = True
+                self._setup_failures[worker.slot] = 0
+                log.info("worker %d (pid %d) is ready", worker.slot, message.pid)
+                self._dispatch()
+                self._cond.notify_all()
+            elif isinstance(message, WorkerFailed):
+                worker.setup_error = f"worker {worker.slot} failed to start: {message.message}"
+                if not self._started:
+                    self._start_failure = self._start_failure or worker.setup_error
+                self._cond.notify_all()
+        self._deliver(deliveries)
+        if isinstance(message, WorkerReady):
+            self._report_health()
+
+    def _watch_workers(self) -> None:
+        """Watcher thread: worker deaths (process sentinels), due restarts, expired pending chunks."""
+        while not self._closed:
+            with self._cond:
+                alive = {w.process.sentinel: w for w in self._slots if w is not None}
+                now = time.monotonic()
+                due = [slot for slot, at in self._restart_at.items() if at <= now]
+                for slot in due:
+                    del self._restart_at[slot]
+                wait = min([_MAX_WAIT, *(at - now for at in self._restart_at.values())])
+            for slot in due:
+                self._spawn(slot)
+            if due:
+                continue
+            for ready in multiprocessing.connection.wait([*alive, self._watch_wakeup.reader], max(0.0, wait)):
+                if ready is self._watch_wakeup.reader:
+                    self._watch_wakeup.clear()
+                else:
+                    self._on_death(alive[ready])
+            with self._cond:
+                expired = self._ledger.expire(time.monotonic())
+            self._deliver(expired)
+
+    def _spawn(self, slot: int) -> None:
+        with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
+            if self._stop_event.is_set():
+                return
+            inbox = self._ctx.Queue(maxsize=CREDIT + 1)
+            results, child_end = self._ctx.Pipe(duplex=False)
+            args = (slot, str(self.repo_dir), self._options, inbox, child_end, self._stop_event)
+            process = self._ctx.Process(target=run_worker, name=f"infer-worker-{slot}", args=args, daemon=True)
+            process.start()
+            child_end.close()  # the worker holds the only write end: its death is EOF here
+            worker = _Worker(slot, process, inbox, results)
+            self._slots[slot] = worker
+            self._channels[results] = worker
+        self._read_wakeup.set()
+        self._watch_wakeup.set()
+
+    def _on_death(self, worker: _Worker) -> None:
+        worker.process.join(1.0)
+        if self._stop_event.is_set():
+            return  # stop() reaps the workers and answers what is left
+        worker.drained.wait(_MAX_WAIT)  # count every outcome it sent before dying
+        with self._cond:
+            if self._slots[worker.slot] is not worker:
+                return
+            self._slots[worker.slot] = None
+            if not self._started:
+                code = worker.process.exitcode
+                self._start_failure = self._start_failure or worker.setup_error or (
+                    f"worker {worker.slot} exited with code {code} during setup")  # fmt: skip
+                self._cond.notify_all()
+                return
+            why = worker.setup_error or f"exit code {worker.process.exitcode}"
+            log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
+            deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk)]
+            _close_inbox(worker)  # its result pipe is the reader's to close
+            self._restarts += 1
+            if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
+                self._setup_failures[worker.slot] += 1
+            backoff = min(30.0, 2.0 ** self._setup_failures[worker.slot] - 1)
+            self._restart_at[worker.slot] = time.monotonic() + backoff
+            self._dispatch()
+        self._report_health()
+        self._deliver(deliveries)

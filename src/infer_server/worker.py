@@ -1,0 +1,204 @@
+"""Stage worker: the child process that runs the vision pipeline on the chunks the pool hands it.
+
+Started by ``infer_server.pool.PipelinePool`` with the spawn context (grpc is not fork-safe), one
+process per worker slot; ``run_worker`` is the process target. Protocol, all records from
+``infer_server.messages``:
+
+* setup: load the model repository, the engines and the DALI pipelines, run one warm-up pass, then
+  send ``WorkerReady`` — or ``WorkerFailed(message)`` and exit.
+* per ``WorkItem`` from the worker's own inbox: ``ItemStarted``, one ``ImageOutcome`` per image,
+  ``ItemDone``. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
+* ``None`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
+  parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
+
+Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
+worker killed mid-write can then only corrupt its own channel, which the pool discards with it.
+
+The batch file is re-opened with O_NOFOLLOW and must still be the regular file (same device, inode
+and size) the front validated. Each image's bytes are read once with ``pread`` into private memory
+and every check runs on that copy. ``pread`` rather than ``mmap``: a client truncating its file
+while a worker reads a shared mapping would kill the worker with SIGBUS, whereas a short read is
+just a per-image error; both copy each byte exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import stat
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from infer_server.messages import (
+    Code,
+    ImageOutcome,
+    ImageRef,
+    ItemDone,
+    ItemStarted,
+    WorkerFailed,
+    WorkerReady,
+    WorkItem,
+)
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.synchronize import Event
+
+    from infer_server.pipeline import VisionPipeline
+
+log = logging.getLogger(__name__)
+
+STOP = None  # the stop marker put in a worker's inbox
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What the pool tells every worker (picklable; the parent never imports the pipeline)."""
+
+    device: str = "cpu"
+    batch_size: int = 8
+    max_image_pixels: int = 40_000_000
+    intra_op_threads: int = 1
+    plan_cache_dir: str | None = None
+
+
+_THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+
+
+def limit_threads(threads: int) -> None:
+    """N workers on N cores: every library in this process gets ``threads`` threads, not one per core.
+
+    Must run before NumPy, OpenCV, ONNX Runtime or DALI are imported, which is why this module
+    imports the pipeline only inside ``run_worker``.
+    """
+    for var in _THREAD_VARS:
+        os.environ[var] = str(threads)
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)  # the supervisor is gone: nobody can take our results
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def read_images(item: WorkItem) -> list[bytes | str]:
+    """Each image's bytes, or the client-facing reason it could not be read (never the path)."""
+    try:
+        fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return [f"image {ref.index}: batch data is no longer available" for ref in item.images]
+    try:
+        st = os.fstat(fd)
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or (st.st_dev, st.st_ino) != (item.dev, item.ino)
+            or st.st_size != item.file_size
+        ):
+            return [f"image {ref.index}: batch data changed after it was accepted" for ref in item.images]
+        out: list[bytes | str] = []
+        for ref in item.images:
+            if ref.offset < 0 or ref.size < 0 or ref.offset + ref.size > st.st_size:
+                out.append(f"image {ref.index}: byte range lies outside the batch data")
+                continue
+            data = os.pread(fd, ref.size, ref.offset)
+            out.append(data if len(data) == ref.size else f"image {ref.index}: batch data was truncated")
+        return out
+    finally:
+        os.close(fd)
+
+
+class StageWorker:
+    """The loop of one worker process: take a chunk, answer every image of it, say it is done."""
+
+    def __init__(self, worker_id: int, pipeline: VisionPipeline, results: Connection):
+        self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
+
+    def serve(self, inbox: Any, stop: Event) -> None:
+        while not stop.is_set():
+            # Blocking is the idle state of a worker: the stop marker, the parent's death (see
+            # _exit_with_parent) and the pool's terminate → kill after join(timeout) all end it.
+            item = inbox.get()
+            if item is STOP or stop.is_set():
+                return
+            self.handle(item)
+
+    def handle(self, item: WorkItem) -> None:
+        self.results.send(ItemStarted(self.worker_id, item.item_id))
+        answered: set[int] = set()
+
+        def answer(outcome: ImageOutcome) -> None:
+            self.results.send(outcome)
+            answered.add(outcome.index)
+
+        def fail(ref: ImageRef, code: Code, message: str) -> None:
+            answer(ImageOutcome.failed(item.batch_id, ref, code, message))
+
+        try:
+            if time.monotonic() > item.deadline:
+                for ref in item.images:
+                    fail(ref, Code.DEADLINE_EXCEEDED, f"image {ref.index}: deadline exceeded before processing")
+            else:
+                t0 = time.perf_counter()
+                data = read_images(item)
+                read_ms = (time.perf_counter() - t0) * 1e3
+                for ref, d in zip(item.images, data, strict=True):
+                    if isinstance(d, str):
+                        fail(ref, Code.DATA_LOSS, d)
+                readable = [(ref, d) for ref, d in zip(item.images, data, strict=True) if isinstance(d, bytes)]
+                for outcome in self.pipeline.process(item.batch_id, readable, read_ms):
+                    answer(outcome)
+        except (BrokenPipeError, ConnectionResetError):
+            raise  # the pool is gone; nothing left to answer to
+        except Exception:
+            log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
+            for ref in item.images:
+                if ref.index not in answered:
+                    fail(ref, Code.INTERNAL, f"image {ref.index}: pipeline error")
+        self.results.send(ItemDone(self.worker_id, item.item_id))
+
+
+def run_worker(
+    worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Any, results: Connection, stop: Event
+) -> None:
+    """Process target: set up, report READY or the setup error, then serve until stopped."""
+    limit_threads(options.intra_op_threads)
+    # Ctrl-C reaches the whole process group; shutting down is the parent's call (stop marker).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        level=os.environ.get("INFER_SERVER_WORKER_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s worker-{worker_id} %(levelname)s %(name)s: %(message)s",
+    )
+    _exit_with_parent()
+    try:
+        from infer_server.pipeline import VisionPipeline  # heavy imports only after limit_threads
+
+        pipeline = VisionPipeline.load(repo_dir, worker_id=worker_id, **asdict(options))
+        pipeline.warm_up()
+    except Exception as exc:
+        log.exception("worker %d: setup failed", worker_id)
+        results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
+        return
+    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models))
+    try:
+        StageWorker(worker_id, pipeline, results).serve(inbox, stop)
+    except (BrokenPipeError, ConnectionResetError):
+        log.warning("worker %d: the pool went away", worker_id)
+    finally:
+        pipeline.close()

@@ -1,0 +1,145 @@
+"""The stage worker's loop in-process: file checks on the open fd, deadlines, the message protocol."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engines.scenes import generate_scene
+from infer_server.messages import Code, ImageOutcome, ImageRef, ItemDone, ItemStarted, WorkItem
+from infer_server.pipeline import VisionPipeline
+from infer_server.worker import STOP, StageWorker, read_images
+
+BLOBS = [generate_scene(7).jpeg, b"definitely not a jpeg", generate_scene(8).jpeg]
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="infer-worker-", dir="/dev/shm"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def write_batch(path: Path, blobs: list[bytes], deadline_s: float = 60.0, batch_id: str = "b1") -> WorkItem:
+    path.write_bytes(b"".join(blobs))
+    offsets = [sum(len(b) for b in blobs[:i]) for i in range(len(blobs))]
+    images = tuple(ImageRef(i, off, len(b), f"img{i}") for i, (off, b) in enumerate(zip(offsets, blobs, strict=True)))
+    st = os.stat(path)
+    return WorkItem(1, batch_id, str(path), st.st_dev, st.st_ino, st.st_size, images, time.monotonic() + deadline_s)
+
+
+def test_reads_each_image_by_its_range(shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    assert read_images(item) == BLOBS
+
+
+def test_a_file_replaced_after_validation_is_not_read(shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    (shm / "other").write_bytes(b"".join(BLOBS))
+    os.replace(shm / "other", shm / "batch")  # same path and size, another inode
+    assert read_images(item) == [f"image {i}: batch data changed after it was accepted" for i in range(3)]
+
+
+def test_a_file_that_changed_size_is_not_read(shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    with open(shm / "batch", "r+b") as f:
+        f.truncate(100)
+    assert read_images(item)[0] == "image 0: batch data changed after it was accepted"
+
+
+def test_symlinks_are_not_followed(shm: Path) -> None:
+    real = write_batch(shm / "real", BLOBS)
+    (shm / "link").symlink_to(shm / "real")
+    item = WorkItem(1, "b", str(shm / "link"), real.dev, real.ino, real.file_size, real.images, real.deadline)
+    messages = read_images(item)
+    assert messages == [f"image {i}: batch data is no longer available" for i in range(3)]
+    assert not any(str(shm) in m for m in messages), "never echo internal paths"
+
+
+def test_a_range_outside_the_file_fails_only_that_image(shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    bad = ImageRef(3, item.file_size - 10, 11)
+    item = WorkItem(1, "b", item.path, item.dev, item.ino, item.file_size, (*item.images, bad), item.deadline)
+    assert read_images(item)[:3] == BLOBS
+    assert read_images(item)[3] == "image 3: byte range lies outside the batch data"
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
+    p = VisionPipeline.load(model_repo_dir, batch_size=4, worker_id=3)
+    yield p
+    p.close()
+
+
+def run_item(pipeline: VisionPipeline, item: WorkItem) -> list[Any]:
+    parent, child = multiprocessing.Pipe(duplex=False)
+    StageWorker(3, pipeline, child).handle(item)
+    messages = []
+    while parent.poll():
+        messages.append(parent.recv())
+    return messages
+
+
+def test_an_item_is_started_answered_per_image_and_done(pipeline: VisionPipeline, shm: Path) -> None:
+    messages = run_item(pipeline, write_batch(shm / "batch", BLOBS))
+    assert messages[0] == ItemStarted(3, 1) and messages[-1] == ItemDone(3, 1)
+    outcomes = messages[1:-1]
+    assert all(isinstance(o, ImageOutcome) and o.batch_id == "b1" for o in outcomes)
+    assert sorted((o.index, o.code) for o in outcomes) == [
+        (0, Code.OK),
+        (1, Code.INVALID_ARGUMENT),
+        (2, Code.OK),
+    ]
+    ok = [o for o in outcomes if o.code == Code.OK]
+    assert all(o.worker == 3 and dict(o.timings_ms)["read"] >= 0 for o in ok)
+
+
+def test_work_past_its_deadline_is_answered_without_running(pipeline: VisionPipeline, shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS, deadline_s=-1.0)
+    outcomes = run_item(pipeline, item)[1:-1]
+    assert [(o.index, o.code, o.message) for o in outcomes] == [
+        (i, Code.DEADLINE_EXCEEDED, f"image {i}: deadline exceeded before processing") for i in range(3)
+    ]
+
+
+def test_a_file_gone_before_the_worker_reads_it(pipeline: VisionPipeline, shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    (shm / "batch").unlink()
+    outcomes = run_item(pipeline, item)[1:-1]
+    assert {(o.code, o.message.split(": ", 1)[1]) for o in outcomes} == {
+        (Code.DATA_LOSS, "batch data is no longer available")
+    }
+
+
+def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
+    broken = VisionPipeline.load(model_repo_dir, batch_size=4)
+    broken.close()  # its engines now refuse to run: a real failure inside the chunk
+    outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))[1:-1]
+    assert sorted((o.index, o.code, o.message) for o in outcomes) == [
+        (0, Code.INTERNAL, "image 0: pipeline error"),
+        (1, Code.INVALID_ARGUMENT, "image 1: not a JPEG or PNG"),
+        (2, Code.INTERNAL, "image 2: pipeline error"),
+    ]
+
+
+def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
+    inbox: queue.Queue[Any] = queue.Queue()
+    inbox.put(write_batch(shm / "batch", BLOBS[:1]))
+    inbox.put(STOP)
+    inbox.put(write_batch(shm / "never", BLOBS[:1], batch_id="never"))
+    parent, child = multiprocessing.Pipe(duplex=False)
+    StageWorker(3, pipeline, child).serve(inbox, multiprocessing.Event())
+    assert inbox.qsize() == 1, "nothing after the stop marker is taken"
+    messages = []
+    while parent.poll():
+        messages.append(parent.recv())
+    assert [type(m).__name__ for m in messages] == ["ItemStarted", "ImageOutcome", "ItemDone"]
