@@ -1,0 +1,25 @@
+"""Client library of the inference server (``infer.v1.InferenceService``).
+
+``InferClient`` (blocking) and ``AsyncInferClient`` (asyncio) share one surface: ``push`` and
+``pull`` mirror the RPCs, ``detect`` pushes one batch and returns its results ordered by index,
+``health``/``wait_ready`` query the standard health service. On the server's host the images travel
+through a file in the shared tmpfs directory (``transport="auto"`` picks it); elsewhere inline.
+Every RPC failure is an :class:`InferError` carrying the gRPC status code.
+"""
+
+from infer_client._protocol import ImageSource, InferError, Transport
+from infer_client.aio import AsyncInferClient
+from infer_client.client import InferClient
+from infer_client.results import Attribute, Box, Detection, ImageResult
+
+__all__ = [
+    "AsyncInferClient",
+    "Attribute",
+    "Box",
+    "Detection",
+    "ImageResult",
+    "ImageSource",
+    "InferClient",
+    "InferError",
+    "Transport",
+]

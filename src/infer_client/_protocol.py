@@ -1,0 +1,210 @@
+"""The request builder both clients share: transport choice, batch files, requests, errors.
+
+Used by ``InferClient`` (``client.py``) and ``AsyncInferClient`` (``aio.py``) in the client
+application's process; neither client builds a request or touches tmpfs any other way. Blocking
+file work (``prepare_push``) runs inline in the sync client and in a thread in the asyncio one.
+
+Tmpfs transport: the images are written back to back into one new file in the shared directory,
+created 0600 under a temporary name and renamed into place, so the server never sees a partial
+file and nobody else can change it. The client owns that file: :class:`PushedBatches` deletes it
+once every result of its batch arrived, or when the client closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import grpc
+
+from infer_proto import infer_pb2
+
+Transport = Literal["auto", "tmpfs", "inline"]
+ImageSource = str | os.PathLike[str] | bytes
+
+DEFAULT_SHM_DIR = "/dev/shm/infer"
+# Inline batches travel in one message; results are small.
+MAX_SEND_BYTES = 257 * 1024 * 1024
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+]
+
+
+class InferError(Exception):
+    """An RPC failed: ``code`` is the gRPC status code, ``message`` the server's detail."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, exc: grpc.RpcError) -> InferError:
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+def is_local_target(target: str) -> bool:
+    """True for unix sockets and loopback hosts (localhost, 127.x, [::1]), with or without scheme."""
+    t = target.strip()
+    if t.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if t.startswith(scheme):
+            t = t[len(scheme) :]
+            break
+    if t.startswith("["):
+        host = t[1 : t.find("]")]
+    elif t.count(":") == 1:
+        host = t.rsplit(":", 1)[0]
+    else:
+        host = t  # no port, or a bare IPv6 address
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_transport(transport: Transport, target: str, shm_dir: str | os.PathLike[str]) -> str:
+    """``tmpfs`` or ``inline``: ``auto`` picks tmpfs for a local server and a writable shm_dir."""
+    if transport != "auto":
+        return transport
+    local = is_local_target(target)
+    return "tmpfs" if local and os.path.isdir(shm_dir) and os.access(shm_dir, os.W_OK | os.X_OK) else "inline"
+
+
+@dataclass(frozen=True)
+class PreparedPush:
+    request: infer_pb2.PushDataRequest
+    owned_path: str | None  # the tmpfs batch file this client wrote, if any
+
+
+def _names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
+    if names is not None:
+        if len(names) != len(images):
+            raise ValueError(f"got {len(names)} names for {len(images)} images")
+        return list(names)
+    return ["" if isinstance(img, bytes) else os.path.basename(os.fspath(img)) for img in images]
+
+
+def prepare_push(
+    images: Sequence[ImageSource],
+    names: Sequence[str] | None,
+    request_id: str | None,
+    transport: str,
+    shm_dir: str | os.PathLike[str],
+) -> PreparedPush:
+    """Build a PushDataRequest; for tmpfs, write the batch file first (blocking)."""
+    if not images:
+        raise ValueError("a batch needs at least one image")
+    request = infer_pb2.PushDataRequest(names=_names(images, names), request_id=request_id or "")
+    if transport == "inline":
+        blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
+        request.sizes.extend(len(b) for b in blobs)
+        request.data = b"".join(blobs)
+        return PreparedPush(request, None)
+    path, sizes = write_batch_file(images, shm_dir)
+    request.path = path
+    request.sizes.extend(sizes)
+    return PreparedPush(request, path)
+
+
+def write_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[str]) -> tuple[str, list[int]]:
+    """Write ``images`` back to back into a new 0600 file in ``shm_dir``; returns (path, sizes)."""
+    name = uuid.uuid4().hex
+    tmp = os.path.join(shm_dir, f".{name}.tmp")
+    final = os.path.join(shm_dir, f"{name}.batch")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    sizes = []
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for img in images:
+                if isinstance(img, bytes):
+                    out.write(img)
+                    sizes.append(len(img))
+                else:
+                    start = out.tell()
+                    with open(img, "rb") as src:
+                        shutil.copyfileobj(src, out, 1024 * 1024)
+                    sizes.append(out.tell() - start)
+        os.rename(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return final, sizes
+
+
+@dataclass
+class _Pushed:
+    path: str | None  # the tmpfs batch file, None for inline batches
+    count: int
+    seen: set[int] = field(default_factory=set)
+
+
+class PushedBatches:
+    """Batches this client pushed: their tmpfs file and the results that arrived (thread-safe).
+
+    The file is deleted once every result of its batch arrived (or on close). A result that
+    arrives twice is dropped: the server hands a result out again when the stream it was being
+    written to was cancelled mid-write, since it cannot know whether the write reached us.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._batches: dict[str, _Pushed] = {}
+
+    def add(self, batch_id: str, path: str | None, count: int) -> None:
+        with self._lock:
+            duplicate = batch_id in self._batches
+            if not duplicate:
+                self._batches[batch_id] = _Pushed(path, count)
+        if duplicate:
+            # A retried request_id: the server keeps reading the first push's file, not this one.
+            remove_file(path)
+
+    def accept(self, batch_id: str, index: int) -> bool:
+        """False if this result already arrived; deletes the batch file after the last one."""
+        with self._lock:
+            entry = self._batches.get(batch_id)
+            if entry is None:
+                return True  # not pushed by this client: nothing to track
+            if index in entry.seen:
+                return False
+            entry.seen.add(index)
+            if len(entry.seen) < entry.count:
+                return True
+            del self._batches[batch_id]
+        remove_file(entry.path)
+        return True
+
+    def remove_all(self) -> None:
+        with self._lock:
+            paths = [entry.path for entry in self._batches.values()]
+            self._batches.clear()
+        for path in paths:
+            remove_file(path)
+
+
+def remove_file(path: str | None) -> None:
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def pull_request(batch_ids: str | Sequence[str]) -> infer_pb2.PullResultRequest:
+    ids = [batch_ids] if isinstance(batch_ids, str) else list(batch_ids)
+    return infer_pb2.PullResultRequest(batch_ids=ids)

@@ -1,0 +1,133 @@
+"""The asyncio client: the same surface as ``InferClient``, awaitable, on ``grpc.aio``.
+
+Used by asyncio applications and by ``infer-client batch`` (several batches in flight from one
+event loop). Requests come from the shared builder in ``_protocol``; writing a tmpfs batch file
+runs in a thread so the loop never blocks on file I/O. Example::
+
+    async with AsyncInferClient("localhost:8001") as client:
+        await client.wait_ready(timeout=30)
+        results = await client.detect(["a.jpg", "b.jpg"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infer_client._protocol import (
+    CHANNEL_OPTIONS,
+    DEFAULT_SHM_DIR,
+    ImageSource,
+    InferError,
+    PushedBatches,
+    Transport,
+    prepare_push,
+    pull_request,
+    remove_file,
+    resolve_transport,
+)
+from infer_client.results import ImageResult
+from infer_proto import infer_pb2_grpc
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class AsyncInferClient:
+    """Asyncio client for ``infer.v1.InferenceService``; ``await close()`` (or ``async with``)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR,
+        transport: Transport = "auto",
+        timeout: float | None = 120.0,
+    ) -> None:
+        self.target = target
+        self.shm_dir = os.fspath(shm_dir)
+        self.transport = resolve_transport(transport, target, self.shm_dir)
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._pushed = PushedBatches()
+
+    async def push(
+        self,
+        images: Sequence[ImageSource],
+        names: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
+        prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self.shm_dir)
+        try:
+            reply = await self._stub.PushData(prepared.request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            remove_file(prepared.owned_path)
+            raise InferError.from_rpc(exc) from None
+        except asyncio.CancelledError:
+            remove_file(prepared.owned_path)  # whether or not the server took it, nobody will pull it
+            raise
+        self._pushed.add(reply.batch_id, prepared.owned_path, len(images))
+        return reply.batch_id
+
+    async def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> AsyncIterator[ImageResult]:
+        """Results of the batches in completion order; ends when every image was answered."""
+        call = self._stub.PullResult(pull_request(batch_ids), timeout=timeout or self.timeout)
+        try:
+            async for msg in call:
+                if self._pushed.accept(msg.batch_id, msg.index):
+                    yield ImageResult.from_proto(msg)
+        except grpc.RpcError as exc:
+            raise InferError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+
+    async def detect(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
+    ) -> list[ImageResult]:
+        """Push one batch and wait for all its results; ordered by index like ``images``."""
+        batch_id = await self.push(images, names, request_id)
+        return sorted([r async for r in self.pull(batch_id)], key=lambda r: r.index)
+
+    async def health(self, timeout: float | None = 5.0) -> bool:
+        """True when the server reports SERVING."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise InferError.from_rpc(exc) from None
+        return reply.status == _SERVING
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until the server reports SERVING (health Watch) or raise InferError."""
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+        try:
+            async for reply in call:
+                if reply.status == _SERVING:
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise InferError(exc.code(), f"server not ready within {timeout:g}s") from None
+            raise InferError.from_rpc(exc) from None
+        finally:
+            call.cancel()
+        raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+
+    async def close(self) -> None:
+        """Remove the tmpfs files this client still owns and close the channel."""
+        self._pushed.remove_all()
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncInferClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,132 @@
+"""The blocking client: ``push``/``pull`` mirror the RPCs, ``detect`` does both for one batch.
+
+Used by client applications (threads welcome: one client may be shared) and by ``infer-client``.
+Requests are built by ``_protocol`` (shared with the asyncio client in ``aio.py``). Example::
+
+    with InferClient("localhost:8001") as client:
+        client.wait_ready(timeout=30)
+        for result in client.detect(["a.jpg", "b.jpg"]):
+            print(result.name, [(d.label, d.attributes["color"].label) for d in result.detections])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infer_client._protocol import (
+    CHANNEL_OPTIONS,
+    DEFAULT_SHM_DIR,
+    ImageSource,
+    InferError,
+    PushedBatches,
+    Transport,
+    prepare_push,
+    pull_request,
+    remove_file,
+    resolve_transport,
+)
+from infer_client.results import ImageResult
+from infer_proto import infer_pb2_grpc
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class InferClient:
+    """Blocking client for ``infer.v1.InferenceService``; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR,
+        transport: Transport = "auto",
+        timeout: float | None = 120.0,
+    ) -> None:
+        self.target = target
+        self.shm_dir = os.fspath(shm_dir)
+        self.transport = resolve_transport(transport, target, self.shm_dir)
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._pushed = PushedBatches()
+
+    def push(
+        self,
+        images: Sequence[ImageSource],
+        names: Sequence[str] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
+        prepared = prepare_push(images, names, request_id, self.transport, self.shm_dir)
+        try:
+            reply = self._stub.PushData(prepared.request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            remove_file(prepared.owned_path)
+            raise InferError.from_rpc(exc) from None
+        self._pushed.add(reply.batch_id, prepared.owned_path, len(images))
+        return reply.batch_id
+
+    def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> Iterator[ImageResult]:
+        """Results of the batches in completion order; ends when every image was answered.
+
+        Results the server sent but this iterator did not yield yet (you stopped early) are gone;
+        results the server had not sent yet stay available to a later ``pull``.
+        """
+        call = self._stub.PullResult(pull_request(batch_ids), timeout=timeout or self.timeout)
+        try:
+            for msg in call:
+                if self._pushed.accept(msg.batch_id, msg.index):
+                    yield ImageResult.from_proto(msg)
+        except grpc.RpcError as exc:
+            raise InferError.from_rpc(exc) from None
+        finally:
+            call.cancel()  # no-op when the stream ended; frees it when the caller stopped early
+
+    def detect(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
+    ) -> list[ImageResult]:
+        """Push one batch and wait for all its results; ordered by index like ``images``."""
+        batch_id = self.push(images, names, request_id)
+        return sorted(self.pull(batch_id), key=lambda r: r.index)
+
+    def health(self, timeout: float | None = 5.0) -> bool:
+        """True when the server reports SERVING (every stage worker ready, not draining)."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise InferError.from_rpc(exc) from None
+        return reply.status == _SERVING
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server reports SERVING (health Watch, no polling) or raise InferError."""
+        stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
+        try:
+            for reply in stream:
+                if reply.status == _SERVING:
+                    return
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise InferError(exc.code(), f"server not ready within {timeout:g}s") from None
+            raise InferError.from_rpc(exc) from None
+        finally:
+            stream.cancel()
+        raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+
+    def close(self) -> None:
+        """Remove the tmpfs files this client still owns and close the channel."""
+        self._pushed.remove_all()
+        self._channel.close()
+
+    def __enter__(self) -> InferClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,136 @@
+"""Typed, immutable results of ``PullResult``, converted from the wire form.
+
+Built by ``infer_client._protocol`` for both clients (sync and asyncio) in the client application's
+process. ``Detection.attributes`` is a read-only mapping keyed by attribute model name
+(``det.attributes["color"].label``); :meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+
+from infer_proto import infer_pb2
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The ``grpc.StatusCode`` of a numeric code (UNKNOWN for values gRPC does not define)."""
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
+
+
+def _frozen_map(items: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(items)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Corners in original-image pixels."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    @property
+    def width(self) -> float:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> float:
+        return self.y2 - self.y1
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+
+@dataclass(frozen=True)
+class Attribute:
+    """The top label of one attribute model for one detection."""
+
+    model: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Detection:
+    class_id: int
+    label: str
+    score: float
+    box: Box
+    attributes: Mapping[str, Attribute] = field(default_factory=lambda: _frozen_map({}))
+
+    @classmethod
+    def from_proto(cls, msg: infer_pb2.Detection) -> Detection:
+        b = msg.box
+        return cls(
+            class_id=msg.class_id,
+            label=msg.label,
+            score=msg.score,
+            box=Box(b.x1, b.y1, b.x2, b.y2),
+            attributes=_frozen_map({a.model: Attribute(a.model, a.label, a.score) for a in msg.attributes}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "class_id": self.class_id,
+            "label": self.label,
+            "score": round(self.score, 6),
+            "box": {k: round(v, 3) for k, v in zip(("x1", "y1", "x2", "y2"), self.box.as_tuple(), strict=True)},
+            "attributes": {m: {"label": a.label, "score": round(a.score, 6)} for m, a in self.attributes.items()},
+        }
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The one terminal record of one image: detections, or a per-image error (``ok`` is False)."""
+
+    batch_id: str
+    index: int
+    name: str
+    code: grpc.StatusCode
+    message: str
+    width: int
+    height: int
+    detections: tuple[Detection, ...] = ()
+    timings_ms: Mapping[str, float] = field(default_factory=lambda: _frozen_map({}))
+    worker: int = -1
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+    @classmethod
+    def from_proto(cls, msg: infer_pb2.ImageResult) -> ImageResult:
+        return cls(
+            batch_id=msg.batch_id,
+            index=msg.index,
+            name=msg.name,
+            code=status_code(msg.status.code),
+            message=msg.status.message,
+            width=msg.width,
+            height=msg.height,
+            detections=tuple(Detection.from_proto(d) for d in msg.detections),
+            timings_ms=_frozen_map(dict(msg.timings_ms)),
+            worker=msg.worker,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the ImageResult fields, attributes as ``{"color": {"label", "score"}}``."""
+        return {
+            "batch_id": self.batch_id,
+            "index": self.index,
+            "name": self.name,
+            "status": {"code": self.code.value[0], "name": self.code.name, "message": self.message},
+            "width": self.width,
+            "height": self.height,
+            "detections": [d.to_dict() for d in self.detections],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
+            "worker": self.worker,
+        }

@@ -1,0 +1,291 @@
+"""The batch registry: ids, admission, result buffers and exactly-once delivery to PullResult streams.
+
+Lives in the server's main process and is only ever touched from the asyncio event loop (the
+pool's outcome callback hops onto the loop first), so it needs no locks: no method awaits between
+reading and updating state except :meth:`Subscription.next`, which re-checks after every wake-up.
+
+Life of a batch:
+  reserve()  PushData passed the cheap checks: a batch id is assigned, the request_id is bound to
+             it (a concurrent retry waits on ``Reservation.ready``), admission is charged
+             (images and bytes in flight; beyond the bounds -> ``Overloaded``).
+  activate() the batch file is validated: the batch becomes visible to PullResult.
+  record()   one ImageOutcome per image, in completion order, into the batch's ready heap (bounded
+             by the batch's image count: duplicates are dropped, so it cannot grow past it).
+  finish     every image answered: admission is released and ``on_finished`` runs (deletes the
+             server's staging copy). The batch stays for ``result_ttl_s`` so results not yet
+             pulled can be pulled later; then it expires and its id answers NOT_FOUND.
+
+Delivery: a stream takes an outcome (it is then *leased*), writes it, and acks it; if the write
+fails or the stream is cancelled, it nacks it and the outcome goes back for a later stream. A
+cancellation that lands while a write is in flight is ambiguous (the bytes may have reached the
+client): the outcome goes back too, so results are never lost and a client that re-pulls drops
+repeats by (batch id, index). A stream ends when every image of its batches has been delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from infer_server.errors import Overloaded, Unavailable, UnknownBatch
+from infer_server.handoff import BatchFile
+from infer_server.messages import Code, ImageOutcome, ImageRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Batch:
+    batch_id: str
+    request_id: str
+    images: tuple[ImageRef, ...]
+    total_bytes: int
+    deadline: float  # time.monotonic() based
+    file: BatchFile | None = None
+    answered: set[int] = field(default_factory=set)
+    ready: list[tuple[int, ImageOutcome]] = field(default_factory=list)  # heap by completion seq
+    leases: dict[int, int] = field(default_factory=dict)  # image index -> seq, handed out, not acked
+    delivered: int = 0
+    finished_at: float | None = None
+    expired: bool = False
+    subscribers: set[asyncio.Event] = field(default_factory=set)
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+    @property
+    def done(self) -> bool:
+        """Nothing more will ever be delivered from this batch."""
+        return self.expired or self.delivered == self.size
+
+    def notify(self) -> None:
+        for event in self.subscribers:
+            event.set()
+
+
+@dataclass(eq=False)
+class Reservation:
+    batch: Batch
+    is_new: bool  # False: a retry of an earlier request_id; await ``ready`` and reuse its id
+    ready: asyncio.Future[Batch]
+
+
+class BatchRegistry:
+    def __init__(
+        self,
+        *,
+        max_inflight_images: int,
+        max_inflight_bytes: int,
+        result_ttl_s: float,
+        deadline_grace_s: float = 30.0,
+        max_retained_batches: int = 4096,
+        on_finished: Callable[[Batch], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_inflight_images = max_inflight_images
+        self.max_inflight_bytes = max_inflight_bytes
+        self._ttl = result_ttl_s
+        self._grace = deadline_grace_s
+        self._max_retained = max_retained_batches
+        self._on_finished = on_finished
+        self._clock = clock
+        self._batches: dict[str, Batch] = {}  # active and finished, visible to PullResult
+        self._requests: dict[str, Reservation] = {}  # request_id -> its (first) reservation
+        self._finished: OrderedDict[str, Batch] = OrderedDict()  # in finish order, for expiry
+        self._seq = itertools.count()
+        self.inflight_images = 0
+        self.inflight_bytes = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def reserve(self, request_id: str, images: tuple[ImageRef, ...], total_bytes: int, deadline: float) -> Reservation:
+        """Assign a batch id and charge admission, or return the reservation of an earlier retry."""
+        if request_id and request_id in self._requests:
+            earlier = self._requests[request_id]
+            return Reservation(earlier.batch, is_new=False, ready=earlier.ready)
+        n = len(images)
+        if self.inflight_images + n > self.max_inflight_images:
+            raise Overloaded(
+                f"server is at capacity ({self.inflight_images} of {self.max_inflight_images} images "
+                "in flight); retry later"
+            )
+        if self.inflight_bytes + total_bytes > self.max_inflight_bytes:
+            raise Overloaded("server is at capacity (bytes in flight); retry later")
+        self.inflight_images += n
+        self.inflight_bytes += total_bytes
+        self._idle.clear()
+        batch = Batch(uuid.uuid4().hex, request_id, images, total_bytes, deadline)
+        reservation = Reservation(batch, is_new=True, ready=asyncio.get_running_loop().create_future())
+        if request_id:
+            self._requests[request_id] = reservation
+        return reservation
+
+    def activate(self, reservation: Reservation, file: BatchFile) -> None:
+        """The batch file is valid: make the batch pullable and wake any retry waiting on it."""
+        batch = reservation.batch
+        batch.file = file
+        self._batches[batch.batch_id] = batch
+        reservation.ready.set_result(batch)
+
+    def abandon(self, reservation: Reservation, exc: BaseException) -> None:
+        """The batch failed validation: undo admission and the request_id binding."""
+        batch = reservation.batch
+        self._release(batch)
+        if batch.request_id:
+            self._requests.pop(batch.request_id, None)
+        if not isinstance(exc, Exception):  # cancelled: a waiting retry should try again, not vanish
+            exc = Unavailable("an earlier attempt of this request was cancelled; retry")
+        reservation.ready.set_exception(exc)
+        reservation.ready.exception()  # retrieved: only concurrent retries care about it
+
+    def record(self, outcome: ImageOutcome) -> None:
+        """Store one image's terminal record (called once per image by the pool, via the loop)."""
+        batch = self._batches.get(outcome.batch_id)
+        if batch is None or batch.finished_at is not None:
+            log.debug("outcome for unknown or finished batch %s dropped", outcome.batch_id)
+            return
+        if outcome.index in batch.answered or not 0 <= outcome.index < batch.size:
+            log.warning("duplicate outcome for image %d of batch %s dropped", outcome.index, batch.batch_id)
+            return
+        batch.answered.add(outcome.index)
+        heapq.heappush(batch.ready, (next(self._seq), outcome))
+        batch.notify()
+        if len(batch.answered) == batch.size:
+            self._finish(batch)
+
+    def fail_unanswered(self, batch: Batch, code: Code, message: str) -> None:
+        """Answer every image not answered yet with ``code`` (pool refused the batch, or overdue)."""
+        for ref in batch.images:
+            if ref.index not in batch.answered:
+                self.record(ImageOutcome.failed(batch.batch_id, ref, code, message))
+
+    def subscribe(self, batch_ids: Iterable[str]) -> Subscription:
+        """A delivery cursor over the given batches; ``UnknownBatch`` if any id is unknown/expired."""
+        batches = []
+        for batch_id in dict.fromkeys(batch_ids):  # de-duplicated, order kept
+            batch = self._batches.get(batch_id)
+            if batch is None:
+                raise UnknownBatch(f"unknown or expired batch id {batch_id[:64]!r}")
+            batches.append(batch)
+        if not batches:
+            raise UnknownBatch("no batch ids given")
+        return Subscription(batches)
+
+    def expire(self) -> None:
+        """Forget finished batches past their TTL; answer overdue images DEADLINE_EXCEEDED."""
+        now = self._clock()
+        while self._finished:
+            batch = next(iter(self._finished.values()))
+            assert batch.finished_at is not None
+            if now - batch.finished_at < self._ttl and len(self._finished) <= self._max_retained:
+                break
+            self._forget(batch)
+        for batch in list(self._batches.values()):
+            if batch.finished_at is None and now > batch.deadline + self._grace:
+                log.warning("batch %s overdue; answering its missing images", batch.batch_id)
+                self.fail_unanswered(batch, Code.DEADLINE_EXCEEDED, "no result before the batch deadline")
+
+    def staged_paths(self) -> set[str]:
+        """Staging files of batches still being worked on (the janitor must leave them)."""
+        return {b.file.path for b in self._batches.values() if b.file and b.file.staged and b.finished_at is None}
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no image is in flight; False if ``timeout`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _finish(self, batch: Batch) -> None:
+        batch.finished_at = self._clock()
+        self._release(batch)
+        self._finished[batch.batch_id] = batch
+        if self._on_finished is not None:
+            try:
+                self._on_finished(batch)
+            except Exception:
+                log.exception("on_finished hook failed for batch %s", batch.batch_id)
+
+    def _release(self, batch: Batch) -> None:
+        self.inflight_images -= batch.size
+        self.inflight_bytes -= batch.total_bytes
+        if self.inflight_images == 0:
+            self._idle.set()
+
+    def _forget(self, batch: Batch) -> None:
+        self._finished.pop(batch.batch_id, None)
+        self._batches.pop(batch.batch_id, None)
+        bound = self._requests.get(batch.request_id)
+        if bound is not None and bound.batch is batch:
+            del self._requests[batch.request_id]
+        batch.expired = True
+        batch.ready.clear()
+        batch.notify()
+
+
+class Subscription:
+    """One PullResult stream's view of its batches: ``next`` / ``ack`` / ``nack``, then ``close``."""
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self._batches = batches
+        self._wake = asyncio.Event()
+        for batch in batches:
+            batch.subscribers.add(self._wake)
+
+    async def next(self) -> ImageOutcome | None:
+        """The earliest completed outcome not yet handed out, or None once all were delivered."""
+        while True:
+            candidates = [b for b in self._batches if b.ready and not b.expired]
+            if candidates:
+                batch = min(candidates, key=lambda b: b.ready[0][0])
+                seq, outcome = heapq.heappop(batch.ready)
+                batch.leases[outcome.index] = seq
+                return outcome
+            if all(b.done for b in self._batches):
+                return None
+            # No await between the checks above and clear(): no wake-up can be lost.
+            self._wake.clear()
+            await self._wake.wait()
+
+    def ack(self, outcome: ImageOutcome) -> None:
+        """The outcome was written to the stream: it is delivered and never handed out again."""
+        batch = self._batch(outcome)
+        del batch.leases[outcome.index]
+        batch.delivered += 1
+        batch.notify()  # other streams on this batch may now be able to end
+
+    def nack(self, outcome: ImageOutcome) -> None:
+        """The stream could not send the outcome: put it back, ahead of later completions."""
+        batch = self._batch(outcome)
+        seq = batch.leases.pop(outcome.index)
+        if not batch.expired:
+            heapq.heappush(batch.ready, (seq, outcome))  # its original place: completion order holds
+        batch.notify()
+
+    def close(self) -> None:
+        for batch in self._batches:
+            batch.subscribers.discard(self._wake)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _batch(self, outcome: ImageOutcome) -> Batch:
+        for batch in self._batches:
+            if batch.batch_id == outcome.batch_id:
+                return batch
+        raise KeyError(outcome.batch_id)
+
+
+__all__ = ["Batch", "BatchRegistry", "Reservation", "Subscription"]

@@ -1,0 +1,263 @@
+"""The tmpfs handoff: turns a PushData request into a validated batch file the workers may read.
+
+Called by ``service`` in the server's main process: :meth:`Handoff.plan` on the event loop (cheap
+checks on sizes and names, before admission), :meth:`Handoff.materialize` in a worker thread
+(filesystem work). Nothing here trusts a path: see DESIGN.md "Security of the path handoff".
+
+A client path is resolved beneath the shared directory and must stay there on real paths
+(``os.path.commonpath``), outside the server's staging directory. The file is then opened one
+component at a time from a descriptor of the root with ``O_NOFOLLOW``, so no symlink is crossed
+even if the tree changes between the check and the open, and every property (regular file, one
+link, same file system, not writable by group/others, size == sum(sizes)) is read from the open
+descriptor. The worker re-opens the path and refuses it unless device, inode and size still match.
+
+Inline data is written by the server into its own staging directory (0600, temp name + rename) so
+the pipeline reads both kinds the same way; those files are deleted when the batch completes, and
+:func:`run_janitor` removes orphans a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from infer_server.errors import InvalidBatch, PermissionDeniedError
+from infer_server.messages import ImageRef
+
+log = logging.getLogger(__name__)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OUTSIDE = "path is outside the shared directory"
+
+
+@dataclass(frozen=True)
+class HandoffLimits:
+    max_images: int = 256
+    max_bytes: int = 256 * 1024 * 1024
+    max_name_length: int = 1024
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """A request whose layout passed the cheap checks; nothing has been opened yet."""
+
+    images: tuple[ImageRef, ...]
+    total_bytes: int
+    path: str | None
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """A validated batch file: what the workers open, and how they recognise it."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+    images: tuple[ImageRef, ...]
+    staged: bool  # the server's own copy of inline data, deleted when the batch completes
+
+
+class Handoff:
+    """Validation and staging for one shared directory (``root``) and its staging directory."""
+
+    def __init__(self, root: Path, staging: Path, limits: HandoffLimits) -> None:
+        self._root = Path(root)
+        self._staging = Path(staging)
+        self.limits = limits
+        self._real_root = ""
+        self._real_staging = ""
+        self._root_dev = -1
+
+    @property
+    def staging_dir(self) -> str:
+        return self._real_staging
+
+    def prepare_dirs(self) -> None:
+        """Create the shared and staging directories (owner-only when the server creates them)."""
+        self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(self._staging)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
+        self._real_root = os.path.realpath(self._root)
+        self._real_staging = os.path.realpath(self._staging)
+        self._root_dev = os.stat(self._real_root).st_dev
+
+    def plan(self, path: str, data: bytes, sizes: Sequence[int], names: Sequence[str]) -> BatchPlan:
+        """Check the request's layout: one source, 1..max images, sizes > 0, total within limits."""
+        if path and data:
+            raise InvalidBatch("send either 'path' or 'data', not both")
+        if not path and not data:
+            raise InvalidBatch("a batch needs either 'path' or 'data'")
+        count = len(sizes)  # len() first: the sizes list itself may be huge
+        if count == 0:
+            raise InvalidBatch("a batch needs at least one image size")
+        if count > self.limits.max_images:
+            raise InvalidBatch(f"a batch holds at most {self.limits.max_images} images, got {count}")
+        if names and len(names) != count:
+            raise InvalidBatch(f"got {len(names)} names for {count} images")
+        refs = []
+        offset = 0  # Python ints: no overflow however large the uint64 sizes are
+        for index, size in enumerate(sizes):
+            if size <= 0:
+                raise InvalidBatch(f"image {index} has size 0")
+            if offset + size > self.limits.max_bytes:
+                raise InvalidBatch(f"a batch holds at most {self.limits.max_bytes} bytes")
+            name = names[index] if names else ""
+            if len(name) > self.limits.max_name_length:
+                raise InvalidBatch(f"name of image {index} is longer than {self.limits.max_name_length}")
+            refs.append(ImageRef(index=index, offset=offset, size=size, name=name))
+            offset += size
+        if data and len(data) != offset:
+            raise InvalidBatch(f"sizes add up to {offset} bytes but data holds {len(data)}")
+        return BatchPlan(tuple(refs), offset, path or None, data or None)
+
+    def materialize(self, plan: BatchPlan) -> BatchFile:
+        """Validate the client's file, or stage the inline data. Blocking: run it in a thread."""
+        if plan.path is not None:
+            return self.open_client_file(plan.path, plan.images, plan.total_bytes)
+        assert plan.data is not None
+        return self.stage_inline(plan.data, plan.images)
+
+    def open_client_file(self, path: str, images: tuple[ImageRef, ...], total: int) -> BatchFile:
+        parts = self._confine(path)
+        fd = self._open_beneath_root(parts)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidBatch("path is not a regular file")
+        if st.st_dev != self._root_dev:
+            raise PermissionDeniedError("file is not on the shared file system")
+        if st.st_nlink != 1:
+            # A hard link can make a file from elsewhere appear beneath the root.
+            raise PermissionDeniedError("file has more than one hard link")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PermissionDeniedError("file is writable by group or others")
+        if st.st_size != total:
+            raise InvalidBatch(f"sizes add up to {total} bytes but the file holds {st.st_size}")
+        real = os.path.join(self._real_root, *parts)
+        return BatchFile(real, st.st_dev, st.st_ino, st.st_size, images, staged=False)
+
+    def _confine(self, path: str) -> list[str]:
+        """The path's components beneath the root, or an error if it leaves the root or enters staging."""
+        if "\x00" in path:
+            raise InvalidBatch("path contains a NUL byte")
+        pure = PurePosixPath(path)
+        if ".." in pure.parts:
+            raise PermissionDeniedError(_OUTSIDE)
+        lexical = os.path.normpath(pure if pure.is_absolute() else self._root / pure)
+        real = os.path.realpath(lexical)
+        if os.path.commonpath([self._real_root, real]) != self._real_root or real == self._real_root:
+            raise PermissionDeniedError(_OUTSIDE)
+        if os.path.commonpath([self._real_staging, real]) == self._real_staging:
+            raise PermissionDeniedError("path points into the server's own directory")
+        # Components to walk from the root: relative to the configured or the real root name.
+        for base in (os.path.normpath(self._root), self._real_root):
+            rel = os.path.relpath(lexical, base)
+            if rel != "." and not rel.startswith(".."):
+                return rel.split(os.sep)
+        # The lexical path reaches the root through some other (symlinked) name.
+        raise PermissionDeniedError("path must not contain symbolic links")
+
+    def _open_beneath_root(self, parts: list[str]) -> int:
+        """Open ``parts`` from a descriptor of the root, never following a symlink on the way."""
+        dir_fd = os.open(self._real_root, _DIR_FLAGS)
+        try:
+            for i, part in enumerate(parts):
+                last = i == len(parts) - 1
+                try:
+                    fd = os.open(part, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError as exc:
+                    raise self._open_error(exc, part, dir_fd) from None
+                os.close(dir_fd)
+                dir_fd = fd
+            fd, dir_fd = dir_fd, -1
+            return fd
+        finally:
+            if dir_fd >= 0:
+                os.close(dir_fd)
+
+    @staticmethod
+    def _open_error(exc: OSError, part: str, dir_fd: int) -> Exception:
+        if exc.errno == errno.ENOENT:
+            return InvalidBatch("no such file in the shared directory")
+        with contextlib.suppress(OSError):
+            if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return PermissionDeniedError("path must not contain symbolic links")
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return PermissionDeniedError("the server may not read this file")
+        if exc.errno == errno.ENOTDIR:
+            return InvalidBatch("path is not a regular file")
+        return InvalidBatch("the file cannot be opened")
+
+    def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
+        """Write inline bytes to a fresh 0600 file in the staging directory (temp name + rename)."""
+        name = uuid.uuid4().hex
+        tmp = os.path.join(self._real_staging, f".{name}.tmp")
+        final = os.path.join(self._real_staging, f"{name}.batch")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            st = os.fstat(fd)
+            os.rename(tmp, final)  # no fsync: tmpfs, and a crash loses the batch anyway
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        return BatchFile(final, st.st_dev, st.st_ino, st.st_size, images, staged=True)
+
+    def release(self, batch: BatchFile) -> None:
+        """Delete the server's staging copy of a finished batch; client files are never touched."""
+        if batch.staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(batch.path)
+
+    def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
+        """Remove staging files older than ``ttl_s`` (by mtime) that no live batch uses."""
+        now = time.time()
+        removed = 0
+        with os.scandir(self._real_staging) as entries:
+            for entry in entries:
+                if entry.path in keep or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= ttl_s:
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
+
+    def remove_staging_dir(self) -> None:
+        """On a clean stop: drop every staging file and the directory itself."""
+        with contextlib.suppress(FileNotFoundError):
+            self.sweep(0.0)
+            os.rmdir(self._real_staging)
+
+
+async def run_janitor(handoff: Handoff, ttl_s: float, interval_s: float, in_use: Callable[[], Collection[str]]) -> None:
+    """Sweep orphaned staging files every ``interval_s`` until cancelled (an asyncio task)."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(handoff.sweep, ttl_s, frozenset(in_use()))
+            if removed:
+                log.info("janitor removed %d orphaned staging files", removed)
+        except OSError as exc:
+            log.warning("janitor could not sweep the staging directory: %s", exc)
+        await asyncio.sleep(interval_s)

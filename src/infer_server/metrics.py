@@ -1,0 +1,53 @@
+"""Prometheus metrics of one server (optional ``--metrics-port``), updated from the event loop.
+
+Owned by ``service.InferenceServer`` in the server's main process. Each server has its own
+``CollectorRegistry`` so that several servers in one process (tests) do not collide; the HTTP
+exporter only runs when a metrics port is configured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from infer_server.messages import Code, ImageOutcome
+
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    def __init__(self, inflight_images: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self._batches = Counter("infer_batches", "Batches accepted by PushData", registry=self.registry)
+        self._admitted = Counter("infer_images_admitted", "Images in accepted batches", registry=self.registry)
+        self._images = Counter("infer_images", "Images answered, by status code", ["code"], registry=self.registry)
+        self._stage = Histogram(
+            "infer_stage_seconds",
+            "Per-image time per pipeline stage",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        inflight = Gauge("infer_inflight_images", "Images admitted and not answered yet", registry=self.registry)
+        inflight.set_function(lambda: float(inflight_images()))
+        self._http: Any = None
+
+    def batch_accepted(self, images: int) -> None:
+        self._batches.inc()
+        self._admitted.inc(images)
+
+    def image_done(self, outcome: ImageOutcome) -> None:
+        self._images.labels(Code(outcome.code).name).inc()
+        for stage, ms in outcome.timings_ms:
+            self._stage.labels(stage).observe(ms / 1000.0)
+
+    def serve(self, port: int, host: str) -> None:
+        result = start_http_server(port, addr=host, registry=self.registry)
+        self._http = result[0] if isinstance(result, tuple) else None
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http = None

@@ -1,0 +1,281 @@
+"""The gRPC front: ``InferenceService`` on grpc.aio, plus health, reflection and the server's lifecycle.
+
+Runs in the server's main process, on one asyncio event loop; ``infer_server.cli`` creates an
+:class:`InferenceServer` and tests do the same with ``port=0``. Everything a request touches lives
+on the loop (``BatchRegistry``) or in a worker thread for filesystem work (``Handoff``); the stage
+workers are separate processes owned by ``PipelinePool``, whose outcome and health callbacks arrive
+on pool threads and hop onto the loop with ``call_soon_threadsafe``.
+
+Lifecycle: ``start()`` binds the port and serves health NOT_SERVING while the pool spawns its
+workers (spawn context, so the gRPC objects already created are never forked) and waits for every
+one to load its models; then SERVING. ``stop()`` turns health NOT_SERVING, refuses new batches
+(UNAVAILABLE), lets in-flight batches finish within ``drain_timeout_s``, stops the gRPC server
+with a grace period for open streams, stops the pool, and removes the server's staging directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from infer_proto import infer_pb2, infer_pb2_grpc
+from infer_server.batches import Batch, BatchRegistry
+from infer_server.errors import Unavailable, rpc_boundary
+from infer_server.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, run_janitor
+from infer_server.messages import ImageOutcome
+from infer_server.metrics import ServerMetrics
+from infer_server.pool import PipelineError, PipelinePool
+from infer_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def outcome_to_proto(outcome: ImageOutcome) -> infer_pb2.ImageResult:
+    """The wire form of one image's terminal record (worker codes are gRPC codes already)."""
+    return infer_pb2.ImageResult(
+        batch_id=outcome.batch_id,
+        index=outcome.index,
+        name=outcome.name,
+        status=infer_pb2.Status(code=int(outcome.code), message=outcome.message),
+        width=outcome.width,
+        height=outcome.height,
+        detections=[
+            infer_pb2.Detection(
+                class_id=d.class_id,
+                label=d.label,
+                score=d.score,
+                box=infer_pb2.Box(x1=d.box.x1, y1=d.box.y1, x2=d.box.x2, y2=d.box.y2),
+                attributes=[infer_pb2.Attribute(model=a.model, label=a.label, score=a.score) for a in d.attributes],
+            )
+            for d in outcome.detections
+        ],
+        timings_ms=dict(outcome.timings_ms),
+        worker=outcome.worker,
+    )
+
+
+class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
+    """PushData / PullResult. Errors leave through ``rpc_boundary`` only."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self._server = server
+
+    @rpc_boundary
+    async def PushData(
+        self, request: infer_pb2.PushDataRequest, context: grpc.aio.ServicerContext
+    ) -> infer_pb2.PushDataReply:
+        srv = self._server
+        if not srv.accepting:
+            raise Unavailable("the server is not accepting batches (starting or draining)")
+        plan = srv.handoff.plan(request.path, request.data, request.sizes, request.names)
+        deadline = time.monotonic() + srv.settings.batch_deadline_s
+        reservation = srv.registry.reserve(request.request_id, plan.images, plan.total_bytes, deadline)
+        if not reservation.is_new:
+            # Shielded: a retry giving up must not cancel the first request's future.
+            batch = await asyncio.shield(reservation.ready)
+            return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
+        batch = reservation.batch
+        try:
+            file = await srv.materialize(plan)
+            srv.submit(batch, file)
+        except BaseException as exc:
+            srv.registry.abandon(reservation, exc)
+            raise
+        srv.registry.activate(reservation, file)
+        srv.metrics.batch_accepted(batch.size)
+        return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
+
+    @rpc_boundary
+    async def PullResult(self, request: infer_pb2.PullResultRequest, context: grpc.aio.ServicerContext) -> None:
+        with self._server.registry.subscribe(request.batch_ids) as subscription:
+            while (outcome := await subscription.next()) is not None:
+                try:
+                    await context.write(outcome_to_proto(outcome))
+                except BaseException:
+                    # Cancelled or broken stream: the result stays available for a later PullResult
+                    # (even if the write may have reached the client: a repeat beats a loss).
+                    subscription.nack(outcome)
+                    raise
+                subscription.ack(outcome)
+
+
+class InferenceServer:
+    """One server: gRPC front, batch registry, tmpfs handoff and the stage-worker pool."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.handoff = Handoff(
+            settings.shm_dir,
+            settings.staging,
+            HandoffLimits(settings.max_batch_images, settings.max_batch_bytes, settings.max_name_length),
+        )
+        self.registry = BatchRegistry(
+            max_inflight_images=settings.max_inflight_images,
+            max_inflight_bytes=settings.max_inflight_bytes,
+            result_ttl_s=settings.result_ttl_s,
+            on_finished=self._on_finished,
+        )
+        self.metrics = ServerMetrics(lambda: self.registry.inflight_images)
+        self.accepting = False
+        self.port = 0
+        self.pool: PipelinePool | None = None
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stopped = False
+
+    async def start(self) -> int:
+        """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        self.handoff.prepare_dirs()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, _NOT_SERVING)
+        limit = s.max_message_bytes
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        infer_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
+        self.port = server.add_insecure_port(f"{host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {host}:{s.port}")
+        self._server = server
+        await server.start()
+        try:
+            self.pool = await self._loop.run_in_executor(None, self._start_pool)
+        except BaseException:
+            await server.stop(0)
+            self.handoff.remove_staging_dir()
+            raise
+        self.accepting = True
+        await self._set_health(True)
+        self._spawn(run_janitor(self.handoff, s.janitor_ttl_s, s.janitor_interval_s, self.registry.staged_paths))
+        self._spawn(self._housekeeping())
+        if s.metrics_port is not None:
+            self.metrics.serve(s.metrics_port, s.host)
+        log.info("serving on %s:%d with %d workers (%s)", s.host, self.port, s.workers, s.device)
+        return self.port
+
+    def _start_pool(self) -> PipelinePool:
+        """Blocking (executor thread): spawn the workers and wait until each loaded its models."""
+        s = self.settings
+        pool = PipelinePool(
+            s.models_dir,
+            workers=s.workers,
+            device=s.device,
+            batch_size=s.batch_size,
+            max_attempts=s.max_attempts,
+            max_image_pixels=s.max_image_pixels,
+            intra_op_threads=s.intra_op_threads,
+            on_outcome=self._outcome_from_pool,
+            on_health=self._health_from_pool,
+        )
+        pool.start(timeout=s.startup_timeout_s)
+        return pool
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call twice."""
+        if self._stopped or self._server is None:
+            return
+        self._stopped = True
+        s = self.settings
+        self.accepting = False
+        await self._health.enter_graceful_shutdown()
+        if not await self.registry.wait_idle(s.drain_timeout_s):
+            log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
+        await self._server.stop(s.stop_grace_s if grace is None else grace)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        if self.pool is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(self.pool.stop, timeout=10.0, drain=True)
+            )
+        self.handoff.remove_staging_dir()
+        self.metrics.close()
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def materialize(self, plan: BatchPlan) -> BatchFile:
+        """Validate or stage a batch in a thread; a cancelled push still cleans up its staging copy."""
+        task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() else self.handoff.release(t.result())
+            )
+            raise
+
+    def submit(self, batch: Batch, file: BatchFile) -> None:
+        """Hand the batch to the pool; a pool that refuses it makes the push UNAVAILABLE."""
+        assert self.pool is not None
+        try:
+            self.pool.submit_batch(
+                batch.batch_id, file.path, file.dev, file.ino, file.size, file.images, batch.deadline
+            )
+        except PipelineError as exc:
+            log.warning("pool refused batch %s: %s", batch.batch_id, exc)
+            self.handoff.release(file)
+            raise Unavailable("the pipeline is not accepting batches; retry later") from None
+
+    def _on_finished(self, batch: Batch) -> None:
+        if batch.file is not None and batch.file.staged:
+            self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
+
+    def _outcome_from_pool(self, outcome: ImageOutcome) -> None:
+        """Pool thread -> event loop."""
+        self._call_on_loop(self._record, outcome)
+
+    def _record(self, outcome: ImageOutcome) -> None:
+        self.metrics.image_done(outcome)
+        self.registry.record(outcome)
+
+    def _health_from_pool(self, healthy: bool) -> None:
+        """Pool thread -> event loop: a worker died (False) or every worker is back (True)."""
+        self._call_on_loop(lambda: self._spawn(self._set_health(healthy)))
+
+    def _call_on_loop(self, callback: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+            loop.call_soon_threadsafe(callback, *args)
+
+    async def _set_health(self, healthy: bool) -> None:
+        status = _SERVING if healthy and self.accepting else _NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, status)
+
+    async def _housekeeping(self) -> None:
+        """Expire finished batches and answer overdue ones, once a second."""
+        while True:
+            self.registry.expire()
+            await asyncio.sleep(1.0)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,92 @@
+"""Hostile or malformed pushes are refused with a clear status, and the server keeps serving."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engines.scenes import Scene
+from infer_proto import infer_pb2, infer_pb2_grpc
+from tests.integration.conftest import RunningServer
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[infer_pb2_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield infer_pb2_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture
+def scratch(server: RunningServer) -> Iterator[Path]:
+    """A directory inside the shared directory, removed again (teardown wants it empty)."""
+    path = server.shm_dir / "scratch"
+    path.mkdir()
+    yield path
+    for entry in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        entry.unlink() if entry.is_symlink() or not entry.is_dir() else entry.rmdir()
+    path.rmdir()
+
+
+def refused(stub: infer_pb2_grpc.InferenceServiceStub, **fields: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PushData(infer_pb2.PushDataRequest(**fields), timeout=10)  # type: ignore[arg-type]
+    return info.value.code(), info.value.details() or ""
+
+
+def write(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def test_path_outside_the_shared_directory(stub: infer_pb2_grpc.InferenceServiceStub, tmp_path: Path) -> None:
+    outside = write(tmp_path / "b.bin", b"12345")
+    for path in (str(outside), "../../etc/passwd", "/etc/passwd"):
+        code, message = refused(stub, path=path, sizes=[5])
+        assert (code, message) == (grpc.StatusCode.PERMISSION_DENIED, "path is outside the shared directory")
+
+
+def test_symlink_is_refused(stub: infer_pb2_grpc.InferenceServiceStub, scratch: Path, scenes: list[Scene]) -> None:
+    target = write(scratch / "real.bin", scenes[0].jpeg)
+    (scratch / "link.bin").symlink_to(target)
+    code, message = refused(stub, path=str(scratch / "link.bin"), sizes=[len(scenes[0].jpeg)])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "symbolic" in message
+
+
+def test_size_mismatch_and_writable_file(stub: infer_pb2_grpc.InferenceServiceStub, scratch: Path) -> None:
+    f = write(scratch / "b.bin", b"x" * 999)
+    assert refused(stub, path=str(f), sizes=[500, 500]) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "sizes add up to 1000 bytes but the file holds 999",
+    )
+    f.chmod(0o666)
+    code, _ = refused(stub, path=str(f), sizes=[999])
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_oversize_and_malformed_batches(stub: infer_pb2_grpc.InferenceServiceStub) -> None:
+    assert refused(stub, data=b"x" * 257, sizes=[1] * 257)[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(stub, data=b"xx", sizes=[2, 0])[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(stub, data=b"xx", sizes=[2**64 - 1])[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(stub, path="b.bin", data=b"xx", sizes=[2])[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused(stub, sizes=[2])[0] == grpc.StatusCode.INVALID_ARGUMENT
+    # Larger than the server's message limit: refused by gRPC itself before any handler runs.
+    code, _ = refused(stub, data=b"x" * (65 * 1024 * 1024), sizes=[65 * 1024 * 1024])
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_staging_directory_is_off_limits(stub: infer_pb2_grpc.InferenceServiceStub, server: RunningServer) -> None:
+    code, message = refused(stub, path=str(server.shm_dir / ".server" / "x.batch"), sizes=[5])
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "outside" not in message
+
+
+def test_server_still_serves_after_refusals(server: RunningServer, scenes: list[Scene]) -> None:
+    with server.client() as client:
+        assert client.health()
+        (result,) = client.detect([scenes[0].jpeg])
+    assert result.ok
+    assert os.listdir(server.shm_dir / ".server") == []

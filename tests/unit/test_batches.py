@@ -1,0 +1,310 @@
+"""BatchRegistry: exactly-once delivery, idempotent pushes, admission, expiry and cancelled streams."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+
+from infer_server.batches import Batch, BatchRegistry, Reservation, Subscription
+from infer_server.errors import InvalidBatch, Overloaded, Unavailable, UnknownBatch
+from infer_server.handoff import BatchFile
+from infer_server.messages import Code, ImageOutcome, ImageRef
+
+T = TypeVar("T")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def make_registry(clock: Clock | None = None, **kw: Any) -> BatchRegistry:
+    args: dict[str, Any] = {"max_inflight_images": 8, "max_inflight_bytes": 10_000, "result_ttl_s": 60.0}
+    args.update(kw)
+    return BatchRegistry(clock=clock or Clock(), **args)
+
+
+def refs(n: int, size: int = 10) -> tuple[ImageRef, ...]:
+    return tuple(ImageRef(i, i * size, size, f"img{i}") for i in range(n))
+
+
+def open_batch(reg: BatchRegistry, n: int, request_id: str = "", staged: bool = False) -> Batch:
+    images = refs(n)
+    r = reg.reserve(request_id, images, 10 * n, deadline=1100.0)
+    reg.activate(r, BatchFile(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n, images, staged=staged))
+    return r.batch
+
+
+def outcome(batch: Batch, index: int, code: Code = Code.OK) -> ImageOutcome:
+    return ImageOutcome(batch.batch_id, index, f"img{index}", code)
+
+
+async def drain(sub: Subscription) -> list[tuple[str, int]]:
+    got = []
+    while (o := await sub.next()) is not None:
+        sub.ack(o)
+        got.append((o.batch_id, o.index))
+    return got
+
+
+def test_results_stream_in_completion_order_exactly_once() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        a, b = open_batch(reg, 3), open_batch(reg, 2)
+        for batch, i in [(a, 2), (b, 1), (a, 0), (b, 0), (a, 1)]:
+            reg.record(outcome(batch, i))
+        with reg.subscribe([a.batch_id, b.batch_id]) as sub:
+            got = await drain(sub)
+        assert got == [(a.batch_id, 2), (b.batch_id, 1), (a.batch_id, 0), (b.batch_id, 0), (a.batch_id, 1)]
+        with reg.subscribe([a.batch_id]) as again:  # still known, but nothing is handed out twice
+            assert await drain(again) == []
+
+    run(scenario())
+
+
+def test_stream_waits_for_results_and_ends_when_all_answered() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 2)
+        with reg.subscribe([batch.batch_id]) as sub:
+            task = asyncio.ensure_future(drain(sub))
+            await asyncio.sleep(0)  # let the stream block on its empty batch
+            assert not task.done()
+            reg.record(outcome(batch, 1))
+            reg.record(outcome(batch, 0))
+            assert await task == [(batch.batch_id, 1), (batch.batch_id, 0)]
+
+    run(scenario())
+
+
+def test_unsent_result_stays_available_for_a_later_stream() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 3)
+        for i in (0, 1, 2):
+            reg.record(outcome(batch, i))
+        with reg.subscribe([batch.batch_id]) as first:
+            o = await first.next()
+            assert o is not None and o.index == 0
+            first.ack(o)
+            o = await first.next()
+            assert o is not None and o.index == 1
+            first.nack(o)  # e.g. the client cancelled while this one was being written
+        with reg.subscribe([batch.batch_id]) as second:
+            assert [i for _, i in await drain(second)] == [1, 2]
+
+    run(scenario())
+
+
+def test_cancelled_waiting_stream_loses_nothing() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 2)
+        sub = reg.subscribe([batch.batch_id])
+        task = asyncio.ensure_future(sub.next())
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        sub.close()
+        reg.record(outcome(batch, 0))
+        reg.record(outcome(batch, 1))
+        with reg.subscribe([batch.batch_id]) as later:
+            assert sorted(i for _, i in await drain(later)) == [0, 1]
+
+    run(scenario())
+
+
+def test_two_streams_on_one_batch_split_results_and_both_end() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 6)
+        s1, s2 = reg.subscribe([batch.batch_id]), reg.subscribe([batch.batch_id])
+        t1, t2 = asyncio.ensure_future(drain(s1)), asyncio.ensure_future(drain(s2))
+        for i in range(6):
+            reg.record(outcome(batch, i))
+            await asyncio.sleep(0)
+        got = await t1 + await t2
+        assert sorted(i for _, i in got) == list(range(6))
+        s1.close()
+        s2.close()
+
+    run(scenario())
+
+
+def test_stream_does_not_end_while_another_holds_a_lease() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 1)
+        reg.record(outcome(batch, 0))
+        holder, waiter = reg.subscribe([batch.batch_id]), reg.subscribe([batch.batch_id])
+        leased = await holder.next()
+        assert leased is not None
+        task = asyncio.ensure_future(drain(waiter))
+        await asyncio.sleep(0)
+        assert not task.done()  # the lease may still come back
+        holder.nack(leased)
+        assert await task == [(batch.batch_id, 0)]
+
+    run(scenario())
+
+
+def test_duplicate_and_late_outcomes_are_dropped() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 2)
+        reg.record(outcome(batch, 0))
+        reg.record(outcome(batch, 0, Code.INTERNAL))
+        reg.record(outcome(batch, 5))
+        reg.record(outcome(batch, 1))
+        reg.record(outcome(batch, 1))
+        with reg.subscribe([batch.batch_id]) as sub:
+            got = []
+            while (o := await sub.next()) is not None:
+                sub.ack(o)
+                got.append((o.index, o.code))
+        assert got == [(0, Code.OK), (1, Code.OK)]
+
+    run(scenario())
+
+
+def test_request_id_makes_push_idempotent() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        first = reg.reserve("req-1", refs(2), 20, 1100.0)
+        retry = reg.reserve("req-1", refs(2), 20, 1100.0)
+        assert first.is_new and not retry.is_new and retry.batch is first.batch
+        assert reg.inflight_images == 2  # the retry is not charged again
+        waiting = asyncio.ensure_future(retry.ready)
+        reg.activate(first, BatchFile("/dev/shm/x/b", 1, 2, 20, refs(2), staged=False))
+        assert (await waiting) is first.batch
+        assert reg.reserve("req-2", refs(1), 10, 1100.0).batch is not first.batch
+
+    run(scenario())
+
+
+def test_failed_first_attempt_fails_its_retry_and_frees_the_request_id() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        first = reg.reserve("req", refs(3), 30, 1100.0)
+        retry = reg.reserve("req", refs(3), 30, 1100.0)
+        reg.abandon(first, InvalidBatch("sizes add up to 30 bytes but the file holds 29"))
+        with pytest.raises(InvalidBatch):
+            await retry.ready
+        assert reg.inflight_images == 0 and reg.inflight_bytes == 0
+        assert reg.reserve("req", refs(3), 30, 1100.0).is_new
+
+    run(scenario())
+
+
+def test_admission_bounds_images_and_bytes_until_batches_finish() -> None:
+    async def scenario() -> None:
+        finished: list[Batch] = []
+        reg = make_registry(max_inflight_images=4, max_inflight_bytes=100, on_finished=finished.append)
+        batch = open_batch(reg, 3, staged=True)
+        with pytest.raises(Overloaded, match="3 of 4 images"):
+            reg.reserve("", refs(2), 20, 1100.0)
+        with pytest.raises(Overloaded, match="bytes"):
+            reg.reserve("", refs(1, size=80), 80, 1100.0)
+        assert batch.file is not None and reg.staged_paths() == {batch.file.path}
+        for i in range(3):
+            reg.record(outcome(batch, i))
+        assert finished == [batch] and reg.inflight_images == 0 and reg.staged_paths() == set()
+        assert await reg.wait_idle(0.1)
+        reg.reserve("", refs(4), 40, 1100.0)
+        assert not await reg.wait_idle(0.01)
+
+    run(scenario())
+
+
+def test_finished_batches_expire_after_ttl() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reg = make_registry(clock, result_ttl_s=60.0)
+        batch = open_batch(reg, 1, request_id="req")
+        reg.record(outcome(batch, 0))
+        clock.now += 59
+        reg.expire()
+        with reg.subscribe([batch.batch_id]) as sub:  # results not pulled yet are still there
+            assert await drain(sub) == [(batch.batch_id, 0)]
+        clock.now += 2
+        reg.expire()
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([batch.batch_id])
+        assert reg.reserve("req", refs(1), 10, 1100.0).is_new
+
+    run(scenario())
+
+
+def test_retained_batches_are_bounded() -> None:
+    async def scenario() -> None:
+        reg = make_registry(max_retained_batches=2)
+        batches = [open_batch(reg, 1) for _ in range(3)]
+        for b in batches:
+            reg.record(outcome(b, 0))
+        reg.expire()
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([batches[0].batch_id])
+        reg.subscribe([batches[1].batch_id, batches[2].batch_id]).close()
+
+    run(scenario())
+
+
+def test_overdue_batch_is_answered_deadline_exceeded_once() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reg = make_registry(clock, deadline_grace_s=5.0)
+        batch = open_batch(reg, 3)  # deadline 1100
+        reg.record(outcome(batch, 1))
+        clock.now = 1104.0
+        reg.expire()
+        assert reg.inflight_images == 3
+        clock.now = 1106.0
+        reg.expire()
+        assert reg.inflight_images == 0
+        reg.record(outcome(batch, 0))  # the pool answering late must not duplicate
+        with reg.subscribe([batch.batch_id]) as sub:
+            got = []
+            while (o := await sub.next()) is not None:
+                sub.ack(o)
+                got.append((o.index, o.code))
+        assert sorted(got) == [(0, Code.DEADLINE_EXCEEDED), (1, Code.OK), (2, Code.DEADLINE_EXCEEDED)]
+
+    run(scenario())
+
+
+def test_unknown_batch_ids() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        batch = open_batch(reg, 1)
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([batch.batch_id, "f" * 32])
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([])
+        pending: Reservation = reg.reserve("", refs(1), 10, 1100.0)
+        with pytest.raises(UnknownBatch):  # not pullable before its file was validated
+            reg.subscribe([pending.batch.batch_id])
+
+    run(scenario())
+
+
+def test_cancelled_first_attempt_tells_its_retry_to_try_again() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        first = reg.reserve("req", refs(1), 10, 1100.0)
+        retry = reg.reserve("req", refs(1), 10, 1100.0)
+        reg.abandon(first, asyncio.CancelledError())
+        with pytest.raises(Unavailable):
+            await retry.ready
+
+    run(scenario())

@@ -1,0 +1,88 @@
+"""The client's shared request builder: transport choice, tmpfs batch files and their ownership."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infer_client._protocol import PushedBatches, is_local_target, prepare_push, resolve_transport
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="infer-client-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("target", "local"),
+    [
+        ("localhost:8001", True),
+        ("127.0.0.1:8001", True),
+        ("127.3.4.5:1", True),
+        ("[::1]:8001", True),
+        ("::1", True),
+        ("unix:/run/infer.sock", True),
+        ("dns:///localhost:8001", True),
+        ("ipv4:127.0.0.1:8001", True),
+        ("10.0.0.7:8001", False),
+        ("infer.example.com:443", False),
+        ("[2001:db8::1]:8001", False),
+    ],
+)
+def test_local_targets(target: str, local: bool) -> None:
+    assert is_local_target(target) is local
+
+
+def test_auto_transport_needs_a_local_target_and_a_writable_directory(shm: Path) -> None:
+    assert resolve_transport("auto", "localhost:1", shm) == "tmpfs"
+    assert resolve_transport("auto", "10.0.0.7:1", shm) == "inline"
+    assert resolve_transport("auto", "localhost:1", shm / "missing") == "inline"
+    assert resolve_transport("inline", "localhost:1", shm) == "inline"
+
+
+def test_tmpfs_push_writes_one_private_file_back_to_back(shm: Path, tmp_path: Path) -> None:
+    src = tmp_path / "b.jpg"
+    src.write_bytes(b"BBBB")
+    prepared = prepare_push([b"AA", src], None, "rid", "tmpfs", shm)
+    request = prepared.request
+    assert prepared.owned_path == request.path and Path(request.path).parent == shm
+    assert Path(request.path).read_bytes() == b"AABBBB" and list(request.sizes) == [2, 4]
+    assert list(request.names) == ["", "b.jpg"] and request.request_id == "rid" and not request.data
+    assert os.stat(request.path).st_mode & 0o777 == 0o600
+    assert os.listdir(shm) == [os.path.basename(request.path)]  # no temp file left behind
+
+
+def test_inline_push_carries_the_bytes(tmp_path: Path) -> None:
+    prepared = prepare_push([b"AA", b"CCC"], ["a", "c"], None, "inline", tmp_path)
+    assert prepared.owned_path is None and prepared.request.data == b"AACCC"
+    assert list(prepared.request.sizes) == [2, 3] and not prepared.request.path
+    with pytest.raises(ValueError):
+        prepare_push([], None, None, "inline", tmp_path)
+    with pytest.raises(ValueError):
+        prepare_push([b"A"], ["a", "b"], None, "inline", tmp_path)
+
+
+def test_batch_file_goes_when_its_last_result_arrives(shm: Path) -> None:
+    pushed = PushedBatches()
+    first, retry, other = (shm / n for n in ("first", "retry", "other"))
+    for f in (first, retry, other):
+        f.write_bytes(b"x")
+    pushed.add("b1", str(first), 2)
+    pushed.add("b1", str(retry), 2)  # a retried request_id: the server reads the first file
+    pushed.add("b2", str(other), 1)
+    assert not retry.exists()
+    assert pushed.accept("b1", 1)
+    assert not pushed.accept("b1", 1)  # handed out again after a cancelled write: dropped
+    assert first.exists()  # a duplicate must not count as the missing result
+    assert pushed.accept("b1", 0)
+    assert not first.exists() and other.exists()
+    assert pushed.accept("foreign", 0)
+    pushed.remove_all()
+    assert os.listdir(shm) == []

@@ -1,0 +1,221 @@
+"""The tmpfs handoff refuses everything DESIGN.md's "Security of the path handoff" lists, on real files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from infer_server.errors import InvalidBatch, PermissionDeniedError
+from infer_server.handoff import BatchFile, Handoff, HandoffLimits
+
+LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_length=16)
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="infer-handoff-", dir="/dev/shm"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def root(shm: Path) -> Path:
+    return shm / "root"
+
+
+@pytest.fixture
+def handoff(root: Path) -> Handoff:
+    h = Handoff(root, root / ".server", LIMITS)
+    h.prepare_dirs()
+    return h
+
+
+def write(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+def push(handoff: Handoff, path: str, sizes: list[int], names: list[str] | None = None) -> BatchFile:
+    return handoff.materialize(handoff.plan(path, b"", sizes, names or []))
+
+
+def refused(exc_type: type[Exception], fn, *args) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(exc_type) as info:
+        fn(*args)
+    message = str(info.value)
+    assert "/dev/shm" not in message and "/" not in message.replace("group/world", "")
+    return message
+
+
+def test_valid_file_gives_descriptor_with_offsets(handoff: Handoff, root: Path) -> None:
+    f = write(root / "client" / "b1.bin", b"a" * 10 + b"b" * 20 + b"c" * 5)
+    batch = push(handoff, str(f), [10, 20, 5], ["x.jpg", "y.jpg", "z.jpg"])
+    st = os.stat(f)
+    assert (batch.path, batch.dev, batch.ino, batch.size, batch.staged) == (
+        str(f),
+        st.st_dev,
+        st.st_ino,
+        35,
+        False,
+    )
+    assert [(r.index, r.offset, r.size, r.name) for r in batch.images] == [
+        (0, 0, 10, "x.jpg"),
+        (1, 10, 20, "y.jpg"),
+        (2, 30, 5, "z.jpg"),
+    ]
+
+
+def test_relative_path_resolves_beneath_root(handoff: Handoff, root: Path) -> None:
+    f = write(root / "b.bin", b"12345")
+    assert push(handoff, "b.bin", [5]).path == str(f)
+
+
+@pytest.mark.parametrize("path", ["../outside.bin", "client/../../outside.bin", "client/../b.bin"])
+def test_dot_dot_is_refused(handoff: Handoff, root: Path, shm: Path, path: str) -> None:
+    write(shm / "outside.bin", b"12345")
+    write(root / "b.bin", b"12345")
+    assert refused(PermissionDeniedError, push, handoff, path, [5]) == "path is outside the shared directory"
+
+
+def test_absolute_path_elsewhere_is_refused(handoff: Handoff, shm: Path, root: Path) -> None:
+    outside = write(shm / "outside.bin", b"12345")
+    assert "outside" in refused(PermissionDeniedError, push, handoff, str(outside), [5])
+    assert "outside" in refused(PermissionDeniedError, push, handoff, str(root), [5])
+    assert "outside" in refused(PermissionDeniedError, push, handoff, "/etc/passwd", [5])
+
+
+def test_staging_directory_is_off_limits(handoff: Handoff, root: Path) -> None:
+    staged = handoff.stage_inline(b"12345", handoff.plan("", b"12345", [5], []).images)
+    message = refused(PermissionDeniedError, push, handoff, staged.path, [5])
+    assert message == "path points into the server's own directory"
+    refused(PermissionDeniedError, push, handoff, ".server/" + os.path.basename(staged.path), [5])
+
+
+def test_final_symlink_is_refused_inside_and_out(handoff: Handoff, root: Path, shm: Path) -> None:
+    target = write(root / "real.bin", b"12345")
+    (root / "inside-link.bin").symlink_to(target)
+    assert "symbolic" in refused(PermissionDeniedError, push, handoff, str(root / "inside-link.bin"), [5])
+    (root / "outside-link.bin").symlink_to(write(shm / "secret.bin", b"12345"))
+    assert "outside" in refused(PermissionDeniedError, push, handoff, str(root / "outside-link.bin"), [5])
+
+
+def test_intermediate_symlink_is_refused_inside_and_out(handoff: Handoff, root: Path, shm: Path) -> None:
+    write(root / "real" / "b.bin", b"12345")
+    (root / "alias").symlink_to(root / "real")
+    assert "symbolic" in refused(PermissionDeniedError, push, handoff, str(root / "alias" / "b.bin"), [5])
+    write(shm / "elsewhere" / "b.bin", b"12345")
+    (root / "escape").symlink_to(shm / "elsewhere")
+    assert "outside" in refused(PermissionDeniedError, push, handoff, "escape/b.bin", [5])
+
+
+def test_hard_link_is_refused(handoff: Handoff, root: Path, shm: Path) -> None:
+    outside = write(shm / "secret.bin", b"12345")
+    os.link(outside, root / "linked.bin")
+    assert "hard link" in refused(PermissionDeniedError, push, handoff, str(root / "linked.bin"), [5])
+
+
+@pytest.mark.timeout(10)
+def test_fifo_is_refused_without_blocking(handoff: Handoff, root: Path) -> None:
+    os.mkfifo(root / "pipe", 0o600)
+    assert refused(InvalidBatch, push, handoff, str(root / "pipe"), [5]) == "path is not a regular file"
+
+
+def test_directory_is_refused(handoff: Handoff, root: Path) -> None:
+    (root / "dir").mkdir()
+    assert refused(InvalidBatch, push, handoff, str(root / "dir"), [5]) == "path is not a regular file"
+    write(root / "file.bin", b"12345")
+    assert refused(InvalidBatch, push, handoff, str(root / "file.bin" / "x"), [5]) == "path is not a regular file"
+
+
+def test_missing_file(handoff: Handoff, root: Path) -> None:
+    assert "no such file" in refused(InvalidBatch, push, handoff, str(root / "nope.bin"), [5])
+
+
+def test_size_mismatch_reports_both_sizes(handoff: Handoff, root: Path) -> None:
+    f = write(root / "b.bin", b"x" * 999)
+    message = refused(InvalidBatch, push, handoff, str(f), [500, 500])
+    assert message == "sizes add up to 1000 bytes but the file holds 999"
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_group_or_world_writable_is_refused(handoff: Handoff, root: Path, mode: int) -> None:
+    f = write(root / "b.bin", b"12345", mode)
+    assert "writable" in refused(PermissionDeniedError, push, handoff, str(f), [5])
+
+
+def test_read_only_for_others_is_fine(handoff: Handoff, root: Path) -> None:
+    f = write(root / "b.bin", b"12345", 0o644)
+    assert push(handoff, str(f), [5]).size == 5
+
+
+def test_layout_limits(handoff: Handoff) -> None:
+    plan = handoff.plan
+    assert refused(InvalidBatch, plan, "b.bin", b"", [1] * 9, []) == "a batch holds at most 8 images, got 9"
+    assert refused(InvalidBatch, plan, "b.bin", b"", [600, 401], []) == "a batch holds at most 1000 bytes"
+    assert refused(InvalidBatch, plan, "b.bin", b"", [5, 0, 5], []) == "image 1 has size 0"
+    assert refused(InvalidBatch, plan, "b.bin", b"", [], []) == "a batch needs at least one image size"
+    assert refused(InvalidBatch, plan, "b.bin", b"xxxxx", [5], []) == "send either 'path' or 'data', not both"
+    assert refused(InvalidBatch, plan, "", b"", [5], []) == "a batch needs either 'path' or 'data'"
+    assert refused(InvalidBatch, plan, "b.bin", b"", [2, 3], ["a"]) == "got 1 names for 2 images"
+    assert "longer" in refused(InvalidBatch, plan, "b.bin", b"", [5], ["n" * 17])
+
+
+def test_sizes_near_uint64_max_do_not_overflow(handoff: Handoff) -> None:
+    sizes = [2**64 - 1, 2**64 - 1, 2]  # would wrap to 0 in 64-bit arithmetic
+    assert refused(InvalidBatch, handoff.plan, "b.bin", b"", sizes, []) == "a batch holds at most 1000 bytes"
+
+
+def test_nul_byte_in_path(handoff: Handoff) -> None:
+    assert refused(InvalidBatch, push, handoff, "b\x00.bin", [5]) == "path contains a NUL byte"
+
+
+def test_inline_data_is_staged_owner_only_and_released(handoff: Handoff, root: Path) -> None:
+    data = b"abc" + b"defgh"
+    batch = handoff.materialize(handoff.plan("", data, [3, 5], []))
+    assert batch.staged and Path(batch.path).parent == root / ".server"
+    st = os.stat(batch.path)
+    assert st.st_mode & 0o777 == 0o600 and (st.st_dev, st.st_ino, st.st_size) == (batch.dev, batch.ino, 8)
+    assert Path(batch.path).read_bytes() == data
+    assert [(r.offset, r.size) for r in batch.images] == [(0, 3), (3, 5)]
+    assert not [p for p in os.listdir(root / ".server") if p.endswith(".tmp")]
+    handoff.release(batch)
+    assert os.listdir(root / ".server") == []
+
+
+def test_inline_size_mismatch(handoff: Handoff) -> None:
+    message = refused(InvalidBatch, handoff.plan, "", b"x" * 7, [3, 5], [])
+    assert message == "sizes add up to 8 bytes but data holds 7"
+
+
+def test_release_never_touches_client_files(handoff: Handoff, root: Path) -> None:
+    f = write(root / "b.bin", b"12345")
+    handoff.release(push(handoff, str(f), [5]))
+    assert f.exists()
+
+
+def test_janitor_sweeps_only_old_unused_files(handoff: Handoff, root: Path) -> None:
+    images = handoff.plan("", b"12345", [5], []).images
+    old, in_use, fresh = (handoff.stage_inline(b"12345", images) for _ in range(3))
+    past = time.time() - 3600
+    for batch in (old, in_use):
+        os.utime(batch.path, (past, past))
+    assert handoff.sweep(600.0, keep={in_use.path}) == 1
+    assert sorted(os.listdir(root / ".server")) == sorted(os.path.basename(b.path) for b in (in_use, fresh))
+    handoff.remove_staging_dir()
+    assert not (root / ".server").exists()
+
+
+def test_staging_directory_must_be_private(root: Path, shm: Path) -> None:
+    root.mkdir()
+    (shm / "elsewhere").mkdir()
+    (root / ".server").symlink_to(shm / "elsewhere")
+    with pytest.raises(RuntimeError):
+        Handoff(root, root / ".server", LIMITS).prepare_dirs()
