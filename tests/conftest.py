@@ -26,3 +26,11 @@ def trained_models(model_repo_dir: Path) -> Path:
     if model_repo_dir != TRAINED_MODELS:
         pytest.skip("needs the trained models in engines/models")
     return model_repo_dir
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test by its folder (unit / integration / gpu), so ``-m`` selects by kind."""
+    for item in items:
+        kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
+        if kind in ("unit", "integration", "gpu"):
+            item.add_marker(kind)
