@@ -98,7 +98,8 @@ def train_all(recipe: Recipe) -> dict[str, torch.nn.Module]:
     small = materialise(full, masks)
     probe = torch.from_numpy(val.images[:2]).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
-        err = max(float((a - b).abs().max()) for a, b in zip(apply_masks(full, masks)(probe), small(probe), strict=True))
+        masked_out, small_out = apply_masks(full, masks)(probe), small(probe)
+        err = max(float((a - b).abs().max()) for a, b in zip(masked_out, small_out, strict=True))
     if err > 1e-3:
         raise RuntimeError(f"pruned network disagrees with the masked one (max error {err})")
     widths = small.backbone.widths

@@ -109,7 +109,8 @@ def _card(name: str, config: dict, metrics: dict) -> str:
             f"| FP32 | {acc['fp32']['top1']:.3f} | {acc['fp32']['crops']} |",
             f"| INT8 (shipped) | **{acc['int8']['top1']:.3f}** | {acc['int8']['crops']} |",
         ]
-    lines += ["", "## Speed (CPU, ONNX Runtime, one thread, images/s)", "| model | batch 1 | batch 8 |", "|---|---|---|"]
+    lines += ["", "## Speed (CPU, ONNX Runtime, one thread, images/s)", "| model | batch 1 | batch 8 |",
+              "|---|---|---|"]
     for title, t in m["throughput"].items():
         lines.append(f"| {title} | {t['batch1_ips']} | {t['batch8_ips']} |")
     if name == "detector":

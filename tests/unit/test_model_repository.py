@@ -39,7 +39,7 @@ def test_every_model_runs_with_the_shapes_its_config_declares(repo: ModelReposit
             grid = (cfg.input.height // cfg.decode.stride, cfg.input.width // cfg.decode.stride)
             cov, bbox = out[cfg.outputs["coverage"]], out[cfg.outputs["bbox"]]
             assert cov.shape == (3, len(cfg.labels), *grid) and bbox.shape == (3, 4 * len(cfg.labels), *grid)
-            assert 0.0 <= cov.min() and cov.max() <= 1.0  # sigmoid is part of the model
+            assert cov.min() >= 0.0 and cov.max() <= 1.0  # sigmoid is part of the model
         else:
             assert out[cfg.outputs["logits"]].shape == (3, len(cfg.labels))
         engine.close()
