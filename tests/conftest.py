@@ -1,4 +1,4 @@
-"""Fixtures shared by every test folder."""
+"""Fixtures shared by every test folder, and markers applied by folder."""
 
 from __future__ import annotations
 
@@ -7,25 +7,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-TRAINED_MODELS = ROOT / "engines" / "models"
-PLACEHOLDER_MODELS = ROOT / "engines" / "work" / "placeholder_models"
+MODELS = ROOT / "engines" / "models"
 
 
 @pytest.fixture(scope="session")
 def model_repo_dir() -> Path:
-    """The trained model repository, else the recipe's random-weights placeholder (same shapes)."""
-    for candidate in (TRAINED_MODELS, PLACEHOLDER_MODELS):
-        if (candidate / "detector" / "config.yaml").is_file():
-            return candidate
-    pytest.skip("no model repository: build engines/models (or the placeholder) first")
-
-
-@pytest.fixture(scope="session")
-def trained_models(model_repo_dir: Path) -> Path:
-    """Only the trained repository: for tests that check accuracy against scene ground truth."""
-    if model_repo_dir != TRAINED_MODELS:
-        pytest.skip("needs the trained models in engines/models")
-    return model_repo_dir
+    """The embedded default model repository (trained, INT8) that the server ships with."""
+    if not (MODELS / "detector" / "config.yaml").is_file():
+        pytest.fail(f"{MODELS} has no detector: the model repository is part of the checkout (make models rebuilds it)")
+    return MODELS
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

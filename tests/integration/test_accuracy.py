@@ -8,8 +8,6 @@ false) are ``engines.metrics``, the same code the recipe's evaluation uses.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from engines.metrics import match_image
@@ -20,7 +18,7 @@ from tests.integration.conftest import RunningServer
 SEEDS = range(7_000_000, 7_000_040)  # disjoint from every seed range the recipe uses
 
 
-def test_detections_and_attributes_match_ground_truth(server: RunningServer, trained_models: Path) -> None:
+def test_detections_and_attributes_match_ground_truth(server: RunningServer) -> None:
     scenes = [generate_scene(seed) for seed in SEEDS]
     with server.client() as client:
         results: list[ImageResult] = client.detect([s.jpeg for s in scenes])

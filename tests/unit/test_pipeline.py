@@ -126,37 +126,3 @@ def test_batch_size_above_the_detector_limit_is_refused(model_repo_dir: Path) ->
     limit = ModelRepository.load(model_repo_dir).detector.config.max_batch_size
     with pytest.raises(ValueError, match="exceeds the detector's max_batch_size"):
         VisionPipeline.load(model_repo_dir, batch_size=limit + 1)
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    return w * h / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h)
-
-
-def test_trained_models_find_the_scene_objects(trained_models: Path) -> None:
-    """With the trained repository: most objects of a fair size are found, with their colour."""
-    p = VisionPipeline.load(trained_models, batch_size=4)
-    spec = p.input_spec
-    scenes = [generate_scene(seed) for seed in range(900_000, 900_008)]
-    found = total = colour_ok = 0
-    for lo in range(0, len(scenes), 4):
-        chunk = scenes[lo : lo + 4]
-        for o, scene in zip(run(p, [s.jpeg for s in chunk]), chunk, strict=True):
-            for obj in scene.objects:
-                x1, y1, x2, y2 = obj.box  # at least 16 px on each side at the detector's input scale
-                if min((x2 - x1) * spec.width / scene.width, (y2 - y1) * spec.height / scene.height) < 16:
-                    continue
-                total += 1
-                hits = [
-                    d for d in o.detections
-                    if d.label == obj.label and iou(obj.box, (d.box.x1, d.box.y1, d.box.x2, d.box.y2)) >= 0.5
-                ]  # fmt: skip
-                if hits:
-                    found += 1
-                    colour = {a.model: a.label for a in hits[0].attributes}.get("color")
-                    colour_ok += colour == obj.color
-    p.close()
-    assert total > 10
-    assert found / total >= 0.6, f"recall {found}/{total}"
-    assert colour_ok / max(found, 1) >= 0.6, f"colour accuracy {colour_ok}/{found}"
