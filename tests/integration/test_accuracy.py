@@ -45,6 +45,7 @@ def test_detections_and_attributes_match_ground_truth(server: RunningServer) -> 
     recall, precision = tp / max(1, counted), tp / max(1, tp + fp)
     attr_accuracy = attrs_right / max(1, tp)
     summary = f"recall {recall:.3f} precision {precision:.3f} attributes {attr_accuracy:.3f} ({tp=} {fp=} {counted=})"
+    print(summary)  # shown with -s / -rP: the numbers behind the verdict
     assert counted >= 150, summary  # enough objects for the ratios to mean something
     assert recall >= 0.9 and precision >= 0.9, summary
     assert attr_accuracy >= 0.9, summary
