@@ -42,7 +42,7 @@ class ChunkLedger:
         self._open: dict[tuple[str, int], int] = {}  # (batch id, image index) → item id answering it
         self._ids = itertools.count(1)
         self.counters: collections.Counter[str] = collections.Counter()
-        self._stage_sum: collections.Counter[str] = collections.Counter()
+        self._stage_sum: collections.defaultdict[str, float] = collections.defaultdict(float)
         self._stage_n: collections.Counter[str] = collections.Counter()
 
     @property

@@ -170,7 +170,8 @@ class TensorRTEngine(Engine):
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         self.max_batch_size = max_batch_size
-        inputs, outputs = [], []
+        inputs: list[TensorInfo] = []
+        outputs: list[TensorInfo] = []
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
             info = TensorInfo(
