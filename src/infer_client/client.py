@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from types import TracebackType
 
 import grpc
+import grpc.experimental
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infer_client._protocol import (
@@ -34,6 +35,11 @@ from infer_client.results import ImageResult
 from infer_proto import infer_pb2_grpc
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
+# Server-streaming calls (PullResult, health Watch) are read by the calling thread itself instead of
+# a channel "spin" thread that gRPC would otherwise start for every call and hand each message over
+# from: a third less client CPU per result (docs/grpc-front.md). The iterators are only ever
+# consumed by the thread that made the call, which is what the option requires.
+_SYNC_OPTIONS = [*CHANNEL_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
 
 
 class InferClient:
@@ -51,7 +57,7 @@ class InferClient:
         self.shm_dir = os.fspath(shm_dir)
         self.transport = resolve_transport(transport, target, self.shm_dir)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=_SYNC_OPTIONS)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches()

@@ -50,6 +50,13 @@ def serve(
     result_ttl: Annotated[float | None, typer.Option(help="Seconds finished results are kept.")] = None,
     metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
     log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
+    null_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--null-model/--no-null-model",
+            help="Benchmarking only: read and header-check every image, run no model, return no detections.",
+        ),
+    ] = None,
 ) -> None:
     """Serve InferenceService, health and reflection until SIGTERM/SIGINT."""
     given: dict[str, Any] = {
@@ -72,6 +79,7 @@ def serve(
         "result_ttl_s": result_ttl,
         "metrics_port": metrics_port,
         "log_level": log_level.upper() if log_level else None,
+        "null_model": null_model,
     }
     try:
         settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})

@@ -33,15 +33,21 @@ class ServerMetrics:
         inflight = Gauge("infer_inflight_images", "Images admitted and not answered yet", registry=self.registry)
         inflight.set_function(lambda: float(inflight_images()))
         self._http: Any = None
+        # Labelled children looked up once: image_done runs on the event loop for every image.
+        self._image_by_code = {code: self._images.labels(code.name) for code in Code}
+        self._stage_by_name: dict[str, Any] = {}
 
     def batch_accepted(self, images: int) -> None:
         self._batches.inc()
         self._admitted.inc(images)
 
     def image_done(self, outcome: ImageOutcome) -> None:
-        self._images.labels(Code(outcome.code).name).inc()
+        self._image_by_code[Code(outcome.code)].inc()
         for stage, ms in outcome.timings_ms:
-            self._stage.labels(stage).observe(ms / 1000.0)
+            child = self._stage_by_name.get(stage)
+            if child is None:
+                child = self._stage_by_name[stage] = self._stage.labels(stage)
+            child.observe(ms / 1000.0)
 
     def serve(self, port: int, host: str) -> None:
         result = start_http_server(port, addr=host, registry=self.registry)

@@ -10,6 +10,10 @@ Built once per worker process by ``infer_server.worker`` (its ``setup``) and cal
 
 Everything model specific — input names and sizes, output names, labels, thresholds, routing — is
 read from the model repository's configs.
+
+``NullPipeline`` is the same interface with no model (``infer-server serve --null-model``): each
+image's bytes are still read and its header checked, nothing is decoded or run. It measures the data
+path alone (tmpfs handoff, queues, result stream), which is what ``benchmarks/fps.py`` compares.
 """
 
 from __future__ import annotations
@@ -251,3 +255,41 @@ class VisionPipeline:
         self.detector.close()
         for clf in self.classifiers:
             clf.engine.close()
+
+
+class NullPipeline:
+    """The data path without inference: header check only, OK with the header's size, no detections.
+
+    Loads no model and no DALI pipeline, so a server started with it is ready in seconds. Images
+    that fail the header check are still rejected, exactly as in ``VisionPipeline``.
+    """
+
+    models: tuple[tuple[str, str], ...] = ()
+
+    def __init__(self, *, max_image_pixels: int = 40_000_000, worker_id: int = -1, **_ignored: Any) -> None:
+        # **_ignored: the worker passes every WorkerOptions field; device, batch size and threads
+        # mean nothing without a model.
+        self.max_image_pixels, self.worker_id = max_image_pixels, worker_id
+
+    def warm_up(self) -> None:
+        """Nothing to warm: no model is loaded."""
+
+    def process(
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes]], read_ms: float = 0.0
+    ) -> Iterator[ImageOutcome]:
+        """One outcome per image, in order: rejected as ``VisionPipeline`` would, else OK and empty."""
+        timings = (("read", read_ms / max(len(images), 1)),)
+        for ref, data in images:
+            try:
+                header = check_image(data, self.max_image_pixels)
+            except ImageRejected as exc:
+                outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {exc}")
+                yield dataclasses.replace(outcome, worker=self.worker_id)
+                continue
+            yield ImageOutcome(
+                batch_id=batch_id, index=ref.index, name=ref.name, width=header.width, height=header.height,
+                timings_ms=timings, worker=self.worker_id,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
 _MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
+_MAX_BURST = 64  # messages the reader takes from one worker's pipe before looking at the others
 
 
 class PipelineError(RuntimeError):
@@ -108,12 +109,13 @@ class PipelinePool:
     def __init__(
         self, repo_dir: Path, *, workers: int = 2, device: str = "cpu", batch_size: int = 8,
         max_attempts: int = 2, max_image_pixels: int = 40_000_000, intra_op_threads: int = 1,
+        null_model: bool = False,
         on_outcome: Callable[[ImageOutcome], None], on_health: Callable[[bool], None] | None = None,
     ) -> None:  # fmt: skip
         if workers < 1 or batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
         self.repo_dir, self.num_workers = Path(repo_dir), workers
-        self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads)
+        self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads, null_model=null_model)
         self._on_outcome, self._on_health = on_outcome, on_health
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
@@ -263,19 +265,27 @@ class PipelinePool:
                 if conn is self._read_wakeup.reader:
                     self._read_wakeup.clear()
                     continue
-                worker = channels[conn]
-                try:
-                    message = conn.recv()
-                except Exception:  # EOF, or a message cut short by the worker's death
-                    with self._cond:
-                        self._channels.pop(conn, None)
-                    conn.close()
-                    worker.drained.set()
-                    continue
-                try:
-                    self._handle(worker, message)
-                except Exception:  # a bug here must not silence every worker
-                    log.exception("could not handle %r from worker %d", message, worker.slot)
+                self._drain(channels[conn], conn)
+
+    def _drain(self, worker: _Worker, conn: Any) -> None:
+        """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
+        in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
+        worker cannot starve the others)."""
+        for _ in range(_MAX_BURST):
+            try:
+                message = conn.recv()
+            except Exception:  # EOF, or a message cut short by the worker's death
+                with self._cond:
+                    self._channels.pop(conn, None)
+                conn.close()
+                worker.drained.set()
+                return
+            try:
+                self._handle(worker, message)
+            except Exception:  # a bug here must not silence every worker
+                log.exception("could not handle %r from worker %d", message, worker.slot)
+            if not conn.poll():
+                return
 
     def _handle(self, worker: _Worker, message: Any) -> None:
         deliveries: list[ImageOutcome | None] = []

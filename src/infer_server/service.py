@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -138,6 +139,10 @@ class InferenceServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
+        # Outcomes from the pool's reader thread wait here for the loop; one wake-up takes them all.
+        self._arrivals: list[ImageOutcome] = []
+        self._arrivals_lock = threading.Lock()
+        self._flush_scheduled = False
 
     async def start(self) -> int:
         """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
@@ -172,6 +177,8 @@ class InferenceServer:
         self._spawn(self._housekeeping())
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port, s.host)
+        if s.null_model:
+            log.warning("null model: images are read and header-checked only; results carry no detections")
         log.info("serving on %s:%d with %d workers (%s)", s.host, self.port, s.workers, s.device)
         return self.port
 
@@ -186,6 +193,7 @@ class InferenceServer:
             max_attempts=s.max_attempts,
             max_image_pixels=s.max_image_pixels,
             intra_op_threads=s.intra_op_threads,
+            null_model=s.null_model,
             on_outcome=self._outcome_from_pool,
             on_health=self._health_from_pool,
         )
@@ -246,12 +254,22 @@ class InferenceServer:
             self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
 
     def _outcome_from_pool(self, outcome: ImageOutcome) -> None:
-        """Pool thread -> event loop."""
-        self._call_on_loop(self._record, outcome)
+        """Pool thread -> event loop. Outcomes come in bursts (a chunk's images finish together), so
+        the loop is woken once per burst, not once per image (docs/workers.md)."""
+        with self._arrivals_lock:
+            self._arrivals.append(outcome)
+            if self._flush_scheduled:
+                return
+            self._flush_scheduled = True
+        self._call_on_loop(self._record_arrivals)
 
-    def _record(self, outcome: ImageOutcome) -> None:
-        self.metrics.image_done(outcome)
-        self.registry.record(outcome)
+    def _record_arrivals(self) -> None:
+        with self._arrivals_lock:
+            outcomes, self._arrivals = self._arrivals, []
+            self._flush_scheduled = False
+        for outcome in outcomes:
+            self.metrics.image_done(outcome)
+            self.registry.record(outcome)
 
     def _health_from_pool(self, healthy: bool) -> None:
         """Pool thread -> event loop: a worker died (False) or every worker is back (True)."""

@@ -36,6 +36,9 @@ class ServerSettings(BaseSettings):
     batch_size: int = Field(default=8, ge=1, le=256)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
     max_attempts: int = Field(default=2, ge=1, le=5)  # a chunk is retried once if its worker dies
+    # Benchmarking the data path alone: workers read and header-check every image but load and run
+    # no model; each OK result has the header's width/height and no detections.
+    null_model: bool = False
 
     # Per-batch limits (checked before anything is read or admitted).
     max_batch_images: int = Field(default=256, ge=1)

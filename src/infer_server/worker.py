@@ -5,7 +5,8 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 ``infer_server.messages``:
 
 * setup: load the model repository, the engines and the DALI pipelines, run one warm-up pass, then
-  send ``WorkerReady`` — or ``WorkerFailed(message)`` and exit.
+  send ``WorkerReady`` — or ``WorkerFailed(message)`` and exit. With ``null_model`` the worker loads
+  nothing and runs ``NullPipeline`` (read + header check only) to measure the data path alone.
 * per ``WorkItem`` from the worker's own inbox: ``ItemStarted``, one ``ImageOutcome`` per image,
   ``ItemDone``. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
 * ``None`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.synchronize import Event
 
-    from infer_server.pipeline import VisionPipeline
+    from infer_server.pipeline import NullPipeline, VisionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class WorkerOptions:
     max_image_pixels: int = 40_000_000
     intra_op_threads: int = 1
     plan_cache_dir: str | None = None
+    null_model: bool = False  # read + header check only, no decode or model (benchmarks the data path)
 
 
 _THREAD_VARS = (
@@ -127,7 +129,7 @@ def read_images(item: WorkItem) -> list[bytes | str]:
 class StageWorker:
     """The loop of one worker process: take a chunk, answer every image of it, say it is done."""
 
-    def __init__(self, worker_id: int, pipeline: VisionPipeline, results: Connection):
+    def __init__(self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection):
         self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
 
     def serve(self, inbox: Any, stop: Event) -> None:
@@ -187,9 +189,15 @@ def run_worker(
     )
     _exit_with_parent()
     try:
-        from infer_server.pipeline import VisionPipeline  # heavy imports only after limit_threads
+        # Heavy imports only after limit_threads.
+        from infer_server.pipeline import NullPipeline, VisionPipeline
 
-        pipeline = VisionPipeline.load(repo_dir, worker_id=worker_id, **asdict(options))
+        settings = asdict(options)
+        pipeline: VisionPipeline | NullPipeline
+        if settings.pop("null_model"):
+            pipeline = NullPipeline(worker_id=worker_id, **settings)
+        else:
+            pipeline = VisionPipeline.load(repo_dir, worker_id=worker_id, **settings)
         pipeline.warm_up()
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)

@@ -1,0 +1,1 @@
+"""Baselines the product is compared with in ``benchmarks/fps.py``; not part of the product."""

@@ -1,0 +1,285 @@
+"""Servers under test, run as subprocesses: start, wait until ready, account CPU and memory, stop.
+
+Runs in the benchmark's process. The product (``python -m infer_server serve``) and the REST
+baseline (``python -m benchmarks.baselines.rest_server``) both print ``listening on HOST:PORT`` once
+every worker loaded its models, so one launcher serves both: a fresh shared directory under
+``/dev/shm`` per server, ``--port 0``, stderr to a log file that is shown if the start fails.
+
+Accounting reads ``/proc`` only (no psutil): the server is its main process (the gRPC front, or the
+HTTP front of the baseline) plus every descendant (the stage workers). ``cpu()`` splits CPU seconds
+into front and workers; :class:`MemoryMonitor` samples the sum of RSS over the whole tree a few
+times a second and remembers each process's ``VmHWM`` (its own peak), whose sum is an upper bound
+of the tree's peak that no sampling gap can miss. Both are reported; targets use the upper bound.
+
+Stop: SIGTERM (the server drains and stops its workers) → wait → SIGKILL if it hangs; descendants
+that outlive it are killed by pid and reported, and the shared directory is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MiB = 1024 * 1024
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 240.0  # two workers loading four to six models on a busy 2-core box
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, grandchildren, ...), from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (0 once it is gone)."""
+    fields = _stat_fields(pid)
+    return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy so far (user, nice, system, irq, softirq, steal)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _status_kib(pid: int, key: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages split between the processes that map them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class MemoryMonitor(threading.Thread):
+    """Samples the summed RSS of a process tree until stopped; keeps each process's VmHWM."""
+
+    def __init__(self, root: int, interval_s: float = 0.25) -> None:
+        super().__init__(name="memory-monitor", daemon=True)
+        self.root, self.interval_s = root, interval_s
+        self.peak_rss = 0
+        self.hwm: dict[int, int] = {}  # pid -> VmHWM in bytes, the last value read
+        self._stop_event = threading.Event()
+
+    def sample(self) -> None:
+        pids = [self.root, *descendants(self.root)]
+        self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in pids))
+        for pid in pids:
+            self.hwm[pid] = max(self.hwm.get(pid, 0), _status_kib(pid, "VmHWM") * 1024)
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            self.sample()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5.0)
+
+
+@dataclass
+class ServerProcess:
+    """One running server under test and what is known about its processes."""
+
+    kind: str  # "grpc" or "rest"
+    process: subprocess.Popen[str]
+    log_path: Path
+    shm_dir: Path | None
+    address: str = ""
+    monitor: MemoryMonitor | None = None
+    worker_pids: list[int] = field(default_factory=list)
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the front (main process) and of its descendants (workers)."""
+        return cpu_seconds(self.process.pid), sum(cpu_seconds(p) for p in descendants(self.process.pid))
+
+    def memory(self) -> dict[str, float]:
+        """Peak of the sampled RSS sum, sum of per-process peaks (upper bound), PSS sum now; in MiB."""
+        assert self.monitor is not None
+        self.monitor.sample()
+        pids = [self.process.pid, *descendants(self.process.pid)]
+        return {
+            "peak_rss_mb": round(self.monitor.peak_rss / MiB, 1),
+            "hwm_sum_mb": round(sum(self.monitor.hwm.values()) / MiB, 1),
+            "pss_now_mb": round(sum(pss_bytes(p) for p in pids) / MiB, 1),
+            "processes": len(pids),
+        }
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def _read_address(process: subprocess.Popen[str], timeout: float) -> str:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(process.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                break
+            line = process.stdout.readline()
+            if not line:  # it exited before serving
+                break
+            if line.startswith("listening on "):
+                return line.split()[-1]
+    raise RuntimeError("the server did not report its address")
+
+
+@contextlib.contextmanager
+def launched(kind: str, args: Sequence[str], *, shm: bool, label: str) -> Iterator[ServerProcess]:
+    """Run ``python -m <args>`` until it prints its address; stop it and clean up on exit."""
+    shm_dir = Path(tempfile.mkdtemp(prefix="infer-bench-", dir="/dev/shm")) if shm else None
+    fd, log_name = tempfile.mkstemp(prefix=f"infer-bench-{label}-", suffix=".log")
+    os.close(fd)
+    log_path = Path(log_name)
+    cmd = [sys.executable, "-m", *args, *(("--shm-dir", str(shm_dir)) if shm_dir else ())]
+    # The server reads INFER_* from the environment: only what the command line says may count.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, cwd=REPO_ROOT)
+    server = ServerProcess(kind, process, log_path, shm_dir)
+    try:
+        try:
+            host_port = _read_address(process, STARTUP_TIMEOUT_S)
+        except RuntimeError:
+            raise RuntimeError(f"{label} server did not start:\n{server.log_tail()}") from None
+        host, port = host_port.rsplit(":", 1)
+        server.address = f"{host}:{port}"
+        server.worker_pids = descendants(process.pid)
+        server.monitor = MemoryMonitor(process.pid)
+        server.monitor.sample()
+        server.monitor.start()
+        yield server
+    finally:
+        _stop(server)
+
+
+def _exit_waiters(pids: Sequence[int]) -> dict[int, int]:
+    """A pidfd per process: readable once it exits, immune to the pid being reused."""
+    fds: dict[int, int] = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fds[pid] = os.pidfd_open(pid)
+    return fds
+
+
+def _survivors(fds: dict[int, int], timeout: float) -> list[int]:
+    """Processes of ``fds`` still running after ``timeout``; closes the pidfds."""
+    deadline = time.monotonic() + timeout
+    pending = dict(fds)
+    while pending and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select(list(pending.values()), [], [], left)
+        pending = {pid: fd for pid, fd in pending.items() if fd not in ready}
+    for fd in fds.values():
+        os.close(fd)
+    return list(pending)
+
+
+def _stop(server: ServerProcess) -> None:
+    process = server.process
+    children = _exit_waiters(descendants(process.pid))
+    if server.monitor is not None:
+        server.monitor.stop()
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        code = process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        log.warning("server did not stop within 60 s; killing it")
+        process.kill()
+        code = process.wait()
+    survivors = _survivors(children, timeout=10.0)
+    for pid in survivors:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if survivors:
+        log.warning("%d worker processes outlived the server and were killed", len(survivors))
+    if code not in (0, -signal.SIGTERM):
+        log.warning("server exited with %s; log tail:\n%s", code, server.log_tail())
+    if server.shm_dir is not None:
+        leftovers = os.listdir(server.shm_dir)
+        if leftovers:
+            log.warning("shared directory not empty after the run: %d entries", len(leftovers))
+        shutil.rmtree(server.shm_dir, ignore_errors=True)
+    if process.stdout is not None:
+        process.stdout.close()
+    server.log_path.unlink(missing_ok=True)
+
+
+def grpc_server(
+    models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "grpc"
+) -> contextlib.AbstractContextManager[ServerProcess]:
+    """The product: ``python -m infer_server serve --port 0`` on ``models``."""
+    args = [
+        *("infer_server", "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"),
+        *("--workers", str(workers), "--batch-size", str(batch_size), "--log-level", "WARNING"),
+        *(("--null-model",) if null_model else ()),
+    ]
+    return launched("grpc", args, shm=True, label=label)
+
+
+def rest_server(
+    models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "rest"
+) -> contextlib.AbstractContextManager[ServerProcess]:
+    """The REST/JSON baseline in front of the same pipeline (``benchmarks/baselines``)."""
+    args = [
+        *("benchmarks.baselines.rest_server", "--models", str(models), "--host", "127.0.0.1", "--port", "0"),
+        *("--workers", str(workers), "--batch-size", str(batch_size)),
+        *(("--null-model",) if null_model else ()),
+    ]
+    return launched("rest", args, shm=False, label=label)
