@@ -20,18 +20,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
-import selectors
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from infer_server.procs import descendants, exit_waiters, read_address, stat_fields, still_running
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 240.0  # two workers loading four to six models on a busy 2-core box
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (which may hold spaces and parentheses)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def descendants(root: int) -> list[int]:
-    """Every process below ``root`` (children, grandchildren, ...), from one scan of /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and (fields := _stat_fields(int(entry))) is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of one process (0 once it is gone)."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return 0.0 if fields is None else (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -163,22 +139,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def _read_address(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        sel.register(process.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                break
-            line = process.stdout.readline()
-            if not line:  # it exited before serving
-                break
-            if line.startswith("listening on "):
-                return line.split()[-1]
-    raise RuntimeError("the server did not report its address")
-
-
 @contextlib.contextmanager
 def launched(kind: str, args: Sequence[str], *, shm: bool, label: str) -> Iterator[ServerProcess]:
     """Run ``python -m <args>`` until it prints its address; stop it and clean up on exit."""
@@ -195,7 +155,7 @@ def launched(kind: str, args: Sequence[str], *, shm: bool, label: str) -> Iterat
     server = ServerProcess(kind, process, log_path, shm_dir)
     try:
         try:
-            host_port = _read_address(process, STARTUP_TIMEOUT_S)
+            host_port = read_address(process, STARTUP_TIMEOUT_S)
         except RuntimeError:
             raise RuntimeError(f"{label} server did not start:\n{server.log_tail()}") from None
         host, port = host_port.rsplit(":", 1)
@@ -209,30 +169,9 @@ def launched(kind: str, args: Sequence[str], *, shm: bool, label: str) -> Iterat
         _stop(server)
 
 
-def _exit_waiters(pids: Sequence[int]) -> dict[int, int]:
-    """A pidfd per process: readable once it exits, immune to the pid being reused."""
-    fds: dict[int, int] = {}
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            fds[pid] = os.pidfd_open(pid)
-    return fds
-
-
-def _survivors(fds: dict[int, int], timeout: float) -> list[int]:
-    """Processes of ``fds`` still running after ``timeout``; closes the pidfds."""
-    deadline = time.monotonic() + timeout
-    pending = dict(fds)
-    while pending and (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select(list(pending.values()), [], [], left)
-        pending = {pid: fd for pid, fd in pending.items() if fd not in ready}
-    for fd in fds.values():
-        os.close(fd)
-    return list(pending)
-
-
 def _stop(server: ServerProcess) -> None:
     process = server.process
-    children = _exit_waiters(descendants(process.pid))
+    children = exit_waiters(descendants(process.pid))
     if server.monitor is not None:
         server.monitor.stop()
     if process.poll() is None:
@@ -243,7 +182,7 @@ def _stop(server: ServerProcess) -> None:
         log.warning("server did not stop within 60 s; killing it")
         process.kill()
         code = process.wait()
-    survivors = _survivors(children, timeout=10.0)
+    survivors = still_running(children, timeout=10.0)
     for pid in survivors:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

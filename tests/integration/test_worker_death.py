@@ -9,7 +9,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from engines.scenes import Scene
-from tests.integration.conftest import RunningServer, is_alive
+from infer_server.procs import is_alive
+from tests.integration.conftest import RunningServer
 
 
 def test_sigkill_worker_mid_batch(server: RunningServer, scenes: list[Scene]) -> None:
