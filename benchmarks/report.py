@@ -230,6 +230,13 @@ def print_report(console: Console, document: dict[str, Any], runs: list[RunRecor
     console.print(tt)
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    fig.clf()  # pyplot keeps figures alive until closed; write_plots closes them all at the end
+    return path
+
+
 def write_plots(directory: Path, runs: list[RunRecord], bounds: dict[str, Any], config: str) -> list[Path]:
     """fps vs concurrency per transport (models | null model), and the batch-latency distributions."""
     import matplotlib
@@ -261,10 +268,7 @@ def write_plots(directory: Path, runs: list[RunRecord], bounds: dict[str, Any], 
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fps_path = directory / "fps_vs_concurrency.png"
-    fig.savefig(fps_path)
-    plt.close(fig)
+    fps_path = _save(fig, directory / "fps_vs_concurrency.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=80)
     for r in runs:
@@ -281,8 +285,6 @@ def write_plots(directory: Path, runs: list[RunRecord], bounds: dict[str, Any], 
     ax.set_title(f"{config}, tmpfs: batch latency distribution")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    latency_path = directory / "latency.png"
-    fig.savefig(latency_path)
-    plt.close(fig)
+    latency_path = _save(fig, directory / "latency.png")
+    plt.close("all")
     return [fps_path, latency_path]

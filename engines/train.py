@@ -9,6 +9,8 @@ recipe's CPU budget.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -80,55 +82,56 @@ def detectnet_loss(cov_logits: torch.Tensor, bbox: torch.Tensor, cov_t: torch.Te
     return cov_loss, bbox_loss
 
 
-def train_detector(model: nn.Module, batches: DetectorBatches, iters: int, lr: float, batch: int,
-                   desc: str) -> list[float]:
+def _fit(model: nn.Module, iters: int, lr: float, desc: str,
+         step_loss: Callable[[], tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> list[float]:
+    """AdamW + one-cycle LR for ``iters`` steps; ``step_loss`` draws a batch and returns its loss and
+    the parts shown on the progress bar."""
     model.train().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iters, pct_start=0.1)
-    gen = torch.Generator().manual_seed(int(batches.rng.integers(1 << 31)))
     history: list[float] = []
     bar = tqdm(range(iters), desc=desc)
     for step in bar:
-        x, cov_t, bbox_t, mask = batches.sample(batch)
-        cov_logits, bbox = model.forward_logits(_photometric(x, gen))
-        cov_loss, bbox_loss = detectnet_loss(cov_logits, bbox, cov_t, bbox_t, mask)
-        loss = cov_loss + bbox_loss
+        loss, shown = step_loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if step % 20 == 0:
-            bar.set_postfix(cov=f"{float(cov_loss):.4f}", bbox=f"{float(bbox_loss):.4f}")
+            bar.set_postfix({k: f"{float(v.detach()):.4f}" for k, v in shown.items()})
     model.eval()
     return history
 
 
+def train_detector(model: nn.Module, batches: DetectorBatches, iters: int, lr: float, batch: int,
+                   desc: str) -> list[float]:
+    gen = torch.Generator().manual_seed(int(batches.rng.integers(1 << 31)))
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        x, cov_t, bbox_t, mask = batches.sample(batch)
+        cov_logits, bbox = model.forward_logits(_photometric(x, gen))
+        cov_loss, bbox_loss = detectnet_loss(cov_logits, bbox, cov_t, bbox_t, mask)
+        return cov_loss + bbox_loss, {"cov": cov_loss, "bbox": bbox_loss}
+
+    return _fit(model, iters, lr, desc, step_loss)
+
+
 def train_classifier(model: nn.Module, crops: np.ndarray, labels: np.ndarray, iters: int, lr: float, batch: int,
                      seed: int, desc: str) -> list[float]:
-    model.train().to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=iters, pct_start=0.1)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    history: list[float] = []
-    bar = tqdm(range(iters), desc=desc)
-    for step in bar:
+
+    def step_loss() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         idx = rng.integers(0, len(crops), batch)
         x = crops[idx]
         flip = rng.random(batch) < 0.5  # left/right facing objects are the same class
         x[flip] = x[flip, :, ::-1]
         logits = model(_photometric(_to_tensor(x), gen))
         loss = F.cross_entropy(logits, torch.from_numpy(labels[idx]), label_smoothing=0.05)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        history.append(float(loss))
-        if step % 20 == 0:
-            bar.set_postfix(loss=f"{float(loss):.4f}")
-    model.eval()
-    return history
+        return loss, {"loss": loss}
+
+    return _fit(model, iters, lr, desc, step_loss)
 
 
 @torch.no_grad()
