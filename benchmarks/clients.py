@@ -57,12 +57,17 @@ class Driver(Protocol):
 
 
 class GrpcDriver:
+    """The client library's fast path: one ``Session`` stream per client, a push and its results on it."""
+
     def __init__(self, address: str, transport: str, shm_dir: str) -> None:
         self.client = InferClient(address, shm_dir=shm_dir, transport=transport)  # type: ignore[arg-type]
+        self.session = self.client.session()
 
     def run_batch(self, images: list[bytes], names: list[str], record: BatchRecord, counter: Any) -> None:
-        batch_id = self.client.push(images, names)
-        for result in self.client.pull(batch_id):
+        if self.session.broken:  # e.g. the server restarted under an external --server run
+            self.session = self.client.session()
+        batch_id = self.session.push(images, names)
+        for result in self.session.results(batch_id):
             record.arrivals.append(time.perf_counter())
             counter.value += 1
             if result.ok:
@@ -72,6 +77,7 @@ class GrpcDriver:
                 record.errors += 1
 
     def close(self) -> None:
+        self.session.close()
         self.client.close()
 
 

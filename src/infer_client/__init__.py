@@ -1,8 +1,10 @@
 """Client library of the inference server (``infer.v1.InferenceService``).
 
 ``InferClient`` (blocking) and ``AsyncInferClient`` (asyncio) share one surface: ``push`` and
-``pull`` mirror the RPCs, ``detect`` pushes one batch and returns its results ordered by index,
-``health``/``wait_ready`` query the standard health service. On the server's host the images travel
+``pull`` mirror the RPCs, ``session()`` opens a ``Session`` stream (push after push, results as
+they complete, on one RPC: the fast path), ``detect`` pushes one batch on the client's own session
+and returns its results ordered by index, ``health``/``wait_ready`` query the standard health
+service. On the server's host the images travel
 through a file in the shared tmpfs directory (``transport="auto"`` picks it); elsewhere inline.
 Every RPC failure is an :class:`InferError` carrying the gRPC status code.
 """
@@ -11,9 +13,11 @@ from infer_client._protocol import ImageSource, InferError, Transport
 from infer_client.aio import AsyncInferClient
 from infer_client.client import InferClient
 from infer_client.results import Attribute, Box, Detection, ImageResult
+from infer_client.session import AsyncSession, Session
 
 __all__ = [
     "AsyncInferClient",
+    "AsyncSession",
     "Attribute",
     "Box",
     "Detection",
@@ -21,5 +25,6 @@ __all__ = [
     "ImageSource",
     "InferClient",
     "InferError",
+    "Session",
     "Transport",
 ]

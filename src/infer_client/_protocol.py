@@ -4,10 +4,11 @@ Used by ``InferClient`` (``client.py``) and ``AsyncInferClient`` (``aio.py``) in
 application's process; neither client builds a request or touches tmpfs any other way. Blocking
 file work (``prepare_push``) runs inline in the sync client and in a thread in the asyncio one.
 
-Tmpfs transport: the images are written back to back into one new file in the shared directory,
-created 0600 under a temporary name and renamed into place, so the server never sees a partial
-file and nobody else can change it. The client owns that file: :class:`PushedBatches` deletes it
-once every result of its batch arrived, or when the client closes.
+Tmpfs transport: the images are written back to back into one file in the shared directory. A
+new file is created 0600 under a temporary name and renamed into place, so the server never sees
+a partial file and nobody else can change it. The client owns that file: :class:`PushedBatches` hands it
+back to :class:`BatchFiles` for a later batch once every result of its batch arrived, and
+deletes it when the client closes.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def prepare_push(
     names: Sequence[str] | None,
     request_id: str | None,
     transport: str,
-    shm_dir: str | os.PathLike[str],
+    files: BatchFiles,
 ) -> PreparedPush:
     """Build a PushDataRequest; for tmpfs, write the batch file first (blocking)."""
     if not images:
@@ -116,7 +117,7 @@ def prepare_push(
         request.sizes.extend(len(b) for b in blobs)
         request.data = b"".join(blobs)
         return PreparedPush(request, None)
-    path, sizes = write_batch_file(images, shm_dir)
+    path, sizes = files.write(images)
     request.path = path
     request.sizes.extend(sizes)
     return PreparedPush(request, path)
@@ -148,6 +149,63 @@ def write_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[s
     return final, sizes
 
 
+class BatchFiles:
+    """This client's batch files in the shared directory, rewritten in place once a batch is done.
+
+    A new tmpfs file costs a page allocation per 4 KiB: about 0.6 ms of CPU for a 1.3 MB batch of
+    eight 720p JPEGs on the benchmark machine, against 0.1 ms to rewrite a file whose pages exist.
+    A file is reused only after every result of its batch arrived (the server has read every one
+    of its images and holds no work on it); after a failed or abandoned push it is deleted instead,
+    since the server may still read it. Thread-safe.
+    """
+
+    def __init__(self, shm_dir: str | os.PathLike[str], keep: int = 8) -> None:
+        self.shm_dir, self._keep = os.fspath(shm_dir), keep
+        self._lock = threading.Lock()
+        self._free: list[str] = []
+
+    def write(self, images: Sequence[ImageSource]) -> tuple[str, list[int]]:
+        """Write ``images`` back to back into a free file or a new one; returns (path, sizes)."""
+        with self._lock:
+            path = self._free.pop() if self._free else None
+        if path is None:
+            return write_batch_file(images, self.shm_dir)
+        blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # removed behind our back: start a new one
+            return write_batch_file(blobs, self.shm_dir)
+        try:
+            total = sum(len(b) for b in blobs)
+            written = os.pwritev(fd, blobs, 0)
+            os.ftruncate(fd, total)
+        except BaseException:
+            remove_file(path)
+            raise
+        finally:
+            os.close(fd)
+        if written != total:
+            remove_file(path)
+            raise OSError(f"short write to the batch file: {written} of {total} bytes")
+        return path, [len(b) for b in blobs]
+
+    def recycle(self, path: str | None) -> None:
+        """``path``'s batch is done: keep the file for a later batch (or delete it)."""
+        if path is None:
+            return
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(path)
+                return
+        remove_file(path)
+
+    def remove_all(self) -> None:
+        with self._lock:
+            paths, self._free = self._free, []
+        for path in paths:
+            remove_file(path)
+
+
 @dataclass
 class _Pushed:
     path: str | None  # the tmpfs batch file, None for inline batches
@@ -158,12 +216,14 @@ class _Pushed:
 class PushedBatches:
     """Batches this client pushed: their tmpfs file and the results that arrived (thread-safe).
 
-    The file is deleted once every result of its batch arrived (or on close). A result that
-    arrives twice is dropped: the server hands a result out again when the stream it was being
-    written to was cancelled mid-write, since it cannot know whether the write reached us.
+    The file goes back to ``files`` for reuse once every result of its batch arrived, and is
+    deleted on close. A result that arrives twice is dropped: the server hands a result out again
+    when the stream it was being written to was cancelled mid-write, since it cannot know whether
+    the write reached us.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, files: BatchFiles) -> None:
+        self.files = files
         self._lock = threading.Lock()
         self._batches: dict[str, _Pushed] = {}
 
@@ -174,10 +234,10 @@ class PushedBatches:
                 self._batches[batch_id] = _Pushed(path, count)
         if duplicate:
             # A retried request_id: the server keeps reading the first push's file, not this one.
-            remove_file(path)
+            self.files.recycle(path)
 
     def accept(self, batch_id: str, index: int) -> bool:
-        """False if this result already arrived; deletes the batch file after the last one."""
+        """False if this result already arrived; frees the batch file after the last one."""
         with self._lock:
             entry = self._batches.get(batch_id)
             if entry is None:
@@ -188,7 +248,7 @@ class PushedBatches:
             if len(entry.seen) < entry.count:
                 return True
             del self._batches[batch_id]
-        remove_file(entry.path)
+        self.files.recycle(entry.path)
         return True
 
     def remove_all(self) -> None:
@@ -197,6 +257,7 @@ class PushedBatches:
             self._batches.clear()
         for path in paths:
             remove_file(path)
+        self.files.remove_all()
 
 
 def remove_file(path: str | None) -> None:

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infer_client._protocol import (
     CHANNEL_OPTIONS,
     DEFAULT_SHM_DIR,
+    BatchFiles,
     ImageSource,
     InferError,
     PushedBatches,
@@ -33,6 +34,7 @@ from infer_client._protocol import (
     resolve_transport,
 )
 from infer_client.results import ImageResult
+from infer_client.session import AsyncSession
 from infer_proto import infer_pb2_grpc
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -56,7 +58,8 @@ class AsyncInferClient:
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._pushed = PushedBatches()
+        self._pushed = PushedBatches(BatchFiles(self.shm_dir))
+        self._session: AsyncSession | None = None
 
     async def push(
         self,
@@ -65,7 +68,7 @@ class AsyncInferClient:
         request_id: str | None = None,
     ) -> str:
         """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
-        prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self.shm_dir)
+        prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self._pushed.files)
         try:
             reply = await self._stub.PushData(prepared.request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -89,12 +92,20 @@ class AsyncInferClient:
         finally:
             call.cancel()
 
+    def session(self) -> AsyncSession:
+        """A new ``AsyncSession`` stream (pushes and results on one RPC); ``await close()`` it."""
+        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout)
+
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
     ) -> list[ImageResult]:
-        """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = await self.push(images, names, request_id)
-        return sorted([r async for r in self.pull(batch_id)], key=lambda r: r.index)
+        """Push one batch and wait for all its results; ordered by index like ``images``.
+
+        Runs on the client's own session stream (opened on first use, reopened if it broke).
+        """
+        if self._session is None or self._session.broken:
+            self._session = self.session()
+        return await self._session.detect(images, names, request_id)
 
     async def health(self, timeout: float | None = 5.0) -> bool:
         """True when the server reports SERVING."""
@@ -120,7 +131,9 @@ class AsyncInferClient:
         raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
 
     async def close(self) -> None:
-        """Remove the tmpfs files this client still owns and close the channel."""
+        """End the session, remove the tmpfs files this client still owns and close the channel."""
+        if self._session is not None:
+            await self._session.close()
         self._pushed.remove_all()
         await self._channel.close()
 

@@ -12,6 +12,7 @@ Requests are built by ``_protocol`` (shared with the asyncio client in ``aio.py`
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from infer_client._protocol import (
     CHANNEL_OPTIONS,
     DEFAULT_SHM_DIR,
+    BatchFiles,
     ImageSource,
     InferError,
     PushedBatches,
@@ -32,6 +34,7 @@ from infer_client._protocol import (
     resolve_transport,
 )
 from infer_client.results import ImageResult
+from infer_client.session import Session
 from infer_proto import infer_pb2_grpc
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -60,7 +63,9 @@ class InferClient:
         self._channel = grpc.insecure_channel(target, options=_SYNC_OPTIONS)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._pushed = PushedBatches()
+        self._pushed = PushedBatches(BatchFiles(self.shm_dir))
+        self._session: Session | None = None
+        self._session_lock = threading.Lock()
 
     def push(
         self,
@@ -69,7 +74,7 @@ class InferClient:
         request_id: str | None = None,
     ) -> str:
         """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
-        prepared = prepare_push(images, names, request_id, self.transport, self.shm_dir)
+        prepared = prepare_push(images, names, request_id, self.transport, self._pushed.files)
         try:
             reply = self._stub.PushData(prepared.request, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -94,12 +99,22 @@ class InferClient:
         finally:
             call.cancel()  # no-op when the stream ended; frees it when the caller stopped early
 
+    def session(self) -> Session:
+        """A new ``Session`` stream (pushes and results on one RPC); close it, or use ``with``."""
+        return Session(self._stub, self.transport, self._pushed, self.timeout)
+
     def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
     ) -> list[ImageResult]:
-        """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = self.push(images, names, request_id)
-        return sorted(self.pull(batch_id), key=lambda r: r.index)
+        """Push one batch and wait for all its results; ordered by index like ``images``.
+
+        Runs on the client's own session stream (opened on first use, reopened if it broke).
+        """
+        with self._session_lock:
+            if self._session is None or self._session.broken:
+                self._session = self.session()
+            session = self._session
+        return session.detect(images, names, request_id)
 
     def health(self, timeout: float | None = 5.0) -> bool:
         """True when the server reports SERVING (every stage worker ready, not draining)."""
@@ -125,7 +140,9 @@ class InferClient:
         raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
 
     def close(self) -> None:
-        """Remove the tmpfs files this client still owns and close the channel."""
+        """End the session, remove the tmpfs files this client still owns and close the channel."""
+        if self._session is not None:
+            self._session.close()
         self._pushed.remove_all()
         self._channel.close()
 

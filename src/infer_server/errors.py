@@ -60,10 +60,12 @@ class Unavailable(ServerError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-safe detail for ``exc``."""
+def status_for(exc: BaseException, where: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-safe detail for ``exc``; anything but a ``ServerError`` is a bug,
+    logged here with its traceback (call this from the ``except`` block)."""
     if isinstance(exc, ServerError):
         return exc.code, exc.message
+    log.exception("unexpected error in %s", where)
     return grpc.StatusCode.INTERNAL, "internal error"
 
 
@@ -84,9 +86,7 @@ def rpc_boundary(handler: Handler) -> Handler:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            if not isinstance(exc, ServerError):
-                log.exception("unexpected error in %s", handler.__name__)
-            code, message = status_for(exc)
+            code, message = status_for(exc, handler.__name__)
             await context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]

@@ -26,9 +26,8 @@ EXPIRED = "deadline exceeded before processing"
 @dataclass(eq=False)
 class Chunk:
     item: WorkItem
-    submitted: float  # monotonic time its images were submitted (kept across retries)
     remaining: set[int]  # indices of its images not answered yet
-    started: float | None = None  # when a worker said ItemStarted
+    started: bool = False  # a worker that died had taken it (its images may have run)
 
     def open_refs(self) -> list[ImageRef]:
         return [r for r in self.item.images if r.index in self.remaining]
@@ -59,8 +58,8 @@ class ChunkLedger:
         """Cut a batch into chunks of at most ``batch_size`` images, queued at the back."""
         for lo in range(0, len(images), self.batch_size):
             refs = tuple(images[lo : lo + self.batch_size])
-            item = WorkItem(next(self._ids), batch_id, path, dev, ino, file_size, refs, deadline)
-            self._add(Chunk(item, now, {r.index for r in refs}))
+            item = WorkItem(next(self._ids), batch_id, path, dev, ino, file_size, refs, deadline, submitted=now)
+            self._add(Chunk(item, {r.index for r in refs}))
         self.counters["images_submitted"] += len(images)
 
     def _add(self, chunk: Chunk, front: bool = False) -> None:
@@ -79,9 +78,6 @@ class ChunkLedger:
         chunk.remaining.discard(outcome.index)
         if not chunk.remaining:
             del self._chunks[item_id]
-        if chunk.started is not None and outcome.code == Code.OK:
-            queued = ("queue", (chunk.started - chunk.submitted) * 1e3)
-            outcome = dataclasses.replace(outcome, timings_ms=(*outcome.timings_ms, queued))
         self.counters["images_done" if outcome.code == Code.OK else "images_failed"] += 1
         for stage, ms in outcome.timings_ms:
             self._stage_sum[stage] += ms
@@ -105,7 +101,7 @@ class ChunkLedger:
         """
         if not self.is_open(chunk):
             return []
-        if chunk.started is None:
+        if not chunk.started:
             self.pending.appendleft(chunk)
             return []
         if chunk.item.attempt >= self.max_attempts:
@@ -115,7 +111,7 @@ class ChunkLedger:
         self.counters["images_retried"] += len(refs)
         for r in reversed(refs):
             item = dataclasses.replace(chunk.item, item_id=next(self._ids), images=(r,), attempt=chunk.item.attempt + 1)
-            self._add(Chunk(item, chunk.submitted, {r.index}), front=True)
+            self._add(Chunk(item, {r.index}), front=True)
         return []
 
     def expire(self, now: float) -> list[ImageOutcome | None]:

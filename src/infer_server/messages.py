@@ -61,6 +61,7 @@ class WorkItem:
     images: tuple[ImageRef, ...]
     deadline: float
     attempt: int = 1
+    submitted: float = 0.0  # time.monotonic() when its batch was submitted (for the queue timing)
 
 
 @dataclass(frozen=True)
@@ -129,16 +130,14 @@ class WorkerFailed:
 
 
 @dataclass(frozen=True)
-class ItemStarted:
-    """A worker took ``item_id`` off its queue (lets the supervisor know what a dead worker held)."""
-
-    worker: int
-    item_id: int
-
-
-@dataclass(frozen=True)
 class ItemDone:
-    """Every image of ``item_id`` has been answered (its ImageOutcomes were sent before this)."""
+    """Every image of ``item_id`` answered: its ImageOutcomes, one per image, in one message.
+
+    One message per chunk, not per image: a worker that dies mid-chunk has sent nothing of it, and
+    the pool retries the chunk's images. Which chunk a worker had taken when it died the pool reads
+    from the worker's shared ``current`` value, not from a message.
+    """
 
     worker: int
     item_id: int
+    outcomes: tuple[ImageOutcome, ...] = ()

@@ -8,11 +8,12 @@ and raises ``PipelineError`` with a worker's own message otherwise.
 Queues and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
 admission control) and are handed to workers on credit: each worker has its own small inbox and
-holds at most ``CREDIT`` chunks, so the pool always knows which chunks each worker holds. Workers
-answer through their own result pipe: ``ItemStarted``, one ``ImageOutcome`` per image, ``ItemDone``.
-A pipe per worker, not one shared queue: a worker SIGKILLed while writing to a shared
-``multiprocessing.Queue`` would leave its lock held (and a half-written message) for every other
-worker; a private pipe just reaches EOF and is discarded.
+holds at most ``CREDIT`` chunks, so the pool always knows which chunks each worker holds. A worker
+writes the id of the chunk it takes into its shared ``current`` value and answers through its own
+result pipe with one ``ItemDone`` per chunk, carrying every image's outcome: one message and one
+wake-up of the reader per chunk, not per image. A pipe per worker, not one shared queue: a worker
+SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock held (and a
+half-written message) for every other worker; a private pipe just reaches EOF and is discarded.
 
 Threads. The *reader* waits on every result pipe (``multiprocessing.connection.wait``), records
 which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
@@ -21,7 +22,8 @@ here. The *watcher* waits on the process sentinels, so a death is seen at once w
 
 Death. When a worker dies the watcher lets the reader drain its pipe to EOF (so every outcome it
 managed to send counts), reports ``on_health(False)``, and hands its chunks back to the ledger
-(``infer_server.ledger``): the unanswered images of a chunk it had started come back as
+(``infer_server.ledger``): the chunk it had taken (its ``current`` value; chunks go to a worker in
+id order and it takes them in that order) counts as started, and its images come back as
 single-image chunks with ``attempt + 1`` (a poison image can only take itself down), or are answered
 UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back unchanged. A
 replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
@@ -51,7 +53,6 @@ from infer_server.messages import (
     ImageOutcome,
     ImageRef,
     ItemDone,
-    ItemStarted,
     WorkerFailed,
     WorkerReady,
 )
@@ -76,6 +77,7 @@ class _Worker:
     process: Any
     inbox: Any
     results: multiprocessing.connection.Connection
+    current: Any  # shared ctypes value: id of the chunk the worker took last
     ready: bool = False
     setup_error: str | None = None
     held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
@@ -290,11 +292,8 @@ class PipelinePool:
     def _handle(self, worker: _Worker, message: Any) -> None:
         deliveries: list[ImageOutcome | None] = []
         with self._cond:
-            if isinstance(message, ImageOutcome):
-                deliveries.append(self._ledger.resolve(message))
-            elif isinstance(message, ItemStarted) and message.item_id in worker.held:
-                worker.held[message.item_id].started = time.monotonic()
-            elif isinstance(message, ItemDone):
+            if isinstance(message, ItemDone):
+                deliveries += [self._ledger.resolve(outcome) for outcome in message.outcomes]
                 chunk = worker.held.pop(message.item_id, None)
                 if chunk is not None and self._ledger.is_open(chunk):  # a worker bug; never leave it open
                     log.error("worker %d finished chunk %d with images unanswered", worker.slot, message.item_id)
@@ -344,11 +343,12 @@ class PipelinePool:
                 return
             inbox = self._ctx.Queue(maxsize=CREDIT + 1)
             results, child_end = self._ctx.Pipe(duplex=False)
-            args = (slot, str(self.repo_dir), self._options, inbox, child_end, self._stop_event)
+            current = self._ctx.RawValue("q", 0)
+            args = (slot, str(self.repo_dir), self._options, inbox, child_end, self._stop_event, current)
             process = self._ctx.Process(target=run_worker, name=f"infer-worker-{slot}", args=args, daemon=True)
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
-            worker = _Worker(slot, process, inbox, results)
+            worker = _Worker(slot, process, inbox, results, current)
             self._slots[slot] = worker
             self._channels[results] = worker
         self._read_wakeup.set()
@@ -371,6 +371,8 @@ class PipelinePool:
                 return
             why = worker.setup_error or f"exit code {worker.process.exitcode}"
             log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
+            for chunk in worker.held.values():
+                chunk.started = chunk.item.item_id == worker.current.value
             deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk)]
             _close_inbox(worker)  # its result pipe is the reader's to close
             self._restarts += 1

@@ -30,8 +30,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from infer_proto import infer_pb2, infer_pb2_grpc
-from infer_server.batches import Batch, BatchRegistry
-from infer_server.errors import Unavailable, rpc_boundary
+from infer_server.batches import Batch, BatchRegistry, Subscription
+from infer_server.errors import Unavailable, rpc_boundary, status_for
 from infer_server.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, run_janitor
 from infer_server.messages import ImageOutcome
 from infer_server.metrics import ServerMetrics
@@ -79,39 +79,68 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
     async def PushData(
         self, request: infer_pb2.PushDataRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.PushDataReply:
-        srv = self._server
-        if not srv.accepting:
-            raise Unavailable("the server is not accepting batches (starting or draining)")
-        plan = srv.handoff.plan(request.path, request.data, request.sizes, request.names)
-        deadline = time.monotonic() + srv.settings.batch_deadline_s
-        reservation = srv.registry.reserve(request.request_id, plan.images, plan.total_bytes, deadline)
-        if not reservation.is_new:
-            # Shielded: a retry giving up must not cancel the first request's future.
-            batch = await asyncio.shield(reservation.ready)
-            return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
-        batch = reservation.batch
-        try:
-            file = await srv.materialize(plan)
-            srv.submit(batch, file)
-        except BaseException as exc:
-            srv.registry.abandon(reservation, exc)
-            raise
-        srv.registry.activate(reservation, file)
-        srv.metrics.batch_accepted(batch.size)
+        batch = await self._server.push(request)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
     async def PullResult(self, request: infer_pb2.PullResultRequest, context: grpc.aio.ServicerContext) -> None:
         with self._server.registry.subscribe(request.batch_ids) as subscription:
             while (outcome := await subscription.next()) is not None:
+                await _write(context, subscription, [outcome], outcome_to_proto(outcome))
+
+    @rpc_boundary
+    async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """Pushes in; their answers and every result of the pushed batches out, a burst per message.
+
+        A reader task validates and admits each push as it comes (in order) and queues its answer;
+        this coroutine writes whatever is ready (answers first, so a batch's answer precedes its
+        results) and ends once the client half-closed and every accepted batch was delivered.
+        """
+        srv = self._server
+        answers: list[infer_pb2.PushAnswer] = []
+        with srv.registry.open_session() as session:
+
+            async def read_pushes() -> None:
                 try:
-                    await context.write(outcome_to_proto(outcome))
-                except BaseException:
-                    # Cancelled or broken stream: the result stays available for a later PullResult
-                    # (even if the write may have reached the client: a repeat beats a loss).
-                    subscription.nack(outcome)
-                    raise
-                subscription.ack(outcome)
+                    while (request := await context.read()) is not grpc.aio.EOF:
+                        answers.append(await srv.answer_push(request, session))
+                        session.poke()
+                finally:
+                    session.seal()
+
+            reader = asyncio.ensure_future(read_pushes())
+            try:
+                while True:
+                    outcomes = session.take()
+                    completed = session.completions(outcomes)
+                    if answers or outcomes or completed:
+                        results = [outcome_to_proto(o) for o in outcomes]
+                        reply = infer_pb2.SessionReply(answers=answers, results=results, completed=completed)
+                        answers.clear()
+                        await _write(context, session, outcomes, reply)
+                        session.release(completed)
+                        continue
+                    if reader.done():
+                        reader.result()  # a broken request stream ends this one with its error
+                        if session.finished:
+                            return
+                    await session.wait()
+            finally:
+                reader.cancel()
+                with contextlib.suppress(BaseException):
+                    await reader
+
+
+async def _write(context: grpc.aio.ServicerContext, subscription: Subscription, outcomes: list[ImageOutcome],
+                 message: Any) -> None:  # fmt: skip
+    """Write ``message`` carrying ``outcomes``: acked once written; put back if the write fails or the
+    stream is cancelled (even if the bytes may have reached the client: a repeat beats a loss)."""
+    try:
+        await context.write(message)
+    except BaseException:
+        subscription.nack(outcomes)
+        raise
+    subscription.ack(outcomes)
 
 
 class InferenceServer:
@@ -225,6 +254,39 @@ class InferenceServer:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+    async def push(self, request: infer_pb2.PushDataRequest) -> Batch:
+        """Validate and admit one push (PushData, or one push of a Session); returns its batch."""
+        if not self.accepting:
+            raise Unavailable("the server is not accepting batches (starting or draining)")
+        plan = self.handoff.plan(request.path, request.data, request.sizes, request.names)
+        deadline = time.monotonic() + self.settings.batch_deadline_s
+        reservation = self.registry.reserve(request.request_id, plan.images, plan.total_bytes, deadline)
+        if not reservation.is_new:
+            # Shielded: a retry giving up must not cancel the first request's future.
+            return await asyncio.shield(reservation.ready)
+        batch = reservation.batch
+        try:
+            file = await self.materialize(plan)
+            self.submit(batch, file)
+        except BaseException as exc:
+            self.registry.abandon(reservation, exc)
+            raise
+        self.registry.activate(reservation, file)
+        self.metrics.batch_accepted(batch.size)
+        return batch
+
+    async def answer_push(self, request: infer_pb2.SessionRequest, session: Subscription) -> infer_pb2.PushAnswer:
+        """One push of a Session: admitted (its results now go to ``session``) or refused in-band,
+        with the status PushData would have failed with."""
+        try:
+            batch = await self.push(request.push)
+        except Exception as exc:
+            code, message = status_for(exc, "Session push")
+            status = infer_pb2.Status(code=code.value[0], message=message)
+            return infer_pb2.PushAnswer(tag=request.tag, status=status)
+        session.add(batch)
+        return infer_pb2.PushAnswer(tag=request.tag, batch_id=batch.batch_id, image_count=batch.size)
 
     async def materialize(self, plan: BatchPlan) -> BatchFile:
         """Validate or stage a batch in a thread; a cancelled push still cleans up its staging copy."""

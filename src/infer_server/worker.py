@@ -7,8 +7,9 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 * setup: load the model repository, the engines and the DALI pipelines, run one warm-up pass, then
   send ``WorkerReady`` — or ``WorkerFailed(message)`` and exit. With ``null_model`` the worker loads
   nothing and runs ``NullPipeline`` (read + header check only) to measure the data path alone.
-* per ``WorkItem`` from the worker's own inbox: ``ItemStarted``, one ``ImageOutcome`` per image,
-  ``ItemDone``. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
+* per ``WorkItem`` from the worker's own inbox: its id goes into the shared ``current`` value
+  (what the pool reads if this worker dies), then one ``ItemDone`` carries an ``ImageOutcome``
+  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
 * ``None`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
   parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
 
@@ -24,6 +25,7 @@ just a per-image error; both copy each byte exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -40,7 +42,6 @@ from infer_server.messages import (
     ImageOutcome,
     ImageRef,
     ItemDone,
-    ItemStarted,
     WorkerFailed,
     WorkerReady,
     WorkItem,
@@ -127,10 +128,13 @@ def read_images(item: WorkItem) -> list[bytes | str]:
 
 
 class StageWorker:
-    """The loop of one worker process: take a chunk, answer every image of it, say it is done."""
+    """The loop of one worker process: take a chunk, answer every image of it in one message."""
 
-    def __init__(self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection):
+    def __init__(
+        self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection, current: Any = None
+    ) -> None:
         self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
+        self.current = current  # shared ctypes value: id of the item taken last (None: not shared)
 
     def serve(self, inbox: Any, stop: Event) -> None:
         while not stop.is_set():
@@ -142,18 +146,16 @@ class StageWorker:
             self.handle(item)
 
     def handle(self, item: WorkItem) -> None:
-        self.results.send(ItemStarted(self.worker_id, item.item_id))
-        answered: set[int] = set()
-
-        def answer(outcome: ImageOutcome) -> None:
-            self.results.send(outcome)
-            answered.add(outcome.index)
+        if self.current is not None:
+            self.current.value = item.item_id
+        taken = time.monotonic()
+        outcomes: dict[int, ImageOutcome] = {}
 
         def fail(ref: ImageRef, code: Code, message: str) -> None:
-            answer(ImageOutcome.failed(item.batch_id, ref, code, message))
+            outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, code, message)
 
         try:
-            if time.monotonic() > item.deadline:
+            if taken > item.deadline:
                 for ref in item.images:
                     fail(ref, Code.DEADLINE_EXCEEDED, f"image {ref.index}: deadline exceeded before processing")
             else:
@@ -164,21 +166,23 @@ class StageWorker:
                     if isinstance(d, str):
                         fail(ref, Code.DATA_LOSS, d)
                 readable = [(ref, d) for ref, d in zip(item.images, data, strict=True) if isinstance(d, bytes)]
+                queued = ("queue", max(0.0, taken - item.submitted) * 1e3) if item.submitted else None
                 for outcome in self.pipeline.process(item.batch_id, readable, read_ms):
-                    answer(outcome)
-        except (BrokenPipeError, ConnectionResetError):
-            raise  # the pool is gone; nothing left to answer to
+                    if queued is not None and outcome.code == Code.OK:
+                        outcome = dataclasses.replace(outcome, timings_ms=(*outcome.timings_ms, queued))
+                    outcomes[outcome.index] = outcome
         except Exception:
             log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
             for ref in item.images:
-                if ref.index not in answered:
+                if ref.index not in outcomes:
                     fail(ref, Code.INTERNAL, f"image {ref.index}: pipeline error")
-        self.results.send(ItemDone(self.worker_id, item.item_id))
+        self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
 
 
 def run_worker(
-    worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Any, results: Connection, stop: Event
-) -> None:
+    worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Any, results: Connection, stop: Event,
+    current: Any = None,
+) -> None:  # fmt: skip
     """Process target: set up, report READY or the setup error, then serve until stopped."""
     limit_threads(options.intra_op_threads)
     # Ctrl-C reaches the whole process group; shutting down is the parent's call (stop marker).
@@ -205,7 +209,7 @@ def run_worker(
         return
     results.send(WorkerReady(worker_id, os.getpid(), pipeline.models))
     try:
-        StageWorker(worker_id, pipeline, results).serve(inbox, stop)
+        StageWorker(worker_id, pipeline, results, current).serve(inbox, stop)
     except (BrokenPipeError, ConnectionResetError):
         log.warning("worker %d: the pool went away", worker_id)
     finally:

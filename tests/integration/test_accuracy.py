@@ -28,9 +28,15 @@ def test_detections_and_attributes_match_ground_truth(server: RunningServer) -> 
         gt_boxes = np.array([o.box for o in scene.objects]).reshape(-1, 4)
         gt_classes = np.array([o.class_id for o in scene.objects])
         dets = result.detections
-        m = match_image(gt_boxes, gt_classes, np.array([d.box.as_tuple() for d in dets]).reshape(-1, 4),
-                        np.array([d.score for d in dets]), np.array([d.class_id for d in dets]),
-                        scene.width, scene.height)
+        m = match_image(
+            gt_boxes,
+            gt_classes,
+            np.array([d.box.as_tuple() for d in dets]).reshape(-1, 4),
+            np.array([d.score for d in dets]),
+            np.array([d.class_id for d in dets]),
+            scene.width,
+            scene.height,
+        )
         tp += int(np.sum(m.verdict == 1))
         fp += int(np.sum(m.verdict == 0))
         counted += int(m.gt_counted.sum())
@@ -41,7 +47,8 @@ def test_detections_and_attributes_match_ground_truth(server: RunningServer) -> 
             color = det.attributes.get("color")
             vtype = det.attributes.get("vehicle_type")
             attrs_right += bool(color and color.label == obj.color) and (
-                obj.vehicle_type is None or bool(vtype and vtype.label == obj.vehicle_type))
+                obj.vehicle_type is None or bool(vtype and vtype.label == obj.vehicle_type)
+            )
     recall, precision = tp / max(1, counted), tp / max(1, tp + fp)
     attr_accuracy = attrs_right / max(1, tp)
     summary = f"recall {recall:.3f} precision {precision:.3f} attributes {attr_accuracy:.3f} ({tp=} {fp=} {counted=})"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from infer_client._protocol import PushedBatches, is_local_target, prepare_push, resolve_transport
+from infer_client._protocol import BatchFiles, PushedBatches, is_local_target, prepare_push, resolve_transport
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_auto_transport_needs_a_local_target_and_a_writable_directory(shm: Path)
 def test_tmpfs_push_writes_one_private_file_back_to_back(shm: Path, tmp_path: Path) -> None:
     src = tmp_path / "b.jpg"
     src.write_bytes(b"BBBB")
-    prepared = prepare_push([b"AA", src], None, "rid", "tmpfs", shm)
+    prepared = prepare_push([b"AA", src], None, "rid", "tmpfs", BatchFiles(shm))
     request = prepared.request
     assert prepared.owned_path == request.path and Path(request.path).parent == shm
     assert Path(request.path).read_bytes() == b"AABBBB" and list(request.sizes) == [2, 4]
@@ -60,29 +60,51 @@ def test_tmpfs_push_writes_one_private_file_back_to_back(shm: Path, tmp_path: Pa
 
 
 def test_inline_push_carries_the_bytes(tmp_path: Path) -> None:
-    prepared = prepare_push([b"AA", b"CCC"], ["a", "c"], None, "inline", tmp_path)
+    files = BatchFiles(tmp_path)
+    prepared = prepare_push([b"AA", b"CCC"], ["a", "c"], None, "inline", files)
     assert prepared.owned_path is None and prepared.request.data == b"AACCC"
     assert list(prepared.request.sizes) == [2, 3] and not prepared.request.path
     with pytest.raises(ValueError):
-        prepare_push([], None, None, "inline", tmp_path)
+        prepare_push([], None, None, "inline", files)
     with pytest.raises(ValueError):
-        prepare_push([b"A"], ["a", "b"], None, "inline", tmp_path)
+        prepare_push([b"A"], ["a", "b"], None, "inline", files)
+    assert os.listdir(tmp_path) == []
 
 
-def test_batch_file_goes_when_its_last_result_arrives(shm: Path) -> None:
-    pushed = PushedBatches()
+def test_batch_file_is_freed_when_its_last_result_arrives(shm: Path) -> None:
+    pushed = PushedBatches(BatchFiles(shm, keep=1))
     first, retry, other = (shm / n for n in ("first", "retry", "other"))
     for f in (first, retry, other):
         f.write_bytes(b"x")
     pushed.add("b1", str(first), 2)
     pushed.add("b1", str(retry), 2)  # a retried request_id: the server reads the first file
     pushed.add("b2", str(other), 1)
-    assert not retry.exists()
+    assert retry.exists()  # never read by the server: free for the next batch (keep=1)
     assert pushed.accept("b1", 1)
     assert not pushed.accept("b1", 1)  # handed out again after a cancelled write: dropped
-    assert first.exists()  # a duplicate must not count as the missing result
     assert pushed.accept("b1", 0)
-    assert not first.exists() and other.exists()
+    assert not first.exists()  # done, but the free list is full (keep=1): deleted
     assert pushed.accept("foreign", 0)
-    pushed.remove_all()
+    pushed.remove_all()  # owned (b2's) and free files alike
+    assert os.listdir(shm) == []
+
+
+def test_a_done_batch_file_is_rewritten_in_place_for_the_next_batch(shm: Path, tmp_path: Path) -> None:
+    files = BatchFiles(shm)
+    path, sizes = files.write([b"A" * 5000, b"B" * 3000])
+    ino = os.stat(path).st_ino
+    files.recycle(path)
+    src = tmp_path / "c.jpg"
+    src.write_bytes(b"CC")
+    again, sizes = files.write([b"D", src])
+    assert again == path and os.stat(again).st_ino == ino and sizes == [1, 2]
+    assert Path(again).read_bytes() == b"DCC"  # truncated to the new batch, nothing of the old
+    assert os.stat(again).st_mode & 0o777 == 0o600
+    files.recycle(again)
+    os.unlink(again)  # removed behind the client's back: a new file is made instead
+    third, _ = files.write([b"E"])
+    assert third != again and Path(third).read_bytes() == b"E"
+    assert os.listdir(shm) == [os.path.basename(third)]
+    files.recycle(third)
+    files.remove_all()
     assert os.listdir(shm) == []

@@ -23,8 +23,15 @@ def test_targets_decoded_by_the_server_give_back_the_boxes() -> None:
     cov, bbox, mask = detectnet_targets(boxes, classes, 4)
     assert mask.min() == 1.0  # no don't-care objects here
     image_w, image_h = 1248, 832  # 3x and 2x the input: decode must scale back
-    d = postprocess_detector(cov, bbox, cfg.decode, input_width=DETECTOR_INPUT[0], input_height=DETECTOR_INPUT[1],
-                             image_width=image_w, image_height=image_h)
+    d = postprocess_detector(
+        cov,
+        bbox,
+        cfg.decode,
+        input_width=DETECTOR_INPUT[0],
+        input_height=DETECTOR_INPUT[1],
+        image_width=image_w,
+        image_height=image_h,
+    )
     order = np.argsort(d.class_ids)
     np.testing.assert_array_equal(d.class_ids[order], classes)
     np.testing.assert_allclose(d.boxes[order], boxes * [3, 2, 3, 2], atol=1e-3)

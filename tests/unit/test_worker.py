@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import queue
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from engines.scenes import generate_scene
-from infer_server.messages import Code, ImageOutcome, ImageRef, ItemDone, ItemStarted, WorkItem
+from infer_server.messages import Code, ImageOutcome, ImageRef, ItemDone, WorkItem
 from infer_server.pipeline import VisionPipeline
 from infer_server.worker import STOP, StageWorker, read_images
 
@@ -80,19 +81,21 @@ def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
     p.close()
 
 
-def run_item(pipeline: VisionPipeline, item: WorkItem) -> list[Any]:
+def run_item(pipeline: VisionPipeline, item: WorkItem, current: Any = None) -> list[ImageOutcome]:
+    """The worker's one message for ``item``: its outcomes."""
     parent, child = multiprocessing.Pipe(duplex=False)
-    StageWorker(3, pipeline, child).handle(item)
-    messages = []
-    while parent.poll():
-        messages.append(parent.recv())
-    return messages
+    StageWorker(3, pipeline, child, current).handle(item)
+    done = parent.recv()
+    assert not parent.poll(), "one message per item"
+    assert isinstance(done, ItemDone) and done.worker == 3 and done.item_id == item.item_id
+    return list(done.outcomes)
 
 
-def test_an_item_is_started_answered_per_image_and_done(pipeline: VisionPipeline, shm: Path) -> None:
-    messages = run_item(pipeline, write_batch(shm / "batch", BLOBS))
-    assert messages[0] == ItemStarted(3, 1) and messages[-1] == ItemDone(3, 1)
-    outcomes = messages[1:-1]
+def test_an_item_is_answered_per_image_in_one_message(pipeline: VisionPipeline, shm: Path) -> None:
+    current = multiprocessing.get_context("spawn").RawValue("q", 0)
+    item = dataclasses.replace(write_batch(shm / "batch", BLOBS), submitted=time.monotonic() - 0.5)
+    outcomes = run_item(pipeline, item, current)
+    assert current.value == item.item_id, "the pool learns which item a dead worker held from here"
     assert all(isinstance(o, ImageOutcome) and o.batch_id == "b1" for o in outcomes)
     assert sorted((o.index, o.code) for o in outcomes) == [
         (0, Code.OK),
@@ -101,11 +104,12 @@ def test_an_item_is_started_answered_per_image_and_done(pipeline: VisionPipeline
     ]
     ok = [o for o in outcomes if o.code == Code.OK]
     assert all(o.worker == 3 and dict(o.timings_ms)["read"] >= 0 for o in ok)
+    assert all(dict(o.timings_ms)["queue"] >= 500.0 for o in ok), "time since submission, as the worker saw it"
 
 
 def test_work_past_its_deadline_is_answered_without_running(pipeline: VisionPipeline, shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS, deadline_s=-1.0)
-    outcomes = run_item(pipeline, item)[1:-1]
+    outcomes = run_item(pipeline, item)
     assert [(o.index, o.code, o.message) for o in outcomes] == [
         (i, Code.DEADLINE_EXCEEDED, f"image {i}: deadline exceeded before processing") for i in range(3)
     ]
@@ -114,7 +118,7 @@ def test_work_past_its_deadline_is_answered_without_running(pipeline: VisionPipe
 def test_a_file_gone_before_the_worker_reads_it(pipeline: VisionPipeline, shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     (shm / "batch").unlink()
-    outcomes = run_item(pipeline, item)[1:-1]
+    outcomes = run_item(pipeline, item)
     assert {(o.code, o.message.split(": ", 1)[1]) for o in outcomes} == {
         (Code.DATA_LOSS, "batch data is no longer available")
     }
@@ -123,7 +127,7 @@ def test_a_file_gone_before_the_worker_reads_it(pipeline: VisionPipeline, shm: P
 def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
     broken = VisionPipeline.load(model_repo_dir, batch_size=4)
     broken.close()  # its engines now refuse to run: a real failure inside the chunk
-    outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))[1:-1]
+    outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))
     assert sorted((o.index, o.code, o.message) for o in outcomes) == [
         (0, Code.INTERNAL, "image 0: pipeline error"),
         (1, Code.INVALID_ARGUMENT, "image 1: not a JPEG or PNG"),
@@ -142,4 +146,4 @@ def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
     messages = []
     while parent.poll():
         messages.append(parent.recv())
-    assert [type(m).__name__ for m in messages] == ["ItemStarted", "ImageOutcome", "ItemDone"]
+    assert [(type(m).__name__, len(m.outcomes)) for m in messages] == [("ItemDone", 1)]
