@@ -1,8 +1,11 @@
 """The tmpfs handoff: turns a PushData request into a validated batch file the workers may read.
 
 Called by ``service`` in the server's main process: :meth:`Handoff.plan` on the event loop (cheap
-checks on sizes and names, before admission), :meth:`Handoff.materialize` in a worker thread
-(filesystem work). Nothing here trusts a path: see DESIGN.md "Security of the path handoff".
+checks on sizes and names, before admission), :meth:`Handoff.materialize` for the filesystem work:
+in a worker thread, except that a client file on a memory file system (tmpfs, ramfs: ``in_memory``)
+is validated on the loop itself, since a handful of metadata syscalls there never wait for a device
+and cost less than the hop to a thread. Nothing here trusts a path: see DESIGN.md "Security of the
+path handoff".
 
 A client path is resolved beneath the shared directory and must stay there on real paths
 (``os.path.commonpath``), outside the server's staging directory. The file is then opened one
@@ -23,6 +26,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import stat
 import time
 import uuid
@@ -80,6 +84,7 @@ class Handoff:
         self._real_root = ""
         self._real_staging = ""
         self._root_dev = -1
+        self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
 
     @property
     def staging_dir(self) -> str:
@@ -95,6 +100,7 @@ class Handoff:
         self._real_root = os.path.realpath(self._root)
         self._real_staging = os.path.realpath(self._staging)
         self._root_dev = os.stat(self._real_root).st_dev
+        self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
 
     def plan(self, path: str, data: bytes, sizes: Sequence[int], names: Sequence[str]) -> BatchPlan:
         """Check the request's layout: one source, 1..max images, sizes > 0, total within limits."""
@@ -249,6 +255,24 @@ class Handoff:
         with contextlib.suppress(FileNotFoundError):
             self.sweep(0.0)
             os.rmdir(self._real_staging)
+
+
+def filesystem_type(path: str, mounts: str = "/proc/self/mounts") -> str:
+    """The type of the file system ``path`` (a real path) lives on: its longest mount point prefix."""
+    best, kind = "", ""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Mount points escape blanks and backslashes as octal (\040); undo that.
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
 
 
 async def run_janitor(handoff: Handoff, ttl_s: float, interval_s: float, in_use: Callable[[], Collection[str]]) -> None:

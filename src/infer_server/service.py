@@ -289,7 +289,10 @@ class InferenceServer:
         return infer_pb2.PushAnswer(tag=request.tag, batch_id=batch.batch_id, image_count=batch.size)
 
     async def materialize(self, plan: BatchPlan) -> BatchFile:
-        """Validate or stage a batch in a thread; a cancelled push still cleans up its staging copy."""
+        """Validate or stage a batch (in a thread unless it is a client file on a memory file system,
+        see ``handoff``); a cancelled push still cleans up its staging copy."""
+        if plan.path is not None and self.handoff.in_memory:
+            return self.handoff.materialize(plan)
         task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan))
         try:
             return await asyncio.shield(task)

@@ -308,3 +308,63 @@ def test_cancelled_first_attempt_tells_its_retry_to_try_again() -> None:
             await retry.ready
 
     run(scenario())
+
+
+def test_a_session_takes_bursts_across_batches_in_completion_order() -> None:
+    async def main() -> None:
+        reg = make_registry()
+        session = reg.open_session()
+        a, b = open_batch(reg, 2), open_batch(reg, 3)
+        reg.record(outcome(b, 2))
+        session.add(a)
+        session.add(b)
+        session.add(a)  # a repeat (a retried push) is ignored
+        reg.record(outcome(a, 1))
+        reg.record(outcome(b, 0))
+        burst = session.take()
+        assert [(o.batch_id, o.index) for o in burst] == [(b.batch_id, 2), (a.batch_id, 1), (b.batch_id, 0)]
+        assert session.completions(burst) == [], "nothing is complete yet"
+        session.ack(burst)
+        reg.record(outcome(a, 0))
+        reg.record(outcome(b, 1))
+        last = session.take(limit=1)
+        assert [(o.batch_id, o.index) for o in last] == [(a.batch_id, 0)]
+        assert session.completions(last) == [a.batch_id], "a's last result is in this burst"
+        session.nack(last)  # the write failed: nothing is complete, the result goes back first
+        assert session.completions([]) == []
+        burst = session.take()
+        assert [(o.batch_id, o.index) for o in burst] == [(a.batch_id, 0), (b.batch_id, 1)]
+        assert session.completions(burst) == [a.batch_id, b.batch_id]
+        session.ack(burst)
+        session.release([a.batch_id, b.batch_id])
+        assert not session.finished, "open until sealed"
+        session.seal()
+        assert session.finished
+        session.close()
+
+    run(main())
+
+
+def test_a_session_waits_for_results_and_reports_a_batch_delivered_elsewhere() -> None:
+    async def main() -> None:
+        reg = make_registry()
+        a = open_batch(reg, 1)
+        with reg.subscribe([a.batch_id]) as pull:  # PullResult takes a's only result first
+            reg.record(outcome(a, 0))
+            got = await pull.next()
+            assert got is not None
+            pull.ack(got)
+        with reg.open_session() as session:
+            session.add(a)  # pushed again with its request_id: nothing more will come of it
+            assert session.take() == [] and session.completions([]) == [a.batch_id]
+            session.release([a.batch_id])
+            b = open_batch(reg, 1)
+            session.add(b)
+            waiter = asyncio.ensure_future(session.wait())
+            await asyncio.sleep(0)
+            assert not waiter.done()
+            reg.record(outcome(b, 0))  # wakes the session
+            await asyncio.wait_for(waiter, 1)
+            assert [o.index for o in session.take()] == [0]
+
+    run(main())

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from infer_server.errors import InvalidBatch, PermissionDeniedError
-from infer_server.handoff import BatchFile, Handoff, HandoffLimits
+from infer_server.handoff import BatchFile, Handoff, HandoffLimits, filesystem_type
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_length=16)
 
@@ -219,3 +219,22 @@ def test_staging_directory_must_be_private(root: Path, shm: Path) -> None:
     (root / ".server").symlink_to(shm / "elsewhere")
     with pytest.raises(RuntimeError):
         Handoff(root, root / ".server", LIMITS).prepare_dirs()
+
+
+def test_a_shared_directory_on_tmpfs_is_validated_on_the_loop(handoff: Handoff) -> None:
+    assert handoff.in_memory  # these tests' root lives under /dev/shm
+
+
+def test_file_system_type_comes_from_the_longest_mount_point(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/sda1 / ext4 rw 0 0\n"
+        "tmpfs /dev/shm tmpfs rw,nosuid 0 0\n"
+        "tmpfs /run/my\\040apps ramfs rw 0 0\n"
+        "nfs:/x /dev/shm/net nfs rw 0 0\n"
+    )
+    kinds = {
+        p: filesystem_type(p, str(mounts)) for p in ("/dev/shm/infer", "/dev/shm/net/a", "/dev/shmx", "/run/my apps/b")
+    }
+    assert kinds == {"/dev/shm/infer": "tmpfs", "/dev/shm/net/a": "nfs", "/dev/shmx": "ext4", "/run/my apps/b": "ramfs"}
+    assert filesystem_type("/x", str(tmp_path / "missing")) == ""
