@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import os
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Sequence
@@ -174,6 +175,10 @@ class BatchFiles:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:  # removed behind our back: start a new one
+            return write_batch_file(blobs, self.shm_dir)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 or st.st_mode & 0o077:
+            os.close(fd)  # replaced by someone else's file: leave it, start a new one
             return write_batch_file(blobs, self.shm_dir)
         try:
             total = sum(len(b) for b in blobs)

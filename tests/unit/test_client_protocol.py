@@ -101,9 +101,14 @@ def test_a_done_batch_file_is_rewritten_in_place_for_the_next_batch(shm: Path, t
     assert Path(again).read_bytes() == b"DCC"  # truncated to the new batch, nothing of the old
     assert os.stat(again).st_mode & 0o777 == 0o600
     files.recycle(again)
-    os.unlink(again)  # removed behind the client's back: a new file is made instead
+    os.chmod(again, 0o644)  # not the private file the client left: not written, a new file instead
+    other, _ = files.write([b"F"])
+    assert other != again and Path(again).read_bytes() == b"DCC"
+    files.recycle(other)
+    os.unlink(again)
+    os.unlink(other)  # removed behind the client's back: a new file is made instead
     third, _ = files.write([b"E"])
-    assert third != again and Path(third).read_bytes() == b"E"
+    assert third not in (again, other) and Path(third).read_bytes() == b"E"
     assert os.listdir(shm) == [os.path.basename(third)]
     files.recycle(third)
     files.remove_all()
