@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Answers a Session may owe its client before it stops reading pushes (flow control holds the rest).
+MAX_PENDING_ANSWERS = 256
 
 
 def outcome_to_proto(outcome: ImageOutcome) -> infer_pb2.ImageResult:
@@ -98,6 +100,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
         """
         srv = self._server
         answers: list[infer_pb2.PushAnswer] = []
+        room = asyncio.Event()  # answers were written: a reader held back by MAX_PENDING_ANSWERS goes on
         with srv.registry.open_session() as session:
 
             async def read_pushes() -> None:
@@ -105,6 +108,9 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
                     while (request := await context.read()) is not grpc.aio.EOF:
                         answers.append(await srv.answer_push(request, session))
                         session.poke()
+                        while len(answers) >= MAX_PENDING_ANSWERS:  # a client that pushes but never reads
+                            room.clear()
+                            await room.wait()
                 finally:
                     session.seal()
 
@@ -119,6 +125,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
                         answers.clear()
                         await _write(context, session, outcomes, reply)
                         session.release(completed)
+                        room.set()
                         continue
                     if reader.done():
                         reader.result()  # a broken request stream ends this one with its error
