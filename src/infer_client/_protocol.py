@@ -238,8 +238,10 @@ class PushedBatches:
             if not duplicate:
                 self._batches[batch_id] = _Pushed(path, count)
         if duplicate:
-            # A retried request_id: the server keeps reading the first push's file, not this one.
-            self.files.recycle(path)
+            # A retried request_id: the server reads one of the two files and this client cannot tell
+            # which (pushes on two streams may be answered in either order), so this one is deleted,
+            # never rewritten for a later batch while the server might still read it.
+            remove_file(path)
 
     def accept(self, batch_id: str, index: int) -> bool:
         """False if this result already arrived; frees the batch file after the last one."""

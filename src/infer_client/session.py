@@ -111,6 +111,18 @@ def _accepted(answer: infer_pb2.PushAnswer) -> str:
     return answer.batch_id
 
 
+def _whole(batch_id: str, results: list[ImageResult], count: int) -> list[ImageResult]:
+    """``detect``'s answer: every image's result, by index, or an error, never a short list (a push
+    repeated with its request_id gets only what earlier streams did not deliver)."""
+    if len(results) != count:
+        raise InferError(
+            grpc.StatusCode.DATA_LOSS,
+            f"{count - len(results)} of {count} results of batch {batch_id} went to an earlier stream; "
+            "pull them with PullResult if they were not received, or push again without the request_id",
+        )
+    return sorted(results, key=lambda r: r.index)
+
+
 def _not_ours(batch_id: str) -> ValueError:
     return ValueError(f"batch {batch_id!r} was not pushed on this session (or its results were read)")
 
@@ -164,7 +176,8 @@ class Session:
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
     ) -> list[ImageResult]:
         """Push one batch and wait for all its results; ordered by index like ``images``."""
-        return sorted(self.results(self.push(images, names, request_id)), key=lambda r: r.index)
+        batch_id = self.push(images, names, request_id)
+        return _whole(batch_id, list(self.results(batch_id)), len(images))
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop pushing; wait (bounded) for results still owed, then end the stream."""
@@ -195,9 +208,14 @@ class Session:
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             error = InferError.from_rpc(exc)
-        with self._cond:
-            self._book.fail(error)
-            self._cond.notify_all()
+        except BaseException as exc:  # a bug or an OS error here must still fail the waiters
+            error = InferError(grpc.StatusCode.INTERNAL, f"session reader failed: {exc!r}")
+            self._call.cancel()
+            raise
+        finally:
+            with self._cond:
+                self._book.fail(error)
+                self._cond.notify_all()
 
     def __enter__(self) -> Session:
         return self
@@ -255,13 +273,14 @@ class AsyncSession:
     ) -> list[ImageResult]:
         """Push one batch and wait for all its results; ordered by index like ``images``."""
         batch_id = await self.push(images, names, request_id)
-        return sorted([r async for r in self.results(batch_id)], key=lambda r: r.index)
+        return _whole(batch_id, [r async for r in self.results(batch_id)], len(images))
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop pushing; wait (bounded) for results still owed, then end the stream."""
         if not self._reader.done():
-            with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                await self._call.done_writing()
+            async with self._writing:  # not in the middle of a push's write
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await self._call.done_writing()
         try:
             await asyncio.wait_for(asyncio.shield(self._reader), timeout)
         except TimeoutError:

@@ -45,6 +45,9 @@ _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # Answers a Session may owe its client before it stops reading pushes (flow control holds the rest).
 MAX_PENDING_ANSWERS = 256
+# Results per SessionReply: keeps a reply far below any message limit (a result with 100 detections
+# and a long name is ~10 KB); a backlog goes out in several replies.
+MAX_RESULTS_PER_REPLY = 256
 
 
 def outcome_to_proto(outcome: ImageOutcome) -> infer_pb2.ImageResult:
@@ -117,7 +120,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
             reader = asyncio.ensure_future(read_pushes())
             try:
                 while True:
-                    outcomes = session.take()
+                    outcomes = session.take(MAX_RESULTS_PER_REPLY)
                     completed = session.completions(outcomes)
                     if answers or outcomes or completed:
                         results = [outcome_to_proto(o) for o in outcomes]

@@ -75,6 +75,9 @@ def test_a_retried_push_on_a_new_session_ends_even_if_its_results_went_elsewhere
         with client.session() as second:  # e.g. the first answer was lost: push again, same request_id
             assert second.push([scenes[0].jpeg], request_id=request_id) == batch_id
             assert list(second.results(batch_id, timeout=30)) == [], "delivered already; the batch completes"
+            with pytest.raises(InferError) as info:  # detect() never returns a short list
+                second.detect([scenes[0].jpeg], request_id=request_id)
+            assert info.value.code == grpc.StatusCode.DATA_LOSS
 
 
 def test_a_broken_session_loses_nothing(server: RunningServer, scenes: list[Scene]) -> None:

@@ -79,11 +79,15 @@ def test_batch_file_is_freed_when_its_last_result_arrives(shm: Path) -> None:
     pushed.add("b1", str(first), 2)
     pushed.add("b1", str(retry), 2)  # a retried request_id: the server reads the first file
     pushed.add("b2", str(other), 1)
-    assert retry.exists()  # never read by the server: free for the next batch (keep=1)
+    assert not retry.exists()  # the server may read either file: deleted, never rewritten
     assert pushed.accept("b1", 1)
     assert not pushed.accept("b1", 1)  # handed out again after a cancelled write: dropped
     assert pushed.accept("b1", 0)
-    assert not first.exists()  # done, but the free list is full (keep=1): deleted
+    assert first.exists()  # done: kept for the next batch (keep=1)
+    pushed.add("b3", str(retry), 1)
+    retry.write_bytes(b"x")
+    assert pushed.accept("b3", 0)
+    assert not retry.exists()  # done too, but the free list is full: deleted
     assert pushed.accept("foreign", 0)
     pushed.remove_all()  # owned (b2's) and free files alike
     assert os.listdir(shm) == []
