@@ -66,7 +66,7 @@ class GrpcDriver:
     def run_batch(self, images: list[bytes], names: list[str], record: BatchRecord, counter: Any) -> None:
         if self.session.broken:  # e.g. the server restarted under an external --server run
             self.session = self.client.session()
-        batch_id = self.session.push(images, names)
+        batch_id = self.session.push(images, names, defer_answer=True)  # answered with its results
         for result in self.session.results(batch_id):
             record.arrivals.append(time.perf_counter())
             counter.value += 1

@@ -56,10 +56,10 @@ class SessionBook:
         self._complete: set[str] = set()  # complete batches whose results were not all read yet
         self.error: InferError | None = None
 
-    def request(self, prepared: PreparedPush) -> tuple[int, infer_pb2.SessionRequest]:
+    def request(self, prepared: PreparedPush, defer_answer: bool) -> tuple[int, infer_pb2.SessionRequest]:
         tag = next(self._tags)
         self._files[tag] = prepared.owned_path
-        return tag, infer_pb2.SessionRequest(tag=tag, push=prepared.request)
+        return tag, infer_pb2.SessionRequest(tag=tag, push=prepared.request, defer_answer=defer_answer)
 
     def absorb(self, reply: infer_pb2.SessionReply) -> None:
         """Answers, then results, then completions: the order the server guarantees."""
@@ -131,8 +131,11 @@ class Session:
     """One ``Session`` stream of a blocking client; threads may share it. Close it (or ``with``).
 
     ``push`` returns a batch id once the server admitted the batch (``InferError`` otherwise);
-    ``results`` yields that batch's results as they arrive. ``InferClient.detect`` uses a session
-    of its own; open more with ``InferClient.session()``.
+    ``results`` yields that batch's results as they arrive. With ``defer_answer=True`` the server
+    sends the answer together with the batch's first results, one message fewer per batch: ``push``
+    then returns when those arrived (a refusal still comes at once). For a caller that reads the
+    results right after, as ``detect`` does. ``InferClient.detect`` uses a session of its own;
+    open more with ``InferClient.session()``.
     """
 
     def __init__(self, stub: Any, transport: str, pushed: PushedBatches, timeout: float | None) -> None:
@@ -150,15 +153,16 @@ class Session:
             return self._book.error is not None
 
     def push(
-        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
-    ) -> str:
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
+        *, defer_answer: bool = False,
+    ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
         prepared = prepare_push(images, names, request_id, self._transport, self._files)
         with self._cond:
             if self._book.error is not None:
                 remove_file(prepared.owned_path)
                 raise self._book.error
-            tag, request = self._book.request(prepared)
+            tag, request = self._book.request(prepared, defer_answer)
         self._requests.put(request)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
 
@@ -176,7 +180,7 @@ class Session:
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
     ) -> list[ImageResult]:
         """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = self.push(images, names, request_id)
+        batch_id = self.push(images, names, request_id, defer_answer=True)
         return _whole(batch_id, list(self.results(batch_id)), len(images))
 
     def close(self, timeout: float = 5.0) -> None:
@@ -242,14 +246,15 @@ class AsyncSession:
         return self._book.error is not None
 
     async def push(
-        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
-    ) -> str:
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
+        *, defer_answer: bool = False,
+    ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
         prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self._transport, self._files)
         if self._book.error is not None:
             remove_file(prepared.owned_path)
             raise self._book.error
-        tag, request = self._book.request(prepared)
+        tag, request = self._book.request(prepared, defer_answer)
         try:
             async with self._writing:  # grpc.aio takes one write at a time
                 await self._call.write(request)
@@ -272,7 +277,7 @@ class AsyncSession:
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
     ) -> list[ImageResult]:
         """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = await self.push(images, names, request_id)
+        batch_id = await self.push(images, names, request_id, defer_answer=True)
         return _whole(batch_id, [r async for r in self.results(batch_id)], len(images))
 
     async def close(self, timeout: float = 5.0) -> None:

@@ -249,16 +249,22 @@ class Subscription:
 
     def __init__(self, batches: Iterable[Batch] = (), *, open_ended: bool = False) -> None:
         self._batches: dict[str, Batch] = {}
+        self._repeats: collections.Counter[str] = collections.Counter()  # added again while held
         self._open = self._session = open_ended
         self._wake = asyncio.Event()
         for batch in batches:
             self.add(batch)
 
-    def add(self, batch: Batch) -> None:
-        """Deliver ``batch``'s results on this stream too (a repeat of a batch is ignored)."""
-        if batch.batch_id not in self._batches:
+    def add(self, batch: Batch, wake: bool = True) -> None:
+        """Deliver ``batch``'s results on this stream too. ``wake=False``: the stream has nothing to
+        send for it until it has results. Added again while held (a push repeated with its
+        request_id), it is reported complete once more after its first completion was released."""
+        if batch.batch_id in self._batches:
+            self._repeats[batch.batch_id] += 1
+        else:
             self._batches[batch.batch_id] = batch
             batch.subscribers.add(self._wake)
+        if wake or batch.ready or batch.done:
             self._wake.set()
 
     def seal(self) -> None:
@@ -286,8 +292,12 @@ class Subscription:
         ]  # fmt: skip
 
     def release(self, batch_ids: Iterable[str]) -> None:
-        """Their completion was written: let the batches go."""
+        """Their completion was written: let the batches go (a repeated one after its last repeat)."""
         for batch_id in batch_ids:
+            if self._repeats[batch_id]:
+                self._repeats[batch_id] -= 1
+                continue
+            self._repeats.pop(batch_id, None)
             batch = self._batches.pop(batch_id, None)
             if batch is not None:
                 batch.subscribers.discard(self._wake)

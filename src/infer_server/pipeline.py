@@ -145,7 +145,7 @@ class VisionPipeline:
         self._attributes(decoded.originals, decoded.sizes, [whole_image])
 
     def process(
-        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes]], read_ms: float = 0.0
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0
     ) -> Iterator[ImageOutcome]:
         """Yield one outcome per image of a chunk (``len(images) <= batch_size``) as it is final.
 
@@ -153,7 +153,7 @@ class VisionPipeline:
         the rest of the chunk goes on. If a later stage raises, what was yielded stands. ``read_ms``
         is the worker's time to read the chunk's bytes.
         """
-        good: list[tuple[ImageRef, bytes]] = []
+        good: list[tuple[ImageRef, bytes | memoryview]] = []
         for ref, data in images:
             try:
                 check_image(data, self.max_image_pixels)
@@ -275,7 +275,7 @@ class NullPipeline:
         """Nothing to warm: no model is loaded."""
 
     def process(
-        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes]], read_ms: float = 0.0
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0
     ) -> Iterator[ImageOutcome]:
         """One outcome per image, in order: rejected as ``VisionPipeline`` would, else OK and empty."""
         timings = (("read", read_ms / max(len(images), 1)),)

@@ -54,22 +54,22 @@ class ImageHeader:
     height: int
 
 
-def read_header(data: bytes) -> ImageHeader:
+def read_header(data: bytes | memoryview) -> ImageHeader:
     """Format and size from the first bytes of an encoded image; raise ``ImageRejected``."""
     if not data:
         raise ImageRejected("empty image")
-    if data.startswith(_PNG_MAGIC):
+    if data[: len(_PNG_MAGIC)] == _PNG_MAGIC:
         # The IHDR chunk must come first: length 13, type, width, height (big endian).
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageRejected(CORRUPT)
         width, height = struct.unpack(">II", data[16:24])
         return _checked(ImageHeader("png", width, height))
-    if data.startswith(b"\xff\xd8\xff"):
+    if data[:3] == b"\xff\xd8\xff":
         return _checked(_jpeg_header(data))
     raise ImageRejected("not a JPEG or PNG")
 
 
-def _jpeg_header(data: bytes) -> ImageHeader:
+def _jpeg_header(data: bytes | memoryview) -> ImageHeader:
     pos, end = 2, len(data)
     while pos < end:
         if data[pos] != 0xFF:
@@ -104,7 +104,7 @@ def _checked(header: ImageHeader) -> ImageHeader:
     return header
 
 
-def check_image(data: bytes, max_pixels: int) -> ImageHeader:
+def check_image(data: bytes | memoryview, max_pixels: int) -> ImageHeader:
     """``read_header`` plus the decoder's pixel limit; raise ``ImageRejected`` with the reason."""
     header = read_header(data)
     if header.width * header.height > max_pixels:
@@ -202,11 +202,11 @@ class DetectorPreprocessor:
         )
         self._pipe.build()
 
-    def _run(self, encoded: Sequence[bytes]) -> tuple[Any, ...]:
+    def _run(self, encoded: Sequence[bytes | memoryview]) -> tuple[Any, ...]:
         self._pipe.feed_input("encoded", [np.frombuffer(b, np.uint8) for b in encoded])
         return tuple(self._pipe.run())
 
-    def run(self, encoded: Sequence[bytes]) -> DecodedBatch:
+    def run(self, encoded: Sequence[bytes | memoryview]) -> DecodedBatch:
         """Decode ``encoded`` (at most ``batch_size`` images that passed ``check_image``)."""
         if not encoded:
             return DecodedBatch(np.empty((0,)), [], [], [])
@@ -225,7 +225,7 @@ class DetectorPreprocessor:
             keepalive=[decoded],
         )
 
-    def _run_one_by_one(self, encoded: Sequence[bytes]) -> DecodedBatch:
+    def _run_one_by_one(self, encoded: Sequence[bytes | memoryview]) -> DecodedBatch:
         out = DecodedBatch(None, [], [], [])
         tensors = []
         for pos, data in enumerate(encoded):

@@ -64,6 +64,46 @@ def test_a_refused_push_is_answered_in_band_and_the_session_goes_on(
         assert_answers(session.detect([scenes[1].jpeg]), scenes[1:2])
 
 
+def test_a_deferred_answer_comes_with_the_first_results_and_a_refusal_at_once(
+    server: RunningServer, scenes: list[Scene], tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(scenes[0].jpeg)
+    jpeg = scenes[0].jpeg
+    with server.client() as client:
+        stub = infer_pb2_grpc.InferenceServiceStub(client._channel)
+        requests = iter(
+            [
+                infer_pb2.SessionRequest(
+                    tag=1, push=infer_pb2.PushDataRequest(data=jpeg, sizes=[len(jpeg)]), defer_answer=True
+                ),
+                infer_pb2.SessionRequest(
+                    tag=2, push=infer_pb2.PushDataRequest(path=str(outside), sizes=[9]), defer_answer=True
+                ),
+            ]
+        )
+        replies = list(stub.Session(requests, timeout=60))
+    assert [a.tag for a in replies[0].answers] == [2] and not replies[0].results, "the refusal goes first"
+    assert replies[0].answers[0].status.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    (answer,) = [a for r in replies for a in r.answers if a.tag == 1]
+    (carrier,) = [r for r in replies if answer in r.answers]
+    assert [r.batch_id for r in carrier.results] == [answer.batch_id], "the answer travels with the result"
+    assert sum(len(r.answers) for r in replies) == 2 and len(replies) == 2
+
+
+def test_a_deferred_answer_of_a_batch_already_delivered_comes_with_its_completion(
+    server: RunningServer, scenes: list[Scene]
+) -> None:
+    request_id = uuid.uuid4().hex
+    with server.client() as client, client.session() as session:
+        batch_id = session.push([scenes[0].jpeg], request_id=request_id, defer_answer=True)
+        assert len(list(session.results(batch_id))) == 1
+        # The same push again on the same session: nothing more comes of it but its completion.
+        assert session.push([scenes[0].jpeg], request_id=request_id, defer_answer=True) == batch_id
+        assert list(session.results(batch_id, timeout=30)) == []
+        assert_answers(session.detect([scenes[1].jpeg]), scenes[1:2])
+
+
 def test_a_retried_push_on_a_new_session_ends_even_if_its_results_went_elsewhere(
     server: RunningServer, scenes: list[Scene]
 ) -> None:

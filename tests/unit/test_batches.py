@@ -318,7 +318,7 @@ def test_a_session_takes_bursts_across_batches_in_completion_order() -> None:
         reg.record(outcome(b, 2))
         session.add(a)
         session.add(b)
-        session.add(a)  # a repeat (a retried push) is ignored
+        session.add(a)  # a repeat (a retried push): its results come once, its completion twice
         reg.record(outcome(a, 1))
         reg.record(outcome(b, 0))
         burst = session.take()
@@ -337,6 +337,9 @@ def test_a_session_takes_bursts_across_batches_in_completion_order() -> None:
         assert session.completions(burst) == [a.batch_id, b.batch_id]
         session.ack(burst)
         session.release([a.batch_id, b.batch_id])
+        assert session.take() == [] and session.completions([]) == [a.batch_id], "once more for the repeat"
+        session.release([a.batch_id])
+        assert session.completions([]) == []
         assert not session.finished, "open until sealed"
         session.seal()
         assert session.finished
