@@ -28,6 +28,7 @@ class Chunk:
     item: WorkItem
     remaining: set[int]  # indices of its images not answered yet
     started: bool = False  # a worker that died had taken it (its images may have run)
+    nameless: bool = False  # sent without its images' names: outcomes get them back in ``resolve``
 
     def open_refs(self) -> list[ImageRef]:
         return [r for r in self.item.images if r.index in self.remaining]
@@ -75,6 +76,9 @@ class ChunkLedger:
             self.counters["duplicates_dropped"] += 1
             return None
         chunk = self._chunks[item_id]
+        if chunk.nameless:
+            name = next(r.name for r in chunk.item.images if r.index == outcome.index)
+            outcome = dataclasses.replace(outcome, name=name)
         chunk.remaining.discard(outcome.index)
         if not chunk.remaining:
             del self._chunks[item_id]

@@ -7,8 +7,9 @@ and raises ``PipelineError`` with a worker's own message otherwise.
 
 Queues and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
-admission control) and are handed to workers on credit: each worker has its own small inbox and
-holds at most ``CREDIT`` chunks, so the pool always knows which chunks each worker holds. A worker
+admission control) and are handed to workers on credit: each worker has its own inbox, a pipe the
+pool writes into directly and without ever blocking (``_Inbox``), and holds at most ``CREDIT``
+chunks, so the pool always knows which chunks each worker holds. A worker
 writes the id of the chunk it takes into its shared ``current`` value and answers through its own
 result pipe with one ``ItemDone`` per chunk, carrying every image's outcome: one message and one
 wake-up of the reader per chunk, not per image. A pipe per worker, not one shared queue: a worker
@@ -36,14 +37,16 @@ stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
-import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +58,15 @@ from infer_server.messages import (
     ItemDone,
     WorkerFailed,
     WorkerReady,
+    WorkItem,
 )
 from infer_server.worker import STOP, WorkerOptions, run_worker
 
 log = logging.getLogger(__name__)
 
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
+_INBOX_BYTES = 1 << 20  # asked for each worker's inbox pipe (pipe-max-size, 1 MiB by default, allows it)
+_PAGE = 4096
 _MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
 _MAX_BURST = 64  # messages the reader takes from one worker's pipe before looking at the others
 
@@ -69,13 +75,61 @@ class PipelineError(RuntimeError):
     """The pipeline cannot take work: a worker failed to start, or the pool is stopped."""
 
 
+class _Inbox:
+    """The pool's end of a worker's inbox: a pipe that takes whole pickled work items without blocking.
+
+    Written under the pool's lock, from the event loop (``submit_batch``) or the reader thread, so
+    a write must never wait for the worker: a worker holds at most ``CREDIT`` items and the stop
+    marker follows them, so every item that fits in a ``CREDIT + 1``-th of the pipe (with a page of
+    slack at each end, pipes fill page by page) is written at once. No thread hands items over
+    (``multiprocessing.Queue`` has one: a wake-up per item). An item that would not fit (very long
+    image names in a very large chunk) is sent without its names; ``PipelinePool`` puts them back
+    into the outcomes from its ledger.
+    """
+
+    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
+        self.conn = conn
+        with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
+            fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, _INBOX_BYTES)
+        self.capacity = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
+        self.limit = self.capacity // (CREDIT + 1) - 2 * _PAGE
+
+    @staticmethod
+    def check(batch_size: int) -> None:
+        """Raise ``PipelineError`` unless an inbox takes any item of ``batch_size`` images without names."""
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        inbox = _Inbox(writer)
+        reader.close()
+        inbox.close()
+        if inbox.limit < 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids, ≤ 54 bytes per image
+            raise PipelineError(
+                f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
+                "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
+            )
+
+    def put(self, item: WorkItem | None) -> bool:
+        """Send ``item`` (or the stop marker); True if it went without its images' names.
+        BrokenPipeError if the worker is gone."""
+        frame = ForkingPickler.dumps(item)
+        nameless = len(frame) > self.limit and item is not None
+        if nameless:
+            assert item is not None
+            refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
+            frame = ForkingPickler.dumps(dataclasses.replace(item, images=refs))
+        self.conn.send_bytes(frame)
+        return nameless
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 @dataclass(eq=False)
 class _Worker:
     """One worker process (a slot gets a new one after each death)."""
 
     slot: int
     process: Any
-    inbox: Any
+    inbox: _Inbox
     results: multiprocessing.connection.Connection
     current: Any  # shared ctypes value: id of the chunk the worker took last
     ready: bool = False
@@ -102,11 +156,6 @@ class _Wakeup:
         self._writer.close()
 
 
-def _close_inbox(worker: _Worker) -> None:
-    worker.inbox.cancel_join_thread()  # never block on a queue whose reader is gone
-    worker.inbox.close()
-
-
 class PipelinePool:
     def __init__(
         self, repo_dir: Path, *, workers: int = 2, device: str = "cpu", batch_size: int = 8,
@@ -116,6 +165,7 @@ class PipelinePool:
     ) -> None:  # fmt: skip
         if workers < 1 or batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
+        _Inbox.check(batch_size)
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads, null_model=null_model)
         self._on_outcome, self._on_health = on_outcome, on_health
@@ -196,8 +246,8 @@ class PipelinePool:
             self._stop_event.set()  # jumps the queue: a worker checks it before each chunk
             workers = [w for w in self._slots if w is not None]
         for w in workers:
-            with contextlib.suppress(queue.Full):  # the event alone stops it after its chunk
-                w.inbox.put_nowait(STOP)
+            with contextlib.suppress(OSError):  # a dead worker; the event alone stops a busy one
+                w.inbox.put(STOP)
         for w in workers:
             w.process.join(max(0.5, deadline - time.monotonic()))
         for w in workers:
@@ -217,7 +267,7 @@ class PipelinePool:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(_MAX_WAIT)
         for w in workers:
-            _close_inbox(w)
+            w.inbox.close()
             w.results.close()  # the reader has stopped; it closed those it saw end already
         self._read_wakeup.close()
         self._watch_wakeup.close()
@@ -236,7 +286,10 @@ class PipelinePool:
             worker = min(free, key=lambda w: len(w.held))
             chunk = self._ledger.pending.popleft()
             worker.held[chunk.item.item_id] = chunk
-            worker.inbox.put_nowait(chunk.item)  # cannot be full: the inbox holds CREDIT + 1
+            try:
+                chunk.nameless = worker.inbox.put(chunk.item)  # never blocks (see _Inbox)
+            except OSError:  # the worker died: the watcher hands its chunks back, this one too
+                log.debug("worker %d is gone; chunk %d waits for its replacement", worker.slot, chunk.item.item_id)
 
     def _deliver(self, outcomes: Sequence[ImageOutcome | None]) -> None:
         if outcomes:
@@ -341,14 +394,15 @@ class PipelinePool:
         with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
             if self._stop_event.is_set():
                 return
-            inbox = self._ctx.Queue(maxsize=CREDIT + 1)
+            child_inbox, inbox = self._ctx.Pipe(duplex=False)
             results, child_end = self._ctx.Pipe(duplex=False)
             current = self._ctx.RawValue("q", 0)
-            args = (slot, str(self.repo_dir), self._options, inbox, child_end, self._stop_event, current)
+            args = (slot, str(self.repo_dir), self._options, child_inbox, child_end, self._stop_event, current)
             process = self._ctx.Process(target=run_worker, name=f"infer-worker-{slot}", args=args, daemon=True)
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
-            worker = _Worker(slot, process, inbox, results, current)
+            child_inbox.close()
+            worker = _Worker(slot, process, _Inbox(inbox), results, current)
             self._slots[slot] = worker
             self._channels[results] = worker
         self._read_wakeup.set()
@@ -374,7 +428,7 @@ class PipelinePool:
             for chunk in worker.held.values():
                 chunk.started = chunk.item.item_id == worker.current.value
             deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk)]
-            _close_inbox(worker)  # its result pipe is the reader's to close
+            worker.inbox.close()  # its result pipe is the reader's to close
             self._restarts += 1
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
                 self._setup_failures[worker.slot] += 1

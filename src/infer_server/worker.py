@@ -163,11 +163,14 @@ class StageWorker:
         self.current = current  # shared ctypes value: id of the item taken last (None: not shared)
         self.reader = ChunkReader()
 
-    def serve(self, inbox: Any, stop: Event) -> None:
+    def serve(self, inbox: Connection, stop: Event) -> None:
         while not stop.is_set():
             # Blocking is the idle state of a worker: the stop marker, the parent's death (see
             # _exit_with_parent) and the pool's terminate → kill after join(timeout) all end it.
-            item = inbox.get()
+            try:
+                item = inbox.recv()
+            except EOFError:  # the pool closed the inbox: as good as the stop marker
+                return
             if item is STOP or stop.is_set():
                 return
             self.handle(item)
@@ -207,7 +210,7 @@ class StageWorker:
 
 
 def run_worker(
-    worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Any, results: Connection, stop: Event,
+    worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Connection, results: Connection, stop: Event,
     current: Any = None,
 ) -> None:  # fmt: skip
     """Process target: set up, report READY or the setup error, then serve until stopped."""

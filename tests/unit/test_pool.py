@@ -140,6 +140,17 @@ def test_every_image_gets_exactly_one_outcome(harness: Harness, shm: Path) -> No
     assert stats["stage_ms"]["detector"] > 0
 
 
+def test_names_come_back_even_when_a_chunk_is_too_large_for_the_inbox_with_them(harness: Harness, shm: Path) -> None:
+    path = shm / "named"
+    path.write_bytes(b"".join(JPEGS[:4]))
+    st = os.stat(path)
+    names = [f"{i}" * 150_000 for i in range(4)]  # 600 KB of names: more than an inbox takes at once
+    refs = [ImageRef(i, sum(map(len, JPEGS[:i])), len(JPEGS[i]), names[i]) for i in range(4)]
+    harness.pool.submit_batch("named", str(path), st.st_dev, st.st_ino, st.st_size, refs, time.monotonic() + 300)
+    outcomes = harness.collector.wait_all("named", 4)
+    assert sorted((o.index, o.name, o.code) for o in outcomes) == [(i, names[i], Code.OK) for i in range(4)]
+
+
 def test_work_past_its_deadline_is_answered(harness: Harness, shm: Path) -> None:
     submit(harness.pool, shm / "late", "late", JPEGS[:5], deadline_s=-1.0)
     outcomes = harness.collector.wait_all("late", 5)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
-import queue
 import shutil
 import tempfile
 import time
@@ -136,14 +135,23 @@ def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Pat
 
 
 def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
-    inbox: queue.Queue[Any] = queue.Queue()
-    inbox.put(write_batch(shm / "batch", BLOBS[:1]))
-    inbox.put(STOP)
-    inbox.put(write_batch(shm / "never", BLOBS[:1], batch_id="never"))
+    inbox, pool_end = multiprocessing.Pipe(duplex=False)
+    pool_end.send(write_batch(shm / "batch", BLOBS[:1]))
+    pool_end.send(STOP)
+    pool_end.send(write_batch(shm / "never", BLOBS[:1], batch_id="never"))
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child).serve(inbox, multiprocessing.Event())
-    assert inbox.qsize() == 1, "nothing after the stop marker is taken"
+    assert inbox.recv().batch_id == "never", "nothing after the stop marker is taken"
     messages = []
     while parent.poll():
         messages.append(parent.recv())
     assert [(type(m).__name__, len(m.outcomes)) for m in messages] == [("ItemDone", 1)]
+
+
+def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, shm: Path) -> None:
+    inbox, pool_end = multiprocessing.Pipe(duplex=False)
+    pool_end.send(write_batch(shm / "batch", BLOBS[:1]))
+    pool_end.close()
+    parent, child = multiprocessing.Pipe(duplex=False)
+    StageWorker(3, pipeline, child).serve(inbox, multiprocessing.Event())
+    assert isinstance(parent.recv(), ItemDone) and not parent.poll()
