@@ -16,10 +16,13 @@ wake-up of the reader per chunk, not per image. A pipe per worker, not one share
 SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock held (and a
 half-written message) for every other worker; a private pipe just reaches EOF and is discarded.
 
-Threads. The *reader* waits on every result pipe (``multiprocessing.connection.wait``), records
-which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
-for an image already answered (a dead worker's late result, a retry's second answer) is dropped
-here. The *watcher* waits on the process sentinels, so a death is seen at once without polling.
+Threads. The *reader* takes every message from the result pipes, records which images are answered
+and calls ``on_outcome`` — exactly once per submitted image: an outcome for an image already
+answered (a dead worker's late result, a retry's second answer) is dropped here. Given an asyncio
+``loop`` (the server's), the loop is the reader (``add_reader`` on each pipe; ``on_outcome`` then
+runs on the loop's thread, and ``start``/``stop``, which wait for the workers, must be called off
+it); without one, a reader thread waits on all pipes (``multiprocessing.connection.wait``). The
+*watcher* waits on the process sentinels, so a death is seen at once without polling.
 
 Death. When a worker dies the watcher lets the reader drain its pipe to EOF (so every outcome it
 managed to send counts), reports ``on_health(False)``, and hands its chunks back to the ledger
@@ -36,6 +39,7 @@ stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still o
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import fcntl
@@ -160,7 +164,7 @@ class PipelinePool:
     def __init__(
         self, repo_dir: Path, *, workers: int = 2, device: str = "cpu", batch_size: int = 8,
         max_attempts: int = 2, max_image_pixels: int = 40_000_000, intra_op_threads: int = 1,
-        null_model: bool = False,
+        null_model: bool = False, loop: asyncio.AbstractEventLoop | None = None,
         on_outcome: Callable[[ImageOutcome], None], on_health: Callable[[bool], None] | None = None,
     ) -> None:  # fmt: skip
         if workers < 1 or batch_size < 1 or max_attempts < 1:
@@ -169,6 +173,7 @@ class PipelinePool:
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads, null_model=null_model)
         self._on_outcome, self._on_health = on_outcome, on_health
+        self._loop = loop  # reads the result pipes if given (no reader thread)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
         self._cond = threading.Condition()  # guards everything below and the ledger
@@ -182,14 +187,14 @@ class PipelinePool:
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
         self._read_wakeup, self._watch_wakeup = _Wakeup(), _Wakeup()
-        self._threads = [
-            threading.Thread(target=self._read_results, name="pool-reader", daemon=True),
-            threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True)]
+        if loop is None:
+            self._threads.append(threading.Thread(target=self._read_results, name="pool-reader", daemon=True))
 
     # ----------------------------------------------------------------------------------- public
     def start(self, timeout: float = 120.0) -> None:
         """Spawn every worker and block until all are READY; raise ``PipelineError`` otherwise."""
+        self._not_on_loop("start")
         with self._cond:
             if self._started or self._stopping:
                 raise PipelineError("the pool was already started")
@@ -236,6 +241,7 @@ class PipelinePool:
 
     def stop(self, timeout: float = 10.0, drain: bool = True) -> None:
         """Drain (bounded by ``timeout``) if asked, then stop every worker; no child survives."""
+        self._not_on_loop("stop")
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._closed:
@@ -266,6 +272,7 @@ class PipelinePool:
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(_MAX_WAIT)
+        self._stop_reading_on_loop([w.results for w in workers])
         for w in workers:
             w.inbox.close()
             w.results.close()  # the reader has stopped; it closed those it saw end already
@@ -310,6 +317,38 @@ class PipelinePool:
         if changed and self._on_health is not None:
             self._on_health(healthy)
 
+    def _not_on_loop(self, what: str) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:  # no loop runs in this thread: fine
+            return
+        if running is self._loop:
+            raise PipelineError(f"{what}() waits for the workers, whose pipes the loop reads: call it off the loop")
+
+    def _read_on_loop(self, worker: _Worker, conn: Any) -> None:
+        """On the loop: read ``conn`` whenever it has data (``_drain`` unregisters it at EOF)."""
+        if not conn.closed:
+            self._loop.add_reader(conn.fileno(), self._drain, worker, conn)  # type: ignore[union-attr]
+
+    def _stop_reading_on_loop(self, conns: list[Any]) -> None:
+        """Unregister ``conns`` from the loop before they are closed (their numbers get reused)."""
+        loop = self._loop
+        if loop is None:
+            return
+        done = threading.Event()
+
+        def remove() -> None:
+            for conn in conns:
+                if not conn.closed:
+                    loop.remove_reader(conn.fileno())
+            done.set()
+
+        try:
+            loop.call_soon_threadsafe(remove)
+        except RuntimeError:  # the loop is closed, and with it every registration
+            return
+        done.wait(_MAX_WAIT)
+
     def _read_results(self) -> None:
         """Reader thread: every message of every worker, in the order each worker sent them."""
         while not self._closed:
@@ -325,13 +364,17 @@ class PipelinePool:
     def _drain(self, worker: _Worker, conn: Any) -> None:
         """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
         in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
-        worker cannot starve the others)."""
+        worker cannot starve the others). Runs in the reader thread, or on the loop."""
+        if conn.closed:  # stop() closed it after this call was queued
+            return
         for _ in range(_MAX_BURST):
             try:
                 message = conn.recv()
             except Exception:  # EOF, or a message cut short by the worker's death
                 with self._cond:
                     self._channels.pop(conn, None)
+                if self._loop is not None:  # _drain runs on the loop, then
+                    self._loop.remove_reader(conn.fileno())
                 conn.close()
                 worker.drained.set()
                 return
@@ -405,7 +448,11 @@ class PipelinePool:
             worker = _Worker(slot, process, _Inbox(inbox), results, current)
             self._slots[slot] = worker
             self._channels[results] = worker
-        self._read_wakeup.set()
+        if self._loop is None:
+            self._read_wakeup.set()
+        else:
+            with contextlib.suppress(RuntimeError):  # a closed loop: the pool is being torn down
+                self._loop.call_soon_threadsafe(self._read_on_loop, worker, results)
         self._watch_wakeup.set()
 
     def _on_death(self, worker: _Worker) -> None:

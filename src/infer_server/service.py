@@ -198,6 +198,7 @@ class InferenceServer:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = -1
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
         # Outcomes from the pool's reader thread wait here for the loop; one wake-up takes them all.
@@ -209,6 +210,7 @@ class InferenceServer:
         """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
         s = self.settings
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.handoff.prepare_dirs()
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
@@ -255,6 +257,7 @@ class InferenceServer:
             max_image_pixels=s.max_image_pixels,
             intra_op_threads=s.intra_op_threads,
             null_model=s.null_model,
+            loop=self._loop,
             on_outcome=self._outcome_from_pool,
             on_health=self._health_from_pool,
         )
@@ -353,8 +356,13 @@ class InferenceServer:
             self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
 
     def _outcome_from_pool(self, outcome: ImageOutcome) -> None:
-        """Pool thread -> event loop. Outcomes come in bursts (a chunk's images finish together), so
-        the loop is woken once per burst, not once per image (docs/workers.md)."""
+        """A worker's outcomes arrive on the loop (the pool reads its workers' pipes there). Those the
+        pool makes up in its threads (deadline, crash, shutdown) hop onto the loop, which is woken
+        once per burst, not once per image (docs/workers.md)."""
+        if threading.get_ident() == self._loop_thread:
+            self.metrics.image_done(outcome)
+            self.registry.record(outcome)
+            return
         with self._arrivals_lock:
             self._arrivals.append(outcome)
             if self._flush_scheduled:

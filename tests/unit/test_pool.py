@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import shutil
@@ -220,3 +221,37 @@ def test_a_broken_repository_fails_start_with_the_workers_message(model_repo_dir
     with pytest.raises(PipelineError, match=r"worker \d failed to start: ValueError: .*missing model\.onnx"):
         pool.start(timeout=WAIT_S)
     assert set(all_workers()) <= others, "start() cleans up after a failure"
+
+
+def test_a_pool_whose_pipes_an_event_loop_reads(model_repo_dir: Path, shm: Path) -> None:
+    """The server's mode: no reader thread; outcomes arrive on the loop's thread, deaths still retry."""
+
+    async def main() -> None:
+        loop, collector, threads = asyncio.get_running_loop(), Collector(), set()
+
+        def on_outcome(outcome: ImageOutcome) -> None:
+            threads.add(threading.get_ident())
+            collector.on_outcome(outcome)
+
+        pool = PipelinePool(model_repo_dir, workers=2, batch_size=2, null_model=True, loop=loop, on_outcome=on_outcome)
+        with pytest.raises(PipelineError, match="off the loop"):
+            pool.start()  # it would wait for READY messages only this loop can read
+        others = set(all_workers())  # the module's pool
+        await asyncio.to_thread(pool.start, WAIT_S)
+        try:
+            assert [t.name for t in pool._threads] == ["pool-watcher"], "no reader thread"
+            submit(pool, shm / "a", "a", JPEGS)
+            await asyncio.to_thread(collector.wait_all, "a", len(JPEGS))
+            assert threads == {threading.get_ident()}
+            assert_once_each(collector.of("a"), len(JPEGS))
+
+            victim = next(p for pid, p in all_workers().items() if pid not in others)
+            victim.kill()  # its pipe reaches EOF on the loop; the replacement's pipe is read there too
+            submit(pool, shm / "b", "b", JPEGS)
+            await asyncio.to_thread(collector.wait_all, "b", len(JPEGS))
+            assert_once_each(collector.of("b"), len(JPEGS))
+        finally:
+            await asyncio.to_thread(pool.stop, 30.0)
+        assert set(all_workers()) <= others, "a worker outlived stop()"
+
+    asyncio.run(main())
