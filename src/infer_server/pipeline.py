@@ -145,13 +145,15 @@ class VisionPipeline:
         self._attributes(decoded.originals, decoded.sizes, [whole_image])
 
     def process(
-        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0
-    ) -> Iterator[ImageOutcome]:
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0,
+        queue_ms: float | None = None,
+    ) -> Iterator[ImageOutcome]:  # fmt: skip
         """Yield one outcome per image of a chunk (``len(images) <= batch_size``) as it is final.
 
         Images that fail the header check or do not decode are yielded first, as INVALID_ARGUMENT;
         the rest of the chunk goes on. If a later stage raises, what was yielded stands. ``read_ms``
-        is the worker's time to read the chunk's bytes.
+        is the worker's time to read the chunk's bytes, ``queue_ms`` (a timing of OK images if
+        given) the time the chunk waited for the worker.
         """
         good: list[tuple[ImageRef, bytes | memoryview]] = []
         for ref, data in images:
@@ -181,6 +183,7 @@ class VisionPipeline:
             timings = (
                 ("read", read_ms / len(images)), ("decode", decode_ms), ("detector", detector_ms),
                 ("postprocess", post_ms), ("crop", crop_ms[k]), ("attributes", attr_ms[k]),
+                *(() if queue_ms is None else (("queue", queue_ms),)),
             )  # fmt: skip
             yield ImageOutcome(
                 batch_id=batch_id, index=ref.index, name=ref.name, width=sizes[k][0], height=sizes[k][1],
@@ -275,10 +278,11 @@ class NullPipeline:
         """Nothing to warm: no model is loaded."""
 
     def process(
-        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0
-    ) -> Iterator[ImageOutcome]:
+        self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0,
+        queue_ms: float | None = None,
+    ) -> Iterator[ImageOutcome]:  # fmt: skip
         """One outcome per image, in order: rejected as ``VisionPipeline`` would, else OK and empty."""
-        timings = (("read", read_ms / max(len(images), 1)),)
+        timings = (("read", read_ms / max(len(images), 1)), *(() if queue_ms is None else (("queue", queue_ms),)))
         for ref, data in images:
             try:
                 header = check_image(data, self.max_image_pixels)

@@ -26,7 +26,6 @@ exactly once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -196,10 +195,8 @@ class StageWorker:
                     if isinstance(d, str):
                         fail(ref, Code.DATA_LOSS, d)
                 readable = [(ref, d) for ref, d in zip(item.images, data, strict=True) if not isinstance(d, str)]
-                queued = ("queue", max(0.0, taken - item.submitted) * 1e3) if item.submitted else None
-                for outcome in self.pipeline.process(item.batch_id, readable, read_ms):
-                    if queued is not None and outcome.code == Code.OK:
-                        outcome = dataclasses.replace(outcome, timings_ms=(*outcome.timings_ms, queued))
+                queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
+                for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
                     outcomes[outcome.index] = outcome
         except Exception:
             log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)

@@ -32,6 +32,8 @@ def test_answers_every_image_with_its_header_size_and_no_detections() -> None:
     assert [(o.width, o.height) for o in (outcomes[0], outcomes[3])] == [(1280, 720), (640, 480)]
     assert all(o.detections == () and o.worker == 3 for o in outcomes)
     assert dict(outcomes[0].timings_ms) == {"read": pytest.approx(2.0)}
+    queued = list(NullPipeline(max_image_pixels=2_000_000).process("b", images, read_ms=8.0, queue_ms=1.5))
+    assert [dict(o.timings_ms) for o in queued][:2] == [{"read": pytest.approx(2.0), "queue": 1.5}, {}]
 
 
 def test_is_off_by_default_and_set_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
