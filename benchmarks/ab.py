@@ -1,0 +1,103 @@
+"""Interleaved A/B of two revisions on one null-model point: is a change faster, beyond the VM's drift?
+
+This VM's per-core speed drifts by ±15% over minutes, more than most single changes win, so two
+sequential runs cannot tell them apart. This tool checks both revisions out side by side (``git
+worktree``, gRPC stubs generated into each), then alternates A, B, A, B ... each round running
+``benchmarks.fps`` of that revision — its server, its client library, its benchmark — on one point,
+and reports every round's B/A ratio and the means::
+
+    .venv/bin/python -m benchmarks.ab HEAD~1 HEAD                    # tmpfs, K=4, 5 rounds, ~2 min
+    .venv/bin/python -m benchmarks.ab main my-branch --transport inline --concurrency 16 --rounds 7
+
+A revision is anything ``git rev-parse`` takes; ``WORKTREE`` (the working tree with its uncommitted
+changes) compares the current files. Both revisions must have ``benchmarks/fps.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+WORKTREE = "WORKTREE"
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO_ROOT), *args], check=True, capture_output=True, text=True).stdout
+
+
+def _stubs(tree: Path) -> None:
+    from grpc_tools import protoc
+
+    include = Path(protoc.__file__).parent / "_proto"
+    args = ["protoc", f"-I{include}", f"-Iinfer_proto={tree / 'proto'}", f"--python_out={tree / 'src'}",
+            f"--grpc_python_out={tree / 'src'}", "infer_proto/infer.proto"]  # fmt: skip
+    if protoc.main(args) != 0:
+        raise RuntimeError(f"protoc failed in {tree}")
+
+
+@contextmanager
+def _checked_out(revision: str) -> Iterator[Path]:
+    if revision == WORKTREE:
+        yield REPO_ROOT
+        return
+    commit = _git("rev-parse", "--verify", f"{revision}^{{commit}}").strip()
+    with tempfile.TemporaryDirectory(prefix="infer-ab-") as tmp:
+        tree = Path(tmp) / commit[:12]
+        _git("worktree", "add", "--detach", str(tree), commit)
+        try:
+            _stubs(tree)
+            yield tree
+        finally:
+            _git("worktree", "remove", "--force", str(tree))
+
+
+def _point(tree: Path, transport: str, concurrency: int) -> dict[str, float]:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "benchmarks.fps", "--null-model", "--transport", transport,
+               "--null-concurrency", str(concurrency), "--json", out.name]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+        env["PYTHONPATH"] = f"{tree / 'src'}{os.pathsep}{tree}"  # this revision's code, not the installed one
+        done = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"benchmarks.fps failed in {tree}:\n{done.stderr[-3000:]}")
+        (run,) = json.loads(Path(out.name).read_text())["runs"]
+    return {"fps": run["fps"], **{f"cpu_{k}": v for k, v in run["cpu_ms_per_image"].items()}}
+
+
+def main(
+    a: Annotated[str, typer.Argument(help="Baseline revision (or WORKTREE).")],
+    b: Annotated[str, typer.Argument(help="Revision compared with it (or WORKTREE).")],
+    transport: Annotated[str, typer.Option(help="tmpfs or inline.")] = "tmpfs",
+    concurrency: Annotated[int, typer.Option(help="Client processes.")] = 4,
+    rounds: Annotated[int, typer.Option(help="A, B pairs.")] = 5,
+) -> None:
+    """Alternate A and B on one null-model point; print each round's B/A and the means."""
+    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    with _checked_out(a) as tree_a, _checked_out(b) as tree_b:
+        for n in range(1, rounds + 1):
+            for label, tree in (("A", tree_a), ("B", tree_b)):
+                results[label].append(_point(tree, transport, concurrency))
+            ra, rb = results["A"][-1], results["B"][-1]
+            print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
+    for label, revision in (("A", a), ("B", b)):
+        runs = results[label]
+        cpu = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if k.startswith("cpu_")}
+        parts = ", ".join(f"{k[4:]} {v:.3f}" for k, v in cpu.items())
+        print(f"{label} = {revision}: mean {statistics.mean(r['fps'] for r in runs):.0f} img/s; CPU ms/img {parts}")
+    ratios = [rb["fps"] / ra["fps"] for ra, rb in zip(results["A"], results["B"], strict=True)]
+    print(f"B/A: mean {statistics.mean(ratios):.3f}, rounds {' '.join(f'{r:.2f}' for r in ratios)}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
