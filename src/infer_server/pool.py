@@ -8,7 +8,7 @@ and raises ``PipelineError`` with a worker's own message otherwise.
 Queues and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
 admission control) and are handed to workers on credit: each worker has its own inbox, a pipe the
-pool writes into directly and without ever blocking (``_Inbox``), and holds at most ``CREDIT``
+pool writes into directly and without ever blocking (``channels.Inbox``), and holds at most ``CREDIT``
 chunks, so the pool always knows which chunks each worker holds. A worker
 writes the id of the chunk it takes into its shared ``current`` value and answers through its own
 result pipe with one ``ItemDone`` per chunk, carrying every image's outcome: one message and one
@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import fcntl
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -50,10 +48,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
+from infer_server.channels import Inbox, Wakeup
 from infer_server.ledger import Chunk, ChunkLedger
 from infer_server.messages import (
     Code,
@@ -62,15 +60,12 @@ from infer_server.messages import (
     ItemDone,
     WorkerFailed,
     WorkerReady,
-    WorkItem,
 )
 from infer_server.worker import STOP, WorkerOptions, run_worker
 
 log = logging.getLogger(__name__)
 
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
-_INBOX_BYTES = 1 << 20  # asked for each worker's inbox pipe (pipe-max-size, 1 MiB by default, allows it)
-_PAGE = 4096
 _MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
 _MAX_BURST = 64  # messages the reader takes from one worker's pipe before looking at the others
 
@@ -79,85 +74,19 @@ class PipelineError(RuntimeError):
     """The pipeline cannot take work: a worker failed to start, or the pool is stopped."""
 
 
-class _Inbox:
-    """The pool's end of a worker's inbox: a pipe that takes whole pickled work items without blocking.
-
-    Written under the pool's lock, from the event loop (``submit_batch``) or the reader thread, so
-    a write must never wait for the worker: a worker holds at most ``CREDIT`` items and the stop
-    marker follows them, so every item that fits in a ``CREDIT + 1``-th of the pipe (with a page of
-    slack at each end, pipes fill page by page) is written at once. No thread hands items over
-    (``multiprocessing.Queue`` has one: a wake-up per item). An item that would not fit (very long
-    image names in a very large chunk) is sent without its names; ``PipelinePool`` puts them back
-    into the outcomes from its ledger.
-    """
-
-    def __init__(self, conn: multiprocessing.connection.Connection) -> None:
-        self.conn = conn
-        with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
-            fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, _INBOX_BYTES)
-        self.capacity = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
-        self.limit = self.capacity // (CREDIT + 1) - 2 * _PAGE
-
-    @staticmethod
-    def check(batch_size: int) -> None:
-        """Raise ``PipelineError`` unless an inbox takes any item of ``batch_size`` images without names."""
-        reader, writer = multiprocessing.Pipe(duplex=False)
-        inbox = _Inbox(writer)
-        reader.close()
-        inbox.close()
-        if inbox.limit < 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids, ≤ 54 bytes per image
-            raise PipelineError(
-                f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
-                "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
-            )
-
-    def put(self, item: WorkItem | None) -> bool:
-        """Send ``item`` (or the stop marker); True if it went without its images' names.
-        BrokenPipeError if the worker is gone."""
-        frame = ForkingPickler.dumps(item)
-        nameless = len(frame) > self.limit and item is not None
-        if nameless:
-            assert item is not None
-            refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
-            frame = ForkingPickler.dumps(dataclasses.replace(item, images=refs))
-        self.conn.send_bytes(frame)
-        return nameless
-
-    def close(self) -> None:
-        self.conn.close()
-
-
 @dataclass(eq=False)
 class _Worker:
     """One worker process (a slot gets a new one after each death)."""
 
     slot: int
     process: Any
-    inbox: _Inbox
+    inbox: Inbox
     results: multiprocessing.connection.Connection
     current: Any  # shared ctypes value: id of the chunk the worker took last
     ready: bool = False
     setup_error: str | None = None
     held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
     drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
-
-
-class _Wakeup:
-    """Lets a thread blocked in ``connection.wait`` notice that its wait list changed."""
-
-    def __init__(self) -> None:
-        self.reader, self._writer = multiprocessing.Pipe(duplex=False)
-
-    def set(self) -> None:
-        self._writer.send_bytes(b"!")
-
-    def clear(self) -> None:
-        while self.reader.poll():
-            self.reader.recv_bytes()
-
-    def close(self) -> None:
-        self.reader.close()
-        self._writer.close()
 
 
 class PipelinePool:
@@ -169,7 +98,7 @@ class PipelinePool:
     ) -> None:  # fmt: skip
         if workers < 1 or batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
-        _Inbox.check(batch_size)
+        Inbox.check(batch_size, holds=CREDIT + 1)
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads, null_model=null_model)
         self._on_outcome, self._on_health = on_outcome, on_health
@@ -186,7 +115,7 @@ class PipelinePool:
         self._started = self._stopping = self._closed = False
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
-        self._read_wakeup, self._watch_wakeup = _Wakeup(), _Wakeup()
+        self._read_wakeup, self._watch_wakeup = Wakeup(), Wakeup()
         self._threads = [threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True)]
         if loop is None:
             self._threads.append(threading.Thread(target=self._read_results, name="pool-reader", daemon=True))
@@ -294,7 +223,7 @@ class PipelinePool:
             chunk = self._ledger.pending.popleft()
             worker.held[chunk.item.item_id] = chunk
             try:
-                chunk.nameless = worker.inbox.put(chunk.item)  # never blocks (see _Inbox)
+                chunk.nameless = worker.inbox.put(chunk.item)  # never blocks (see channels.Inbox)
             except OSError:  # the worker died: the watcher hands its chunks back, this one too
                 log.debug("worker %d is gone; chunk %d waits for its replacement", worker.slot, chunk.item.item_id)
 
@@ -445,7 +374,7 @@ class PipelinePool:
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            worker = _Worker(slot, process, _Inbox(inbox), results, current)
+            worker = _Worker(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current)
             self._slots[slot] = worker
             self._channels[results] = worker
         if self._loop is None:
