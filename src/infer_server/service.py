@@ -21,7 +21,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import grpc
@@ -131,7 +131,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
                 finally:
                     session.seal()
 
-            def undefer(batch_ids: Any) -> None:
+            def undefer(batch_ids: Iterable[str]) -> None:
                 for batch_id in batch_ids:
                     answers.extend(deferred.pop(batch_id, ()))
 
@@ -201,7 +201,8 @@ class InferenceServer:
         self._loop_thread = -1
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
-        # Outcomes from the pool's reader thread wait here for the loop; one wake-up takes them all.
+        # Outcomes the pool's threads make up (deadline, crash, shutdown) wait here for the loop; one
+        # wake-up takes them all.
         self._arrivals: list[ImageOutcome] = []
         self._arrivals_lock = threading.Lock()
         self._flush_scheduled = False
