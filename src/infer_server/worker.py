@@ -147,11 +147,6 @@ class ChunkReader:
             os.close(fd)
 
 
-def read_images(item: WorkItem) -> list[memoryview | str]:
-    """``ChunkReader().read(item)``: each image's bytes in a buffer of its own."""
-    return ChunkReader().read(item)
-
-
 class StageWorker:
     """The loop of one worker process: take a chunk, answer every image of it in one message."""
 

@@ -17,7 +17,7 @@ import pytest
 from engines.scenes import generate_scene
 from infer_server.messages import Code, ImageOutcome, ImageRef, ItemDone, WorkItem
 from infer_server.pipeline import VisionPipeline
-from infer_server.worker import STOP, StageWorker, read_images
+from infer_server.worker import STOP, ChunkReader, StageWorker
 
 BLOBS = [generate_scene(7).jpeg, b"definitely not a jpeg", generate_scene(8).jpeg]
 
@@ -39,28 +39,39 @@ def write_batch(path: Path, blobs: list[bytes], deadline_s: float = 60.0, batch_
 
 def test_reads_each_image_by_its_range(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
-    assert read_images(item) == BLOBS
+    assert ChunkReader().read(item) == BLOBS
+
+
+def test_one_reader_reuses_its_buffer_and_grows_it(shm: Path) -> None:
+    reader = ChunkReader()
+    small = write_batch(shm / "small", BLOBS[1:2])
+    assert reader.read(small) == BLOBS[1:2]
+    big = write_batch(shm / "big", BLOBS, batch_id="b2")
+    first = reader.read(big)
+    assert first == BLOBS, "a larger chunk gets a larger buffer"
+    again = reader.read(big)
+    assert again == BLOBS and again[0].obj is first[0].obj, "the same buffer serves the next chunk"
 
 
 def test_a_file_replaced_after_validation_is_not_read(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     (shm / "other").write_bytes(b"".join(BLOBS))
     os.replace(shm / "other", shm / "batch")  # same path and size, another inode
-    assert read_images(item) == [f"image {i}: batch data changed after it was accepted" for i in range(3)]
+    assert ChunkReader().read(item) == [f"image {i}: batch data changed after it was accepted" for i in range(3)]
 
 
 def test_a_file_that_changed_size_is_not_read(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     with open(shm / "batch", "r+b") as f:
         f.truncate(100)
-    assert read_images(item)[0] == "image 0: batch data changed after it was accepted"
+    assert ChunkReader().read(item)[0] == "image 0: batch data changed after it was accepted"
 
 
 def test_symlinks_are_not_followed(shm: Path) -> None:
     real = write_batch(shm / "real", BLOBS)
     (shm / "link").symlink_to(shm / "real")
     item = WorkItem(1, "b", str(shm / "link"), real.dev, real.ino, real.file_size, real.images, real.deadline)
-    messages = read_images(item)
+    messages = ChunkReader().read(item)
     assert messages == [f"image {i}: batch data is no longer available" for i in range(3)]
     assert not any(str(shm) in m for m in messages), "never echo internal paths"
 
@@ -69,8 +80,8 @@ def test_a_range_outside_the_file_fails_only_that_image(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     bad = ImageRef(3, item.file_size - 10, 11)
     item = WorkItem(1, "b", item.path, item.dev, item.ino, item.file_size, (*item.images, bad), item.deadline)
-    assert read_images(item)[:3] == BLOBS
-    assert read_images(item)[3] == "image 3: byte range lies outside the batch data"
+    assert ChunkReader().read(item)[:3] == BLOBS
+    assert ChunkReader().read(item)[3] == "image 3: byte range lies outside the batch data"
 
 
 @pytest.fixture(scope="module")
