@@ -21,8 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks.baselines.rest_client import RestClient
-from infer_client import InferClient
+from infer_proto.grpc_io import prefer_epoll_io
+
+# Same-host client applications are told to run gRPC on its epoll I/O path, like the server does
+# (infer_proto/grpc_io.py): before grpc is imported, in the forkserver every client is forked from.
+prefer_epoll_io()
+
+from benchmarks.baselines.rest_client import RestClient  # noqa: E402
+from infer_client import InferClient  # noqa: E402
 
 
 @dataclass

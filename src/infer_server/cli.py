@@ -18,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
+from infer_proto.grpc_io import EPOLL_IO, prefer_epoll_io
 from infer_server.settings import ServerSettings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="gRPC inference server with tmpfs handoff.")
@@ -91,6 +92,8 @@ def serve(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if prefer_epoll_io():  # before grpc is imported (in _serve)
+        log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
