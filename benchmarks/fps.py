@@ -45,7 +45,7 @@ from rich.console import Console
 
 from benchmarks import bounds as bounds_mod
 from benchmarks.loadgen import Workload, make_workload, run_point
-from benchmarks.report import OTHER_LIMIT, RunRecord, evaluate_targets, print_report, write_json, write_plots
+from benchmarks.report import OTHER_LIMIT, RunRecord, best, evaluate_targets, print_report, write_json, write_plots
 from benchmarks.repos import CONFIGS, assemble
 from benchmarks.servers import REPO_ROOT, ServerProcess, grpc_server, rest_server
 
@@ -63,7 +63,9 @@ class Plan:
     concurrency: tuple[int, ...] = (1, 2, 4, 8)  # tmpfs with the models
     # inline and REST with the models: compute-bound like tmpfs, so the unloaded and a saturated point
     other_concurrency: tuple[int, ...] = (1, 4)
-    null_concurrency: tuple[int, ...] = (1, 4, 16)
+    null_concurrency: tuple[int, ...] = (1, 4, 16)  # tmpfs with the null model
+    null_other_concurrency: tuple[int, ...] = (4, 16)  # inline and REST: their best points are at high K
+    null_rounds: int = 3  # interleaved rounds of the transports at their best K (the data-path ratios)
     window_s: float = 2.0  # shortest window; stretched to hold ``batches_per_window`` batches
     max_window_s: float = 5.0
     batches_per_window: int = 10
@@ -79,14 +81,14 @@ class Plan:
 
     def levels(self, transport: str, null_model: bool) -> tuple[int, ...]:
         if null_model:
-            return self.null_concurrency
+            return self.null_concurrency if transport == "tmpfs" else self.null_other_concurrency
         return self.concurrency if transport == "tmpfs" else self.other_concurrency
 
 
 QUICK = Plan(
-    concurrency=(1, 4), other_concurrency=(4,), null_concurrency=(4,), window_s=1.0, max_window_s=2.0,
-    batches_per_window=4, max_s=6.0, warmup_s=1.0, null_window_s=0.5, null_max_s=2.5, null_warmup_s=0.3,
-    latency_min_s=3.0, bounds_s=1.5, rest_models=False, scenes=24,
+    concurrency=(1, 4), other_concurrency=(4,), null_concurrency=(4,), null_other_concurrency=(4,), window_s=1.0,
+    max_window_s=2.0, batches_per_window=4, max_s=6.0, warmup_s=1.0, null_window_s=0.5, null_max_s=2.5,
+    null_warmup_s=0.3, latency_min_s=3.0, bounds_s=1.5, rest_models=False, scenes=24, null_rounds=0,
 )  # fmt: skip
 
 
@@ -149,10 +151,29 @@ class Bench:
             )  # fmt: skip
             self._add(point, transport, null_model)
 
-    def _add(self, point: Any, transport: str, null_model: bool) -> None:
-        record = RunRecord.of(point, self.config, transport, null_model)
+    def rounds(self, endpoints: dict[str, ServerProcess], count: int) -> None:
+        """``count`` rounds of one null-model point per transport at its best concurrency of the sweep,
+        back to back, the order rotated per round: this VM's speed drifts by ±15% over minutes, so a
+        ratio between transports is taken within a round (``report``: the median over rounds)."""
+        p = self.plan
+        order = [t for t in endpoints if best(self.runs, t, True) is not None]
+        for i in range(count):
+            for t in order[i % len(order) :] + order[: i % len(order)]:
+                top = best(self.runs, t, True)
+                assert top is not None
+                srv = endpoints[t]
+                point = run_point(
+                    self.workload, t, srv.address, str(srv.shm_dir) if t != "rest" else "", top.concurrency,
+                    window_s=p.null_window_s, warmup_s=p.null_warmup_s, max_s=p.null_max_s,
+                    accounting=_accounting(srv), batches_per_window=p.batches_per_window,
+                    max_window_s=p.max_window_s,
+                )  # fmt: skip
+                self._add(point, t, True, round_index=i + 1)
+
+    def _add(self, point: Any, transport: str, null_model: bool, round_index: int = 0) -> None:
+        record = RunRecord.of(point, self.config, transport, null_model, round_index)
         self.runs.append(record)
-        load = "closed" if record.mode == "closed" else f"paced at {record.offered_fps:.0f} img/s"
+        load = record.load
         log.print(
             f"  {transport:6} {'null ' if null_model else ''}K={record.concurrency:<3} {load}: "
             f"{record.fps:8.1f} img/s, batch p99 {record.p99_ms:7.1f} ms"
@@ -215,23 +236,39 @@ def run(
                         levels = plan.levels(t, null_model)
                         bench.sweep(None, server, str(shm_dir), t, null_model, levels, paced=t == "tmpfs")
                 continue
-            if grpc_transports:
-                with (
-                    _phase(f"gRPC server, {what}"),
-                    grpc_server(repo.path, workers=workers, batch_size=batch, null_model=null_model) as srv,
-                ):
+            rest = "rest" in transports and (null_model or plan.rest_models)
+            # Interleaved rounds need every server of the comparison up at once; the model servers
+            # (1.5 GB each) run one after the other.
+            rounds = plan.null_rounds if null_model and len(transports) > 1 else 0
+            with contextlib.ExitStack() as open_servers:
+                endpoints: dict[str, ServerProcess] = {}
+                if grpc_transports:
+                    log.rule(f"[bold]gRPC server, {what}")
+                    srv = open_servers.enter_context(
+                        grpc_server(repo.path, workers=workers, batch_size=batch, null_model=null_model)
+                    )
                     for t in grpc_transports:
                         paced = t == "tmpfs" and not null_model
                         bench.sweep(srv, srv.address, str(srv.shm_dir), t, null_model, plan.levels(t, null_model),
                                     paced=paced)  # fmt: skip
-                    bench.servers["grpc-null" if null_model else "grpc"] = srv.memory()
-            if "rest" in transports and (null_model or plan.rest_models):
-                with (
-                    _phase(f"REST baseline, {what}"),
-                    rest_server(repo.path, workers=workers, batch_size=batch, null_model=null_model) as srv,
-                ):
+                        endpoints[t] = srv
+                    if not rounds:  # done with it: read its memory, stop it
+                        bench.servers["grpc-null" if null_model else "grpc"] = srv.memory()
+                        open_servers.close()
+                        endpoints.clear()
+                if rest:
+                    log.rule(f"[bold]REST baseline, {what}")
+                    srv = open_servers.enter_context(
+                        rest_server(repo.path, workers=workers, batch_size=batch, null_model=null_model)
+                    )
                     bench.sweep(srv, srv.address, "", "rest", null_model, plan.levels("rest", null_model))
-                    bench.servers["rest-null" if null_model else "rest"] = srv.memory()
+                    endpoints["rest"] = srv
+                if rounds:
+                    log.rule(f"[bold]{what}: {rounds} interleaved rounds at each transport's best concurrency")
+                    bench.rounds(endpoints, rounds)
+                for t, srv in endpoints.items():  # the servers still up
+                    name = "rest" if t == "rest" else "grpc"
+                    bench.servers[f"{name}-null" if null_model else name] = srv.memory()
     if measured is not None:
         bound_values = _bounds(measured, bench.runs, machine["cores"])
         for r in bench.runs:
@@ -335,7 +372,8 @@ def main(
     if concurrency:
         plan = replace(plan, concurrency=_levels(concurrency), other_concurrency=_levels(concurrency))
     if null_concurrency:
-        plan = replace(plan, null_concurrency=_levels(null_concurrency))
+        levels = _levels(null_concurrency)
+        plan = replace(plan, null_concurrency=levels, null_other_concurrency=levels)
     if models is None:
         models = TRAINED if (TRAINED / "detector" / "config.yaml").is_file() else PLACEHOLDER
     data_paths = (False, True) if null_model is None else (bool(null_model),)

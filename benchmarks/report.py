@@ -54,10 +54,11 @@ class RunRecord:
     other_cores: float
     stage_ms: dict[str, float]
     labels_per_image: dict[str, float]
+    round_index: int = 0  # 0: a point of the concurrency sweep; 1, 2, ...: an interleaved round (fps.Bench.rounds)
     batch_ms: list[float] = field(repr=False, default_factory=list)  # for the plots; not in the JSON
 
     @classmethod
-    def of(cls, point: PointResult, config: str, transport: str, null_model: bool) -> RunRecord:
+    def of(cls, point: PointResult, config: str, transport: str, null_model: bool, round_index: int = 0) -> RunRecord:
         return cls(
             config=config, transport=transport, null_model=null_model, concurrency=point.concurrency,
             mode=point.mode, offered_fps=point.offered_fps, fps=point.fps,
@@ -67,8 +68,20 @@ class RunRecord:
             ratio_to_bound=None, stable=point.stable, windows_fps=point.windows_fps, images=point.images,
             errors=point.errors, failure=point.failure, cpu_ms_per_image=point.cpu_ms_per_image,
             cpu_utilisation=point.cpu_utilisation, other_cores=point.other_cores,
-            stage_ms=point.stage_ms, labels_per_image=point.labels_per_image, batch_ms=point.batch_ms.tolist(),
+            stage_ms=point.stage_ms, labels_per_image=point.labels_per_image, round_index=round_index,
+            batch_ms=point.batch_ms.tolist(),
         )  # fmt: skip
+
+    @property
+    def swept(self) -> bool:
+        """A closed-loop point of the concurrency sweep (not paced, not a round)."""
+        return self.mode == "closed" and self.round_index == 0
+
+    @property
+    def load(self) -> str:
+        if self.round_index:
+            return f"round {self.round_index}"
+        return "closed" if self.mode == "closed" else f"paced {self.offered_fps:.0f}/s"
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -85,8 +98,18 @@ class Target:
 
 
 def best(runs: list[RunRecord], transport: str, null_model: bool) -> RunRecord | None:
-    closed = [r for r in runs if r.transport == transport and r.null_model == null_model and r.mode == "closed"]
-    return max(closed, key=lambda r: r.fps, default=None)
+    """The transport's fastest point of the concurrency sweep."""
+    swept = [r for r in runs if r.transport == transport and r.null_model == null_model and r.swept]
+    return max(swept, key=lambda r: r.fps, default=None)
+
+
+def round_ratios(runs: list[RunRecord], a: str, b: str) -> list[float]:
+    """fps of ``a`` / fps of ``b`` in each interleaved null-model round that measured both."""
+    rounds: dict[int, dict[str, float]] = {}
+    for r in runs:
+        if r.null_model and r.round_index:
+            rounds.setdefault(r.round_index, {})[r.transport] = r.fps
+    return [v[a] / v[b] for _, v in sorted(rounds.items()) if a in v and b in v and v[b] > 0]
 
 
 def evaluate_targets(
@@ -108,16 +131,17 @@ def evaluate_targets(
     null = {t: best(runs, t, True) for t in ("tmpfs", "inline", "rest")}
     for other, factor in (("inline", 4.0), ("rest", 10.0)):
         a, b = null["tmpfs"], null[other]
-        if a and b:
-            ratio = a.fps / b.fps
-            targets.append(
-                Target(
-                    f"null model: tmpfs ≥ {factor:g}× {other}",
-                    f"{a.fps:.0f} (K={a.concurrency}) / {b.fps:.0f} (K={b.concurrency}) = {ratio:.1f}×",
-                    f"≥ {factor:g}×",
-                    ratio >= factor,
-                )
-            )
+        if not (a and b):
+            continue
+        sweep = f"{a.fps:.0f} (K={a.concurrency}) / {b.fps:.0f} (K={b.concurrency}) = {a.fps / b.fps:.2f}×"
+        per_round = round_ratios(runs, "tmpfs", other)
+        if per_round:  # judged on the rounds: each ratio taken within a minute, the median of them
+            ratio = float(np.median(per_round))
+            measured = (f"median {ratio:.2f}× of {len(per_round)} interleaved rounds "
+                        f"({', '.join(f'{v:.2f}' for v in per_round)}); sweep: {sweep}")  # fmt: skip
+        else:
+            ratio, measured = a.fps / b.fps, sweep
+        targets.append(Target(f"null model: tmpfs ≥ {factor:g}× {other}", measured, f"≥ {factor:g}×", ratio >= factor))
     unloaded = next((r for r in runs if not r.null_model and r.transport == "tmpfs" and r.concurrency == 1
                      and r.mode == "closed"), None)  # fmt: skip
     paced = next((r for r in runs if r.mode == "paced" and not r.null_model), None)
@@ -180,7 +204,7 @@ def print_report(console: Console, document: dict[str, Any], runs: list[RunRecor
         cpu = r.cpu_ms_per_image
         table.add_row(
             r.config, r.transport, "null model" if r.null_model else "models", str(r.concurrency),
-            "closed" if r.mode == "closed" else f"paced {r.offered_fps:.0f}/s", f"{r.fps:.1f}",
+            r.load, f"{r.fps:.1f}",
             "-" if r.ratio_to_bound is None else f"{r.ratio_to_bound:.2f}",
             _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms), _ms(r.image_p50_ms), _ms(r.image_p99_ms),
             " / ".join(f"{cpu[k]:.2f}" if k in cpu else "-" for k in ("front", "workers", "client")),
@@ -250,7 +274,7 @@ def write_plots(directory: Path, runs: list[RunRecord], bounds: dict[str, Any], 
     for ax, null in zip(axes, (False, True), strict=True):
         for transport, colour in colours.items():
             pts = sorted((r.concurrency, r.fps) for r in runs
-                         if r.transport == transport and r.null_model == null and r.mode == "closed")  # fmt: skip
+                         if r.transport == transport and r.null_model == null and r.swept)  # fmt: skip
             if pts:
                 ax.plot(*zip(*pts, strict=True), "o-", color=colour, label=transport)
         if not null:
@@ -259,7 +283,7 @@ def write_plots(directory: Path, runs: list[RunRecord], bounds: dict[str, Any], 
                 if bounds.get(key):
                     ax.axhline(bounds[key], color="grey", linestyle=style, linewidth=1, label=label)
         ax.set_xscale("log", base=2)
-        levels = sorted({r.concurrency for r in runs if r.null_model == null and r.mode == "closed"})
+        levels = sorted({r.concurrency for r in runs if r.null_model == null and r.swept})
         if levels:
             ax.set_xticks(levels, [str(k) for k in levels])
         ax.set_xlabel("concurrent clients")
