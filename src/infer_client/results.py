@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -26,6 +26,21 @@ def status_code(value: int) -> grpc.StatusCode:
 
 def _frozen_map(items: dict[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(items)
+
+
+T = TypeVar("T")
+_new = object.__new__
+
+
+def _built(cls: type[T], fields: dict[str, Any]) -> T:
+    """An instance of the frozen dataclass ``cls`` from *every* one of its fields, without ``__init__``.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``: for a burst of
+    results that was 40% of ``from_proto``, the client's largest cost per result after gRPC itself.
+    """
+    obj = _new(cls)
+    obj.__dict__.update(fields)
+    return obj
 
 
 @dataclass(frozen=True)
@@ -69,13 +84,13 @@ class Detection:
     @classmethod
     def from_proto(cls, msg: infer_pb2.Detection) -> Detection:
         b = msg.box
-        return cls(
-            class_id=msg.class_id,
-            label=msg.label,
-            score=msg.score,
-            box=Box(b.x1, b.y1, b.x2, b.y2),
-            attributes=_frozen_map({a.model: Attribute(a.model, a.label, a.score) for a in msg.attributes}),
-        )
+        attributes = {a.model: _built(Attribute, {"model": a.model, "label": a.label, "score": a.score})
+                      for a in msg.attributes}  # fmt: skip
+        return _built(cls, {
+            "class_id": msg.class_id, "label": msg.label, "score": msg.score,
+            "box": _built(Box, {"x1": b.x1, "y1": b.y1, "x2": b.x2, "y2": b.y2}),
+            "attributes": _frozen_map(attributes),
+        })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -108,18 +123,14 @@ class ImageResult:
 
     @classmethod
     def from_proto(cls, msg: infer_pb2.ImageResult) -> ImageResult:
-        return cls(
-            batch_id=msg.batch_id,
-            index=msg.index,
-            name=msg.name,
-            code=status_code(msg.status.code),
-            message=msg.status.message,
-            width=msg.width,
-            height=msg.height,
-            detections=tuple(Detection.from_proto(d) for d in msg.detections),
-            timings_ms=_frozen_map(dict(msg.timings_ms)),
-            worker=msg.worker,
-        )
+        status = msg.status
+        return _built(cls, {
+            "batch_id": msg.batch_id, "index": msg.index, "name": msg.name,
+            "code": _CODES.get(status.code, grpc.StatusCode.UNKNOWN), "message": status.message,
+            "width": msg.width, "height": msg.height,
+            "detections": tuple(map(Detection.from_proto, msg.detections)) if msg.detections else (),
+            "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker,
+        })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the ImageResult fields, attributes as ``{"color": {"label", "score"}}``."""
