@@ -65,7 +65,7 @@ class Plan:
     other_concurrency: tuple[int, ...] = (1, 4)
     null_concurrency: tuple[int, ...] = (1, 4, 16)  # tmpfs with the null model
     null_other_concurrency: tuple[int, ...] = (4, 16)  # inline and REST: their best points are at high K
-    null_rounds: int = 3  # interleaved rounds of the transports at their best K (the data-path ratios)
+    null_rounds: int = 2  # interleaved rounds of the transports at their best K (the data-path ratios)
     window_s: float = 2.0  # shortest window; stretched to hold ``batches_per_window`` batches
     max_window_s: float = 5.0
     batches_per_window: int = 10

@@ -16,13 +16,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks.loadgen import PointResult
+if TYPE_CHECKING:
+    from benchmarks.loadgen import PointResult
 
 MEMORY_LIMIT_MB = 2e9 / 2**20  # "2 GB", read strictly as 2·10⁹ bytes
 OTHER_LIMIT = 0.15  # cores other processes may take during a point before its numbers are suspect
@@ -133,14 +134,14 @@ def evaluate_targets(
         a, b = null["tmpfs"], null[other]
         if not (a and b):
             continue
-        sweep = f"{a.fps:.0f} (K={a.concurrency}) / {b.fps:.0f} (K={b.concurrency}) = {a.fps / b.fps:.2f}×"
+        ratio = a.fps / b.fps
+        measured = f"{a.fps:.0f} (K={a.concurrency}) / {b.fps:.0f} (K={b.concurrency}) = {ratio:.2f}×"
         per_round = round_ratios(runs, "tmpfs", other)
-        if per_round:  # judged on the rounds: each ratio taken within a minute, the median of them
-            ratio = float(np.median(per_round))
-            measured = (f"median {ratio:.2f}× of {len(per_round)} interleaved rounds "
-                        f"({', '.join(f'{v:.2f}' for v in per_round)}); sweep: {sweep}")  # fmt: skip
-        else:
-            ratio, measured = a.fps / b.fps, sweep
+        if per_round:  # the sweep's ratio and one per round (each taken within a minute): their median
+            values = [ratio, *per_round]
+            ratio = float(np.median(values))
+            measured = (f"median {ratio:.2f}× of the sweep's {measured} and {len(per_round)} interleaved "
+                        f"rounds ({', '.join(f'{v:.2f}×' for v in per_round)})")  # fmt: skip
         targets.append(Target(f"null model: tmpfs ≥ {factor:g}× {other}", measured, f"≥ {factor:g}×", ratio >= factor))
     unloaded = next((r for r in runs if not r.null_model and r.transport == "tmpfs" and r.concurrency == 1
                      and r.mode == "closed"), None)  # fmt: skip
