@@ -42,6 +42,22 @@ def test_reads_each_image_by_its_range(shm: Path) -> None:
     assert ChunkReader().read(item) == BLOBS
 
 
+def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
+    """Chunks need not be a whole batch, nor in file order, nor back to back."""
+    item = write_batch(shm / "batch", BLOBS)
+    a, b, c = item.images
+    layouts = {
+        "a later chunk of a batch": (b, c),
+        "out of order": (c, a, b),
+        "with a gap": (a, c),
+        "overlapping": (a, ImageRef(9, a.offset + 5, 7)),
+    }
+    for name, refs in layouts.items():
+        chunk = WorkItem(1, "b", item.path, item.dev, item.ino, item.file_size, refs, item.deadline)
+        whole = b"".join(BLOBS)
+        assert ChunkReader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
+
+
 def test_one_reader_reuses_its_buffer_and_grows_it(shm: Path) -> None:
     reader = ChunkReader()
     small = write_batch(shm / "small", BLOBS[1:2])
