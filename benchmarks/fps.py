@@ -65,7 +65,9 @@ class Plan:
     other_concurrency: tuple[int, ...] = (1, 4)
     null_concurrency: tuple[int, ...] = (1, 4, 16)  # tmpfs with the null model
     null_other_concurrency: tuple[int, ...] = (4, 16)  # inline and REST: their best points are at high K
-    null_rounds: int = 2  # interleaved rounds of the transports at their best K (the data-path ratios)
+    null_rounds: int = 4  # interleaved rounds of the transports at their best K (the data-path ratios)
+    round_window_s: float = 0.5  # rounds: many short points rather than a few long ones (see Bench.rounds)
+    round_max_s: float = 3.0
     window_s: float = 2.0  # shortest window; stretched to hold ``batches_per_window`` batches
     max_window_s: float = 5.0
     batches_per_window: int = 10
@@ -153,8 +155,9 @@ class Bench:
 
     def rounds(self, endpoints: dict[str, ServerProcess], count: int) -> None:
         """``count`` rounds of one null-model point per transport at its best concurrency of the sweep,
-        back to back, the order rotated per round: this VM's speed drifts by ±15% over minutes, so a
-        ratio between transports is taken within a round (``report``: the median over rounds)."""
+        back to back, the order rotated per round: this VM's speed drifts by ±15% over minutes (and
+        by more within seconds now and then), so a ratio between transports is taken within a round
+        of a few seconds, and ``report`` judges the median over the rounds and the sweep."""
         p = self.plan
         order = [t for t in endpoints if best(self.runs, t, True) is not None]
         for i in range(count):
@@ -164,9 +167,9 @@ class Bench:
                 srv = endpoints[t]
                 point = run_point(
                     self.workload, t, srv.address, str(srv.shm_dir) if t != "rest" else "", top.concurrency,
-                    window_s=p.null_window_s, warmup_s=p.null_warmup_s, max_s=p.null_max_s,
+                    window_s=p.round_window_s, warmup_s=p.null_warmup_s, max_s=p.round_max_s,
                     accounting=_accounting(srv), batches_per_window=p.batches_per_window,
-                    max_window_s=p.max_window_s,
+                    max_window_s=p.round_max_s / 3,
                 )  # fmt: skip
                 self._add(point, t, True, round_index=i + 1)
 
