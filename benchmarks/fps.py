@@ -17,7 +17,8 @@ One run, in this order, so that nothing else competes for the cores while a numb
    ``tmpfs`` (PushData path) and ``inline`` (PushData data) transports, then an open-loop run at 50%
    of the peak rate. The saturated tmpfs point gives the per-stage CPU cost → the CPU-time bound.
    Then the REST/JSON baseline (``benchmarks/baselines``) on the same models.
-4. The same servers with ``--null-model`` (read + header check, no inference): the data path alone.
+4. The same servers with ``--null-model`` (read + header check, no inference): the data path alone;
+   both stay up for interleaved rounds of the transports at their best concurrency (``Bench.rounds``).
 5. Report (``benchmarks.report``): tables on stdout, ``--json``, ``--plot``, and the four targets.
 
 ``--server ADDR`` measures a server that is already running instead (gRPC transports only; no
