@@ -24,7 +24,8 @@ from typing import Any, Protocol
 from infer_proto.grpc_io import prefer_epoll_io
 
 # Same-host client applications are told to run gRPC on its epoll I/O path, like the server does
-# (infer_proto/grpc_io.py): before grpc is imported, in the forkserver every client is forked from.
+# (infer_proto/grpc_io.py): before grpc is imported. Imported by the benchmark itself (via loadgen)
+# and by the forkserver every client is forked from, so the whole benchmark process tree gets it.
 prefer_epoll_io()
 
 from benchmarks.baselines.rest_client import RestClient  # noqa: E402

@@ -161,6 +161,8 @@ class Bench:
         of a few seconds, and ``report`` judges the median over the rounds and the sweep."""
         p = self.plan
         order = [t for t in endpoints if best(self.runs, t, True) is not None]
+        if not order:
+            return
         for i in range(count):
             for t in order[i % len(order) :] + order[: i % len(order)]:
                 top = best(self.runs, t, True)
@@ -243,7 +245,8 @@ def run(
             rest = "rest" in transports and (null_model or plan.rest_models)
             # Interleaved rounds need every server of the comparison up at once; the model servers
             # (1.5 GB each) run one after the other.
-            rounds = plan.null_rounds if null_model and len(transports) > 1 else 0
+            compared = "tmpfs" in transports and len(set(transports)) > 1  # what the data-path targets need
+            rounds = plan.null_rounds if null_model and compared else 0
             with contextlib.ExitStack() as open_servers:
                 endpoints: dict[str, ServerProcess] = {}
                 if grpc_transports:

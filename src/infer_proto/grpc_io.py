@@ -1,8 +1,9 @@
 """Which I/O path gRPC core uses in a process: set before ``grpc`` is imported.
 
-Called by the process entry points of the server (``infer-server serve``) and of same-host clients
-(``infer-client``, the fps benchmark's client processes); never by the client *library*, which
-must not change its host application's environment.
+Called by the server's entry point (``infer-server serve``) and by the fps benchmark (which sets it
+for its whole process tree: its client processes, and the servers it starts, which would set it
+themselves); never by the client *library*, which must not change its host application's
+environment: a same-host application calls it itself, first thing.
 
 Since grpcio 1.80 gRPC core moves socket I/O for Python onto EventEngine threads: a message that
 arrives is read by an EventEngine thread and then handed to the thread that polls the completion
