@@ -128,7 +128,7 @@ class ImageResult:
         status = msg.status
         return _built(cls, {
             "batch_id": msg.batch_id, "index": msg.index, "name": msg.name,
-            "code": _CODES.get(status.code, grpc.StatusCode.UNKNOWN), "message": status.message,
+            "code": status_code(status.code), "message": status.message,
             "width": msg.width, "height": msg.height,
             "detections": tuple(map(Detection.from_proto, msg.detections)) if msg.detections else (),
             "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker,
