@@ -30,7 +30,6 @@ from infer_client._protocol import (
     Transport,
     prepare_push,
     pull_request,
-    remove_file,
     resolve_transport,
 )
 from infer_client.results import ImageResult
@@ -72,10 +71,10 @@ class AsyncInferClient:
         try:
             reply = await self._stub.PushData(prepared.request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            remove_file(prepared.owned_path)
+            self._pushed.files.discard(prepared.owned_path)
             raise InferError.from_rpc(exc) from None
         except asyncio.CancelledError:
-            remove_file(prepared.owned_path)  # whether or not the server took it, nobody will pull it
+            self._pushed.files.discard(prepared.owned_path)  # whether or not the server took it, nobody will pull it
             raise
         self._pushed.add(reply.batch_id, prepared.owned_path, len(images))
         return reply.batch_id

@@ -35,7 +35,6 @@ from infer_client._protocol import (
     PreparedPush,
     PushedBatches,
     prepare_push,
-    remove_file,
 )
 from infer_client.results import ImageResult, status_code
 from infer_proto import infer_pb2
@@ -69,7 +68,7 @@ class SessionBook:
                 self._pushed.add(answer.batch_id, path, answer.image_count)
                 self._results.setdefault(answer.batch_id, collections.deque())
             else:
-                remove_file(path)
+                self._pushed.files.discard(path)
             self._answers[answer.tag] = answer
         for result in reply.results:
             buffered = self._results.get(result.batch_id)
@@ -101,7 +100,7 @@ class SessionBook:
         if self.error is None:
             self.error = error
         for path in self._files.values():
-            remove_file(path)
+            self._pushed.files.discard(path)
         self._files.clear()
 
 
@@ -160,7 +159,7 @@ class Session:
         prepared = prepare_push(images, names, request_id, self._transport, self._files)
         with self._cond:
             if self._book.error is not None:
-                remove_file(prepared.owned_path)
+                self._files.discard(prepared.owned_path)
                 raise self._book.error
             tag, request = self._book.request(prepared, defer_answer)
         self._requests.put(request)
@@ -252,7 +251,7 @@ class AsyncSession:
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
         prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self._transport, self._files)
         if self._book.error is not None:
-            remove_file(prepared.owned_path)
+            self._files.discard(prepared.owned_path)
             raise self._book.error
         tag, request = self._book.request(prepared, defer_answer)
         try:

@@ -72,10 +72,9 @@ def test_inline_push_carries_the_bytes(tmp_path: Path) -> None:
 
 
 def test_batch_file_is_freed_when_its_last_result_arrives(shm: Path) -> None:
-    pushed = PushedBatches(BatchFiles(shm, keep=1))
-    first, retry, other = (shm / n for n in ("first", "retry", "other"))
-    for f in (first, retry, other):
-        f.write_bytes(b"x")
+    files = BatchFiles(shm, keep=1)
+    pushed = PushedBatches(files)
+    first, retry, other = (Path(files.write([b"x"])[0]) for _ in range(3))
     pushed.add("b1", str(first), 2)
     pushed.add("b1", str(retry), 2)  # a retried request_id: the server reads the first file
     pushed.add("b2", str(other), 1)
@@ -84,11 +83,18 @@ def test_batch_file_is_freed_when_its_last_result_arrives(shm: Path) -> None:
     assert not pushed.accept("b1", 1)  # handed out again after a cancelled write: dropped
     assert pushed.accept("b1", 0)
     assert first.exists()  # done: kept for the next batch (keep=1)
-    pushed.add("b3", str(retry), 1)
-    retry.write_bytes(b"x")
-    assert pushed.accept("b3", 0)
-    assert not retry.exists()  # done too, but the free list is full: deleted
-    assert pushed.accept("foreign", 0)
+    third = Path(files.write([b"y"])[0])
+    fourth = Path(files.write([b"z"])[0])
+    assert third == first and fourth not in (first, other)  # the free file first, then a new one
+    pushed.add("b3", str(third), 1)
+    pushed.add("b4", str(fourth), 1)
+    assert pushed.accept("b3", 0) and pushed.accept("b4", 0)
+    assert third.exists() and not fourth.exists()  # done too, but the free list is full: deleted
+    foreign = shm / "foreign"
+    foreign.write_bytes(b"x")
+    pushed.add("b5", str(foreign), 1)
+    assert pushed.accept("b5", 0) and not foreign.exists()  # not written here: never rewritten
+    assert pushed.accept("unknown", 0)
     pushed.remove_all()  # owned (b2's) and free files alike
     assert os.listdir(shm) == []
 
@@ -117,3 +123,21 @@ def test_a_done_batch_file_is_rewritten_in_place_for_the_next_batch(shm: Path, t
     files.recycle(third)
     files.remove_all()
     assert os.listdir(shm) == []
+
+
+def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: Path) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    files = BatchFiles(shm, keep=2)
+    big = bytes(range(256)) * 6000  # 1.5 MB: past the first mapping of the file
+    path, _ = files.write([b"A" * 3000])
+    for batch in ([b"B" * 10, b"C" * 20], [big, b"D"], [b""], [b"E"], [big, big]):
+        files.recycle(path)
+        again, sizes = files.write(batch)
+        assert again == path and sizes == [len(b) for b in batch]
+        assert Path(path).read_bytes() == b"".join(batch)  # exactly this batch: size == sum(sizes)
+    files.discard(path)  # a failed push: deleted, never rewritten
+    assert not Path(path).exists()
+    kept, _ = files.write([b"F"])
+    files.recycle(kept)
+    files.remove_all()
+    assert os.listdir(shm) == [] and len(os.listdir("/proc/self/fd")) == fds
