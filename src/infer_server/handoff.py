@@ -7,10 +7,12 @@ is validated on the loop itself, since a handful of metadata syscalls there neve
 and cost less than the hop to a thread. Nothing here trusts a path: see DESIGN.md "Security of the
 path handoff".
 
-A client path is resolved beneath the shared directory and must stay there on real paths
-(``os.path.commonpath``), outside the server's staging directory. The file is then opened one
-component at a time from a descriptor of the root with ``O_NOFOLLOW``, so no symlink is crossed
-even if the tree changes between the check and the open, and every property (regular file, one
+A client path must name a file beneath the shared directory, outside the server's staging
+directory. The file is opened one component at a time from a descriptor of the root with
+``O_NOFOLLOW`` and no ``..`` (RESOLVE_BENEATH by hand), so no symlink is crossed even if the tree
+changes between the check and the open; the components come from the path read lexically, and a
+path that cannot be placed that way, or that meets a symlink, is resolved on real paths
+(``os.path.commonpath``) to tell why it is refused. Every property (regular file, one
 link, same file system, not writable by group/others, size == sum(sizes)) is read from the open
 descriptor. The worker re-opens the path and refuses it unless device, inode and size still match.
 
@@ -43,6 +45,7 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OUTSIDE = "path is outside the shared directory"
+_STAGING = "path points into the server's own directory"
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class Handoff:
         self.limits = limits
         self._real_root = ""
         self._real_staging = ""
+        self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
+        self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
         self._root_dev = -1
         self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
 
@@ -99,6 +104,9 @@ class Handoff:
             raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
         self._real_root = os.path.realpath(self._root)
         self._real_staging = os.path.realpath(self._staging)
+        self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
+        if os.path.commonpath([self._real_root, self._real_staging]) == self._real_root:
+            self._staging_parts = os.path.relpath(self._real_staging, self._real_root).split(os.sep)
         self._root_dev = os.stat(self._real_root).st_dev
         self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
 
@@ -139,8 +147,12 @@ class Handoff:
         return self.stage_inline(plan.data, plan.images)
 
     def open_client_file(self, path: str, images: tuple[ImageRef, ...], total: int) -> BatchFile:
-        parts = self._confine(path)
-        fd = self._open_beneath_root(parts)
+        parts = self._components(path)
+        try:
+            fd = self._open_beneath_root(parts)
+        except PermissionDeniedError:
+            self._confine(path)  # a symlink on the way: say where it leads if that is the reason
+            raise
         try:
             st = os.fstat(fd)
         finally:
@@ -159,8 +171,32 @@ class Handoff:
         real = os.path.join(self._real_root, *parts)
         return BatchFile(real, st.st_dev, st.st_ino, st.st_size, images, staged=False)
 
+    def _components(self, path: str) -> list[str]:
+        """The path's components beneath the root, read lexically: the hot path of every push.
+
+        Lexical is enough for what is opened: ``_open_beneath_root`` walks these components from the
+        root's descriptor and crosses no symlink, and none of them is ``..``, so the file it opens
+        is beneath the root (``openat2``'s RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, by hand). A path
+        that is not lexically beneath the root goes through ``_confine`` on real paths, which
+        refuses it with the reason.
+        """
+        if "\x00" in path:
+            raise InvalidBatch("path contains a NUL byte")
+        if ".." in path.split("/"):
+            raise PermissionDeniedError(_OUTSIDE)
+        lexical = os.path.normpath(path if path.startswith("/") else os.path.join(self._bases[0], path))
+        for base in self._bases:
+            if lexical.startswith(base) and lexical[len(base) : len(base) + 1] == "/":
+                parts = lexical[len(base) + 1 :].split("/")
+                staging = self._staging_parts
+                if staging is not None and parts[: len(staging)] == staging:
+                    raise PermissionDeniedError(_STAGING)
+                return parts
+        return self._confine(path)
+
     def _confine(self, path: str) -> list[str]:
-        """The path's components beneath the root, or an error if it leaves the root or enters staging."""
+        """The path's components beneath the root on real paths, or an error if it leaves the root
+        or enters staging (resolves every component: for paths ``_components`` cannot place)."""
         if "\x00" in path:
             raise InvalidBatch("path contains a NUL byte")
         pure = PurePosixPath(path)
@@ -171,7 +207,7 @@ class Handoff:
         if os.path.commonpath([self._real_root, real]) != self._real_root or real == self._real_root:
             raise PermissionDeniedError(_OUTSIDE)
         if os.path.commonpath([self._real_staging, real]) == self._real_staging:
-            raise PermissionDeniedError("path points into the server's own directory")
+            raise PermissionDeniedError(_STAGING)
         # Components to walk from the root: relative to the configured or the real root name.
         for base in (os.path.normpath(self._root), self._real_root):
             rel = os.path.relpath(lexical, base)

@@ -42,7 +42,7 @@ class ServerMetrics:
         self._admitted.inc(images)
 
     def image_done(self, outcome: ImageOutcome) -> None:
-        self._image_by_code[Code(outcome.code)].inc()
+        self._image_by_code[outcome.code].inc()  # Code is an IntEnum: a plain int finds its child too
         for stage, ms in outcome.timings_ms:
             child = self._stage_by_name.get(stage)
             if child is None:

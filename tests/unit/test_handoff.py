@@ -116,6 +116,25 @@ def test_intermediate_symlink_is_refused_inside_and_out(handoff: Handoff, root: 
     assert "outside" in refused(PermissionDeniedError, push, handoff, "escape/b.bin", [5])
 
 
+def test_a_symlink_into_staging_is_refused_with_that_reason(handoff: Handoff, root: Path) -> None:
+    staged = handoff.stage_inline(b"12345", handoff.plan("", b"12345", [5], []).images)
+    (root / "to-staging").symlink_to(root / ".server")
+    path = "to-staging/" + os.path.basename(staged.path)
+    assert refused(PermissionDeniedError, push, handoff, path, [5]) == "path points into the server's own directory"
+
+
+def test_any_spelling_of_a_path_beneath_the_root_is_read_from_the_root(handoff: Handoff, root: Path, shm: Path) -> None:
+    f = write(root / "client" / "b.bin", b"12345")
+    for path in ("./client//b.bin", str(root) + "//client/./b.bin", "client/b.bin/"):
+        assert push(handoff, path, [5]).path == str(f)
+    (shm / "alias").symlink_to(root)  # a root configured through a symlinked name: both names work
+    aliased = Handoff(shm / "alias", root / ".server", LIMITS)
+    aliased.prepare_dirs()
+    assert push(aliased, str(shm / "alias" / "client" / "b.bin"), [5]).path == str(f)
+    assert push(aliased, str(f), [5]).path == str(f)
+    assert "outside" in refused(PermissionDeniedError, push, aliased, str(shm / "alias"), [5])
+
+
 def test_hard_link_is_refused(handoff: Handoff, root: Path, shm: Path) -> None:
     outside = write(shm / "secret.bin", b"12345")
     os.link(outside, root / "linked.bin")
