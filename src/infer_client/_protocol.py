@@ -124,15 +124,9 @@ def prepare_push(
     return PreparedPush(request, path)
 
 
-def write_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[str]) -> tuple[str, list[int]]:
-    """Write ``images`` back to back into a new 0600 file in ``shm_dir``; returns (path, sizes)."""
-    fd, path, sizes = _new_batch_file(images, shm_dir)
-    os.close(fd)
-    return path, sizes
-
-
 def _new_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[str]) -> tuple[int, str, list[int]]:
-    """``write_batch_file``, keeping the file open read-write: (fd, path, sizes)."""
+    """Write ``images`` back to back into a new 0600 file in ``shm_dir``; returns (its open
+    read-write descriptor, path, sizes)."""
     name = uuid.uuid4().hex
     tmp = os.path.join(shm_dir, f".{name}.tmp")
     final = os.path.join(shm_dir, f"{name}.batch")
@@ -161,16 +155,24 @@ def _new_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[st
 _MAP_STEP = 1024 * 1024  # a mapping covers the batch rounded up to this, so sizes that vary a little fit
 
 
-class _MappedFile:
-    """One batch file this client wrote: its fd, its identity, and (once rewritten) a shared mapping."""
+class _BatchFile:
+    """One batch file this client wrote: its path and identity, and, while it is one of the client's
+    mapped files, its read-write descriptor and a shared mapping (made at its first rewrite)."""
 
-    def __init__(self, fd: int, path: str) -> None:
+    def __init__(self, fd: int, path: str, keep_open: bool) -> None:
         st = os.fstat(fd)
-        self.fd, self.path, self.dev, self.ino = fd, path, st.st_dev, st.st_ino
+        self.path, self.dev, self.ino = path, st.st_dev, st.st_ino
+        self.fd: int | None = fd
         self.map: mmap.mmap | None = None
+        if not keep_open:
+            self.close()
+
+    @property
+    def mapped(self) -> bool:
+        return self.fd is not None
 
     def still_ours(self) -> bool:
-        """The path still names this file, private and unlinked nowhere else (checked on the path:
+        """The path still names this file, private and linked nowhere else (checked on the path:
         it is the path the server opens)."""
         try:
             st = os.stat(self.path, follow_symlinks=False)
@@ -178,9 +180,12 @@ class _MappedFile:
             return False
         return (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_nlink == 1 and not st.st_mode & 0o077
 
-    def rewrite(self, blobs: Sequence[bytes]) -> None:
-        """Make the file exactly ``blobs``, back to back: resize it, then copy into the mapping."""
+    def rewrite(self, blobs: Sequence[bytes]) -> bool:
+        """Make the file exactly ``blobs``, back to back; False (nothing written) if the path no
+        longer opens this file."""
         total = sum(len(b) for b in blobs)
+        if self.fd is None:
+            return self._write_through(blobs, total)
         if self.map is None or len(self.map) < total:
             self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
         assert self.map is not None
@@ -190,8 +195,28 @@ class _MappedFile:
             end = offset + len(blob)
             mapped[offset:end] = blob
             offset = end
+        return True
+
+    def _write_through(self, blobs: Sequence[bytes], total: int) -> bool:
+        """An unmapped file: write it through a descriptor opened for this batch."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
+                return False
+            written = os.pwritev(fd, blobs, 0)
+            os.ftruncate(fd, total)
+        finally:
+            os.close(fd)
+        if written != total:
+            raise OSError(f"short write to the batch file: {written} of {total} bytes")
+        return True
 
     def _map(self, length: int) -> None:
+        assert self.fd is not None
         if self.map is not None:
             self.map.close()
             self.map = None
@@ -202,7 +227,9 @@ class _MappedFile:
         if self.map is not None:
             self.map.close()
             self.map = None
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class BatchFiles:
@@ -210,18 +237,21 @@ class BatchFiles:
 
     A new tmpfs file costs a page allocation per 4 KiB (about 0.35 ms of CPU for a 1.2 MB batch of
     eight 720p JPEGs on the benchmark machine) and deleting it 0.17 ms more; rewriting it with
-    ``pwritev`` still costs the file system's work per page, about 0.09 ms. So a file stays open
-    and, once rewritten, mapped: the next batch is a plain copy into pages that exist, about
-    0.03 ms. A file is reused only after every result of its batch arrived (the server has read
-    every one of its images and holds no work on it); after a failed or abandoned push it is
-    deleted instead (``discard``), since the server may still read it. Thread-safe.
+    ``pwritev`` still costs the file system's work per page, about 0.09 ms. So up to ``2 * keep``
+    files stay open and, once rewritten, mapped: a batch is then a plain copy into pages that
+    exist, about 0.03 ms. Files beyond those (a client with more batches in flight) are rewritten
+    with ``pwritev``, so descriptors stay bounded however many batches wait. A file is reused only
+    after every result of its batch arrived (the server has read every one of its images and holds
+    no work on it); after a failed or abandoned push it is deleted instead (``discard``), since the
+    server may still read it. Thread-safe.
     """
 
     def __init__(self, shm_dir: str | os.PathLike[str], keep: int = 8) -> None:
         self.shm_dir, self._keep = os.fspath(shm_dir), keep
         self._lock = threading.Lock()
-        self._free: list[_MappedFile] = []
-        self._out: dict[str, _MappedFile] = {}  # written, its batch not done yet
+        self._free: list[_BatchFile] = []
+        self._out: dict[str, _BatchFile] = {}  # written, its batch not done yet
+        self._mapped = 0  # files holding a descriptor (and a mapping): at most 2 * keep
 
     def write(self, images: Sequence[ImageSource]) -> tuple[str, list[int]]:
         """Write ``images`` back to back into a free file or a new one; returns (path, sizes)."""
@@ -229,20 +259,22 @@ class BatchFiles:
             file = self._free.pop() if self._free else None
         if file is not None:
             blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
-            if file.still_ours():
-                try:
-                    file.rewrite(blobs)
-                except BaseException:
-                    self._delete(file)
-                    raise
+            try:
+                rewritten = file.still_ours() and file.rewrite(blobs)
+            except BaseException:
+                self._delete(file)
+                raise
+            if rewritten:
                 with self._lock:
                     self._out[file.path] = file
                 return file.path, [len(b) for b in blobs]
-            file.close()  # removed or replaced behind our back: leave the path alone, start anew
+            self._forget(file)  # removed or replaced behind our back: leave the path alone, start anew
             images = blobs
         fd, path, sizes = _new_batch_file(images, self.shm_dir)
         with self._lock:
-            self._out[path] = _MappedFile(fd, path)
+            keep_open = self._mapped < 2 * self._keep
+            self._mapped += keep_open
+            self._out[path] = _BatchFile(fd, path, keep_open)
         return path, sizes
 
     def recycle(self, path: str | None) -> None:
@@ -277,10 +309,15 @@ class BatchFiles:
         for file in files:
             self._delete(file)
 
-    @staticmethod
-    def _delete(file: _MappedFile) -> None:
-        file.close()
+    def _delete(self, file: _BatchFile) -> None:
+        self._forget(file)
         remove_file(file.path)
+
+    def _forget(self, file: _BatchFile) -> None:
+        if file.mapped:
+            with self._lock:
+                self._mapped -= 1
+        file.close()
 
 
 @dataclass

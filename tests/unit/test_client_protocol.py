@@ -141,3 +141,17 @@ def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: P
     files.recycle(kept)
     files.remove_all()
     assert os.listdir(shm) == [] and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_batch_files_hold_a_bounded_number_of_descriptors(shm: Path) -> None:
+    fds = len(os.listdir("/proc/self/fd"))
+    files = BatchFiles(shm, keep=1)  # at most 2 files mapped
+    paths = [files.write([bytes([i]) * 100])[0] for i in range(5)]  # five batches in flight
+    assert len(os.listdir("/proc/self/fd")) == fds + 2
+    for path in paths[2:]:
+        files.recycle(path)  # an unmapped file in the free list (keep=1), the rest deleted
+    again, _ = files.write([b"X" * 7, b"Y"])  # rewritten through a descriptor of its own
+    assert again == paths[2] and Path(again).read_bytes() == b"X" * 7 + b"Y"
+    assert len(os.listdir("/proc/self/fd")) == fds + 2
+    files.remove_all()
+    assert os.listdir(shm) == [] and len(os.listdir("/proc/self/fd")) == fds
