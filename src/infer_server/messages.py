@@ -7,12 +7,24 @@ bytes out exactly once.
 
 Everything here must stay picklable with the standard library only (spawn context), and nothing a
 client sent is ever unpickled: the front builds these records from validated request fields.
+
+The two records that cross for every chunk, ``WorkItem`` and ``ItemDone``, pickle their images as
+rows of plain values and are rebuilt by one function call per message (``__reduce__``). Pickled as
+dataclasses, every instance carries its attribute dict and is rebuilt field name by field name:
+for a chunk of 8 images, 32 µs for both messages both ways in a microbenchmark (26 µs as rows),
+and far more in a busy server. On the null-model data path the rows gave +10% images/s, front and
+workers −10% CPU per image (``python -m benchmarks.ab``, 6 interleaved rounds).
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
+from typing import Any, TypeVar
+
+_T = TypeVar("_T")
 
 
 class Code(enum.IntEnum):
@@ -62,6 +74,9 @@ class WorkItem:
     deadline: float
     attempt: int = 1
     submitted: float = 0.0  # time.monotonic() when its batch was submitted (for the queue timing)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _work_item, (_WORK_ITEM_ROW(self), tuple(map(_REF_ROW, self.images)))
 
 
 @dataclass(frozen=True)
@@ -141,3 +156,46 @@ class ItemDone:
     worker: int
     item_id: int
     outcomes: tuple[ImageOutcome, ...] = ()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return _item_done, (self.worker, self.item_id, tuple(map(_outcome_row, self.outcomes)))
+
+
+def _built(cls: type[_T], names: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
+    """Instances of the frozen dataclass ``cls``, one per row of the fields ``names``, without
+    ``__init__`` (which sets each field through ``object.__setattr__``; the records here have no
+    ``__post_init__``). One loop for all rows: a call per record would cost as much again."""
+    new, built = object.__new__, []
+    for row in rows:
+        obj = new(cls)
+        obj.__dict__.update(zip(names, row, strict=True))
+        built.append(obj)
+    return built
+
+
+_REF_FIELDS = tuple(f.name for f in fields(ImageRef))
+_REF_ROW = attrgetter(*_REF_FIELDS)
+_WORK_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem) if f.name != "images")
+_WORK_ITEM_ROW = attrgetter(*_WORK_ITEM_FIELDS)
+# An outcome's row: its code as a plain int (an enum member would unpickle through a Python call),
+# then every other field.
+_OUTCOME_FIELDS = tuple(f.name for f in fields(ImageOutcome) if f.name != "code")
+_OUTCOME_ROW = attrgetter(*_OUTCOME_FIELDS)
+_CODES = {int(code): code for code in Code}
+
+
+def _outcome_row(outcome: ImageOutcome) -> tuple[int, tuple[Any, ...]]:
+    return int(outcome.code), _OUTCOME_ROW(outcome)
+
+
+def _work_item(row: tuple[Any, ...], refs: tuple[tuple[Any, ...], ...]) -> WorkItem:
+    (item,) = _built(WorkItem, _WORK_ITEM_FIELDS, (row,))
+    item.__dict__["images"] = tuple(_built(ImageRef, _REF_FIELDS, refs))
+    return item
+
+
+def _item_done(worker: int, item_id: int, rows: tuple[tuple[int, tuple[Any, ...]], ...]) -> ItemDone:
+    outcomes = _built(ImageOutcome, _OUTCOME_FIELDS, [row for _, row in rows])
+    for outcome, (code, _) in zip(outcomes, rows, strict=True):
+        outcome.__dict__["code"] = _CODES[code]
+    return ItemDone(worker, item_id, tuple(outcomes))

@@ -1,0 +1,49 @@
+"""The records between the front and the workers survive the pipe exactly (compact pickled form)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from multiprocessing.reduction import ForkingPickler
+
+import pytest
+
+from infer_server.messages import (
+    AttributeRecord,
+    Box,
+    Code,
+    DetectionRecord,
+    ImageOutcome,
+    ImageRef,
+    ItemDone,
+    WorkItem,
+)
+
+
+def through_pipe(record: object) -> object:
+    return pickle.loads(ForkingPickler.dumps(record))
+
+
+def test_a_work_item_round_trips_with_its_images() -> None:
+    refs = tuple(ImageRef(i, i * 100, 100, f"img-{i}") for i in range(8))
+    item = WorkItem(7, "b" * 32, "/dev/shm/infer/x.batch", 45, 123, 800, refs, 99.5, attempt=2, submitted=98.0)
+    back = through_pipe(item)
+    assert back == item and type(back) is WorkItem
+    assert all(type(ref) is ImageRef for ref in back.images)  # type: ignore[attr-defined]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        back.attempt = 3  # type: ignore[attr-defined]
+
+
+def test_item_done_round_trips_every_code_and_detections() -> None:
+    det = DetectionRecord(0, "car", 0.9, Box(1.0, 2.0, 3.0, 4.0), (AttributeRecord("color", "red", 0.8),))
+    outcomes = tuple(
+        ImageOutcome("b", i, f"n{i}", code, "why" if code else "", 1280, 720, (det,) if code is Code.OK else (),
+                     (("read", 0.1), ("queue", 2.0)), worker=3)  # fmt: skip
+        for i, code in enumerate(Code)
+    )
+    done = ItemDone(worker=1, item_id=9, outcomes=outcomes)
+    back = through_pipe(done)
+    assert back == done and hash(back.outcomes[0]) == hash(outcomes[0])  # type: ignore[attr-defined]
+    assert [o.code for o in back.outcomes] == list(Code)  # type: ignore[attr-defined]
+    assert all(type(o.code) is Code for o in back.outcomes)  # type: ignore[attr-defined]
+    assert through_pipe(ItemDone(1, 2)) == ItemDone(1, 2)
