@@ -66,7 +66,7 @@ class Plan:
     other_concurrency: tuple[int, ...] = (4,)
     null_concurrency: tuple[int, ...] = (1, 4, 16)  # tmpfs with the null model
     null_other_concurrency: tuple[int, ...] = (4, 16)  # inline and REST: their best points are at high K
-    null_rounds: int = 3  # interleaved rounds of the transports at their best K (the data-path ratios)
+    null_rounds: int = 5  # interleaved rounds of the transports at their best K (the data-path ratios)
     round_window_s: float = 0.5  # rounds: many short points rather than a few long ones (see Bench.rounds)
     round_max_s: float = 3.0
     window_s: float = 2.0  # shortest window; stretched to hold ``batches_per_window`` batches
