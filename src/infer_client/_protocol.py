@@ -164,6 +164,7 @@ class _BatchFile:
         self.path, self.dev, self.ino = path, st.st_dev, st.st_ino
         self.fd: int | None = fd
         self.map: mmap.mmap | None = None
+        self.allocated = st.st_size  # every page below this exists: written, or allocated up front
         if not keep_open:
             self.close()
 
@@ -190,6 +191,11 @@ class _BatchFile:
             self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
         assert self.map is not None
         os.ftruncate(self.fd, total)  # before the copy: the mapping past the end of the file is not backed
+        if total > self.allocated:
+            # Pages a copy would fault in: a full file system must fail here with ENOSPC, not
+            # kill the process with SIGBUS in the middle of the copy.
+            os.posix_fallocate(self.fd, self.allocated, total - self.allocated)
+        self.allocated = total
         offset, mapped = 0, self.map
         for blob in blobs:
             end = offset + len(blob)
@@ -221,6 +227,7 @@ class _BatchFile:
             self.map.close()
             self.map = None
         os.ftruncate(self.fd, length)  # mmap maps no more than the file holds; rewrite() cuts it back
+        self.allocated = min(self.allocated, length)
         self.map = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     def close(self) -> None:
@@ -240,7 +247,11 @@ class BatchFiles:
     ``pwritev`` still costs the file system's work per page, about 0.09 ms. So up to ``2 * keep``
     files stay open and, once rewritten, mapped: a batch is then a plain copy into pages that
     exist, about 0.03 ms. Files beyond those (a client with more batches in flight) are rewritten
-    with ``pwritev``, so descriptors stay bounded however many batches wait. A file is reused only
+    with ``pwritev``, so descriptors stay bounded however many batches wait: two per mapped file
+    (CPython's ``mmap`` keeps a duplicate), at most ``4 * keep``. The mapping is a client's own
+    file, 0600: only a process of the same user that truncates it during a copy could make the
+    copy fault (SIGBUS); pages a copy needs are allocated before it, so a full file system is an
+    ``OSError``. A file is reused only
     after every result of its batch arrived (the server has read every one of its images and holds
     no work on it); after a failed or abandoned push it is deleted instead (``discard``), since the
     server may still read it. Thread-safe.
@@ -258,7 +269,12 @@ class BatchFiles:
         with self._lock:
             file = self._free.pop() if self._free else None
         if file is not None:
-            blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
+            try:
+                blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
+            except BaseException:  # e.g. an image path that does not exist: the file stays free
+                with self._lock:
+                    self._free.append(file)
+                raise
             try:
                 rewritten = file.still_ours() and file.rewrite(blobs)
             except BaseException:

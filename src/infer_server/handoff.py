@@ -106,7 +106,8 @@ class Handoff:
         self._real_staging = os.path.realpath(self._staging)
         self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
         if os.path.commonpath([self._real_root, self._real_staging]) == self._real_root:
-            self._staging_parts = os.path.relpath(self._real_staging, self._real_root).split(os.sep)
+            rel = os.path.relpath(self._real_staging, self._real_root)
+            self._staging_parts = [] if rel == "." else rel.split(os.sep)  # []: staging is the root itself
         self._root_dev = os.stat(self._real_root).st_dev
         self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
 

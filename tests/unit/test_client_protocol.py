@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,13 +148,69 @@ def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: P
 
 def test_batch_files_hold_a_bounded_number_of_descriptors(shm: Path) -> None:
     fds = len(os.listdir("/proc/self/fd"))
-    files = BatchFiles(shm, keep=1)  # at most 2 files mapped
+    files = BatchFiles(shm, keep=1)  # at most 2 files hold a descriptor
     paths = [files.write([bytes([i]) * 100])[0] for i in range(5)]  # five batches in flight
     assert len(os.listdir("/proc/self/fd")) == fds + 2
+    files.recycle(paths[0])
+    files.write([b"mapped"])  # rewritten through a mapping, which holds a descriptor of its own
+    assert len(os.listdir("/proc/self/fd")) == fds + 3
+    files.recycle(paths[0])
+    files.write([b"again"])
+    assert len(os.listdir("/proc/self/fd")) == fds + 3  # the mapping is kept, not made again
     for path in paths[2:]:
         files.recycle(path)  # an unmapped file in the free list (keep=1), the rest deleted
-    again, _ = files.write([b"X" * 7, b"Y"])  # rewritten through a descriptor of its own
+    again, _ = files.write([b"X" * 7, b"Y"])  # rewritten through a descriptor opened for it
     assert again == paths[2] and Path(again).read_bytes() == b"X" * 7 + b"Y"
-    assert len(os.listdir("/proc/self/fd")) == fds + 2
+    assert len(os.listdir("/proc/self/fd")) == fds + 3
     files.remove_all()
     assert os.listdir(shm) == [] and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_an_image_that_cannot_be_read_leaves_the_free_file_free(shm: Path) -> None:
+    files = BatchFiles(shm)
+    path, _ = files.write([b"A"])
+    files.recycle(path)
+    with pytest.raises(FileNotFoundError):
+        files.write([b"B", shm / "missing.jpg"])
+    again, _ = files.write([b"C"])
+    assert again == path and Path(path).read_bytes() == b"C"
+    files.discard(again)
+    files.remove_all()
+    assert os.listdir(shm) == []
+
+
+_FULL_TMPFS = """
+import os, sys
+from infer_client._protocol import BatchFiles
+files = BatchFiles(sys.argv[1])
+path, _ = files.write([b"a" * 300_000])
+files.recycle(path)
+with open(os.path.join(sys.argv[1], "filler"), "wb") as f:  # fill the file system
+    try:
+        while True:
+            f.write(b"f" * 65536)
+            f.flush()
+    except OSError:
+        pass
+try:
+    files.write([b"b" * 1_500_000])  # more pages than are left: must fail, not fault
+except OSError as exc:
+    print("refused", exc.errno)
+"""
+
+
+def test_a_full_file_system_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    """A copy into a mapped file faults its pages in; on a full tmpfs that would be SIGBUS."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = f'mount -t tmpfs -o size=2m tmpfs "{mnt}" && exec "$0" -c "$1" "{mnt}"'
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable, _FULL_TMPFS],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    if proc.returncode != 0 and ("mount" in proc.stderr or "unshare" in proc.stderr):
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.returncode  # SIGBUS: -7 / 135
+    assert proc.stdout.split() == ["refused", str(errno.ENOSPC)]

@@ -135,6 +135,14 @@ def test_any_spelling_of_a_path_beneath_the_root_is_read_from_the_root(handoff: 
     assert "outside" in refused(PermissionDeniedError, push, aliased, str(shm / "alias"), [5])
 
 
+def test_a_staging_directory_that_is_the_root_keeps_every_client_path_out(root: Path) -> None:
+    handoff = Handoff(root, root, LIMITS)  # a configuration settings allow
+    handoff.prepare_dirs()
+    staged = handoff.stage_inline(b"12345", handoff.plan("", b"12345", [5], []).images)
+    for path in (staged.path, os.path.basename(staged.path), str(write(root / "client.bin", b"12345"))):
+        assert refused(PermissionDeniedError, push, handoff, path, [5]) == "path points into the server's own directory"
+
+
 def test_hard_link_is_refused(handoff: Handoff, root: Path, shm: Path) -> None:
     outside = write(shm / "secret.bin", b"12345")
     os.link(outside, root / "linked.bin")
