@@ -4,22 +4,17 @@ Used by ``InferClient`` (``client.py``) and ``AsyncInferClient`` (``aio.py``) in
 application's process; neither client builds a request or touches tmpfs any other way. Blocking
 file work (``prepare_push``) runs inline in the sync client and in a thread in the asyncio one.
 
-Tmpfs transport: the images are written back to back into one file in the shared directory. A
-new file is created 0600 under a temporary name and renamed into place, so the server never sees
-a partial file and nobody else can change it. The client owns that file: :class:`PushedBatches` hands it
-back to :class:`BatchFiles`, which rewrites it in place for a later batch once every result of its
-batch arrived, and deletes it when the client closes or the push failed (``BatchFiles.discard``).
+Tmpfs transport: the images are written back to back into one file in the shared directory
+(``_batch_files.BatchFiles``). The client owns that file: :class:`PushedBatches` hands it back to
+``BatchFiles``, which rewrites it in place for a later batch once every result of its batch
+arrived, and deletes it when the client closes or the push failed (``BatchFiles.discard``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import mmap
 import os
-import shutil
 import threading
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +22,10 @@ from typing import Literal
 
 import grpc
 
+from infer_client._batch_files import BatchFiles, ImageSource
 from infer_proto import infer_pb2
 
 Transport = Literal["auto", "tmpfs", "inline"]
-ImageSource = str | os.PathLike[str] | bytes
 
 DEFAULT_SHM_DIR = "/dev/shm/infer"
 # Inline batches travel in one message; results are small.
@@ -124,218 +119,6 @@ def prepare_push(
     return PreparedPush(request, path)
 
 
-def _new_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[str]) -> tuple[int, str, list[int]]:
-    """Write ``images`` back to back into a new 0600 file in ``shm_dir``; returns (its open
-    read-write descriptor, path, sizes)."""
-    name = uuid.uuid4().hex
-    tmp = os.path.join(shm_dir, f".{name}.tmp")
-    final = os.path.join(shm_dir, f"{name}.batch")
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    sizes = []
-    try:
-        with os.fdopen(os.dup(fd), "wb") as out:
-            for img in images:
-                if isinstance(img, bytes):
-                    out.write(img)
-                    sizes.append(len(img))
-                else:
-                    start = out.tell()
-                    with open(img, "rb") as src:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-                    sizes.append(out.tell() - start)
-        os.rename(tmp, final)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return fd, final, sizes
-
-
-_MAP_STEP = 1024 * 1024  # a mapping covers the batch rounded up to this, so sizes that vary a little fit
-
-
-class _BatchFile:
-    """One batch file this client wrote: its path and identity, and, while it is one of the client's
-    mapped files, its read-write descriptor and a shared mapping (made at its first rewrite)."""
-
-    def __init__(self, fd: int, path: str, keep_open: bool) -> None:
-        st = os.fstat(fd)
-        self.path, self.dev, self.ino = path, st.st_dev, st.st_ino
-        self.fd: int | None = fd
-        self.map: mmap.mmap | None = None
-        self.allocated = st.st_size  # every page below this exists: written, or allocated up front
-        if not keep_open:
-            self.close()
-
-    @property
-    def mapped(self) -> bool:
-        return self.fd is not None
-
-    def still_ours(self) -> bool:
-        """The path still names this file, private and linked nowhere else (checked on the path:
-        it is the path the server opens)."""
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_nlink == 1 and not st.st_mode & 0o077
-
-    def rewrite(self, blobs: Sequence[bytes]) -> bool:
-        """Make the file exactly ``blobs``, back to back; False (nothing written) if the path no
-        longer opens this file."""
-        total = sum(len(b) for b in blobs)
-        if self.fd is None:
-            return self._write_through(blobs, total)
-        if self.map is None or len(self.map) < total:
-            self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
-        assert self.map is not None
-        os.ftruncate(self.fd, total)  # before the copy: the mapping past the end of the file is not backed
-        if total > self.allocated:
-            # Pages a copy would fault in: a full file system must fail here with ENOSPC, not
-            # kill the process with SIGBUS in the middle of the copy.
-            os.posix_fallocate(self.fd, self.allocated, total - self.allocated)
-        self.allocated = total
-        offset, mapped = 0, self.map
-        for blob in blobs:
-            end = offset + len(blob)
-            mapped[offset:end] = blob
-            offset = end
-        return True
-
-    def _write_through(self, blobs: Sequence[bytes], total: int) -> bool:
-        """An unmapped file: write it through a descriptor opened for this batch."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            st = os.fstat(fd)
-            if (st.st_dev, st.st_ino) != (self.dev, self.ino):
-                return False
-            written = os.pwritev(fd, blobs, 0)
-            os.ftruncate(fd, total)
-        finally:
-            os.close(fd)
-        if written != total:
-            raise OSError(f"short write to the batch file: {written} of {total} bytes")
-        return True
-
-    def _map(self, length: int) -> None:
-        assert self.fd is not None
-        if self.map is not None:
-            self.map.close()
-            self.map = None
-        os.ftruncate(self.fd, length)  # mmap maps no more than the file holds; rewrite() cuts it back
-        self.allocated = min(self.allocated, length)
-        self.map = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-
-    def close(self) -> None:
-        if self.map is not None:
-            self.map.close()
-            self.map = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-class BatchFiles:
-    """This client's batch files in the shared directory, rewritten in place once a batch is done.
-
-    A new tmpfs file costs a page allocation per 4 KiB (about 0.35 ms of CPU for a 1.2 MB batch of
-    eight 720p JPEGs on the benchmark machine) and deleting it 0.17 ms more; rewriting it with
-    ``pwritev`` still costs the file system's work per page, about 0.09 ms. So up to ``2 * keep``
-    files stay open and, once rewritten, mapped: a batch is then a plain copy into pages that
-    exist, about 0.03 ms. Files beyond those (a client with more batches in flight) are rewritten
-    with ``pwritev``, so descriptors stay bounded however many batches wait: two per mapped file
-    (CPython's ``mmap`` keeps a duplicate), at most ``4 * keep``. The mapping is a client's own
-    file, 0600: only a process of the same user that truncates it during a copy could make the
-    copy fault (SIGBUS); pages a copy needs are allocated before it, so a full file system is an
-    ``OSError``. A file is reused only
-    after every result of its batch arrived (the server has read every one of its images and holds
-    no work on it); after a failed or abandoned push it is deleted instead (``discard``), since the
-    server may still read it. Thread-safe.
-    """
-
-    def __init__(self, shm_dir: str | os.PathLike[str], keep: int = 8) -> None:
-        self.shm_dir, self._keep = os.fspath(shm_dir), keep
-        self._lock = threading.Lock()
-        self._free: list[_BatchFile] = []
-        self._out: dict[str, _BatchFile] = {}  # written, its batch not done yet
-        self._mapped = 0  # files holding a descriptor (and a mapping): at most 2 * keep
-
-    def write(self, images: Sequence[ImageSource]) -> tuple[str, list[int]]:
-        """Write ``images`` back to back into a free file or a new one; returns (path, sizes)."""
-        with self._lock:
-            file = self._free.pop() if self._free else None
-        if file is not None:
-            try:
-                blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
-            except BaseException:  # e.g. an image path that does not exist: the file stays free
-                with self._lock:
-                    self._free.append(file)
-                raise
-            try:
-                rewritten = file.still_ours() and file.rewrite(blobs)
-            except BaseException:
-                self._delete(file)
-                raise
-            if rewritten:
-                with self._lock:
-                    self._out[file.path] = file
-                return file.path, [len(b) for b in blobs]
-            self._forget(file)  # removed or replaced behind our back: leave the path alone, start anew
-            images = blobs
-        fd, path, sizes = _new_batch_file(images, self.shm_dir)
-        with self._lock:
-            keep_open = self._mapped < 2 * self._keep
-            self._mapped += keep_open
-            self._out[path] = _BatchFile(fd, path, keep_open)
-        return path, sizes
-
-    def recycle(self, path: str | None) -> None:
-        """``path``'s batch is done: keep the file for a later batch (or delete it)."""
-        if path is None:
-            return
-        with self._lock:
-            file = self._out.pop(path, None)
-            if file is not None and len(self._free) < self._keep:
-                self._free.append(file)
-                return
-        if file is None:
-            remove_file(path)
-        else:
-            self._delete(file)
-
-    def discard(self, path: str | None) -> None:
-        """Delete ``path`` and never rewrite it: its push failed or was abandoned."""
-        if path is None:
-            return
-        with self._lock:
-            file = self._out.pop(path, None)
-        if file is None:
-            remove_file(path)
-        else:
-            self._delete(file)
-
-    def remove_all(self) -> None:
-        with self._lock:
-            files = [*self._free, *self._out.values()]
-            self._free, self._out = [], {}
-        for file in files:
-            self._delete(file)
-
-    def _delete(self, file: _BatchFile) -> None:
-        self._forget(file)
-        remove_file(file.path)
-
-    def _forget(self, file: _BatchFile) -> None:
-        if file.mapped:
-            with self._lock:
-                self._mapped -= 1
-        file.close()
-
-
 @dataclass
 class _Pushed:
     path: str | None  # the tmpfs batch file, None for inline batches
@@ -390,12 +173,6 @@ class PushedBatches:
         for path in paths:
             self.files.discard(path)
         self.files.remove_all()
-
-
-def remove_file(path: str | None) -> None:
-    if path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
 
 def pull_request(batch_ids: str | Sequence[str]) -> infer_pb2.PullResultRequest:
