@@ -123,10 +123,37 @@ def machine_info(models: Path) -> dict[str, Any]:
 class Bench:
     """One benchmark run: collects records while the phases run."""
 
-    def __init__(self, config: str, plan: Plan, workload: Workload) -> None:
+    def __init__(self, config: str, plan: Plan, workload: Workload | None,
+                 progress: Callable[[Bench], None] | None = None) -> None:  # fmt: skip
         self.config, self.plan, self.workload = config, plan, workload
         self.runs: list[RunRecord] = []
+        self.failed: list[dict[str, Any]] = []  # points and phases that could not start or finish, with why
         self.servers: dict[str, dict[str, Any]] = {}
+        self._progress = progress  # called after every point, so what was measured is saved at once
+
+    def measure(self, transport: str, null_model: bool, concurrency: int, round_index: int = 0,
+                **point: Any) -> bool:  # fmt: skip
+        """One point (``loadgen.run_point``); a point that cannot start or finish — clients that do not
+        start on a loaded machine, a client that dies — is recorded as failed and the run goes on."""
+        assert self.workload is not None
+        try:
+            result = run_point(self.workload, transport, concurrency=concurrency, **point)
+        except Exception as exc:  # noqa: BLE001 - any failure of one point is that point's result
+            load = f"round {round_index}" if round_index else ("paced" if point.get("rate_images") else "closed")
+            self.fail(f"{transport} {'null ' if null_model else ''}K={concurrency} {load}", exc)
+            return False
+        self._add(result, transport, null_model, round_index)
+        return True
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
+        self.failed.append({"what": what, "reason": reason})
+        log.print(f"  [red]{what}: failed ({reason}); the run goes on[/red]")
+        self._saved()
+
+    def _saved(self) -> None:
+        if self._progress is not None:
+            self._progress(self)
 
     def sweep(
         self, server: ServerProcess | None, address: str, shm_dir: str, transport: str, null_model: bool,
@@ -138,21 +165,22 @@ class Bench:
         )
         for k in levels:
             unloaded = k == 1 and not null_model and transport == "tmpfs"
-            point = run_point(
-                self.workload, transport, address, shm_dir, k, window_s=window, warmup_s=warmup,
+            self.measure(
+                transport, null_model, k, address=address, shm_dir=shm_dir, window_s=window, warmup_s=warmup,
                 max_s=max(max_s, p.latency_min_s) if unloaded else max_s, min_s=p.latency_min_s if unloaded else 0.0,
                 accounting=_accounting(server), batches_per_window=p.batches_per_window, max_window_s=p.max_window_s,
             )  # fmt: skip
-            self._add(point, transport, null_model)
         if paced:
-            peak = max(r.fps for r in self.runs if r.transport == transport and r.null_model == null_model)
+            top = best(self.runs, transport, null_model)
             k = max(max(levels), 4)  # enough connections that the schedule is never waiting on one
-            point = run_point(
-                self.workload, transport, address, shm_dir, k, window_s=window, warmup_s=warmup,
+            if top is None:
+                self.fail(f"{transport} K={k} paced", RuntimeError("no closed-loop point to take 50% of"))
+                return
+            self.measure(
+                transport, null_model, k, address=address, shm_dir=shm_dir, window_s=window, warmup_s=warmup,
                 max_s=max(max_s, p.latency_min_s), min_s=p.latency_min_s, accounting=_accounting(server),
-                rate_images=0.5 * peak, batches_per_window=p.batches_per_window, max_window_s=p.max_window_s,
+                rate_images=0.5 * top.fps, batches_per_window=p.batches_per_window, max_window_s=p.max_window_s,
             )  # fmt: skip
-            self._add(point, transport, null_model)
 
     def rounds(self, endpoints: dict[str, ServerProcess], count: int) -> None:
         """``count`` rounds of one null-model point per transport at its best concurrency of the sweep,
@@ -168,13 +196,12 @@ class Bench:
                 top = best(self.runs, t, True)
                 assert top is not None
                 srv = endpoints[t]
-                point = run_point(
-                    self.workload, t, srv.address, str(srv.shm_dir) if t != "rest" else "", top.concurrency,
-                    window_s=p.round_window_s, warmup_s=p.null_warmup_s, max_s=p.round_max_s,
-                    accounting=_accounting(srv), batches_per_window=p.batches_per_window,
-                    max_window_s=p.round_max_s / 3,
+                self.measure(
+                    t, True, top.concurrency, round_index=i + 1, address=srv.address,
+                    shm_dir=str(srv.shm_dir) if t != "rest" else "", window_s=p.round_window_s,
+                    warmup_s=p.null_warmup_s, max_s=p.round_max_s, accounting=_accounting(srv),
+                    batches_per_window=p.batches_per_window, max_window_s=p.round_max_s / 3,
                 )  # fmt: skip
-                self._add(point, t, True, round_index=i + 1)
 
     def _add(self, point: Any, transport: str, null_model: bool, round_index: int = 0) -> None:
         record = RunRecord.of(point, self.config, transport, null_model, round_index)
@@ -185,6 +212,7 @@ class Bench:
             f"{record.fps:8.1f} img/s, batch p99 {record.p99_ms:7.1f} ms"
             + ("" if record.stable else "  [yellow](not stable within the time limit)[/yellow]")
         )
+        self._saved()
 
 
 def _accounting(server: ServerProcess | None) -> Callable[[], dict[str, float]]:
@@ -206,76 +234,57 @@ def _phase(title: str) -> Iterator[None]:
 def run(
     config: str, transports: tuple[str, ...], data_paths: tuple[bool, ...], plan: Plan, batch: int, workers: int,
     models: Path, server: str | None, shm_dir: Path, cache_dir: Path, seed4_int8: bool,
+    json_out: Path | None = None,
 ) -> tuple[dict[str, Any], list[RunRecord]]:  # fmt: skip
-    """Every phase in order (module docstring); returns the JSON document (without runs) and the runs."""
+    """Every phase in order (module docstring); returns the JSON document (without runs) and the runs.
+
+    Nothing that goes wrong ends the run: a point or a phase (a server that does not start, the bounds)
+    that fails is recorded in ``failed`` with its reason and the next one runs. With ``json_out`` the
+    document is rewritten after every point (``"finished": false`` until the end), so a run that is
+    killed still leaves what it measured."""
     machine = machine_info(models)
-    notes = []
+    notes: list[str] = []
     if machine["models_kind"] != "trained":
         notes.append(f"models from {models}: not the trained repository (engines/models), speeds differ")
     if machine["load_average_at_start"] > 0.5 * machine["cores"]:
         notes.append(f"the machine was busy at start (load average {machine['load_average_at_start']})")
-    bound_values: dict[str, Any] = {}
+
+    def document(bench: Bench, bounds: dict[str, Any], finished: bool) -> dict[str, Any]:
+        return {
+            "machine": machine, "config": config, "models": list(models_in_run), "batch": batch, "workers": workers,
+            "mean_image_kb": round(bench.workload.mean_image_bytes / 1024, 1) if bench.workload else None,
+            "bounds": bounds, "servers": bench.servers, "notes": notes, "failed": bench.failed, "finished": finished,
+        }  # fmt: skip
+
+    def save_progress(bench: Bench) -> None:
+        if json_out is not None:
+            write_json(json_out, document(bench, {}, False) | {"runs": [r.to_json() for r in bench.runs]})
+
+    models_in_run: list[str] = []
+    bench = Bench(config, plan, None, progress=save_progress)
+    measured = None
     with tempfile.TemporaryDirectory(prefix="infer-bench-") as tmp:
-        with _phase(f"workload: {plan.scenes} scenes 1280×720, batches of {batch}"):
-            workload = make_workload(plan.scenes, batch, Path(tmp))
-        bench = Bench(config, plan, workload)
-        (Path(tmp) / "repo").mkdir()
-        repo = assemble(config, models, Path(tmp) / "repo", cache_dir=cache_dir, int8=seed4_int8)
-        if repo.note:
-            notes.append(repo.note)
-        measured = None
-        if False in data_paths:
-            with _phase(f"bounds: decode-only and model-only on {machine['cores']} cores ({', '.join(repo.models)})"):
-                measured = bounds_mod.measure_bounds(
-                    repo.path, workload.images, cores=machine["cores"],
-                    batch=batch, seconds=plan.bounds_s,
-                )  # fmt: skip
-                log.print(f"  decode only {measured.decode_fps:.1f} img/s; detector "
-                          f"{measured.detector_ms_per_image:.2f} ms/img; classifiers (ms/crop) "
-                          f"{ {k: round(v, 2) for k, v in measured.classifier_ms_per_crop.items()} }")  # fmt: skip
-        for null_model in data_paths:
-            what = "null model (data path only)" if null_model else f"models: {config}"
-            grpc_transports = tuple(t for t in transports if t != "rest")
-            if server is not None:
-                with _phase(f"external server {server}: {what}"):
-                    for t in grpc_transports:
-                        levels = plan.levels(t, null_model)
-                        bench.sweep(None, server, str(shm_dir), t, null_model, levels, paced=t == "tmpfs")
-                continue
-            rest = "rest" in transports and (null_model or plan.rest_models)
-            # Interleaved rounds need every server of the comparison up at once; the model servers
-            # (1.5 GB each) run one after the other.
-            compared = "tmpfs" in transports and len(set(transports)) > 1  # what the data-path targets need
-            rounds = plan.null_rounds if null_model and compared else 0
-            with contextlib.ExitStack() as open_servers:
-                endpoints: dict[str, ServerProcess] = {}
-                if grpc_transports:
-                    log.rule(f"[bold]gRPC server, {what}")
-                    srv = open_servers.enter_context(
-                        grpc_server(repo.path, workers=workers, batch_size=batch, null_model=null_model)
-                    )
-                    for t in grpc_transports:
-                        paced = t == "tmpfs" and not null_model
-                        bench.sweep(srv, srv.address, str(srv.shm_dir), t, null_model, plan.levels(t, null_model),
-                                    paced=paced)  # fmt: skip
-                        endpoints[t] = srv
-                    if not rounds:  # done with it: read its memory, stop it
-                        bench.servers["grpc-null" if null_model else "grpc"] = srv.memory()
-                        open_servers.close()
-                        endpoints.clear()
-                if rest:
-                    log.rule(f"[bold]REST baseline, {what}")
-                    srv = open_servers.enter_context(
-                        rest_server(repo.path, workers=workers, batch_size=batch, null_model=null_model)
-                    )
-                    bench.sweep(srv, srv.address, "", "rest", null_model, plan.levels("rest", null_model))
-                    endpoints["rest"] = srv
-                if rounds:
-                    log.rule(f"[bold]{what}: {rounds} interleaved rounds at each transport's best concurrency")
-                    bench.rounds(endpoints, rounds)
-                for t, srv in endpoints.items():  # the servers still up
-                    name = "rest" if t == "rest" else "grpc"
-                    bench.servers[f"{name}-null" if null_model else name] = srv.memory()
+        try:
+            with _phase(f"workload: {plan.scenes} scenes 1280×720, batches of {batch}"):
+                bench.workload = make_workload(plan.scenes, batch, Path(tmp))
+            (Path(tmp) / "repo").mkdir()
+            repo = assemble(config, models, Path(tmp) / "repo", cache_dir=cache_dir, int8=seed4_int8)
+            models_in_run += repo.models
+            if repo.note:
+                notes.append(repo.note)
+        except Exception as exc:  # noqa: BLE001 - nothing can be measured; the report still says why
+            bench.fail("workload and model repository", exc)
+        else:
+            if False in data_paths:
+                measured = _measure_bounds(bench, repo.path, machine["cores"], batch)
+            for null_model in data_paths:
+                what = "null model (data path only)" if null_model else f"models: {config}"
+                try:
+                    _serve_and_measure(bench, transports, null_model, what, repo.path, server, shm_dir, workers,
+                                       batch)  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - e.g. a server that did not start: the next phase runs
+                    bench.fail(what, exc)
+    bound_values: dict[str, Any] = {}
     if measured is not None:
         bound_values = _bounds(measured, bench.runs, machine["cores"])
         for r in bench.runs:
@@ -292,18 +301,73 @@ def run(
             f"other processes took CPU during {len(busy)} of {len(bench.runs)} points (up to {worst.other_cores:.2f} "
             "cores): those numbers are low and ratios between them unreliable; rerun on a quiet machine"
         )
-    document = {
-        "machine": machine,
-        "config": config,
-        "models": list(repo.models),
-        "batch": batch,
-        "workers": workers,
-        "mean_image_kb": round(workload.mean_image_bytes / 1024, 1),
-        "bounds": bound_values,
-        "servers": bench.servers,
-        "notes": notes,
-    }
-    return document, bench.runs
+    return document(bench, bound_values, True), bench.runs
+
+
+def _measure_bounds(bench: Bench, repo: Path, cores: int, batch: int) -> bounds_mod.Bounds | None:
+    assert bench.workload is not None
+    try:
+        with _phase(f"bounds: decode-only and model-only on {cores} cores"):
+            measured = bounds_mod.measure_bounds(repo, bench.workload.images, cores=cores, batch=batch,
+                                                 seconds=bench.plan.bounds_s)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the run goes on without the CPU-time bound
+        bench.fail("bounds", exc)
+        return None
+    log.print(f"  decode only {measured.decode_fps:.1f} img/s; detector "
+              f"{measured.detector_ms_per_image:.2f} ms/img; classifiers (ms/crop) "
+              f"{ {k: round(v, 2) for k, v in measured.classifier_ms_per_crop.items()} }")  # fmt: skip
+    return measured
+
+
+def _serve_and_measure(
+    bench: Bench, transports: tuple[str, ...], null_model: bool, what: str, repo: Path, server: str | None,
+    shm_dir: Path, workers: int, batch: int,
+) -> None:  # fmt: skip
+    """One data path (models or null model): its servers, sweeps and interleaved rounds."""
+    plan = bench.plan
+    grpc_transports = tuple(t for t in transports if t != "rest")
+    if server is not None:
+        with _phase(f"external server {server}: {what}"):
+            for t in grpc_transports:
+                bench.sweep(None, server, str(shm_dir), t, null_model, plan.levels(t, null_model), paced=t == "tmpfs")
+        return
+    rest = "rest" in transports and (null_model or plan.rest_models)
+    # Interleaved rounds need every server of the comparison up at once; the model servers
+    # (1.5 GB each) run one after the other.
+    compared = "tmpfs" in transports and len(set(transports)) > 1  # what the data-path targets need
+    rounds = plan.null_rounds if null_model and compared else 0
+    with contextlib.ExitStack() as open_servers:
+        endpoints: dict[str, ServerProcess] = {}
+        if grpc_transports:
+            log.rule(f"[bold]gRPC server, {what}")
+            srv = open_servers.enter_context(
+                grpc_server(repo, workers=workers, batch_size=batch, null_model=null_model)
+            )
+            for t in grpc_transports:
+                paced = t == "tmpfs" and not null_model
+                bench.sweep(srv, srv.address, str(srv.shm_dir), t, null_model, plan.levels(t, null_model), paced=paced)
+                endpoints[t] = srv
+            if not rounds:  # done with it: read its memory, stop it
+                bench.servers["grpc-null" if null_model else "grpc"] = srv.memory()
+                open_servers.close()
+                endpoints.clear()
+        if rest:
+            log.rule(f"[bold]REST baseline, {what}")
+            try:
+                srv = open_servers.enter_context(
+                    rest_server(repo, workers=workers, batch_size=batch, null_model=null_model)
+                )
+            except Exception as exc:  # noqa: BLE001 - the gRPC rounds still run without REST
+                bench.fail(f"REST baseline, {what}", exc)
+            else:
+                bench.sweep(srv, srv.address, "", "rest", null_model, plan.levels("rest", null_model))
+                endpoints["rest"] = srv
+        if rounds:
+            log.rule(f"[bold]{what}: {rounds} interleaved rounds at each transport's best concurrency")
+            bench.rounds(endpoints, rounds)
+        for t, srv in endpoints.items():  # the servers still up
+            name = "rest" if t == "rest" else "grpc"
+            bench.servers[f"{name}-null" if null_model else name] = srv.memory()
 
 
 def _bounds(measured: bounds_mod.Bounds, runs: list[RunRecord], cores: int) -> dict[str, Any]:
@@ -388,7 +452,7 @@ def main(
         data_paths = (False,)
     cores = len(os.sched_getaffinity(0))
     document, runs = run(config, transports, data_paths, plan, batch, workers or cores, models, server,
-                            shm_dir, cache_dir, not seed4_fp32)  # fmt: skip
+                         shm_dir, cache_dir, not seed4_fp32, json_out)  # fmt: skip
     targets = evaluate_targets(runs, document["bounds"], document["servers"], config)
     document["runs"] = [r.to_json() for r in runs]
     document["targets"] = [t.__dict__ for t in targets]

@@ -36,6 +36,7 @@ from engines.scenes import generate_scene
 
 SCENE_SEED = 2026  # fixed: every run, every transport pushes the same bytes
 STABLE_WINDOWS, STABLE_SPREAD = 3, 1.10
+START_TIMEOUT_S = 180.0  # clients ready (spawned, connected) before a point counts as failed
 _CTX = multiprocessing.get_context("forkserver")
 # The forkserver imports the client module once; each client is then a cheap fork of it, with no
 # gRPC channel or thread of this process inherited.
@@ -133,9 +134,13 @@ def run_point(
 
     results: dict[int, tuple[list[BatchRecord], str]] = {}
     try:
-        for _ in procs:
-            if not ready.acquire(timeout=60):
-                raise RuntimeError("client processes did not start")
+        started = time.monotonic()
+        for _ in procs:  # a loaded machine may take minutes to import grpc and numpy in K processes
+            while not ready.acquire(timeout=1.0):
+                if any(p.exitcode is not None for p in procs):
+                    raise RuntimeError("a client process exited before it was ready")
+                if time.monotonic() - started > START_TIMEOUT_S:
+                    raise RuntimeError(f"client processes did not start within {START_TIMEOUT_S:.0f} s")
         origin.value = time.perf_counter() + 0.01  # the schedule's time zero, read after ``go``
         go.set()
         time.sleep(warmup_s)

@@ -23,7 +23,8 @@ def _sweep() -> list[RunRecord]:
 
 
 def _verdicts(runs: list[RunRecord]) -> dict[str, bool | None]:
-    return {t.name: t.passed for t in evaluate_targets(runs, {}, {}, "full")}
+    """The verdicts on what was measured (the targets not measured are listed too, as None)."""
+    return {t.name: t.passed for t in evaluate_targets(runs, {}, {}, "full") if t.passed is not None}
 
 
 def test_without_rounds_the_best_points_of_the_sweep_are_compared() -> None:
@@ -44,3 +45,48 @@ def test_rounds_decide_with_the_sweep_by_their_median() -> None:
     runs.append(_run("inline", 16, 9999, 3))
     assert best(runs, "inline", True).fps == 2200  # type: ignore[union-attr]
     assert "9999" not in next(t.measured for t in evaluate_targets(runs, {}, {}, "full") if "inline" in t.name)
+
+
+def test_every_target_is_listed_when_nothing_was_measured() -> None:
+    targets = evaluate_targets([], {}, {}, "full")
+    assert len(targets) == 5
+    assert all(t.passed is None and "not measured" in t.measured for t in targets)
+
+
+def test_a_point_that_fails_is_recorded_and_the_sweep_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """A loaded machine whose clients do not start in time loses that point, not the run."""
+    import json
+
+    import numpy as np
+
+    from benchmarks import fps
+    from benchmarks.loadgen import PointResult
+    from benchmarks.report import write_json
+
+    def fake_point(workload, transport, *, concurrency, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if concurrency == 2:
+            raise RuntimeError("client processes did not start within 180 s")
+        return PointResult(
+            concurrency=concurrency, mode="closed" if kwargs.get("rate_images") is None else "paced",
+            offered_fps=kwargs.get("rate_images"), fps=100.0 * concurrency, windows_fps=[100.0], stable=True,
+            images=100, errors=0, failure="", batch_ms=np.ones(4), image_ms=np.ones(4), stage_ms={},
+            labels_per_image={}, cpu_ms_per_image={}, cpu_utilisation=1.0, other_cores=0.0,
+        )  # fmt: skip
+
+    monkeypatch.setattr(fps, "run_point", fake_point)
+    out = tmp_path / "partial.json"
+    saved: list[int] = []
+
+    def progress(bench: fps.Bench) -> None:
+        saved.append(len(bench.runs) + len(bench.failed))
+        write_json(out, {"runs": [r.to_json() for r in bench.runs], "failed": bench.failed})
+
+    bench = fps.Bench("full", fps.Plan(), workload=object(), progress=progress)  # type: ignore[arg-type]
+    bench.sweep(None, "127.0.0.1:1", "/dev/shm/x", "tmpfs", False, (1, 2, 4), paced=True)
+    assert [(r.concurrency, r.mode) for r in bench.runs] == [(1, "closed"), (4, "closed"), (4, "paced")]
+    assert bench.failed == [{"what": "tmpfs K=2 closed",
+                             "reason": "RuntimeError: client processes did not start within 180 s"}]
+    assert saved == [1, 2, 3, 4]  # written after every point, the failed one included
+    doc = json.loads(out.read_text())
+    assert len(doc["runs"]) == 3 and doc["failed"][0]["what"] == "tmpfs K=2 closed"
+    assert best(bench.runs, "tmpfs", False).fps == 400  # type: ignore[union-attr]
