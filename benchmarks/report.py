@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from benchmarks.loadgen import PointResult
 
 MEMORY_LIMIT_MB = 2e9 / 2**20  # "2 GB", read strictly as 2·10⁹ bytes
-NOT_MEASURED = "not measured in this run (see failed points and notes)"
+NOT_MEASURED = "not measured in this run (a phase not asked for, or failed: see above)"
 OTHER_LIMIT = 0.15  # cores other processes may take during a point before its numbers are suspect
 
 
