@@ -41,13 +41,13 @@ EVAL_SEEDS = range(900_000, 900_500)  # held out: never seen by training, prunin
 
 @dataclass(frozen=True)
 class Recipe:
-    detector_iters: int = 1000
-    finetune_iters: int = 400
+    detector_iters: int = 700
+    finetune_iters: int = 350
     detector_batch: int = 16
     detector_lr: float = 2e-3
     keep_ratio: float = 0.5
-    color_iters: int = 600
-    vtype_iters: int = 600
+    color_iters: int = 500
+    vtype_iters: int = 500
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
     seed: int = 1234
