@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from engines.metrics import DetectionTally, match_image
 from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES, Scene, generate_scene
+from engines.scenes_alt import generate_scene as generate_alt_scene
 from infer_server.engines import create_engine
 from infer_server.model_repo import ModelConfig, ModelRepository
 from infer_server.pipeline import softmax
@@ -46,9 +48,14 @@ class DecodedScenes:
     originals: list[np.ndarray]  # uint8 HWC RGB
 
 
-def decode_scenes(seeds: range | list[int], detector: ModelConfig) -> DecodedScenes:
+STYLES: dict[str, Callable[[int], Scene]] = {"default": generate_scene, "alt": generate_alt_scene}
+
+
+def decode_scenes(seeds: range | list[int], detector: ModelConfig, style: str = "default") -> DecodedScenes:
+    """Scenes of ``style`` (``default``: the training style; ``alt``: ``engines.scenes_alt``, never
+    trained on) through the server's DALI preprocessing."""
     pre = DetectorPreprocessor(detector.input, device="cpu", batch_size=CHUNK, num_threads=2)
-    scenes = [generate_scene(s) for s in tqdm(seeds, desc="held-out scenes")]
+    scenes = [STYLES[style](s) for s in tqdm(seeds, desc=f"held-out scenes ({style} style)")]
     tensors, originals = [], []
     for i in range(0, len(scenes), CHUNK):
         out = pre.run([s.jpeg for s in scenes[i : i + CHUNK]])
@@ -59,11 +66,34 @@ def decode_scenes(seeds: range | list[int], detector: ModelConfig) -> DecodedSce
     return DecodedScenes(scenes, np.concatenate(tensors), originals)
 
 
+class _ExactEngine:
+    """The model's Q/DQ arithmetic done exactly (ONNX Runtime with ``session.disable_quant_qdq``):
+    what every x86 CPU class computes up to rounding when the weights cannot saturate (see
+    ``engines.int8_agreement``). Evaluating with it beside the INT8 kernels shows how far a figure
+    can move between CPU classes."""
+
+    def __init__(self, onnx_path: Path) -> None:
+        from engines.int8_agreement import _session
+
+        self._session = _session(onnx_path, exact=True)
+        self._outputs = [o.name for o in self._session.get_outputs()]
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self._session.run(self._outputs, feeds), strict=True))
+
+    def close(self) -> None:
+        pass
+
+
+def _engine(onnx_path: Path, exact: bool):  # noqa: ANN202 - an Engine or its exact stand-in
+    return _ExactEngine(onnx_path) if exact else create_engine(onnx_path, "cpu", intra_op_num_threads=2)
+
+
 def evaluate_detector(onnx_path: Path, config: ModelConfig, data: DecodedScenes,
-                      threshold: float | None = None) -> dict:
+                      threshold: float | None = None, exact: bool = False) -> dict:
     """AP per class, mAP, and precision/recall at ``threshold`` (default: the config's)."""
     assert config.decode is not None
-    engine = create_engine(onnx_path, "cpu", intra_op_num_threads=2)
+    engine = _engine(onnx_path, exact)
     low = config.decode.model_copy(update={"confidence_threshold": AP_THRESHOLD})
     tally = DetectionTally(len(config.labels))
     cov_name, bbox_name = config.outputs["coverage"], config.outputs["bbox"]
@@ -97,7 +127,7 @@ def best_threshold(tally: DetectionTally) -> float:
     return round(best, 3)
 
 
-def evaluate_classifier(onnx_path: Path, config: ModelConfig, data: DecodedScenes) -> dict:
+def evaluate_classifier(onnx_path: Path, config: ModelConfig, data: DecodedScenes, exact: bool = False) -> dict:
     """Top-1 on ground-truth boxes of the classes the model applies to."""
     labels = {"color": COLORS, "vehicle_type": VEHICLE_TYPES}[config.name]
     attr = "color" if config.name == "color" else "vehicle_type"
@@ -111,7 +141,7 @@ def evaluate_classifier(onnx_path: Path, config: ModelConfig, data: DecodedScene
                 truth.append(labels.index(getattr(o, attr)))
     sizes = [(s.width, s.height) for s in data.scenes]
     crops = CropPreprocessor(config.input, padding=config.crop_padding, batch_size=64, num_threads=2)
-    engine = create_engine(onnx_path, "cpu", intra_op_num_threads=2)
+    engine = _engine(onnx_path, exact)
     out_name = config.outputs.get("logits") or config.outputs["probabilities"]
     pred = np.zeros(len(truth), np.int64)
     for rows, tensor in crops.batches(data.originals, sizes, np.array(owners), np.array(boxes, np.float32)):
@@ -147,14 +177,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Re-measure a model repository on held-out scenes.")
     p.add_argument("--models", type=Path, default=Path(__file__).parent / "models")
     p.add_argument("--scenes", type=int, default=500)
-    p.add_argument("--seed", type=int, default=900_000, help="first held-out seed (the recipe's default)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="first held-out seed (default: the recipe's, 900000 for default, 950000 for alt)")
+    p.add_argument("--style", choices=sorted(STYLES), default="default",
+                   help="scene style: default (the training style) or alt (a style never trained on)")
+    p.add_argument("--exact", action="store_true",
+                   help="run the exact Q/DQ arithmetic instead of this CPU's INT8 kernels (cross-CPU comparison)")
+    p.add_argument("--no-throughput", action="store_true", help="accuracy only")
     args = p.parse_args()
     repo = ModelRepository.load(args.models)
-    data = decode_scenes(range(args.seed, args.seed + args.scenes), repo.detector.config)
-    report: dict = {"detector": evaluate_detector(repo.detector.onnx_path, repo.detector.config, data)}
+    first = args.seed if args.seed is not None else {"default": 900_000, "alt": 950_000}[args.style]
+    data = decode_scenes(range(first, first + args.scenes), repo.detector.config, args.style)
+    report: dict = {"detector": evaluate_detector(repo.detector.onnx_path, repo.detector.config, data,
+                                                  exact=args.exact)}
     report["detector"].pop("_tally")
     for c in repo.classifiers:
-        report[c.config.name] = evaluate_classifier(c.onnx_path, c.config, data)
+        report[c.config.name] = evaluate_classifier(c.onnx_path, c.config, data, exact=args.exact)
+    if args.no_throughput:
+        print(json.dumps(report, indent=1))
+        return
     det_in = repo.detector.config.input
     report["throughput"] = throughput({"detector": repo.detector.onnx_path}, (3, det_in.height, det_in.width))
     for c in repo.classifiers:

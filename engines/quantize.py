@@ -3,7 +3,10 @@
 ONNX Runtime's ``quantize_static`` in QDQ format, per-channel weights, INT8 activations and
 weights, ``ActivationSymmetric``/``WeightSymmetric`` so every zero point is 0: the explicit-
 quantization form TensorRT 10/11 builds INT8 engines from (implicit calibration is gone in TRT 11)
-and that ONNX Runtime runs on CPU. ``quant_pre_process`` first folds BatchNorm into the convs and
+and that ONNX Runtime runs on CPU. Weights use 7 bits (``reduce_range``: [-64, 64]) so that no
+x86 kernel can saturate its 16-bit pair sums: the same answers on every CPU class
+(``engines.int8_agreement``); the recipe refuses a model whose weights exceed that bound.
+``quant_pre_process`` first folds BatchNorm into the convs and
 infers shapes, so the Q/DQ pairs sit where TensorRT fuses them. Calibration feeds ≥ 256 generated
 images through the same resize/normalisation as training.
 """
@@ -18,6 +21,8 @@ import onnx
 from onnx import numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from engines.int8_agreement import SATURATION_FREE_BOUND, weight_bound
 
 
 class ArrayReader(CalibrationDataReader):
@@ -53,12 +58,17 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
+        reduce_range=True,  # 7-bit weights: see the module docstring
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
     )
     prepped.unlink()
     nonzero = nonzero_zero_points(int8_path)
     if nonzero:
         raise RuntimeError(f"{int8_path}: non-zero zero points in {nonzero[:5]}")
+    bound = weight_bound(int8_path)
+    if bound > SATURATION_FREE_BOUND:
+        raise RuntimeError(f"{int8_path}: INT8 weights reach {bound}, over {SATURATION_FREE_BOUND}: "
+                           "its answers would depend on the CPU")
 
 
 def nonzero_zero_points(path: Path) -> list[str]:

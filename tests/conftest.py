@@ -19,8 +19,8 @@ def model_repo_dir() -> Path:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test by its folder (unit / integration / gpu), so ``-m`` selects by kind."""
+    """Mark every test by its folder (unit / integration / gpu / models), so ``-m`` selects by kind."""
     for item in items:
         kind = Path(str(item.fspath)).relative_to(ROOT / "tests").parts[0]
-        if kind in ("unit", "integration", "gpu"):
+        if kind in ("unit", "integration", "gpu", "models"):
             item.add_marker(kind)
