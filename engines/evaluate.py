@@ -73,9 +73,9 @@ class _ExactEngine:
     can move between CPU classes."""
 
     def __init__(self, onnx_path: Path) -> None:
-        from engines.int8_agreement import _session
+        from engines.int8_agreement import ort_session
 
-        self._session = _session(onnx_path, exact=True)
+        self._session = ort_session(onnx_path, exact=True)
         self._outputs = [o.name for o in self._session.get_outputs()]
 
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -111,7 +111,8 @@ def output_steps(path: Path) -> dict[str, float]:
     return steps
 
 
-def _session(path: Path, exact: bool) -> ort.InferenceSession:
+def ort_session(path: Path, exact: bool) -> ort.InferenceSession:
+    """One-thread CPU session of ``path``: its INT8 kernels, or (``exact``) the Q/DQ arithmetic in float."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     if exact:
@@ -121,7 +122,7 @@ def _session(path: Path, exact: bool) -> ort.InferenceSession:
 
 def run(path: Path, inputs: np.ndarray, exact: bool, batch: int = 8) -> dict[str, np.ndarray]:
     """Outputs of ``path`` on float32 NCHW ``inputs``: INT8 kernels, or the exact float reference."""
-    sess = _session(path, exact)
+    sess = ort_session(path, exact)
     name = sess.get_inputs()[0].name
     outs = [o.name for o in sess.get_outputs()]
     parts = [sess.run(outs, {name: inputs[i : i + batch]}) for i in range(0, len(inputs), batch)]
