@@ -463,6 +463,9 @@ def main(
     if plot is not None:
         for path in write_plots(plot, runs, document["bounds"], config):
             log.print(f"plot: {path}")
+    if document["failed"]:  # everything measured is reported and saved; the exit status says not all of it
+        log.print(f"[red]{len(document['failed'])} point(s) or phase(s) failed: see the table above[/red]")
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import multiprocessing
 import os
+import queue
 import tempfile
 import time
 from collections.abc import Callable
@@ -168,9 +169,11 @@ def run_point(
         deadline = time.monotonic() + 180
         while len(results) < len(procs) and time.monotonic() < deadline:
             try:
-                index, records, failure = out.get(timeout=max(0.1, deadline - time.monotonic()))
-            except Exception:
-                break
+                index, records, failure = out.get(timeout=1.0)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    break  # every client has exited: nothing more will come
+                continue
             results[index] = (records, failure)
         for p in procs:
             p.join(10)

@@ -198,7 +198,7 @@ def print_report(console: Console, document: dict[str, Any], runs: list[RunRecor
         f"\n[bold]{m['cpu']}[/bold], {m['cores']} cores, {m['memory_gb']} GB RAM — {m['date']} — "
         f"models: {m['models']} ({m['models_kind']})"
     )
-    for note in document.get("notes", []):  # (failed points are also notes)
+    for note in document.get("notes", []):
         console.print(f"[yellow]note:[/yellow] {note}")
     table = Table(title="Throughput and latency (batch = push → last result)", header_style="bold")
     for col in ("config", "transport", "path", "K", "load", "img/s", "×bound", "batch p50", "p95", "p99",

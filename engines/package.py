@@ -118,7 +118,7 @@ def _generalisation_lines(name: str, g: dict) -> list[str]:
 
 def _agreement_lines(int8: dict) -> list[str]:
     a = int8["agreement"]
-    rows = [f"| {name} | {o['lsb']:.4g} | {o['p999_lsb']:.0f} | {o['max_lsb']:.0f} |"
+    rows = [f"| {name} | {o['lsb']:.4g} | {o['p999_lsb']:.1f} | {o['max_lsb']:.1f} |"
             for name, o in a["outputs"].items()]
     return [
         "", "## Same answers on every x86-64 CPU",

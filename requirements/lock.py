@@ -6,15 +6,17 @@ exact versions with hashes from one of the files beside this script, so a fresh 
 the tests last passed with:
 
 ==============  ======================================================================
-``server.txt``  the server and client at run time (the images' final stage)
+``server.txt``  the server and client at run time (what a deployment image installs)
 ``dev.txt``     server + tests + lint + the build requirements (``make test``, CI)
 ``bench.txt``   dev + the fps benchmark's plotting (``make bench``)
 ``train.txt``   dev + the recipe's torch, the CPU build (``make models``)
 ==============  ======================================================================
 
 ``python requirements/lock.py compile`` (``make lock``) resolves them again with uv, Linux x86-64,
-Python 3.11; pip's configured ``--find-links`` directories are passed on, which is where the CPU
-build of torch comes from where the registry only serves the CUDA one.
+Python 3.11, newest versions within the ranges; pip's configured ``--find-links`` directories are
+passed on, which is where the CPU build of torch (``torch==2.13.0+cpu``, pinned by hash in
+``train.txt``) comes from: the registry serves only the CUDA build. Elsewhere ``make models`` needs
+that wheel from PyTorch's CPU wheel index (``PIP_EXTRA_INDEX_URL``) or a local directory.
 ``python requirements/lock.py check`` (run by ``.ci/run``) fails when a lock no longer satisfies
 what ``pyproject.toml`` asks of its set: a requirement missing, a pinned version outside its
 range, or a pin without a hash.
@@ -116,7 +118,7 @@ def compile_set(name: str, uv: str) -> None:
         cmd += [arg for extra in extras for arg in ("--extra", extra)]
         if with_build:
             cmd.append(str(build_in))
-        cmd += ["--generate-hashes", "--python-version", PYTHON_VERSION, "--python-platform", PLATFORM,
+        cmd += ["--upgrade", "--generate-hashes", "--python-version", PYTHON_VERSION, "--python-platform", PLATFORM,
                 "--no-header", "--quiet", "-o", str(out)]
         cmd += [arg for link in _find_links() for arg in ("--find-links", link)]
         print("+", shlex.join(cmd), flush=True)
