@@ -233,10 +233,11 @@ def package_repository(models: dict[str, torch.nn.Module], *, recipe_dict: dict,
     alt_det = evaluate_detector(paths["detector"]["int8"], det_cfg, alt)
     alt_det.pop("_tally")
     seeds_text = f"{ALT_EVAL_SEEDS.start}–{ALT_EVAL_SEEDS.stop - 1}"
-    generalisation = {"detector": {"style": "alt", "scenes": len(ALT_EVAL_SEEDS), "seeds": seeds_text} | alt_det}
+    where = {"style": "alt", "scenes": len(ALT_EVAL_SEEDS), "seeds": seeds_text}
+    generalisation = {"detector": where | alt_det}
     for name in ("color", "vehicle_type"):
-        generalisation[name] = {"style": "alt", "scenes": len(ALT_EVAL_SEEDS), "seeds": seeds_text} | \
-            evaluate_classifier(paths[name]["int8"], ModelConfig.model_validate(configs[name]), alt)
+        cfg = ModelConfig.model_validate(configs[name])
+        generalisation[name] = where | evaluate_classifier(paths[name]["int8"], cfg, alt)
     speed = throughput({"unpruned INT8": paths["detector_full"]["int8"], "pruned INT8 (shipped)":
                         paths["detector"]["int8"], "pruned FP32": paths["detector"]["fp32"]},
                        (3, DETECTOR_INPUT[1], DETECTOR_INPUT[0]))

@@ -17,6 +17,7 @@ and ``DIR/ground_truth.json``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -262,12 +263,16 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
     return Scene(seed, w, h, buf.tobytes(), quality, tuple(objects))
 
 
-def write_scenes(out: Path, seeds: list[int], *, width: int | None = None, height: int | None = None) -> Path:
-    """Write ``scene_XXXXX.jpg`` files and ``ground_truth.json``; returns the JSON path."""
+def write_scenes(out: Path, seeds: list[int], *, width: int | None = None, height: int | None = None,
+                 generate: Callable[..., Scene] | None = None) -> Path:
+    """Write ``scene_XXXXX.jpg`` files and ``ground_truth.json``; returns the JSON path.
+    ``generate`` draws each scene (default: this module's ``generate_scene``; ``engines.scenes_alt``
+    passes its own)."""
     out.mkdir(parents=True, exist_ok=True)
+    draw = generate or generate_scene
     truth = []
     for i, seed in enumerate(seeds):
-        scene = generate_scene(seed, width=width, height=height)
+        scene = draw(seed, width=width, height=height)
         name = f"scene_{i:05d}.jpg"
         (out / name).write_bytes(scene.jpeg)
         truth.append({"file": name, "seed": seed, "width": scene.width, "height": scene.height,

@@ -15,14 +15,12 @@ Deterministic per seed like ``engines.scenes`` (NumPy PCG64 + OpenCV drawing + O
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from engines.scenes import CLASSES, COLORS, PALETTE_RGB, VEHICLE_TYPES, Scene, SceneObject
+from engines.scenes import CLASSES, COLORS, PALETTE_RGB, VEHICLE_TYPES, Scene, SceneObject, write_scenes
 
 # Width / height of each object's box in this style (its own proportions, not the training style's).
 ASPECT = {"sedan": 2.3, "suv": 1.8, "truck": 2.5, "van": 1.6, "bicycle": 1.7, "person": 0.36, "road_sign": 0.3}
@@ -314,16 +312,8 @@ def main() -> None:
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    a.out.mkdir(parents=True, exist_ok=True)
-    truth = []
-    for i in range(a.count):
-        scene = generate_scene(a.seed + i)
-        name = f"alt_{i:05d}.jpg"
-        (a.out / name).write_bytes(scene.jpeg)
-        truth.append({"file": name, "seed": scene.seed, "width": scene.width, "height": scene.height,
-                      "objects": [asdict(o) for o in scene.objects]})
-    (a.out / "ground_truth.json").write_text(json.dumps(truth, indent=1))
-    print(f"wrote {a.count} scenes and {a.out / 'ground_truth.json'}")
+    path = write_scenes(a.out, [a.seed + i for i in range(a.count)], generate=generate_scene)
+    print(f"wrote {a.count} scenes and {path}")
 
 
 if __name__ == "__main__":
