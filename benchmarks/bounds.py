@@ -4,9 +4,9 @@ Called by ``benchmarks.fps`` before a server is started, so nothing else compete
 Three bounds, each on every core at once (one process per core with one thread per library, like
 the server's stage workers, so shared caches and memory bandwidth are part of the measurement):
 
-* **decode-only**: ``infer_server.preprocess.DetectorPreprocessor`` (DALI decode + resize +
+* **decode-only**: ``infer_server.stage.preprocess.DetectorPreprocessor`` (DALI decode + resize +
   normalise) on the benchmark's scenes at the served batch size; images/s over all cores.
-* **model-only**: the engines alone (``infer_server.engines.create_engine``) on pre-decoded
+* **model-only**: the engines alone (``infer_server.stage.backends.create_engine``) on pre-decoded
   tensors: the detector at the served batch size, each classifier on a batch of real crops. Costs
   are ms per image (detector) and per crop (classifier); :func:`model_only_fps` turns them into
   images/s with the detections per image the server actually produced in the run.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-PIPELINE_STAGES = ("read", "decode", "detector", "postprocess", "crop", "attributes")
+from infer_server.messages import STAGES
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,14 @@ def _measure(
     repo_dir: str, jpegs: list[bytes], batch: int, crop_batch: int, seconds: float, barrier: Any, out: Any
 ) -> None:
     """One process of :func:`measure_bounds` (spawn target): decode loop, then each engine's loop."""
-    from infer_server.worker import limit_threads
+    from infer_server.stage.worker import limit_threads
 
     limit_threads(1)
     import numpy as np
 
-    from infer_server.engines import create_engine
-    from infer_server.model_repo import ModelRepository
-    from infer_server.preprocess import CropPreprocessor, DetectorPreprocessor
+    from infer_server.stage.backends import create_engine
+    from infer_server.stage.model_repo import ModelRepository
+    from infer_server.stage.preprocess import CropPreprocessor, DetectorPreprocessor
 
     repo = ModelRepository.load(repo_dir)
     det = repo.detector.config
@@ -103,7 +103,7 @@ def measure_bounds(
     repo_dir: Path, jpegs: Sequence[bytes], *, cores: int, batch: int, crop_batch: int = 32, seconds: float = 3.0
 ) -> Bounds:
     """Decode-only throughput and engine costs, one process per core, all running at once."""
-    from infer_server.model_repo import ModelRepository
+    from infer_server.stage.model_repo import ModelRepository
 
     repo = ModelRepository.load(repo_dir)
     ctx = multiprocessing.get_context("spawn")
@@ -164,7 +164,7 @@ def cpu_bound(stage_ms: Mapping[str, float], workers_cpu_ms: float | None, cores
     CPU time per image (from /proc, same windows) is lower, that is the cost: a stage cannot have
     used more CPU than the process that ran it.
     """
-    stages = {stage: stage_ms.get(stage, 0.0) for stage in PIPELINE_STAGES}
+    stages = {stage: stage_ms.get(stage, 0.0) for stage in STAGES}
     total, source = sum(stages.values()), "stage timings"
     if workers_cpu_ms is not None and 0 < workers_cpu_ms < total:
         total, source = workers_cpu_ms, "workers' CPU (/proc)"

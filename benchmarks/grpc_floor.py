@@ -127,7 +127,7 @@ def grpc_floor(n: int) -> None:
 
 
 def pool_floor(n: int) -> None:
-    from infer_server.pool import PipelinePool
+    from infer_server.supervisor.pool import PipelinePool
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         images = make_workload(IMAGES, IMAGES, Path(tmp)).batches[0]

@@ -1,7 +1,7 @@
 """The model repositories of the benchmark's configurations, assembled in a temporary directory.
 
 Called by ``benchmarks.fps`` in the benchmark's process; the server and the bounds then load the
-returned directory like any repository (``infer_server.model_repo``). Configurations:
+returned directory like any repository (``infer_server.stage.model_repo``). Configurations:
 
 * ``detector``: the source repository's detector alone (its directory linked into a tempdir).
 * ``full``: the detector and the default attribute models (every model directory linked).

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from infer_server.procs import descendants, exit_waiters, read_address, stat_fields, still_running
+from benchmarks.procs import descendants, exit_waiters, read_address, stat_fields, still_running
 
 log = logging.getLogger(__name__)
 

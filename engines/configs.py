@@ -1,7 +1,7 @@
 """The ``config.yaml`` of each default model, written by the recipe next to its ``model.onnx``.
 
 One place for the numbers the server reads (input size, normalisation, labels, DetectNet_v2 decode
-parameters, thresholds, routing); ``infer_server.model_repo`` validates them on load.
+parameters, thresholds, routing); ``infer_server.stage.model_repo`` validates them on load.
 """
 
 from __future__ import annotations

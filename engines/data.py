@@ -5,7 +5,7 @@
   boxes in input pixels, and one jittered ground-truth crop per object (64×64) with its colour and
   vehicle type, for the attribute models.
 * ``detectnet_targets(...)``: the DetectNet_v2 training targets for one image — coverage, bbox
-  regression in the decode convention of ``infer_server.postprocess`` and a loss mask that makes
+  regression in the decode convention of ``infer_server.stage.postprocess`` and a loss mask that makes
   don't-care objects (under 12 px on a side at input scale, KITTI-style) neither positive nor negative.
 """
 

@@ -1,8 +1,8 @@
 """Measure a model repository on held-out scenes through the server's own code path.
 
-Images are decoded and resized by the server's DALI pipeline (``infer_server.preprocess``), models
+Images are decoded and resized by the server's DALI pipeline (``infer_server.stage.preprocess``), models
 run in the server's ONNX Runtime engine, and detections come out of the server's DetectNet_v2
-decode + NMS (``infer_server.postprocess``) — so the numbers are what a client would get.
+decode + NMS (``infer_server.stage.postprocess``) — so the numbers are what a client would get.
 
 * detector: AP@0.5 per class and mAP (VOC all-point; don't-cares per ``engines.metrics``), plus
   precision/recall at the configured confidence threshold;
@@ -29,11 +29,11 @@ from tqdm import tqdm
 from engines.metrics import DetectionTally, match_image
 from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES, Scene, generate_scene
 from engines.scenes_alt import generate_scene as generate_alt_scene
-from infer_server.engines import create_engine
-from infer_server.model_repo import ModelConfig, ModelRepository
-from infer_server.pipeline import softmax
-from infer_server.postprocess import postprocess_detector
-from infer_server.preprocess import CropPreprocessor, DetectorPreprocessor
+from infer_server.stage.backends import create_engine
+from infer_server.stage.model_repo import ModelConfig, ModelRepository
+from infer_server.stage.pipeline import softmax
+from infer_server.stage.postprocess import postprocess_detector
+from infer_server.stage.preprocess import CropPreprocessor, DetectorPreprocessor
 
 AP_THRESHOLD = 0.05  # score floor for the PR curve; the shipped threshold is reported separately
 CHUNK = 8

@@ -167,7 +167,7 @@ def probe_inputs(kind: str, width: int, height: int, seeds: range) -> np.ndarray
 def main() -> None:
     import argparse
 
-    from infer_server.model_repo import ModelRepository
+    from infer_server.stage.model_repo import ModelRepository
 
     p = argparse.ArgumentParser(description="ONNX Runtime INT8 on this CPU vs the exact Q/DQ arithmetic.")
     p.add_argument("--models", type=Path, default=Path(__file__).resolve().parent / "models")

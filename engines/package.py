@@ -32,7 +32,7 @@ from engines.evaluate import (
 )
 from engines.int8_agreement import SATURATION_FREE_BOUND, TOLERANCE, agreement, cpu_class, probe_inputs, weight_bound
 from engines.quantize import nonzero_zero_points, quantize_int8
-from infer_server.model_repo import ModelConfig
+from infer_server.stage.model_repo import ModelConfig
 
 OUTPUTS = {"detector": ["output_cov", "output_bbox"], "classifier": ["logits"]}
 

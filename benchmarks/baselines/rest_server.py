@@ -10,8 +10,8 @@ and prints ``listening on HOST:PORT`` once every worker loaded its pipeline (the
 Processes, kept the same as the product's so that only the data path differs:
 * this process: the HTTP front, ``ThreadingHTTPServer`` (one thread per keep-alive connection);
 * ``workers`` spawn-context processes (``ProcessPoolExecutor``), each holding one
-  ``infer_server.pipeline.VisionPipeline`` — or ``NullPipeline`` with ``--null-model`` — with one
-  thread per library (``infer_server.worker.limit_threads``), fed chunks of ``batch_size`` images.
+  ``infer_server.stage.pipeline.VisionPipeline`` — or ``NullPipeline`` with ``--null-model`` — with one
+  thread per library (``infer_server.stage.worker.limit_threads``), fed chunks of ``batch_size`` images.
 
 The data path, which is what is measured: the client base64-encodes the images into one JSON body;
 the front parses it, decodes the base64, and pickles each chunk's bytes to a worker through the
@@ -40,7 +40,7 @@ from typing import Any
 # Only stdlib-light imports at module level: worker processes import this module before
 # limit_threads() runs, and NumPy / ONNX Runtime / DALI must see the thread limits first.
 from infer_server.messages import Code, ImageOutcome, ImageRef
-from infer_server.worker import limit_threads
+from infer_server.stage.worker import limit_threads
 
 MAX_IMAGES = 256
 MAX_BODY_BYTES = 512 * 1024 * 1024  # base64 of the product's 256 MiB batch limit, plus JSON
@@ -51,16 +51,18 @@ _ready_barrier: Any = None
 
 
 def _init_worker(repo: str, batch_size: int, null_model: bool, barrier: Any) -> None:
-    """Worker process setup: thread limits, then the pipeline, as ``infer_server.worker`` does."""
+    """Worker process setup: thread limits, then the pipeline, as ``infer_server.stage.worker`` does."""
     global _pipeline, _ready_barrier
     limit_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from infer_server.pipeline import NullPipeline, VisionPipeline
+    from infer_server.settings import ServerSettings
+    from infer_server.stage.pipeline import NullPipeline, VisionPipeline
 
+    options = ServerSettings(batch_size=batch_size, null_model=null_model).worker_options()
     if null_model:
-        _pipeline = NullPipeline(worker_id=os.getpid())
+        _pipeline = NullPipeline(options, worker_id=os.getpid())
     else:
-        _pipeline = VisionPipeline.load(repo, batch_size=batch_size, worker_id=os.getpid())
+        _pipeline = VisionPipeline.load(repo, options, worker_id=os.getpid())
     _pipeline.warm_up()
     _ready_barrier = barrier
 

@@ -1,22 +1,29 @@
 """``infer-server`` (and ``python -m infer_server``): run the server until SIGTERM/SIGINT.
 
-The command line is the operator's entry point: options override ``INFER_*`` environment
-variables, which override the defaults in ``settings.ServerSettings``. Once every worker is ready
-and health reports SERVING, the command prints ``listening on HOST:PORT`` on stdout (the bound port,
-also with ``--port 0``) so scripts can wait for that line. SIGTERM or SIGINT drains and stops.
+The command line is the operator's entry point. ``serve`` has one option per field of
+``settings.ServerSettings``, derived from the model (name, type, help), so a new setting is a flag
+and an ``INFER_*`` environment variable the moment it is added there; a flag beats the environment,
+which beats the default. Once every worker is ready and health reports SERVING, the command prints
+``listening on HOST:PORT`` on stdout (the bound port, also with ``--port 0``) so scripts can wait
+for that line. SIGTERM or SIGINT drains and stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import sys
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from infer_proto.grpc_io import EPOLL_IO, prefer_epoll_io
 from infer_server.settings import ServerSettings
@@ -30,63 +37,49 @@ def main() -> None:
     """gRPC inference server with tmpfs handoff."""
 
 
-@app.command()
-def serve(
-    models: Annotated[Path | None, typer.Option(help="Model repository directory.")] = None,
-    host: Annotated[str | None, typer.Option(help="Address to bind (0.0.0.0 for all).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port to bind; 0 picks a free one.")] = None,
-    shm_dir: Annotated[Path | None, typer.Option(help="Shared directory clients write batches into.")] = None,
-    staging_dir: Annotated[Path | None, typer.Option(help="Server-owned staging directory.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or gpu.")] = None,
-    workers: Annotated[int | None, typer.Option(help="Stage worker processes.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Images per pipeline batch.")] = None,
-    max_batch_images: Annotated[int | None, typer.Option(help="Images per pushed batch.")] = None,
-    max_batch_bytes: Annotated[int | None, typer.Option(help="Bytes per pushed batch.")] = None,
-    max_image_pixels: Annotated[int | None, typer.Option(help="Pixels per image (checked from the header).")] = None,
-    max_inflight_images: Annotated[int | None, typer.Option(help="Images in flight per server.")] = None,
-    max_inflight_bytes: Annotated[int | None, typer.Option(help="Bytes in flight per server.")] = None,
-    max_concurrent_rpcs: Annotated[int | None, typer.Option(help="Concurrent RPCs (streams included).")] = None,
-    max_message_bytes: Annotated[int | None, typer.Option(help="Largest gRPC message.")] = None,
-    batch_deadline: Annotated[float | None, typer.Option(help="Seconds a batch may take.")] = None,
-    result_ttl: Annotated[float | None, typer.Option(help="Seconds finished results are kept.")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port.")] = None,
-    log_level: Annotated[str | None, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = None,
-    null_model: Annotated[
-        bool | None,
-        typer.Option(
-            "--null-model/--no-null-model",
-            help="Benchmarking only: read and header-check every image, run no model, return no detections.",
-        ),
-    ] = None,
-) -> None:
+def _option_type(annotation: Any) -> type:
+    """The click-friendly type of a settings field: ``X | None`` → ``X``; a ``Literal`` of strings → str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _option_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        return str
+    if annotation in (int, float, str, bool, Path):
+        return annotation
+    raise TypeError(f"no command-line type for {annotation!r}")
+
+
+def _option(name: str, field: FieldInfo) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    kind = _option_type(field.annotation)
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    decls = [f"{flag}/--no-{flag[2:]}"] if kind is bool else [flag, *extra.get("flags", [])]  # type: ignore[misc]
+    env = f"INFER_{name.upper()}"
+    option = typer.Option(*decls, help=f"{field.description} (env {env}; default {field.default})", show_default=False)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option]
+    )
+
+
+def _settings_command(run: Callable[[ServerSettings], None]) -> Callable[..., None]:
+    """A command whose options are the settings' fields; it builds the settings and calls ``run``."""
+
+    def command(**given: Any) -> None:
+        try:
+            settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as exc:
+            typer.echo(f"invalid settings:\n{exc}", err=True)
+            raise typer.Exit(2) from None
+        run(settings)
+
+    params = [_option(name, field) for name, field in ServerSettings.model_fields.items()]
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__doc__ = run.__doc__
+    return command
+
+
+def serve(settings: ServerSettings) -> None:
     """Serve InferenceService, health and reflection until SIGTERM/SIGINT."""
-    given: dict[str, Any] = {
-        "models_dir": models,
-        "host": host,
-        "port": port,
-        "shm_dir": shm_dir,
-        "staging_dir": staging_dir,
-        "device": device,
-        "workers": workers,
-        "batch_size": batch_size,
-        "max_batch_images": max_batch_images,
-        "max_batch_bytes": max_batch_bytes,
-        "max_image_pixels": max_image_pixels,
-        "max_inflight_images": max_inflight_images,
-        "max_inflight_bytes": max_inflight_bytes,
-        "max_concurrent_rpcs": max_concurrent_rpcs,
-        "max_message_bytes": max_message_bytes,
-        "batch_deadline_s": batch_deadline,
-        "result_ttl_s": result_ttl,
-        "metrics_port": metrics_port,
-        "log_level": log_level.upper() if log_level else None,
-        "null_model": null_model,
-    }
-    try:
-        settings = ServerSettings(**{k: v for k, v in given.items() if v is not None})
-    except ValidationError as exc:
-        typer.echo(f"invalid settings:\n{exc}", err=True)
-        raise typer.Exit(2) from None
     logging.basicConfig(
         level=settings.log_level,
         stream=sys.stderr,
@@ -97,10 +90,13 @@ def serve(
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
+app.command(name="serve")(_settings_command(serve))
+
+
 async def _serve(settings: ServerSettings) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
-    from infer_server.pool import PipelineError
-    from infer_server.service import InferenceServer
+    from infer_server.front.server import InferenceServer
+    from infer_server.supervisor.pool import PipelineError
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,19 +1,23 @@
-"""What crosses between the gRPC front (parent process) and the stage workers (children).
+"""Everything that crosses a process boundary: between the supervisor (server process) and the
+stage workers (children), and the file reference the front hands the supervisor.
 
-Queues carry only these small frozen records. Image bytes never travel through a queue: a
-``WorkItem`` names a file in tmpfs (the client's batch file or the server's own staging copy of
-inline data) plus byte ranges inside it; the worker maps the file read-only and copies each image's
-bytes out exactly once.
+Pipes carry only these small frozen records (docs/architecture.md has the table of who sends what).
+Image bytes never travel through a pipe: a ``WorkItem`` names a file in tmpfs (the client's batch
+file or the server's own staging copy of inline data, a ``FileRef``) plus byte ranges inside it;
+the worker re-opens the file and reads each image's bytes once, with ``pread``.
+
+To a worker: ``WorkerOptions`` as a process argument at spawn; then in its inbox a ``WorkItem`` per
+chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`` or ``WorkerFailed`` once,
+then one ``ItemDone`` per chunk. Shared memory: each worker's ``current`` value (a
+``multiprocessing.RawValue('q')``) holds the id of the chunk it took last; the supervisor reads it
+when the worker dies to know which chunk was running.
 
 Everything here must stay picklable with the standard library only (spawn context), and nothing a
 client sent is ever unpickled: the front builds these records from validated request fields.
 
-The two records that cross for every chunk, ``WorkItem`` and ``ItemDone``, pickle their images as
-rows of plain values and are rebuilt by one function call per message (``__reduce__``). Pickled as
-dataclasses, every instance carries its attribute dict and is rebuilt field name by field name:
-for a chunk of 8 images, 32 µs for both messages both ways in a microbenchmark (26 µs as rows),
-and far more in a busy server. On the null-model data path the rows gave +10% images/s, front and
-workers −10% CPU per image (``python -m benchmarks.ab``, 6 interleaved rounds).
+The two records that cross for every chunk, ``WorkItem`` and ``ItemDone``, pickle as rows of plain
+values rebuilt by one function call per message (``__reduce__``), not as dataclasses rebuilt field
+name by field name (docs/performance.md has the measurement).
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from operator import attrgetter
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
+
+STOP = None  # the stop marker in a worker's inbox
+# The stages a worker times, in order: the keys of ``ImageOutcome.timings_ms`` besides ``queue``.
+STAGES = ("read", "decode", "detector", "postprocess", "crop", "attributes")
 
 
 class Code(enum.IntEnum):
@@ -54,29 +62,50 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """A batch file the front validated: where it is and how a worker recognises it (same device,
+    inode and size), so a file swapped after validation is never read."""
+
+    path: str
+    dev: int
+    ino: int
+    size: int
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """What every stage worker is told at spawn; built once from the server's settings
+    (``ServerSettings.worker_options``), which hold every default."""
+
+    device: str
+    batch_size: int
+    max_image_pixels: int
+    intra_op_threads: int
+    null_model: bool  # read + header check only, no decode or model (benchmarks the data path)
+    plan_cache_dir: str | None  # TensorRT plans (device gpu); None: the backend's default
+    log_level: str
+
+
+@dataclass(frozen=True)
 class WorkItem:
     """A chunk of one batch (at most the pipeline's batch size) handed to a stage worker.
 
-    ``dev``/``ino`` identify the file the front validated; the worker re-opens ``path`` with
-    O_NOFOLLOW and refuses it unless the open fd has the same identity and size, so a file swapped
-    after validation is never read. ``deadline`` is ``time.monotonic()`` based (CLOCK_MONOTONIC is
+    The worker re-opens ``file.path`` with O_NOFOLLOW and refuses it unless the open fd has the
+    identity and size of ``file``. ``deadline`` is ``time.monotonic()`` based (CLOCK_MONOTONIC is
     shared by all processes of the host); work dequeued after it is answered DEADLINE_EXCEEDED.
     ``attempt`` counts how often this chunk was handed out (retries after a worker died).
     """
 
     item_id: int
     batch_id: str
-    path: str
-    dev: int
-    ino: int
-    file_size: int
+    file: FileRef
     images: tuple[ImageRef, ...]
     deadline: float
     attempt: int = 1
     submitted: float = 0.0  # time.monotonic() when its batch was submitted (for the queue timing)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return _work_item, (_WORK_ITEM_ROW(self), tuple(map(_REF_ROW, self.images)))
+        return _work_item, (_WORK_ITEM_ROW(self), _FILE_ROW(self.file), tuple(map(_REF_ROW, self.images)))
 
 
 @dataclass(frozen=True)
@@ -175,7 +204,9 @@ def _built(cls: type[_T], names: tuple[str, ...], rows: Iterable[tuple[Any, ...]
 
 _REF_FIELDS = tuple(f.name for f in fields(ImageRef))
 _REF_ROW = attrgetter(*_REF_FIELDS)
-_WORK_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem) if f.name != "images")
+_FILE_FIELDS = tuple(f.name for f in fields(FileRef))
+_FILE_ROW = attrgetter(*_FILE_FIELDS)
+_WORK_ITEM_FIELDS = tuple(f.name for f in fields(WorkItem) if f.name not in ("file", "images"))
 _WORK_ITEM_ROW = attrgetter(*_WORK_ITEM_FIELDS)
 # An outcome's row: its code as a plain int (an enum member would unpickle through a Python call),
 # then every other field.
@@ -188,8 +219,9 @@ def _outcome_row(outcome: ImageOutcome) -> tuple[int, tuple[Any, ...]]:
     return int(outcome.code), _OUTCOME_ROW(outcome)
 
 
-def _work_item(row: tuple[Any, ...], refs: tuple[tuple[Any, ...], ...]) -> WorkItem:
+def _work_item(row: tuple[Any, ...], file: tuple[Any, ...], refs: tuple[tuple[Any, ...], ...]) -> WorkItem:
     (item,) = _built(WorkItem, _WORK_ITEM_FIELDS, (row,))
+    item.__dict__["file"] = FileRef(*file)
     item.__dict__["images"] = tuple(_built(ImageRef, _REF_FIELDS, refs))
     return item
 

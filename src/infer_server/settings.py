@@ -1,8 +1,11 @@
-"""Server configuration: every knob of the gRPC front and the stage-worker pool, in one place.
+"""Server configuration: every knob of the gRPC front, the supervisor and the stage workers, in one place.
 
-Built by ``infer_server.cli`` (command-line options override ``INFER_*`` environment variables,
-which override the defaults below) and read by ``service.InferenceServer`` in the server's main
-process. Limits live here so that "bounded everything" (DESIGN.md) has one list to audit.
+Each field is reachable three ways, derived from this model and nowhere else: a command-line flag
+of ``infer-server serve`` (``--<field-name>``, built by ``infer_server.cli``), an environment
+variable ``INFER_<FIELD_NAME>`` and the default below; a flag beats the environment, which beats
+the default. The front reads the settings in the server's main process; the workers get the part
+they need as one ``WorkerOptions`` record (``worker_options``). Limits live here so that "bounded
+everything" (docs/architecture.md) has one list to audit.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-MiB = 1024 * 1024
+from infer_server.messages import WorkerOptions
 
-# src/infer_server/settings.py -> repository root (the demo's model repository lives there).
-REPO_ROOT = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
 
 
 class ServerSettings(BaseSettings):
@@ -25,45 +27,69 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INFER_", extra="forbid", validate_default=True)
 
     # Where and what to serve.
-    models_dir: Path = REPO_ROOT / "engines" / "models"
-    host: str = "127.0.0.1"  # tmpfs handoff is a same-host protocol; containers set 0.0.0.0
-    port: int = Field(default=8001, ge=0, le=65535)  # 0 = ephemeral, the bound port is reported
-    shm_dir: Path = Path("/dev/shm/infer")
-    # Server-owned copies of inline data; clients' paths may never point into it.
-    staging_dir: Path | None = None  # default: <shm_dir>/.server
-    device: Literal["cpu", "gpu"] = "cpu"
-    workers: int = Field(default=2, ge=1, le=64)
-    batch_size: int = Field(default=8, ge=1, le=256)
-    intra_op_threads: int = Field(default=1, ge=1, le=64)
-    max_attempts: int = Field(default=2, ge=1, le=5)  # a chunk is retried once if its worker dies
-    # Benchmarking the data path alone: workers read and header-check every image but load and run
-    # no model; each OK result has the header's width/height and no detections.
-    null_model: bool = False
+    models_dir: Path = Field(
+        default=Path("engines/models"),
+        description="Model repository directory (relative paths are taken from the working directory).",
+        json_schema_extra={"flags": ["--models"]},
+    )
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to bind: tmpfs handoff is a same-host protocol; containers use 0.0.0.0.",
+    )
+    port: int = Field(default=8001, ge=0, le=65535, description="Port to bind; 0 picks a free one (it is reported).")
+    shm_dir: Path = Field(default=Path("/dev/shm/infer"), description="Shared directory clients write batches into.")
+    staging_dir: Path | None = Field(
+        default=None,
+        description="Server-owned copies of inline data; clients' paths may never point into it "
+        "(default: <shm-dir>/.server).",
+    )
+    device: Literal["cpu", "gpu"] = Field(default="cpu", description="cpu (ONNX Runtime) or gpu (TensorRT).")
+    workers: int = Field(default=2, ge=1, le=64, description="Stage worker processes.")
+    batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")
+    intra_op_threads: int = Field(default=1, ge=1, le=64, description="Threads per model in each worker.")
+    max_attempts: int = Field(
+        default=2, ge=1, le=5, description="Attempts per image when workers die under it (2: retried once)."
+    )
+    null_model: bool = Field(
+        default=False,
+        description="Benchmarking the data path: read and header-check every image, run no model, return "
+        "the header's size and no detections.",
+    )
+    plan_cache_dir: Path | None = Field(
+        default=None, description="Where TensorRT plans are cached (device gpu; default ~/.cache/infer_server/plans)."
+    )
 
     # Per-batch limits (checked before anything is read or admitted).
-    max_batch_images: int = Field(default=256, ge=1)
-    max_batch_bytes: int = Field(default=256 * MiB, ge=1)
-    max_image_pixels: int = Field(default=40_000_000, ge=1)
-    max_name_length: int = Field(default=1024, ge=1)
+    max_batch_images: int = Field(default=256, ge=1, description="Images per pushed batch.")
+    max_batch_bytes: int = Field(default=256 * MiB, ge=1, description="Bytes per pushed batch.")
+    max_image_pixels: int = Field(
+        default=40_000_000, ge=1, description="Pixels per image, checked from the header before decoding."
+    )
+    max_name_length: int = Field(default=1024, ge=1, description="Characters per image name.")
 
     # Per-server limits: admission control answers RESOURCE_EXHAUSTED beyond these.
-    max_inflight_images: int = Field(default=1024, ge=1)
-    max_inflight_bytes: int = Field(default=1024 * MiB, ge=1)
-    max_concurrent_rpcs: int = Field(default=256, ge=1)
-    # Inline pushes must fit in one message; remote clients split larger batches.
-    max_message_bytes: int = Field(default=64 * MiB, ge=MiB)
+    max_inflight_images: int = Field(default=1024, ge=1, description="Images in flight per server.")
+    max_inflight_bytes: int = Field(default=1024 * MiB, ge=1, description="Bytes in flight per server.")
+    max_concurrent_rpcs: int = Field(default=256, ge=1, description="Concurrent RPCs, streams included.")
+    max_message_bytes: int = Field(
+        default=64 * MiB, ge=MiB, description="Largest gRPC message: inline pushes must fit in one."
+    )
 
     # Time bounds.
-    batch_deadline_s: float = Field(default=120.0, gt=0)  # answered DEADLINE_EXCEEDED after it
-    result_ttl_s: float = Field(default=300.0, gt=0)  # finished batches are forgotten after it
-    janitor_ttl_s: float = Field(default=900.0, gt=0)  # orphaned staging files older than this go
-    janitor_interval_s: float = Field(default=60.0, gt=0)
-    startup_timeout_s: float = Field(default=180.0, gt=0)  # every worker must be READY within it
-    drain_timeout_s: float = Field(default=30.0, ge=0)  # in-flight batches may finish within it
-    stop_grace_s: float = Field(default=5.0, ge=0)  # open streams may end within it
+    batch_deadline_s: float = Field(
+        default=120.0, gt=0, description="Seconds a batch may take (then DEADLINE_EXCEEDED)."
+    )
+    result_ttl_s: float = Field(default=300.0, gt=0, description="Seconds finished results are kept for pulling.")
+    janitor_ttl_s: float = Field(default=900.0, gt=0, description="Orphaned staging files older than this are removed.")
+    janitor_interval_s: float = Field(default=60.0, gt=0, description="Seconds between staging-directory sweeps.")
+    startup_timeout_s: float = Field(default=180.0, gt=0, description="Every worker must be ready within it.")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="On stop, in-flight batches may finish within it.")
+    stop_grace_s: float = Field(default=5.0, ge=0, description="On stop, open streams may end within it.")
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="DEBUG, INFO, WARNING or ERROR (the workers' too)."
+    )
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
 
     @model_validator(mode="after")
     def _resolve_dirs(self) -> ServerSettings:
@@ -81,3 +107,15 @@ class ServerSettings(BaseSettings):
         """The staging directory, always set after validation."""
         assert self.staging_dir is not None
         return self.staging_dir
+
+    def worker_options(self) -> WorkerOptions:
+        """What every stage worker is told at spawn."""
+        return WorkerOptions(
+            device=self.device,
+            batch_size=self.batch_size,
+            max_image_pixels=self.max_image_pixels,
+            intra_op_threads=self.intra_op_threads,
+            null_model=self.null_model,
+            plan_cache_dir=str(self.plan_cache_dir) if self.plan_cache_dir else None,
+            log_level=self.log_level,
+        )

@@ -13,8 +13,8 @@ import pytest
 trt = pytest.importorskip("tensorrt")
 cuda = pytest.importorskip("pycuda.driver")
 
-from infer_server.engines import create_engine  # noqa: E402
-from infer_server.model_repo import ModelRepository  # noqa: E402
+from infer_server.stage.backends import create_engine  # noqa: E402
+from infer_server.stage.model_repo import ModelRepository  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.procs import descendants, exit_waiters, read_address, still_running
 from engines.scenes import Scene, generate_scene
 from infer_client import InferClient
-from infer_server.procs import descendants, exit_waiters, read_address, still_running
 
 STARTUP_TIMEOUT_S = 240.0  # two workers load three models each on a busy 2-core box
 

@@ -8,8 +8,8 @@ import signal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks.procs import is_alive
 from engines.scenes import Scene
-from infer_server.procs import is_alive
 from tests.integration.conftest import RunningServer
 
 

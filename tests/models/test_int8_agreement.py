@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from engines.int8_agreement import SATURATION_FREE_BOUND, TOLERANCE, agreement, cpu_class, probe_inputs, weight_bound
-from infer_server.model_repo import ModelEntry, ModelRepository
+from infer_server.stage.model_repo import ModelEntry, ModelRepository
 
 MODELS = Path(__file__).resolve().parents[2] / "engines" / "models"
 REPO = ModelRepository.load(MODELS)

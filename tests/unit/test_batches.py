@@ -8,10 +8,11 @@ from typing import Any, TypeVar
 
 import pytest
 
-from infer_server.batches import Batch, BatchRegistry, Reservation, Subscription
-from infer_server.errors import InvalidBatch, Overloaded, Unavailable, UnknownBatch
-from infer_server.handoff import BatchFile
-from infer_server.messages import Code, ImageOutcome, ImageRef
+from infer_server.front.batches import Batch, BatchRegistry, Reservation
+from infer_server.front.cursors import PullCursor
+from infer_server.front.errors import InvalidBatch, Overloaded, Unavailable, UnknownBatch
+from infer_server.front.handoff import BatchFile
+from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
 
 T = TypeVar("T")
 
@@ -41,7 +42,7 @@ def refs(n: int, size: int = 10) -> tuple[ImageRef, ...]:
 def open_batch(reg: BatchRegistry, n: int, request_id: str = "", staged: bool = False) -> Batch:
     images = refs(n)
     r = reg.reserve(request_id, images, 10 * n, deadline=1100.0)
-    reg.activate(r, BatchFile(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n, images, staged=staged))
+    reg.activate(r, BatchFile(FileRef(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n), images, staged=staged))
     return r.batch
 
 
@@ -49,10 +50,10 @@ def outcome(batch: Batch, index: int, code: Code = Code.OK) -> ImageOutcome:
     return ImageOutcome(batch.batch_id, index, f"img{index}", code)
 
 
-async def drain(sub: Subscription) -> list[tuple[str, int]]:
+async def drain(sub: PullCursor) -> list[tuple[str, int]]:
     got = []
     while (o := await sub.next()) is not None:
-        sub.ack(o)
+        sub.ack([o])
         got.append((o.batch_id, o.index))
     return got
 
@@ -96,10 +97,10 @@ def test_unsent_result_stays_available_for_a_later_stream() -> None:
         with reg.subscribe([batch.batch_id]) as first:
             o = await first.next()
             assert o is not None and o.index == 0
-            first.ack(o)
+            first.ack([o])
             o = await first.next()
             assert o is not None and o.index == 1
-            first.nack(o)  # e.g. the client cancelled while this one was being written
+            first.nack([o])  # e.g. the client cancelled while this one was being written
         with reg.subscribe([batch.batch_id]) as second:
             assert [i for _, i in await drain(second)] == [1, 2]
 
@@ -153,7 +154,7 @@ def test_stream_does_not_end_while_another_holds_a_lease() -> None:
         task = asyncio.ensure_future(drain(waiter))
         await asyncio.sleep(0)
         assert not task.done()  # the lease may still come back
-        holder.nack(leased)
+        holder.nack([leased])
         assert await task == [(batch.batch_id, 0)]
 
     run(scenario())
@@ -171,7 +172,7 @@ def test_duplicate_and_late_outcomes_are_dropped() -> None:
         with reg.subscribe([batch.batch_id]) as sub:
             got = []
             while (o := await sub.next()) is not None:
-                sub.ack(o)
+                sub.ack([o])
                 got.append((o.index, o.code))
         assert got == [(0, Code.OK), (1, Code.OK)]
 
@@ -186,7 +187,7 @@ def test_request_id_makes_push_idempotent() -> None:
         assert first.is_new and not retry.is_new and retry.batch is first.batch
         assert reg.inflight_images == 2  # the retry is not charged again
         waiting = asyncio.ensure_future(retry.ready)
-        reg.activate(first, BatchFile("/dev/shm/x/b", 1, 2, 20, refs(2), staged=False))
+        reg.activate(first, BatchFile(FileRef("/dev/shm/x/b", 1, 2, 20), refs(2), staged=False))
         assert (await waiting) is first.batch
         assert reg.reserve("req-2", refs(1), 10, 1100.0).batch is not first.batch
 
@@ -276,7 +277,7 @@ def test_overdue_batch_is_answered_deadline_exceeded_once() -> None:
         with reg.subscribe([batch.batch_id]) as sub:
             got = []
             while (o := await sub.next()) is not None:
-                sub.ack(o)
+                sub.ack([o])
                 got.append((o.index, o.code))
         assert sorted(got) == [(0, Code.DEADLINE_EXCEEDED), (1, Code.OK), (2, Code.DEADLINE_EXCEEDED)]
 
@@ -356,7 +357,7 @@ def test_a_session_waits_for_results_and_reports_a_batch_delivered_elsewhere() -
             reg.record(outcome(a, 0))
             got = await pull.next()
             assert got is not None
-            pull.ack(got)
+            pull.ack([got])
         with reg.open_session() as session:
             session.add(a)  # pushed again with its request_id: nothing more will come of it
             assert session.take() == [] and session.completions([]) == [a.batch_id]

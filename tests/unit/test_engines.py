@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from infer_server.engines import Engine, EngineUnavailable, create_engine
-from infer_server.model_repo import ModelRepository
+from infer_server.stage.backends import Engine, EngineUnavailable, create_engine
+from infer_server.stage.model_repo import ModelRepository
 
 
 @pytest.fixture(scope="module")

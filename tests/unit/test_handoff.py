@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from infer_server.errors import InvalidBatch, PermissionDeniedError
-from infer_server.handoff import BatchFile, Handoff, HandoffLimits, filesystem_type
+from infer_server.front.errors import InvalidBatch, PermissionDeniedError
+from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits, filesystem_type
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_length=16)
 
@@ -59,7 +59,7 @@ def test_valid_file_gives_descriptor_with_offsets(handoff: Handoff, root: Path) 
     f = write(root / "client" / "b1.bin", b"a" * 10 + b"b" * 20 + b"c" * 5)
     batch = push(handoff, str(f), [10, 20, 5], ["x.jpg", "y.jpg", "z.jpg"])
     st = os.stat(f)
-    assert (batch.path, batch.dev, batch.ino, batch.size, batch.staged) == (
+    assert (batch.path, batch.file.dev, batch.file.ino, batch.file.size, batch.staged) == (
         str(f),
         st.st_dev,
         st.st_ino,
@@ -180,7 +180,7 @@ def test_group_or_world_writable_is_refused(handoff: Handoff, root: Path, mode: 
 
 def test_read_only_for_others_is_fine(handoff: Handoff, root: Path) -> None:
     f = write(root / "b.bin", b"12345", 0o644)
-    assert push(handoff, str(f), [5]).size == 5
+    assert push(handoff, str(f), [5]).file.size == 5
 
 
 def test_layout_limits(handoff: Handoff) -> None:
@@ -209,7 +209,7 @@ def test_inline_data_is_staged_owner_only_and_released(handoff: Handoff, root: P
     batch = handoff.materialize(handoff.plan("", data, [3, 5], []))
     assert batch.staged and Path(batch.path).parent == root / ".server"
     st = os.stat(batch.path)
-    assert st.st_mode & 0o777 == 0o600 and (st.st_dev, st.st_ino, st.st_size) == (batch.dev, batch.ino, 8)
+    assert st.st_mode & 0o777 == 0o600 and (st.st_dev, st.st_ino, st.st_size) == (batch.file.dev, batch.file.ino, 8)
     assert Path(batch.path).read_bytes() == data
     assert [(r.offset, r.size) for r in batch.images] == [(0, 3), (3, 5)]
     assert not [p for p in os.listdir(root / ".server") if p.endswith(".tmp")]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from infer_server.ledger import ChunkLedger
-from infer_server.messages import Code, ImageOutcome, ImageRef
+from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
+from infer_server.supervisor.ledger import ChunkLedger
 
 
 def ledger_with(n: int, batch_size: int = 4, max_attempts: int = 2, deadline: float = 100.0) -> ChunkLedger:
     ledger = ChunkLedger(batch_size, max_attempts)
     images = [ImageRef(i, i * 10, 10, f"img{i}") for i in range(n)]
-    ledger.add_batch("b", "/dev/shm/x", 1, 2, n * 10, images, deadline=deadline, now=0.0)
+    ledger.add_batch("b", FileRef("/dev/shm/x", 1, 2, n * 10), images, deadline=deadline, now=0.0)
     return ledger
 
 
@@ -21,7 +21,7 @@ def test_batches_are_cut_into_chunks_of_batch_size() -> None:
     ledger = ledger_with(10)
     assert [[r.index for r in c.item.images] for c in ledger.pending] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert len({c.item.item_id for c in ledger.pending}) == 3
-    assert ledger.stats()["pending_images"] == 10 and ledger.open_images == 10
+    assert ledger.open_images == 10
 
 
 def test_an_image_is_delivered_once_and_duplicates_are_dropped() -> None:
@@ -33,17 +33,13 @@ def test_an_image_is_delivered_once_and_duplicates_are_dropped() -> None:
     assert ledger.resolve(ok(0, batch_id="unknown")) is None
     assert ledger.resolve(ImageOutcome.failed("b", ImageRef(1, 10, 10), Code.INVALID_ARGUMENT, "bad")) is not None
     assert ledger.open_images == 0 and not ledger.is_open(chunk)
-    stats = ledger.stats()
-    assert (stats["images_done"], stats["images_failed"], stats["duplicates_dropped"]) == (1, 1, 2)
-    assert stats["stage_ms"]["detector"] == 4.0
 
 
 def test_a_chunk_that_never_started_goes_back_unchanged() -> None:
     ledger = ledger_with(6)
     chunk = ledger.pending.popleft()
     assert ledger.requeue(chunk) == []
-    assert ledger.pending[0] is chunk and chunk.item.attempt == 1
-    assert ledger.stats()["images_retried"] == 0
+    assert ledger.pending[0] is chunk and chunk.item.attempt == 1 and len(ledger.pending) == 2
 
 
 def test_a_started_chunk_comes_back_one_image_per_chunk_with_the_next_attempt() -> None:
@@ -55,7 +51,6 @@ def test_a_started_chunk_comes_back_one_image_per_chunk_with_the_next_attempt() 
     retries = [ledger.pending.popleft() for _ in range(3)]
     assert [[r.index for r in c.item.images] for c in retries] == [[0], [2], [3]]
     assert {c.item.attempt for c in retries} == {2}
-    assert ledger.stats()["images_retried"] == 3
     # A late answer from the dead worker still counts, and the retry's answer is then dropped.
     assert ledger.resolve(ok(2)) is not None
     assert ledger.resolve(ok(2)) is None

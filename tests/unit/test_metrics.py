@@ -5,8 +5,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics
 from infer_server.messages import Code, ImageOutcome
-from infer_server.metrics import _STAGE_BUCKETS, ServerMetrics
 
 OUTCOMES = [
     ImageOutcome("b", 0, "a", timings_ms=(("read", 0.4), ("decode", 12.0), ("queue", 1.0))),

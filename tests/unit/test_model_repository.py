@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 from engines.quantize import nonzero_zero_points
-from infer_server.engines import create_engine
-from infer_server.model_repo import ModelRepository
+from infer_server.stage.backends import create_engine
+from infer_server.stage.model_repo import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "engines" / "models"

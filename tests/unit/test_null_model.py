@@ -8,8 +8,9 @@ import pytest
 
 from engines.scenes import generate_scene
 from infer_server.messages import Code, ImageRef
-from infer_server.pipeline import NullPipeline
 from infer_server.settings import ServerSettings
+from infer_server.stage.pipeline import NullPipeline
+from tests.helpers import worker_options
 
 SCENES = [generate_scene(seed, width=w, height=h) for seed, (w, h) in ((21, (1280, 720)), (22, (640, 480)))]
 
@@ -20,7 +21,8 @@ def test_answers_every_image_with_its_header_size_and_no_detections() -> None:
     huge = good[: sof + 5] + struct.pack(">HH", 3000, 3000) + good[sof + 9 :]
     blobs = [good, b"GIF89a....", huge, SCENES[1].jpeg]
     images = [(ImageRef(i, 0, len(b), f"img{i}"), b) for i, b in enumerate(blobs)]
-    outcomes = list(NullPipeline(max_image_pixels=2_000_000, worker_id=3).process("b", images, read_ms=8.0))
+    options = worker_options(max_image_pixels=2_000_000)
+    outcomes = list(NullPipeline(options, worker_id=3).process("b", images, read_ms=8.0))
     assert [(o.index, o.name, o.code) for o in outcomes] == [
         (0, "img0", Code.OK),
         (1, "img1", Code.INVALID_ARGUMENT),
@@ -32,7 +34,7 @@ def test_answers_every_image_with_its_header_size_and_no_detections() -> None:
     assert [(o.width, o.height) for o in (outcomes[0], outcomes[3])] == [(1280, 720), (640, 480)]
     assert all(o.detections == () and o.worker == 3 for o in outcomes)
     assert dict(outcomes[0].timings_ms) == {"read": pytest.approx(2.0)}
-    queued = list(NullPipeline(max_image_pixels=2_000_000).process("b", images, read_ms=8.0, queue_ms=1.5))
+    queued = list(NullPipeline(options).process("b", images, read_ms=8.0, queue_ms=1.5))
     assert [dict(o.timings_ms) for o in queued][:2] == [{"read": pytest.approx(2.0), "queue": 1.5}, {}]
 
 

@@ -13,9 +13,10 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.scenes import generate_scene
-from infer_server.messages import Code, ImageOutcome, ImageRef
-from infer_server.model_repo import ModelRepository
-from infer_server.pipeline import STAGES, VisionPipeline
+from infer_server.messages import STAGES, Code, ImageOutcome, ImageRef
+from infer_server.stage.model_repo import ModelRepository
+from infer_server.stage.pipeline import VisionPipeline
+from tests.helpers import worker_options
 
 SCENES = [generate_scene(seed) for seed in (11, 12, 13)]
 
@@ -71,7 +72,7 @@ def repo_with_grid_detector(src: Path, dst: Path, max_detections: int) -> Path:
 @pytest.fixture(scope="module")
 def pipeline(model_repo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VisionPipeline]:
     repo = repo_with_grid_detector(model_repo_dir, tmp_path_factory.mktemp("repo"), max_detections=6)
-    p = VisionPipeline.load(repo, batch_size=4, max_image_pixels=2_000_000)
+    p = VisionPipeline.load(repo, worker_options(batch_size=4, max_image_pixels=2_000_000))
     p.warm_up()
     yield p
     p.close()
@@ -125,4 +126,4 @@ def test_a_chunk_of_only_bad_images_runs_no_model(pipeline: VisionPipeline) -> N
 def test_batch_size_above_the_detector_limit_is_refused(model_repo_dir: Path) -> None:
     limit = ModelRepository.load(model_repo_dir).detector.config.max_batch_size
     with pytest.raises(ValueError, match="exceeds the detector's max_batch_size"):
-        VisionPipeline.load(model_repo_dir, batch_size=limit + 1)
+        VisionPipeline.load(model_repo_dir, worker_options(batch_size=limit + 1))

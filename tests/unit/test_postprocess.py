@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infer_server.model_repo import DecodeSpec
-from infer_server.postprocess import Detections, decode_detectnet_v2, nms_per_class, postprocess_detector
+from infer_server.stage.model_repo import DecodeSpec
+from infer_server.stage.postprocess import Detections, decode_detectnet_v2, nms_per_class, postprocess_detector
 
 # A 80x64 input at stride 16 is a 4 (rows) x 5 (columns) grid.
 INPUT_W, INPUT_H, GRID_H, GRID_W = 80, 64, 4, 5

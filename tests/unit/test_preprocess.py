@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from infer_server.model_repo import InputSpec
-from infer_server.preprocess import (
+from infer_server.stage.model_repo import InputSpec
+from infer_server.stage.preprocess import (
     CORRUPT,
     CropPreprocessor,
     DetectorPreprocessor,

@@ -1,7 +1,7 @@
 """The recipe's training targets, its evaluation rule, and the server's decode agree.
 
 Training targets are built by ``engines.data.detectnet_targets``; the server (and the evaluation)
-decode with ``infer_server.postprocess``. Feeding perfect targets to the server's decode must give
+decode with ``infer_server.stage.postprocess``. Feeding perfect targets to the server's decode must give
 back the ground-truth boxes — otherwise the model would learn one convention and be read in another.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 from engines.configs import DETECTOR_INPUT, detector_config
 from engines.data import detectnet_targets
 from engines.metrics import DetectionTally, match_image
-from infer_server.model_repo import ModelConfig
-from infer_server.postprocess import postprocess_detector
+from infer_server.stage.model_repo import ModelConfig
+from infer_server.stage.postprocess import postprocess_detector
 
 
 def test_targets_decoded_by_the_server_give_back_the_boxes() -> None:

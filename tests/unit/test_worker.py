@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from engines.scenes import generate_scene
-from infer_server.messages import Code, ImageOutcome, ImageRef, ItemDone, WorkItem
-from infer_server.pipeline import VisionPipeline
-from infer_server.worker import STOP, ChunkReader, StageWorker
+from infer_server.messages import STOP, Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem
+from infer_server.stage.pipeline import VisionPipeline
+from infer_server.stage.worker import ChunkReader, StageWorker
+from tests.helpers import worker_options
 
 BLOBS = [generate_scene(7).jpeg, b"definitely not a jpeg", generate_scene(8).jpeg]
 
@@ -34,7 +35,8 @@ def write_batch(path: Path, blobs: list[bytes], deadline_s: float = 60.0, batch_
     offsets = [sum(len(b) for b in blobs[:i]) for i in range(len(blobs))]
     images = tuple(ImageRef(i, off, len(b), f"img{i}") for i, (off, b) in enumerate(zip(offsets, blobs, strict=True)))
     st = os.stat(path)
-    return WorkItem(1, batch_id, str(path), st.st_dev, st.st_ino, st.st_size, images, time.monotonic() + deadline_s)
+    file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size)
+    return WorkItem(1, batch_id, file, images, time.monotonic() + deadline_s)
 
 
 def test_reads_each_image_by_its_range(shm: Path) -> None:
@@ -53,7 +55,7 @@ def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
         "overlapping": (a, ImageRef(9, a.offset + 5, 7)),
     }
     for name, refs in layouts.items():
-        chunk = WorkItem(1, "b", item.path, item.dev, item.ino, item.file_size, refs, item.deadline)
+        chunk = WorkItem(1, "b", item.file, refs, item.deadline)
         whole = b"".join(BLOBS)
         assert ChunkReader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
 
@@ -86,7 +88,7 @@ def test_a_file_that_changed_size_is_not_read(shm: Path) -> None:
 def test_symlinks_are_not_followed(shm: Path) -> None:
     real = write_batch(shm / "real", BLOBS)
     (shm / "link").symlink_to(shm / "real")
-    item = WorkItem(1, "b", str(shm / "link"), real.dev, real.ino, real.file_size, real.images, real.deadline)
+    item = WorkItem(1, "b", dataclasses.replace(real.file, path=str(shm / "link")), real.images, real.deadline)
     messages = ChunkReader().read(item)
     assert messages == [f"image {i}: batch data is no longer available" for i in range(3)]
     assert not any(str(shm) in m for m in messages), "never echo internal paths"
@@ -94,15 +96,15 @@ def test_symlinks_are_not_followed(shm: Path) -> None:
 
 def test_a_range_outside_the_file_fails_only_that_image(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
-    bad = ImageRef(3, item.file_size - 10, 11)
-    item = WorkItem(1, "b", item.path, item.dev, item.ino, item.file_size, (*item.images, bad), item.deadline)
+    bad = ImageRef(3, item.file.size - 10, 11)
+    item = WorkItem(1, "b", item.file, (*item.images, bad), item.deadline)
     assert ChunkReader().read(item)[:3] == BLOBS
     assert ChunkReader().read(item)[3] == "image 3: byte range lies outside the batch data"
 
 
 @pytest.fixture(scope="module")
 def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
-    p = VisionPipeline.load(model_repo_dir, batch_size=4, worker_id=3)
+    p = VisionPipeline.load(model_repo_dir, worker_options(batch_size=4), worker_id=3)
     yield p
     p.close()
 
@@ -151,7 +153,7 @@ def test_a_file_gone_before_the_worker_reads_it(pipeline: VisionPipeline, shm: P
 
 
 def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
-    broken = VisionPipeline.load(model_repo_dir, batch_size=4)
+    broken = VisionPipeline.load(model_repo_dir, worker_options(batch_size=4))
     broken.close()  # its engines now refuse to run: a real failure inside the chunk
     outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))
     assert sorted((o.index, o.code, o.message) for o in outcomes) == [

@@ -1,8 +1,8 @@
 """The inference-engine interface every backend implements (ONNX Runtime on CPU, TensorRT on GPU).
 
-Used by the stage worker (``infer_server.pipeline``, inside a worker process) to run the detector
+Used by the stage worker (``infer_server.stage.pipeline``, inside a worker process) to run the detector
 and the attribute classifiers without knowing which backend is underneath; ``create_engine`` in
-``infer_server.engines`` picks the backend from the device.
+``infer_server.stage.backends`` picks the backend from the device.
 """
 
 from __future__ import annotations

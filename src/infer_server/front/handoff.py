@@ -36,8 +36,8 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from infer_server.errors import InvalidBatch, PermissionDeniedError
-from infer_server.messages import ImageRef
+from infer_server.front.errors import InvalidBatch, PermissionDeniedError
+from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +67,15 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class BatchFile:
-    """A validated batch file: what the workers open, and how they recognise it."""
+    """A validated batch: the file the workers open (and how they recognise it) and its images."""
 
-    path: str
-    dev: int
-    ino: int
-    size: int
+    file: FileRef
     images: tuple[ImageRef, ...]
     staged: bool  # the server's own copy of inline data, deleted when the batch completes
+
+    @property
+    def path(self) -> str:
+        return self.file.path
 
 
 class Handoff:
@@ -90,10 +91,6 @@ class Handoff:
         self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
         self._root_dev = -1
         self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
-
-    @property
-    def staging_dir(self) -> str:
-        return self._real_staging
 
     def prepare_dirs(self) -> None:
         """Create the shared and staging directories (owner-only when the server creates them)."""
@@ -170,7 +167,7 @@ class Handoff:
         if st.st_size != total:
             raise InvalidBatch(f"sizes add up to {total} bytes but the file holds {st.st_size}")
         real = os.path.join(self._real_root, *parts)
-        return BatchFile(real, st.st_dev, st.st_ino, st.st_size, images, staged=False)
+        return BatchFile(FileRef(real, st.st_dev, st.st_ino, st.st_size), images, staged=False)
 
     def _components(self, path: str) -> list[str]:
         """The path's components beneath the root, read lexically: the hot path of every push.
@@ -265,7 +262,7 @@ class Handoff:
             raise
         finally:
             os.close(fd)
-        return BatchFile(final, st.st_dev, st.st_ino, st.st_size, images, staged=True)
+        return BatchFile(FileRef(final, st.st_dev, st.st_ino, st.st_size), images, staged=True)
 
     def release(self, batch: BatchFile) -> None:
         """Delete the server's staging copy of a finished batch; client files are never touched."""

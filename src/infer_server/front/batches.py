@@ -1,8 +1,8 @@
 """The batch registry: ids, admission, result buffers and exactly-once delivery to PullResult streams.
 
 Lives in the server's main process and is only ever touched from the asyncio event loop (the
-pool's outcome callback hops onto the loop first), so it needs no locks: no method awaits between
-reading and updating state except :meth:`Subscription.next`, which re-checks after every wake-up.
+pool calls back on the loop), so it needs no locks: nothing here awaits between reading and
+updating state. The streams read the batches through cursors (``front.cursors``).
 
 Life of a batch:
   reserve()  PushData passed the cheap checks: a batch id is assigned, the request_id is bound to
@@ -25,18 +25,18 @@ repeats by (batch id, index). A stream ends when every image of its batches has 
 from __future__ import annotations
 
 import asyncio
-import collections
 import heapq
 import itertools
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from infer_server.errors import Overloaded, Unavailable, UnknownBatch
-from infer_server.handoff import BatchFile
+from infer_server.front.cursors import PullCursor, SessionCursor
+from infer_server.front.errors import Overloaded, Unavailable, UnknownBatch
+from infer_server.front.handoff import BatchFile
 from infer_server.messages import Code, ImageOutcome, ImageRef
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class BatchRegistry:
             if ref.index not in batch.answered:
                 self.record(ImageOutcome.failed(batch.batch_id, ref, code, message))
 
-    def subscribe(self, batch_ids: Iterable[str]) -> Subscription:
+    def subscribe(self, batch_ids: Iterable[str]) -> PullCursor:
         """A delivery cursor over the given batches; ``UnknownBatch`` if any id is unknown/expired."""
         batches = []
         for batch_id in dict.fromkeys(batch_ids):  # de-duplicated, order kept
@@ -178,11 +178,11 @@ class BatchRegistry:
             batches.append(batch)
         if not batches:
             raise UnknownBatch("no batch ids given")
-        return Subscription(batches)
+        return PullCursor(batches)
 
-    def open_session(self) -> Subscription:
+    def open_session(self) -> SessionCursor:
         """An open delivery cursor: a Session stream adds each batch it pushes, then seals it."""
-        return Subscription(open_ended=True)
+        return SessionCursor()
 
     def expire(self) -> None:
         """Forget finished batches past their TTL; answer overdue images DEADLINE_EXCEEDED."""
@@ -235,136 +235,3 @@ class BatchRegistry:
         batch.expired = True
         batch.ready.clear()
         batch.notify()
-
-
-class Subscription:
-    """One stream's view of its batches: ``next`` or ``take`` / ``ack`` / ``nack``, then ``close``.
-
-    A PullResult stream subscribes to a fixed set of batches. A Session stream is *open*: it
-    ``add``s each batch it pushes and ``seal``s once the client stops pushing. It also tells its
-    client when a batch is complete (``completions``, then ``release`` once that was written), so a
-    retried push whose results partly went out on another stream still ends; released batches are
-    let go, so a session that lives for hours holds only the batches it still owes results of.
-    """
-
-    def __init__(self, batches: Iterable[Batch] = (), *, open_ended: bool = False) -> None:
-        self._batches: dict[str, Batch] = {}
-        self._repeats: collections.Counter[str] = collections.Counter()  # added again while held
-        self._open = self._session = open_ended
-        self._wake = asyncio.Event()
-        for batch in batches:
-            self.add(batch)
-
-    def add(self, batch: Batch, wake: bool = True) -> None:
-        """Deliver ``batch``'s results on this stream too. ``wake=False``: the stream has nothing to
-        send for it until it has results. Added again while held (a push repeated with its
-        request_id), it is reported complete once more after its first completion was released."""
-        if batch.batch_id in self._batches:
-            self._repeats[batch.batch_id] += 1
-        else:
-            self._batches[batch.batch_id] = batch
-            batch.subscribers.add(self._wake)
-        if wake or batch.ready or batch.done:
-            self._wake.set()
-
-    def seal(self) -> None:
-        """No more batches will be added: the stream may end once these are delivered."""
-        self._open = False
-        self._wake.set()
-
-    def poke(self) -> None:
-        """Wake ``wait`` (the stream has something else to send)."""
-        self._wake.set()
-
-    @property
-    def finished(self) -> bool:
-        """Sealed, and nothing more will be delivered (a session: and every completion was sent)."""
-        if self._open:
-            return False
-        return not self._batches if self._session else all(b.done for b in self._batches.values())
-
-    def completions(self, taken: Sequence[ImageOutcome]) -> list[str]:
-        """Batches of which nothing is left to deliver once ``taken`` (just handed out) is written."""
-        mine = collections.Counter(outcome.batch_id for outcome in taken)
-        return [
-            b.batch_id for b in self._batches.values()
-            if b.expired or (not b.ready and b.delivered + mine[b.batch_id] == b.size)
-        ]  # fmt: skip
-
-    def release(self, batch_ids: Iterable[str]) -> None:
-        """Their completion was written: let the batches go (a repeated one after its last repeat)."""
-        for batch_id in batch_ids:
-            if self._repeats[batch_id]:
-                self._repeats[batch_id] -= 1
-                continue
-            self._repeats.pop(batch_id, None)
-            batch = self._batches.pop(batch_id, None)
-            if batch is not None:
-                batch.subscribers.discard(self._wake)
-
-    async def next(self) -> ImageOutcome | None:
-        """The earliest completed outcome not yet handed out, or None once all were delivered."""
-        while True:
-            taken = self.take(1)
-            if taken:
-                return taken[0]
-            if self.finished:
-                return None
-            await self.wait()
-
-    def take(self, limit: int | None = None) -> list[ImageOutcome]:
-        """Hand out the completed outcomes not handed out yet (at most ``limit``), earliest first."""
-        ready = [b for b in self._batches.values() if b.ready and not b.expired]
-        taken: list[tuple[int, ImageOutcome]] = []
-        if limit is None:
-            for batch in ready:
-                taken += batch.ready
-                batch.ready = []
-            taken.sort(key=lambda entry: entry[0])
-        else:
-            while ready and len(taken) < limit:
-                batch = min(ready, key=lambda b: b.ready[0][0])
-                taken.append(heapq.heappop(batch.ready))
-                if not batch.ready:
-                    ready.remove(batch)
-        for seq, outcome in taken:
-            self._batches[outcome.batch_id].leases[outcome.index] = seq
-        return [outcome for _, outcome in taken]
-
-    async def wait(self) -> None:
-        """Until something may have changed: an outcome recorded, a batch added, sealed, poked.
-
-        Callers check their condition, then wait, with no await in between: no wake-up is lost.
-        """
-        self._wake.clear()
-        await self._wake.wait()
-
-    def ack(self, outcomes: ImageOutcome | Iterable[ImageOutcome]) -> None:
-        """The outcomes were written to the stream: delivered, never handed out again."""
-        for outcome in [outcomes] if isinstance(outcomes, ImageOutcome) else outcomes:
-            batch = self._batches[outcome.batch_id]
-            del batch.leases[outcome.index]
-            batch.delivered += 1
-            batch.notify()  # other streams on this batch may now be able to end
-
-    def nack(self, outcomes: ImageOutcome | Iterable[ImageOutcome]) -> None:
-        """The stream could not send the outcomes: put them back, ahead of later completions."""
-        for outcome in [outcomes] if isinstance(outcomes, ImageOutcome) else outcomes:
-            batch = self._batches[outcome.batch_id]
-            seq = batch.leases.pop(outcome.index)
-            if not batch.expired:
-                heapq.heappush(batch.ready, (seq, outcome))  # its original place: completion order holds
-            batch.notify()
-
-    def close(self) -> None:
-        for batch in self._batches.values():
-            batch.subscribers.discard(self._wake)
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-__all__ = ["Batch", "BatchRegistry", "Reservation", "Subscription"]

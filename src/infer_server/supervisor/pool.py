@@ -1,33 +1,34 @@
-"""Supervisor of the stage workers; runs in the server (parent) process, driven by the gRPC front.
+"""The supervisor of the stage workers; runs in the server process, driven by the gRPC front.
 
 Processes. ``PipelinePool`` spawns ``workers`` children (spawn context: grpc is not fork-safe), each
-running ``infer_server.worker.run_worker``: it loads the models, says ``WorkerReady`` (or
+running ``infer_server.stage.worker.run_worker``: it loads the models, says ``WorkerReady`` (or
 ``WorkerFailed``) and then serves ``WorkItem``s. ``start()`` returns only when every worker is READY
 and raises ``PipelineError`` with a worker's own message otherwise.
 
-Queues and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
+Pipes and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
 admission control) and are handed to workers on credit: each worker has its own inbox, a pipe the
-pool writes into directly and without ever blocking (``channels.Inbox``), and holds at most ``CREDIT``
-chunks, so the pool always knows which chunks each worker holds. A worker
-writes the id of the chunk it takes into its shared ``current`` value and answers through its own
-result pipe with one ``ItemDone`` per chunk, carrying every image's outcome: one message and one
-wake-up of the reader per chunk, not per image. A pipe per worker, not one shared queue: a worker
-SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock held (and a
-half-written message) for every other worker; a private pipe just reaches EOF and is discarded.
+pool writes into directly and without ever blocking (``channels.Inbox``), and holds at most
+``CREDIT`` chunks, so the pool always knows which chunks each worker holds. A worker writes the id
+of the chunk it takes into its shared ``current`` value and answers through its own result pipe
+with one ``ItemDone`` per chunk, carrying every image's outcome. A pipe per worker, not one shared
+queue: a worker SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock
+held (and a half-written message) for every other worker; a private pipe just reaches EOF and is
+discarded.
 
-Threads. The *reader* takes every message from the result pipes, records which images are answered
-and calls ``on_outcome`` — exactly once per submitted image: an outcome for an image already
-answered (a dead worker's late result, a retry's second answer) is dropped here. Given an asyncio
-``loop`` (the server's), the loop is the reader (``add_reader`` on each pipe; ``on_outcome`` then
-runs on the loop's thread, and ``start``/``stop``, which wait for the workers, must be called off
-it); without one, a reader thread waits on all pipes (``multiprocessing.connection.wait``). The
-*watcher* waits on the process sentinels, so a death is seen at once without polling.
+Threads, and the loop. The server's asyncio loop reads every result pipe (``add_reader``), records
+which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
+for an image already answered (a dead worker's late result, a retry's second answer) is dropped.
+``on_outcome`` and ``on_health`` always run on that loop: outcomes the pool makes up in its own
+threads (deadline, crash, shutdown) are handed over in bursts, one wake-up of the loop per burst.
+``start`` and ``stop`` wait for the workers, whose messages only the loop can read, so they must be
+called off the loop (the front runs them in an executor thread). One *watcher* thread waits on the
+process sentinels, so a death is seen at once without polling, and starts due restarts.
 
-Death. When a worker dies the watcher lets the reader drain its pipe to EOF (so every outcome it
-managed to send counts), reports ``on_health(False)``, and hands its chunks back to the ledger
-(``infer_server.ledger``): the chunk it had taken (its ``current`` value; chunks go to a worker in
-id order and it takes them in that order) counts as started, and its images come back as
+Death. When a worker dies the watcher waits until the loop has drained its pipe to EOF (so every
+outcome it managed to send counts), reports ``on_health(False)``, and hands its chunks back to the
+ledger (``supervisor.ledger``): the chunk it had taken (its ``current`` value; chunks go to a worker
+in id order and it takes them in that order) counts as started, and its images come back as
 single-image chunks with ``attempt + 1`` (a poison image can only take itself down), or are answered
 UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back unchanged. A
 replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
@@ -51,23 +52,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infer_server.channels import Inbox, Wakeup
-from infer_server.ledger import Chunk, ChunkLedger
 from infer_server.messages import (
+    STOP,
     Code,
+    FileRef,
     ImageOutcome,
     ImageRef,
     ItemDone,
     WorkerFailed,
+    WorkerOptions,
     WorkerReady,
 )
-from infer_server.worker import STOP, WorkerOptions, run_worker
+from infer_server.stage.worker import run_worker
+from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
+from infer_server.supervisor.ledger import Chunk, ChunkLedger
 
 log = logging.getLogger(__name__)
 
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
 _MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
-_MAX_BURST = 64  # messages the reader takes from one worker's pipe before looking at the others
+_MAX_BURST = 64  # messages the loop takes from one worker's pipe before looking at the others
 
 
 class PipelineError(RuntimeError):
@@ -90,35 +94,33 @@ class _Worker:
 
 
 class PipelinePool:
+    """The stage workers of one server. ``on_outcome`` and ``on_health`` run on ``loop``."""
+
     def __init__(
-        self, repo_dir: Path, *, workers: int = 2, device: str = "cpu", batch_size: int = 8,
-        max_attempts: int = 2, max_image_pixels: int = 40_000_000, intra_op_threads: int = 1,
-        null_model: bool = False, loop: asyncio.AbstractEventLoop | None = None,
-        on_outcome: Callable[[ImageOutcome], None], on_health: Callable[[bool], None] | None = None,
+        self, repo_dir: Path, options: WorkerOptions, *, workers: int, max_attempts: int,
+        loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None],
+        on_health: Callable[[bool], None] | None = None,
     ) -> None:  # fmt: skip
-        if workers < 1 or batch_size < 1 or max_attempts < 1:
+        if workers < 1 or options.batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
-        Inbox.check(batch_size, holds=CREDIT + 1)
+        Inbox.check(options.batch_size, holds=CREDIT + 1)
         self.repo_dir, self.num_workers = Path(repo_dir), workers
-        self._options = WorkerOptions(device, batch_size, max_image_pixels, intra_op_threads, null_model=null_model)
-        self._on_outcome, self._on_health = on_outcome, on_health
-        self._loop = loop  # reads the result pipes if given (no reader thread)
+        self._options = options
+        self._on_health = on_health
+        self._loop = loop
+        self._to_loop = LoopHandoff(loop, on_outcome)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
         self._cond = threading.Condition()  # guards everything below and the ledger
-        self._ledger = ChunkLedger(batch_size, max_attempts)
+        self._ledger = ChunkLedger(options.batch_size, max_attempts)
         self._slots: list[_Worker | None] = [None] * workers
-        self._channels: dict[Any, _Worker] = {}  # result pipes still to read, incl. dead workers'
         self._restart_at: dict[int, float] = {}
         self._setup_failures = [0] * workers
-        self._restarts = 0
         self._started = self._stopping = self._closed = False
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
-        self._read_wakeup, self._watch_wakeup = Wakeup(), Wakeup()
-        self._threads = [threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True)]
-        if loop is None:
-            self._threads.append(threading.Thread(target=self._read_results, name="pool-reader", daemon=True))
+        self._watch_wakeup = Wakeup()
+        self._watcher = threading.Thread(target=self._watch_workers, name="pool-watcher", daemon=True)
 
     # ----------------------------------------------------------------------------------- public
     def start(self, timeout: float = 120.0) -> None:
@@ -127,8 +129,7 @@ class PipelinePool:
         with self._cond:
             if self._started or self._stopping:
                 raise PipelineError("the pool was already started")
-        for thread in self._threads:
-            thread.start()
+        self._watcher.start()
         for slot in range(self.num_workers):
             self._spawn(slot)
         deadline = time.monotonic() + timeout
@@ -144,15 +145,12 @@ class PipelinePool:
             raise PipelineError(failure)
         self._report_health()
 
-    def submit_batch(
-        self, batch_id: str, path: str, dev: int, ino: int, file_size: int,
-        images: Sequence[ImageRef], deadline: float,
-    ) -> None:  # fmt: skip
+    def submit_batch(self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float) -> None:
         """Queue a batch's images in chunks of ``batch_size``; never blocks."""
         with self._cond:
             if not self._started or self._stopping:
                 raise PipelineError("the pipeline is not running")
-            self._ledger.add_batch(batch_id, path, dev, ino, file_size, images, deadline, time.monotonic())
+            self._ledger.add_batch(batch_id, file, images, deadline, time.monotonic())
             self._dispatch()
 
     @property
@@ -160,13 +158,6 @@ class PipelinePool:
         """Every worker slot has a live, READY worker (and the pool is running)."""
         with self._cond:
             return self._started and not self._stopping and self._all_ready()
-
-    def stats(self) -> dict[str, Any]:
-        """Counters for metrics and logs; ``stage_ms`` is the mean of each stage per image."""
-        with self._cond:
-            ready = sum(1 for w in self._slots if w is not None and w.ready)
-            return {**self._ledger.stats(), "worker_restarts": self._restarts, "workers": self.num_workers,
-                    "workers_ready": ready}  # fmt: skip
 
     def stop(self, timeout: float = 10.0, drain: bool = True) -> None:
         """Drain (bounded by ``timeout``) if asked, then stop every worker; no child survives."""
@@ -190,22 +181,19 @@ class PipelinePool:
                 if w.process.is_alive():
                     end()
                     w.process.join(2.0)
-        for w in workers:  # let the reader take what they sent before exiting, so it is not lost
+        for w in workers:  # let the loop take what they sent before exiting, so it is not lost
             w.drained.wait(min(_MAX_WAIT, max(0.5, deadline - time.monotonic())))
         with self._cond:
             self._closed = True
             leftover = self._ledger.fail_all(Code.UNAVAILABLE, "server is shutting down")
         self._deliver(leftover)
-        self._read_wakeup.set()
         self._watch_wakeup.set()
-        for thread in self._threads:
-            if thread.is_alive() and thread is not threading.current_thread():
-                thread.join(_MAX_WAIT)
-        self._stop_reading_on_loop([w.results for w in workers])
+        if self._watcher.is_alive() and self._watcher is not threading.current_thread():
+            self._watcher.join(_MAX_WAIT)
+        self._stop_reading([w.results for w in workers])
         for w in workers:
             w.inbox.close()
-            w.results.close()  # the reader has stopped; it closed those it saw end already
-        self._read_wakeup.close()
+            w.results.close()  # the loop no longer reads them; it closed those it saw end already
         self._watch_wakeup.close()
         self._report_health()
 
@@ -228,15 +216,13 @@ class PipelinePool:
                 log.debug("worker %d is gone; chunk %d waits for its replacement", worker.slot, chunk.item.item_id)
 
     def _deliver(self, outcomes: Sequence[ImageOutcome | None]) -> None:
+        """Hand answered images to ``on_outcome`` on the loop (outside the lock: it may call back)."""
         if outcomes:
             with self._cond:
                 self._cond.notify_all()  # stop(drain=True) waits for the ledger to empty
-        for outcome in outcomes:  # outside the lock: the callback may call back into the pool
-            if outcome is not None:
-                try:
-                    self._on_outcome(outcome)
-                except Exception:
-                    log.exception("on_outcome failed for image %d of batch %s", outcome.index, outcome.batch_id)
+        answered = [o for o in outcomes if o is not None]
+        if answered:
+            self._to_loop.outcomes(answered)
 
     def _report_health(self) -> None:
         with self._cond:
@@ -244,26 +230,20 @@ class PipelinePool:
             changed = healthy != self._health_reported and (self._health_reported is not None or healthy)
             self._health_reported = healthy
         if changed and self._on_health is not None:
-            self._on_health(healthy)
+            self._to_loop.call(self._on_health, healthy)
 
     def _not_on_loop(self, what: str) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:  # no loop runs in this thread: fine
-            return
-        if running is self._loop:
+        if self._to_loop.on_loop():
             raise PipelineError(f"{what}() waits for the workers, whose pipes the loop reads: call it off the loop")
 
-    def _read_on_loop(self, worker: _Worker, conn: Any) -> None:
+    def _read(self, worker: _Worker, conn: Any) -> None:
         """On the loop: read ``conn`` whenever it has data (``_drain`` unregisters it at EOF)."""
         if not conn.closed:
-            self._loop.add_reader(conn.fileno(), self._drain, worker, conn)  # type: ignore[union-attr]
+            self._loop.add_reader(conn.fileno(), self._drain, worker, conn)
 
-    def _stop_reading_on_loop(self, conns: list[Any]) -> None:
+    def _stop_reading(self, conns: list[Any]) -> None:
         """Unregister ``conns`` from the loop before they are closed (their numbers get reused)."""
         loop = self._loop
-        if loop is None:
-            return
         done = threading.Event()
 
         def remove() -> None:
@@ -278,32 +258,17 @@ class PipelinePool:
             return
         done.wait(_MAX_WAIT)
 
-    def _read_results(self) -> None:
-        """Reader thread: every message of every worker, in the order each worker sent them."""
-        while not self._closed:
-            with self._cond:
-                channels = dict(self._channels)
-            ready = multiprocessing.connection.wait([*channels, self._read_wakeup.reader], _MAX_WAIT)
-            for conn in ready:
-                if conn is self._read_wakeup.reader:
-                    self._read_wakeup.clear()
-                    continue
-                self._drain(channels[conn], conn)
-
     def _drain(self, worker: _Worker, conn: Any) -> None:
         """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
         in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
-        worker cannot starve the others). Runs in the reader thread, or on the loop."""
+        worker cannot starve the others). Runs on the loop."""
         if conn.closed:  # stop() closed it after this call was queued
             return
         for _ in range(_MAX_BURST):
             try:
                 message = conn.recv()
             except Exception:  # EOF, or a message cut short by the worker's death
-                with self._cond:
-                    self._channels.pop(conn, None)
-                if self._loop is not None:  # _drain runs on the loop, then
-                    self._loop.remove_reader(conn.fileno())
+                self._loop.remove_reader(conn.fileno())
                 conn.close()
                 worker.drained.set()
                 return
@@ -376,12 +341,7 @@ class PipelinePool:
             child_inbox.close()
             worker = _Worker(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current)
             self._slots[slot] = worker
-            self._channels[results] = worker
-        if self._loop is None:
-            self._read_wakeup.set()
-        else:
-            with contextlib.suppress(RuntimeError):  # a closed loop: the pool is being torn down
-                self._loop.call_soon_threadsafe(self._read_on_loop, worker, results)
+        self._to_loop.call(self._read, worker, results)
         self._watch_wakeup.set()
 
     def _on_death(self, worker: _Worker) -> None:
@@ -405,7 +365,6 @@ class PipelinePool:
                 chunk.started = chunk.item.item_id == worker.current.value
             deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk)]
             worker.inbox.close()  # its result pipe is the reader's to close
-            self._restarts += 1
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
                 self._setup_failures[worker.slot] += 1
             backoff = min(30.0, 2.0 ** self._setup_failures[worker.slot] - 1)

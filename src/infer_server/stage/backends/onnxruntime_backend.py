@@ -1,6 +1,6 @@
 """ONNX Runtime backend: runs the INT8 Q/DQ ONNX models on the CPU (the default device).
 
-Created by ``infer_server.engines.create_engine`` inside a stage worker process. Workers are
+Created by ``infer_server.stage.backends.create_engine`` inside a stage worker process. Workers are
 processes, one per core, so each session uses one intra-op thread by default and never spins
 waiting for work: N workers on N cores then use N threads, not N × cores.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from infer_server.engines.base import Engine, TensorInfo
+from infer_server.stage.backends.base import Engine, TensorInfo
 
 _DTYPES = {
     "tensor(float)": np.float32,

@@ -1,6 +1,6 @@
 """Stage worker: the child process that runs the vision pipeline on the chunks the pool hands it.
 
-Started by ``infer_server.pool.PipelinePool`` with the spawn context (grpc is not fork-safe), one
+Started by ``infer_server.supervisor.pool.PipelinePool`` with the spawn context (grpc is not fork-safe), one
 process per worker slot; ``run_worker`` is the process target. Protocol, all records from
 ``infer_server.messages``:
 
@@ -10,7 +10,7 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 * per ``WorkItem`` from the worker's own inbox: its id goes into the shared ``current`` value
   (what the pool reads if this worker dies), then one ``ItemDone`` carries an ``ImageOutcome``
   per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
-* ``None`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
+* ``STOP`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
   parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
 
 Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
@@ -34,15 +34,16 @@ import signal
 import stat
 import threading
 import time
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from infer_server.messages import (
+    STOP,
     Code,
     ImageOutcome,
     ImageRef,
     ItemDone,
     WorkerFailed,
+    WorkerOptions,
     WorkerReady,
     WorkItem,
 )
@@ -51,24 +52,9 @@ if TYPE_CHECKING:
     from multiprocessing.connection import Connection
     from multiprocessing.synchronize import Event
 
-    from infer_server.pipeline import NullPipeline, VisionPipeline
+    from infer_server.stage.pipeline import NullPipeline, VisionPipeline
 
 log = logging.getLogger(__name__)
-
-STOP = None  # the stop marker put in a worker's inbox
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """What the pool tells every worker (picklable; the parent never imports the pipeline)."""
-
-    device: str = "cpu"
-    batch_size: int = 8
-    max_image_pixels: int = 40_000_000
-    intra_op_threads: int = 1
-    plan_cache_dir: str | None = None
-    null_model: bool = False  # read + header check only, no decode or model (benchmarks the data path)
-
 
 _THREAD_VARS = (
     "OMP_NUM_THREADS",
@@ -117,15 +103,15 @@ class ChunkReader:
     def read(self, item: WorkItem) -> list[memoryview | str]:
         """Each image's bytes, or the client-facing reason it could not be read (never the path)."""
         try:
-            fd = os.open(item.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(item.file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return [f"image {ref.index}: batch data is no longer available" for ref in item.images]
         try:
             st = os.fstat(fd)
             if (
                 not stat.S_ISREG(st.st_mode)
-                or (st.st_dev, st.st_ino) != (item.dev, item.ino)
-                or st.st_size != item.file_size
+                or (st.st_dev, st.st_ino) != (item.file.dev, item.file.ino)
+                or st.st_size != item.file.size
             ):
                 return [f"image {ref.index}: batch data changed after it was accepted" for ref in item.images]
             inside = [ref.offset >= 0 and ref.size >= 0 and ref.offset + ref.size <= st.st_size for ref in item.images]
@@ -210,20 +196,19 @@ def run_worker(
     # Ctrl-C reaches the whole process group; shutting down is the parent's call (stop marker).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
-        level=os.environ.get("INFER_SERVER_WORKER_LOG_LEVEL", "INFO"),
+        level=options.log_level,
         format=f"%(asctime)s worker-{worker_id} %(levelname)s %(name)s: %(message)s",
     )
     _exit_with_parent()
     try:
         # Heavy imports only after limit_threads.
-        from infer_server.pipeline import NullPipeline, VisionPipeline
+        from infer_server.stage.pipeline import NullPipeline, VisionPipeline
 
-        settings = asdict(options)
         pipeline: VisionPipeline | NullPipeline
-        if settings.pop("null_model"):
-            pipeline = NullPipeline(worker_id=worker_id, **settings)
+        if options.null_model:
+            pipeline = NullPipeline(options, worker_id)
         else:
-            pipeline = VisionPipeline.load(repo_dir, worker_id=worker_id, **settings)
+            pipeline = VisionPipeline.load(repo_dir, options, worker_id)
         pipeline.warm_up()
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)

@@ -1,6 +1,6 @@
 """The vision pipeline of one stage worker: encoded images of a chunk in, one ImageOutcome each out.
 
-Built once per worker process by ``infer_server.worker`` (its ``setup``) and called for every
+Built once per worker process by ``infer_server.stage.worker`` (its ``setup``) and called for every
 ``WorkItem``; it never sees files, queues or other processes, so it can also be driven directly
 (tests, benchmarks). Stages, each timed and reported as every image's share:
 
@@ -27,13 +27,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from infer_server.engines import Engine, create_engine
-from infer_server.messages import AttributeRecord, Box, Code, DetectionRecord, ImageOutcome, ImageRef
-from infer_server.model_repo import ModelEntry, ModelRepository
-from infer_server.postprocess import Detections, postprocess_detector
-from infer_server.preprocess import CropPreprocessor, DetectorPreprocessor, ImageRejected, check_image
-
-STAGES = ("read", "decode", "detector", "postprocess", "crop", "attributes")
+from infer_server.messages import AttributeRecord, Box, Code, DetectionRecord, ImageOutcome, ImageRef, WorkerOptions
+from infer_server.stage.backends import Engine, create_engine
+from infer_server.stage.model_repo import ModelEntry, ModelRepository
+from infer_server.stage.postprocess import Detections, postprocess_detector
+from infer_server.stage.preprocess import CropPreprocessor, DetectorPreprocessor, ImageRejected, check_image
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -49,9 +47,7 @@ class _Classifier:
         self,
         entry: ModelEntry,
         source_color: str,
-        device: str,
-        intra_op_threads: int,
-        plan_cache_dir: str | None,
+        options: WorkerOptions,
     ):
         cfg = entry.config
         self.name, self.labels = cfg.name, cfg.labels
@@ -60,17 +56,17 @@ class _Classifier:
         self.output_name = cfg.outputs["logits" if "logits" in cfg.outputs else "probabilities"]
         self.engine = create_engine(
             entry.onnx_path,
-            device,
+            options.device,
             max_batch_size=cfg.max_batch_size,
-            intra_op_num_threads=intra_op_threads,
-            plan_cache_dir=plan_cache_dir,
+            intra_op_num_threads=options.intra_op_threads,
+            plan_cache_dir=options.plan_cache_dir,
         )
         # One DALI run per engine call: the crop batch is the model's batch limit.
         self.crops = CropPreprocessor(
             cfg.input,
             source_color=source_color,
             padding=cfg.crop_padding,
-            device=device,
+            device=options.device,
             batch_size=min(cfg.max_batch_size, 128),
         )
 
@@ -78,28 +74,19 @@ class _Classifier:
 class VisionPipeline:
     """The loaded models and DALI pipelines of one worker.
 
-    ``batch_size`` bounds a chunk (the detector's DALI batch); ``max_image_pixels`` is the decoder
-    limit checked on headers; ``intra_op_threads`` the ONNX Runtime threads per model;
-    ``plan_cache_dir`` where TensorRT plans are cached (device 'gpu').
+    From ``options``: ``batch_size`` bounds a chunk (the detector's DALI batch);
+    ``max_image_pixels`` is the decoder limit checked on headers; ``intra_op_threads`` the ONNX
+    Runtime threads per model; ``plan_cache_dir`` where TensorRT plans are cached (device 'gpu').
     """
 
-    def __init__(
-        self,
-        repo: ModelRepository,
-        *,
-        device: str = "cpu",
-        batch_size: int = 8,
-        max_image_pixels: int = 40_000_000,
-        intra_op_threads: int = 1,
-        plan_cache_dir: str | None = None,
-        worker_id: int = -1,
-    ):
+    def __init__(self, repo: ModelRepository, options: WorkerOptions, worker_id: int = -1):
         det = repo.detector.config
         assert det.decode is not None  # validated by ModelConfig
+        device, batch_size = options.device, options.batch_size
         if batch_size > det.max_batch_size:
             raise ValueError(f"batch size {batch_size} exceeds the detector's max_batch_size {det.max_batch_size}")
         cv2.setNumThreads(1)  # workers are processes, one per core; cv2 must not add its own pool
-        self.repo, self.worker_id, self.max_image_pixels = repo, worker_id, max_image_pixels
+        self.repo, self.worker_id, self.max_image_pixels = repo, worker_id, options.max_image_pixels
         self.decode_spec = det.decode
         self.input_spec = det.input
         self.labels = det.labels
@@ -108,21 +95,21 @@ class VisionPipeline:
             repo.detector.onnx_path,
             device,
             max_batch_size=det.max_batch_size,
-            intra_op_num_threads=intra_op_threads,
-            plan_cache_dir=plan_cache_dir,
+            intra_op_num_threads=options.intra_op_threads,
+            plan_cache_dir=options.plan_cache_dir,
         )
         self.preprocess = DetectorPreprocessor(det.input, device=device, batch_size=batch_size)
         self.classifiers = [
-            _Classifier(e, det.input.color, device, intra_op_threads, plan_cache_dir) for e in repo.classifiers
+            _Classifier(e, det.input.color, options) for e in repo.classifiers
         ]
         # class id → the classifiers routed to it (positions in self.classifiers).
         by_name = {c.name: i for i, c in enumerate(self.classifiers)}
         self._routes = [[by_name[e.config.name] for e in repo.classifiers_for(label)] for label in self.labels]
 
     @classmethod
-    def load(cls, repo_dir: str | Path, **options: Any) -> VisionPipeline:
+    def load(cls, repo_dir: str | Path, options: WorkerOptions, worker_id: int = -1) -> VisionPipeline:
         """Read the repository at ``repo_dir`` and load it with ``options`` (see the class)."""
-        return cls(ModelRepository.load(repo_dir), **options)
+        return cls(ModelRepository.load(repo_dir), options, worker_id)
 
     @property
     def models(self) -> tuple[tuple[str, str], ...]:
@@ -269,10 +256,10 @@ class NullPipeline:
 
     models: tuple[tuple[str, str], ...] = ()
 
-    def __init__(self, *, max_image_pixels: int = 40_000_000, worker_id: int = -1, **_ignored: Any) -> None:
-        # **_ignored: the worker passes every WorkerOptions field; device, batch size and threads
-        # mean nothing without a model.
-        self.max_image_pixels, self.worker_id = max_image_pixels, worker_id
+    def __init__(self, options: WorkerOptions, worker_id: int = -1) -> None:
+        # Of the options only the pixel limit matters: device, batch size and threads mean nothing
+        # without a model.
+        self.max_image_pixels, self.worker_id = options.max_image_pixels, worker_id
 
     def warm_up(self) -> None:
         """Nothing to warm: no model is loaded."""

@@ -1,6 +1,6 @@
 """DetectNet_v2 post-processing on the CPU: grid decode, confidence filter, per-class NMS, scaling.
 
-Called by the stage worker (``infer_server.pipeline``, in a worker process) for every image the
+Called by the stage worker (``infer_server.stage.pipeline``, in a worker process) for every image the
 detector ran on, and by the model evaluation in ``engines/`` so that accuracy is measured on exactly
 what the server returns. Pure NumPy, no state.
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from infer_server.model_repo import DecodeSpec
+from infer_server.stage.model_repo import DecodeSpec
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Inference engines: one interface (``Engine``), a backend per device.
 
-``create_engine`` is called by the stage worker (``infer_server.pipeline``) for the detector and
+``create_engine`` is called by the stage worker (``infer_server.stage.pipeline``) for the detector and
 every attribute model: device ``cpu`` → ONNX Runtime, ``gpu`` → TensorRT (built from the same
 Q/DQ INT8 ONNX). Backends are imported on demand, so a CPU install never imports TensorRT.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infer_server.engines.base import Engine, EngineUnavailable, TensorInfo
+from infer_server.stage.backends.base import Engine, EngineUnavailable, TensorInfo
 
 __all__ = ["Engine", "EngineUnavailable", "TensorInfo", "create_engine"]
 
@@ -26,15 +26,14 @@ def create_engine(
 
     ``max_batch_size`` sizes the TensorRT profile and buffers (ONNX Runtime needs no bound);
     ``intra_op_num_threads`` is ONNX Runtime's thread count (one per worker process by default);
-    ``plan_cache_dir`` is where TensorRT plans are cached (default ``$INFER_SERVER_PLAN_CACHE`` or
-    ``~/.cache/infer_server/plans``).
+    ``plan_cache_dir`` is where TensorRT plans are cached (default ``~/.cache/infer_server/plans``).
     """
     if device == "cpu":
-        from infer_server.engines.onnxruntime_backend import OnnxRuntimeEngine
+        from infer_server.stage.backends.onnxruntime_backend import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(onnx_path, intra_op_num_threads=intra_op_num_threads)
     if device == "gpu":
-        from infer_server.engines.tensorrt_backend import TensorRTEngine
+        from infer_server.stage.backends.tensorrt_backend import TensorRTEngine
 
         return TensorRTEngine(onnx_path, max_batch_size=max_batch_size, plan_cache_dir=plan_cache_dir)
     raise ValueError(f"unknown device {device!r} (expected 'cpu' or 'gpu')")

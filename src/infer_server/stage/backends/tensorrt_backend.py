@@ -1,6 +1,6 @@
 """TensorRT backend: builds an INT8 engine from the Q/DQ ONNX model and runs it on the GPU.
 
-Created by ``infer_server.engines.create_engine`` inside a stage worker process when the server
+Created by ``infer_server.stage.backends.create_engine`` inside a stage worker process when the server
 runs with ``--device gpu``. ``tensorrt`` and ``pycuda`` come with the GPU image (the ``gpu`` extra);
 they are imported when an engine is created, so CPU installs never need them and get a clear
 ``EngineUnavailable`` instead of an ImportError.
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from infer_server.engines.base import Engine, EngineUnavailable, TensorInfo
+from infer_server.stage.backends.base import Engine, EngineUnavailable, TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ def _import_tensorrt() -> tuple[Any, Any]:
 
 
 def default_plan_cache() -> Path:
-    return Path(os.environ.get("INFER_SERVER_PLAN_CACHE", Path.home() / ".cache" / "infer_server" / "plans"))
+    """Where plans are cached unless the server's ``plan_cache_dir`` setting says otherwise."""
+    return Path.home() / ".cache" / "infer_server" / "plans"
 
 
 def plan_file_name(onnx_bytes: bytes, gpu_name: str, trt_version: str, max_batch_size: int) -> str:

@@ -1,6 +1,6 @@
 """Image preprocessing of a stage worker: header checks, DALI decode/resize/normalise, box crops.
 
-Runs inside a stage worker process (``infer_server.worker`` via ``infer_server.pipeline``); nothing
+Runs inside a stage worker process (``infer_server.stage.worker`` via ``infer_server.stage.pipeline``); nothing
 here is used by the gRPC front. Three steps, in the order the worker calls them:
 
 1. ``check_image`` reads the header of each image's bytes *before* DALI sees them: JPEG or PNG by
@@ -29,7 +29,7 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.backend import TensorListGPU
 
-from infer_server.model_repo import InputSpec
+from infer_server.stage.model_repo import InputSpec
 
 CORRUPT = "corrupt or truncated image data"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,11 +1,10 @@
 """Which images are still unanswered, and by which chunk: the bookkeeping behind exactly-once.
 
-Used only by ``infer_server.pool.PipelinePool`` in the server (parent) process, always under the
+Used only by ``infer_server.supervisor.pool.PipelinePool`` in the server process, always under the
 pool's lock — the ledger itself is not thread-safe and knows nothing of processes. It owns the
-chunks waiting for a worker, the map from every open image to the chunk answering it, and the
-counters ``PipelinePool.stats`` reports. Every terminal outcome, from a worker or made up by the
-pool (crash, deadline, shutdown), goes through ``resolve``: the first answer for an image is
-delivered, any later one is dropped.
+chunks waiting for a worker and the map from every open image to the chunk answering it. Every
+terminal outcome, from a worker or made up by the pool (crash, deadline, shutdown), goes through
+``resolve``: the first answer for an image is delivered, any later one is dropped.
 """
 
 from __future__ import annotations
@@ -15,9 +14,8 @@ import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from infer_server.messages import Code, ImageOutcome, ImageRef, WorkItem
+from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef, WorkItem
 
 CRASHED = "worker crashed while processing this image"
 EXPIRED = "deadline exceeded before processing"
@@ -41,9 +39,6 @@ class ChunkLedger:
         self._chunks: dict[int, Chunk] = {}  # every chunk with open images, by item id
         self._open: dict[tuple[str, int], int] = {}  # (batch id, image index) → item id answering it
         self._ids = itertools.count(1)
-        self.counters: collections.Counter[str] = collections.Counter()
-        self._stage_sum: collections.defaultdict[str, float] = collections.defaultdict(float)
-        self._stage_n: collections.Counter[str] = collections.Counter()
 
     @property
     def open_images(self) -> int:
@@ -52,16 +47,12 @@ class ChunkLedger:
     def is_open(self, chunk: Chunk) -> bool:
         return self._chunks.get(chunk.item.item_id) is chunk
 
-    def add_batch(
-        self, batch_id: str, path: str, dev: int, ino: int, file_size: int,
-        images: Sequence[ImageRef], deadline: float, now: float,
-    ) -> None:  # fmt: skip
+    def add_batch(self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float, now: float) -> None:
         """Cut a batch into chunks of at most ``batch_size`` images, queued at the back."""
         for lo in range(0, len(images), self.batch_size):
             refs = tuple(images[lo : lo + self.batch_size])
-            item = WorkItem(next(self._ids), batch_id, path, dev, ino, file_size, refs, deadline, submitted=now)
+            item = WorkItem(next(self._ids), batch_id, file, refs, deadline, submitted=now)
             self._add(Chunk(item, {r.index for r in refs}))
-        self.counters["images_submitted"] += len(images)
 
     def _add(self, chunk: Chunk, front: bool = False) -> None:
         self._chunks[chunk.item.item_id] = chunk
@@ -73,7 +64,6 @@ class ChunkLedger:
         """Record ``outcome`` if its image is still open and return it for delivery, else None."""
         item_id = self._open.pop((outcome.batch_id, outcome.index), None)
         if item_id is None:
-            self.counters["duplicates_dropped"] += 1
             return None
         chunk = self._chunks[item_id]
         if chunk.nameless:
@@ -82,10 +72,6 @@ class ChunkLedger:
         chunk.remaining.discard(outcome.index)
         if not chunk.remaining:
             del self._chunks[item_id]
-        self.counters["images_done" if outcome.code == Code.OK else "images_failed"] += 1
-        for stage, ms in outcome.timings_ms:
-            self._stage_sum[stage] += ms
-            self._stage_n[stage] += 1
         return outcome
 
     def fail(self, chunk: Chunk, code: Code, message: str) -> list[ImageOutcome | None]:
@@ -112,7 +98,6 @@ class ChunkLedger:
             return self.fail(chunk, Code.UNAVAILABLE, CRASHED)
         del self._chunks[chunk.item.item_id]
         refs = chunk.open_refs()
-        self.counters["images_retried"] += len(refs)
         for r in reversed(refs):
             item = dataclasses.replace(chunk.item, item_id=next(self._ids), images=(r,), attempt=chunk.item.attempt + 1)
             self._add(Chunk(item, {r.index}), front=True)
@@ -128,13 +113,3 @@ class ChunkLedger:
     def fail_all(self, code: Code, message: str) -> list[ImageOutcome | None]:
         self.pending.clear()
         return [o for c in list(self._chunks.values()) for o in self.fail(c, code, message)]
-
-    def stats(self) -> dict[str, Any]:
-        keys = ("images_submitted", "images_done", "images_failed", "images_retried", "duplicates_dropped")
-        return {
-            **{k: self.counters[k] for k in keys},
-            "queue_depth": len(self.pending),
-            "pending_images": sum(len(c.remaining) for c in self.pending),
-            "open_images": len(self._open),
-            "stage_ms": {s: self._stage_sum[s] / self._stage_n[s] for s in self._stage_n},
-        }

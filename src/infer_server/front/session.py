@@ -1,0 +1,168 @@
+"""The Session protocol: pushes in, their answers and every result of the pushed batches out.
+
+One ``SessionProtocol`` runs one bidirectional Session stream on the event loop. It knows the
+stream only as ``read()`` / ``write()`` (grpc.aio's servicer context, or any object with those two
+coroutines), the server only as ``push`` (validate and admit one ``PushDataRequest``, returning its
+``Batch`` or raising what PushData would fail with) and its batches through a ``SessionCursor``, so
+it runs, and is tested, without a network or a worker.
+
+Flow. A reader task validates and admits each push as it comes, in order, and queues its
+``PushAnswer`` — admitted, or refused in-band with the status PushData would have failed with; the
+stream goes on. The writer (``run``) sends whatever is ready in one ``SessionReply``: answers first,
+so a batch's answer precedes its results, then up to ``MAX_RESULTS_PER_REPLY`` results and the ids
+of batches now complete. A push that asked for ``defer_answer`` has its answer held back until its
+batch's first results or its completion, saving a message. The stream ends once the client
+half-closed and every accepted batch was delivered and reported complete.
+
+Bounds. At most ``MAX_PENDING_ANSWERS`` answers may be owed before the reader stops reading pushes
+(a client that pushes but never reads is then held by gRPC flow control), and results already handed
+out are put back if a write fails (``Cursor.nack``): nothing is lost when a stream breaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+import grpc.aio
+
+from infer_proto import infer_pb2
+from infer_server.front.batches import Batch
+from infer_server.front.cursors import Cursor, SessionCursor
+from infer_server.front.errors import status_for
+from infer_server.messages import ImageOutcome
+
+# Answers a Session may owe its client before it stops reading pushes (flow control holds the rest).
+MAX_PENDING_ANSWERS = 256
+# Results per SessionReply: keeps a reply far below any message limit (a result with 100 detections
+# and a long name is ~10 KB); a backlog goes out in several replies.
+MAX_RESULTS_PER_REPLY = 256
+
+
+class Stream(Protocol):
+    """The two calls of a bidirectional stream the protocol uses (``grpc.aio.ServicerContext``)."""
+
+    async def read(self) -> Any: ...
+
+    async def write(self, message: Any) -> None: ...
+
+
+def outcome_to_proto(
+    outcome: ImageOutcome, make: Callable[..., infer_pb2.ImageResult] = infer_pb2.ImageResult
+) -> infer_pb2.ImageResult:
+    """The wire form of one image's terminal record (worker codes are gRPC codes already).
+
+    ``make`` builds the message: ``ImageResult`` by default, or a reply's ``results.add``, which
+    builds it in place instead of copying it into the reply.
+    """
+    result = make(
+        batch_id=outcome.batch_id, index=outcome.index, name=outcome.name, width=outcome.width,
+        height=outcome.height, worker=outcome.worker,
+    )  # fmt: skip
+    result.status.code = int(outcome.code)  # sets status even when OK, as it always was
+    if outcome.message:
+        result.status.message = outcome.message
+    result.timings_ms.update(outcome.timings_ms)
+    for d in outcome.detections:
+        result.detections.add(
+            class_id=d.class_id,
+            label=d.label,
+            score=d.score,
+            box=infer_pb2.Box(x1=d.box.x1, y1=d.box.y1, x2=d.box.x2, y2=d.box.y2),
+            attributes=[infer_pb2.Attribute(model=a.model, label=a.label, score=a.score) for a in d.attributes],
+        )
+    return result
+
+
+async def write_outcomes(stream: Stream, cursor: Cursor, outcomes: list[ImageOutcome], message: Any) -> None:
+    """Write ``message`` carrying ``outcomes``: acked once written; put back if the write fails or the
+    stream is cancelled (even if the bytes may have reached the client: a repeat beats a loss)."""
+    try:
+        await stream.write(message)
+    except BaseException:
+        cursor.nack(outcomes)
+        raise
+    cursor.ack(outcomes)
+
+
+class SessionProtocol:
+    """One Session stream: ``await SessionProtocol(stream, push, cursor).run()``."""
+
+    def __init__(
+        self, stream: Stream, push: Callable[[infer_pb2.PushDataRequest], Awaitable[Batch]], cursor: SessionCursor
+    ) -> None:
+        self._stream, self._push, self._cursor = stream, push, cursor
+        self._answers: list[infer_pb2.PushAnswer] = []  # ready to go out with the next reply
+        self._deferred: dict[str, list[infer_pb2.PushAnswer]] = {}  # by batch id, until it has results
+        self._owed = 0  # answers queued or deferred, not written yet
+        self._room = asyncio.Event()  # answers were written: a reader held back by the bound goes on
+
+    async def run(self) -> None:
+        """Serve the stream until the client half-closed and everything it pushed was delivered."""
+        reader = asyncio.ensure_future(self._read_pushes())
+        try:
+            while True:
+                if await self._send_ready():
+                    continue
+                if reader.done():
+                    reader.result()  # a broken request stream ends this one with its error
+                    if self._cursor.finished:
+                        return
+                await self._cursor.wait()
+        finally:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+
+    async def _read_pushes(self) -> None:
+        try:
+            while (request := await self._stream.read()) is not grpc.aio.EOF:
+                defer = request.defer_answer
+                answer = await self._answer(request, wake=not defer)
+                if defer and answer.batch_id:
+                    self._deferred.setdefault(answer.batch_id, []).append(answer)
+                else:
+                    self._answers.append(answer)
+                    self._cursor.poke()
+                self._owed += 1
+                while self._owed >= MAX_PENDING_ANSWERS:  # a client that pushes but never reads
+                    self._room.clear()
+                    await self._room.wait()
+        finally:
+            self._cursor.seal()
+
+    async def _answer(self, request: infer_pb2.SessionRequest, wake: bool) -> infer_pb2.PushAnswer:
+        """Admit one push (its results now go to this stream) or refuse it in-band."""
+        try:
+            batch = await self._push(request.push)
+        except Exception as exc:
+            code, message = status_for(exc, "Session push")
+            status = infer_pb2.Status(code=code.value[0], message=message)
+            return infer_pb2.PushAnswer(tag=request.tag, status=status)
+        self._cursor.add(batch, wake=wake)
+        return infer_pb2.PushAnswer(tag=request.tag, batch_id=batch.batch_id, image_count=batch.size)
+
+    async def _send_ready(self) -> bool:
+        """Write one reply with whatever is ready; False if nothing was."""
+        cursor = self._cursor
+        outcomes = cursor.take(MAX_RESULTS_PER_REPLY)
+        completed = cursor.completions(outcomes)
+        if self._deferred and (outcomes or completed):
+            self._undefer({*(o.batch_id for o in outcomes), *completed})
+        if not (self._answers or outcomes or completed):
+            return False
+        reply = infer_pb2.SessionReply(answers=self._answers, completed=completed)
+        for outcome in outcomes:
+            outcome_to_proto(outcome, reply.results.add)
+        self._owed -= len(self._answers)
+        self._answers.clear()
+        await write_outcomes(self._stream, cursor, outcomes, reply)
+        cursor.release(completed)
+        self._room.set()
+        return True
+
+    def _undefer(self, batch_ids: Iterable[str]) -> None:
+        for batch_id in batch_ids:
+            self._answers.extend(self._deferred.pop(batch_id, ()))

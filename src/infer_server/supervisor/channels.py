@@ -1,0 +1,143 @@
+"""The supervisor's channels: to its stage workers, between its own threads, and onto the loop.
+
+Used by ``infer_server.supervisor.pool``: each worker's ``Inbox`` (work items in), the ``Wakeup`` of
+the watcher thread that blocks in ``multiprocessing.connection.wait``, and the ``LoopHandoff`` that
+runs the pool's callbacks on the server's event loop. Results come back on a plain ``Connection``
+per worker (see the pool's docstring for why a pipe per worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+from infer_server.messages import ImageOutcome, WorkItem
+
+log = logging.getLogger(__name__)
+
+INBOX_BYTES = 1 << 20  # asked for each worker's inbox pipe (pipe-max-size, 1 MiB by default, allows it)
+_PAGE = 4096
+
+
+class Inbox:
+    """The pool's end of a worker's inbox: a pipe that takes whole pickled work items without blocking.
+
+    Written under the pool's lock, from the event loop (``submit_batch``, a worker's answer) or the
+    watcher thread (a death, a restart), so a write must never wait for the worker: a worker holds
+    at most ``holds - 1`` items (the pool's ``CREDIT``) and the stop marker follows them, so every
+    item that fits in a ``holds``-th of the pipe (with a page of slack at each end, pipes fill page
+    by page) is written at once. No thread
+    hands items over (``multiprocessing.Queue`` has one: a wake-up per item). An item that would
+    not fit (very long image names in a very large chunk) is sent without its names;
+    ``PipelinePool`` puts them back into the outcomes from its ledger.
+    """
+
+    def __init__(self, conn: Connection, holds: int) -> None:
+        self.conn = conn
+        with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
+            fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, INBOX_BYTES)
+        self.capacity = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
+        self.limit = self.capacity // holds - 2 * _PAGE
+
+    @staticmethod
+    def check(batch_size: int, holds: int) -> None:
+        """Raise ``ValueError`` unless an inbox takes any item of ``batch_size`` images without names."""
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        inbox = Inbox(writer, holds)
+        reader.close()
+        inbox.close()
+        if inbox.limit < 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids, ≤ 54 bytes per image
+            raise ValueError(
+                f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
+                "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
+            )
+
+    def put(self, item: WorkItem | None) -> bool:
+        """Send ``item`` (or the stop marker); True if it went without its images' names.
+        BrokenPipeError if the worker is gone."""
+        frame = ForkingPickler.dumps(item)
+        nameless = len(frame) > self.limit and item is not None
+        if nameless:
+            assert item is not None
+            refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
+            frame = ForkingPickler.dumps(dataclasses.replace(item, images=refs))
+        self.conn.send_bytes(frame)
+        return nameless
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class Wakeup:
+    """Lets a thread blocked in ``connection.wait`` notice that its wait list changed."""
+
+    def __init__(self) -> None:
+        self.reader, self._writer = multiprocessing.Pipe(duplex=False)
+
+    def set(self) -> None:
+        self._writer.send_bytes(b"!")
+
+    def clear(self) -> None:
+        while self.reader.poll():
+            self.reader.recv_bytes()
+
+    def close(self) -> None:
+        self.reader.close()
+        self._writer.close()
+
+
+class LoopHandoff:
+    """Calls made from the pool's threads, run on the loop: outcomes in bursts (one wake-up of the
+    loop takes every outcome queued since), anything else one call at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None]) -> None:
+        self._loop, self._on_outcome = loop, on_outcome
+        self._queued: list[ImageOutcome] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:  # no loop runs in this thread
+            return False
+
+    def call(self, callback: Callable[..., None], *args: Any) -> None:
+        """``callback(*args)`` on the loop: now if this is the loop's thread, else soon."""
+        if self.on_loop():
+            callback(*args)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is gone
+            self._loop.call_soon_threadsafe(callback, *args)
+
+    def outcomes(self, outcomes: list[ImageOutcome]) -> None:
+        if self.on_loop():
+            self._run(outcomes)
+            return
+        with self._lock:
+            self._queued += outcomes
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.call(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            outcomes, self._queued, self._scheduled = self._queued, [], False
+        self._run(outcomes)
+
+    def _run(self, outcomes: list[ImageOutcome]) -> None:
+        for outcome in outcomes:
+            try:
+                self._on_outcome(outcome)
+            except Exception:
+                log.exception("on_outcome failed for image %d of batch %s", outcome.index, outcome.batch_id)
