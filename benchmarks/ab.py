@@ -1,4 +1,4 @@
-"""Interleaved A/B of two revisions on one null-model point: is a change faster, beyond the VM's drift?
+"""Interleaved A/B of two revisions on one point: is a change faster, beyond the VM's drift?
 
 This VM's per-core speed drifts by ±15% over minutes, more than most single changes win, so two
 sequential runs cannot tell them apart. This tool checks both revisions out side by side (``git
@@ -6,8 +6,9 @@ worktree``, gRPC stubs generated into each), then alternates A, B, A, B ... each
 ``benchmarks.fps`` of that revision — its server, its client library, its benchmark — on one point,
 and reports every round's B/A ratio and the means::
 
-    .venv/bin/python -m benchmarks.ab HEAD~1 HEAD                    # tmpfs, K=4, 5 rounds, ~2 min
+    .venv/bin/python -m benchmarks.ab HEAD~1 HEAD                    # null model, tmpfs, K=4, 5 rounds, ~2 min
     .venv/bin/python -m benchmarks.ab main my-branch --transport inline --concurrency 16 --rounds 7
+    .venv/bin/python -m benchmarks.ab HEAD~1 HEAD --pipeline full --rounds 3   # with the models, ~10 min
 
 A revision is anything ``git rev-parse`` takes; ``WORKTREE`` (the working tree with its uncommitted
 changes) compares the current files. Both revisions must have ``benchmarks/fps.py``.
@@ -62,10 +63,13 @@ def _checked_out(revision: str) -> Iterator[Path]:
             _git("worktree", "remove", "--force", str(tree))
 
 
-def _point(tree: Path, transport: str, concurrency: int) -> dict[str, float]:
+def _point(tree: Path, pipeline: str, transport: str, concurrency: int) -> dict[str, float]:
+    if pipeline == "null":
+        point = ["--null-model", "--null-concurrency", str(concurrency)]
+    else:
+        point = ["--no-null-model", "--concurrency", str(concurrency)]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "benchmarks.fps", "--null-model", "--transport", transport,
-               "--null-concurrency", str(concurrency), "--json", out.name]  # fmt: skip
+        cmd = [sys.executable, "-m", "benchmarks.fps", *point, "--transport", transport, "--json", out.name]
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
         env["PYTHONPATH"] = f"{tree / 'src'}{os.pathsep}{tree}"  # this revision's code, not the installed one
         done = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -78,16 +82,19 @@ def _point(tree: Path, transport: str, concurrency: int) -> dict[str, float]:
 def main(
     a: Annotated[str, typer.Argument(help="Baseline revision (or WORKTREE).")],
     b: Annotated[str, typer.Argument(help="Revision compared with it (or WORKTREE).")],
+    pipeline: Annotated[str, typer.Option(help="null (the data path alone) or full (the models too).")] = "null",
     transport: Annotated[str, typer.Option(help="tmpfs or inline.")] = "tmpfs",
     concurrency: Annotated[int, typer.Option(help="Client processes.")] = 4,
     rounds: Annotated[int, typer.Option(help="A, B pairs.")] = 5,
 ) -> None:
-    """Alternate A and B on one null-model point; print each round's B/A and the means."""
+    """Alternate A and B on one point; print each round's B/A and the means."""
+    if pipeline not in ("null", "full"):
+        raise typer.BadParameter("--pipeline is null or full")
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with _checked_out(a) as tree_a, _checked_out(b) as tree_b:
         for n in range(1, rounds + 1):
             for label, tree in (("A", tree_a), ("B", tree_b)):
-                results[label].append(_point(tree, transport, concurrency))
+                results[label].append(_point(tree, pipeline, transport, concurrency))
             ra, rb = results["A"][-1], results["B"][-1]
             print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
     for label, revision in (("A", a), ("B", b)):

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 from benchmarks.loadgen import make_workload
 from benchmarks.servers import REPO_ROOT, cpu_seconds
-from infer_server.messages import ImageOutcome, ImageRef
+from infer_server.messages import FileRef, ImageOutcome, ImageRef
 
 RESULT = b"r" * 150  # about one serialised ImageResult of the null model
 IMAGES = 8
@@ -127,6 +127,7 @@ def grpc_floor(n: int) -> None:
 
 
 def pool_floor(n: int) -> None:
+    from infer_server.settings import ServerSettings
     from infer_server.supervisor.pool import PipelinePool
 
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
@@ -134,6 +135,7 @@ def pool_floor(n: int) -> None:
         path = Path(tmp) / "batch"
         path.write_bytes(b"".join(images))
         st = os.stat(path)
+        file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size)
         refs, offset = [], 0
         for i, image in enumerate(images):
             refs.append(ImageRef(i, offset, len(image), f"img{i}"))
@@ -145,7 +147,10 @@ def pool_floor(n: int) -> None:
                 done[0] += 1
                 changed.notify_all()
 
-        pool = PipelinePool(REPO_ROOT / "engines" / "models", workers=2, batch_size=IMAGES, null_model=True,
+        loop = asyncio.new_event_loop()  # the server's loop: it reads the workers' pipes
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        options = ServerSettings(batch_size=IMAGES, null_model=True).worker_options()
+        pool = PipelinePool(REPO_ROOT / "engines" / "models", options, workers=2, max_attempts=2, loop=loop,
                             on_outcome=on_outcome)  # fmt: skip
         pool.start()
         workers = [p.pid for p in multiprocessing.active_children() if p.name.startswith("infer-worker-")]
@@ -155,7 +160,7 @@ def pool_floor(n: int) -> None:
             nonlocal submitted
             with changed:  # two batches in flight
                 changed.wait_for(lambda: done[0] >= (submitted - 1) * IMAGES)
-            pool.submit_batch(f"b{submitted}", str(path), st.st_dev, st.st_ino, st.st_size, refs, time.monotonic() + 60)
+            pool.submit_batch(f"b{submitted}", file, refs, time.monotonic() + 60)
             submitted += 1
 
         for _ in range(n // 10):
@@ -167,6 +172,7 @@ def pool_floor(n: int) -> None:
             changed.wait_for(lambda: done[0] >= submitted * IMAGES)
         c1, w1 = time.process_time(), sum(cpu_seconds(p) for p in workers)
         pool.stop()
+        loop.call_soon_threadsafe(loop.stop)
     print(f"worker pool alone, null model, batches of {IMAGES} (no gRPC):")
     front, work = 1e3 * (c1 - c0) / n, 1e3 * (w1 - w0) / n
     print(f"  {'submit → every outcome back':46s} front  {front:5.2f} ms   workers {work:5.2f} ms per batch")

@@ -115,7 +115,6 @@ def _write_config(out: Path, name: str, depth: int, classes: int, labels: list[s
     config = {
         "name": name,
         "kind": "classifier",
-        "format": "classifier",
         "version": SEED4_VERSION,
         "input": {"name": "input", "width": SEED4_SIZE, "height": SEED4_SIZE, "color": "rgb", "scale": 1 / 255},
         "outputs": {"logits": "logits"},

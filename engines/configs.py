@@ -24,7 +24,6 @@ def detector_config(confidence_threshold: float = 0.5, version: str = "1") -> di
     return {
         "name": "detector",
         "kind": "detector",
-        "format": "detectnet_v2",
         "version": version,
         "input": {"name": "input", "width": DETECTOR_INPUT[0], "height": DETECTOR_INPUT[1], "color": "rgb",
                   "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},
@@ -42,7 +41,6 @@ def classifier_config(name: str, version: str = "1") -> dict:
     return {
         "name": name,
         "kind": "classifier",
-        "format": "classifier",
         "version": version,
         "input": {"name": "input", "width": CROP_INPUT[0], "height": CROP_INPUT[1], "color": "rgb",
                   "scale": 1.0 / 255.0, "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]},

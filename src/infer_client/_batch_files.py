@@ -139,11 +139,10 @@ class _BatchFile:
 class BatchFiles:
     """This client's batch files in the shared directory, rewritten in place once a batch is done.
 
-    A new tmpfs file costs a page allocation per 4 KiB (about 0.35 ms of CPU for a 1.2 MB batch of
-    eight 720p JPEGs on the benchmark machine) and deleting it 0.17 ms more; rewriting it with
-    ``pwritev`` still costs the file system's work per page, about 0.09 ms. So up to ``2 * keep``
-    files stay open and, once rewritten, mapped: a batch is then a plain copy into pages that
-    exist, about 0.03 ms. Files beyond those (a client with more batches in flight) are rewritten
+    A new tmpfs file costs a page allocation per 4 KiB and deleting it costs as much again;
+    rewriting it with ``pwritev`` still costs the file system's work per page; a copy into a mapping
+    of pages that exist costs neither (docs/performance.md has the figures). So up to ``2 * keep``
+    files stay open and, once rewritten, mapped. Files beyond those (a client with more batches in flight) are rewritten
     with ``pwritev``, so descriptors stay bounded however many batches wait: two per mapped file
     (CPython's ``mmap`` keeps a duplicate), at most ``4 * keep``. The mapping is a client's own
     file, 0600: only a process of the same user that truncates it during a copy could make the

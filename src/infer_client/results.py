@@ -1,8 +1,9 @@
-"""Typed, immutable results of ``PullResult``, converted from the wire form.
+"""Typed, immutable results of ``PullResult`` and ``Session``, converted from the wire form.
 
-Built by ``infer_client._protocol`` for both clients (sync and asyncio) in the client application's
-process. ``Detection.attributes`` is a read-only mapping keyed by attribute model name
-(``det.attributes["color"].label``); :meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
+Built by ``ImageResult.from_proto``, called by both clients (``client``, ``aio``) and their
+sessions (``session``) in the client application's process. ``Detection.attributes`` is a read-only
+mapping keyed by attribute model name (``det.attributes["color"].label``);
+:meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _new = object.__new__
 def _built(cls: type[T], fields: dict[str, Any]) -> T:
     """An instance of the frozen dataclass ``cls`` from *every* one of its fields, without ``__init__``.
 
-    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``: for a burst of
-    results that was 40% of ``from_proto``, the client's largest cost per result after gRPC itself.
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__``, which made it
+    most of ``from_proto``'s cost (docs/performance.md), the client's largest per result after gRPC.
     No ``__post_init__`` runs: the result classes have none (a subclass that adds one, or fields,
     needs its own ``from_proto``).
     """

@@ -9,10 +9,9 @@ Since grpcio 1.80 gRPC core moves socket I/O for Python onto EventEngine threads
 arrives is read by an EventEngine thread and then handed to the thread that polls the completion
 queue (the grpc.aio poller, or the blocking API's channel thread) — one more thread wake-up per
 message in each direction. On a same-host data path, where a batch costs about a dozen messages'
-worth of CPU in all, that hand-over shows: with the older epoll path (the EventEngine client,
-listener and endpoint experiments off), an empty Session exchange cost 0.13 ms instead of 0.18 ms
-of server CPU and 0.18 ms instead of 0.21 ms of client CPU (``benchmarks/grpc_floor.py``, grpcio
-1.85.1, 2-core VM; docs/grpc-front.md). gRPC plans to remove these experiments, so the setting is
+worth of CPU in all, that hand-over shows (the older epoll path, with the EventEngine client,
+listener and endpoint experiments off, is cheaper at both ends: ``benchmarks/grpc_floor.py``,
+figures in docs/performance.md). gRPC plans to remove these experiments, so the setting is
 applied only to the grpcio releases it was measured with, and never over an explicit
 ``GRPC_EXPERIMENTS`` (set it, even empty, to choose yourself).
 """

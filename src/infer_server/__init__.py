@@ -1,6 +1,13 @@
-"""The inference server: gRPC front (``service``), tmpfs handoff, batch registry and stage workers.
+"""The inference server, one package per process that runs it (docs/architecture.md).
 
-Processes: the main process runs ``cli`` -> ``service`` (asyncio, gRPC) and ``pool`` (supervisor
-threads); stage worker processes run ``worker`` (preprocess -> engines -> postprocess). What
-crosses between them is defined in ``messages``.
+* ``front/``: the server's main process, on one asyncio loop — gRPC (``service``, ``session``),
+  the server's lifecycle (``server``), the tmpfs handoff, the batch registry and its cursors,
+  errors, metrics.
+* ``supervisor/``: the same process, the pool's side of the workers — spawning, credit, deaths and
+  retries (``pool``), exactly-once bookkeeping (``ledger``), the pipes (``channels``).
+* ``stage/``: each stage worker process — its loop (``worker``), the vision pipeline,
+  pre/post-processing, the model repository and the inference ``backends`` (ONNX Runtime, TensorRT).
+
+``messages`` holds everything that crosses a process boundary; ``settings`` every knob, and ``cli``
+the command that starts it all.
 """

@@ -1,4 +1,4 @@
-"""The tmpfs handoff refuses everything DESIGN.md's "Security of the path handoff" lists, on real files."""
+"""The tmpfs handoff refuses everything docs/architecture.md's "Security of the handoff" lists, on real files."""
 
 from __future__ import annotations
 

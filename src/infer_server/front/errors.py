@@ -1,10 +1,11 @@
 """Domain errors of the gRPC front and the one place that maps them to gRPC status codes.
 
 Raised by ``handoff`` (validation of a pushed batch), ``batches`` (admission, unknown ids) and
-``service`` (draining); translated by :func:`rpc_boundary`, which wraps every servicer method in
-the server's main process. Messages of these errors go to the client verbatim, so they are written
-for a client: they never contain internal paths, pids or stack traces. Anything else raised in a
-handler is a bug: it is logged with its traceback and the client gets INTERNAL with a generic text.
+``server`` (draining, a pool that refuses work); translated by :func:`rpc_boundary`, which wraps
+every servicer method in the server's main process. Messages of these errors go to the client
+verbatim, so they are written for a client: they never contain internal paths, pids or stack
+traces. Anything else raised in a handler is a bug: it is logged with its traceback and the
+client gets INTERNAL with a generic text.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """The tmpfs handoff: turns a PushData request into a validated batch file the workers may read.
 
-Called by ``service`` in the server's main process: :meth:`Handoff.plan` on the event loop (cheap
+Called by ``front.server`` in the server's main process: :meth:`Handoff.plan` on the event loop (cheap
 checks on sizes and names, before admission), :meth:`Handoff.materialize` for the filesystem work:
 in a worker thread, except that a client file on a memory file system (tmpfs, ramfs: ``in_memory``)
 is validated on the loop itself, since a handful of metadata syscalls there never wait for a device
-and cost less than the hop to a thread. Nothing here trusts a path: see DESIGN.md "Security of the
-path handoff".
+and cost less than the hop to a thread. Nothing here trusts a path: see docs/architecture.md
+"Security of the handoff".
 
 A client path must name a file beneath the shared directory, outside the server's staging
 directory. The file is opened one component at a time from a descriptor of the root with
@@ -114,13 +114,7 @@ class Handoff:
             raise InvalidBatch("send either 'path' or 'data', not both")
         if not path and not data:
             raise InvalidBatch("a batch needs either 'path' or 'data'")
-        count = len(sizes)  # len() first: the sizes list itself may be huge
-        if count == 0:
-            raise InvalidBatch("a batch needs at least one image size")
-        if count > self.limits.max_images:
-            raise InvalidBatch(f"a batch holds at most {self.limits.max_images} images, got {count}")
-        if names and len(names) != count:
-            raise InvalidBatch(f"got {len(names)} names for {count} images")
+        self._check_count(len(sizes), names)  # len() first: the sizes list itself may be huge
         refs = []
         offset = 0  # Python ints: no overflow however large the uint64 sizes are
         for index, size in enumerate(sizes):
@@ -136,6 +130,14 @@ class Handoff:
         if data and len(data) != offset:
             raise InvalidBatch(f"sizes add up to {offset} bytes but data holds {len(data)}")
         return BatchPlan(tuple(refs), offset, path or None, data or None)
+
+    def _check_count(self, count: int, names: Sequence[str]) -> None:
+        if count == 0:
+            raise InvalidBatch("a batch needs at least one image size")
+        if count > self.limits.max_images:
+            raise InvalidBatch(f"a batch holds at most {self.limits.max_images} images, got {count}")
+        if names and len(names) != count:
+            raise InvalidBatch(f"got {len(names)} names for {count} images")
 
     def materialize(self, plan: BatchPlan) -> BatchFile:
         """Validate the client's file, or stage the inline data. Blocking: run it in a thread."""

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server (optional ``--metrics-port``), updated from the event loop.
 
-Owned by ``service.InferenceServer`` in the server's main process. Each server has its own
+Owned by ``front.server.InferenceServer`` in the server's main process. Each server has its own
 ``CollectorRegistry`` so that several servers in one process (tests) do not collide; the HTTP
 exporter only runs when a metrics port is configured.
 """

@@ -76,7 +76,6 @@ class ModelConfig(_Strict):
     name: str
     kind: Literal["detector", "classifier"]
     version: str = "1"
-    format: Literal["detectnet_v2", "classifier"] | None = None
     input: InputSpec
     outputs: dict[str, str]
     labels: list[str]

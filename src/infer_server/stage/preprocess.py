@@ -69,17 +69,25 @@ def read_header(data: bytes | memoryview) -> ImageHeader:
     raise ImageRejected("not a JPEG or PNG")
 
 
+def _jpeg_marker(data: bytes | memoryview, pos: int) -> tuple[int, int] | None:
+    """The marker at ``pos`` (after any fill bytes) and the position after it; None at the end."""
+    end = len(data)
+    if data[pos] != 0xFF:
+        raise ImageRejected(CORRUPT)
+    while pos < end and data[pos] == 0xFF:  # markers may be preceded by fill bytes
+        pos += 1
+    if pos >= end:
+        return None
+    return data[pos], pos + 1
+
+
 def _jpeg_header(data: bytes | memoryview) -> ImageHeader:
     pos, end = 2, len(data)
     while pos < end:
-        if data[pos] != 0xFF:
-            raise ImageRejected(CORRUPT)
-        while pos < end and data[pos] == 0xFF:  # markers may be preceded by fill bytes
-            pos += 1
-        if pos >= end:
+        found = _jpeg_marker(data, pos)
+        if found is None:
             break
-        marker = data[pos]
-        pos += 1
+        marker, pos = found
         if marker in _JPEG_STANDALONE:
             continue
         if marker in (0xD9, 0xDA):  # EOI or start of scan before any frame header

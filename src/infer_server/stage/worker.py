@@ -92,7 +92,7 @@ class ChunkReader:
 
     A new ``bytes`` per image would cost a page fault per 4 KiB on every chunk: the allocator hands
     that much memory back to the kernel once the chunk is freed and asks for it again for the next
-    one (on a null-model run, a third of a worker's CPU went to those faults). The views ``read``
+    one (docs/performance.md has what that cost). The views ``read``
     returns stay valid until the next ``read``: the pipeline is done with a chunk's bytes when its
     ``process`` returns, and nothing keeps them.
     """
@@ -156,35 +156,40 @@ class StageWorker:
             self.handle(item)
 
     def handle(self, item: WorkItem) -> None:
+        """Answer every image of ``item`` in one ``ItemDone``, whatever happens to the pipeline."""
         if self.current is not None:
             self.current.value = item.item_id
         taken = time.monotonic()
         outcomes: dict[int, ImageOutcome] = {}
-
-        def fail(ref: ImageRef, code: Code, message: str) -> None:
-            outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, code, message)
-
         try:
             if taken > item.deadline:
                 for ref in item.images:
-                    fail(ref, Code.DEADLINE_EXCEEDED, f"image {ref.index}: deadline exceeded before processing")
+                    message = f"image {ref.index}: deadline exceeded before processing"
+                    outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DEADLINE_EXCEEDED, message)
             else:
-                t0 = time.perf_counter()
-                data = self.reader.read(item)
-                read_ms = (time.perf_counter() - t0) * 1e3
-                for ref, d in zip(item.images, data, strict=True):
-                    if isinstance(d, str):
-                        fail(ref, Code.DATA_LOSS, d)
-                readable = [(ref, d) for ref, d in zip(item.images, data, strict=True) if not isinstance(d, str)]
-                queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
-                for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
-                    outcomes[outcome.index] = outcome
+                self._run(item, taken, outcomes)
         except Exception:
             log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
             for ref in item.images:
                 if ref.index not in outcomes:
-                    fail(ref, Code.INTERNAL, f"image {ref.index}: pipeline error")
+                    message = f"image {ref.index}: pipeline error"
+                    outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.INTERNAL, message)
         self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
+
+    def _run(self, item: WorkItem, taken: float, outcomes: dict[int, ImageOutcome]) -> None:
+        """Read the chunk's images and run the pipeline on those that could be read, into ``outcomes``."""
+        t0 = time.perf_counter()
+        data = self.reader.read(item)
+        read_ms = (time.perf_counter() - t0) * 1e3
+        readable: list[tuple[ImageRef, memoryview]] = []
+        for ref, d in zip(item.images, data, strict=True):
+            if isinstance(d, str):
+                outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DATA_LOSS, d)
+            else:
+                readable.append((ref, d))
+        queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
+        for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
+            outcomes[outcome.index] = outcome
 
 
 def run_worker(

@@ -63,7 +63,6 @@ from infer_server.messages import (
     WorkerOptions,
     WorkerReady,
 )
-from infer_server.stage.worker import run_worker
 from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
 from infer_server.supervisor.ledger import Chunk, ChunkLedger
 
@@ -72,6 +71,13 @@ log = logging.getLogger(__name__)
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
 _MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
 _MAX_BURST = 64  # messages the loop takes from one worker's pipe before looking at the others
+
+
+def _worker_main(*args: Any) -> None:
+    """A worker process's target: the stage code is imported in the child only, never in the server."""
+    from infer_server.stage.worker import run_worker
+
+    run_worker(*args)
 
 
 class PipelineError(RuntimeError):
@@ -91,6 +97,23 @@ class _Worker:
     setup_error: str | None = None
     held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
     drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
+
+
+def _end_processes(workers: list[_Worker], deadline: float) -> None:
+    """Stop marker → join until ``deadline`` → terminate → kill; then wait (bounded) until the loop
+    has read what each worker sent before it exited, so none of it is lost."""
+    for w in workers:
+        with contextlib.suppress(OSError):  # a dead worker; the stop event alone stops a busy one
+            w.inbox.put(STOP)
+    for w in workers:
+        w.process.join(max(0.5, deadline - time.monotonic()))
+    for w in workers:
+        for end in (w.process.terminate, w.process.kill):
+            if w.process.is_alive():
+                end()
+                w.process.join(2.0)
+    for w in workers:
+        w.drained.wait(min(_MAX_WAIT, max(0.5, deadline - time.monotonic())))
 
 
 class PipelinePool:
@@ -171,18 +194,7 @@ class PipelinePool:
                 self._cond.wait(min(_MAX_WAIT, deadline - time.monotonic()))
             self._stop_event.set()  # jumps the queue: a worker checks it before each chunk
             workers = [w for w in self._slots if w is not None]
-        for w in workers:
-            with contextlib.suppress(OSError):  # a dead worker; the event alone stops a busy one
-                w.inbox.put(STOP)
-        for w in workers:
-            w.process.join(max(0.5, deadline - time.monotonic()))
-        for w in workers:
-            for end in (w.process.terminate, w.process.kill):
-                if w.process.is_alive():
-                    end()
-                    w.process.join(2.0)
-        for w in workers:  # let the loop take what they sent before exiting, so it is not lost
-            w.drained.wait(min(_MAX_WAIT, max(0.5, deadline - time.monotonic())))
+        _end_processes(workers, deadline)
         with self._cond:
             self._closed = True
             leftover = self._ledger.fail_all(Code.UNAVAILABLE, "server is shutting down")
@@ -335,7 +347,7 @@ class PipelinePool:
             results, child_end = self._ctx.Pipe(duplex=False)
             current = self._ctx.RawValue("q", 0)
             args = (slot, str(self.repo_dir), self._options, child_inbox, child_end, self._stop_event, current)
-            process = self._ctx.Process(target=run_worker, name=f"infer-worker-{slot}", args=args, daemon=True)
+            process = self._ctx.Process(target=_worker_main, name=f"infer-worker-{slot}", args=args, daemon=True)
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()

@@ -171,6 +171,11 @@ class TensorRTEngine(Engine):
         self._context = self._engine.create_execution_context()
         self._stream = cuda.Stream()
         self.max_batch_size = max_batch_size
+        self._bind_tensors(trt, cuda, max_batch_size)
+
+    def _bind_tensors(self, trt: Any, cuda: Any, max_batch_size: int) -> None:
+        """Describe the engine's named I/O tensors and allocate host and device buffers for the
+        largest batch."""
         inputs: list[TensorInfo] = []
         outputs: list[TensorInfo] = []
         for i in range(self._engine.num_io_tensors):

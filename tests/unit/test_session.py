@@ -1,0 +1,196 @@
+"""The Session protocol without a network: a fake stream, a real registry, outcomes recorded by hand."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import pytest
+
+from infer_proto import infer_pb2
+from infer_server.front import session as session_module
+from infer_server.front.batches import Batch, BatchRegistry
+from infer_server.front.errors import InvalidBatch
+from infer_server.front.handoff import BatchFile
+from infer_server.front.session import SessionProtocol
+from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+class FakeStream:
+    """Requests the test feeds, replies the protocol wrote; a write can be made to fail or to hang."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[Any] = asyncio.Queue()
+        self.replies: list[infer_pb2.SessionReply] = []
+        self.requests_read = 0
+        self.fail_writes = False
+        self.writes_open = asyncio.Event()
+        self.writes_open.set()
+        self.wrote = asyncio.Event()
+
+    def push(self, tag: int, path: str, images: int = 1, defer: bool = False) -> None:
+        request = infer_pb2.PushDataRequest(path=path, sizes=[10] * images)
+        self.incoming.put_nowait(infer_pb2.SessionRequest(tag=tag, push=request, defer_answer=defer))
+
+    def half_close(self) -> None:
+        self.incoming.put_nowait(grpc.aio.EOF)
+
+    async def read(self) -> Any:
+        request = await self.incoming.get()
+        self.requests_read += 1
+        return request
+
+    async def write(self, message: infer_pb2.SessionReply) -> None:
+        await self.writes_open.wait()
+        if self.fail_writes:
+            raise ConnectionResetError("the client went away")
+        reply = infer_pb2.SessionReply()
+        reply.CopyFrom(message)
+        self.replies.append(reply)
+        self.wrote.set()
+
+    async def until_written(self, n: int) -> None:
+        while len(self.replies) < n:
+            self.wrote.clear()
+            await self.wrote.wait()
+
+
+class Server:
+    """What the protocol needs of the server: ``push`` admitting into a real registry."""
+
+    def __init__(self) -> None:
+        self.registry = BatchRegistry(max_inflight_images=1000, max_inflight_bytes=10**6, result_ttl_s=60.0)
+        self.batches: dict[str, Batch] = {}  # by path
+
+    async def push(self, request: infer_pb2.PushDataRequest) -> Batch:
+        if request.path.startswith("bad"):
+            raise InvalidBatch(f"not a batch file: {request.path}")
+        images = tuple(ImageRef(i, 10 * i, 10, "") for i in range(len(request.sizes)))
+        reservation = self.registry.reserve("", images, 10 * len(images), deadline=1e12)
+        file = BatchFile(FileRef(f"/dev/shm/x/{request.path}", 1, 2, 10 * len(images)), images, staged=False)
+        self.registry.activate(reservation, file)
+        self.batches[request.path] = reservation.batch
+        return reservation.batch
+
+    def answer(self, path: str, index: int) -> None:
+        self.registry.record(ImageOutcome(self.batches[path].batch_id, index, f"img{index}", Code.OK))
+
+    def protocol(self, stream: FakeStream) -> tuple[SessionProtocol, Any]:
+        cursor = self.registry.open_session()
+        return SessionProtocol(stream, self.push, cursor), cursor
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_answers_come_before_results_and_the_stream_ends_once_everything_was_delivered() -> None:
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(1, "a", images=2)
+        await stream.until_written(1)
+        assert [(a.tag, a.status.code, a.image_count) for a in stream.replies[0].answers] == [(1, 0, 2)]
+        assert not stream.replies[0].results
+        stream.half_close()
+        server.answer("a", 1)
+        server.answer("a", 0)
+        await task  # ends: half-closed, every result delivered and the batch reported complete
+        results = [(r.index, r.status.code) for reply in stream.replies for r in reply.results]
+        assert results == [(1, 0), (0, 0)], "completion order"
+        complete = [list(reply.completed) for reply in stream.replies if reply.completed]
+        assert complete == [[server.batches["a"].batch_id]]
+
+    run(main())
+
+
+def test_a_refused_push_is_answered_in_band_and_the_stream_goes_on() -> None:
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(1, "bad-file")
+        stream.push(2, "b")
+        stream.half_close()
+        await settle()
+        server.answer("b", 0)
+        await task
+        answers = [a for reply in stream.replies for a in reply.answers]
+        assert [(a.tag, a.status.code) for a in answers] == [(1, grpc.StatusCode.INVALID_ARGUMENT.value[0]), (2, 0)]
+        assert "not a batch file" in answers[0].status.message and not answers[0].batch_id
+        assert [r.index for reply in stream.replies for r in reply.results] == [0]
+
+    run(main())
+
+
+def test_a_deferred_answer_leaves_with_its_batchs_first_results() -> None:
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(7, "c", images=2, defer=True)
+        await settle()
+        assert stream.replies == [], "nothing to say until the batch has results"
+        server.answer("c", 0)
+        await stream.until_written(1)
+        first = stream.replies[0]
+        assert [a.tag for a in first.answers] == [7] and [r.index for r in first.results] == [0]
+        stream.half_close()
+        server.answer("c", 1)
+        await task
+
+    run(main())
+
+
+def test_a_failed_write_puts_its_results_back_for_another_stream() -> None:
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(1, "d", images=2)
+        await stream.until_written(1)
+        stream.fail_writes = True
+        server.answer("d", 0)
+        server.answer("d", 1)
+        with pytest.raises(ConnectionResetError):
+            await task
+        with server.registry.subscribe([server.batches["d"].batch_id]) as pull:
+            got = [await pull.next(), await pull.next()]
+        assert sorted(o.index for o in got if o) == [0, 1], "nothing was lost with the broken stream"
+
+    run(main())
+
+
+def test_a_client_that_pushes_but_never_reads_is_held_at_the_answer_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "MAX_PENDING_ANSWERS", 3)
+
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        stream.writes_open.clear()  # the client does not read: every write waits
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        for tag in range(10):
+            stream.push(tag, f"e{tag}")
+        await settle()
+        assert stream.requests_read == 3, "the reader stops at the bound; flow control holds the rest"
+        stream.writes_open.set()
+        stream.half_close()
+        await settle()
+        assert stream.requests_read == 11  # answers went out: the reader went on (10 pushes and the end)
+        for tag in range(10):
+            server.answer(f"e{tag}", 0)
+        await task
+        assert sorted(a.tag for reply in stream.replies for a in reply.answers) == list(range(10))
+
+    run(main())
