@@ -134,8 +134,9 @@ def pool_floor(n: int) -> None:
         images = make_workload(IMAGES, IMAGES, Path(tmp)).batches[0]
         path = Path(tmp) / "batch"
         path.write_bytes(b"".join(images))
-        st = os.stat(path)
-        file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # held as the front holds a validated file
+        st = os.fstat(fd)
+        file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size, fd)
         refs, offset = [], 0
         for i, image in enumerate(images):
             refs.append(ImageRef(i, offset, len(image), f"img{i}"))

@@ -110,6 +110,9 @@ async def _serve(settings: ServerSettings) -> int:
     except PipelineError as exc:
         log.error("the pipeline failed to start: %s", exc)
         return 1
+    except RuntimeError as exc:  # a directory the server cannot trust, a port it cannot bind
+        log.error("cannot start: %s", exc)
+        return 1
     if not stop.is_set():
         print(f"listening on {settings.host}:{port}", flush=True)
         await stop.wait()

@@ -4,7 +4,8 @@ stage workers (children), and the file reference the front hands the supervisor.
 Pipes carry only these small frozen records (docs/architecture.md has the table of who sends what).
 Image bytes never travel through a pipe: a ``WorkItem`` names a file in tmpfs (the client's batch
 file or the server's own staging copy of inline data, a ``FileRef``) plus byte ranges inside it;
-the worker re-opens the file and reads each image's bytes once, with ``pread``.
+the worker opens the front's descriptor of the file and reads each image's bytes once, with
+``pread``.
 
 To a worker: ``WorkerOptions`` as a process argument at spawn; then in its inbox a ``WorkItem`` per
 chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`` or ``WorkerFailed`` once,
@@ -63,13 +64,18 @@ class ImageRef:
 
 @dataclass(frozen=True)
 class FileRef:
-    """A batch file the front validated: where it is and how a worker recognises it (same device,
-    inode and size), so a file swapped after validation is never read."""
+    """A batch file the front validated and holds open until its batch is done.
 
-    path: str
+    A worker reads it through the front's descriptor (``/proc/<server pid>/fd/<fd>``), never by
+    ``path``, so nothing swapped in at the path after validation (a FIFO, a symlinked directory) is
+    ever opened; it still checks device, inode and size on what it opened, which also refuses a
+    descriptor number the front has since reused for another file."""
+
+    path: str  # for logs and the staging janitor; never opened by a worker
     dev: int
     ino: int
     size: int
+    fd: int  # the front's descriptor of the file
 
 
 @dataclass(frozen=True)
@@ -90,8 +96,8 @@ class WorkerOptions:
 class WorkItem:
     """A chunk of one batch (at most the pipeline's batch size) handed to a stage worker.
 
-    The worker re-opens ``file.path`` with O_NOFOLLOW and refuses it unless the open fd has the
-    identity and size of ``file``. ``deadline`` is ``time.monotonic()`` based (CLOCK_MONOTONIC is
+    The worker reads ``file`` through the front's descriptor and refuses what it opened unless it
+    has the identity and size of ``file``. ``deadline`` is ``time.monotonic()`` based (CLOCK_MONOTONIC is
     shared by all processes of the host); work dequeued after it is answered DEADLINE_EXCEEDED.
     ``attempt`` counts how often this chunk was handed out (retries after a worker died).
     """

@@ -78,10 +78,15 @@ class Collector:
         return self.of(batch_id)
 
 
+HELD: list[int] = []  # descriptors of submitted files, held as the front holds them
+
+
 @pytest.fixture
 def shm() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="infer-pool-", dir="/dev/shm"))
     yield base
+    while HELD:
+        os.close(HELD.pop())
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -96,8 +101,11 @@ def submit(pool: PipelinePool, path: Path, batch_id: str, blobs: list[bytes], de
 
 
 def file_ref(path: Path) -> FileRef:
-    st = os.stat(path)
-    return FileRef(str(path), st.st_dev, st.st_ino, st.st_size)
+    """The file opened as the front opens a validated batch (the workers read through it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    HELD.append(fd)
+    st = os.fstat(fd)
+    return FileRef(str(path), st.st_dev, st.st_ino, st.st_size, fd)
 
 
 def all_workers() -> dict[int, multiprocessing.Process]:

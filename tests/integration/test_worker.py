@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -23,25 +24,39 @@ from tests.helpers import worker_options
 BLOBS = [generate_scene(7).jpeg, b"definitely not a jpeg", generate_scene(8).jpeg]
 
 
+HELD: list[int] = []  # descriptors this test process holds as the front would
+
+
 @pytest.fixture
 def shm() -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="infer-worker-", dir="/dev/shm"))
     yield base
+    while HELD:
+        with contextlib.suppress(OSError):
+            os.close(HELD.pop())
     shutil.rmtree(base, ignore_errors=True)
 
 
+def reader() -> ChunkReader:
+    """A reader of this process's descriptors (in the server: its parent's, the front's)."""
+    return ChunkReader(owner=os.getpid())
+
+
 def write_batch(path: Path, blobs: list[bytes], deadline_s: float = 60.0, batch_id: str = "b1") -> WorkItem:
+    """Write the batch file and open it as the front does once it validated it."""
     path.write_bytes(b"".join(blobs))
     offsets = [sum(len(b) for b in blobs[:i]) for i in range(len(blobs))]
     images = tuple(ImageRef(i, off, len(b), f"img{i}") for i, (off, b) in enumerate(zip(offsets, blobs, strict=True)))
-    st = os.stat(path)
-    file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    HELD.append(fd)
+    st = os.fstat(fd)
+    file = FileRef(str(path), st.st_dev, st.st_ino, st.st_size, fd)
     return WorkItem(1, batch_id, file, images, time.monotonic() + deadline_s)
 
 
 def test_reads_each_image_by_its_range(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
-    assert ChunkReader().read(item) == BLOBS
+    assert reader().read(item) == BLOBS
 
 
 def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
@@ -57,39 +72,48 @@ def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
     for name, refs in layouts.items():
         chunk = WorkItem(1, "b", item.file, refs, item.deadline)
         whole = b"".join(BLOBS)
-        assert ChunkReader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
+        assert reader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
 
 
 def test_one_reader_reuses_its_buffer_and_grows_it(shm: Path) -> None:
-    reader = ChunkReader()
+    one = reader()
     small = write_batch(shm / "small", BLOBS[1:2])
-    assert reader.read(small) == BLOBS[1:2]
+    assert one.read(small) == BLOBS[1:2]
     big = write_batch(shm / "big", BLOBS, batch_id="b2")
-    first = reader.read(big)
+    first = one.read(big)
     assert first == BLOBS, "a larger chunk gets a larger buffer"
-    again = reader.read(big)
+    again = one.read(big)
     assert again == BLOBS and again[0].obj is first[0].obj, "the same buffer serves the next chunk"
 
 
-def test_a_file_replaced_after_validation_is_not_read(shm: Path) -> None:
+def test_a_file_replaced_at_its_path_after_validation_is_not_what_is_read(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
-    (shm / "other").write_bytes(b"".join(BLOBS))
+    (shm / "other").write_bytes(b"x" * item.file.size)
     os.replace(shm / "other", shm / "batch")  # same path and size, another inode
-    assert ChunkReader().read(item) == [f"image {i}: batch data changed after it was accepted" for i in range(3)]
+    assert reader().read(item) == BLOBS, "the file the front validated, not the one at the path now"
+
+
+def test_a_descriptor_number_reused_for_another_file_is_refused(shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    os.close(item.file.fd)  # the batch is done: the front closed it ...
+    (shm / "other").write_bytes(b"x" * item.file.size)
+    fd = os.open(shm / "other", os.O_RDONLY)  # ... and the number went to another file
+    HELD.append(fd)
+    assert fd == item.file.fd
+    assert reader().read(item) == [f"image {i}: batch data changed after it was accepted" for i in range(3)]
 
 
 def test_a_file_that_changed_size_is_not_read(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     with open(shm / "batch", "r+b") as f:
         f.truncate(100)
-    assert ChunkReader().read(item)[0] == "image 0: batch data changed after it was accepted"
+    assert reader().read(item)[0] == "image 0: batch data changed after it was accepted"
 
 
-def test_symlinks_are_not_followed(shm: Path) -> None:
-    real = write_batch(shm / "real", BLOBS)
-    (shm / "link").symlink_to(shm / "real")
-    item = WorkItem(1, "b", dataclasses.replace(real.file, path=str(shm / "link")), real.images, real.deadline)
-    messages = ChunkReader().read(item)
+def test_a_closed_descriptor_is_data_no_longer_available(shm: Path) -> None:
+    item = write_batch(shm / "real", BLOBS)
+    os.close(HELD.pop())
+    messages = reader().read(item)
     assert messages == [f"image {i}: batch data is no longer available" for i in range(3)]
     assert not any(str(shm) in m for m in messages), "never echo internal paths"
 
@@ -98,8 +122,8 @@ def test_a_range_outside_the_file_fails_only_that_image(shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
     bad = ImageRef(3, item.file.size - 10, 11)
     item = WorkItem(1, "b", item.file, (*item.images, bad), item.deadline)
-    assert ChunkReader().read(item)[:3] == BLOBS
-    assert ChunkReader().read(item)[3] == "image 3: byte range lies outside the batch data"
+    assert reader().read(item)[:3] == BLOBS
+    assert reader().read(item)[3] == "image 3: byte range lies outside the batch data"
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +136,7 @@ def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
 def run_item(pipeline: VisionPipeline, item: WorkItem, current: Any = None) -> list[ImageOutcome]:
     """The worker's one message for ``item``: its outcomes."""
     parent, child = multiprocessing.Pipe(duplex=False)
-    StageWorker(3, pipeline, child, current).handle(item)
+    StageWorker(3, pipeline, child, current, reader()).handle(item)
     done = parent.recv()
     assert not parent.poll(), "one message per item"
     assert isinstance(done, ItemDone) and done.worker == 3 and done.item_id == item.item_id
@@ -143,13 +167,21 @@ def test_work_past_its_deadline_is_answered_without_running(pipeline: VisionPipe
     ]
 
 
-def test_a_file_gone_before_the_worker_reads_it(pipeline: VisionPipeline, shm: Path) -> None:
+def test_a_file_unlinked_after_validation_is_still_read(pipeline: VisionPipeline, shm: Path) -> None:
     item = write_batch(shm / "batch", BLOBS)
-    (shm / "batch").unlink()
+    (shm / "batch").unlink()  # a client that cleans up early loses nothing: the front holds the file
     outcomes = run_item(pipeline, item)
-    assert {(o.code, o.message.split(": ", 1)[1]) for o in outcomes} == {
-        (Code.DATA_LOSS, "batch data is no longer available")
-    }
+    assert sorted((o.index, o.code) for o in outcomes) == [(0, Code.OK), (1, Code.INVALID_ARGUMENT), (2, Code.OK)]
+
+
+def test_a_batch_the_front_let_go_of_is_data_loss(pipeline: VisionPipeline, shm: Path) -> None:
+    item = write_batch(shm / "batch", BLOBS)
+    os.close(HELD.pop())
+    outcomes = run_item(pipeline, item)  # its number closed, or already reused (by run_item's pipe)
+    assert len({(o.code, o.message.split(": ", 1)[1]) for o in outcomes}) == 1
+    assert outcomes[0].code == Code.DATA_LOSS and outcomes[0].message.split(": ", 1)[1] in (
+        "batch data is no longer available", "batch data changed after it was accepted"
+    )
 
 
 def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
@@ -169,7 +201,7 @@ def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
     pool_end.send(STOP)
     pool_end.send(write_batch(shm / "never", BLOBS[:1], batch_id="never"))
     parent, child = multiprocessing.Pipe(duplex=False)
-    StageWorker(3, pipeline, child).serve(inbox, multiprocessing.Event())
+    StageWorker(3, pipeline, child, reader=reader()).serve(inbox, multiprocessing.Event())
     assert inbox.recv().batch_id == "never", "nothing after the stop marker is taken"
     messages = []
     while parent.poll():
@@ -182,5 +214,5 @@ def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, sh
     pool_end.send(write_batch(shm / "batch", BLOBS[:1]))
     pool_end.close()
     parent, child = multiprocessing.Pipe(duplex=False)
-    StageWorker(3, pipeline, child).serve(inbox, multiprocessing.Event())
+    StageWorker(3, pipeline, child, reader=reader()).serve(inbox, multiprocessing.Event())
     assert isinstance(parent.recv(), ItemDone) and not parent.poll()

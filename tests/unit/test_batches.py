@@ -42,7 +42,7 @@ def refs(n: int, size: int = 10) -> tuple[ImageRef, ...]:
 def open_batch(reg: BatchRegistry, n: int, request_id: str = "", staged: bool = False) -> Batch:
     images = refs(n)
     r = reg.reserve(request_id, images, 10 * n, deadline=1100.0)
-    reg.activate(r, BatchFile(FileRef(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n), images, staged=staged))
+    reg.activate(r, BatchFile(FileRef(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n, -1), images, staged=staged))
     return r.batch
 
 
@@ -187,7 +187,7 @@ def test_request_id_makes_push_idempotent() -> None:
         assert first.is_new and not retry.is_new and retry.batch is first.batch
         assert reg.inflight_images == 2  # the retry is not charged again
         waiting = asyncio.ensure_future(retry.ready)
-        reg.activate(first, BatchFile(FileRef("/dev/shm/x/b", 1, 2, 20), refs(2), staged=False))
+        reg.activate(first, BatchFile(FileRef("/dev/shm/x/b", 1, 2, 20, -1), refs(2), staged=False))
         assert (await waiting) is first.batch
         assert reg.reserve("req-2", refs(1), 10, 1100.0).batch is not first.batch
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from infer_server.front.directories import filesystem_type
 from infer_server.front.errors import InvalidBatch, PermissionDeniedError
-from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits, filesystem_type
+from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_length=16)
 

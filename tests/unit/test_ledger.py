@@ -9,7 +9,7 @@ from infer_server.supervisor.ledger import ChunkLedger
 def ledger_with(n: int, batch_size: int = 4, max_attempts: int = 2, deadline: float = 100.0) -> ChunkLedger:
     ledger = ChunkLedger(batch_size, max_attempts)
     images = [ImageRef(i, i * 10, 10, f"img{i}") for i in range(n)]
-    ledger.add_batch("b", FileRef("/dev/shm/x", 1, 2, n * 10), images, deadline=deadline, now=0.0)
+    ledger.add_batch("b", FileRef("/dev/shm/x", 1, 2, n * 10, -1), images, deadline=deadline, now=0.0)
     return ledger
 
 

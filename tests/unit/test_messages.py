@@ -27,7 +27,8 @@ def through_pipe(record: object) -> object:
 
 def test_a_work_item_round_trips_with_its_images() -> None:
     refs = tuple(ImageRef(i, i * 100, 100, f"img-{i}") for i in range(8))
-    item = WorkItem(7, "b" * 32, FileRef("/dev/shm/infer/x.batch", 45, 123, 800), refs, 99.5, attempt=2, submitted=98.0)
+    file = FileRef("/dev/shm/infer/x.batch", 45, 123, 800, 17)
+    item = WorkItem(7, "b" * 32, file, refs, 99.5, attempt=2, submitted=98.0)
     back = through_pipe(item)
     assert back == item and type(back) is WorkItem
     assert all(type(ref) is ImageRef for ref in back.images)  # type: ignore[attr-defined]

@@ -76,7 +76,7 @@ class Server:
             raise InvalidBatch(f"not a batch file: {request.path}")
         images = tuple(ImageRef(i, 10 * i, 10, "") for i in range(len(request.sizes)))
         reservation = self.registry.reserve("", images, 10 * len(images), deadline=1e12)
-        file = BatchFile(FileRef(f"/dev/shm/x/{request.path}", 1, 2, 10 * len(images)), images, staged=False)
+        file = BatchFile(FileRef(f"/dev/shm/x/{request.path}", 1, 2, 10 * len(images), -1), images, staged=False)
         self.registry.activate(reservation, file)
         self.batches[request.path] = reservation.batch
         return reservation.batch

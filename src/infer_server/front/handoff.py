@@ -14,7 +14,10 @@ changes between the check and the open; the components come from the path read l
 path that cannot be placed that way, or that meets a symlink, is resolved on real paths
 (``os.path.commonpath``) to tell why it is refused. Every property (regular file, one
 link, same file system, not writable by group/others, size == sum(sizes)) is read from the open
-descriptor. The worker re-opens the path and refuses it unless device, inode and size still match.
+descriptor, which the front keeps open until the batch is done: the workers read through it, never
+by path. The shared directory itself must belong to the server's user and, if others may write
+to it, have the sticky bit; the staging directory is created, listed and emptied only through
+descriptors the server holds.
 
 Inline data is written by the server into its own staging directory (0600, temp name + rename) so
 the pipeline reads both kinds the same way; those files are deleted when the batch completes, and
@@ -23,25 +26,25 @@ the pipeline reads both kinds the same way; those files are deleted when the bat
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import os
-import re
 import stat
+import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from infer_server.front.directories import DIR_FLAGS, check_shared_root, filesystem_type, open_dir
 from infer_server.front.errors import InvalidBatch, PermissionDeniedError
 from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = DIR_FLAGS
 # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OUTSIDE = "path is outside the shared directory"
@@ -67,7 +70,8 @@ class BatchPlan:
 
 @dataclass(frozen=True)
 class BatchFile:
-    """A validated batch: the file the workers open (and how they recognise it) and its images."""
+    """A validated batch: the file the workers read (the front holds it open: ``file.fd``; they
+    recognise it by device, inode and size) and its images."""
 
     file: FileRef
     images: tuple[ImageRef, ...]
@@ -91,16 +95,38 @@ class Handoff:
         self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
         self._root_dev = -1
         self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
+        # Descriptors held from prepare_dirs to close: every server-side create, list and delete in
+        # staging goes through them, so nothing swapped in by path can redirect it.
+        self._staging_parent_fd = -1
+        self._staging_fd = -1
+        self._staging_name = ""
+        self._batch_fds: set[int] = set()  # validated batch files, open until their batch is done
+        self._lock = threading.Lock()
 
     def prepare_dirs(self) -> None:
-        """Create the shared and staging directories (owner-only when the server creates them)."""
+        """Create the shared and staging directories (owner-only when the server creates them) and
+        refuse any the server cannot trust (``RuntimeError`` saying how to fix it)."""
         self._root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = os.lstat(self._staging)
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
         self._real_root = os.path.realpath(self._root)
-        self._real_staging = os.path.realpath(self._staging)
+        root_fd = open_dir(self._real_root, "shared directory")
+        try:
+            check_shared_root(os.fstat(root_fd), self._real_root)
+        finally:
+            os.close(root_fd)
+        self._staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The staging directory itself is never resolved: a symlink in its place is refused.
+        parent, self._staging_name = os.path.split(os.path.normpath(self._staging.absolute()))
+        self._real_staging = os.path.join(os.path.realpath(parent), self._staging_name)
+        self._staging_parent_fd = open_dir(os.path.dirname(self._real_staging), "staging directory's parent")
+        try:
+            self._staging_fd = os.open(self._staging_name, _DIR_FLAGS, dir_fd=self._staging_parent_fd)
+        except OSError:
+            raise RuntimeError(
+                f"staging directory {self._staging} is not a directory (a symbolic link?): remove it and start again"
+            ) from None
+        st = os.fstat(self._staging_fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
         self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
         if os.path.commonpath([self._real_root, self._real_staging]) == self._real_root:
             rel = os.path.relpath(self._real_staging, self._real_root)
@@ -155,8 +181,14 @@ class Handoff:
             raise
         try:
             st = os.fstat(fd)
-        finally:
+            self._check_client_file(st, total)
+        except BaseException:
             os.close(fd)
+            raise
+        real = os.path.join(self._real_root, *parts)
+        return self._held(BatchFile(FileRef(real, st.st_dev, st.st_ino, st.st_size, fd), images, staged=False))
+
+    def _check_client_file(self, st: os.stat_result, total: int) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise InvalidBatch("path is not a regular file")
         if st.st_dev != self._root_dev:
@@ -168,8 +200,11 @@ class Handoff:
             raise PermissionDeniedError("file is writable by group or others")
         if st.st_size != total:
             raise InvalidBatch(f"sizes add up to {total} bytes but the file holds {st.st_size}")
-        real = os.path.join(self._real_root, *parts)
-        return BatchFile(FileRef(real, st.st_dev, st.st_ino, st.st_size), images, staged=False)
+
+    def _held(self, batch: BatchFile) -> BatchFile:
+        with self._lock:
+            self._batch_fds.add(batch.file.fd)
+        return batch
 
     def _components(self, path: str) -> list[str]:
         """The path's components beneath the root, read lexically: the hot path of every push.
@@ -248,76 +283,67 @@ class Handoff:
         return InvalidBatch("the file cannot be opened")
 
     def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
-        """Write inline bytes to a fresh 0600 file in the staging directory (temp name + rename)."""
+        """Write inline bytes to a fresh 0600 file in the staging directory (temp name + rename),
+        both relative to the staging directory's descriptor."""
         name = uuid.uuid4().hex
-        tmp = os.path.join(self._real_staging, f".{name}.tmp")
-        final = os.path.join(self._real_staging, f"{name}.batch")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        tmp, final = f".{name}.tmp", f"{name}.batch"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self._staging_fd)
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
                 f.write(data)
             st = os.fstat(fd)
-            os.rename(tmp, final)  # no fsync: tmpfs, and a crash loses the batch anyway
+            # No fsync: tmpfs, and a crash loses the batch anyway.
+            os.rename(tmp, final, src_dir_fd=self._staging_fd, dst_dir_fd=self._staging_fd)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        finally:
+                os.unlink(tmp, dir_fd=self._staging_fd)
             os.close(fd)
-        return BatchFile(FileRef(final, st.st_dev, st.st_ino, st.st_size), images, staged=True)
+            raise
+        path = os.path.join(self._real_staging, final)
+        return self._held(BatchFile(FileRef(path, st.st_dev, st.st_ino, st.st_size, fd), images, staged=True))
 
     def release(self, batch: BatchFile) -> None:
-        """Delete the server's staging copy of a finished batch; client files are never touched."""
-        if batch.staged:
+        """The batch is done: close its descriptor (once) and delete the server's staging copy;
+        client files are never touched."""
+        with self._lock:
+            held = batch.file.fd in self._batch_fds
+            self._batch_fds.discard(batch.file.fd)
+        if held:
+            os.close(batch.file.fd)
+        if batch.staged and self._staging_fd >= 0:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(batch.path)
+                os.unlink(os.path.basename(batch.path), dir_fd=self._staging_fd)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
         """Remove staging files older than ``ttl_s`` (by mtime) that no live batch uses."""
         now = time.time()
         removed = 0
-        with os.scandir(self._real_staging) as entries:
+        with os.scandir(self._staging_fd) as entries:
             for entry in entries:
-                if entry.path in keep or not entry.is_file(follow_symlinks=False):
+                if os.path.join(self._real_staging, entry.name) in keep or not entry.is_file(follow_symlinks=False):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if now - entry.stat(follow_symlinks=False).st_mtime >= ttl_s:
-                        os.unlink(entry.path)
+                        os.unlink(entry.name, dir_fd=self._staging_fd)
                         removed += 1
         return removed
 
     def remove_staging_dir(self) -> None:
-        """On a clean stop: drop every staging file and the directory itself."""
-        with contextlib.suppress(FileNotFoundError):
-            self.sweep(0.0)
-            os.rmdir(self._real_staging)
-
-
-def filesystem_type(path: str, mounts: str = "/proc/self/mounts") -> str:
-    """The type of the file system ``path`` (a real path) lives on: its longest mount point prefix."""
-    best, kind = "", ""
-    try:
-        lines = Path(mounts).read_text().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        # Mount points escape blanks and backslashes as octal (\040); undo that.
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-            best, kind = point, fields[2]
-    return kind
-
-
-async def run_janitor(handoff: Handoff, ttl_s: float, interval_s: float, in_use: Callable[[], Collection[str]]) -> None:
-    """Sweep orphaned staging files every ``interval_s`` until cancelled (an asyncio task)."""
-    while True:
-        try:
-            removed = await asyncio.to_thread(handoff.sweep, ttl_s, frozenset(in_use()))
-            if removed:
-                log.info("janitor removed %d orphaned staging files", removed)
-        except OSError as exc:
-            log.warning("janitor could not sweep the staging directory: %s", exc)
-        await asyncio.sleep(interval_s)
+        """On a clean stop: drop every staging file and the directory itself (if it is still the
+        one the server created: never something put in its place), and every descriptor held."""
+        if self._staging_fd < 0:
+            return
+        with self._lock:
+            fds, self._batch_fds = self._batch_fds, set()
+        for fd in fds:
+            os.close(fd)
+        self.sweep(0.0)
+        mine = os.fstat(self._staging_fd)
+        with contextlib.suppress(OSError):
+            there = os.stat(self._staging_name, dir_fd=self._staging_parent_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.rmdir(self._staging_name, dir_fd=self._staging_parent_fd)
+        os.close(self._staging_fd)
+        os.close(self._staging_parent_fd)
+        self._staging_fd = self._staging_parent_fd = -1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import resource
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -28,8 +29,9 @@ from grpc_reflection.v1alpha import reflection
 
 from infer_proto import infer_pb2, infer_pb2_grpc
 from infer_server.front.batches import Batch, BatchRegistry
+from infer_server.front.directories import run_janitor
 from infer_server.front.errors import Unavailable
-from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, run_janitor
+from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.service import InferenceServicer
 from infer_server.messages import ImageOutcome
@@ -41,6 +43,18 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _raise_descriptor_limit(needed: int) -> None:
+    """The front holds every in-flight batch's file open: lift the soft limit on descriptors to the
+    hard one if it is lower than ``needed``, and say so if even the hard one is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = hard if hard == resource.RLIM_INFINITY else max(soft, min(hard, needed))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("only %d file descriptors allowed (ulimit -n), %d wanted: lower --max-inflight-images "
+                    "or raise the hard limit", soft, needed)  # fmt: skip
 
 
 class InferenceServer:
@@ -72,6 +86,7 @@ class InferenceServer:
         """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
         s = self.settings
         self.handoff.prepare_dirs()
+        _raise_descriptor_limit(s.max_inflight_images + 256)  # a held file per batch in flight, at most
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
         limit = s.max_message_bytes
@@ -188,8 +203,13 @@ class InferenceServer:
             raise Unavailable("the pipeline is not accepting batches; retry later") from None
 
     def _on_finished(self, batch: Batch) -> None:
-        if batch.file is not None and batch.file.staged:
+        """Every image answered: the file's descriptor closes, a staging copy goes (in a thread)."""
+        if batch.file is None:
+            return
+        if batch.file.staged:
             self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
+        else:
+            self.handoff.release(batch.file)
 
     def _on_outcome(self, outcome: ImageOutcome) -> None:
         """The pool, on the loop: one image answered (exactly once)."""

@@ -16,12 +16,13 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
 worker killed mid-write can then only corrupt its own channel, which the pool discards with it.
 
-The batch file is re-opened with O_NOFOLLOW and must still be the regular file (same device, inode
-and size) the front validated. Each image's bytes are read once with ``pread`` into private memory
-(``ChunkReader``: one buffer, reused by every chunk) and every check runs on that copy. ``pread``
-rather than ``mmap``: a client truncating its file while a worker reads a shared mapping would kill
-the worker with SIGBUS, whereas a short read is just a per-image error; both copy each byte
-exactly once.
+The batch file is opened through the front's own descriptor of it (``/proc/<server pid>/fd/<fd>``,
+non-blocking), never by its path, and must be the regular file (same device, inode and size) the
+front validated: nothing swapped in at the path after validation is ever opened. Each image's
+bytes are read once with ``pread`` into private memory (``ChunkReader``: one buffer, reused by
+every chunk) and every check runs on that copy. ``pread`` rather than ``mmap``: a client
+truncating its file while a worker reads a shared mapping would kill the worker with SIGBUS,
+whereas a short read is just a per-image error; both copy each byte exactly once.
 """
 
 from __future__ import annotations
@@ -92,18 +93,23 @@ class ChunkReader:
 
     A new ``bytes`` per image would cost a page fault per 4 KiB on every chunk: the allocator hands
     that much memory back to the kernel once the chunk is freed and asks for it again for the next
-    one (docs/performance.md has what that cost). The views ``read``
-    returns stay valid until the next ``read``: the pipeline is done with a chunk's bytes when its
-    ``process`` returns, and nothing keeps them.
+    one (docs/performance.md has what that cost). The views ``read`` returns stay valid until the
+    next ``read``: the pipeline is done with a chunk's bytes when its ``process`` returns, and
+    nothing keeps them.
+
+    ``owner`` is the process whose descriptors the ``FileRef``s name: the server, this worker's
+    parent.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, owner: int | None = None) -> None:
         self._buffer = bytearray()
+        self._fds = f"/proc/{os.getppid() if owner is None else owner}/fd"
 
     def read(self, item: WorkItem) -> list[memoryview | str]:
         """Each image's bytes, or the client-facing reason it could not be read (never the path)."""
         try:
-            fd = os.open(item.file.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # The front's open file, whatever the path leads to now; O_NONBLOCK: never wait on it.
+            fd = os.open(f"{self._fds}/{item.file.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return [f"image {ref.index}: batch data is no longer available" for ref in item.images]
         try:
@@ -137,11 +143,12 @@ class StageWorker:
     """The loop of one worker process: take a chunk, answer every image of it in one message."""
 
     def __init__(
-        self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection, current: Any = None
-    ) -> None:
+        self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection, current: Any = None,
+        reader: ChunkReader | None = None,
+    ) -> None:  # fmt: skip
         self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
         self.current = current  # shared ctypes value: id of the item taken last (None: not shared)
-        self.reader = ChunkReader()
+        self.reader = reader or ChunkReader()
 
     def serve(self, inbox: Connection, stop: Event) -> None:
         while not stop.is_set():
