@@ -65,7 +65,9 @@ class ServerSettings(BaseSettings):
     max_image_pixels: int = Field(
         default=40_000_000, ge=1, description="Pixels per image, checked from the header before decoding."
     )
-    max_name_length: int = Field(default=1024, ge=1, description="Characters per image name.")
+    max_name_bytes: int = Field(default=1024, ge=1, description="Bytes (UTF-8) per image name.")
+    max_path_bytes: int = Field(default=4096, ge=1, description="Bytes (UTF-8) of a batch file's path.")
+    max_request_id_bytes: int = Field(default=128, ge=1, description="Bytes (UTF-8) of a request_id.")
 
     # Per-server limits: admission control answers RESOURCE_EXHAUSTED beyond these.
     max_inflight_images: int = Field(default=1024, ge=1, description="Images in flight per server.")

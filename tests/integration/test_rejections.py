@@ -90,3 +90,37 @@ def test_server_still_serves_after_refusals(server: RunningServer, scenes: list[
         (result,) = client.detect([scenes[0].jpeg])
     assert result.ok
     assert os.listdir(server.shm_dir / ".server") == []
+
+
+def test_request_metadata_is_bounded_in_bytes(
+    stub: infer_pb2_grpc.InferenceServiceStub, scratch: Path, scenes: list[Scene]
+) -> None:
+    """Findings: request_id had no bound (+8.9 MB of server memory per push); names were bounded in
+    characters, not bytes; a huge path was parsed on the event loop before any check."""
+    jpeg = scenes[0].jpeg
+    batch = write(scratch / "meta.bin", jpeg)
+    code, message = refused(stub, path=str(batch), sizes=[len(jpeg)], request_id="r" * 129)
+    assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "request_id is longer than 128 bytes")
+    code, message = refused(stub, path=str(batch), sizes=[len(jpeg)], names=["\U0001f600" * 300])  # 1200 bytes
+    assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "name of image 0 is longer than 1024 bytes")
+    code, message = refused(stub, path="a/" * 3000 + "b.bin", sizes=[len(jpeg)])
+    assert (code, message) == (grpc.StatusCode.INVALID_ARGUMENT, "path is longer than 4096 bytes")
+
+
+def test_a_request_id_is_bound_to_the_request_it_first_came_with(
+    stub: infer_pb2_grpc.InferenceServiceStub, scratch: Path, scenes: list[Scene]
+) -> None:
+    """Finding: another client reusing a request_id, even with a path that does not exist, got the
+    first client's batch id and could take its results. (A retry may come in a new file: the client
+    library writes one per attempt.)"""
+    jpeg = scenes[0].jpeg
+    mine = write(scratch / "mine.bin", jpeg)
+    first = stub.PushData(infer_pb2.PushDataRequest(path=str(mine), sizes=[len(jpeg)], request_id="req-17"))
+    again = stub.PushData(infer_pb2.PushDataRequest(path=str(mine), sizes=[len(jpeg)], request_id="req-17"))
+    assert again.batch_id == first.batch_id, "a true retry still gets the same batch"
+    code, message = refused(stub, path=str(scratch / "nope.bin"), sizes=[len(jpeg) + 1], request_id="req-17")
+    assert (code, message) == (
+        grpc.StatusCode.ALREADY_EXISTS, "this request_id was already used for a different request"
+    )
+    results = list(stub.PullResult(infer_pb2.PullResultRequest(batch_ids=[first.batch_id]), timeout=120))
+    assert [r.status.code for r in results] == [0], "the first client's result is still its own"

@@ -165,3 +165,34 @@ def test_a_directory_swapped_for_a_symlink_after_validation_is_not_followed(shm:
     assert read_within(item_of(batch)) == BLOBS
     handoff.release(batch)
     handoff.remove_staging_dir()
+
+
+_FULL_STAGING = """
+import sys
+from pathlib import Path
+from infer_server.front.handoff import Handoff, HandoffLimits
+from infer_server.front.errors import ServerError
+root = Path(sys.argv[1])
+handoff = Handoff(root, root / ".server", HandoffLimits())
+handoff.prepare_dirs()
+try:
+    handoff.stage_inline(b"x" * 3_000_000, ())
+except ServerError as exc:
+    print(exc.code.name, exc.message, sorted(p.name for p in (root / ".server").iterdir()))
+"""
+
+
+def test_a_full_shared_directory_is_retry_later_not_internal(tmp_path: Path) -> None:
+    """Finding: inline data on a full tmpfs came back as INTERNAL with a logged traceback."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    script = f'mount -t tmpfs -o size=2m,mode=1777 tmpfs "{mnt}" && exec "$0" -c "$1" "{mnt}"'
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable, _FULL_STAGING],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )  # fmt: skip
+    if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
+    assert done.stdout.strip() == "RESOURCE_EXHAUSTED the server's shared directory is full; retry later []"

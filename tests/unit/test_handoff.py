@@ -15,7 +15,7 @@ from infer_server.front.directories import filesystem_type
 from infer_server.front.errors import InvalidBatch, PermissionDeniedError
 from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits
 
-LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_length=16)
+LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_bytes=16, max_path_bytes=200)
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from infer_server.front.cursors import PullCursor, SessionCursor
-from infer_server.front.errors import Overloaded, Unavailable, UnknownBatch
+from infer_server.front.errors import Conflict, Overloaded, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
 from infer_server.messages import Code, ImageOutcome, ImageRef
 
@@ -77,6 +77,7 @@ class Reservation:
     batch: Batch
     is_new: bool  # False: a retry of an earlier request_id; await ``ready`` and reuse its id
     ready: asyncio.Future[Batch]
+    fingerprint: bytes = b""  # of the request the request_id was first used with
 
 
 class BatchRegistry:
@@ -107,11 +108,20 @@ class BatchRegistry:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def reserve(self, request_id: str, images: tuple[ImageRef, ...], total_bytes: int, deadline: float) -> Reservation:
-        """Assign a batch id and charge admission, or return the reservation of an earlier retry."""
+    def reserve(
+        self, request_id: str, images: tuple[ImageRef, ...], total_bytes: int, deadline: float,
+        fingerprint: bytes = b"",
+    ) -> Reservation:  # fmt: skip
+        """Assign a batch id and charge admission, or return the reservation of an earlier retry.
+
+        A request_id is bound to the request it first came with (its ``fingerprint``): a different
+        request under the same id is refused (``Conflict``) rather than handed the first one's batch.
+        """
         if request_id and request_id in self._requests:
             earlier = self._requests[request_id]
-            return Reservation(earlier.batch, is_new=False, ready=earlier.ready)
+            if earlier.fingerprint != fingerprint:
+                raise Conflict("this request_id was already used for a different request")
+            return Reservation(earlier.batch, is_new=False, ready=earlier.ready, fingerprint=fingerprint)
         n = len(images)
         if self.inflight_images + n > self.max_inflight_images:
             raise Overloaded(
@@ -124,7 +134,8 @@ class BatchRegistry:
         self.inflight_bytes += total_bytes
         self._idle.clear()
         batch = Batch(uuid.uuid4().hex, request_id, images, total_bytes, deadline)
-        reservation = Reservation(batch, is_new=True, ready=asyncio.get_running_loop().create_future())
+        future = asyncio.get_running_loop().create_future()
+        reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
         if request_id:
             self._requests[request_id] = reservation
         return reservation

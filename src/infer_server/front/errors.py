@@ -43,6 +43,12 @@ class PermissionDeniedError(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Conflict(ServerError):
+    """A request_id already bound to a different request."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class Overloaded(ServerError):
     """Admitting the batch would exceed a server-wide bound; the client should retry later."""
 

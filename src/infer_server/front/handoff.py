@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from infer_server.front.directories import DIR_FLAGS, check_shared_root, filesystem_type, open_dir
-from infer_server.front.errors import InvalidBatch, PermissionDeniedError
+from infer_server.front.errors import InvalidBatch, Overloaded, PermissionDeniedError
 from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ _STAGING = "path points into the server's own directory"
 class HandoffLimits:
     max_images: int = 256
     max_bytes: int = 256 * 1024 * 1024
-    max_name_length: int = 1024
+    max_name_bytes: int = 1024
+    max_path_bytes: int = 4096
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,11 @@ class BatchFile:
     @property
     def path(self) -> str:
         return self.file.path
+
+
+def too_long(text: str, limit: int) -> bool:
+    """More than ``limit`` bytes of UTF-8 (a character is 1 to 4 bytes: most texts need no encoding)."""
+    return len(text) > limit or (4 * len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
 
 
 class Handoff:
@@ -140,6 +146,8 @@ class Handoff:
             raise InvalidBatch("send either 'path' or 'data', not both")
         if not path and not data:
             raise InvalidBatch("a batch needs either 'path' or 'data'")
+        if path and too_long(path, self.limits.max_path_bytes):  # before anything reads the path
+            raise InvalidBatch(f"path is longer than {self.limits.max_path_bytes} bytes")
         self._check_count(len(sizes), names)  # len() first: the sizes list itself may be huge
         refs = []
         offset = 0  # Python ints: no overflow however large the uint64 sizes are
@@ -149,8 +157,8 @@ class Handoff:
             if offset + size > self.limits.max_bytes:
                 raise InvalidBatch(f"a batch holds at most {self.limits.max_bytes} bytes")
             name = names[index] if names else ""
-            if len(name) > self.limits.max_name_length:
-                raise InvalidBatch(f"name of image {index} is longer than {self.limits.max_name_length}")
+            if name and too_long(name, self.limits.max_name_bytes):
+                raise InvalidBatch(f"name of image {index} is longer than {self.limits.max_name_bytes} bytes")
             refs.append(ImageRef(index=index, offset=offset, size=size, name=name))
             offset += size
         if data and len(data) != offset:
@@ -295,10 +303,12 @@ class Handoff:
             st = os.fstat(fd)
             # No fsync: tmpfs, and a crash loses the batch anyway.
             os.rename(tmp, final, src_dir_fd=self._staging_fd, dst_dir_fd=self._staging_fd)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._staging_fd)
             os.close(fd)
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Overloaded("the server's shared directory is full; retry later") from None
             raise
         path = os.path.join(self._real_staging, final)
         return self._held(BatchFile(FileRef(path, st.st_dev, st.st_ino, st.st_size, fd), images, staged=True))

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import resource
 import time
+import zlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -30,8 +32,8 @@ from grpc_reflection.v1alpha import reflection
 from infer_proto import infer_pb2, infer_pb2_grpc
 from infer_server.front.batches import Batch, BatchRegistry
 from infer_server.front.directories import run_janitor
-from infer_server.front.errors import Unavailable
-from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits
+from infer_server.front.errors import InvalidBatch, Unavailable
+from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.service import InferenceServicer
 from infer_server.messages import ImageOutcome
@@ -43,6 +45,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
+    """What makes a push the same push: its sizes, names and, inline, a checksum of its bytes.
+
+    Not the path: a client library that retries writes the same images into a new batch file.
+    Until callers have identities, this stops a request_id reused by mistake or guessed blindly,
+    not one reused by a caller who knows the first request's sizes (docs/security.md)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(b"inline" if request.data else b"file")
+    for part in (*map(str, request.sizes), *request.names):
+        digest.update(part.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    digest.update(zlib.crc32(request.data).to_bytes(4, "little"))
+    return digest.digest()
 
 
 def _raise_descriptor_limit(needed: int) -> None:
@@ -65,7 +82,9 @@ class InferenceServer:
         self.handoff = Handoff(
             settings.shm_dir,
             settings.staging,
-            HandoffLimits(settings.max_batch_images, settings.max_batch_bytes, settings.max_name_length),
+            HandoffLimits(
+                settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
+            ),
         )
         self.registry = BatchRegistry(
             max_inflight_images=settings.max_inflight_images,
@@ -161,9 +180,13 @@ class InferenceServer:
         """Validate and admit one push (PushData, or one push of a Session); returns its batch."""
         if not self.accepting:
             raise Unavailable("the server is not accepting batches (starting or draining)")
+        request_id = request.request_id
+        if request_id and too_long(request_id, self.settings.max_request_id_bytes):
+            raise InvalidBatch(f"request_id is longer than {self.settings.max_request_id_bytes} bytes")
         plan = self.handoff.plan(request.path, request.data, request.sizes, request.names)
         deadline = time.monotonic() + self.settings.batch_deadline_s
-        reservation = self.registry.reserve(request.request_id, plan.images, plan.total_bytes, deadline)
+        fingerprint = _fingerprint(request) if request_id else b""
+        reservation = self.registry.reserve(request_id, plan.images, plan.total_bytes, deadline, fingerprint)
         if not reservation.is_new:
             # Shielded: a retry giving up must not cancel the first request's future.
             return await asyncio.shield(reservation.ready)
@@ -203,10 +226,11 @@ class InferenceServer:
             raise Unavailable("the pipeline is not accepting batches; retry later") from None
 
     def _on_finished(self, batch: Batch) -> None:
-        """Every image answered: the file's descriptor closes, a staging copy goes (in a thread)."""
+        """Every image answered: the file's descriptor closes and a staging copy goes — at once on a
+        memory file system (before any stream sends the last result), else in a thread."""
         if batch.file is None:
             return
-        if batch.file.staged:
+        if batch.file.staged and not self.handoff.in_memory:
             self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
         else:
             self.handoff.release(batch.file)
