@@ -124,3 +124,25 @@ def test_a_request_id_is_bound_to_the_request_it_first_came_with(
     )
     results = list(stub.PullResult(infer_pb2.PullResultRequest(batch_ids=[first.batch_id]), timeout=120))
     assert [r.status.code for r in results] == [0], "the first client's result is still its own"
+
+
+def test_hostile_jpegs_are_refused_from_their_headers(server: RunningServer, scenes: list[Scene]) -> None:
+    """Findings: a tiny JPEG declaring 6000x6600 and a progressive JPEG repeating its scan thousands
+    of times each held a worker for a minute or more; now each is a per-image INVALID_ARGUMENT."""
+    import struct
+
+    import cv2
+    import numpy as np
+
+    good = scenes[0].jpeg
+    sof = good.index(b"\xff\xc0")
+    liar = good[: sof + 5] + struct.pack(">HH", 6600, 6000) + good[sof + 9 :]
+    image = cv2.imdecode(np.frombuffer(good, np.uint8), cv2.IMREAD_COLOR)
+    progressive = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last = progressive.rindex(b"\xff\xda")
+    scans = progressive[:-2] + progressive[last:-2] * 2000 + b"\xff\xd9"
+    with server.client() as client:
+        results = client.detect([liar, scans, good])
+    assert [r.code for r in results] == [grpc.StatusCode.INVALID_ARGUMENT] * 2 + [grpc.StatusCode.OK]
+    assert results[0].message.endswith("bytes is not a real JPEG")
+    assert "scans (at most 100)" in results[1].message

@@ -214,3 +214,29 @@ def test_crop_pipeline_can_swap_to_the_classifiers_channel_order() -> None:
         next(bgr.batches(batch.originals, batch.sizes, [0], box)),
     )
     np.testing.assert_allclose(a[0, ::-1], b[0], atol=1e-6)
+
+
+def test_a_tiny_jpeg_that_declares_a_huge_frame_is_refused() -> None:
+    """Finding: 64 JPEGs of 39 KiB claiming 6000x6600 took 60 s of both workers and 1.5 GB each."""
+    small = jpeg(IMAGES[0])
+    liar = with_jpeg_size(small + bytes(39 * 1024 - len(small)), 6000, 6600)  # 39 KiB, 39.6 MP
+    with pytest.raises(ImageRejected, match=r"6000x6600 in 39936 bytes is not a real JPEG"):
+        check_image(liar, 40_000_000)
+    black = cv2.imencode(".jpg", np.zeros((2160, 3840, 3), np.uint8))[1].tobytes()
+    assert check_image(black, 40_000_000).width == 3840, "a flat 4K frame is a real JPEG"
+
+
+def progressive_with_scans(extra: int) -> bytes:
+    """A real progressive JPEG with its last scan repeated ``extra`` more times before EOI."""
+    data = cv2.imencode(".jpg", IMAGES[0], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+    last = data.rindex(b"\xff\xda")
+    return data[:-2] + data[last:-2] * extra + b"\xff\xd9"
+
+
+def test_a_progressive_jpeg_with_thousands_of_scans_is_refused() -> None:
+    """Finding: a 1.4 MB progressive JPEG whose scan repeats 20,000 times held a worker ~90 s."""
+    normal = progressive_with_scans(0)
+    header = check_image(normal, 40_000_000)
+    assert header.progressive
+    with pytest.raises(ImageRejected, match=r"progressive JPEG with \d+ scans \(at most 100\)"):
+        check_image(progressive_with_scans(200), 40_000_000)

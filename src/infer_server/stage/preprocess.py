@@ -5,7 +5,10 @@ here is used by the gRPC front. Three steps, in the order the worker calls them:
 
 1. ``check_image`` reads the header of each image's bytes *before* DALI sees them: JPEG or PNG by
    magic bytes, width and height from the SOFn marker / IHDR chunk, and a pixel-count limit, so a
-   decompression bomb is refused without allocating its pixels.
+   decompression bomb is refused without allocating its pixels. A JPEG must also be a plausible
+   encoding of what it declares: at most ``MAX_JPEG_PIXELS_PER_BYTE`` declared pixels per byte of
+   data (a few kilobytes claiming tens of megapixels decode for seconds into garbage), and a
+   progressive one at most ``MAX_JPEG_SCANS`` scans (each scan is a pass over the whole image).
 2. ``DetectorPreprocessor`` runs ``detector_pipeline``: decode → resize to the detector input
    (linear with antialiasing, the match of the recipe's INTER_AREA downscale) → ``(pixel * scale -
    mean) / std`` → CHW float32, and keeps the decoded original for the crops. DALI fails a whole
@@ -32,6 +35,13 @@ from nvidia.dali.backend import TensorListGPU
 from infer_server.stage.model_repo import InputSpec
 
 CORRUPT = "corrupt or truncated image data"
+# No JPEG a camera or an encoder writes comes near this: an all-black frame from libjpeg is ~63
+# pixels per byte, and even hand-made 1-bit Huffman codes for every flat block stay under ~260
+# (baseline); only such a hand-made, all-flat progressive file could pass it.
+MAX_JPEG_PIXELS_PER_BYTE = 512
+# Encoders write ~10 scans for a progressive JPEG; each one more is a pass over every block.
+MAX_JPEG_SCANS = 100
+_PROGRESSIVE_SOF = frozenset({0xC2, 0xC6, 0xCA, 0xCE})
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # SOFn markers carry the frame size; C4 (DHT), C8 (JPG) and CC (DAC) share the range but do not.
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -52,6 +62,7 @@ class ImageHeader:
     format: str  # "jpeg" or "png"
     width: int
     height: int
+    progressive: bool = False  # a progressive JPEG (several scans over the whole image)
 
 
 def read_header(data: bytes | memoryview) -> ImageHeader:
@@ -101,7 +112,7 @@ def _jpeg_header(data: bytes | memoryview) -> ImageHeader:
             if pos + 7 > end:
                 break
             height, width = struct.unpack(">HH", data[pos + 3 : pos + 7])
-            return ImageHeader("jpeg", width, height)
+            return ImageHeader("jpeg", width, height, marker in _PROGRESSIVE_SOF)
         pos += length
     raise ImageRejected(CORRUPT)
 
@@ -113,11 +124,24 @@ def _checked(header: ImageHeader) -> ImageHeader:
 
 
 def check_image(data: bytes | memoryview, max_pixels: int) -> ImageHeader:
-    """``read_header`` plus the decoder's pixel limit; raise ``ImageRejected`` with the reason."""
+    """``read_header`` plus the decoder's limits; raise ``ImageRejected`` with the reason."""
     header = read_header(data)
-    if header.width * header.height > max_pixels:
+    pixels = header.width * header.height
+    if pixels > max_pixels:
         raise ImageRejected(f"{header.width}x{header.height} exceeds the {max_pixels} pixel limit")
+    if header.format == "jpeg":
+        if pixels > MAX_JPEG_PIXELS_PER_BYTE * len(data):
+            raise ImageRejected(f"{header.width}x{header.height} in {len(data)} bytes is not a real JPEG")
+        if header.progressive and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
+            raise ImageRejected(f"progressive JPEG with {scans} scans (at most {MAX_JPEG_SCANS})")
     return header
+
+
+def _jpeg_scans(data: bytes | memoryview) -> int:
+    """Start-of-scan markers: entropy-coded data never holds FF DA (an FF there is followed by 00
+    or a restart marker), so every one is a scan (or one of an embedded thumbnail's)."""
+    raw = np.frombuffer(data, np.uint8)
+    return int(np.count_nonzero((raw[:-1] == 0xFF) & (raw[1:] == 0xDA)))
 
 
 def _normalize(spec: InputSpec) -> dict[str, list[float]]:
