@@ -129,6 +129,7 @@ def test_any_spelling_of_a_path_beneath_the_root_is_read_from_the_root(handoff: 
     for path in ("./client//b.bin", str(root) + "//client/./b.bin", "client/b.bin/"):
         assert push(handoff, path, [5]).path == str(f)
     (shm / "alias").symlink_to(root)  # a root configured through a symlinked name: both names work
+    handoff.remove_staging_dir()  # one server per staging directory
     aliased = Handoff(shm / "alias", root / ".server", LIMITS)
     aliased.prepare_dirs()
     assert push(aliased, str(shm / "alias" / "client" / "b.bin"), [5]).path == str(f)
@@ -266,3 +267,18 @@ def test_file_system_type_comes_from_the_longest_mount_point(tmp_path: Path) -> 
     }
     assert kinds == {"/dev/shm/infer": "tmpfs", "/dev/shm/net/a": "nfs", "/dev/shmx": "ext4", "/run/my apps/b": "ramfs"}
     assert filesystem_type("/x", str(tmp_path / "missing")) == ""
+
+
+def test_one_server_per_staging_directory_and_leftovers_are_cleared(root: Path) -> None:
+    """Finding: staged files of a SIGKILLed server survived until a later one had run 15 minutes;
+    clearing them at start is only safe if no other live server uses the directory."""
+    first = Handoff(root, root / ".server", LIMITS)
+    first.prepare_dirs()
+    with pytest.raises(RuntimeError, match="another server is using the staging directory"):
+        Handoff(root, root / ".server", LIMITS).prepare_dirs()
+    first.stage_inline(b"12345", ())  # what a killed server leaves: its staging copy, its lock gone
+    os.close(first._staging_fd)
+    later = Handoff(root, root / ".server", LIMITS)
+    later.prepare_dirs()
+    assert os.listdir(root / ".server") == []
+    later.remove_staging_dir()

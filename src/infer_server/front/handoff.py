@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import stat
@@ -133,6 +134,16 @@ class Handoff:
         st = os.fstat(self._staging_fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
+        try:  # one server per staging directory; the lock goes with the process, however it ends
+            fcntl.flock(self._staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another server is using the staging directory {self._staging}: give this one its own --shm-dir "
+                "or --staging-dir"
+            ) from None
+        left = self.sweep(0.0)  # a server killed before it could clean up left these; none is in use now
+        if left:
+            log.info("removed %d staging files an earlier server left behind", left)
         self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
         if os.path.commonpath([self._real_root, self._real_staging]) == self._real_root:
             rel = os.path.relpath(self._real_staging, self._real_root)
