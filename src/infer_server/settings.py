@@ -50,6 +50,11 @@ class ServerSettings(BaseSettings):
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Attempts per image when workers die under it (2: retried once)."
     )
+    max_chunk_seconds: float = Field(
+        default=60.0, gt=0,
+        description="A worker still on one chunk after this long is replaced; the chunk's images are retried "
+        "one by one, so the image that holds it up fails alone.",
+    )  # fmt: skip
     null_model: bool = Field(
         default=False,
         description="Benchmarking the data path: read and header-check every image, run no model, return "

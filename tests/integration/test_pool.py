@@ -119,12 +119,15 @@ def assert_once_each(outcomes: list[ImageOutcome], n: int) -> None:
 class Harness:
     """A started pool, what it reported, and which worker processes are its own."""
 
-    def __init__(self, repo: Path, workers: int = 2, max_attempts: int = 2, **settings: Any) -> None:
+    def __init__(
+        self, repo: Path, workers: int = 2, max_attempts: int = 2, max_chunk_seconds: float = 60.0, **settings: Any
+    ) -> None:
         self.collector = Collector()
         self._others = set(all_workers())  # workers of a pool started earlier (the module's)
         self.loop = LoopThread()
         self.pool = PipelinePool(
-            repo, worker_options(**settings), workers=workers, max_attempts=max_attempts, loop=self.loop.loop,
+            repo, worker_options(**settings), workers=workers, max_attempts=max_attempts,
+            max_chunk_seconds=max_chunk_seconds, loop=self.loop.loop,
             on_outcome=self.collector.on_outcome, on_health=self.collector.on_health,
         )  # fmt: skip
         self.pool.start(timeout=WAIT_S)
@@ -228,6 +231,24 @@ def test_the_last_attempt_answers_unavailable(model_repo_dir: Path, shm: Path) -
     assert {o.message for o in crashed} == {
         f"image {o.index}: worker crashed while processing this image" for o in crashed
     }
+
+
+def test_a_worker_stuck_on_a_chunk_is_replaced_and_the_image_that_held_it_fails_alone(
+    model_repo_dir: Path, shm: Path
+) -> None:
+    """Finding: deadlines were checked only before a chunk started, so an image that held a worker
+    (a decode that never ends) held it for good. Here the worker is frozen (SIGSTOP) mid-chunk."""
+    h = Harness(model_repo_dir, workers=1, batch_size=1, max_attempts=1, max_chunk_seconds=1.0)
+    submit(h.pool, shm / "stuck", "stuck", JPEGS[:2])
+    frozen = h.busy_worker()
+    os.kill(frozen.pid, signal.SIGSTOP)
+    outcomes = h.collector.wait_all("stuck", 2)
+    h.collector.wait(lambda: h.collector.health[-2:] == [False, True])  # replaced, serving again
+    assert not frozen.is_alive()
+    by_index = {o.index: o for o in outcomes}
+    assert (by_index[0].code, by_index[0].message) == (Code.UNAVAILABLE, "image 0: took longer than 1 s to process")
+    assert by_index[1].code == Code.OK, "the next chunk runs on the replacement"
+    h.stop_and_check(drain=True)
 
 
 def test_stop_without_drain_answers_everything_and_leaves_no_child(model_repo_dir: Path, shm: Path) -> None:

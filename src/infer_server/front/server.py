@@ -147,6 +147,7 @@ class InferenceServer:
             s.worker_options(),
             workers=s.workers,
             max_attempts=s.max_attempts,
+            max_chunk_seconds=s.max_chunk_seconds,
             loop=loop,
             on_outcome=self._on_outcome,
             on_health=self._on_health,

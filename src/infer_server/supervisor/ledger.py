@@ -82,12 +82,12 @@ class ChunkLedger:
             for r in chunk.open_refs()
         ]
 
-    def requeue(self, chunk: Chunk) -> list[ImageOutcome | None]:
+    def requeue(self, chunk: Chunk, why: str = CRASHED) -> list[ImageOutcome | None]:
         """A chunk whose worker died: back to the head of the line, retried, or failed.
 
         Not started: nothing was tried, so it goes back unchanged. Started: its open images come
         back as single-image chunks with ``attempt + 1`` (a poison image then fails only itself),
-        or are answered UNAVAILABLE once ``max_attempts`` is spent.
+        or are answered UNAVAILABLE ``image N: why`` once ``max_attempts`` is spent.
         """
         if not self.is_open(chunk):
             return []
@@ -95,7 +95,7 @@ class ChunkLedger:
             self.pending.appendleft(chunk)
             return []
         if chunk.item.attempt >= self.max_attempts:
-            return self.fail(chunk, Code.UNAVAILABLE, CRASHED)
+            return self.fail(chunk, Code.UNAVAILABLE, why)
         del self._chunks[chunk.item.item_id]
         refs = chunk.open_refs()
         for r in reversed(refs):

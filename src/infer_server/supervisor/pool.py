@@ -48,12 +48,10 @@ import multiprocessing.connection
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from infer_server.messages import (
-    STOP,
     Code,
     FileRef,
     ImageOutcome,
@@ -64,56 +62,17 @@ from infer_server.messages import (
     WorkerReady,
 )
 from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
-from infer_server.supervisor.ledger import Chunk, ChunkLedger
+from infer_server.supervisor.ledger import CRASHED, ChunkLedger
+from infer_server.supervisor.processes import MAX_WAIT, WorkerProcess, end_processes, worker_main
 
 log = logging.getLogger(__name__)
 
 CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
-_MAX_WAIT = 5.0  # upper bound of every internal wait; events normally end them much sooner
 _MAX_BURST = 64  # messages the loop takes from one worker's pipe before looking at the others
-
-
-def _worker_main(*args: Any) -> None:
-    """A worker process's target: the stage code is imported in the child only, never in the server."""
-    from infer_server.stage.worker import run_worker
-
-    run_worker(*args)
 
 
 class PipelineError(RuntimeError):
     """The pipeline cannot take work: a worker failed to start, or the pool is stopped."""
-
-
-@dataclass(eq=False)
-class _Worker:
-    """One worker process (a slot gets a new one after each death)."""
-
-    slot: int
-    process: Any
-    inbox: Inbox
-    results: multiprocessing.connection.Connection
-    current: Any  # shared ctypes value: id of the chunk the worker took last
-    ready: bool = False
-    setup_error: str | None = None
-    held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
-    drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
-
-
-def _end_processes(workers: list[_Worker], deadline: float) -> None:
-    """Stop marker → join until ``deadline`` → terminate → kill; then wait (bounded) until the loop
-    has read what each worker sent before it exited, so none of it is lost."""
-    for w in workers:
-        with contextlib.suppress(OSError):  # a dead worker; the stop event alone stops a busy one
-            w.inbox.put(STOP)
-    for w in workers:
-        w.process.join(max(0.5, deadline - time.monotonic()))
-    for w in workers:
-        for end in (w.process.terminate, w.process.kill):
-            if w.process.is_alive():
-                end()
-                w.process.join(2.0)
-    for w in workers:
-        w.drained.wait(min(_MAX_WAIT, max(0.5, deadline - time.monotonic())))
 
 
 class PipelinePool:
@@ -121,7 +80,7 @@ class PipelinePool:
 
     def __init__(
         self, repo_dir: Path, options: WorkerOptions, *, workers: int, max_attempts: int,
-        loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None],
+        max_chunk_seconds: float = 60.0, loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None],
         on_health: Callable[[bool], None] | None = None,
     ) -> None:  # fmt: skip
         if workers < 1 or options.batch_size < 1 or max_attempts < 1:
@@ -129,6 +88,7 @@ class PipelinePool:
         Inbox.check(options.batch_size, holds=CREDIT + 1)
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = options
+        self._max_chunk_s = max_chunk_seconds
         self._on_health = on_health
         self._loop = loop
         self._to_loop = LoopHandoff(loop, on_outcome)
@@ -136,7 +96,7 @@ class PipelinePool:
         self._stop_event = self._ctx.Event()
         self._cond = threading.Condition()  # guards everything below and the ledger
         self._ledger = ChunkLedger(options.batch_size, max_attempts)
-        self._slots: list[_Worker | None] = [None] * workers
+        self._slots: list[WorkerProcess | None] = [None] * workers
         self._restart_at: dict[int, float] = {}
         self._setup_failures = [0] * workers
         self._started = self._stopping = self._closed = False
@@ -158,7 +118,7 @@ class PipelinePool:
         deadline = time.monotonic() + timeout
         with self._cond:
             while not self._all_ready() and self._start_failure is None and time.monotonic() < deadline:
-                self._cond.wait(min(_MAX_WAIT, deadline - time.monotonic()))
+                self._cond.wait(min(MAX_WAIT, deadline - time.monotonic()))
             failure = self._start_failure
             if failure is None and not self._all_ready():
                 failure = f"workers were not ready after {timeout:.0f}s"
@@ -191,17 +151,17 @@ class PipelinePool:
                 return
             self._stopping = True
             while drain and self._ledger.open_images and time.monotonic() < deadline:
-                self._cond.wait(min(_MAX_WAIT, deadline - time.monotonic()))
+                self._cond.wait(min(MAX_WAIT, deadline - time.monotonic()))
             self._stop_event.set()  # jumps the queue: a worker checks it before each chunk
             workers = [w for w in self._slots if w is not None]
-        _end_processes(workers, deadline)
+        end_processes(workers, deadline)
         with self._cond:
             self._closed = True
             leftover = self._ledger.fail_all(Code.UNAVAILABLE, "server is shutting down")
         self._deliver(leftover)
         self._watch_wakeup.set()
         if self._watcher.is_alive() and self._watcher is not threading.current_thread():
-            self._watcher.join(_MAX_WAIT)
+            self._watcher.join(MAX_WAIT)
         self._stop_reading([w.results for w in workers])
         for w in workers:
             w.inbox.close()
@@ -248,7 +208,7 @@ class PipelinePool:
         if self._to_loop.on_loop():
             raise PipelineError(f"{what}() waits for the workers, whose pipes the loop reads: call it off the loop")
 
-    def _read(self, worker: _Worker, conn: Any) -> None:
+    def _read(self, worker: WorkerProcess, conn: Any) -> None:
         """On the loop: read ``conn`` whenever it has data (``_drain`` unregisters it at EOF)."""
         if not conn.closed:
             self._loop.add_reader(conn.fileno(), self._drain, worker, conn)
@@ -268,9 +228,9 @@ class PipelinePool:
             loop.call_soon_threadsafe(remove)
         except RuntimeError:  # the loop is closed, and with it every registration
             return
-        done.wait(_MAX_WAIT)
+        done.wait(MAX_WAIT)
 
-    def _drain(self, worker: _Worker, conn: Any) -> None:
+    def _drain(self, worker: WorkerProcess, conn: Any) -> None:
         """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
         in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
         worker cannot starve the others). Runs on the loop."""
@@ -291,7 +251,7 @@ class PipelinePool:
             if not conn.poll():
                 return
 
-    def _handle(self, worker: _Worker, message: Any) -> None:
+    def _handle(self, worker: WorkerProcess, message: Any) -> None:
         deliveries: list[ImageOutcome | None] = []
         with self._cond:
             if isinstance(message, ItemDone):
@@ -325,7 +285,7 @@ class PipelinePool:
                 due = [slot for slot, at in self._restart_at.items() if at <= now]
                 for slot in due:
                     del self._restart_at[slot]
-                wait = min([_MAX_WAIT, *(at - now for at in self._restart_at.values())])
+                wait = min([MAX_WAIT, self._max_chunk_s / 4, *(at - now for at in self._restart_at.values())])
             for slot in due:
                 self._spawn(slot)
             if due:
@@ -338,6 +298,26 @@ class PipelinePool:
             with self._cond:
                 expired = self._ledger.expire(time.monotonic())
             self._deliver(expired)
+            self._stop_overrunning(time.monotonic())
+
+    def _stop_overrunning(self, now: float) -> None:
+        """Kill a worker that has been on one chunk for longer than ``max_chunk_seconds`` (a hostile
+        or pathological image): its death hands the chunk back like any other death."""
+        victims = []
+        with self._cond:
+            for w in self._slots:
+                if w is None or not w.ready or w.overran or w.current.value not in w.held:
+                    continue
+                if w.running[0] != w.current.value:
+                    w.running = (w.current.value, now)
+                elif now - w.running[1] > self._max_chunk_s:
+                    w.overran = True
+                    victims.append(w)
+        for w in victims:
+            log.warning("worker %d (pid %s) has been on chunk %d for over %.0f s: replacing it",
+                        w.slot, w.process.pid, w.running[0], self._max_chunk_s)  # fmt: skip
+            with contextlib.suppress(OSError):
+                w.process.kill()
 
     def _spawn(self, slot: int) -> None:
         with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
@@ -347,20 +327,20 @@ class PipelinePool:
             results, child_end = self._ctx.Pipe(duplex=False)
             current = self._ctx.RawValue("q", 0)
             args = (slot, str(self.repo_dir), self._options, child_inbox, child_end, self._stop_event, current)
-            process = self._ctx.Process(target=_worker_main, name=f"infer-worker-{slot}", args=args, daemon=True)
+            process = self._ctx.Process(target=worker_main, name=f"infer-worker-{slot}", args=args, daemon=True)
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            worker = _Worker(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current)
+            worker = WorkerProcess(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current)
             self._slots[slot] = worker
         self._to_loop.call(self._read, worker, results)
         self._watch_wakeup.set()
 
-    def _on_death(self, worker: _Worker) -> None:
+    def _on_death(self, worker: WorkerProcess) -> None:
         worker.process.join(1.0)
         if self._stop_event.is_set():
             return  # stop() reaps the workers and answers what is left
-        worker.drained.wait(_MAX_WAIT)  # count every outcome it sent before dying
+        worker.drained.wait(MAX_WAIT)  # count every outcome it sent before dying
         with self._cond:
             if self._slots[worker.slot] is not worker:
                 return
@@ -375,7 +355,8 @@ class PipelinePool:
             log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
             for chunk in worker.held.values():
                 chunk.started = chunk.item.item_id == worker.current.value
-            deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk)]
+            reason = f"took longer than {self._max_chunk_s:.0f} s to process" if worker.overran else CRASHED
+            deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk, reason)]
             worker.inbox.close()  # its result pipe is the reader's to close
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
                 self._setup_failures[worker.slot] += 1

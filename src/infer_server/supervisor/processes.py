@@ -1,0 +1,59 @@
+"""The worker processes a ``PipelinePool`` owns: what each one runs, what the pool knows of it, and
+how they are ended. Runs in the server process; the stage code itself is imported only in the
+children (``worker_main``)."""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing.connection
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from infer_server.messages import STOP
+from infer_server.supervisor.channels import Inbox
+from infer_server.supervisor.ledger import Chunk
+
+MAX_WAIT = 5.0  # upper bound of every internal wait of the supervisor; events normally end them sooner
+
+
+def worker_main(*args: Any) -> None:
+    """A worker process's target: the stage code is imported in the child only, never in the server."""
+    from infer_server.stage.worker import run_worker
+
+    run_worker(*args)
+
+
+@dataclass(eq=False)
+class WorkerProcess:
+    """One worker process (a slot gets a new one after each death)."""
+
+    slot: int
+    process: Any
+    inbox: Inbox
+    results: multiprocessing.connection.Connection
+    current: Any  # shared ctypes value: id of the chunk the worker took last
+    ready: bool = False
+    setup_error: str | None = None
+    held: dict[int, Chunk] = field(default_factory=dict)  # chunks handed to it, by item id
+    drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
+    running: tuple[int, float] = (0, 0.0)  # the chunk it is on, and since when (as the watcher saw it)
+    overran: bool = False  # stopped by the watcher: a chunk ran past max_chunk_seconds
+
+
+def end_processes(workers: list[WorkerProcess], deadline: float) -> None:
+    """Stop marker → join until ``deadline`` → terminate → kill; then wait (bounded) until the loop
+    has read what each worker sent before it exited, so none of it is lost."""
+    for w in workers:
+        with contextlib.suppress(OSError):  # a dead worker; the stop event alone stops a busy one
+            w.inbox.put(STOP)
+    for w in workers:
+        w.process.join(max(0.5, deadline - time.monotonic()))
+    for w in workers:
+        for end in (w.process.terminate, w.process.kill):
+            if w.process.is_alive():
+                end()
+                w.process.join(2.0)
+    for w in workers:
+        w.drained.wait(min(MAX_WAIT, max(0.5, deadline - time.monotonic())))
