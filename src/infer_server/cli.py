@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import signal
 import sys
 import types
@@ -78,6 +79,10 @@ def _settings_command(run: Callable[[ServerSettings], None]) -> Callable[..., No
     return command
 
 
+# Variables earlier releases read, and the setting that replaced each.
+_RENAMED_ENV = {"INFER_SERVER_PLAN_CACHE": "INFER_PLAN_CACHE_DIR", "INFER_SERVER_WORKER_LOG_LEVEL": "INFER_LOG_LEVEL"}
+
+
 def serve(settings: ServerSettings) -> None:
     """Serve InferenceService, health and reflection until SIGTERM/SIGINT."""
     logging.basicConfig(
@@ -85,6 +90,9 @@ def serve(settings: ServerSettings) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for old, new in _RENAMED_ENV.items():
+        if old in os.environ:
+            log.warning("%s is no longer read: set %s (or its flag) instead", old, new)
     if prefer_epoll_io():  # before grpc is imported (in _serve)
         log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
     raise typer.Exit(asyncio.run(_serve(settings)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from infer_server.messages import WorkerOptions
@@ -84,9 +84,13 @@ class ServerSettings(BaseSettings):
 
     # Time bounds.
     batch_deadline_s: float = Field(
-        default=120.0, gt=0, description="Seconds a batch may take (then DEADLINE_EXCEEDED)."
-    )
-    result_ttl_s: float = Field(default=300.0, gt=0, description="Seconds finished results are kept for pulling.")
+        default=120.0, gt=0, description="Seconds a batch may take (then DEADLINE_EXCEEDED).",
+        json_schema_extra={"flags": ["--batch-deadline"]},
+    )  # fmt: skip
+    result_ttl_s: float = Field(
+        default=300.0, gt=0, description="Seconds finished results are kept for pulling.",
+        json_schema_extra={"flags": ["--result-ttl"]},
+    )  # fmt: skip
     janitor_ttl_s: float = Field(default=900.0, gt=0, description="Orphaned staging files older than this are removed.")
     janitor_interval_s: float = Field(default=60.0, gt=0, description="Seconds between staging-directory sweeps.")
     startup_timeout_s: float = Field(default=180.0, gt=0, description="Every worker must be ready within it.")
@@ -98,6 +102,11 @@ class ServerSettings(BaseSettings):
     )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _resolve_dirs(self) -> ServerSettings:
         self.shm_dir = Path(self.shm_dir).absolute()
@@ -105,6 +114,8 @@ class ServerSettings(BaseSettings):
             self.staging_dir = self.shm_dir / ".server"
         self.staging_dir = Path(self.staging_dir).absolute()
         self.models_dir = Path(self.models_dir).absolute()
+        if self.shm_dir == self.staging_dir or self.staging_dir in self.shm_dir.parents:
+            raise ValueError("staging_dir must not be the shared directory or contain it (its files are deleted)")
         if self.max_batch_images > self.max_inflight_images:
             raise ValueError("max_batch_images must not exceed max_inflight_images")
         return self

@@ -15,7 +15,7 @@ def test_defaults_and_derived_staging_dir(monkeypatch: pytest.MonkeyPatch) -> No
     s = ServerSettings()
     assert s.shm_dir == Path("/dev/shm/infer") and s.staging == Path("/dev/shm/infer/.server")
     assert (s.max_batch_images, s.max_batch_bytes, s.max_inflight_images) == (256, 256 * 1024 * 1024, 1024)
-    assert s.models_dir.name == "models" and s.models_dir.parent.name == "engines"
+    assert s.models_dir == Path.cwd() / "engines" / "models"
 
 
 def test_environment_and_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,3 +32,41 @@ def test_contradictory_limits_are_refused() -> None:
         ServerSettings(device="tpu")
     with pytest.raises(ValidationError):
         ServerSettings(unknown_knob=1)
+    for staging in ("/dev/shm/infer", "/dev/shm"):  # its files are deleted: never the clients' directory
+        with pytest.raises(ValidationError, match="staging_dir must not be the shared directory"):
+            ServerSettings(shm_dir="/dev/shm/infer", staging_dir=staging)
+
+
+def test_every_setting_is_a_flag_of_serve() -> None:
+    import typer.main
+
+    from infer_server.cli import app
+
+    serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    flags = {opt for param in serve.params for opt in (*param.opts, *param.secondary_opts)}
+    for name in ServerSettings.model_fields:
+        assert "--" + name.replace("_", "-") in flags, name
+    assert {"--models", "--batch-deadline", "--result-ttl", "--null-model", "--no-null-model"} <= flags
+
+
+def test_settings_from_flags_beat_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import infer_server.cli as cli
+
+    seen: list[ServerSettings] = []
+    monkeypatch.setattr(cli, "_serve", lambda settings: seen.append(settings) or _done())
+    monkeypatch.setattr(cli, "prefer_epoll_io", lambda: False)  # leave this process's environment alone
+    monkeypatch.setenv("INFER_WORKERS", "5")
+    monkeypatch.setenv("INFER_BATCH_SIZE", "4")
+    result = CliRunner().invoke(cli.app, ["serve", "--workers", "3", "--log-level", "warning", "--batch-deadline", "9"])
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    got = (settings.workers, settings.batch_size, settings.log_level, settings.batch_deadline_s)
+    assert got == (3, 4, "WARNING", 9)
+    bad = CliRunner().invoke(cli.app, ["serve", "--workers", "0"])
+    assert bad.exit_code == 2 and "invalid settings" in bad.output
+
+
+async def _done() -> int:
+    return 0

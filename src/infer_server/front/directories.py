@@ -34,8 +34,8 @@ def check_shared_root(st: os.stat_result, path: str) -> None:
     if st.st_uid != euid:
         raise RuntimeError(
             f"shared directory {path} belongs to uid {st.st_uid}, not to this server's user (uid {euid}): whoever "
-            "owns it can swap what is inside. Remove it, or create it as the server's user "
-            f"(mkdir -m 1777 {path} for clients of other users, -m 0700 for the server's user only)"
+            f"owns it can swap what is inside. Remove it (the server then creates it, 0700), or create it as the "
+            f"server's user: mkdir -m 0700 {path}"
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
         raise RuntimeError(

@@ -84,6 +84,15 @@ class BatchFile:
         return self.file.path
 
 
+def _busy(exc: OSError) -> Overloaded | None:
+    """Out of space or descriptors is the server's state, not the request's fault: retry later."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return Overloaded("the server's shared directory is full; retry later")
+    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return Overloaded("the server is out of file descriptors; retry later")
+    return None
+
+
 def too_long(text: str, limit: int) -> bool:
     """More than ``limit`` bytes of UTF-8 (a character is 1 to 4 bytes: most texts need no encoding)."""
     return len(text) > limit or (4 * len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
@@ -107,7 +116,7 @@ class Handoff:
         self._staging_parent_fd = -1
         self._staging_fd = -1
         self._staging_name = ""
-        self._batch_fds: set[int] = set()  # validated batch files, open until their batch is done
+        self._batch_fds: dict[int, BatchFile] = {}  # validated batch files, open until their batch is done
         self._lock = threading.Lock()
 
     def prepare_dirs(self) -> None:
@@ -124,6 +133,9 @@ class Handoff:
         # The staging directory itself is never resolved: a symlink in its place is refused.
         parent, self._staging_name = os.path.split(os.path.normpath(self._staging.absolute()))
         self._real_staging = os.path.join(os.path.realpath(parent), self._staging_name)
+        if os.path.commonpath([self._real_staging, self._real_root]) == self._real_staging:
+            # Its files are the server's to delete: it cannot be (or hold) the clients' directory.
+            raise RuntimeError(f"staging directory {self._staging} must not be the shared directory or contain it")
         self._staging_parent_fd = open_dir(os.path.dirname(self._real_staging), "staging directory's parent")
         try:
             self._staging_fd = os.open(self._staging_name, _DIR_FLAGS, dir_fd=self._staging_parent_fd)
@@ -222,7 +234,7 @@ class Handoff:
 
     def _held(self, batch: BatchFile) -> BatchFile:
         with self._lock:
-            self._batch_fds.add(batch.file.fd)
+            self._batch_fds[batch.file.fd] = batch
         return batch
 
     def _components(self, path: str) -> list[str]:
@@ -272,7 +284,10 @@ class Handoff:
 
     def _open_beneath_root(self, parts: list[str]) -> int:
         """Open ``parts`` from a descriptor of the root, never following a symlink on the way."""
-        dir_fd = os.open(self._real_root, _DIR_FLAGS)
+        try:
+            dir_fd = os.open(self._real_root, _DIR_FLAGS)
+        except OSError as exc:
+            raise _busy(exc) or exc from None
         try:
             for i, part in enumerate(parts):
                 last = i == len(parts) - 1
@@ -290,6 +305,8 @@ class Handoff:
 
     @staticmethod
     def _open_error(exc: OSError, part: str, dir_fd: int) -> Exception:
+        if (busy := _busy(exc)) is not None:
+            return busy
         if exc.errno == errno.ENOENT:
             return InvalidBatch("no such file in the shared directory")
         with contextlib.suppress(OSError):
@@ -307,7 +324,10 @@ class Handoff:
         name = uuid.uuid4().hex
         tmp, final = f".{name}.tmp", f"{name}.batch"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=self._staging_fd)
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=self._staging_fd)
+        except OSError as exc:
+            raise _busy(exc) or exc from None
         try:
             with os.fdopen(fd, "wb", closefd=False) as f:
                 f.write(data)
@@ -318,8 +338,8 @@ class Handoff:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self._staging_fd)
             os.close(fd)
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise Overloaded("the server's shared directory is full; retry later") from None
+            if isinstance(exc, OSError) and (busy := _busy(exc)) is not None:
+                raise busy from None
             raise
         path = os.path.join(self._real_staging, final)
         return self._held(BatchFile(FileRef(path, st.st_dev, st.st_ino, st.st_size, fd), images, staged=True))
@@ -327,14 +347,13 @@ class Handoff:
     def release(self, batch: BatchFile) -> None:
         """The batch is done: close its descriptor (once) and delete the server's staging copy;
         client files are never touched."""
-        with self._lock:
-            held = batch.file.fd in self._batch_fds
-            self._batch_fds.discard(batch.file.fd)
-        if held:
-            os.close(batch.file.fd)
-        if batch.staged and self._staging_fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.basename(batch.path), dir_fd=self._staging_fd)
+        with self._lock:  # this batch's own descriptor, never a number since reused by another
+            if self._batch_fds.get(batch.file.fd) is batch:
+                del self._batch_fds[batch.file.fd]
+                os.close(batch.file.fd)
+            if batch.staged and self._staging_fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.basename(batch.path), dir_fd=self._staging_fd)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
         """Remove staging files older than ``ttl_s`` (by mtime) that no live batch uses."""
@@ -356,7 +375,7 @@ class Handoff:
         if self._staging_fd < 0:
             return
         with self._lock:
-            fds, self._batch_fds = self._batch_fds, set()
+            fds, self._batch_fds = self._batch_fds, {}
         for fd in fds:
             os.close(fd)
         self.sweep(0.0)
@@ -365,6 +384,7 @@ class Handoff:
             there = os.stat(self._staging_name, dir_fd=self._staging_parent_fd, follow_symlinks=False)
             if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
                 os.rmdir(self._staging_name, dir_fd=self._staging_parent_fd)
-        os.close(self._staging_fd)
-        os.close(self._staging_parent_fd)
-        self._staging_fd = self._staging_parent_fd = -1
+        with self._lock:  # a late release must not unlink through a closed (reused) number
+            os.close(self._staging_fd)
+            os.close(self._staging_parent_fd)
+            self._staging_fd = self._staging_parent_fd = -1

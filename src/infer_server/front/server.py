@@ -55,9 +55,11 @@ def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
     not one reused by a caller who knows the first request's sizes (docs/security.md)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(b"inline" if request.data else b"file")
+    digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
     for part in (*map(str, request.sizes), *request.names):
-        digest.update(part.encode("utf-8", "surrogatepass"))
-        digest.update(b"\0")
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two lists run together
+        digest.update(encoded)
     digest.update(zlib.crc32(request.data).to_bytes(4, "little"))
     return digest.digest()
 
@@ -173,6 +175,8 @@ class InferenceServer:
             await asyncio.get_running_loop().run_in_executor(
                 None, functools.partial(self.pool.stop, timeout=10.0, drain=True)
             )
+        # The pool's last outcomes may have finished batches whose release runs in a thread.
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.handoff.remove_staging_dir()
         self.metrics.close()
         log.info("stopped")
