@@ -25,14 +25,16 @@ import zlib
 from collections.abc import Coroutine
 from typing import Any
 
+import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from infer_proto import infer_pb2, infer_pb2_grpc
+from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry
 from infer_server.front.directories import run_janitor
-from infer_server.front.errors import InvalidBatch, Unavailable
+from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.service import InferenceServicer
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_INTERNAL = grpc.StatusCode.INTERNAL
 
 
 def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
@@ -139,6 +142,7 @@ class InferenceServer:
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
         log.info("serving on %s:%d with %d workers (%s)", s.host, self.port, s.workers, s.device)
+        audit.control("started", host=s.host, port=self.port, workers=s.workers, device=s.device)
         return self.port
 
     def _start_pool(self, loop: asyncio.AbstractEventLoop) -> PipelinePool:
@@ -164,6 +168,7 @@ class InferenceServer:
         self._stopped = True
         s = self.settings
         self.accepting = False
+        audit.control("draining", inflight_images=self.registry.inflight_images)
         await self._health.enter_graceful_shutdown()
         if not await self.registry.wait_idle(s.drain_timeout_s):
             log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
@@ -180,9 +185,22 @@ class InferenceServer:
         self.handoff.remove_staging_dir()
         self.metrics.close()
         log.info("stopped")
+        audit.control("stopped")
 
-    async def push(self, request: infer_pb2.PushDataRequest) -> Batch:
-        """Validate and admit one push (PushData, or one push of a Session); returns its batch."""
+    async def push(self, request: infer_pb2.PushDataRequest, peer: str = "") -> Batch:
+        """Validate and admit one push (PushData, or one push of a Session) from ``peer``; returns its
+        batch. Every push leaves one audit line, whatever its verdict."""
+        try:
+            batch, first = await self._admit(request)
+        except Exception as exc:
+            code, message = (exc.code, exc.message) if isinstance(exc, ServerError) else (_INTERNAL, "internal error")
+            audit.push(peer, request, "refused", code=code, reason=message)
+            raise
+        audit.push(peer, request, "accepted" if first else "retry", batch_id=batch.batch_id)
+        return batch
+
+    async def _admit(self, request: infer_pb2.PushDataRequest) -> tuple[Batch, bool]:
+        """The push's batch, and whether this request made it (False: a retry of its request_id)."""
         if not self.accepting:
             raise Unavailable("the server is not accepting batches (starting or draining)")
         request_id = request.request_id
@@ -194,7 +212,7 @@ class InferenceServer:
         reservation = self.registry.reserve(request_id, plan.images, plan.total_bytes, deadline, fingerprint)
         if not reservation.is_new:
             # Shielded: a retry giving up must not cancel the first request's future.
-            return await asyncio.shield(reservation.ready)
+            return await asyncio.shield(reservation.ready), False
         batch = reservation.batch
         try:
             file = await self.materialize(plan)
@@ -204,7 +222,7 @@ class InferenceServer:
             raise
         self.registry.activate(reservation, file)
         self.metrics.batch_accepted(batch.size)
-        return batch
+        return batch, True
 
     async def materialize(self, plan: BatchPlan) -> BatchFile:
         """Validate or stage a batch (in a thread unless it is a client file on a memory file system,

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import grpc.aio
@@ -31,7 +32,7 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
     async def PushData(
         self, request: infer_pb2.PushDataRequest, context: grpc.aio.ServicerContext
     ) -> infer_pb2.PushDataReply:
-        batch = await self._server.push(request)
+        batch = await self._server.push(request, context.peer())
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
@@ -43,4 +44,5 @@ class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         with self._server.registry.open_session() as cursor:
-            await SessionProtocol(context, self._server.push, cursor).run()
+            push = functools.partial(self._server.push, peer=context.peer())
+            await SessionProtocol(context, push, cursor).run()
