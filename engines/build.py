@@ -1,15 +1,18 @@
 """The recipe that rebuilds the default model repository from nothing: ``make models``.
 
-generate scenes → train the ResNet18 DetectNet_v2 detector → prune it by filter L1 norm and
-fine-tune → train the ``color`` and ``vehicle_type`` classifiers → export FP32 ONNX → INT8 Q/DQ
-(symmetric, per-channel) with ``quantize.py`` → pick the detector threshold on validation scenes →
-evaluate on 500 held-out scenes (``evaluate.py``) → write ``engines/models/<name>/`` with
-``model.onnx``, ``config.yaml``, ``metrics.json`` and the model card.
+generate scenes (two drawing styles, ``engines.scenes`` and ``engines.scenes_varied``) → train the
+ResNet18 DetectNet_v2 detector → prune it by filter L1 norm and fine-tune → train the ``color`` and
+``vehicle_type`` classifiers → export FP32 ONNX → INT8 Q/DQ (symmetric, per-channel) with
+``quantize.py`` → pick the detector threshold on validation scenes → evaluate on 500 held-out scenes
+(``evaluate.py``) → write ``engines/models/<name>/`` with ``model.onnx``, ``config.yaml``,
+``metrics.json`` and the model card.
 
 Every step is a pure function of the seeds below and caches its output under ``engines/work/``, so
 an interrupted run resumes where it stopped (``--fresh`` starts over). Seed ranges never overlap:
 training, validation (threshold choice), calibration and the held-out evaluation set each have
-their own.
+their own. Training, validation and calibration draw half their scenes in each training style; the
+usual held-out set is the ``default`` style, as it has been since the first models, so its mAP
+compares across releases. ``engines.scenes_alt`` is never trained on (``package.ALT_EVAL_SEEDS``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from engines import nets
-from engines.data import SceneSet, build_scene_set
+from engines.data import SceneRef, SceneSet, build_scene_set, refs
 from engines.prune import apply_masks, channel_masks, materialise, parameter_count
 from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES
 from engines.train import DetectorBatches, classifier_accuracy, seed_everything, train_classifier, train_detector
@@ -33,34 +36,34 @@ ROOT = Path(__file__).resolve().parent
 WORK = ROOT / "work"
 MODELS = ROOT / "models"
 
-TRAIN_SEEDS = range(0, 3000)
-VAL_SEEDS = range(500_000, 500_150)
-CALIB_SEEDS = range(700_000, 700_256)
-EVAL_SEEDS = range(900_000, 900_500)  # held out: never seen by training, pruning or threshold choice
+TRAIN_SCENES = refs("default", range(0, 3000)) + refs("varied", range(100_000, 103_000))
+VAL_SCENES = refs("default", range(500_000, 500_150)) + refs("varied", range(600_000, 600_150))
+CALIB_SCENES = refs("default", range(700_000, 700_128)) + refs("varied", range(710_000, 710_128))
+EVAL_SCENES = refs("default", range(900_000, 900_500))  # held out: never seen by training, pruning or threshold
 
 
 @dataclass(frozen=True)
 class Recipe:
-    detector_iters: int = 700
-    finetune_iters: int = 350
+    detector_iters: int = 1000
+    finetune_iters: int = 400
     detector_batch: int = 16
     detector_lr: float = 2e-3
     keep_ratio: float = 0.5
-    color_iters: int = 500
-    vtype_iters: int = 500
+    color_iters: int = 600
+    vtype_iters: int = 600
     classifier_batch: int = 64
     classifier_lr: float = 2e-3
     seed: int = 1234
 
 
-def _scene_set(name: str, seeds: range) -> SceneSet:
+def _scene_set(name: str, scenes: list[SceneRef]) -> SceneSet:
     path = WORK / f"{name}.npz"
     if path.exists():
         z = np.load(path, allow_pickle=False)
         splits = np.cumsum(z["counts"])[:-1]
         return SceneSet(z["images"], np.split(z["boxes"], splits), np.split(z["classes"], splits), z["crops"],
                         z["crop_color"], z["crop_vtype"])
-    data = build_scene_set(list(seeds))
+    data = build_scene_set(scenes)
     counts = np.array([len(b) for b in data.boxes])
     np.savez(path, images=data.images, boxes=np.concatenate(data.boxes).astype(np.float32),
              classes=np.concatenate(data.classes), counts=counts, crops=data.crops,
@@ -84,8 +87,8 @@ def train_all(recipe: Recipe) -> dict[str, torch.nn.Module]:
     """Steps 1–4: data, detector, pruning + fine-tuning, classifiers. Returns the torch models."""
     torch.set_num_threads(2)
     WORK.mkdir(parents=True, exist_ok=True)
-    train = _scene_set("train", TRAIN_SEEDS)
-    val = _scene_set("val", VAL_SEEDS)
+    train = _scene_set("train", TRAIN_SCENES)
+    val = _scene_set("val", VAL_SCENES)
     seed_everything(recipe.seed)
 
     batches = DetectorBatches(train, len(CLASSES), recipe.seed)
@@ -146,7 +149,8 @@ def main() -> None:
     from engines.package import package_repository
 
     package_repository(models, recipe_dict=asdict(recipe), out=args.out, work=WORK,
-                       calib_seeds=CALIB_SEEDS, val_seeds=VAL_SEEDS, eval_seeds=EVAL_SEEDS)
+                       calib_scenes=CALIB_SCENES, val_scenes=VAL_SCENES, eval_scenes=EVAL_SCENES,
+                       train_scenes=TRAIN_SCENES)
     print(f"model repository written to {args.out} in {time.time() - t0:.0f} s total")
 
 

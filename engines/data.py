@@ -1,6 +1,9 @@
 """Training data for the default models, built from ``engines.scenes`` (recipe only).
 
-* ``build_scene_set(seeds)``: every scene decoded from its JPEG and resized to the detector input
+* ``SceneRef`` / ``STYLES``: a scene is named by its drawing style and seed — ``default``
+  (``engines.scenes``), ``varied`` (``engines.scenes_varied``), both trained on, and ``alt``
+  (``engines.scenes_alt``), never trained on.
+* ``build_scene_set(refs)``: every scene decoded from its JPEG and resized to the detector input
   (416×416, INTER_AREA — the same anti-aliased downscale the DALI pipeline does), the ground-truth
   boxes in input pixels, and one jittered ground-truth crop per object (64×64) with its colour and
   vehicle type, for the attribute models.
@@ -11,16 +14,44 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing import get_context
 
 import cv2
 import numpy as np
 
+from engines import scenes, scenes_alt, scenes_varied
 from engines.configs import BBOX_NORM, CROP_INPUT, CROP_PADDING, DETECTOR_INPUT, OFFSET, STRIDE
-from engines.scenes import COLORS, VEHICLE_TYPES, generate_scene
+from engines.scenes import COLORS, VEHICLE_TYPES, Scene
 
 DONT_CARE_PX = 12.0  # objects smaller than this on either side (at input scale) are don't-care
+
+STYLES: dict[str, Callable[..., Scene]] = {
+    "default": scenes.generate_scene,
+    "varied": scenes_varied.generate_scene,
+    "alt": scenes_alt.generate_scene,
+}
+SceneRef = tuple[str, int]  # (style, seed)
+
+
+def refs(style: str, seeds: Iterable[int]) -> list[SceneRef]:
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; known: {sorted(STYLES)}")
+    return [(style, int(s)) for s in seeds]
+
+
+def describe(scene_refs: list[SceneRef]) -> str:
+    """``default 0–2999 + varied 100000–102999``: each style's seed span, in order of appearance."""
+    spans: dict[str, list[int]] = {}
+    for style, seed in scene_refs:
+        spans.setdefault(style, []).append(seed)
+    return " + ".join(f"{style} {min(s)}–{max(s)}" for style, s in spans.items())
+
+
+def generate(ref: SceneRef) -> Scene:
+    style, seed = ref
+    return STYLES[style](seed)
 
 
 @dataclass
@@ -45,8 +76,9 @@ def crop_box(image: np.ndarray, box: tuple[float, float, float, float], padding:
     return cv2.resize(patch, CROP_INPUT, interpolation=interp)
 
 
-def _one_scene(seed: int) -> tuple:
-    scene = generate_scene(seed)
+def _one_scene(ref: SceneRef) -> tuple:
+    scene = generate(ref)
+    seed = ref[1]
     rgb = scene.decode_rgb()
     small = cv2.resize(rgb, DETECTOR_INPUT, interpolation=cv2.INTER_AREA)
     sx, sy = DETECTOR_INPUT[0] / scene.width, DETECTOR_INPUT[1] / scene.height
@@ -65,12 +97,12 @@ def _one_scene(seed: int) -> tuple:
     return small, boxes, classes, crops, colors, vtypes
 
 
-def build_scene_set(seeds: list[int], processes: int = 2, progress: bool = True) -> SceneSet:
+def build_scene_set(scene_refs: list[SceneRef], processes: int = 2, progress: bool = True) -> SceneSet:
     from tqdm import tqdm
 
     with get_context("spawn").Pool(processes) as pool:
-        it = pool.imap(_one_scene, seeds, chunksize=16)
-        rows = list(tqdm(it, total=len(seeds), desc="scenes", disable=not progress))
+        it = pool.imap(_one_scene, scene_refs, chunksize=16)
+        rows = list(tqdm(it, total=len(scene_refs), desc="scenes", disable=not progress))
     return SceneSet(
         images=np.stack([r[0] for r in rows]),
         boxes=[r[1] for r in rows],

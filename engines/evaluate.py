@@ -19,22 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from engines.data import STYLES, SceneRef, generate, refs
 from engines.metrics import DetectionTally, match_image
-from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES, Scene, generate_scene
-from engines.scenes_alt import generate_scene as generate_alt_scene
+from engines.scenes import CLASSES, COLORS, VEHICLE_TYPES, Scene
 from infer_server.stage.backends import create_engine
 from infer_server.stage.model_repo import ModelConfig, ModelRepository
 from infer_server.stage.pipeline import softmax
 from infer_server.stage.postprocess import postprocess_detector
 from infer_server.stage.preprocess import CropPreprocessor, DetectorPreprocessor
 
+HELD_OUT_FIRST_SEED = {"default": 900_000, "varied": 910_000, "alt": 950_000}  # engines.build's held-out ranges
 AP_THRESHOLD = 0.05  # score floor for the PR curve; the shipped threshold is reported separately
 CHUNK = 8
 
@@ -48,14 +48,12 @@ class DecodedScenes:
     originals: list[np.ndarray]  # uint8 HWC RGB
 
 
-STYLES: dict[str, Callable[[int], Scene]] = {"default": generate_scene, "alt": generate_alt_scene}
-
-
-def decode_scenes(seeds: range | list[int], detector: ModelConfig, style: str = "default") -> DecodedScenes:
-    """Scenes of ``style`` (``default``: the training style; ``alt``: ``engines.scenes_alt``, never
-    trained on) through the server's DALI preprocessing."""
+def decode_scenes(scene_refs: list[SceneRef], detector: ModelConfig) -> DecodedScenes:
+    """Scenes (``engines.data.STYLES``: ``default`` and ``varied`` are trained on, ``alt`` never is)
+    through the server's DALI preprocessing."""
     pre = DetectorPreprocessor(detector.input, device="cpu", batch_size=CHUNK, num_threads=2)
-    scenes = [STYLES[style](s) for s in tqdm(seeds, desc=f"held-out scenes ({style} style)")]
+    styles = "+".join(sorted({style for style, _ in scene_refs}))
+    scenes = [generate(r) for r in tqdm(scene_refs, desc=f"scenes ({styles} style)")]
     tensors, originals = [], []
     for i in range(0, len(scenes), CHUNK):
         out = pre.run([s.jpeg for s in scenes[i : i + CHUNK]])
@@ -180,14 +178,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None,
                    help="first held-out seed (default: the recipe's, 900000 for default, 950000 for alt)")
     p.add_argument("--style", choices=sorted(STYLES), default="default",
-                   help="scene style: default (the training style) or alt (a style never trained on)")
+                   help="scene style: default or varied (the training styles) or alt (a style never trained on)")
     p.add_argument("--exact", action="store_true",
                    help="run the exact Q/DQ arithmetic instead of this CPU's INT8 kernels (cross-CPU comparison)")
     p.add_argument("--no-throughput", action="store_true", help="accuracy only")
     args = p.parse_args()
     repo = ModelRepository.load(args.models)
-    first = args.seed if args.seed is not None else {"default": 900_000, "alt": 950_000}[args.style]
-    data = decode_scenes(range(first, first + args.scenes), repo.detector.config, args.style)
+    first = args.seed if args.seed is not None else HELD_OUT_FIRST_SEED[args.style]
+    data = decode_scenes(refs(args.style, range(first, first + args.scenes)), repo.detector.config)
     report: dict = {"detector": evaluate_detector(repo.detector.onnx_path, repo.detector.config, data,
                                                   exact=args.exact)}
     report["detector"].pop("_tally")

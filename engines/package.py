@@ -22,7 +22,7 @@ import torch
 
 from engines import nets
 from engines.configs import CROP_INPUT, DETECTOR_INPUT, classifier_config, detector_config, write_config
-from engines.data import build_scene_set
+from engines.data import SceneRef, build_scene_set, describe, refs
 from engines.evaluate import (
     best_threshold,
     decode_scenes,
@@ -37,11 +37,12 @@ from infer_server.stage.model_repo import ModelConfig
 OUTPUTS = {"detector": ["output_cov", "output_bbox"], "classifier": ["logits"]}
 
 
-def _export_and_quantize(models: dict[str, torch.nn.Module], work: Path, calib_seeds: range) -> dict[str, dict]:
+def _export_and_quantize(models: dict[str, torch.nn.Module], work: Path,
+                         calib_scenes: list[SceneRef]) -> dict[str, dict]:
     fp32_dir, int8_dir = work / "fp32", work / "int8"
     fp32_dir.mkdir(parents=True, exist_ok=True)
     int8_dir.mkdir(parents=True, exist_ok=True)
-    calib = build_scene_set(list(calib_seeds))
+    calib = build_scene_set(calib_scenes)
     paths = {}
     for name, model in models.items():
         is_det = name.startswith("detector")
@@ -147,7 +148,8 @@ def _card(name: str, config: dict, metrics: dict) -> str:
             "",
             "## How it was made",
             f"- Trained from scratch on {m['data']['train_scenes']} generated street scenes "
-            f"(`engines/scenes.py`, seeds {m['data']['train_seeds']}) for {m['recipe']['detector_iters']} "
+            f"(`engines/scenes.py` and the randomised `engines/scenes_varied.py`, seeds "
+            f"{m['data']['train_seeds']}) for {m['recipe']['detector_iters']} "
             f"iterations of {m['recipe']['detector_batch']} grid-aligned 256×256 crops (AdamW, one-cycle LR).",
             f"- Pruned by filter L1 norm (residual streams pruned as groups), keeping {p['keep_ratio']:.0%} of the "
             f"channels: {p['params_unpruned']:,} → {p['params_pruned']:,} parameters; fine-tuned "
@@ -157,7 +159,7 @@ def _card(name: str, config: dict, metrics: dict) -> str:
             f"- Confidence threshold {config['decode']['confidence_threshold']} chosen for best F1 on "
             f"{m['data']['validation_scenes']} validation scenes.",
             "",
-            f"## Accuracy ({m['data']['eval_scenes']} held-out scenes, seeds {m['data']['eval_seeds']}, "
+            f"## Accuracy ({m['data']['eval_scenes']} held-out scenes, {m['data']['eval_seeds']}, "
             f"{acc['int8']['ground_truth_objects']} objects)",
             "AP@0.5 (VOC all-point); objects under 12 px on a side at 416×416 are don't-care.",
             "",
@@ -208,15 +210,16 @@ def _card(name: str, config: dict, metrics: dict) -> str:
 
 
 def package_repository(models: dict[str, torch.nn.Module], *, recipe_dict: dict, out: Path, work: Path,
-                       calib_seeds: range, val_seeds: range, eval_seeds: range) -> dict:
-    paths = _export_and_quantize(models, work, calib_seeds)
+                       calib_scenes: list[SceneRef], val_scenes: list[SceneRef], eval_scenes: list[SceneRef],
+                       train_scenes: list[SceneRef]) -> dict:
+    paths = _export_and_quantize(models, work, calib_scenes)
     det_cfg = ModelConfig.model_validate(detector_config())
-    val = decode_scenes(val_seeds, det_cfg)
+    val = decode_scenes(val_scenes, det_cfg)
     threshold = best_threshold(evaluate_detector(paths["detector"]["int8"], det_cfg, val)["_tally"])
     configs = {"detector": detector_config(threshold), "color": classifier_config("color"),
                "vehicle_type": classifier_config("vehicle_type")}
     det_cfg = ModelConfig.model_validate(configs["detector"])
-    held = decode_scenes(eval_seeds, det_cfg)
+    held = decode_scenes(eval_scenes, det_cfg)
 
     def det_eval(path: Path) -> dict:
         r = evaluate_detector(path, det_cfg, held)
@@ -229,7 +232,7 @@ def package_repository(models: dict[str, torch.nn.Module], *, recipe_dict: dict,
         cfg = ModelConfig.model_validate(configs[name])
         accuracy[name] = {k: evaluate_classifier(paths[name][k], cfg, held) for k in ("fp32", "int8")}
     # The shipped INT8 models on a drawing style no training step saw (engines/scenes_alt.py).
-    alt = decode_scenes(ALT_EVAL_SEEDS, det_cfg, "alt")
+    alt = decode_scenes(refs("alt", ALT_EVAL_SEEDS), det_cfg)
     alt_det = evaluate_detector(paths["detector"]["int8"], det_cfg, alt)
     alt_det.pop("_tally")
     seeds_text = f"{ALT_EVAL_SEEDS.start}–{ALT_EVAL_SEEDS.stop - 1}"
@@ -248,9 +251,9 @@ def package_repository(models: dict[str, torch.nn.Module], *, recipe_dict: dict,
     pruning = json.loads((work / "pruning.json").read_text())
     train_secs = {p.stem: json.loads(p.read_text()).get("train_seconds") for p in work.glob("*.json")
                   if p.stem in ("detector_full", "detector_pruned", "color", "vehicle_type")}
-    data = {"train_scenes": 3000, "train_seeds": "0–2999", "validation_scenes": len(val_seeds),
-            "calibration_images": len(calib_seeds), "eval_scenes": len(eval_seeds),
-            "eval_seeds": f"{eval_seeds.start}–{eval_seeds.stop - 1}"}
+    data = {"train_scenes": len(train_scenes), "train_seeds": describe(train_scenes),
+            "validation_scenes": len(val_scenes), "calibration_images": len(calib_scenes),
+            "eval_scenes": len(eval_scenes), "eval_seeds": describe(eval_scenes)}
     if out.exists():
         shutil.rmtree(out)
     summary = {}

@@ -197,7 +197,7 @@ def _draw_sign(img: np.ndarray, x: float, y: float, w: float, h: float, rgb: tup
     cv2.circle(img, (round(cx), round(y + plate / 2)), max(1, round(plate * 0.18)), border, -1, cv2.LINE_AA)
 
 
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = iw * ih
@@ -205,7 +205,7 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _overlap_of(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+def overlap_of(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Fraction of ``a`` covered by ``b``."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -233,7 +233,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
         ox = float(rng.uniform(0, w - ow))
         oy = float(rng.uniform(0, h - oh))
         box = (ox, oy, ox + ow, oy + oh)
-        if any(_iou(box, p[1]) > 0.3 or _overlap_of(box, p[1]) > 0.5 or _overlap_of(p[1], box) > 0.5
+        if any(iou(box, p[1]) > 0.3 or overlap_of(box, p[1]) > 0.5 or overlap_of(p[1], box) > 0.5
                for p in placed):
             continue
         color = COLORS[int(rng.integers(8))]
