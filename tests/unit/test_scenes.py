@@ -69,3 +69,38 @@ def test_the_held_out_style_is_deterministic_and_truthful() -> None:
             assert 0 <= x1 < x2 <= s.width and 0 <= y1 < y2 <= s.height
             assert CLASSES[o.class_id] == o.label and o.color in COLORS
             assert (o.vehicle_type in VEHICLE_TYPES) if o.label == "car" else o.vehicle_type is None
+
+
+def test_the_varied_training_style_stays_within_its_documented_ranges() -> None:
+    from engines import scenes_varied as v
+
+    a, b = v.generate_scene(100_001), v.generate_scene(100_001)
+    assert a.jpeg == b.jpeg and a.objects == b.objects
+    assert a.jpeg != generate_scene(100_001).jpeg  # a stream of its own, not the default style's
+    counts, aspects = [], []
+    for seed in range(100_000, 100_030):
+        s = v.generate_scene(seed)
+        assert v.MIN_W <= s.width <= v.MAX_W and v.MIN_H <= s.height <= v.MAX_H
+        assert v.MIN_QUALITY <= s.quality <= v.MAX_QUALITY and 1 <= len(s.objects) <= v.MAX_OBJECTS
+        assert s.decode_rgb().shape == (s.height, s.width, 3)
+        counts.append(len(s.objects))
+        aspects.append(s.width / s.height)
+        for o in s.objects:
+            x1, y1, x2, y2 = o.box
+            assert 0 <= x1 < x2 <= s.width and 0 <= y1 < y2 <= s.height
+            assert v.MIN_OBJ_H - 1 <= y2 - y1 <= v.MAX_OBJ_H + 1
+            assert CLASSES[o.class_id] == o.label and o.color in COLORS
+            assert (o.vehicle_type in VEHICLE_TYPES) if o.label == "car" else o.vehicle_type is None
+    assert max(counts) > 4 and min(aspects) < 1.2 < 1.8 < max(aspects)  # portrait-ish to wide canvases
+
+
+def test_scene_references_name_a_style_and_a_seed() -> None:
+    import pytest
+
+    from engines.data import describe, generate, refs
+
+    scenes = refs("default", range(3)) + refs("varied", range(100_000, 100_002))
+    assert describe(scenes) == "default 0–2 + varied 100000–100001"
+    assert generate(("default", 3)).jpeg == generate_scene(3).jpeg
+    with pytest.raises(ValueError, match="unknown scene style 'nope'"):
+        refs("nope", [1])
