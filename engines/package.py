@@ -201,9 +201,9 @@ def _card(name: str, config: dict, metrics: dict) -> str:
     lines += _agreement_lines(m["int8"])
     lines += ["", f"Measured {m['measured']['date']} on {m['measured']['machine']}.", "",
               "## Limitations",
-              "- Trained only on synthetic scenes (flat-shaded silhouettes on muted backgrounds); it is a demo "
-              "model for running the server offline, not a model for real traffic footage. Real TAO models "
-              "(TrafficCamNet, PeopleNet) plug in through `config.yaml`.",
+              "- Trained only on synthetic scenes (two procedural drawing styles, one of them heavily randomised); "
+              "it is a demo model for running the server offline, not a model for real traffic footage. Real TAO "
+              "models (TrafficCamNet, PeopleNet) plug in through `config.yaml`.",
               "- Objects under ~12 px on a side at the 416×416 input scale are not expected to be found.",
               "", "Rebuild: `make models`; re-measure: `python -m engines.evaluate`.", ""]
     return "\n".join(lines)

@@ -24,9 +24,10 @@ from infer_client import ImageResult
 from tests.integration.conftest import RunningServer
 
 SEEDS = range(7_000_000, 7_000_040)  # disjoint from every seed range the recipe uses
-# Measured 2026-12-01 (models of that day's recipe run): recall 0.944 (sd 0.015), precision 0.969
-# (sd 0.014), attributes 0.982 (sd 0.008); 221 of 234 objects found, 7 false detections.
-BARS = {"recall": 0.89, "precision": 0.92, "attributes": 0.95}
+# Measured 2026-12-02 (models of that day's recipe run, trained on both drawing styles): recall
+# 0.906 (sd 0.020), precision 0.951 (sd 0.016), attributes 0.981 (sd 0.011); 212 of 234 objects
+# found, 11 false detections.
+BARS = {"recall": 0.84, "precision": 0.90, "attributes": 0.94}
 
 
 def _ratios(rows: np.ndarray) -> dict[str, float]:
@@ -80,3 +81,14 @@ def test_detections_and_attributes_match_ground_truth(server: RunningServer) -> 
     assert counted >= 150, summary  # enough objects for the ratios to mean something
     for k, bar in BARS.items():
         assert value[k] >= bar, summary
+
+
+def test_a_blank_frame_has_nothing_in_it(server: RunningServer) -> None:
+    """An all-black (or all-white, or grey) camera frame: no detections. The first demo models,
+    trained on one drawing style only, found 13 cars at 0.99 in a black frame."""
+    import cv2
+
+    frames = [np.full((720, 1280, 3), level, np.uint8) for level in (0, 128, 255)]
+    with server.client() as client:
+        results = client.detect([cv2.imencode(".jpg", f)[1].tobytes() for f in frames])
+    assert [(r.ok, len(r.detections)) for r in results] == [(True, 0)] * 3
