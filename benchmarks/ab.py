@@ -75,7 +75,9 @@ def _point(tree: Path, pipeline: str, transport: str, concurrency: int) -> dict[
         done = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"benchmarks.fps failed in {tree}:\n{done.stderr[-3000:]}")
-        (run,) = json.loads(Path(out.name).read_text())["runs"]
+        runs = json.loads(Path(out.name).read_text())["runs"]
+    # The closed-loop point at this concurrency (a run with the models also measures paced points).
+    (run,) = [r for r in runs if r["mode"] == "closed" and not r["round_index"] and r["concurrency"] == concurrency]
     return {"fps": run["fps"], **{f"cpu_{k}": v for k, v in run["cpu_ms_per_image"].items()}}
 
 
