@@ -2,9 +2,9 @@
 
 This VM's per-core speed drifts by ±15% over minutes, more than most single changes win, so two
 sequential runs cannot tell them apart. This tool checks both revisions out side by side (``git
-worktree``, gRPC stubs generated into each), then alternates A, B, A, B ... each round running
-``benchmarks.fps`` of that revision — its server, its client library, its benchmark — on one point,
-and reports every round's B/A ratio and the means::
+worktree``, gRPC stubs generated into each), then alternates A, B, B, A, A, B ... (the order flips
+each round) running ``benchmarks.fps`` of that revision — its server, its client library, its
+benchmark — on one point, and reports every round's B/A ratio and the means::
 
     .venv/bin/python -m benchmarks.ab HEAD~1 HEAD                    # null model, tmpfs, K=4, 5 rounds, ~2 min
     .venv/bin/python -m benchmarks.ab main my-branch --transport inline --concurrency 16 --rounds 7
@@ -95,7 +95,10 @@ def main(
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     with _checked_out(a) as tree_a, _checked_out(b) as tree_b:
         for n in range(1, rounds + 1):
-            for label, tree in (("A", tree_a), ("B", tree_b)):
+            # A then B in odd rounds, B then A in even ones: on this VM the second run of a pair is
+            # measurably slower for long points (the full pipeline), which a fixed order charges to B.
+            order = (("A", tree_a), ("B", tree_b)) if n % 2 else (("B", tree_b), ("A", tree_a))
+            for label, tree in order:
                 results[label].append(_point(tree, pipeline, transport, concurrency))
             ra, rb = results["A"][-1], results["B"][-1]
             print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
