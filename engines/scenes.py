@@ -256,11 +256,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
             _draw_sign(img, x1, y1, bw, bh, s["rgb"], s["shape"])
         objects.append(SceneObject(CLASSES.index(s["label"]), s["label"],
                                    (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)), s["color"], s["vtype"]))
-    quality = int(rng.integers(70, 96))
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return Scene(seed, w, h, buf.tobytes(), quality, tuple(objects))
+    return encode(seed, img, int(rng.integers(70, 96)), objects)
 
 
 def write_scenes(out: Path, seeds: list[int], *, width: int | None = None, height: int | None = None,
@@ -282,18 +278,31 @@ def write_scenes(out: Path, seeds: list[int], *, width: int | None = None, heigh
     return path
 
 
-def main() -> None:
+def encode(seed: int, rgb: np.ndarray, quality: int, objects: list[SceneObject]) -> Scene:
+    """The scene as its JPEG (RGB pixels, OpenCV's encoder at ``quality``) and its ground truth."""
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return Scene(seed, rgb.shape[1], rgb.shape[0], buf.tobytes(), quality, tuple(objects))
+
+
+def cli(doc: str, generate: Callable[..., Scene], default_seed: int) -> None:
+    """``--seed --count --out [--size]``: write ``count`` scenes of ``generate`` and their ground truth."""
     import argparse
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="first seed; scene i uses seed + i")
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=default_seed, help="first seed; scene i uses seed + i")
     p.add_argument("--count", type=int, default=10)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--size", default=None, help="fixed canvas WxH, e.g. 1280x720")
     a = p.parse_args()
     wh = tuple(int(v) for v in a.size.split("x")) if a.size else (None, None)
-    path = write_scenes(a.out, [a.seed + i for i in range(a.count)], width=wh[0], height=wh[1])
+    path = write_scenes(a.out, [a.seed + i for i in range(a.count)], width=wh[0], height=wh[1], generate=generate)
     print(f"wrote {a.count} scenes and {path}")
+
+
+def main() -> None:
+    cli(__doc__, generate_scene, 0)
 
 
 if __name__ == "__main__":

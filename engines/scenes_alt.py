@@ -15,12 +15,10 @@ Deterministic per seed like ``engines.scenes`` (NumPy PCG64 + OpenCV drawing + O
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 
-from engines.scenes import CLASSES, COLORS, PALETTE_RGB, VEHICLE_TYPES, Scene, SceneObject, write_scenes
+from engines.scenes import CLASSES, COLORS, PALETTE_RGB, VEHICLE_TYPES, Scene, SceneObject, cli, encode
 
 # Width / height of each object's box in this style (its own proportions, not the training style's).
 ASPECT = {"sedan": 2.3, "suv": 1.8, "truck": 2.5, "van": 1.6, "bicycle": 1.7, "person": 0.36, "road_sign": 0.3}
@@ -297,23 +295,11 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
         objects.append(SceneObject(CLASSES.index(s["label"]), s["label"],
                                    (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)), s["color"], s["vtype"]))
     img = _finish(rng, img)
-    quality = int(rng.integers(55, 96))
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return Scene(seed, w, h, buf.tobytes(), quality, tuple(objects))
+    return encode(seed, img, int(rng.integers(55, 96)), objects)
 
 
 def main() -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=950_000, help="first seed; scene i uses seed + i")
-    p.add_argument("--count", type=int, default=10)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
-    path = write_scenes(a.out, [a.seed + i for i in range(a.count)], generate=generate_scene)
-    print(f"wrote {a.count} scenes and {path}")
+    cli(__doc__, generate_scene, 950_000)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ CLI: ``python -m engines.scenes_varied --seed 100000 --count 20 --out DIR``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import cv2
 import numpy as np
 
@@ -31,9 +29,10 @@ from engines.scenes import (
     VEHICLE_TYPES,
     Scene,
     SceneObject,
+    cli,
+    encode,
     iou,
     overlap_of,
-    write_scenes,
 )
 
 # Typical width / height of each silhouette's box; each object varies it by ±15%.
@@ -461,23 +460,11 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
                                    (round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2)), s["color"], s["vtype"]))
     _occluders(rng, img, [p[1] for p in placed])
     out = _camera(rng, img)
-    quality = int(rng.integers(MIN_QUALITY, MAX_QUALITY + 1))
-    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return Scene(seed, w, h, buf.tobytes(), quality, tuple(objects))
+    return encode(seed, out, int(rng.integers(MIN_QUALITY, MAX_QUALITY + 1)), objects)
 
 
 def main() -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=100_000, help="first seed; scene i uses seed + i")
-    p.add_argument("--count", type=int, default=10)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
-    path = write_scenes(a.out, [a.seed + i for i in range(a.count)], generate=generate_scene)
-    print(f"wrote {a.count} scenes and {path}")
+    cli(__doc__, generate_scene, 100_000)
 
 
 if __name__ == "__main__":

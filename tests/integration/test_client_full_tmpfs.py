@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import errno
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
+from tests.helpers import on_small_tmpfs
 
 _FULL_TMPFS = """
 import os, sys
@@ -33,16 +29,6 @@ except OSError as exc:
 
 def test_a_full_file_system_is_an_error_not_a_crash(tmp_path: Path) -> None:
     """A copy into a mapped file faults its pages in; on a full tmpfs that would be SIGBUS."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    script = f'mount -t tmpfs -o size=2m tmpfs "{mnt}" && exec "$0" -c "$1" "{mnt}"'
-    proc = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable, _FULL_TMPFS],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
-    if proc.returncode != 0 and ("mount" in proc.stderr or "unshare" in proc.stderr):
-        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()[:200]}")
+    proc = on_small_tmpfs(tmp_path, _FULL_TMPFS)
     assert proc.returncode == 0, proc.returncode  # SIGBUS: -7 / 135
     assert proc.stdout.split() == ["refused", str(errno.ENOSPC)]

@@ -137,7 +137,10 @@ class Harness:
         return {p.name: p for pid, p in all_workers().items() if pid not in self._others}
 
     def busy_worker(self) -> multiprocessing.Process:
-        """A worker busy with a chunk: it took (``current``) one the pool still holds for it (white box)."""
+        """A worker busy with a chunk: it took (``current``) one the pool still holds for it (white box).
+
+        Polled: a worker announces the chunk it takes only in shared memory (by design, so a chunk
+        costs one message), so there is no event to wait on; the poll reads memory, every 1 ms."""
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             with self.pool._cond:

@@ -22,6 +22,7 @@ import pytest
 from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits
 from infer_server.messages import WorkItem
 from infer_server.stage.worker import ChunkReader
+from tests.helpers import on_small_tmpfs
 
 NOBODY = 65534
 BLOBS = [b"\xff\xd8first image", b"\xff\xd8second"]
@@ -35,7 +36,7 @@ def shm() -> Iterator[Path]:
 
 
 def handoff_for(root: Path) -> Handoff:
-    return Handoff(root, root / ".server", HandoffLimits())
+    return Handoff(root, root / ".server", HandoffLimits(8, 1 << 20, 64, 256))
 
 
 def started(root: Path) -> Handoff:
@@ -173,7 +174,7 @@ from pathlib import Path
 from infer_server.front.handoff import Handoff, HandoffLimits
 from infer_server.front.errors import ServerError
 root = Path(sys.argv[1])
-handoff = Handoff(root, root / ".server", HandoffLimits())
+handoff = Handoff(root, root / ".server", HandoffLimits(8, 1 << 23, 64, 256))
 handoff.prepare_dirs()
 try:
     handoff.stage_inline(b"x" * 3_000_000, ())
@@ -184,15 +185,5 @@ except ServerError as exc:
 
 def test_a_full_shared_directory_is_retry_later_not_internal(tmp_path: Path) -> None:
     """Finding: inline data on a full tmpfs came back as INTERNAL with a logged traceback."""
-    if shutil.which("unshare") is None:
-        pytest.skip("needs unshare(1)")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    script = f'mount -t tmpfs -o size=2m,mode=1777 tmpfs "{mnt}" && exec "$0" -c "$1" "{mnt}"'
-    done = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, sys.executable, _FULL_STAGING],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )  # fmt: skip
-    if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
+    done = on_small_tmpfs(tmp_path, _FULL_STAGING, "size=2m,mode=1777")
     assert done.stdout.strip() == "RESOURCE_EXHAUSTED the server's shared directory is full; retry later []"

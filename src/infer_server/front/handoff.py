@@ -54,10 +54,12 @@ _STAGING = "path points into the server's own directory"
 
 @dataclass(frozen=True)
 class HandoffLimits:
-    max_images: int = 256
-    max_bytes: int = 256 * 1024 * 1024
-    max_name_bytes: int = 1024
-    max_path_bytes: int = 4096
+    """The per-batch limits of ``ServerSettings`` that the handoff checks (the defaults live there)."""
+
+    max_images: int
+    max_bytes: int
+    max_name_bytes: int
+    max_path_bytes: int
 
 
 @dataclass(frozen=True)
