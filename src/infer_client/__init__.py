@@ -6,10 +6,11 @@ they complete, on one RPC: the fast path), ``detect`` pushes one batch on the cl
 and returns its results ordered by index, ``health``/``wait_ready`` query the standard health
 service. On the server's host the images travel
 through a file in the shared tmpfs directory (``transport="auto"`` picks it); elsewhere inline.
-Every RPC failure is an :class:`InferError` carrying the gRPC status code.
+Every RPC failure is an :class:`InferError` carrying the gRPC status code. A server that asks
+who is calling gets a :class:`Credentials` (a bearer token, TLS, a client certificate).
 """
 
-from infer_client._protocol import ImageSource, InferError, Transport
+from infer_client._protocol import Credentials, ImageSource, InferError, Transport
 from infer_client.aio import AsyncInferClient
 from infer_client.client import InferClient
 from infer_client.results import Attribute, Box, Detection, ImageResult
@@ -20,6 +21,7 @@ __all__ = [
     "AsyncSession",
     "Attribute",
     "Box",
+    "Credentials",
     "Detection",
     "ImageResult",
     "ImageSource",

@@ -15,10 +15,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 
@@ -81,6 +81,55 @@ def resolve_transport(transport: Transport, target: str, shm_dir: str | os.PathL
         return transport
     local = is_local_target(target)
     return "tmpfs" if local and os.path.isdir(shm_dir) and os.access(shm_dir, os.W_OK | os.X_OK) else "inline"
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How a client proves who it is to a server that asks (docs/security.md).
+
+    ``token``: a bearer token, sent as ``authorization`` metadata on every call but health.
+    ``root_certificates``: PEM of the CA that signed the server's certificate: the channel uses
+    TLS (with the system's roots when it is ``b""``). ``certificate_chain`` and ``private_key``:
+    this client's certificate, for a server that requires mutual TLS.
+    """
+
+    token: str | None = None
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Credentials:
+        """From ``INFER_TOKEN`` (or a file named by ``INFER_TOKEN_FILE``), ``INFER_TLS_CA``,
+        ``INFER_TLS_CERT`` and ``INFER_TLS_KEY`` (file paths); what is not set stays off."""
+
+        def read(name: str) -> bytes | None:
+            return Path(environ[name]).read_bytes() if environ.get(name) else None
+
+        token = environ.get("INFER_TOKEN") or None
+        if token is None and (token_file := read("INFER_TOKEN_FILE")) is not None:
+            token = token_file.decode().strip()
+        return cls(token, read("INFER_TLS_CA"), read("INFER_TLS_CERT"), read("INFER_TLS_KEY"))
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...] | None:
+        """Per-call metadata (the token), or None."""
+        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+
+    @property
+    def tls(self) -> grpc.ChannelCredentials | None:
+        if self.root_certificates is None and self.certificate_chain is None:
+            return None
+        return grpc.ssl_channel_credentials(self.root_certificates or None, self.private_key, self.certificate_chain)
+
+
+def open_channel(target: str, options: Sequence[tuple[str, Any]], credentials: Credentials, aio: bool = False) -> Any:
+    """A channel to ``target``: TLS when the credentials say so, plaintext otherwise."""
+    module: Any = grpc.aio if aio else grpc
+    tls = credentials.tls
+    if tls is None:
+        return module.insecure_channel(target, options=options)
+    return module.secure_channel(target, tls, options=options)
 
 
 @dataclass(frozen=True)

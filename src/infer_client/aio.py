@@ -24,10 +24,12 @@ from infer_client._protocol import (
     CHANNEL_OPTIONS,
     DEFAULT_SHM_DIR,
     BatchFiles,
+    Credentials,
     ImageSource,
     InferError,
     PushedBatches,
     Transport,
+    open_channel,
     prepare_push,
     pull_request,
     resolve_transport,
@@ -49,12 +51,15 @@ class AsyncInferClient:
         shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR,
         transport: Transport = "auto",
         timeout: float | None = 120.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.target = target
         self.shm_dir = os.fspath(shm_dir)
         self.transport = resolve_transport(transport, target, self.shm_dir)
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.credentials = credentials or Credentials()
+        self._metadata = self.credentials.metadata
+        self._channel = open_channel(target, CHANNEL_OPTIONS, self.credentials, aio=True)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
@@ -69,7 +74,7 @@ class AsyncInferClient:
         """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
         prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self._pushed.files)
         try:
-            reply = await self._stub.PushData(prepared.request, timeout=self.timeout)
+            reply = await self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             self._pushed.files.discard(prepared.owned_path)
             raise InferError.from_rpc(exc) from None
@@ -81,7 +86,9 @@ class AsyncInferClient:
 
     async def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> AsyncIterator[ImageResult]:
         """Results of the batches in completion order; ends when every image was answered."""
-        call = self._stub.PullResult(pull_request(batch_ids), timeout=timeout or self.timeout)
+        call = self._stub.PullResult(
+            pull_request(batch_ids), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             async for msg in call:
                 if self._pushed.accept(msg.batch_id, msg.index):
@@ -93,7 +100,7 @@ class AsyncInferClient:
 
     def session(self) -> AsyncSession:
         """A new ``AsyncSession`` stream (pushes and results on one RPC); ``await close()`` it."""
-        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout)
+        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

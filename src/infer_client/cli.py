@@ -5,6 +5,9 @@ Runs in the user's shell process. ``detect`` uses the blocking client and prints
 drawn). ``batch`` uses the asyncio client to keep a bounded number of batches in flight, retries
 overloaded pushes with backoff (same request id, so a retry never duplicates work) and writes one
 JSON line per image. Exit status: 0 all images answered OK, 1 some image failed, 2 an RPC failed.
+Credentials for a server that asks for them come from the environment (``Credentials.from_env``:
+``INFER_TOKEN`` or ``INFER_TOKEN_FILE``, ``INFER_TLS_CA``, ``INFER_TLS_CERT``, ``INFER_TLS_KEY``),
+never from the command line, where every user of the host could read them.
 """
 
 from __future__ import annotations
@@ -24,11 +27,16 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from infer_client import AsyncInferClient, ImageResult, InferClient, InferError, Transport
+from infer_client import AsyncInferClient, Credentials, ImageResult, InferClient, InferError, Transport
 from infer_client._protocol import DEFAULT_SHM_DIR
 from infer_client.annotate import write_annotated
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Client of the inference server.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Client of the inference server. Credentials, where the server asks: INFER_TOKEN or INFER_TOKEN_FILE; "
+    "TLS: INFER_TLS_CA (and INFER_TLS_CERT, INFER_TLS_KEY for a client certificate).",
+)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 ServerOpt = Annotated[str, typer.Option("--server", "-s", help="Server address, e.g. localhost:8001.")]
@@ -61,7 +69,10 @@ def detect(
     """Detect objects and attributes in IMAGES (one batch)."""
     err = Console(stderr=True)
     try:
-        with InferClient(server, shm_dir=shm_dir, transport=_transport(transport), timeout=timeout) as client:
+        credentials = Credentials.from_env()
+        with InferClient(
+            server, shm_dir=shm_dir, transport=_transport(transport), timeout=timeout, credentials=credentials
+        ) as client:
             results = client.detect([str(p) for p in images])
     except InferError as exc:
         err.print(f"[red]error[/red]: {exc}")
@@ -153,7 +164,10 @@ async def _run_batches(
             progress.update(len(paths))
             slots.release()
 
-    async with AsyncInferClient(server, shm_dir=shm_dir, transport=transport, timeout=timeout) as client:
+    credentials = Credentials.from_env()
+    async with AsyncInferClient(
+        server, shm_dir=shm_dir, transport=transport, timeout=timeout, credentials=credentials
+    ) as client:
         await client.wait_ready(timeout=timeout)
         tasks = []
         for paths in chunks:

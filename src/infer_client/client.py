@@ -24,10 +24,12 @@ from infer_client._protocol import (
     CHANNEL_OPTIONS,
     DEFAULT_SHM_DIR,
     BatchFiles,
+    Credentials,
     ImageSource,
     InferError,
     PushedBatches,
     Transport,
+    open_channel,
     prepare_push,
     pull_request,
     resolve_transport,
@@ -54,12 +56,15 @@ class InferClient:
         shm_dir: str | os.PathLike[str] = DEFAULT_SHM_DIR,
         transport: Transport = "auto",
         timeout: float | None = 120.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.target = target
         self.shm_dir = os.fspath(shm_dir)
         self.transport = resolve_transport(transport, target, self.shm_dir)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=_SYNC_OPTIONS)
+        self.credentials = credentials or Credentials()
+        self._metadata = self.credentials.metadata
+        self._channel = open_channel(target, _SYNC_OPTIONS, self.credentials)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
@@ -75,7 +80,7 @@ class InferClient:
         """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
         prepared = prepare_push(images, names, request_id, self.transport, self._pushed.files)
         try:
-            reply = self._stub.PushData(prepared.request, timeout=self.timeout)
+            reply = self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             self._pushed.files.discard(prepared.owned_path)
             raise InferError.from_rpc(exc) from None
@@ -88,7 +93,9 @@ class InferClient:
         Results the server sent but this iterator did not yield yet (you stopped early) are gone;
         results the server had not sent yet stay available to a later ``pull``.
         """
-        call = self._stub.PullResult(pull_request(batch_ids), timeout=timeout or self.timeout)
+        call = self._stub.PullResult(
+            pull_request(batch_ids), timeout=timeout or self.timeout, metadata=self._metadata
+        )
         try:
             for msg in call:
                 if self._pushed.accept(msg.batch_id, msg.index):
@@ -100,7 +107,7 @@ class InferClient:
 
     def session(self) -> Session:
         """A new ``Session`` stream (pushes and results on one RPC); close it, or use ``with``."""
-        return Session(self._stub, self.transport, self._pushed, self.timeout)
+        return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

@@ -40,6 +40,7 @@ from infer_client.results import ImageResult, status_code
 from infer_proto import infer_pb2
 
 T = TypeVar("T")
+Metadata = tuple[tuple[str, str], ...] | None
 _ENDED = "the session stream ended"
 
 
@@ -137,12 +138,14 @@ class Session:
     open more with ``InferClient.session()``.
     """
 
-    def __init__(self, stub: Any, transport: str, pushed: PushedBatches, timeout: float | None) -> None:
+    def __init__(
+        self, stub: Any, transport: str, pushed: PushedBatches, timeout: float | None, metadata: Metadata = None
+    ) -> None:
         self._transport, self._files, self._timeout = transport, pushed.files, timeout
         self._cond = threading.Condition()
         self._book = SessionBook(pushed)
         self._requests: queue.SimpleQueue[infer_pb2.SessionRequest | None] = queue.SimpleQueue()
-        self._call = stub.Session(iter(self._requests.get, None))
+        self._call = stub.Session(iter(self._requests.get, None), metadata=metadata)
         self._reader = threading.Thread(target=self._read, name="infer-session-reader", daemon=True)
         self._reader.start()
 
@@ -232,12 +235,14 @@ class Session:
 class AsyncSession:
     """One ``Session`` stream of an asyncio client (``AsyncInferClient.session()``); same surface."""
 
-    def __init__(self, stub: Any, transport: str, pushed: PushedBatches, timeout: float | None) -> None:
+    def __init__(
+        self, stub: Any, transport: str, pushed: PushedBatches, timeout: float | None, metadata: Metadata = None
+    ) -> None:
         self._transport, self._files, self._timeout = transport, pushed.files, timeout
         self._changed = asyncio.Event()  # set on every reply: waiters re-check the book
         self._writing = asyncio.Lock()
         self._book = SessionBook(pushed)
-        self._call = stub.Session()
+        self._call = stub.Session(metadata=metadata)
         self._reader = asyncio.ensure_future(self._read())
 
     @property

@@ -10,6 +10,8 @@ everything" (docs/architecture.md) has one list to audit.
 
 from __future__ import annotations
 
+import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +21,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from infer_server.messages import WorkerOptions
 
 MiB = 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ServerSettings(BaseSettings):
@@ -34,9 +47,14 @@ class ServerSettings(BaseSettings):
     )
     host: str = Field(
         default="127.0.0.1",
-        description="Address to bind: tmpfs handoff is a same-host protocol; containers use 0.0.0.0.",
+        description="Address to bind: tmpfs handoff is a same-host protocol. Any address but loopback needs TLS "
+        "(--tls-cert, --tls-key) or --insecure.",
     )
     port: int = Field(default=8001, ge=0, le=65535, description="Port to bind; 0 picks a free one (it is reported).")
+    unix_socket: Path | None = Field(
+        default=None,
+        description="Also listen on this Unix-domain socket (created 0600: only the server's user may connect).",
+    )
     shm_dir: Path = Field(default=Path("/dev/shm/infer"), description="Shared directory clients write batches into.")
     staging_dir: Path | None = Field(
         default=None,
@@ -64,6 +82,28 @@ class ServerSettings(BaseSettings):
         default=None, description="Where TensorRT plans are cached (device gpu; default ~/.cache/infer_server/plans)."
     )
 
+    # Who may call (docs/security.md).
+    tokens_file: Path | None = Field(
+        default=None,
+        description="Bearer tokens, one caller per line: '<identity> <token> [<uid>,...]'. When set, every call "
+        "but health must carry 'authorization: Bearer <token>'; the file must be private (chmod 600).",
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM certificate chain: serve TCP over TLS.")
+    tls_key: Path | None = Field(default=None, description="PEM private key of --tls-cert.")
+    tls_client_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: require client certificates it signed (mutual TLS); without a tokens file the "
+        "certificate's common name is the caller's identity.",
+    )
+    insecure: bool = Field(
+        default=False, description="Serve plaintext on an address other than loopback (e.g. only inside a pod)."
+    )
+    file_owners: str = Field(
+        default="",
+        description="Comma-separated uids whose files a caller may push by path when its token line names none "
+        "(default: the server's own uid).",
+    )
+
     # Per-batch limits (checked before anything is read or admitted).
     max_batch_images: int = Field(default=256, ge=1, description="Images per pushed batch.")
     max_batch_bytes: int = Field(default=256 * MiB, ge=1, description="Bytes per pushed batch.")
@@ -78,8 +118,34 @@ class ServerSettings(BaseSettings):
     max_inflight_images: int = Field(default=1024, ge=1, description="Images in flight per server.")
     max_inflight_bytes: int = Field(default=1024 * MiB, ge=1, description="Bytes in flight per server.")
     max_concurrent_rpcs: int = Field(default=256, ge=1, description="Concurrent RPCs, streams included.")
+    max_streams: int | None = Field(
+        default=None, ge=1,
+        description="Open PullResult and Session streams per server (default: three quarters of "
+        "--max-concurrent-rpcs, so pushes and health checks always find room).",
+    )  # fmt: skip
+    max_retained_batches: int = Field(
+        default=16384, ge=1,
+        description="Finished batches kept for pulling per server (beyond it, the largest holder's oldest go).",
+    )  # fmt: skip
     max_message_bytes: int = Field(
-        default=64 * MiB, ge=MiB, description="Largest gRPC message: inline pushes must fit in one."
+        default=64 * MiB,
+        ge=MiB,
+        description="Largest gRPC message: inline pushes must fit in one; a larger one is INVALID_ARGUMENT.",
+    )
+
+    # Per-caller quotas (a caller is an identity: docs/security.md); one caller's flood never costs
+    # another its results.
+    max_inflight_images_per_identity: int | None = Field(
+        default=None, ge=1, description="Images in flight per caller (default: --max-inflight-images)."
+    )
+    max_inflight_bytes_per_identity: int | None = Field(
+        default=None, ge=1, description="Bytes in flight per caller (default: --max-inflight-bytes)."
+    )
+    max_retained_batches_per_identity: int = Field(
+        default=4096, ge=1, description="Finished batches kept for pulling per caller (then its own oldest go)."
+    )
+    max_streams_per_identity: int = Field(
+        default=64, ge=1, description="Open PullResult and Session streams per caller."
     )
 
     # Time bounds.
@@ -96,6 +162,15 @@ class ServerSettings(BaseSettings):
     startup_timeout_s: float = Field(default=180.0, gt=0, description="Every worker must be ready within it.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="On stop, in-flight batches may finish within it.")
     stop_grace_s: float = Field(default=5.0, ge=0, description="On stop, open streams may end within it.")
+    stream_idle_timeout_s: float = Field(
+        default=300.0, gt=0,
+        description="A Session stream with nothing in flight and no push for this long is ended (UNAVAILABLE).",
+    )  # fmt: skip
+    keepalive_s: float = Field(
+        default=60.0, gt=0,
+        description="Ping connections with open calls this often and drop the ones that do not answer within "
+        "20 s; clients may ping at most every 10 s.",
+    )  # fmt: skip
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR (the workers' too)."
@@ -118,7 +193,33 @@ class ServerSettings(BaseSettings):
             raise ValueError("staging_dir must not be the shared directory or contain it (its files are deleted)")
         if self.max_batch_images > self.max_inflight_images:
             raise ValueError("max_batch_images must not exceed max_inflight_images")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key (mutual TLS is TLS first)")
+        if not (is_loopback(self.host) or self.tls_cert or self.insecure):
+            raise ValueError(
+                f"host {self.host} is reachable from the network: serve TLS (--tls-cert, --tls-key) or, where only "
+                "trusted peers can reach it (a pod's sidecar), say so with --insecure"
+            )
+        if self.tls_client_ca and self.unix_socket and not self.tokens_file:
+            raise ValueError("callers on the Unix socket have no client certificate: give them tokens (--tokens-file)")
+        self.owner_uids()
+        if self.max_streams is None:
+            self.max_streams = max(1, self.max_concurrent_rpcs * 3 // 4)
         return self
+
+    def owner_uids(self) -> frozenset[int]:
+        """The uids of ``file_owners`` (the server's own when empty)."""
+        if not self.file_owners.strip():
+            return frozenset({os.geteuid()})
+        try:
+            uids = frozenset(int(part) for part in self.file_owners.split(","))
+        except ValueError:
+            raise ValueError("file_owners is a comma-separated list of numeric uids") from None
+        if any(uid < 0 for uid in uids):
+            raise ValueError("file_owners: a uid is not negative")
+        return uids
 
     @property
     def staging(self) -> Path:

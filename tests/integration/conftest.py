@@ -23,7 +23,7 @@ import pytest
 
 from benchmarks.procs import descendants, exit_waiters, read_address, still_running
 from engines.scenes import Scene, generate_scene
-from infer_client import InferClient
+from infer_client import Credentials, InferClient
 
 STARTUP_TIMEOUT_S = 240.0  # two workers load three models each on a busy 2-core box
 
@@ -34,8 +34,10 @@ class RunningServer:
     address: str
     shm_dir: Path
     log_path: Path
+    credentials: Credentials | None = None  # what the fixture's own client uses (health needs none)
 
     def client(self, **kwargs: object) -> InferClient:
+        kwargs.setdefault("credentials", self.credentials)
         return InferClient(self.address, shm_dir=self.shm_dir, **kwargs)  # type: ignore[arg-type]
 
     def worker_pids(self) -> list[int]:
@@ -54,7 +56,9 @@ def _cmdline(pid: int) -> bytes:
 
 
 @contextlib.contextmanager
-def running_server(models: Path, *args: str, workers: int = 2) -> Iterator[RunningServer]:
+def running_server(
+    models: Path, *args: str, workers: int = 2, credentials: Credentials | None = None
+) -> Iterator[RunningServer]:
     shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
     log_path = Path(tempfile.mkstemp(prefix="infer-it-server-", suffix=".log")[1])
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
@@ -65,7 +69,7 @@ def running_server(models: Path, *args: str, workers: int = 2) -> Iterator[Runni
     ]
     with log_path.open("w") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    server = RunningServer(process, "", shm_dir, log_path)
+    server = RunningServer(process, "", shm_dir, log_path, credentials)
     try:
         try:
             port = int(read_address(process, STARTUP_TIMEOUT_S).rsplit(":", 1)[1])

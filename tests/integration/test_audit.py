@@ -39,7 +39,7 @@ def test_accepted_retried_and_refused_pushes_are_audited(server: RunningServer, 
     lines = [e for e in audit_lines(server, start) if e["event"] == "push"]
     accepted, retry, refused = lines
     assert accepted | {"peer": None} == {
-        "event": "push", "peer": None, "identity": None, "transport": "tmpfs", "images": 1, "bytes": len(jpeg),
+        "event": "push", "peer": None, "identity": "anonymous", "transport": "tmpfs", "images": 1, "bytes": len(jpeg),
         "request_id": True, "verdict": "accepted", "batch_id": first.batch_id,
     }
     assert accepted["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:"))

@@ -74,9 +74,11 @@ def test_oversize_and_malformed_batches(stub: infer_pb2_grpc.InferenceServiceStu
     assert refused(stub, data=b"xx", sizes=[2**64 - 1])[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refused(stub, path="b.bin", data=b"xx", sizes=[2])[0] == grpc.StatusCode.INVALID_ARGUMENT
     assert refused(stub, sizes=[2])[0] == grpc.StatusCode.INVALID_ARGUMENT
-    # Larger than the server's message limit: refused by gRPC itself before any handler runs.
-    code, _ = refused(stub, data=b"x" * (65 * 1024 * 1024), sizes=[65 * 1024 * 1024])
-    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # Larger than the server's message limit: refused before it is parsed, as a request that can
+    # never succeed (not RESOURCE_EXHAUSTED, which clients read as "retry later").
+    code, message = refused(stub, data=b"x" * (65 * 1024 * 1024), sizes=[65 * 1024 * 1024])
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message.endswith(f"bytes is over the {64 * 1024 * 1024}-byte limit")
 
 
 def test_staging_directory_is_off_limits(stub: infer_pb2_grpc.InferenceServiceStub, server: RunningServer) -> None:
@@ -120,7 +122,8 @@ def test_a_request_id_is_bound_to_the_request_it_first_came_with(
     assert again.batch_id == first.batch_id, "a true retry still gets the same batch"
     code, message = refused(stub, path=str(scratch / "nope.bin"), sizes=[len(jpeg) + 1], request_id="req-17")
     assert (code, message) == (
-        grpc.StatusCode.ALREADY_EXISTS, "this request_id was already used for a different request"
+        grpc.StatusCode.ALREADY_EXISTS,
+        "this request_id was already used for a different request",
     )
     results = list(stub.PullResult(infer_pb2.PullResultRequest(batch_ids=[first.batch_id]), timeout=120))
     assert [r.status.code for r in results] == [0], "the first client's result is still its own"

@@ -124,7 +124,7 @@ def validated(handoff: Handoff, root: Path, relative: str) -> BatchFile:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(BLOBS))
     os.chmod(path, 0o600)
-    return handoff.open_client_file(relative, (), path.stat().st_size)
+    return handoff.open_client_file(relative, (), path.stat().st_size, {os.geteuid()})
 
 
 def read_within(item: WorkItem, seconds: float = 10.0) -> list[bytes]:

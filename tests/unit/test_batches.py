@@ -8,9 +8,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from infer_server.front.batches import Batch, BatchRegistry, Reservation
+from infer_server.front.batches import Batch, BatchRegistry, Quota, Reservation
 from infer_server.front.cursors import PullCursor
-from infer_server.front.errors import InvalidBatch, Overloaded, Unavailable, UnknownBatch
+from infer_server.front.errors import Conflict, InvalidBatch, Overloaded, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
 from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
 
@@ -39,9 +39,11 @@ def refs(n: int, size: int = 10) -> tuple[ImageRef, ...]:
     return tuple(ImageRef(i, i * size, size, f"img{i}") for i in range(n))
 
 
-def open_batch(reg: BatchRegistry, n: int, request_id: str = "", staged: bool = False) -> Batch:
+def open_batch(
+    reg: BatchRegistry, n: int, request_id: str = "", staged: bool = False, owner: str = "anonymous"
+) -> Batch:
     images = refs(n)
-    r = reg.reserve(request_id, images, 10 * n, deadline=1100.0)
+    r = reg.reserve(request_id, images, 10 * n, deadline=1100.0, owner=owner)
     reg.activate(r, BatchFile(FileRef(f"/dev/shm/x/{r.batch.batch_id}", 1, 2, 10 * n, -1), images, staged=staged))
     return r.batch
 
@@ -257,6 +259,59 @@ def test_retained_batches_are_bounded() -> None:
         with pytest.raises(UnknownBatch):
             reg.subscribe([batches[0].batch_id])
         reg.subscribe([batches[1].batch_id, batches[2].batch_id]).close()
+
+    run(scenario())
+
+
+def test_a_caller_over_its_retention_quota_loses_its_own_oldest() -> None:
+    async def scenario() -> None:
+        reg = make_registry(max_retained_batches=5, quota=Quota(8, 10_000, retained_batches=3))
+        alices = open_batch(reg, 1, owner="alice")
+        reg.record(outcome(alices, 0))
+        bobs = []
+        for _ in range(4):  # one more than bob's quota
+            bobs.append(open_batch(reg, 1, owner="bob"))
+            reg.record(outcome(bobs[-1], 0))
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([bobs[0].batch_id], "bob")
+        reg.subscribe([b.batch_id for b in bobs[1:]], "bob").close()
+        carols = []
+        for _ in range(2):  # past the server's bound of 5: the largest holder (bob) pays, not alice
+            carols.append(open_batch(reg, 1, owner="carol"))
+            reg.record(outcome(carols[-1], 0))
+        reg.subscribe([alices.batch_id], "alice").close()
+        reg.subscribe([b.batch_id for b in carols], "carol").close()
+        with pytest.raises(UnknownBatch):
+            reg.subscribe([bobs[1].batch_id], "bob")
+
+    run(scenario())
+
+
+def test_batches_and_request_ids_belong_to_their_caller() -> None:
+    async def scenario() -> None:
+        reg = make_registry()
+        alices = open_batch(reg, 2, request_id="r1", owner="alice")
+        with pytest.raises(UnknownBatch) as theirs:
+            reg.subscribe([alices.batch_id], "bob")
+        with pytest.raises(UnknownBatch) as unknown:
+            reg.subscribe(["0" * 32], "bob")
+        assert str(theirs.value).replace(alices.batch_id, "?") == str(unknown.value).replace("0" * 32, "?")
+        bobs = reg.reserve("r1", refs(2), 20, 1100.0, owner="bob")  # the same id, another caller: a new batch
+        assert bobs.is_new and bobs.batch is not alices
+        assert reg.reserve("r1", refs(2), 20, 1100.0, owner="alice").batch is alices
+        with pytest.raises(Conflict):
+            reg.reserve("r1", refs(2), 20, 1100.0, fingerprint=b"another request", owner="alice")
+
+    run(scenario())
+
+
+def test_in_flight_quota_per_caller() -> None:
+    async def scenario() -> None:
+        reg = make_registry(quota=Quota(inflight_images=3, inflight_bytes=10_000))
+        open_batch(reg, 3, owner="bob")
+        with pytest.raises(Overloaded, match="this caller"):
+            open_batch(reg, 1, owner="bob")
+        open_batch(reg, 3, owner="alice")  # the server has room for alice
 
     run(scenario())
 

@@ -162,11 +162,28 @@ def test_directory_is_refused(handoff: Handoff, root: Path) -> None:
     (root / "dir").mkdir()
     assert refused(InvalidBatch, push, handoff, str(root / "dir"), [5]) == "path is not a regular file"
     write(root / "file.bin", b"12345")
-    assert refused(InvalidBatch, push, handoff, str(root / "file.bin" / "x"), [5]) == "path is not a regular file"
+    assert "no file at this path" in refused(PermissionDeniedError, push, handoff, str(root / "file.bin" / "x"), [5])
 
 
 def test_missing_file(handoff: Handoff, root: Path) -> None:
-    assert "no such file" in refused(InvalidBatch, push, handoff, str(root / "nope.bin"), [5])
+    assert "no file at this path" in refused(PermissionDeniedError, push, handoff, str(root / "nope.bin"), [5])
+
+
+def test_another_users_file_is_refused_like_a_missing_one(handoff: Handoff, root: Path) -> None:
+    """Neither its existence nor its size shows: the same code and words as for no file at all."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another user")
+    theirs = write(root / "theirs.bin", b"x" * 999)
+    os.chown(theirs, 4321, 4321)
+    missing = refused(PermissionDeniedError, push, handoff, str(root / "nope.bin"), [5])
+    assert refused(PermissionDeniedError, push, handoff, str(theirs), [5]) == missing
+    assert refused(PermissionDeniedError, push, handoff, str(theirs), [999]) == missing
+    plan = handoff.plan(str(theirs), b"", [999], [])
+    batch = handoff.materialize(plan, owners={os.geteuid(), 4321})  # a caller allowed that user's files
+    handoff.release(batch)
+    os.mkfifo(root / "their-pipe", 0o600)
+    os.chown(root / "their-pipe", 4321, 4321)
+    assert refused(PermissionDeniedError, push, handoff, str(root / "their-pipe"), [5]) == missing
 
 
 def test_size_mismatch_reports_both_sizes(handoff: Handoff, root: Path) -> None:

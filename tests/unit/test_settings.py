@@ -70,3 +70,25 @@ def test_settings_from_flags_beat_the_environment(monkeypatch: pytest.MonkeyPatc
 
 async def _done() -> int:
     return 0
+
+
+def test_an_address_off_loopback_needs_tls_or_an_explicit_insecure(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="reachable from the network"):
+        ServerSettings(host="0.0.0.0")
+    assert ServerSettings(host="0.0.0.0", insecure=True).insecure
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    assert ServerSettings(host="::", tls_cert=cert, tls_key=key).tls_cert == cert
+    for loopback in ("127.0.0.1", "localhost", "::1", "[::1]", "127.1.2.3"):
+        assert ServerSettings(host=loopback).host == loopback
+    with pytest.raises(ValidationError, match="both"):
+        ServerSettings(tls_cert=cert)
+    with pytest.raises(ValidationError, match="needs tls_cert"):
+        ServerSettings(tls_client_ca=cert)
+
+
+def test_file_owners_and_stream_bounds() -> None:
+    assert ServerSettings(file_owners="1000, 1001").owner_uids() == {1000, 1001}
+    with pytest.raises(ValidationError):
+        ServerSettings(file_owners="alice")
+    s = ServerSettings(max_concurrent_rpcs=100)
+    assert s.max_streams == 75, "a quarter of the RPCs stays free for pushes and health checks"

@@ -1,11 +1,13 @@
 """The audit log: one structured line per push and per control action, on the ``infer_server.audit``
 logger (INFO), in the server's main process.
 
-A push line says who (the peer's address; an identity once callers have one), what (transport,
+A push line says who (the caller's identity and the peer's address), what (transport,
 image count, bytes, the request_id's presence), and the verdict: ``accepted`` with the batch id,
 ``retry`` (a request_id seen before, answered with the first batch id) or ``refused`` with the status
-code and the client-facing reason. No line carries a secret, image data, or a path: a path names a
-client's file, and a refused one may name anything on the host. Route the logger wherever the
+code and the client-facing reason. A call refused before it had an identity (no or an unknown
+token, no client certificate) leaves a ``call`` line with the method and the reason. No line
+carries a secret, image data, or a path: a path names a client's file, and a refused one may name
+anything on the host. Route the logger wherever the
 operator keeps audit trails (it writes to the server's log, stderr, by default).
 """
 
@@ -22,7 +24,7 @@ from infer_proto import infer_pb2
 log = logging.getLogger("infer_server.audit")
 
 
-def push(peer: str, request: infer_pb2.PushDataRequest, verdict: str, *, batch_id: str = "",
+def push(peer: str, identity: str, request: infer_pb2.PushDataRequest, verdict: str, *, batch_id: str = "",
          code: grpc.StatusCode = grpc.StatusCode.OK, reason: str = "") -> None:  # fmt: skip
     """One push and what became of it."""
     if not log.isEnabledFor(logging.INFO):
@@ -30,13 +32,21 @@ def push(peer: str, request: infer_pb2.PushDataRequest, verdict: str, *, batch_i
     sizes = request.sizes
     declared = sum(sizes) if len(sizes) <= 4096 else None  # a refused push may list millions
     fields: dict[str, Any] = {
-        "event": "push", "peer": peer, "identity": None, "transport": "inline" if request.data else "tmpfs",
+        "event": "push", "peer": peer, "identity": identity, "transport": "inline" if request.data else "tmpfs",
         "images": len(sizes), "bytes": len(request.data) if request.data else declared,
         "request_id": bool(request.request_id), "verdict": verdict, "batch_id": batch_id or None,
     }  # fmt: skip
     if verdict == "refused":
         fields |= {"code": code.name, "reason": reason}
     log.info(json.dumps(fields, separators=(",", ":")))
+
+
+def refused_call(peer: str, rpc: str, code: grpc.StatusCode, reason: str) -> None:
+    """A call refused before it had an identity."""
+    if log.isEnabledFor(logging.INFO):
+        fields = {"event": "call", "peer": peer, "identity": None, "rpc": rpc, "verdict": "refused",
+                  "code": code.name, "reason": reason}  # fmt: skip
+        log.info(json.dumps(fields, separators=(",", ":")))
 
 
 def control(action: str, **details: Any) -> None:

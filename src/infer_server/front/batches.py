@@ -7,13 +7,20 @@ updating state. The streams read the batches through cursors (``front.cursors``)
 Life of a batch:
   reserve()  PushData passed the cheap checks: a batch id is assigned, the request_id is bound to
              it (a concurrent retry waits on ``Reservation.ready``), admission is charged
-             (images and bytes in flight; beyond the bounds -> ``Overloaded``).
+             (images and bytes in flight, the server's and the caller's; beyond the bounds ->
+             ``Overloaded``).
   activate() the batch file is validated: the batch becomes visible to PullResult.
   record()   one ImageOutcome per image, in completion order, into the batch's ready heap (bounded
              by the batch's image count: duplicates are dropped, so it cannot grow past it).
   finish     every image answered: admission is released and ``on_finished`` runs (deletes the
              server's staging copy). The batch stays for ``result_ttl_s`` so results not yet
-             pulled can be pulled later; then it expires and its id answers NOT_FOUND.
+             pulled can be pulled later; then it expires and its id answers NOT_FOUND. A caller
+             that holds more finished batches than its quota loses its own oldest first; past
+             the server's bound, the largest holder's oldest go: never another caller's first.
+
+Ownership: every batch belongs to the identity that pushed it (``front.identity``). A request_id
+is the caller's own (two callers may use the same one), and another caller's batch id answers
+NOT_FOUND exactly as an unknown one, so ids can be neither taken nor probed.
 
 Delivery: a stream takes an outcome (it is then *leased*), writes it, and acks it; if the write
 fails or the stream is cancelled, it nacks it and the outcome goes back for a later stream. A
@@ -37,6 +44,7 @@ from dataclasses import dataclass, field
 from infer_server.front.cursors import PullCursor, SessionCursor
 from infer_server.front.errors import Conflict, Overloaded, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
+from infer_server.front.identity import ANONYMOUS
 from infer_server.messages import Code, ImageOutcome, ImageRef
 
 log = logging.getLogger(__name__)
@@ -49,6 +57,7 @@ class Batch:
     images: tuple[ImageRef, ...]
     total_bytes: int
     deadline: float  # time.monotonic() based
+    owner: str = ANONYMOUS  # the identity that pushed it
     file: BatchFile | None = None
     answered: set[int] = field(default_factory=set)
     ready: list[tuple[int, ImageOutcome]] = field(default_factory=list)  # heap by completion seq
@@ -80,6 +89,28 @@ class Reservation:
     fingerprint: bytes = b""  # of the request the request_id was first used with
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What one identity may hold at once (each bound also applies server-wide)."""
+
+    inflight_images: int
+    inflight_bytes: int
+    retained_batches: int = 4096
+
+
+@dataclass(eq=False)
+class _Usage:
+    """What one identity holds now; dropped when it holds nothing."""
+
+    images: int = 0
+    bytes: int = 0
+    finished: OrderedDict[str, Batch] = field(default_factory=OrderedDict)  # in finish order
+
+    @property
+    def idle(self) -> bool:
+        return not (self.images or self.bytes or self.finished)
+
+
 class BatchRegistry:
     def __init__(
         self,
@@ -88,20 +119,23 @@ class BatchRegistry:
         max_inflight_bytes: int,
         result_ttl_s: float,
         deadline_grace_s: float = 30.0,
-        max_retained_batches: int = 4096,
+        max_retained_batches: int = 16384,
+        quota: Quota | None = None,
         on_finished: Callable[[Batch], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_inflight_images = max_inflight_images
         self.max_inflight_bytes = max_inflight_bytes
+        self.quota = quota or Quota(max_inflight_images, max_inflight_bytes, max_retained_batches)
         self._ttl = result_ttl_s
         self._grace = deadline_grace_s
         self._max_retained = max_retained_batches
         self._on_finished = on_finished
         self._clock = clock
         self._batches: dict[str, Batch] = {}  # active and finished, visible to PullResult
-        self._requests: dict[str, Reservation] = {}  # request_id -> its (first) reservation
+        self._requests: dict[tuple[str, str], Reservation] = {}  # (owner, request_id) -> first reservation
         self._finished: OrderedDict[str, Batch] = OrderedDict()  # in finish order, for expiry
+        self._usage: dict[str, _Usage] = {}  # by owner
         self._seq = itertools.count()
         self.inflight_images = 0
         self.inflight_bytes = 0
@@ -110,35 +144,50 @@ class BatchRegistry:
 
     def reserve(
         self, request_id: str, images: tuple[ImageRef, ...], total_bytes: int, deadline: float,
-        fingerprint: bytes = b"",
+        fingerprint: bytes = b"", owner: str = ANONYMOUS,
     ) -> Reservation:  # fmt: skip
         """Assign a batch id and charge admission, or return the reservation of an earlier retry.
 
-        A request_id is bound to the request it first came with (its ``fingerprint``): a different
-        request under the same id is refused (``Conflict``) rather than handed the first one's batch.
+        A request_id is bound to the request it first came with (its ``fingerprint``) and to its
+        caller: a different request under the same id is refused (``Conflict``) rather than handed
+        the first one's batch; another caller's same id is another request altogether.
         """
-        if request_id and request_id in self._requests:
-            earlier = self._requests[request_id]
+        key = (owner, request_id)
+        if request_id and key in self._requests:
+            earlier = self._requests[key]
             if earlier.fingerprint != fingerprint:
                 raise Conflict("this request_id was already used for a different request")
             return Reservation(earlier.batch, is_new=False, ready=earlier.ready, fingerprint=fingerprint)
         n = len(images)
-        if self.inflight_images + n > self.max_inflight_images:
+        self._admit(owner, n, total_bytes)
+        usage = self._usage.setdefault(owner, _Usage())
+        usage.images += n
+        usage.bytes += total_bytes
+        self.inflight_images += n
+        self.inflight_bytes += total_bytes
+        self._idle.clear()
+        batch = Batch(uuid.uuid4().hex, request_id, images, total_bytes, deadline, owner)
+        future = asyncio.get_running_loop().create_future()
+        reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
+        if request_id:
+            self._requests[key] = reservation
+        return reservation
+
+    def _admit(self, owner: str, images: int, total_bytes: int) -> None:
+        """Refuse (``Overloaded``) a batch that would exceed the server's or its caller's bounds."""
+        if self.inflight_images + images > self.max_inflight_images:
             raise Overloaded(
                 f"server is at capacity ({self.inflight_images} of {self.max_inflight_images} images "
                 "in flight); retry later"
             )
         if self.inflight_bytes + total_bytes > self.max_inflight_bytes:
             raise Overloaded("server is at capacity (bytes in flight); retry later")
-        self.inflight_images += n
-        self.inflight_bytes += total_bytes
-        self._idle.clear()
-        batch = Batch(uuid.uuid4().hex, request_id, images, total_bytes, deadline)
-        future = asyncio.get_running_loop().create_future()
-        reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
-        if request_id:
-            self._requests[request_id] = reservation
-        return reservation
+        usage = self._usage.get(owner) or _Usage()
+        if usage.images + images > self.quota.inflight_images or usage.bytes + total_bytes > self.quota.inflight_bytes:
+            raise Overloaded(
+                f"this caller has {usage.images} images ({usage.bytes} bytes) in flight, its quota is "
+                f"{self.quota.inflight_images} ({self.quota.inflight_bytes} bytes); retry later"
+            )
 
     def activate(self, reservation: Reservation, file: BatchFile) -> None:
         """The batch file is valid: make the batch pullable and wake any retry waiting on it."""
@@ -152,7 +201,7 @@ class BatchRegistry:
         batch = reservation.batch
         self._release(batch)
         if batch.request_id:
-            self._requests.pop(batch.request_id, None)
+            self._requests.pop((batch.owner, batch.request_id), None)
         if not isinstance(exc, Exception):  # cancelled: a waiting retry should try again, not vanish
             exc = Unavailable("an earlier attempt of this request was cancelled; retry")
         reservation.ready.set_exception(exc)
@@ -179,12 +228,13 @@ class BatchRegistry:
             if ref.index not in batch.answered:
                 self.record(ImageOutcome.failed(batch.batch_id, ref, code, message))
 
-    def subscribe(self, batch_ids: Iterable[str]) -> PullCursor:
-        """A delivery cursor over the given batches; ``UnknownBatch`` if any id is unknown/expired."""
+    def subscribe(self, batch_ids: Iterable[str], owner: str = ANONYMOUS) -> PullCursor:
+        """A delivery cursor over the given batches of ``owner``; ``UnknownBatch`` if any id is
+        unknown, expired or another caller's (the same answer for all three)."""
         batches = []
         for batch_id in dict.fromkeys(batch_ids):  # de-duplicated, order kept
             batch = self._batches.get(batch_id)
-            if batch is None:
+            if batch is None or batch.owner != owner:
                 raise UnknownBatch(f"unknown or expired batch id {batch_id[:64]!r}")
             batches.append(batch)
         if not batches:
@@ -201,7 +251,7 @@ class BatchRegistry:
         while self._finished:
             batch = next(iter(self._finished.values()))
             assert batch.finished_at is not None
-            if now - batch.finished_at < self._ttl and len(self._finished) <= self._max_retained:
+            if now - batch.finished_at < self._ttl:
                 break
             self._forget(batch)
         for batch in list(self._batches.values()):
@@ -225,24 +275,47 @@ class BatchRegistry:
         batch.finished_at = self._clock()
         self._release(batch)
         self._finished[batch.batch_id] = batch
+        usage = self._usage.setdefault(batch.owner, _Usage())
+        usage.finished[batch.batch_id] = batch
+        self._retain(usage)
         if self._on_finished is not None:
             try:
                 self._on_finished(batch)
             except Exception:
                 log.exception("on_finished hook failed for batch %s", batch.batch_id)
 
+    def _retain(self, usage: _Usage) -> None:
+        """Keep finished batches within the caller's quota (its own oldest go), then within the
+        server's bound (the oldest of whoever holds the most go)."""
+        while len(usage.finished) > self.quota.retained_batches:
+            self._forget(next(iter(usage.finished.values())))
+        while len(self._finished) > self._max_retained:
+            largest = max(self._usage.values(), key=lambda u: len(u.finished))
+            self._forget(next(iter(largest.finished.values())))
+
     def _release(self, batch: Batch) -> None:
         self.inflight_images -= batch.size
         self.inflight_bytes -= batch.total_bytes
+        usage = self._usage[batch.owner]
+        usage.images -= batch.size
+        usage.bytes -= batch.total_bytes
+        if usage.idle:
+            del self._usage[batch.owner]
         if self.inflight_images == 0:
             self._idle.set()
 
     def _forget(self, batch: Batch) -> None:
         self._finished.pop(batch.batch_id, None)
         self._batches.pop(batch.batch_id, None)
-        bound = self._requests.get(batch.request_id)
+        usage = self._usage.get(batch.owner)
+        if usage is not None:
+            usage.finished.pop(batch.batch_id, None)
+            if usage.idle:
+                del self._usage[batch.owner]
+        key = (batch.owner, batch.request_id)
+        bound = self._requests.get(key)
         if bound is not None and bound.batch is batch:
-            del self._requests[batch.request_id]
+            del self._requests[key]
         batch.expired = True
         batch.ready.clear()
         batch.notify()

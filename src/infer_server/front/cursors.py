@@ -149,6 +149,11 @@ class SessionCursor(Cursor):
         self._wake.set()
 
     @property
+    def holds_batches(self) -> bool:
+        """Some batch's results or completion are still to be sent."""
+        return bool(self._batches)
+
+    @property
     def finished(self) -> bool:
         """Sealed, and every batch's completion was sent and released."""
         return not self._open and not self._batches

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -43,6 +44,12 @@ class PermissionDeniedError(ServerError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class Unauthenticated(ServerError):
+    """No credentials, or ones the server does not know (a bearer token is required)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class Conflict(ServerError):
     """A request_id already bound to a different request."""
 
@@ -50,7 +57,8 @@ class Conflict(ServerError):
 
 
 class Overloaded(ServerError):
-    """Admitting the batch would exceed a server-wide bound; the client should retry later."""
+    """Admitting the batch would exceed a bound of the server or of the caller's quota; the client
+    should retry later."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -65,6 +73,16 @@ class Unavailable(ServerError):
     """The server is starting, draining or its pipeline is down."""
 
     code = grpc.StatusCode.UNAVAILABLE
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A request message that was not parsed (over the size limit, or not a valid message): what
+    ``service.reader`` hands the handler instead, which answers it INVALID_ARGUMENT."""
+
+    reason: str
+    tag: int = 0  # a Session push's tag, when it could be read from the message's first field
+    defer_answer: bool = False
 
 
 def status_for(exc: BaseException, where: str) -> tuple[grpc.StatusCode, str]:

@@ -50,6 +50,9 @@ _DIR_FLAGS = DIR_FLAGS
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OUTSIDE = "path is outside the shared directory"
 _STAGING = "path points into the server's own directory"
+# One answer for a file that is missing, unreadable, or another user's: a caller learns nothing
+# about files it may not push (not even that they exist, let alone their size or content).
+_NOT_YOURS = "no file at this path that this caller may push (it must exist and belong to a user the caller is allowed)"
 
 
 @dataclass(frozen=True)
@@ -198,14 +201,19 @@ class Handoff:
         if names and len(names) != count:
             raise InvalidBatch(f"got {len(names)} names for {count} images")
 
-    def materialize(self, plan: BatchPlan) -> BatchFile:
-        """Validate the client's file, or stage the inline data. Blocking: run it in a thread."""
+    def materialize(self, plan: BatchPlan, owners: Collection[int] | None = None) -> BatchFile:
+        """Validate the client's file, or stage the inline data. Blocking: run it in a thread.
+
+        ``owners``: the uids whose files this caller may push (default: the server's own uid)."""
         if plan.path is not None:
-            return self.open_client_file(plan.path, plan.images, plan.total_bytes)
+            allowed = frozenset({os.geteuid()}) if owners is None else owners
+            return self.open_client_file(plan.path, plan.images, plan.total_bytes, allowed)
         assert plan.data is not None
         return self.stage_inline(plan.data, plan.images)
 
-    def open_client_file(self, path: str, images: tuple[ImageRef, ...], total: int) -> BatchFile:
+    def open_client_file(
+        self, path: str, images: tuple[ImageRef, ...], total: int, owners: Collection[int]
+    ) -> BatchFile:
         parts = self._components(path)
         try:
             fd = self._open_beneath_root(parts)
@@ -214,6 +222,8 @@ class Handoff:
             raise
         try:
             st = os.fstat(fd)
+            if st.st_uid not in owners:  # first: nothing else about the file may show
+                raise PermissionDeniedError(_NOT_YOURS)
             self._check_client_file(st, total)
         except BaseException:
             os.close(fd)
@@ -309,15 +319,11 @@ class Handoff:
     def _open_error(exc: OSError, part: str, dir_fd: int) -> Exception:
         if (busy := _busy(exc)) is not None:
             return busy
-        if exc.errno == errno.ENOENT:
-            return InvalidBatch("no such file in the shared directory")
         with contextlib.suppress(OSError):
             if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                 return PermissionDeniedError("path must not contain symbolic links")
-        if exc.errno in (errno.EACCES, errno.EPERM):
-            return PermissionDeniedError("the server may not read this file")
-        if exc.errno == errno.ENOTDIR:
-            return InvalidBatch("path is not a regular file")
+        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            return PermissionDeniedError(_NOT_YOURS)
         return InvalidBatch("the file cannot be opened")
 
     def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:

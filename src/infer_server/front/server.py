@@ -16,13 +16,17 @@ with a grace period for open streams, stops the pool, and removes the server's s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import resource
+import stat
 import time
 import zlib
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -30,21 +34,21 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from infer_proto import infer_pb2, infer_pb2_grpc
+from infer_proto import infer_pb2
 from infer_server.front import audit
-from infer_server.front.batches import Batch, BatchRegistry
+from infer_server.front.batches import Batch, BatchRegistry, Quota
 from infer_server.front.directories import run_janitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
+from infer_server.front.identity import Authenticator, Identity, load_tokens
 from infer_server.front.metrics import ServerMetrics
-from infer_server.front.service import InferenceServicer
+from infer_server.front.service import SERVICE_NAME, InferenceServicer
 from infer_server.messages import ImageOutcome
 from infer_server.settings import ServerSettings
 from infer_server.supervisor.pool import PipelineError, PipelinePool
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _INTERNAL = grpc.StatusCode.INTERNAL
@@ -54,8 +58,8 @@ def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
     """What makes a push the same push: its sizes, names and, inline, a checksum of its bytes.
 
     Not the path: a client library that retries writes the same images into a new batch file.
-    Until callers have identities, this stops a request_id reused by mistake or guessed blindly,
-    not one reused by a caller who knows the first request's sizes (docs/security.md)."""
+    Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
+    request_id reused by mistake for another request."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(b"inline" if request.data else b"file")
     digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
@@ -79,6 +83,56 @@ def _raise_descriptor_limit(needed: int) -> None:
                     "or raise the hard limit", soft, needed)  # fmt: skip
 
 
+def _channel_options(s: ServerSettings) -> list[tuple[str, int]]:
+    """gRPC core's limits: messages (``service.reader`` enforces ``max_message_bytes`` with a clear
+    INVALID_ARGUMENT; up to twice that reaches it, beyond that gRPC answers RESOURCE_EXHAUSTED itself),
+    and keepalive: the server pings busy connections and drops the silent ones; a client may ping
+    at most every 10 s, and only while it has calls open (else the connection is closed)."""
+    keepalive_ms = int(s.keepalive_s * 1000)
+    return [
+        ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+def _listen(server: grpc.aio.Server, s: ServerSettings) -> int:
+    """Bind TCP (TLS when configured) and the Unix socket if any; returns the TCP port."""
+    host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
+    if s.tls_cert is not None and s.tls_key is not None:
+        ca = s.tls_client_ca.read_bytes() if s.tls_client_ca else None
+        key_and_chain = [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())]
+        credentials = grpc.ssl_server_credentials(key_and_chain, ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(f"{host}:{s.port}", credentials)
+    else:
+        port = server.add_insecure_port(f"{host}:{s.port}")
+    if port == 0:
+        raise RuntimeError(f"could not bind {host}:{s.port}")
+    if s.unix_socket is not None:
+        _listen_unix(server, s.unix_socket)
+    return port
+
+
+def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
+    """The Unix socket, created 0600 (the umask covers the window between bind and chmod); a
+    leftover socket of an earlier run is replaced, anything else in its place is refused."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket: remove it or choose another --unix-socket")
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        bound = server.add_insecure_port(f"unix:{path}")
+    finally:
+        os.umask(old)
+    if bound == 0:
+        raise RuntimeError(f"could not listen on the Unix socket {path}")
+
+
 class InferenceServer:
     """One server: gRPC front, batch registry, tmpfs handoff and the stage-worker pool."""
 
@@ -91,12 +145,20 @@ class InferenceServer:
                 settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
             ),
         )
+        quota = Quota(
+            settings.max_inflight_images_per_identity or settings.max_inflight_images,
+            settings.max_inflight_bytes_per_identity or settings.max_inflight_bytes,
+            settings.max_retained_batches_per_identity,
+        )
         self.registry = BatchRegistry(
             max_inflight_images=settings.max_inflight_images,
             max_inflight_bytes=settings.max_inflight_bytes,
             result_ttl_s=settings.result_ttl_s,
+            max_retained_batches=settings.max_retained_batches,
+            quota=quota,
             on_finished=self._on_finished,
         )
+        self.authenticator = Authenticator(None, False, settings.owner_uids())
         self.metrics = ServerMetrics(lambda: self.registry.inflight_images)
         self.accepting = False
         self.port = 0
@@ -109,22 +171,21 @@ class InferenceServer:
     async def start(self) -> int:
         """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
         s = self.settings
+        owners = s.owner_uids()
+        try:
+            tokens = load_tokens(s.tokens_file, owners) if s.tokens_file else None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RuntimeError(f"cannot read the tokens file {s.tokens_file}: {exc}") from None
+        self.authenticator = Authenticator(tokens, s.tls_client_ca is not None, owners)
         self.handoff.prepare_dirs()
         _raise_descriptor_limit(s.max_inflight_images + 256)  # a held file per batch in flight, at most
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        limit = s.max_message_bytes
-        server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
-            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
-        )
-        infer_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(self), server)
+        server = grpc.aio.server(options=_channel_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        server.add_generic_rpc_handlers((InferenceServicer(self).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        host = f"[{s.host}]" if ":" in s.host and not s.host.startswith("[") else s.host
-        self.port = server.add_insecure_port(f"{host}:{s.port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {host}:{s.port}")
+        self.port = _listen(server, s)
         self._server = server
         await server.start()
         try:
@@ -141,8 +202,11 @@ class InferenceServer:
             self.metrics.serve(s.metrics_port, s.host)
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
-        log.info("serving on %s:%d with %d workers (%s)", s.host, self.port, s.workers, s.device)
-        audit.control("started", host=s.host, port=self.port, workers=s.workers, device=s.device)
+        callers = self.authenticator.mode
+        log.info("serving on %s:%d%s with %d workers (%s); callers: %s", s.host, self.port,
+                 f" and {s.unix_socket}" if s.unix_socket else "", s.workers, s.device, callers)  # fmt: skip
+        audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,
+                      tls=s.tls_cert is not None, callers=callers, workers=s.workers, device=s.device)  # fmt: skip
         return self.port
 
     def _start_pool(self, loop: asyncio.AbstractEventLoop) -> PipelinePool:
@@ -173,6 +237,10 @@ class InferenceServer:
         if not await self.registry.wait_idle(s.drain_timeout_s):
             log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
         await self._server.stop(s.stop_grace_s if grace is None else grace)
+        if s.unix_socket is not None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.lstat(s.unix_socket).st_mode):
+                    os.unlink(s.unix_socket)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -187,19 +255,21 @@ class InferenceServer:
         log.info("stopped")
         audit.control("stopped")
 
-    async def push(self, request: infer_pb2.PushDataRequest, peer: str = "") -> Batch:
-        """Validate and admit one push (PushData, or one push of a Session) from ``peer``; returns its
-        batch. Every push leaves one audit line, whatever its verdict."""
+    async def push(self, request: infer_pb2.PushDataRequest, peer: str = "", identity: Identity | None = None) -> Batch:
+        """Validate and admit one push (PushData, or one push of a Session) of ``identity`` (the
+        anonymous caller by default) from ``peer``; returns its batch. Every push leaves one audit
+        line, whatever its verdict."""
+        caller = identity or self.authenticator.anonymous
         try:
-            batch, first = await self._admit(request)
+            batch, first = await self._admit(request, caller)
         except Exception as exc:
             code, message = (exc.code, exc.message) if isinstance(exc, ServerError) else (_INTERNAL, "internal error")
-            audit.push(peer, request, "refused", code=code, reason=message)
+            audit.push(peer, caller.name, request, "refused", code=code, reason=message)
             raise
-        audit.push(peer, request, "accepted" if first else "retry", batch_id=batch.batch_id)
+        audit.push(peer, caller.name, request, "accepted" if first else "retry", batch_id=batch.batch_id)
         return batch
 
-    async def _admit(self, request: infer_pb2.PushDataRequest) -> tuple[Batch, bool]:
+    async def _admit(self, request: infer_pb2.PushDataRequest, caller: Identity) -> tuple[Batch, bool]:
         """The push's batch, and whether this request made it (False: a retry of its request_id)."""
         if not self.accepting:
             raise Unavailable("the server is not accepting batches (starting or draining)")
@@ -209,13 +279,15 @@ class InferenceServer:
         plan = self.handoff.plan(request.path, request.data, request.sizes, request.names)
         deadline = time.monotonic() + self.settings.batch_deadline_s
         fingerprint = _fingerprint(request) if request_id else b""
-        reservation = self.registry.reserve(request_id, plan.images, plan.total_bytes, deadline, fingerprint)
+        reservation = self.registry.reserve(
+            request_id, plan.images, plan.total_bytes, deadline, fingerprint, owner=caller.name
+        )
         if not reservation.is_new:
             # Shielded: a retry giving up must not cancel the first request's future.
             return await asyncio.shield(reservation.ready), False
         batch = reservation.batch
         try:
-            file = await self.materialize(plan)
+            file = await self.materialize(plan, caller.file_owners)
             self.submit(batch, file)
         except BaseException as exc:
             self.registry.abandon(reservation, exc)
@@ -224,12 +296,13 @@ class InferenceServer:
         self.metrics.batch_accepted(batch.size)
         return batch, True
 
-    async def materialize(self, plan: BatchPlan) -> BatchFile:
+    async def materialize(self, plan: BatchPlan, owners: frozenset[int]) -> BatchFile:
         """Validate or stage a batch (in a thread unless it is a client file on a memory file system,
-        see ``handoff``); a cancelled push still cleans up its staging copy."""
+        see ``handoff``) of a caller that may push files of ``owners``; a cancelled push still
+        cleans up its staging copy."""
         if plan.path is not None and self.handoff.in_memory:
-            return self.handoff.materialize(plan)
-        task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan))
+            return self.handoff.materialize(plan, owners)
+        task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan, owners))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

@@ -2,47 +2,156 @@
 
 * ``PushData``: one push, validated and admitted by ``InferenceServer.push``; answered with the
   batch id once the batch is queued.
-* ``PullResult``: a ``PullCursor`` over the given batches; one ``ImageResult`` per image, in
-  completion order, until every image was delivered.
+* ``PullResult``: a ``PullCursor`` over the caller's given batches; one ``ImageResult`` per image,
+  in completion order, until every image was delivered.
 * ``Session``: pushes in, answers and results out on one stream (``front.session``).
+
+Every call is identified first (``front.identity``; a caller without valid credentials gets
+UNAUTHENTICATED and an audit line), and streams count against the server's and the caller's
+stream quotas (``StreamSlots``), so one caller cannot hold every stream and push others — health
+checks included — out of ``--max-concurrent-rpcs``.
+
+Requests are parsed by :func:`reader`, not by the generated stubs: a message over
+``--max-message-bytes`` or one that does not parse becomes an ``Unreadable`` that the handler
+answers INVALID_ARGUMENT — in a Session, for that push alone — instead of gRPC's own
+RESOURCE_EXHAUSTED ("retry later", which it is not) or an INTERNAL that ends the whole stream.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError, Message
 
-from infer_proto import infer_pb2, infer_pb2_grpc
-from infer_server.front.errors import rpc_boundary
+from infer_proto import infer_pb2
+from infer_server.front import audit
+from infer_server.front.errors import InvalidBatch, Overloaded, Unauthenticated, Unreadable, rpc_boundary
+from infer_server.front.identity import Identity
 from infer_server.front.session import SessionProtocol, outcome_to_proto, write_outcomes
 
 if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
 
+SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
-class InferenceServicer(infer_pb2_grpc.InferenceServiceServicer):
+
+def _leading_tag(raw: bytes) -> int:
+    """Field 1 (``tag``, a varint) when it leads the message, as every protobuf encoder puts it."""
+    if not raw or raw[0] != 0x08:
+        return 0
+    value, shift = 0, 0
+    for byte in raw[1:11]:
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value
+        shift += 7
+    return 0
+
+
+def reader(message: type[Message], limit: int) -> Callable[[bytes], Message | Unreadable]:
+    """The request deserializer of one method: a message of at most ``limit`` bytes, or ``Unreadable``."""
+
+    def parse(raw: bytes) -> Message | Unreadable:
+        if len(raw) > limit:
+            return Unreadable(f"message of {len(raw)} bytes is over the {limit}-byte limit", _leading_tag(raw))
+        try:
+            return message.FromString(raw)
+        except DecodeError:
+            return Unreadable(f"not a valid {message.DESCRIPTOR.name}", _leading_tag(raw))
+
+    return parse
+
+
+def _readable(request: Any) -> Any:
+    if isinstance(request, Unreadable):
+        raise InvalidBatch(request.reason)
+    return request
+
+
+class StreamSlots:
+    """Open streams, server-wide and per caller; ``open`` refuses one over either bound."""
+
+    def __init__(self, total: int, per_identity: int) -> None:
+        self.total, self.per_identity = total, per_identity
+        self.open_streams = 0
+        self._by_identity: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def open(self, identity: str) -> Iterator[None]:
+        if self._by_identity[identity] >= self.per_identity:
+            raise Overloaded(f"this caller has {self.per_identity} streams open, its quota; close one or retry later")
+        if self.open_streams >= self.total:
+            raise Overloaded("the server has as many streams open as it allows; retry later")
+        self._by_identity[identity] += 1
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+            self._by_identity[identity] -= 1
+            if not self._by_identity[identity]:
+                del self._by_identity[identity]
+
+
+class InferenceServicer:
     """PushData / PullResult / Session of one ``InferenceServer``."""
 
     def __init__(self, server: InferenceServer) -> None:
         self._server = server
+        s = server.settings
+        assert s.max_streams is not None
+        self.streams = StreamSlots(s.max_streams, s.max_streams_per_identity)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's method handlers, with ``reader`` deserializers."""
+        limit = self._server.settings.max_message_bytes
+        return grpc.method_handlers_generic_handler(
+            SERVICE_NAME,
+            {
+                "PushData": grpc.unary_unary_rpc_method_handler(
+                    self.PushData, reader(infer_pb2.PushDataRequest, limit), infer_pb2.PushDataReply.SerializeToString
+                ),
+                "PullResult": grpc.unary_stream_rpc_method_handler(
+                    self.PullResult, reader(infer_pb2.PullResultRequest, limit), infer_pb2.ImageResult.SerializeToString
+                ),
+                "Session": grpc.stream_stream_rpc_method_handler(
+                    self.Session, reader(infer_pb2.SessionRequest, limit), infer_pb2.SessionReply.SerializeToString
+                ),
+            },
+        )
+
+    def _identify(self, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
+        try:
+            return self._server.authenticator.identify(context)
+        except Unauthenticated as exc:
+            audit.refused_call(context.peer(), rpc, exc.code, exc.message)
+            raise
 
     @rpc_boundary
-    async def PushData(
-        self, request: infer_pb2.PushDataRequest, context: grpc.aio.ServicerContext
-    ) -> infer_pb2.PushDataReply:
-        batch = await self._server.push(request, context.peer())
+    async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
+        identity = self._identify(context, "PushData")
+        batch = await self._server.push(_readable(request), context.peer(), identity)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
-    async def PullResult(self, request: infer_pb2.PullResultRequest, context: grpc.aio.ServicerContext) -> None:
-        with self._server.registry.subscribe(request.batch_ids) as cursor:
+    async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
+        identity = self._identify(context, "PullResult")
+        request = _readable(request)
+        batches = self._server.registry.subscribe(request.batch_ids, identity.name)
+        with self.streams.open(identity.name), batches as cursor:
             while (outcome := await cursor.next()) is not None:
                 await write_outcomes(context, cursor, [outcome], outcome_to_proto(outcome))
 
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        with self._server.registry.open_session() as cursor:
-            push = functools.partial(self._server.push, peer=context.peer())
-            await SessionProtocol(context, push, cursor).run()
+        identity = self._identify(context, "Session")
+        with self.streams.open(identity.name), self._server.registry.open_session() as cursor:
+            push = functools.partial(self._server.push, peer=context.peer(), identity=identity)
+            idle = self._server.settings.stream_idle_timeout_s
+            await SessionProtocol(context, push, cursor, idle_timeout_s=idle).run()

@@ -26,12 +26,13 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+import grpc
 import grpc.aio
 
 from infer_proto import infer_pb2
 from infer_server.front.batches import Batch
 from infer_server.front.cursors import Cursor, SessionCursor
-from infer_server.front.errors import status_for
+from infer_server.front.errors import Unavailable, Unreadable, status_for
 from infer_server.messages import ImageOutcome
 
 # Answers a Session may owe its client before it stops reading pushes (flow control holds the rest).
@@ -91,9 +92,12 @@ class SessionProtocol:
     """One Session stream: ``await SessionProtocol(stream, push, cursor).run()``."""
 
     def __init__(
-        self, stream: Stream, push: Callable[[infer_pb2.PushDataRequest], Awaitable[Batch]], cursor: SessionCursor
-    ) -> None:
+        self, stream: Stream, push: Callable[[infer_pb2.PushDataRequest], Awaitable[Batch]], cursor: SessionCursor,
+        idle_timeout_s: float | None = None,
+    ) -> None:  # fmt: skip
         self._stream, self._push, self._cursor = stream, push, cursor
+        self._idle_timeout_s = idle_timeout_s
+        self._pushing = False  # the reader is admitting a push: an answer is on its way
         self._answers: list[infer_pb2.PushAnswer] = []  # ready to go out with the next reply
         self._deferred: dict[str, list[infer_pb2.PushAnswer]] = {}  # by batch id, until it has results
         self._owed = 0  # answers queued or deferred, not written yet
@@ -110,17 +114,37 @@ class SessionProtocol:
                     reader.result()  # a broken request stream ends this one with its error
                     if self._cursor.finished:
                         return
-                await self._cursor.wait()
+                await self._wait()
         finally:
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
 
+    async def _wait(self) -> None:
+        """Until something may have changed; with nothing owed for ``idle_timeout_s``, end the
+        stream (UNAVAILABLE: the client opens a new one when it has work again)."""
+        if not self._idle or self._idle_timeout_s is None:
+            await self._cursor.wait()
+            return
+        try:
+            await asyncio.wait_for(self._cursor.wait(), self._idle_timeout_s)
+        except TimeoutError:
+            if self._idle:
+                raise Unavailable(f"session idle for {self._idle_timeout_s:g} s; open a new one") from None
+
+    @property
+    def _idle(self) -> bool:
+        return not (self._owed or self._pushing or self._cursor.holds_batches)
+
     async def _read_pushes(self) -> None:
         try:
             while (request := await self._stream.read()) is not grpc.aio.EOF:
                 defer = request.defer_answer
-                answer = await self._answer(request, wake=not defer)
+                self._pushing = True
+                try:
+                    answer = await self._answer(request, wake=not defer)
+                finally:
+                    self._pushing = False
                 if defer and answer.batch_id:
                     self._deferred.setdefault(answer.batch_id, []).append(answer)
                 else:
@@ -133,8 +157,11 @@ class SessionProtocol:
         finally:
             self._cursor.seal()
 
-    async def _answer(self, request: infer_pb2.SessionRequest, wake: bool) -> infer_pb2.PushAnswer:
+    async def _answer(self, request: infer_pb2.SessionRequest | Unreadable, wake: bool) -> infer_pb2.PushAnswer:
         """Admit one push (its results now go to this stream) or refuse it in-band."""
+        if isinstance(request, Unreadable):  # this push alone fails; the session goes on
+            status = infer_pb2.Status(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=request.reason)
+            return infer_pb2.PushAnswer(tag=request.tag, status=status)
         try:
             batch = await self._push(request.push)
         except Exception as exc:
