@@ -90,6 +90,16 @@ class WorkerOptions:
     null_model: bool  # read + header check only, no decode or model (benchmarks the data path)
     plan_cache_dir: str | None  # TensorRT plans (device gpu); None: the backend's default
     log_level: str
+    memory_mib: int | None = None  # resident memory after which the worker retires (RETIRED_EXIT)
+
+
+# The exit code of a worker that retired on purpose after a chunk because its resident memory passed
+# ``WorkerOptions.memory_mib`` (a huge image grew it): the pool replaces it like a dead one, and
+# nothing it held is lost or counted as an attempt (its last chunk was answered first).
+RETIRED_EXIT = 75
+# The exit code of a worker whose pipeline failed on a chunk (e.g. an allocation over its memory cap):
+# the chunk is not answered, and the pool retries its images one per chunk on a fresh worker.
+FAILED_EXIT = 70
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,12 @@ class ServerSettings(BaseSettings):
         description="A worker still on one chunk after this long is replaced; the chunk's images are retried "
         "one by one, so the image that holds it up fails alone.",
     )  # fmt: skip
+    worker_memory_mib: int | None = Field(
+        default=2048, ge=256,
+        description="A worker whose resident memory passes this after a chunk is replaced, so the memory a huge "
+        "image grew it by goes back to the system; on cpu its data segment is also capped at twice this "
+        "(RLIMIT_DATA), so one chunk cannot take the host's memory. 0 or unset: no bound.",
+    )  # fmt: skip
     null_model: bool = Field(
         default=False,
         description="Benchmarking the data path: read and header-check every image, run no model, return "
@@ -237,4 +243,5 @@ class ServerSettings(BaseSettings):
             null_model=self.null_model,
             plan_cache_dir=str(self.plan_cache_dir) if self.plan_cache_dir else None,
             log_level=self.log_level,
+            memory_mib=self.worker_memory_mib or None,
         )

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engines.scenes import generate_scene
-from infer_server.messages import STOP, Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem
+from infer_server.messages import FAILED_EXIT, STOP, Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem
 from infer_server.stage.pipeline import VisionPipeline
 from infer_server.stage.worker import ChunkReader, StageWorker
 from tests.helpers import worker_options
@@ -184,15 +184,19 @@ def test_a_batch_the_front_let_go_of_is_data_loss(pipeline: VisionPipeline, shm:
     )
 
 
-def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
+def test_a_pipeline_failure_leaves_the_chunk_to_a_fresh_worker(model_repo_dir: Path, shm: Path) -> None:
+    """A pipeline that failed may be unusable (DALI's is, after a critical error): the worker answers
+    nothing and exits, so the pool retries the images one per chunk on a fresh worker."""
     broken = VisionPipeline.load(model_repo_dir, worker_options(batch_size=4))
     broken.close()  # its engines now refuse to run: a real failure inside the chunk
-    outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))
-    assert sorted((o.index, o.code, o.message) for o in outcomes) == [
-        (0, Code.INTERNAL, "image 0: pipeline error"),
-        (1, Code.INVALID_ARGUMENT, "image 1: not a JPEG or PNG"),
-        (2, Code.INTERNAL, "image 2: pipeline error"),
-    ]
+    inbox, pool_end = multiprocessing.Pipe(duplex=False)
+    results, parent = multiprocessing.Pipe(duplex=False)
+    pool_end.send(write_batch(shm / "batch", BLOBS))
+    pool_end.send(write_batch(shm / "batch2", BLOBS))
+    code = StageWorker(3, broken, parent, None, reader()).serve(inbox, multiprocessing.Event())
+    assert code == FAILED_EXIT
+    assert not results.poll(), "nothing answered"
+    assert inbox.poll(), "the second chunk was not taken: the pool hands it to another worker"
 
 
 def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:

@@ -9,9 +9,17 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
   nothing and runs ``NullPipeline`` (read + header check only) to measure the data path alone.
 * per ``WorkItem`` from the worker's own inbox: its id goes into the shared ``current`` value
   (what the pool reads if this worker dies), then one ``ItemDone`` carries an ``ImageOutcome``
-  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running.
+  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running. If
+  the pipeline itself fails (not an image: those are per-image outcomes), the worker exits with
+  ``FAILED_EXIT`` without answering, and the pool retries the chunk's images one per chunk.
 * ``STOP`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
   parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
+* memory: the decoder keeps the buffers a huge image grew, for good (``docs/security.md`` has the
+  figures), so a worker whose resident memory passes ``memory_mib`` after answering a chunk exits
+  with ``RETIRED_EXIT`` and the pool starts a fresh one. On cpu the data segment is also capped
+  (``RLIMIT_DATA``, twice that) once the models are loaded: a chunk that would need more fails
+  (the pool retries its images one by one, so only the image that needs it fails) instead of
+  taking the host's memory.
 
 Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
 worker killed mid-write can then only corrupt its own channel, which the pool discards with it.
@@ -31,13 +39,17 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import stat
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from infer_server.messages import (
+    FAILED_EXIT,
+    RETIRED_EXIT,
     STOP,
     Code,
     ImageOutcome,
@@ -144,44 +156,54 @@ class StageWorker:
 
     def __init__(
         self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection, current: Any = None,
-        reader: ChunkReader | None = None,
+        reader: ChunkReader | None = None, memory_mib: int | None = None,
     ) -> None:  # fmt: skip
         self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
         self.current = current  # shared ctypes value: id of the item taken last (None: not shared)
         self.reader = reader or ChunkReader()
+        self.memory_mib = memory_mib
 
-    def serve(self, inbox: Connection, stop: Event) -> None:
+    def serve(self, inbox: Connection, stop: Event) -> int | None:
+        """Serve chunks until stopped (None), or until this worker must go: ``RETIRED_EXIT`` (too
+        much memory resident) or ``FAILED_EXIT`` (the pipeline failed; its chunk is not answered)."""
         while not stop.is_set():
             # Blocking is the idle state of a worker: the stop marker, the parent's death (see
             # _exit_with_parent) and the pool's terminate → kill after join(timeout) all end it.
             try:
                 item = inbox.recv()
             except EOFError:  # the pool closed the inbox: as good as the stop marker
-                return
+                return None
             if item is STOP or stop.is_set():
-                return
-            self.handle(item)
+                return None
+            if not self.handle(item):
+                return FAILED_EXIT
+            if self.memory_mib is not None and (resident := resident_mib()) > self.memory_mib:
+                log.warning("worker %d: %d MiB resident after a chunk, over %d MiB: retiring to give it back",
+                            self.worker_id, resident, self.memory_mib)  # fmt: skip
+                return RETIRED_EXIT
+        return None
 
-    def handle(self, item: WorkItem) -> None:
-        """Answer every image of ``item`` in one ``ItemDone``, whatever happens to the pipeline."""
+    def handle(self, item: WorkItem) -> bool:
+        """Answer every image of ``item`` in one ``ItemDone``; False, answering nothing, if the
+        pipeline failed: its state is then unknown (DALI refuses all further work after a critical
+        error such as an allocation that failed), so this worker must exit and the pool retries the
+        chunk's images one by one on a fresh one."""
         if self.current is not None:
             self.current.value = item.item_id
         taken = time.monotonic()
         outcomes: dict[int, ImageOutcome] = {}
-        try:
-            if taken > item.deadline:
-                for ref in item.images:
-                    message = f"image {ref.index}: deadline exceeded before processing"
-                    outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DEADLINE_EXCEEDED, message)
-            else:
-                self._run(item, taken, outcomes)
-        except Exception:
-            log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
+        if taken > item.deadline:
             for ref in item.images:
-                if ref.index not in outcomes:
-                    message = f"image {ref.index}: pipeline error"
-                    outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.INTERNAL, message)
+                message = f"image {ref.index}: deadline exceeded before processing"
+                outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DEADLINE_EXCEEDED, message)
+        else:
+            try:
+                self._run(item, taken, outcomes)
+            except Exception:
+                log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
+                return False
         self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
+        return True
 
     def _run(self, item: WorkItem, taken: float, outcomes: dict[int, ImageOutcome]) -> None:
         """Read the chunk's images and run the pipeline on those that could be read, into ``outcomes``."""
@@ -197,6 +219,24 @@ class StageWorker:
         queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
         for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
             outcomes[outcome.index] = outcome
+
+
+def resident_mib() -> int:
+    """This process's resident memory in MiB (``/proc/self/statm``: one small read)."""
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+
+
+def _cap_data_segment(options: WorkerOptions) -> None:
+    """On cpu, cap the data segment at twice ``memory_mib`` (not on gpu: the CUDA driver's host-side
+    reservations would count against it, and that is not measured here)."""
+    if options.memory_mib is None or options.device != "cpu":
+        return
+    limit = 2 * options.memory_mib << 20
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
 def run_worker(
@@ -226,10 +266,14 @@ def run_worker(
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
+    _cap_data_segment(options)
     results.send(WorkerReady(worker_id, os.getpid(), pipeline.models))
+    code = None
     try:
-        StageWorker(worker_id, pipeline, results, current).serve(inbox, stop)
+        code = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib).serve(inbox, stop)
     except (BrokenPipeError, ConnectionResetError):
         log.warning("worker %d: the pool went away", worker_id)
     finally:
         pipeline.close()
+    if code is not None:
+        sys.exit(code)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef, WorkItem
 
 CRASHED = "worker crashed while processing this image"
+PIPELINE_FAILED = "the pipeline failed on this image (out of memory?)"
 EXPIRED = "deadline exceeded before processing"
 
 

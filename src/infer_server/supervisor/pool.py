@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from infer_server.messages import (
+    FAILED_EXIT,
+    RETIRED_EXIT,
     Code,
     FileRef,
     ImageOutcome,
@@ -62,7 +64,7 @@ from infer_server.messages import (
     WorkerReady,
 )
 from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
-from infer_server.supervisor.ledger import CRASHED, ChunkLedger
+from infer_server.supervisor.ledger import CRASHED, PIPELINE_FAILED, ChunkLedger
 from infer_server.supervisor.processes import MAX_WAIT, WorkerProcess, end_processes, worker_main
 
 log = logging.getLogger(__name__)
@@ -351,11 +353,18 @@ class PipelinePool:
                     f"worker {worker.slot} exited with code {code} during setup")  # fmt: skip
                 self._cond.notify_all()
                 return
-            why = worker.setup_error or f"exit code {worker.process.exitcode}"
-            log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
+            if worker.process.exitcode == RETIRED_EXIT:
+                log.info("worker %d (pid %s) retired to give its memory back; replacing it", worker.slot,
+                         worker.process.pid)  # fmt: skip
+            else:
+                why = worker.setup_error or f"exit code {worker.process.exitcode}"
+                log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
             for chunk in worker.held.values():
                 chunk.started = chunk.item.item_id == worker.current.value
-            reason = f"took longer than {self._max_chunk_s:.0f} s to process" if worker.overran else CRASHED
+            if worker.overran:
+                reason = f"took longer than {self._max_chunk_s:.0f} s to process"
+            else:
+                reason = PIPELINE_FAILED if worker.process.exitcode == FAILED_EXIT else CRASHED
             deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk, reason)]
             worker.inbox.close()  # its result pipe is the reader's to close
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
