@@ -316,6 +316,21 @@ def test_in_flight_quota_per_caller() -> None:
     run(scenario())
 
 
+def test_a_spent_byte_budget_is_known_before_a_push_is_received() -> None:
+    async def scenario() -> None:
+        reg = make_registry(max_inflight_bytes=100, quota=Quota(inflight_images=8, inflight_bytes=30))
+        assert reg.bytes_budget_spent("bob") is None
+        open_batch(reg, 3, owner="bob")  # 30 bytes: bob's whole budget
+        assert "this caller" in (reg.bytes_budget_spent("bob") or "")
+        assert reg.bytes_budget_spent("alice") is None
+        for owner in ("alice", "carol"):
+            open_batch(reg, 3, owner=owner)
+        open_batch(reg, 1, owner="dave")  # 100 bytes: the server's
+        assert "server is at capacity" in (reg.bytes_budget_spent("erin") or "")
+
+    run(scenario())
+
+
 def test_overdue_batch_is_answered_deadline_exceeded_once() -> None:
     async def scenario() -> None:
         clock = Clock()

@@ -4,8 +4,9 @@ logger (INFO), in the server's main process.
 A push line says who (the caller's identity and the peer's address), what (transport,
 image count, bytes, the request_id's presence), and the verdict: ``accepted`` with the batch id,
 ``retry`` (a request_id seen before, answered with the first batch id) or ``refused`` with the status
-code and the client-facing reason. A call refused before it had an identity (no or an unknown
-token, no client certificate) leaves a ``call`` line with the method and the reason. No line
+code and the client-facing reason. A call refused before its request was read (no or an unknown
+token, no client certificate, a push over its caller's byte budget: ``front.gate``) leaves a
+``call`` line with the method and the reason. No line
 carries a secret, image data, or a path: a path names a client's file, and a refused one may name
 anything on the host. Route the logger wherever the
 operator keeps audit trails (it writes to the server's log, stderr, by default).
@@ -41,10 +42,10 @@ def push(peer: str, identity: str, request: infer_pb2.PushDataRequest, verdict: 
     log.info(json.dumps(fields, separators=(",", ":")))
 
 
-def refused_call(peer: str, rpc: str, code: grpc.StatusCode, reason: str) -> None:
-    """A call refused before it had an identity."""
+def refused_call(peer: str, rpc: str, code: grpc.StatusCode, reason: str, identity: str | None = None) -> None:
+    """A call refused before its request was read: no identity, or a push over its byte budget."""
     if log.isEnabledFor(logging.INFO):
-        fields = {"event": "call", "peer": peer, "identity": None, "rpc": rpc, "verdict": "refused",
+        fields = {"event": "call", "peer": peer, "identity": identity, "rpc": rpc, "verdict": "refused",
                   "code": code.name, "reason": reason}  # fmt: skip
         log.info(json.dumps(fields, separators=(",", ":")))
 

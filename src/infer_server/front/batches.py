@@ -189,6 +189,16 @@ class BatchRegistry:
                 f"{self.quota.inflight_images} ({self.quota.inflight_bytes} bytes); retry later"
             )
 
+    def bytes_budget_spent(self, owner: str) -> str | None:
+        """Why a push of ``owner`` cannot be admitted whatever its size (the server's or the caller's
+        in-flight bytes are at their bound), or None: ``front.gate`` asks before receiving it."""
+        if self.inflight_bytes >= self.max_inflight_bytes:
+            return "server is at capacity (bytes in flight); retry later"
+        usage = self._usage.get(owner)
+        if usage is not None and usage.bytes >= self.quota.inflight_bytes:
+            return f"this caller has {usage.bytes} bytes in flight, its quota; retry later"
+        return None
+
     def activate(self, reservation: Reservation, file: BatchFile) -> None:
         """The batch file is valid: make the batch pullable and wake any retry waiting on it."""
         batch = reservation.batch

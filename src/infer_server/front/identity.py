@@ -126,6 +126,13 @@ class Authenticator:
             return self._from_certificate(context.auth_context())
         return self.anonymous
 
+    def identify_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> Identity | None:
+        """The caller from its metadata alone (``front.gate``, before the request is read); None
+        when only the TLS peer can tell (client certificates)."""
+        if self._tokens:
+            return self._from_token(metadata or ())
+        return None if self._client_certificates else self.anonymous
+
     def _from_token(self, metadata: Iterable[tuple[str, Any]]) -> Identity:
         presented = None
         for key, value in metadata:

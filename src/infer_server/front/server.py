@@ -39,6 +39,7 @@ from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry, Quota
 from infer_server.front.directories import run_janitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
+from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.identity import Authenticator, Identity, load_tokens
 from infer_server.front.metrics import ServerMetrics
@@ -181,7 +182,10 @@ class InferenceServer:
         _raise_descriptor_limit(s.max_inflight_images + 256)  # a held file per batch in flight, at most
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
-        server = grpc.aio.server(options=_channel_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
+        server = grpc.aio.server(
+            interceptors=gate, options=_channel_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs
+        )
         server.add_generic_rpc_handlers((InferenceServicer(self).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -32,6 +32,7 @@ from google.protobuf.message import DecodeError, Message
 from infer_proto import infer_pb2
 from infer_server.front import audit
 from infer_server.front.errors import InvalidBatch, Overloaded, Unauthenticated, Unreadable, rpc_boundary
+from infer_server.front.gate import CALLER
 from infer_server.front.identity import Identity
 from infer_server.front.session import SessionProtocol, outcome_to_proto, write_outcomes
 
@@ -127,6 +128,9 @@ class InferenceServicer:
         )
 
     def _identify(self, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
+        known = CALLER.get()  # identified by the gate, before the request was read
+        if known is not None:
+            return known
         try:
             return self._server.authenticator.identify(context)
         except Unauthenticated as exc:
