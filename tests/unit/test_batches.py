@@ -318,7 +318,7 @@ def test_in_flight_quota_per_caller() -> None:
 
 def test_a_spent_byte_budget_is_known_before_a_push_is_received() -> None:
     async def scenario() -> None:
-        reg = make_registry(max_inflight_bytes=100, quota=Quota(inflight_images=8, inflight_bytes=30))
+        reg = make_registry(max_inflight_images=16, max_inflight_bytes=100, quota=Quota(16, inflight_bytes=30))
         assert reg.bytes_budget_spent("bob") is None
         open_batch(reg, 3, owner="bob")  # 30 bytes: bob's whole budget
         assert "this caller" in (reg.bytes_budget_spent("bob") or "")
