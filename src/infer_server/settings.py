@@ -175,8 +175,9 @@ class ServerSettings(BaseSettings):
     keepalive_s: float = Field(
         default=60.0, gt=0,
         description="Ping connections with open calls this often and drop the ones that do not answer within "
-        "20 s; clients may ping at most every 10 s.",
+        "--keepalive-timeout-s (a frozen or vanished client frees its streams); clients may ping at most every 10 s.",
     )  # fmt: skip
+    keepalive_timeout_s: float = Field(default=20.0, gt=0, description="How long a keepalive ping may go unanswered.")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="INFO", description="DEBUG, INFO, WARNING or ERROR (the workers' too)."

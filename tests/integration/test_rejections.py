@@ -149,3 +149,4 @@ def test_hostile_jpegs_are_refused_from_their_headers(server: RunningServer, sce
     assert [r.code for r in results] == [grpc.StatusCode.INVALID_ARGUMENT] * 2 + [grpc.StatusCode.OK]
     assert results[0].message.endswith("bytes is not a real JPEG")
     assert "scans (at most 100)" in results[1].message
+

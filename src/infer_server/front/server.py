@@ -87,15 +87,19 @@ def _raise_descriptor_limit(needed: int) -> None:
 def _channel_options(s: ServerSettings) -> list[tuple[str, int]]:
     """gRPC core's limits: messages (``service.reader`` enforces ``max_message_bytes`` with a clear
     INVALID_ARGUMENT; up to twice that reaches it, beyond that gRPC answers RESOURCE_EXHAUSTED itself),
-    and keepalive: the server pings busy connections and drops the silent ones; a client may ping
-    at most every 10 s, and only while it has calls open (else the connection is closed)."""
+    and keepalive: the server pings connections that hold calls every ``keepalive_s`` and drops one
+    whose ping goes unanswered for ``keepalive_timeout_s`` (gRPC's own ping timeout is a minute:
+    it is set too), so a frozen client's streams come back; a client may ping at most every 10 s,
+    and only while it has calls open (else the connection is closed)."""
     keepalive_ms = int(s.keepalive_s * 1000)
     return [
         ("grpc.max_receive_message_length", 2 * s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),
-        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", int(s.keepalive_timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", int(s.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 0),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging a connection whose streams send nothing
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
     ]
