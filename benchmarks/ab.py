@@ -9,6 +9,7 @@ benchmark — on one point, and reports every round's B/A ratio and the means::
     .venv/bin/python -m benchmarks.ab HEAD~1 HEAD                    # null model, tmpfs, K=4, 5 rounds, ~2 min
     .venv/bin/python -m benchmarks.ab main my-branch --transport inline --concurrency 16 --rounds 7
     .venv/bin/python -m benchmarks.ab HEAD~1 HEAD --pipeline full --rounds 3   # with the models, ~10 min
+    .venv/bin/python -m benchmarks.ab HEAD HEAD --b-args=--tokens             # one revision, auth off vs on
 
 A revision is anything ``git rev-parse`` takes; ``WORKTREE`` (the working tree with its uncommitted
 changes) compares the current files. Both revisions must have ``benchmarks/fps.py``.
@@ -63,13 +64,13 @@ def _checked_out(revision: str) -> Iterator[Path]:
             _git("worktree", "remove", "--force", str(tree))
 
 
-def _point(tree: Path, pipeline: str, transport: str, concurrency: int) -> dict[str, float]:
+def _point(tree: Path, pipeline: str, transport: str, concurrency: int, extra: list[str]) -> dict[str, float]:
     if pipeline == "null":
         point = ["--null-model", "--null-concurrency", str(concurrency)]
     else:
         point = ["--no-null-model", "--concurrency", str(concurrency)]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "benchmarks.fps", *point, "--transport", transport, "--json", out.name]
+        cmd = [sys.executable, "-m", "benchmarks.fps", *point, "--transport", transport, "--json", out.name, *extra]
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
         env["PYTHONPATH"] = f"{tree / 'src'}{os.pathsep}{tree}"  # this revision's code, not the installed one
         done = subprocess.run(cmd, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -88,6 +89,8 @@ def main(
     transport: Annotated[str, typer.Option(help="tmpfs or inline.")] = "tmpfs",
     concurrency: Annotated[int, typer.Option(help="Client processes.")] = 4,
     rounds: Annotated[int, typer.Option(help="A, B pairs.")] = 5,
+    a_args: Annotated[str, typer.Option(help="More benchmarks.fps options for A, e.g. '--tokens'.")] = "",
+    b_args: Annotated[str, typer.Option(help="More benchmarks.fps options for B.")] = "",
 ) -> None:
     """Alternate A and B on one point; print each round's B/A and the means."""
     if pipeline not in ("null", "full"):
@@ -99,10 +102,11 @@ def main(
             # measurably slower for long points (the full pipeline), which a fixed order charges to B.
             order = (("A", tree_a), ("B", tree_b)) if n % 2 else (("B", tree_b), ("A", tree_a))
             for label, tree in order:
-                results[label].append(_point(tree, pipeline, transport, concurrency))
+                extra = (a_args if label == "A" else b_args).split()
+                results[label].append(_point(tree, pipeline, transport, concurrency, extra))
             ra, rb = results["A"][-1], results["B"][-1]
             print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
-    for label, revision in (("A", a), ("B", b)):
+    for label, revision in (("A", f"{a} {a_args}".strip()), ("B", f"{b} {b_args}".strip())):
         runs = results[label]
         cpu = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if k.startswith("cpu_")}
         parts = ", ".join(f"{k[4:]} {v:.3f}" for k, v in cpu.items())

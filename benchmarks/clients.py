@@ -29,7 +29,7 @@ from infer_proto.grpc_io import prefer_epoll_io
 prefer_epoll_io()
 
 from benchmarks.baselines.rest_client import RestClient  # noqa: E402
-from infer_client import InferClient  # noqa: E402
+from infer_client import Credentials, InferClient  # noqa: E402
 
 
 @dataclass
@@ -67,7 +67,8 @@ class GrpcDriver:
     """The client library's fast path: one ``Session`` stream per client, a push and its results on it."""
 
     def __init__(self, address: str, transport: str, shm_dir: str) -> None:
-        self.client = InferClient(address, shm_dir=shm_dir, transport=transport)  # type: ignore[arg-type]
+        credentials = Credentials.from_env()  # INFER_TOKEN, set by ``fps --tokens``
+        self.client = InferClient(address, shm_dir=shm_dir, transport=transport, credentials=credentials)  # type: ignore[arg-type]
         self.session = self.client.session()
 
     def run_batch(self, images: list[bytes], names: list[str], record: BatchRecord, counter: Any) -> None:

@@ -27,10 +27,13 @@ memory, null-model or REST runs).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
 import platform
+import secrets
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -45,6 +48,7 @@ import typer
 from rich.console import Console
 
 from benchmarks import bounds as bounds_mod
+from benchmarks import servers
 from benchmarks.loadgen import Workload, make_workload, run_point
 from benchmarks.report import OTHER_LIMIT, RunRecord, best, evaluate_targets, print_report, write_json, write_plots
 from benchmarks.repos import CONFIGS, assemble
@@ -408,6 +412,19 @@ def _bounds(measured: bounds_mod.Bounds, runs: list[RunRecord], cores: int) -> d
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0])
 
 
+def _use_tokens() -> None:
+    """Authentication on for this run: a private tokens file for the servers started here (their
+    ``--tokens-file``) and its token for the clients (``INFER_TOKEN``, read by ``Credentials.from_env``)."""
+    folder = Path(tempfile.mkdtemp(prefix="infer-bench-tokens-"))
+    token = secrets.token_urlsafe(32)
+    path = folder / "tokens"
+    path.write_text(f"bench {token}\n")
+    path.chmod(0o600)
+    atexit.register(shutil.rmtree, folder, True)
+    servers.GRPC_SERVER_ARGS.extend(["--tokens-file", str(path)])
+    os.environ["INFER_TOKEN"] = token
+
+
 def _levels(text: str) -> tuple[int, ...]:
     return tuple(sorted({int(v) for v in text.split(",")}))
 
@@ -434,8 +451,13 @@ def main(
     cache_dir: Annotated[Path, typer.Option(help="Where seed4's classifiers are cached.")] = DEFAULT_CACHE,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
     plot: Annotated[Path | None, typer.Option(help="Write PNG plots into this directory.")] = None,
+    tokens: Annotated[
+        bool, typer.Option(help="Serve with a tokens file; every client call carries a bearer token.")
+    ] = False,
 ) -> None:
     """Measure images/s, latency, bounds and transports of the inference server."""
+    if tokens:
+        _use_tokens()
     transports = tuple(transport or TRANSPORTS)
     if config not in CONFIGS or not set(transports) <= set(TRANSPORTS):
         raise typer.BadParameter(f"--config is one of {CONFIGS}; --transport of {TRANSPORTS}")

@@ -200,6 +200,10 @@ def _stop(server: ServerProcess) -> None:
     server.log_path.unlink(missing_ok=True)
 
 
+# Arguments every product server of this run gets besides its own (``fps --tokens`` adds its tokens file).
+GRPC_SERVER_ARGS: list[str] = []
+
+
 def grpc_server(
     models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "grpc"
 ) -> contextlib.AbstractContextManager[ServerProcess]:
@@ -208,6 +212,7 @@ def grpc_server(
         *("infer_server", "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"),
         *("--workers", str(workers), "--batch-size", str(batch_size), "--log-level", "WARNING"),
         *(("--null-model",) if null_model else ()),
+        *GRPC_SERVER_ARGS,
     ]
     return launched("grpc", args, shm=True, label=label)
 
