@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,3 +81,12 @@ def test_without_a_client_certificate_nothing_gets_through(server: RunningServer
     with server.client(credentials=given, transport="inline", timeout=10) as client, pytest.raises(InferError) as info:
         client.detect([JPEG])
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_off_loopback_is_refused_at_start(tmp_path: Path) -> None:
+    """Finding: with ``--host 0.0.0.0`` everything was reachable from the network, unencrypted."""
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--host", "0.0.0.0", "--shm-dir", str(tmp_path / "shm")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "reachable from the network" in done.stderr and "--insecure" in done.stderr
+    assert not (tmp_path / "shm").exists(), "refused before anything was created"

@@ -147,8 +147,10 @@ class InferenceServicer:
     async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self._identify(context, "PullResult")
         request = _readable(request)
-        batches = self._server.registry.subscribe(request.batch_ids, identity.name)
-        with self.streams.open(identity.name), batches as cursor:
+        with (
+            self.streams.open(identity.name),
+            self._server.registry.subscribe(request.batch_ids, identity.name) as cursor,
+        ):
             while (outcome := await cursor.next()) is not None:
                 await write_outcomes(context, cursor, [outcome], outcome_to_proto(outcome))
 
