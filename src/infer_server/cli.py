@@ -101,6 +101,36 @@ def serve(settings: ServerSettings) -> None:
 app.command(name="serve")(_settings_command(serve))
 
 
+@app.command()
+def health(
+    address: Annotated[str, typer.Option(help="Server address: HOST:PORT or unix:PATH.")] = "127.0.0.1:8001",
+    service: Annotated[str, typer.Option(help="Service to ask about ('' = the whole server).")] = "",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+) -> None:
+    """Ask the gRPC health service; exit 0 when SERVING, 1 otherwise (a container's health check).
+
+    TLS is used when INFER_TLS_CA is set (with INFER_TLS_CERT and INFER_TLS_KEY for a server that
+    requires client certificates); health needs no token."""
+    prefer_epoll_io()
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from infer_client import Credentials
+    from infer_client._protocol import open_channel
+
+    with open_channel(address, [], Credentials.from_env()) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            typer.echo(f"{address}: {exc.code().name}: {exc.details()}", err=True)
+            raise typer.Exit(1) from None
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    typer.echo(f"{address}: {status}")
+    raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
 async def _serve(settings: ServerSettings) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer

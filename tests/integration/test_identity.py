@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -245,3 +247,11 @@ def test_the_unix_socket_is_private_and_asks_for_credentials_too(server: Running
     with InferClient(f"unix:{socket}", shm_dir=server.shm_dir) as client, pytest.raises(InferError) as info:
         client.detect([JPEG])
     assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_the_health_command_needs_no_token(server: RunningServer) -> None:
+    socket = next(str(a) for a in server.process.args if str(a).endswith("infer.sock"))  # type: ignore[union-attr]
+    for address in (server.address, f"unix:{socket}"):
+        done = subprocess.run([sys.executable, "-m", "infer_server", "health", "--address", address],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (done.returncode, done.stdout.strip()) == (0, f"{address}: SERVING"), done.stderr
