@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 DEMO   := demo-out
 
-.PHONY: demo test models evaluate bench lint lock proto clean
+.PHONY: demo test image-test models evaluate bench lint lock proto clean
 
 # Every install takes exact versions with hashes from requirements/<set>.txt (see requirements/lock.py),
 # then the project itself without dependencies, built with the locked build requirements.
@@ -42,6 +42,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+## image-test: build the CPU image and run it beside a client container; validate Dockerfiles, compose and the
+## chart (installs podman, the validators and a Debian base image where missing; ~10 min, root)
+image-test: $(STAMP)
+	docker/image-test.sh
+
 ## models: rebuild engines/models from nothing (generate, train, prune, quantize, evaluate; ~1 h on 2 cores)
 $(TRAIN_STAMP): $(STAMP) requirements/train.txt
 	$(PIP_LOCKED) requirements/train.txt
@@ -64,7 +69,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.fps --json bench-out/fps.json --plot bench-out
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests engines benchmarks requirements
+	$(BIN)/ruff check src tests engines benchmarks requirements docker deploy
 	$(BIN)/mypy src
 	$(BIN)/python requirements/lock.py check
 
