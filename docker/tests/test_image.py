@@ -54,9 +54,10 @@ def image() -> Iterator[str]:
         else []
     )
     started = time.monotonic()
-    podman(
-        "build", "--network", "host", *mount, "-f", str(DOCKER / "Dockerfile.cpu"), "-t", IMAGE, str(ROOT), timeout=1800
-    )
+    # --format docker: OCI images have no HEALTHCHECK, and podman builds OCI by default.
+    dockerfile = str(DOCKER / "Dockerfile.cpu")
+    build = ["build", "--format", "docker", "--network", "host", *mount, "-f", dockerfile, "-t", IMAGE, str(ROOT)]
+    podman(*build, timeout=1800)
     size = int(podman("image", "inspect", "--format", "{{.Size}}", IMAGE).stdout.strip())
     print(f"\nimage {IMAGE}: built in {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
     yield IMAGE
@@ -140,6 +141,7 @@ def test_the_optional_service_monitor_renders(tmp_path: Path) -> None:
     assert "kind: ServiceMonitor" in text and "port: metrics" in text  # a CRD: no bundled schema to check it with
 
 
+@pytest.mark.timeout(1800)  # the first test to ask for the image builds it
 def test_the_image_runs_as_non_root_without_build_tools(image: str) -> None:
     assert podman("run", "--rm", "--entrypoint", "id", image, "-u").stdout.strip() == str(UID)
     found = podman("run", "--rm", "--entrypoint", "sh", image, "-c", "command -v gcc cc g++ pip pip3 || true").stdout
@@ -161,6 +163,7 @@ def comparable(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("timings_ms", "worker", "batch_id")}
 
 
+@pytest.mark.timeout(1800)
 def test_server_and_client_containers_answer_like_the_host(
     image: str, shared: Path, model_repo_dir: Path, tmp_path: Path
 ) -> None:
