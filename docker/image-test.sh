@@ -47,4 +47,4 @@ if ! podman image exists "$BASE_TAG"; then
 fi
 
 export PATH=$ROOT/.venv-image/bin:$PATH
-exec .venv/bin/python -m pytest docker/tests -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest docker/tests -p no:cacheprovider -rP "$@"
