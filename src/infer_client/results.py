@@ -119,6 +119,7 @@ class ImageResult:
     detections: tuple[Detection, ...] = ()
     timings_ms: Mapping[str, float] = field(default_factory=lambda: _frozen_map({}))
     worker: int = -1
+    cached: bool = False  # answered from the server's result cache
 
     @property
     def ok(self) -> bool:
@@ -132,7 +133,7 @@ class ImageResult:
             "code": status_code(status.code), "message": status.message,
             "width": msg.width, "height": msg.height,
             "detections": tuple(map(Detection.from_proto, msg.detections)) if msg.detections else (),
-            "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker,
+            "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker, "cached": msg.cached,
         })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,4 +148,5 @@ class ImageResult:
             "detections": [d.to_dict() for d in self.detections],
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "worker": self.worker,
+            "cached": self.cached,
         }

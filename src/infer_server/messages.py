@@ -166,6 +166,7 @@ class ImageOutcome:
     detections: tuple[DetectionRecord, ...] = ()
     timings_ms: tuple[tuple[str, float], ...] = ()
     worker: int = -1
+    cached: bool = False  # answered from the front's result cache: no decode or inference ran
 
     @classmethod
     def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:

@@ -110,6 +110,17 @@ class ServerSettings(BaseSettings):
         "(default: the server's own uid).",
     )
 
+    # The result cache (front/result_cache.py; docs/performance.md has what it costs and buys).
+    result_cache_entries: int = Field(
+        default=0, ge=0,
+        description="Results kept by image hash (per caller and model versions) to answer repeats without "
+        "decode or inference; 0: no cache. LRU-K eviction.",
+    )  # fmt: skip
+    result_cache_mib: int = Field(default=64, ge=1, description="Memory the result cache may hold, in MiB.")
+    result_cache_k: int = Field(
+        default=2, ge=1, le=8, description="K of LRU-K: an entry ranks by its K-th most recent use (1: plain LRU)."
+    )
+
     # Per-batch limits (checked before anything is read or admitted).
     max_batch_images: int = Field(default=256, ge=1, description="Images per pushed batch.")
     max_batch_bytes: int = Field(default=256 * MiB, ge=1, description="Bytes per pushed batch.")

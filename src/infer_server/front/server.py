@@ -43,8 +43,9 @@ from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.identity import Authenticator, Identity, load_tokens
 from infer_server.front.metrics import ServerMetrics
+from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
-from infer_server.messages import ImageOutcome
+from infer_server.messages import ImageOutcome, ImageRef
 from infer_server.settings import ServerSettings
 from infer_server.supervisor.pool import PipelineError, PipelinePool
 
@@ -165,6 +166,11 @@ class InferenceServer:
         )
         self.authenticator = Authenticator(None, False, settings.owner_uids())
         self.metrics = ServerMetrics(lambda: self.registry.inflight_images)
+        self.cache: ResultCache | None = None
+        if settings.result_cache_entries:
+            mib, k = settings.result_cache_mib, settings.result_cache_k
+            self.cache = ResultCache(settings.result_cache_entries, mib << 20, k)
+            self.metrics.watch_cache(self.cache.lru)
         self.accepting = False
         self.port = 0
         self.pool: PipelinePool | None = None
@@ -202,6 +208,8 @@ class InferenceServer:
             await server.stop(0)
             self.handoff.remove_staging_dir()
             raise
+        if self.cache is not None:  # another model (or device, or null model) is another key
+            self.cache.models = (s.device, s.null_model, self.pool.models)
         self.accepting = True
         await self._set_health(True)
         self._spawn(run_janitor(self.handoff, s.janitor_ttl_s, s.janitor_interval_s, self.registry.staged_paths))
@@ -296,13 +304,34 @@ class InferenceServer:
         batch = reservation.batch
         try:
             file = await self.materialize(plan, caller.file_owners)
-            self.submit(batch, file)
+            hits, todo = await self._consult_cache(batch, file, caller) if self.cache else ([], list(file.images))
+            if todo:
+                self.submit(batch, file, todo)
         except BaseException as exc:
             self.registry.abandon(reservation, exc)
             raise
         self.registry.activate(reservation, file)
         self.metrics.batch_accepted(batch.size)
+        for outcome in hits:  # answered now; the batch may even be complete
+            self._on_outcome(outcome)
         return batch, True
+
+    async def _consult_cache(
+        self, batch: Batch, file: BatchFile, caller: Identity
+    ) -> tuple[list[ImageOutcome], list[ImageRef]]:
+        """The batch's images the cache answers and those left for the workers. Hashing reads the
+        images (in a thread); a push cancelled meanwhile still lets go of its file."""
+        assert self.cache is not None
+        task = asyncio.ensure_future(asyncio.to_thread(self.cache.keys, file, caller.name))
+        try:
+            keys = await asyncio.shield(task)
+        except BaseException:
+            task.add_done_callback(lambda _: self.handoff.release(file))
+            raise
+        hits, todo = self.cache.split(batch.batch_id, file, keys)
+        if not todo:
+            self.handoff.release(file)  # nothing will read it
+        return hits, todo
 
     async def materialize(self, plan: BatchPlan, owners: frozenset[int]) -> BatchFile:
         """Validate or stage a batch (in a thread unless it is a client file on a memory file system,
@@ -319,19 +348,23 @@ class InferenceServer:
             )
             raise
 
-    def submit(self, batch: Batch, file: BatchFile) -> None:
-        """Hand the batch to the pool; a pool that refuses it makes the push UNAVAILABLE."""
+    def submit(self, batch: Batch, file: BatchFile, images: list[ImageRef]) -> None:
+        """Hand the batch's ``images`` to the pool; a pool that refuses them makes the push UNAVAILABLE."""
         assert self.pool is not None
         try:
-            self.pool.submit_batch(batch.batch_id, file.file, file.images, batch.deadline)
+            self.pool.submit_batch(batch.batch_id, file.file, images, batch.deadline)
         except PipelineError as exc:
             log.warning("pool refused batch %s: %s", batch.batch_id, exc)
+            if self.cache is not None:
+                self.cache.forget(batch.batch_id, images)
             self.handoff.release(file)
             raise Unavailable("the pipeline is not accepting batches; retry later") from None
 
     def _on_finished(self, batch: Batch) -> None:
         """Every image answered: the file's descriptor closes and a staging copy goes — at once on a
         memory file system (before any stream sends the last result), else in a thread."""
+        if self.cache is not None:
+            self.cache.forget(batch.batch_id, list(batch.images))  # answered without a worker (deadline)
         if batch.file is None:
             return
         if batch.file.staged and not self.handoff.in_memory:
@@ -342,6 +375,8 @@ class InferenceServer:
     def _on_outcome(self, outcome: ImageOutcome) -> None:
         """The pool, on the loop: one image answered (exactly once)."""
         self.metrics.image_done(outcome)
+        if self.cache is not None and not outcome.cached:
+            self.cache.store(outcome)
         self.registry.record(outcome)
 
     def _on_health(self, healthy: bool) -> None:

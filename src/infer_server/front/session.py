@@ -60,7 +60,7 @@ def outcome_to_proto(
     """
     result = make(
         batch_id=outcome.batch_id, index=outcome.index, name=outcome.name, width=outcome.width,
-        height=outcome.height, worker=outcome.worker,
+        height=outcome.height, worker=outcome.worker, cached=outcome.cached,
     )  # fmt: skip
     result.status.code = int(outcome.code)  # sets status even when OK, as it always was
     if outcome.message:

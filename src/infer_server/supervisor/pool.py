@@ -102,6 +102,7 @@ class PipelinePool:
         self._restart_at: dict[int, float] = {}
         self._setup_failures = [0] * workers
         self._started = self._stopping = self._closed = False
+        self.models: tuple[tuple[str, str], ...] = ()  # (name, version) of what the workers loaded
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
         self._watch_wakeup = Wakeup()
@@ -265,6 +266,7 @@ class PipelinePool:
                 self._dispatch()
             elif isinstance(message, WorkerReady):
                 worker.ready = True
+                self.models = message.models
                 self._setup_failures[worker.slot] = 0
                 log.info("worker %d (pid %d) is ready", worker.slot, message.pid)
                 self._dispatch()
