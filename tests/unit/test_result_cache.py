@@ -89,3 +89,18 @@ def test_another_model_version_or_caller_is_another_key(tmp_path: Path) -> None:
         assert cache.split("b4", file, cache.keys(file, "alice"))[0] == [], "another model version never serves it"
     finally:
         os.close(fd)
+
+
+def test_a_new_set_of_repeated_images_takes_the_place_of_an_old_one() -> None:
+    """Evicted keys keep their use times for a while: without that, images used once could never
+    reach K uses in a cache full of entries used twice, and a new hot set would never get in."""
+    cache = LRUKCache(max_entries=4, max_bytes=1 << 20, k=2)
+    for _ in range(2):
+        for key in "abcd":
+            if cache.get(key) is None:
+                cache.put(key, key, 1)
+    for _ in range(3):
+        for key in "efgh":
+            if cache.get(key) is None:
+                cache.put(key, key, 1)
+    assert set(cache.keys()) == set("efgh")

@@ -15,7 +15,10 @@ LRU-K (K = 2 by default; O'Neil, O'Neil and Weikum, 1993): an entry's rank is th
 most recent use. Entries used fewer than K times rank below every other and go first, least
 recently used first, so a burst of images seen once — a scan — replaces other images seen once and
 never the ones that keep coming back, which plain LRU (K = 1) loses to any scan longer than the
-cache. Bounded by entries and by bytes (an entry's size is an estimate of what it holds).
+cache. The use times of recently evicted keys are kept (as many keys as the cache holds entries),
+so an image that comes back soon after it was evicted counts its earlier uses: a new set of
+repeated images can still take the place of an old one. Bounded by entries and by bytes (an
+entry's size is an estimate of what it holds).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class LRUKCache:
         self._young: OrderedDict[Hashable, None] = OrderedDict()  # used < K times, least recent first
         self._old: list[tuple[int, int, Hashable]] = []  # heap of (K-th use, tiebreak, key); stale ones skipped
         self._tiebreak = itertools.count()
+        # The use times of recently evicted keys (at most max_entries of them): a key that comes back
+        # soon after it was evicted keeps its history, so a new hot set reaches K uses and can take
+        # the place of an old one (LRU-K's retained information).
+        self._history: OrderedDict[Hashable, list[int]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -90,7 +97,7 @@ class LRUKCache:
         while self._entries and (len(self._entries) >= self.max_entries or self.bytes + size > self.max_bytes):
             self._evict()
         if entry is None:
-            entry = _Entry(value, size)
+            entry = _Entry(value, size, self._history.pop(key, []))
         entry.value, entry.size = value, size
         self._entries[key] = entry
         self.bytes += size
@@ -122,6 +129,9 @@ class LRUKCache:
         entry = self._entries.pop(key)
         self.bytes -= entry.size
         self.evictions += 1
+        self._history[key] = entry.uses
+        if len(self._history) > self.max_entries:
+            self._history.popitem(last=False)
         if len(self._old) > 4 * max(16, len(self._entries)):  # drop stale records now and then
             self._old = [r for r in self._old if self._current(r)]
             heapq.heapify(self._old)
