@@ -91,6 +91,7 @@ class WorkerOptions:
     plan_cache_dir: str | None  # TensorRT plans (device gpu); None: the backend's default
     log_level: str
     memory_mib: int | None = None  # resident memory after which the worker retires (RETIRED_EXIT)
+    digest_images: bool = False  # hash what was read into each outcome (the front caches results)
 
 
 # The exit code of a worker that retired on purpose after a chunk because its resident memory passed
@@ -167,6 +168,7 @@ class ImageOutcome:
     timings_ms: tuple[tuple[str, float], ...] = ()
     worker: int = -1
     cached: bool = False  # answered from the front's result cache: no decode or inference ran
+    digest: bytes = b""  # BLAKE2b-128 of the bytes the worker read (WorkerOptions.digest_images)
 
     @classmethod
     def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:

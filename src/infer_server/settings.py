@@ -74,10 +74,10 @@ class ServerSettings(BaseSettings):
         "one by one, so the image that holds it up fails alone.",
     )  # fmt: skip
     worker_memory_mib: int | None = Field(
-        default=2048, ge=256,
+        default=2048, ge=0,
         description="A worker whose resident memory passes this after a chunk is replaced, so the memory a huge "
-        "image grew it by goes back to the system; on cpu its data segment is also capped at twice this "
-        "(RLIMIT_DATA), so one chunk cannot take the host's memory. 0 or unset: no bound.",
+        "image grew it by goes back to the system; on cpu its data segment may also grow by at most twice this "
+        "beyond what loading the models took (RLIMIT_DATA). 0: no bound.",
     )  # fmt: skip
     null_model: bool = Field(
         default=False,
@@ -211,6 +211,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("staging_dir must not be the shared directory or contain it (its files are deleted)")
         if self.max_batch_images > self.max_inflight_images:
             raise ValueError("max_batch_images must not exceed max_inflight_images")
+        if self.worker_memory_mib and self.worker_memory_mib < 256:
+            raise ValueError("worker_memory_mib is 0 (no bound) or at least 256")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("give both tls_cert and tls_key, or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -256,4 +258,5 @@ class ServerSettings(BaseSettings):
             plan_cache_dir=str(self.plan_cache_dir) if self.plan_cache_dir else None,
             log_level=self.log_level,
             memory_mib=self.worker_memory_mib or None,
+            digest_images=self.result_cache_entries > 0,
         )

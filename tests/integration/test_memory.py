@@ -10,6 +10,8 @@ fresh worker, so each still gets its answer.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -48,3 +50,14 @@ def test_a_huge_image_grows_a_worker_only_until_it_is_replaced(model_repo_dir: P
             assert resident_mib(now) < BOUND_MIB
         log = server.log()
         assert "retiring to give it back" in log or "std::bad_alloc" in log
+
+
+def test_a_bound_the_worker_is_over_with_its_models_loaded_fails_the_start(
+    model_repo_dir: Path, tmp_path: Path
+) -> None:
+    """Else the worker would retire after every chunk, paying a model load each time."""
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--port", "0",
+           "--shm-dir", str(tmp_path / "shm"), "--workers", "1", "--worker-memory-mib", "256"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1
+    assert "over --worker-memory-mib 256: raise it" in done.stderr

@@ -35,7 +35,7 @@ os.kill(os.getpid(), signal.SIGSTOP)  # frozen: no more answers to the server's 
 
 
 def test_a_frozen_clients_stream_is_taken_back(model_repo_dir: Path) -> None:
-    args = ("--null-model", "--max-streams-per-identity", "1", "--keepalive-s", "1", "--keepalive-timeout-s", "1")
+    args = ("--null-model", "--max-streams", "1", "--keepalive-s", "1", "--keepalive-timeout-s", "1")
     with running_server(model_repo_dir, *args, workers=1) as server:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
         holder = subprocess.Popen([sys.executable, "-c", HOLDER, server.address], stdout=subprocess.PIPE, env=env)

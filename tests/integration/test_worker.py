@@ -184,16 +184,32 @@ def test_a_batch_the_front_let_go_of_is_data_loss(pipeline: VisionPipeline, shm:
     )
 
 
-def test_a_pipeline_failure_leaves_the_chunk_to_a_fresh_worker(model_repo_dir: Path, shm: Path) -> None:
-    """A pipeline that failed may be unusable (DALI's is, after a critical error): the worker answers
-    nothing and exits, so the pool retries the images one per chunk on a fresh worker."""
+def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Path, shm: Path) -> None:
     broken = VisionPipeline.load(model_repo_dir, worker_options(batch_size=4))
     broken.close()  # its engines now refuse to run: a real failure inside the chunk
+    outcomes = run_item(broken, write_batch(shm / "batch", BLOBS))
+    assert sorted((o.index, o.code, o.message) for o in outcomes) == [
+        (0, Code.INTERNAL, "image 0: pipeline error"),
+        (1, Code.INVALID_ARGUMENT, "image 1: not a JPEG or PNG"),
+        (2, Code.INTERNAL, "image 2: pipeline error"),
+    ]
+
+
+class OutOfMemory:
+    """A pipeline whose allocation fails, as DALI's does past RLIMIT_DATA (std::bad_alloc)."""
+
+    def process(self, *args: Any) -> list[ImageOutcome]:
+        raise RuntimeError("Critical error in pipeline: std::bad_alloc. Current pipeline object is no longer valid.")
+
+
+def test_a_pipeline_left_unusable_leaves_the_chunk_to_a_fresh_worker(shm: Path) -> None:
+    """After a failed allocation DALI refuses all further work: the worker answers nothing and
+    exits, so the pool retries the images one by one on a fresh worker."""
     inbox, pool_end = multiprocessing.Pipe(duplex=False)
     results, parent = multiprocessing.Pipe(duplex=False)
     pool_end.send(write_batch(shm / "batch", BLOBS))
     pool_end.send(write_batch(shm / "batch2", BLOBS))
-    code = StageWorker(3, broken, parent, None, reader()).serve(inbox, multiprocessing.Event())
+    code = StageWorker(3, OutOfMemory(), parent, None, reader()).serve(inbox, multiprocessing.Event())  # type: ignore[arg-type]
     assert code == FAILED_EXIT
     assert not results.poll(), "nothing answered"
     assert inbox.poll(), "the second chunk was not taken: the pool hands it to another worker"

@@ -287,6 +287,24 @@ def test_a_caller_over_its_retention_quota_loses_its_own_oldest() -> None:
     run(scenario())
 
 
+def test_between_equal_holders_the_oldest_result_goes_first() -> None:
+    async def scenario() -> None:
+        clock = Clock()
+        reg = make_registry(clock, max_retained_batches=4, quota=Quota(8, 10_000, retained_batches=2))
+        finished = {}
+        for owner in ("attacker", "victim", "attacker", "victim"):
+            clock.now += 1
+            finished.setdefault(owner, []).append(b := open_batch(reg, 1, owner=owner))
+            reg.record(outcome(b, 0))
+        clock.now += 1
+        reg.record(outcome(open_batch(reg, 1, owner="third"), 0))  # one over the server's bound
+        with pytest.raises(UnknownBatch):  # the attacker's first result is the oldest of all
+            reg.subscribe([finished["attacker"][0].batch_id], "attacker")
+        reg.subscribe([b.batch_id for b in finished["victim"]], "victim").close()
+
+    run(scenario())
+
+
 def test_batches_and_request_ids_belong_to_their_caller() -> None:
     async def scenario() -> None:
         reg = make_registry()

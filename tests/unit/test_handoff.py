@@ -169,6 +169,15 @@ def test_missing_file(handoff: Handoff, root: Path) -> None:
     assert "no file at this path" in refused(PermissionDeniedError, push, handoff, str(root / "nope.bin"), [5])
 
 
+def test_a_socket_is_refused_like_a_missing_file(handoff: Handoff, root: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(root / "sock"))
+        missing = refused(PermissionDeniedError, push, handoff, str(root / "nope.bin"), [5])
+        assert refused(PermissionDeniedError, push, handoff, str(root / "sock"), [5]) == missing
+
+
 def test_another_users_file_is_refused_like_a_missing_one(handoff: Handoff, root: Path) -> None:
     """Neither its existence nor its size shows: the same code and words as for no file at all."""
     if os.geteuid() != 0:

@@ -77,6 +77,12 @@ def test_a_symlinked_tokens_file_is_refused(tmp_path: Path) -> None:
         load_tokens(tmp_path / "link", OWNERS)
 
 
+def test_a_hash_sign_inside_a_token_is_part_of_it(tmp_path: Path) -> None:
+    path = tokens_file(tmp_path, "# a comment\ncam a#bcdefghijklmnop  # and a trailing one\n")
+    auth = Authenticator(load_tokens(path, OWNERS), False, OWNERS)
+    assert auth.identify(Call((("authorization", "Bearer a#bcdefghijklmnop"),))).name == "cam"
+
+
 def test_client_certificates_and_anonymous_callers() -> None:
     certificates = Authenticator(None, True, OWNERS)
     assert certificates.identify(Call(common_name=b"camera-7")) == Identity("camera-7", OWNERS)

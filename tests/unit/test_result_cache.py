@@ -10,6 +10,7 @@ import pytest
 
 from infer_server.front.handoff import BatchFile
 from infer_server.front.result_cache import LRUKCache
+from infer_server.stage.worker import image_digest
 
 
 def hit_rate(cache: LRUKCache, trace: list[int]) -> float:
@@ -62,6 +63,15 @@ def test_the_entry_with_the_oldest_kth_use_goes_first() -> None:
     assert set(cache.keys()) == {"a", "c", "e"}
 
 
+def test_the_rank_heap_stays_bounded_when_nothing_is_evicted() -> None:
+    cache = LRUKCache(max_entries=10, max_bytes=1 << 20, k=2)
+    for key in range(5):
+        cache.put(key, key, 1)
+    for _ in range(10_000):
+        cache.get(3)
+    assert len(cache._old) <= 4 * 16
+
+
 def test_invalid_bounds_are_refused() -> None:
     with pytest.raises(ValueError):
         LRUKCache(0, 10)
@@ -82,11 +92,15 @@ def test_another_model_version_or_caller_is_another_key(tmp_path: Path) -> None:
         cache.models = ("cpu", False, (("detector", "1"),))
         hits, todo = cache.split("b1", file, cache.keys(file, "alice"))
         assert (hits, todo) == ([], [ref])
-        cache.store(ImageOutcome("b1", 0, "x", Code.OK, width=3, height=2))
+        cache.store(ImageOutcome("b1", 0, "x", Code.OK, width=3, height=2, digest=image_digest(data)))
         assert [h.cached for h in cache.split("b2", file, cache.keys(file, "alice"))[0]] == [True]
         assert cache.split("b3", file, cache.keys(file, "bob"))[0] == [], "another caller never sees it"
-        cache.models = ("cpu", False, (("detector", "2"),))
+        cache.reset(("cpu", False, (("detector", "2"),)))
         assert cache.split("b4", file, cache.keys(file, "alice"))[0] == [], "another model version never serves it"
+        cache.store(ImageOutcome("b4", 0, "x", Code.OK, digest=image_digest(b"other bytes")))
+        assert cache.split("b5", file, cache.keys(file, "alice"))[0] == [], (
+            "an answer for bytes the file no longer held when the worker read it is not cached"
+        )
     finally:
         os.close(fd)
 

@@ -86,6 +86,13 @@ def test_an_address_off_loopback_needs_tls_or_an_explicit_insecure(tmp_path: Pat
         ServerSettings(tls_client_ca=cert)
 
 
+def test_the_worker_memory_bound_is_off_or_at_least_256_mib() -> None:
+    assert ServerSettings(worker_memory_mib=0).worker_options().memory_mib is None
+    assert ServerSettings().worker_options().memory_mib == 2048
+    with pytest.raises(ValidationError, match="at least 256"):
+        ServerSettings(worker_memory_mib=100)
+
+
 def test_file_owners_and_stream_bounds() -> None:
     assert ServerSettings(file_owners="1000, 1001").owner_uids() == {1000, 1001}
     with pytest.raises(ValidationError):

@@ -111,6 +111,13 @@ class _Usage:
         return not (self.images or self.bytes or self.finished)
 
 
+def _holding(usage: _Usage) -> tuple[int, float]:
+    if not usage.finished:
+        return (0, 0.0)
+    oldest = next(iter(usage.finished.values())).finished_at
+    return (len(usage.finished), -(oldest or 0.0))
+
+
 class BatchRegistry:
     def __init__(
         self,
@@ -300,7 +307,8 @@ class BatchRegistry:
         while len(usage.finished) > self.quota.retained_batches:
             self._forget(next(iter(usage.finished.values())))
         while len(self._finished) > self._max_retained:
-            largest = max(self._usage.values(), key=lambda u: len(u.finished))
+            # The largest holder pays; between equal holders, the one whose oldest result is oldest.
+            largest = max(self._usage.values(), key=_holding)
             self._forget(next(iter(largest.finished.values())))
 
     def _release(self, batch: Batch) -> None:

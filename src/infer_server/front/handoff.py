@@ -322,9 +322,7 @@ class Handoff:
         with contextlib.suppress(OSError):
             if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
                 return PermissionDeniedError("path must not contain symbolic links")
-        if exc.errno in (errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOTDIR):
-            return PermissionDeniedError(_NOT_YOURS)
-        return InvalidBatch("the file cannot be opened")
+        return PermissionDeniedError(_NOT_YOURS)  # missing, forbidden, a socket (ENXIO), ...: one answer
 
     def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
         """Write inline bytes to a fresh 0600 file in the staging directory (temp name + rename),

@@ -35,6 +35,7 @@ from infer_server.front.errors import Unauthenticated
 
 ANONYMOUS = "anonymous"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
+_COMMENT = re.compile(r"(^|\s)#.*$")
 _MIN_TOKEN_CHARS = 16
 _MAX_TOKEN_BYTES = 512  # a presented token longer than any issued one is refused unhashed
 
@@ -72,7 +73,7 @@ def load_tokens(path: Path, default_owners: frozenset[int]) -> dict[bytes, Ident
     tokens: dict[bytes, Identity] = {}
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
+        fields = _COMMENT.sub("", line).split()  # a '#' inside a token is part of it
         if not fields:
             continue
         where = f"tokens file {path}, line {number}"
@@ -111,6 +112,7 @@ class Authenticator:
         self._client_certificates = client_certificates
         self._default_owners = default_owners
         self.anonymous = Identity(ANONYMOUS, default_owners)
+        self.identifies = bool(self._tokens) or client_certificates  # callers can be told apart
         if self._tokens:
             self.mode = f"bearer tokens ({len(self._tokens)} identities)"
         elif client_certificates:

@@ -112,6 +112,9 @@ class LRUKCache:
             return
         self._young.pop(key, None)
         heapq.heappush(self._old, (entry.rank(self.k), next(self._tiebreak), key))
+        if len(self._old) > 4 * max(16, len(self._entries)):  # every use adds a record: drop stale ones
+            self._old = [r for r in self._old if self._current(r)]
+            heapq.heapify(self._old)
 
     def _current(self, record: tuple[int, int, Hashable]) -> bool:
         entry = self._entries.get(record[2])
@@ -132,16 +135,14 @@ class LRUKCache:
         self._history[key] = entry.uses
         if len(self._history) > self.max_entries:
             self._history.popitem(last=False)
-        if len(self._old) > 4 * max(16, len(self._entries)):  # drop stale records now and then
-            self._old = [r for r in self._old if self._current(r)]
-            heapq.heapify(self._old)
 
 
 _READ = 1 << 20  # hash an image in pieces of this size: a large one is never copied whole
 
 
-def image_digest(fd: int, ref: ImageRef) -> bytes:
-    """BLAKE2b-128 of one image's bytes, read from the batch file's descriptor."""
+def file_digest(fd: int, ref: ImageRef) -> bytes:
+    """BLAKE2b-128 of one image's bytes, read from the batch file's descriptor (the same digest
+    as ``stage.worker.image_digest`` of the same bytes)."""
     digest = hashlib.blake2b(digest_size=16)
     offset, end = ref.offset, ref.offset + ref.size
     while offset < end:
@@ -158,19 +159,22 @@ def _size(outcome: ImageOutcome) -> int:
     return 200 + sum(120 + 60 * len(d.attributes) for d in outcome.detections)
 
 
+Key = tuple[bytes, tuple[object, ...], str]  # image digest, models, caller
+
+
 class ResultCache:
     """The server's cache: keys from image bytes, models and caller; hits answered as outcomes."""
 
     def __init__(self, max_entries: int, max_bytes: int, k: int = 2) -> None:
         self.lru = LRUKCache(max_entries, max_bytes, k)
         self.models: tuple[object, ...] = ()  # what answers: set once the workers reported their models
-        self._pending: dict[tuple[str, int], Hashable] = {}  # (batch id, index) -> key, until answered
+        self._pending: dict[tuple[str, int], Key] = {}  # (batch id, index) -> key, until answered
 
-    def keys(self, file: BatchFile, caller: str) -> list[Hashable]:
+    def keys(self, file: BatchFile, caller: str) -> list[Key]:
         """Every image's key (blocking: reads the images; run it in a thread)."""
-        return [(image_digest(file.file.fd, ref), self.models, caller) for ref in file.images]
+        return [(file_digest(file.file.fd, ref), self.models, caller) for ref in file.images]
 
-    def split(self, batch_id: str, file: BatchFile, keys: list[Hashable]) -> tuple[list[ImageOutcome], list[ImageRef]]:
+    def split(self, batch_id: str, file: BatchFile, keys: list[Key]) -> tuple[list[ImageOutcome], list[ImageRef]]:
         """The batch's cached answers (as outcomes of this batch, marked ``cached``) and the images
         left for the workers, whose keys are kept until their answers come back (on the loop)."""
         hits, misses = [], []
@@ -190,7 +194,15 @@ class ResultCache:
             self._pending.pop((batch_id, ref.index), None)
 
     def store(self, outcome: ImageOutcome) -> None:
-        """An image answered by a worker: an OK answer is cached under its key."""
+        """An image answered by a worker: an OK answer is cached under its key, if the bytes the
+        worker read are the bytes the key was made of (``outcome.digest``): a client that rewrote
+        its file between the two reads gets its answer, and nothing is cached."""
         key = self._pending.pop((outcome.batch_id, outcome.index), None)
-        if key is not None and outcome.code == Code.OK:
+        if key is not None and outcome.code == Code.OK and outcome.digest == key[0]:
             self.lru.put(key, outcome, _size(outcome))
+
+    def reset(self, models: tuple[object, ...]) -> None:
+        """The workers now run other models: nothing cached before can answer for them."""
+        if models != self.models:
+            self.models = models
+            self.lru = LRUKCache(self.lru.max_entries, self.lru.max_bytes, self.lru.k)

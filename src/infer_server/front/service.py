@@ -107,7 +107,10 @@ class InferenceServicer:
         self._server = server
         s = server.settings
         assert s.max_streams is not None
-        self.streams = StreamSlots(s.max_streams, s.max_streams_per_identity)
+        # Without credentials every caller is the one anonymous identity: a per-caller share would
+        # only lower the server's own bound.
+        per_identity = s.max_streams_per_identity if server.authenticator.identifies else s.max_streams
+        self.streams = StreamSlots(s.max_streams, per_identity)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's method handlers, with ``reader`` deserializers."""

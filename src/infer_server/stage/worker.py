@@ -9,17 +9,19 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
   nothing and runs ``NullPipeline`` (read + header check only) to measure the data path alone.
 * per ``WorkItem`` from the worker's own inbox: its id goes into the shared ``current`` value
   (what the pool reads if this worker dies), then one ``ItemDone`` carries an ``ImageOutcome``
-  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running. If
-  the pipeline itself fails (not an image: those are per-image outcomes), the worker exits with
-  ``FAILED_EXIT`` without answering, and the pool retries the chunk's images one per chunk.
+  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running. A
+  failure of the pipeline itself (not of an image: those are per-image outcomes) answers the
+  chunk INTERNAL, unless it left the pipeline unusable (an allocation failed): then the worker
+  exits with ``FAILED_EXIT`` without answering, and the pool retries the images one per chunk.
 * ``STOP`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
   parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
 * memory: the decoder keeps the buffers a huge image grew, for good (``docs/security.md`` has the
   figures), so a worker whose resident memory passes ``memory_mib`` after answering a chunk exits
   with ``RETIRED_EXIT`` and the pool starts a fresh one. On cpu the data segment is also capped
-  (``RLIMIT_DATA``, twice that) once the models are loaded: a chunk that would need more fails
-  (the pool retries its images one by one, so only the image that needs it fails) instead of
-  taking the host's memory.
+  (``RLIMIT_DATA``: what loading the models took plus twice that bound): a chunk that would need
+  more fails, leaving the pipeline unusable, so the worker exits with ``FAILED_EXIT`` and the pool
+  retries the images one by one; only an image that alone needs more fails. A bound the worker is
+  over as soon as its models are loaded is a setup error.
 
 Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
 worker killed mid-write can then only corrupt its own channel, which the pool discards with it.
@@ -35,6 +37,8 @@ whereas a short read is just a per-image error; both copy each byte exactly once
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -156,12 +160,13 @@ class StageWorker:
 
     def __init__(
         self, worker_id: int, pipeline: VisionPipeline | NullPipeline, results: Connection, current: Any = None,
-        reader: ChunkReader | None = None, memory_mib: int | None = None,
+        reader: ChunkReader | None = None, memory_mib: int | None = None, digests: bool = False,
     ) -> None:  # fmt: skip
         self.worker_id, self.pipeline, self.results = worker_id, pipeline, results
         self.current = current  # shared ctypes value: id of the item taken last (None: not shared)
         self.reader = reader or ChunkReader()
         self.memory_mib = memory_mib
+        self.digests = digests
 
     def serve(self, inbox: Connection, stop: Event) -> int | None:
         """Serve chunks until stopped (None), or until this worker must go: ``RETIRED_EXIT`` (too
@@ -184,10 +189,10 @@ class StageWorker:
         return None
 
     def handle(self, item: WorkItem) -> bool:
-        """Answer every image of ``item`` in one ``ItemDone``; False, answering nothing, if the
-        pipeline failed: its state is then unknown (DALI refuses all further work after a critical
-        error such as an allocation that failed), so this worker must exit and the pool retries the
-        chunk's images one by one on a fresh one."""
+        """Answer every image of ``item`` in one ``ItemDone``, or return False, answering nothing,
+        when the pipeline is left unusable (``_unusable``): this worker must then exit, and the
+        pool retries the chunk's images one by one on a fresh one. Any other failure of the
+        pipeline answers the chunk's images INTERNAL, as a worker that goes on can."""
         if self.current is not None:
             self.current.value = item.item_id
         taken = time.monotonic()
@@ -199,9 +204,14 @@ class StageWorker:
         else:
             try:
                 self._run(item, taken, outcomes)
-            except Exception:
+            except Exception as exc:
                 log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
-                return False
+                if _unusable(exc):
+                    return False
+                for ref in item.images:
+                    if ref.index not in outcomes:
+                        message = f"image {ref.index}: pipeline error"
+                        outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.INTERNAL, message)
         self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
         return True
 
@@ -217,8 +227,27 @@ class StageWorker:
             else:
                 readable.append((ref, d))
         queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
+        # The hash of what was read, when the front caches results: it stores an answer only under
+        # the key of the bytes that produced it (a client that rewrites its file cannot poison it).
+        digests = {ref.index: image_digest(d) for ref, d in readable} if self.digests else {}
         for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
+            if digests:
+                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""))
             outcomes[outcome.index] = outcome
+
+
+def image_digest(data: memoryview | bytes) -> bytes:
+    """BLAKE2b-128 of an image's bytes: the result cache's key (``front.result_cache``)."""
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+# What a pipeline that failed this way can no longer be trusted after: an allocation that failed
+# (DALI then refuses all further work: "Current pipeline object is no longer valid").
+_UNUSABLE = ("std::bad_alloc", "no longer valid", "out of memory", "Cannot allocate memory")
+
+
+def _unusable(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(mark in str(exc) for mark in _UNUSABLE)
 
 
 def resident_mib() -> int:
@@ -227,12 +256,28 @@ def resident_mib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
 
 
-def _cap_data_segment(options: WorkerOptions) -> None:
-    """On cpu, cap the data segment at twice ``memory_mib`` (not on gpu: the CUDA driver's host-side
-    reservations would count against it, and that is not measured here)."""
-    if options.memory_mib is None or options.device != "cpu":
+def _data_mib() -> int:
+    """This process's data segment in MiB (what RLIMIT_DATA limits)."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmData:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def _check_memory_bound(options: WorkerOptions) -> None:
+    """Once the models are loaded: refuse a bound the worker is already over (it would retire after
+    every chunk), then, on cpu, let the data segment grow by at most twice the bound beyond what
+    loading took (not on gpu: the CUDA driver's host-side reservations would count against it, and
+    that is not measured here)."""
+    if options.memory_mib is None:
         return
-    limit = 2 * options.memory_mib << 20
+    if (resident := resident_mib()) >= options.memory_mib:
+        raise RuntimeError(f"{resident} MiB resident with the models loaded, over --worker-memory-mib "
+                           f"{options.memory_mib}: raise it (or set 0 for no bound)")  # fmt: skip
+    if options.device != "cpu":
+        return
+    limit = (_data_mib() + 2 * options.memory_mib) << 20
     _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)
@@ -262,15 +307,17 @@ def run_worker(
         else:
             pipeline = VisionPipeline.load(repo_dir, options, worker_id)
         pipeline.warm_up()
+        _check_memory_bound(options)
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
-    _cap_data_segment(options)
     results.send(WorkerReady(worker_id, os.getpid(), pipeline.models))
     code = None
     try:
-        code = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib).serve(inbox, stop)
+        worker = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib,
+                             digests=options.digest_images)  # fmt: skip
+        code = worker.serve(inbox, stop)
     except (BrokenPipeError, ConnectionResetError):
         log.warning("worker %d: the pool went away", worker_id)
     finally:
