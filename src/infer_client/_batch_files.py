@@ -10,6 +10,7 @@ and how a file is reused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import mmap
 import os
 import shutil
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ImageSource = str | os.PathLike[str] | bytes
+
+log = logging.getLogger(__name__)
 
 
 def _new_batch_file(images: Sequence[ImageSource], shm_dir: str | os.PathLike[str]) -> tuple[int, str, list[int]]:
@@ -153,8 +156,10 @@ class BatchFiles:
     server may still read it. Thread-safe.
     """
 
-    def __init__(self, shm_dir: str | os.PathLike[str], keep: int = 8) -> None:
+    def __init__(self, shm_dir: str | os.PathLike[str], keep: int = 8, full_at: float = 0.95) -> None:
         self.shm_dir, self._keep = os.fspath(shm_dir), keep
+        self.full_at = full_at  # share of the file system in use above which it counts as full
+        self.inline_fallbacks = 0  # pushes sent inline because the shared tmpfs was full
         self._lock = threading.Lock()
         self._free: list[_BatchFile] = []
         self._out: dict[str, _BatchFile] = {}  # written, its batch not done yet
@@ -188,6 +193,25 @@ class BatchFiles:
             self._mapped += keep_open
             self._out[path] = _BatchFile(fd, path, keep_open)
         return path, sizes
+
+    def nearly_full(self) -> bool:
+        """The shared directory's file system is above ``full_at`` of its blocks (or inodes)."""
+        try:
+            st = os.statvfs(self.shm_dir)
+        except OSError:
+            return False
+        used = 1 - st.f_bavail / st.f_blocks if st.f_blocks else 0.0
+        inodes = 1 - st.f_favail / st.f_files if st.f_files else 0.0
+        return max(used, inodes) > self.full_at
+
+    def fell_back(self, why: str) -> None:
+        """A push went inline instead: counted, and said once per client in the log."""
+        with self._lock:
+            self.inline_fallbacks += 1
+            first = self.inline_fallbacks == 1
+        if first:
+            log.warning("the shared directory %s is full (%s): sending batches inline until it has room "
+                        "(said once; InferClient.inline_fallbacks counts them)", self.shm_dir, why)  # fmt: skip
 
     def recycle(self, path: str | None) -> None:
         """``path``'s batch is done: keep the file for a later batch (or delete it)."""

@@ -5,13 +5,17 @@ application's process; neither client builds a request or touches tmpfs any othe
 file work (``prepare_push``) runs inline in the sync client and in a thread in the asyncio one.
 
 Tmpfs transport: the images are written back to back into one file in the shared directory
-(``_batch_files.BatchFiles``). The client owns that file: :class:`PushedBatches` hands it back to
-``BatchFiles``, which rewrites it in place for a later batch once every result of its batch
-arrived, and deletes it when the client closes or the push failed (``BatchFiles.discard``).
+(``_batch_files.BatchFiles``). When that file system is full — over ``BatchFiles.full_at`` of it
+in use, or a write fails with ENOSPC or EDQUOT — the push goes inline instead of failing; the
+client says so once in its log and counts it (``inline_fallbacks``). The client owns that file:
+:class:`PushedBatches` hands it back to ``BatchFiles``, which rewrites it in place for a later
+batch once every result of its batch arrived, and deletes it when the client closes or the push
+failed (``BatchFiles.discard``).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import threading
@@ -157,15 +161,23 @@ def prepare_push(
     if not images:
         raise ValueError("a batch needs at least one image")
     request = infer_pb2.PushDataRequest(names=_names(images, names), request_id=request_id or "")
-    if transport == "inline":
-        blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
-        request.sizes.extend(len(b) for b in blobs)
-        request.data = b"".join(blobs)
-        return PreparedPush(request, None)
-    path, sizes = files.write(images)
-    request.path = path
-    request.sizes.extend(sizes)
-    return PreparedPush(request, path)
+    if transport == "tmpfs":
+        try:
+            if files.nearly_full():
+                raise OSError(errno.ENOSPC, f"over {files.full_at:.0%} in use")
+            path, sizes = files.write(images)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            files.fell_back(exc.strerror or str(exc))  # degrade to inline bytes rather than fail the call
+        else:
+            request.path = path
+            request.sizes.extend(sizes)
+            return PreparedPush(request, path)
+    blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
+    request.sizes.extend(len(b) for b in blobs)
+    request.data = b"".join(blobs)
+    return PreparedPush(request, None)
 
 
 @dataclass

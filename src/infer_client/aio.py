@@ -98,6 +98,11 @@ class AsyncInferClient:
         finally:
             call.cancel()
 
+    @property
+    def inline_fallbacks(self) -> int:
+        """Pushes sent inline because the shared tmpfs was full (said once in the log)."""
+        return self._pushed.files.inline_fallbacks
+
     def session(self) -> AsyncSession:
         """A new ``AsyncSession`` stream (pushes and results on one RPC); ``await close()`` it."""
         return AsyncSession(self._stub, self.transport, self._pushed, self.timeout, self._metadata)

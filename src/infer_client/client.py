@@ -105,6 +105,11 @@ class InferClient:
         finally:
             call.cancel()  # no-op when the stream ended; frees it when the caller stopped early
 
+    @property
+    def inline_fallbacks(self) -> int:
+        """Pushes sent inline because the shared tmpfs was full (said once in the log)."""
+        return self._pushed.files.inline_fallbacks
+
     def session(self) -> Session:
         """A new ``Session`` stream (pushes and results on one RPC); close it, or use ``with``."""
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)

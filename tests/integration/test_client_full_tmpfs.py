@@ -32,3 +32,43 @@ def test_a_full_file_system_is_an_error_not_a_crash(tmp_path: Path) -> None:
     proc = on_small_tmpfs(tmp_path, _FULL_TMPFS)
     assert proc.returncode == 0, proc.returncode  # SIGBUS: -7 / 135
     assert proc.stdout.split() == ["refused", str(errno.ENOSPC)]
+
+
+_FALLBACK = """
+import logging, os, subprocess, sys, tempfile
+from engines.scenes import generate_scene
+from infer_client import InferClient
+logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
+shm, models = sys.argv[1], sys.argv[2]
+staging = tempfile.mkdtemp()  # on disk: the server stages inline batches off the full tmpfs
+cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", models, "--port", "0",
+       "--shm-dir", shm + "/infer", "--staging-dir", staging + "/staging", "--workers", "1"]
+server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+try:
+    port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
+    jpeg = generate_scene(3, width=320, height=240).jpeg
+    with InferClient("127.0.0.1:" + port, shm_dir=shm + "/infer") as client:
+        before = [r.ok for r in client.detect([jpeg])]
+        with open(shm + "/filler", "wb") as f:  # someone else fills the file system
+            try:
+                while True:
+                    f.write(b"f" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        after = [r.ok for r in client.detect([jpeg] * 3)] + [r.ok for r in client.detect([jpeg])]
+        print("results", before, after, "fallbacks", client.inline_fallbacks)
+finally:
+    server.terminate()
+    print("server exit", server.wait(60))
+"""
+
+
+def test_a_full_tmpfs_makes_the_client_send_inline_and_say_so(tmp_path: Path, model_repo_dir: Path) -> None:
+    """The client degrades to inline bytes instead of failing the call, once per push, said once."""
+    proc = on_small_tmpfs(tmp_path, _FALLBACK.replace("sys.argv[2]", repr(str(model_repo_dir))), "size=4m")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "results [True] [True, True, True, True] fallbacks 2" in lines, proc.stdout
+    assert sum("is full" in line for line in lines) == 1, "said once"
+    assert "server exit 0" in lines

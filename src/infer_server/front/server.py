@@ -24,7 +24,6 @@ import os
 import resource
 import stat
 import time
-import zlib
 from collections.abc import Coroutine
 from typing import Any
 
@@ -57,19 +56,18 @@ _INTERNAL = grpc.StatusCode.INTERNAL
 
 
 def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
-    """What makes a push the same push: its sizes, names and, inline, a checksum of its bytes.
+    """What makes a push the same push: its image sizes and names.
 
-    Not the path: a client library that retries writes the same images into a new batch file.
-    Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
+    Not the path, nor whether the bytes come inline or in a file: a client library that retries
+    writes the same images into a new batch file, or sends them inline when the shared tmpfs is
+    full. Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
     request_id reused by mistake for another request."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(b"inline" if request.data else b"file")
     digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
     for part in (*map(str, request.sizes), *request.names):
         encoded = part.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two lists run together
         digest.update(encoded)
-    digest.update(zlib.crc32(request.data).to_bytes(4, "little"))
     return digest.digest()
 
 
