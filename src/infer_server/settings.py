@@ -61,6 +61,14 @@ class ServerSettings(BaseSettings):
         description="Server-owned copies of inline data; clients' paths may never point into it "
         "(default: <shm-dir>/.server).",
     )
+    spill_dir: Path | None = Field(
+        default=None,
+        description="A directory on disk, outside the shared directory, where inline batches are staged while the "
+        "staging directory's file system is over --spill-at in use (or full): the server keeps accepting work.",
+    )
+    spill_at: float = Field(
+        default=0.8, gt=0, le=1, description="Share of the staging file system in use above which staging spills."
+    )
     device: Literal["cpu", "gpu"] = Field(default="cpu", description="cpu (ONNX Runtime) or gpu (TensorRT).")
     workers: int = Field(default=2, ge=1, le=64, description="Stage worker processes.")
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")

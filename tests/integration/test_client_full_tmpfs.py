@@ -72,3 +72,46 @@ def test_a_full_tmpfs_makes_the_client_send_inline_and_say_so(tmp_path: Path, mo
     assert "results [True] [True, True, True, True] fallbacks 2" in lines, proc.stdout
     assert sum("is full" in line for line in lines) == 1, "said once"
     assert "server exit 0" in lines
+
+
+_SPILL = """
+import os, socket, subprocess, sys, tempfile, urllib.request
+from engines.scenes import generate_scene
+from infer_client import InferClient
+shm, models = sys.argv[1], sys.argv[2]
+spill = tempfile.mkdtemp() + "/spill"
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    metrics = s.getsockname()[1]
+cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", models, "--port", "0",
+       "--shm-dir", shm + "/infer", "--spill-dir", spill, "--spill-at", "0.5", "--workers", "1",
+       "--metrics-port", str(metrics)]
+server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+try:
+    port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
+    with open(shm + "/filler", "wb") as f:  # someone else fills the tmpfs
+        try:
+            while True:
+                f.write(b"f" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    jpeg = generate_scene(4, width=320, height=240).jpeg
+    with InferClient("127.0.0.1:" + port, transport="inline") as client:
+        oks = [r.ok for _ in range(5) for r in client.detect([jpeg] * 3)]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+    spills = [line for line in text.splitlines() if line.startswith("infer_staging_spills_total")]
+    print("results", sum(oks), len(oks), spills[0].split()[1])
+finally:
+    server.terminate()
+    print("server exit", server.wait(60), "spill left", os.path.exists(spill))
+"""
+
+
+def test_staging_spills_to_disk_when_the_tmpfs_is_full(tmp_path: Path, model_repo_dir: Path) -> None:
+    """Inline batches are staged on disk while the tmpfs is over --spill-at (here: full): the server
+    keeps answering, and nothing is left behind after it stops."""
+    proc = on_small_tmpfs(tmp_path, _SPILL.replace("sys.argv[2]", repr(str(model_repo_dir))), "size=4m")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "results 15 15 5.0" in proc.stdout, proc.stdout
+    assert "server exit 0 spill left False" in proc.stdout

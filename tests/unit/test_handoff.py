@@ -304,7 +304,7 @@ def test_one_server_per_staging_directory_and_leftovers_are_cleared(root: Path) 
     with pytest.raises(RuntimeError, match="another server is using the staging directory"):
         Handoff(root, root / ".server", LIMITS).prepare_dirs()
     first.stage_inline(b"12345", ())  # what a killed server leaves: its staging copy, its lock gone
-    os.close(first._staging_fd)
+    os.close(first.tiers[0].fd)
     later = Handoff(root, root / ".server", LIMITS)
     later.prepare_dirs()
     assert os.listdir(root / ".server") == []

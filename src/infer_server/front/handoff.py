@@ -28,19 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import logging
 import os
 import stat
 import threading
-import time
-import uuid
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from infer_server.front.directories import DIR_FLAGS, check_shared_root, filesystem_type, open_dir
 from infer_server.front.errors import InvalidBatch, Overloaded, PermissionDeniedError
+from infer_server.front.staging import StagingDir
 from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
@@ -83,6 +81,7 @@ class BatchFile:
     file: FileRef
     images: tuple[ImageRef, ...]
     staged: bool  # the server's own copy of inline data, deleted when the batch completes
+    tier: int = 0  # of a staged copy: 0 the staging directory, 1 the spill directory
 
     @property
     def path(self) -> str:
@@ -106,21 +105,23 @@ def too_long(text: str, limit: int) -> bool:
 class Handoff:
     """Validation and staging for one shared directory (``root``) and its staging directory."""
 
-    def __init__(self, root: Path, staging: Path, limits: HandoffLimits) -> None:
+    def __init__(
+        self, root: Path, staging: Path, limits: HandoffLimits, spill: Path | None = None, spill_at: float = 0.8
+    ) -> None:
         self._root = Path(root)
-        self._staging = Path(staging)
         self.limits = limits
         self._real_root = ""
-        self._real_staging = ""
+        # Where inline batches are staged: the staging directory, then (over ``spill_at`` of its file
+        # system in use, or out of space there) the spill directory on disk. Every server-side
+        # create, list and delete goes through their held descriptors (``front.staging``).
+        self.tiers = [StagingDir(staging)] + ([StagingDir(spill, "spill directory")] if spill else [])
+        self.spill_at = spill_at
+        self.spills = 0  # inline batches staged in the spill directory
+        self.staged_bytes = [0] * len(self.tiers)  # bytes staged now, per tier
         self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
         self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
         self._root_dev = -1
         self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
-        # Descriptors held from prepare_dirs to close: every server-side create, list and delete in
-        # staging goes through them, so nothing swapped in by path can redirect it.
-        self._staging_parent_fd = -1
-        self._staging_fd = -1
-        self._staging_name = ""
         self._batch_fds: dict[int, BatchFile] = {}  # validated batch files, open until their batch is done
         self._lock = threading.Lock()
 
@@ -134,36 +135,15 @@ class Handoff:
             check_shared_root(os.fstat(root_fd), self._real_root)
         finally:
             os.close(root_fd)
-        self._staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # The staging directory itself is never resolved: a symlink in its place is refused.
-        parent, self._staging_name = os.path.split(os.path.normpath(self._staging.absolute()))
-        self._real_staging = os.path.join(os.path.realpath(parent), self._staging_name)
-        if os.path.commonpath([self._real_staging, self._real_root]) == self._real_staging:
-            # Its files are the server's to delete: it cannot be (or hold) the clients' directory.
-            raise RuntimeError(f"staging directory {self._staging} must not be the shared directory or contain it")
-        self._staging_parent_fd = open_dir(os.path.dirname(self._real_staging), "staging directory's parent")
-        try:
-            self._staging_fd = os.open(self._staging_name, _DIR_FLAGS, dir_fd=self._staging_parent_fd)
-        except OSError:
-            raise RuntimeError(
-                f"staging directory {self._staging} is not a directory (a symbolic link?): remove it and start again"
-            ) from None
-        st = os.fstat(self._staging_fd)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise RuntimeError(f"staging directory {self._staging} must be a 0700 directory of this user")
-        try:  # one server per staging directory; the lock goes with the process, however it ends
-            fcntl.flock(self._staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise RuntimeError(
-                f"another server is using the staging directory {self._staging}: give this one its own --shm-dir "
-                "or --staging-dir"
-            ) from None
-        left = self.sweep(0.0)  # a server killed before it could clean up left these; none is in use now
-        if left:
-            log.info("removed %d staging files an earlier server left behind", left)
+        for tier in self.tiers[1:]:
+            if os.path.commonpath([self._real_root, os.path.realpath(tier.path)]) == self._real_root:
+                raise RuntimeError(f"{tier.what} {tier.path} must be outside the shared directory")
+        for tier in self.tiers:
+            tier.open(self._real_root)
+        staging = self.tiers[0].real
         self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
-        if os.path.commonpath([self._real_root, self._real_staging]) == self._real_root:
-            rel = os.path.relpath(self._real_staging, self._real_root)
+        if os.path.commonpath([self._real_root, staging]) == self._real_root:
+            rel = os.path.relpath(staging, self._real_root)
             self._staging_parts = [] if rel == "." else rel.split(os.sep)  # []: staging is the root itself
         self._root_dev = os.stat(self._real_root).st_dev
         self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
@@ -284,7 +264,7 @@ class Handoff:
         real = os.path.realpath(lexical)
         if os.path.commonpath([self._real_root, real]) != self._real_root or real == self._real_root:
             raise PermissionDeniedError(_OUTSIDE)
-        if os.path.commonpath([self._real_staging, real]) == self._real_staging:
+        if os.path.commonpath([self.tiers[0].real, real]) == self.tiers[0].real:
             raise PermissionDeniedError(_STAGING)
         # Components to walk from the root: relative to the configured or the real root name.
         for base in (os.path.normpath(self._root), self._real_root):
@@ -325,30 +305,28 @@ class Handoff:
         return PermissionDeniedError(_NOT_YOURS)  # missing, forbidden, a socket (ENXIO), ...: one answer
 
     def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
-        """Write inline bytes to a fresh 0600 file in the staging directory (temp name + rename),
-        both relative to the staging directory's descriptor."""
-        name = uuid.uuid4().hex
-        tmp, final = f".{name}.tmp", f"{name}.batch"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(tmp, flags, 0o600, dir_fd=self._staging_fd)
-        except OSError as exc:
-            raise _busy(exc) or exc from None
-        try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
-            st = os.fstat(fd)
-            # No fsync: tmpfs, and a crash loses the batch anyway.
-            os.rename(tmp, final, src_dir_fd=self._staging_fd, dst_dir_fd=self._staging_fd)
-        except BaseException as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self._staging_fd)
-            os.close(fd)
-            if isinstance(exc, OSError) and (busy := _busy(exc)) is not None:
-                raise busy from None
-            raise
-        path = os.path.join(self._real_staging, final)
-        return self._held(BatchFile(FileRef(path, st.st_dev, st.st_ino, st.st_size, fd), images, staged=True))
+        """Write inline bytes to a fresh 0600 file of a staging tier: the staging directory while its
+        file system is under ``spill_at`` in use, else (or when it is out of space) the spill
+        directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image."""
+        error: OSError | None = None
+        for number, tier in enumerate(self.tiers):
+            last = number == len(self.tiers) - 1
+            if not last and tier.used() > self.spill_at:
+                continue
+            try:
+                path, fd, st = tier.stage(data)
+            except OSError as exc:
+                if _busy(exc) is None or last:
+                    error = exc
+                    break
+                continue  # out of space here: the next tier
+            with self._lock:
+                self.staged_bytes[number] += st.st_size
+                self.spills += number > 0
+            file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
+            return self._held(BatchFile(file, images, staged=True, tier=number))
+        assert error is not None
+        raise _busy(error) or error from None
 
     def release(self, batch: BatchFile) -> None:
         """The batch is done: close its descriptor (once) and delete the server's staging copy;
@@ -357,40 +335,22 @@ class Handoff:
             if self._batch_fds.get(batch.file.fd) is batch:
                 del self._batch_fds[batch.file.fd]
                 os.close(batch.file.fd)
-            if batch.staged and self._staging_fd >= 0:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.basename(batch.path), dir_fd=self._staging_fd)
+                if batch.staged:
+                    self.staged_bytes[batch.tier] -= batch.file.size
+            if batch.staged:
+                self.tiers[batch.tier].unlink(batch.path)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
-        """Remove staging files older than ``ttl_s`` (by mtime) that no live batch uses."""
-        now = time.time()
-        removed = 0
-        with os.scandir(self._staging_fd) as entries:
-            for entry in entries:
-                if os.path.join(self._real_staging, entry.name) in keep or not entry.is_file(follow_symlinks=False):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime >= ttl_s:
-                        os.unlink(entry.name, dir_fd=self._staging_fd)
-                        removed += 1
-        return removed
+        """Remove staging files (of every tier) older than ``ttl_s`` that no live batch uses."""
+        return sum(tier.sweep(ttl_s, keep) for tier in self.tiers if tier.fd >= 0)
 
     def remove_staging_dir(self) -> None:
-        """On a clean stop: drop every staging file and the directory itself (if it is still the
-        one the server created: never something put in its place), and every descriptor held."""
-        if self._staging_fd < 0:
-            return
+        """On a clean stop: drop every staging file and directory (each only if it is still the one
+        the server created: never something put in its place), and every descriptor held."""
         with self._lock:
             fds, self._batch_fds = self._batch_fds, {}
         for fd in fds:
             os.close(fd)
-        self.sweep(0.0)
-        mine = os.fstat(self._staging_fd)
-        with contextlib.suppress(OSError):
-            there = os.stat(self._staging_name, dir_fd=self._staging_parent_fd, follow_symlinks=False)
-            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
-                os.rmdir(self._staging_name, dir_fd=self._staging_parent_fd)
         with self._lock:  # a late release must not unlink through a closed (reused) number
-            os.close(self._staging_fd)
-            os.close(self._staging_parent_fd)
-            self._staging_fd = self._staging_parent_fd = -1
+            for tier in self.tiers:
+                tier.remove()

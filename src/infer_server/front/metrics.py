@@ -37,6 +37,20 @@ class _CacheCollector(Collector):
         yield GaugeMetricFamily("infer_cache_bytes", "Estimated bytes held by the result cache", value=c.bytes)
 
 
+class _StagingCollector(Collector):
+    """The staging tiers' bytes and the spill count, read at scrape time."""
+
+    def __init__(self, handoff: Any) -> None:
+        self._handoff = handoff
+
+    def collect(self) -> Iterator[Metric]:
+        tiers = GaugeMetricFamily("infer_staged_bytes", "Bytes of inline batches staged, per tier", labels=["tier"])
+        for number, staged in enumerate(self._handoff.staged_bytes):
+            tiers.add_metric(["staging" if number == 0 else "spill"], staged)
+        yield tiers
+        yield CounterMetricFamily("infer_staging_spills", "Inline batches staged on disk", value=self._handoff.spills)
+
+
 class ServerMetrics:
     def __init__(self, inflight_images: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -68,6 +82,10 @@ class ServerMetrics:
             if child is None:
                 child = self._stage_by_name[stage] = self._stage.labels(stage)
             child.observe(ms / 1000.0)
+
+    def watch_staging(self, handoff: Any) -> None:
+        """Export the staging tiers' bytes and spills (a ``Handoff``)."""
+        self.registry.register(_StagingCollector(handoff))
 
     def watch_cache(self, cache: Any) -> None:
         """Export the result cache's counters (an ``LRUKCache``: hits, misses, evictions, size)."""

@@ -94,6 +94,8 @@ class InferenceServer:
             HandoffLimits(
                 settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
             ),
+            spill=settings.spill_dir,
+            spill_at=settings.spill_at,
         )
         quota = Quota(
             settings.max_inflight_images_per_identity or settings.max_inflight_images,
@@ -110,6 +112,7 @@ class InferenceServer:
         )
         self.authenticator = Authenticator(None, False, settings.owner_uids())
         self.metrics = ServerMetrics(lambda: self.registry.inflight_images)
+        self.metrics.watch_staging(self.handoff)
         self.cache: ResultCache | None = None
         if settings.result_cache_entries:
             mib, k = settings.result_cache_mib, settings.result_cache_k

@@ -1,0 +1,133 @@
+"""A directory of the server's own files (staged copies of inline batches), held by descriptor.
+
+Used by ``front.handoff.Handoff``, in the server's main process: one ``StagingDir`` for the staging
+directory (on the shared tmpfs by default) and, with ``--spill-dir``, one for the disk tier that
+new staging goes to when the tmpfs is over ``--spill-at`` of its capacity (``Handoff.stage_inline``).
+
+Nothing here trusts a path. The directory is opened once (``O_DIRECTORY|O_NOFOLLOW``), must be the
+server's and 0700, and is locked (``flock``) so that no second server uses it; every create,
+rename, list and delete goes through the descriptors held from ``open`` to ``remove``. Files are
+written under a temporary name and renamed; what a killed server left is cleared at ``open``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import uuid
+from collections.abc import Collection
+from pathlib import Path
+
+from infer_server.front.directories import DIR_FLAGS, open_dir
+
+log = logging.getLogger(__name__)
+
+
+class StagingDir:
+    """One staging directory: ``open``, then ``stage`` / ``unlink`` / ``sweep``, then ``remove``."""
+
+    def __init__(self, path: Path, what: str = "staging directory") -> None:
+        self.path = Path(path)
+        self.what = what
+        self.real = ""
+        self.fd = -1
+        self._parent_fd = -1
+        self._name = ""
+
+    def open(self, shared_root: str) -> None:
+        """Create (0700) or open the directory and refuse one the server cannot trust
+        (``RuntimeError`` saying how to fix it); clear what an earlier server left."""
+        self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The directory itself is never resolved: a symlink in its place is refused.
+        parent, self._name = os.path.split(os.path.normpath(self.path.absolute()))
+        self.real = os.path.join(os.path.realpath(parent), self._name)
+        if os.path.commonpath([self.real, shared_root]) == self.real:
+            # Its files are the server's to delete: it cannot be (or hold) the clients' directory.
+            raise RuntimeError(f"{self.what} {self.path} must not be the shared directory or contain it")
+        self._parent_fd = open_dir(os.path.dirname(self.real), f"{self.what}'s parent")
+        try:
+            self.fd = os.open(self._name, DIR_FLAGS, dir_fd=self._parent_fd)
+        except OSError:
+            raise RuntimeError(
+                f"{self.what} {self.path} is not a directory (a symbolic link?): remove it and start again"
+            ) from None
+        st = os.fstat(self.fd)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise RuntimeError(f"{self.what} {self.path} must be a 0700 directory of this user")
+        try:  # one server per staging directory; the lock goes with the process, however it ends
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another server is using the {self.what} {self.path}: give this one its own --shm-dir "
+                "or --staging-dir"
+            ) from None
+        left = self.sweep(0.0)  # a server killed before it could clean up left these; none is in use now
+        if left:
+            log.info("removed %d files an earlier server left behind in the %s", left, self.what)
+
+    def stage(self, data: bytes) -> tuple[str, int, os.stat_result]:
+        """Write ``data`` to a fresh 0600 file (temporary name, then rename), both relative to the
+        directory's descriptor; returns its path, its open descriptor and its stat. ``OSError``
+        (ENOSPC among them) leaves nothing behind."""
+        name = uuid.uuid4().hex
+        tmp, final = f".{name}.tmp", f"{name}.batch"
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
+        try:
+            with os.fdopen(fd, "wb", closefd=False) as f:
+                f.write(data)
+            st = os.fstat(fd)
+            # No fsync: a crash loses the batch anyway.
+            os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.fd)
+            os.close(fd)
+            raise
+        return os.path.join(self.real, final), fd, st
+
+    def unlink(self, path: str) -> None:
+        """Delete one of this directory's files (by its name, through the held descriptor)."""
+        if self.fd >= 0:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.basename(path), dir_fd=self.fd)
+
+    def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
+        """Remove files older than ``ttl_s`` (by mtime) that are not in ``keep``."""
+        import time
+
+        now = time.time()
+        removed = 0
+        with os.scandir(self.fd) as entries:
+            for entry in entries:
+                if os.path.join(self.real, entry.name) in keep or not entry.is_file(follow_symlinks=False):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime >= ttl_s:
+                        os.unlink(entry.name, dir_fd=self.fd)
+                        removed += 1
+        return removed
+
+    def used(self) -> float:
+        """The share of its file system in use (blocks or inodes, whichever is higher)."""
+        st = os.fstatvfs(self.fd)
+        blocks = 1 - st.f_bavail / st.f_blocks if st.f_blocks else 0.0
+        inodes = 1 - st.f_favail / st.f_files if st.f_files else 0.0
+        return max(blocks, inodes)
+
+    def remove(self) -> None:
+        """Drop every file and the directory itself (if it is still the one opened: never something
+        put in its place), and close the descriptors."""
+        if self.fd < 0:
+            return
+        self.sweep(0.0)
+        mine = os.fstat(self.fd)
+        with contextlib.suppress(OSError):
+            there = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.rmdir(self._name, dir_fd=self._parent_fd)
+        os.close(self.fd)
+        os.close(self._parent_fd)
+        self.fd = self._parent_fd = -1
