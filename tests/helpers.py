@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from infer_server.messages import WorkerOptions
 from infer_server.settings import ServerSettings
@@ -35,3 +36,26 @@ def on_small_tmpfs(tmp_path: Path, script: str, options: str = "size=2m") -> sub
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
     return done
+
+
+MODELS = Path(__file__).resolve().parent.parent / "engines" / "models"
+
+
+def versioned_repository(tmp_path: Path, color_versions: tuple[int, ...], policy: dict | None = None) -> Path:  # type: ignore[type-arg]
+    """The embedded repository with the color model in numbered version directories (the ONNX
+    file linked, not copied)."""
+    root = tmp_path / "models"
+    for name in ("detector", "vehicle_type"):
+        (root / name).mkdir(parents=True)
+        shutil.copy(MODELS / name / "config.yaml", root / name / "config.yaml")
+        (root / name / "model.onnx").symlink_to(MODELS / name / "model.onnx")
+    config = yaml.safe_load((MODELS / "color" / "config.yaml").read_text())
+    config.pop("version", None)
+    if policy is not None:
+        config["version_policy"] = policy
+    (root / "color").mkdir()
+    (root / "color" / "config.yaml").write_text(yaml.safe_dump(config))
+    for version in color_versions:
+        (root / "color" / str(version)).mkdir()
+        (root / "color" / str(version) / "model.onnx").symlink_to(MODELS / "color" / "model.onnx")
+    return root

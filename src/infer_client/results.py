@@ -120,6 +120,7 @@ class ImageResult:
     timings_ms: Mapping[str, float] = field(default_factory=lambda: _frozen_map({}))
     worker: int = -1
     cached: bool = False  # answered from the server's result cache
+    model_versions: Mapping[str, str] = field(default_factory=lambda: _frozen_map({}))  # model name -> version
 
     @property
     def ok(self) -> bool:
@@ -134,6 +135,7 @@ class ImageResult:
             "width": msg.width, "height": msg.height,
             "detections": tuple(map(Detection.from_proto, msg.detections)) if msg.detections else (),
             "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker, "cached": msg.cached,
+            "model_versions": _frozen_map(dict(msg.model_versions)),
         })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,4 +151,5 @@ class ImageResult:
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "worker": self.worker,
             "cached": self.cached,
+            "model_versions": dict(self.model_versions),
         }

@@ -169,6 +169,7 @@ class ImageOutcome:
     worker: int = -1
     cached: bool = False  # answered from the front's result cache: no decode or inference ran
     digest: bytes = b""  # BLAKE2b-128 of the bytes the worker read (WorkerOptions.digest_images)
+    models: tuple[tuple[str, str], ...] = ()  # (name, version) of the models that answered
 
     @classmethod
     def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:

@@ -198,6 +198,8 @@ def test_a_pipeline_failure_answers_internal_without_details(model_repo_dir: Pat
 class OutOfMemory:
     """A pipeline whose allocation fails, as DALI's does past RLIMIT_DATA (std::bad_alloc)."""
 
+    models: tuple[tuple[str, str], ...] = (("detector", "1"),)
+
     def process(self, *args: Any) -> list[ImageOutcome]:
         raise RuntimeError("Critical error in pipeline: std::bad_alloc. Current pipeline object is no longer valid.")
 

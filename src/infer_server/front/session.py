@@ -66,6 +66,8 @@ def outcome_to_proto(
     if outcome.message:
         result.status.message = outcome.message
     result.timings_ms.update(outcome.timings_ms)
+    if outcome.models:
+        result.model_versions.update(outcome.models)
     for d in outcome.detections:
         result.detections.add(
             class_id=d.class_id,

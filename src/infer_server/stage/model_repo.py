@@ -1,4 +1,4 @@
-"""The model repository: one directory per model, each with ``model.onnx`` and ``config.yaml``.
+"""The model repository: one directory per model, with its ``config.yaml`` and its ``model.onnx``.
 
 Read by the stage workers (which models to load, how to pre/post-process, which classes each
 attribute model applies to) and written by the recipe in ``engines/``. Paths, thresholds and
@@ -25,6 +25,13 @@ and of an attribute classifier::
     outputs: {logits: logits}
     labels: [black, white, red, green, blue, yellow, orange, purple]
     applies_to: [car, bicycle, person, road_sign]
+
+Versions, in Triton's layout: a model directory holds either ``model.onnx`` beside its
+``config.yaml`` (one version, ``version`` in the config, "1" by default) or numbered version
+directories, ``<name>/<version>/model.onnx``, each of which may carry its own ``config.yaml``
+(replacing the model's for that version: another input size, other labels). The model's
+``version_policy`` says which versions are available — ``{latest: N}`` (the N highest; 1 by
+default) or ``{specific: ["2", "3"]}`` — and the highest available one serves.
 """
 
 from __future__ import annotations
@@ -72,10 +79,35 @@ class DecodeSpec(_Strict):
         return [t] * num_classes
 
 
+class VersionPolicy(_Strict):
+    """Which numbered versions of a model are available: the ``latest`` N, or ``specific`` ones."""
+
+    latest: int | None = Field(default=None, ge=1)
+    specific: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> VersionPolicy:
+        if (self.latest is None) == (self.specific is None):
+            raise ValueError("a version_policy is either {latest: N} or {specific: [versions]}")
+        return self
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The available versions among those on disk, in ascending order."""
+        if self.specific is not None:
+            wanted = [int(v) for v in self.specific]
+            missing = sorted(set(wanted) - set(versions))
+            if missing:
+                raise ValueError(f"version_policy names versions not in the repository: {missing}")
+            return sorted(wanted)
+        assert self.latest is not None
+        return sorted(versions)[-self.latest :]
+
+
 class ModelConfig(_Strict):
     name: str
     kind: Literal["detector", "classifier"]
     version: str = "1"
+    version_policy: VersionPolicy | None = None
     input: InputSpec
     outputs: dict[str, str]
     labels: list[str]
@@ -98,8 +130,9 @@ class ModelConfig(_Strict):
 
 
 class ModelEntry(_Strict):
-    config: ModelConfig
-    directory: Path
+    config: ModelConfig  # of the version that serves (``config.version``)
+    directory: Path  # where that version's model.onnx is
+    available: tuple[str, ...] = ()  # every version the policy makes available, ascending
 
     @property
     def onnx_path(self) -> Path:
@@ -117,18 +150,7 @@ class ModelRepository(_Strict):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"model repository {root} is not a directory")
-        entries = []
-        for cfg_path in sorted(root.glob("*/config.yaml")):
-            with cfg_path.open() as f:
-                raw = yaml.safe_load(f)
-            try:
-                config = ModelConfig.model_validate(raw)
-            except ValueError as exc:
-                raise ValueError(f"{cfg_path}: {exc}") from None
-            entry = ModelEntry(config=config, directory=cfg_path.parent)
-            if not entry.onnx_path.is_file():
-                raise ValueError(f"{cfg_path.parent}: missing model.onnx")
-            entries.append(entry)
+        entries = [_entry(cfg_path) for cfg_path in sorted(root.glob("*/config.yaml"))]
         detectors = [e for e in entries if e.config.kind == "detector"]
         if len(detectors) != 1:
             raise ValueError(f"{root}: expected exactly one detector, found {len(detectors)}")
@@ -144,3 +166,33 @@ class ModelRepository(_Strict):
     def classifiers_for(self, label: str) -> list[ModelEntry]:
         """Attribute models routed to detections of class ``label``."""
         return [c for c in self.classifiers if c.config.applies_to is None or label in c.config.applies_to]
+
+
+def _config(path: Path) -> ModelConfig:
+    with path.open() as f:
+        raw = yaml.safe_load(f)
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _entry(cfg_path: Path) -> ModelEntry:
+    """One model: its flat layout (``model.onnx`` beside the config), or the highest version its
+    policy makes available among the numbered version directories."""
+    config, directory = _config(cfg_path), cfg_path.parent
+    if (directory / "model.onnx").is_file():
+        if config.version_policy is not None:
+            raise ValueError(f"{cfg_path}: a version_policy needs numbered version directories, not model.onnx")
+        return ModelEntry(config=config, directory=directory, available=(config.version,))
+    versions = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "model.onnx").is_file())
+    if not versions:
+        raise ValueError(f"{directory}: missing model.onnx (or numbered version directories holding one)")
+    available = (config.version_policy or VersionPolicy(latest=1)).select(versions)
+    serving = directory / str(available[-1])
+    own = serving / "config.yaml"
+    chosen = _config(own) if own.is_file() else config
+    if (chosen.name, chosen.kind) != (config.name, config.kind):
+        raise ValueError(f"{own}: a version's config must keep the model's name and kind")
+    chosen = chosen.model_copy(update={"version": str(available[-1])})
+    return ModelEntry(config=chosen, directory=serving, available=tuple(map(str, available)))

@@ -230,9 +230,11 @@ class StageWorker:
         # The hash of what was read, when the front caches results: it stores an answer only under
         # the key of the bytes that produced it (a client that rewrites its file cannot poison it).
         digests = {ref.index: image_digest(d) for ref, d in readable} if self.digests else {}
+        models = self.pipeline.models  # the versions that answered, in every result
         for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
-            if digests:
-                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""))
+            if digests or models:
+                answered = models if outcome.code == Code.OK else ()
+                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""), models=answered)
             outcomes[outcome.index] = outcome
 
 
