@@ -10,6 +10,7 @@ and how a file is reused.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -118,7 +119,8 @@ class _BatchFile:
         finally:
             os.close(fd)
         if written != total:
-            raise OSError(f"short write to the batch file: {written} of {total} bytes")
+            # A short write to a file system is one that ran out of room: the same as ENOSPC.
+            raise OSError(errno.ENOSPC, f"short write to the batch file: {written} of {total} bytes")
         return True
 
     def _map(self, length: int) -> None:

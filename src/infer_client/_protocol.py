@@ -136,6 +136,15 @@ def open_channel(target: str, options: Sequence[tuple[str, Any]], credentials: C
     return module.secure_channel(target, tls, options=options)
 
 
+# The largest batch a full tmpfs sends inline instead: the server's default --max-message-bytes
+# (64 MiB) less room for the rest of the request.
+INLINE_FALLBACK_BYTES = 63 * 1024 * 1024
+
+
+def _inline_size(images: Sequence[ImageSource]) -> int:
+    return sum(len(img) if isinstance(img, bytes) else os.path.getsize(img) for img in images)
+
+
 @dataclass(frozen=True)
 class PreparedPush:
     request: infer_pb2.PushDataRequest
@@ -167,8 +176,8 @@ def prepare_push(
                 raise OSError(errno.ENOSPC, f"over {files.full_at:.0%} in use")
             path, sizes = files.write(images)
         except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or _inline_size(images) > INLINE_FALLBACK_BYTES:
+                raise  # a batch too large for one message cannot go inline: the error says why
             files.fell_back(exc.strerror or str(exc))  # degrade to inline bytes rather than fail the call
         else:
             request.path = path

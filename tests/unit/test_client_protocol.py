@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -10,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from infer_client._protocol import BatchFiles, PushedBatches, is_local_target, prepare_push, resolve_transport
+from infer_client._protocol import (
+    INLINE_FALLBACK_BYTES,
+    BatchFiles,
+    PushedBatches,
+    is_local_target,
+    prepare_push,
+    resolve_transport,
+)
 
 
 @pytest.fixture
@@ -174,3 +182,19 @@ def test_an_image_that_cannot_be_read_leaves_the_free_file_free(shm: Path) -> No
     files.discard(again)
     files.remove_all()
     assert os.listdir(shm) == []
+
+
+class FullFiles(BatchFiles):
+    """Batch files on a file system with no room left."""
+
+    def write(self, images):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_tmpfs_sends_the_batch_inline_unless_it_is_too_large_for_one_message(tmp_path: Path) -> None:
+    files = FullFiles(tmp_path)
+    small = prepare_push([b"x" * 10], None, None, "tmpfs", files)
+    assert (small.request.data, small.owned_path, files.inline_fallbacks) == (b"x" * 10, None, 1)
+    with pytest.raises(OSError) as info:
+        prepare_push([b"x" * (INLINE_FALLBACK_BYTES + 1)], None, None, "tmpfs", files)
+    assert info.value.errno == errno.ENOSPC and files.inline_fallbacks == 1

@@ -309,3 +309,20 @@ def test_one_server_per_staging_directory_and_leftovers_are_cleared(root: Path) 
     later.prepare_dirs()
     assert os.listdir(root / ".server") == []
     later.remove_staging_dir()
+
+
+def test_staging_sweeps_and_removes_only_the_servers_own_files(shm: Path) -> None:
+    """A spill directory is a path an operator chose: what else is in it is not the server's."""
+    from infer_server.front.staging import StagingDir
+
+    spill = shm / "spill"
+    spill.mkdir(mode=0o700)
+    (spill / "notes.txt").write_text("keep me")
+    (spill / f"{'a' * 32}.batch").write_bytes(b"a staged copy a killed server left")
+    tier = StagingDir(spill, "spill directory")
+    tier.open(str(shm / "root"))
+    assert sorted(p.name for p in spill.iterdir()) == ["notes.txt"]
+    _, fd, _ = tier.stage(b"12345")
+    os.close(fd)
+    tier.remove()
+    assert sorted(p.name for p in spill.iterdir()) == ["notes.txt"], "the directory stays: it is not empty"

@@ -44,6 +44,8 @@ def test_a_version_may_bring_its_own_config(tmp_path: Path) -> None:
         ((), None, "missing model.onnx"),
         ((1, 2), {"specific": ["3"]}, r"not in the repository: \[3\]"),
         ((1,), {"latest": 1, "specific": ["1"]}, "either"),
+        ((1,), {"specific": []}, "at least 1"),
+        ((1,), {"specific": ["01"]}, "without leading zeros"),
     ],
 )
 def test_what_cannot_serve_is_refused_with_the_reason(
@@ -59,3 +61,18 @@ def test_a_version_config_must_keep_the_models_name(tmp_path: Path) -> None:
     (root / "color" / "1" / "config.yaml").write_text(yaml.safe_dump(other))
     with pytest.raises(ValueError, match="keep the model's name"):
         ModelRepository.load(root)
+
+
+def test_a_flat_model_beside_version_directories_is_refused(tmp_path: Path) -> None:
+    root = versioned_repository(tmp_path, (1, 2))
+    (root / "color" / "model.onnx").symlink_to(root / "color" / "1" / "model.onnx")
+    with pytest.raises(ValueError, match="keep one layout"):
+        ModelRepository.load(root)
+
+
+def test_only_plain_numbers_are_versions(tmp_path: Path) -> None:
+    root = versioned_repository(tmp_path, (1,))
+    for odd in ("03", "v2", "\u0663"):  # a leading zero, a prefix, an Arabic-Indic three
+        (root / "color" / odd).mkdir()
+        (root / "color" / odd / "model.onnx").symlink_to(root / "color" / "1" / "model.onnx")
+    assert served(root)["color"] == ("1", ("1",))

@@ -309,15 +309,14 @@ class Handoff:
         file system is under ``spill_at`` in use, else (or when it is out of space) the spill
         directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image."""
         error: OSError | None = None
-        for number, tier in enumerate(self.tiers):
-            last = number == len(self.tiers) - 1
-            if not last and tier.used() > self.spill_at:
-                continue
+        over = [n for n, tier in enumerate(self.tiers[:-1]) if tier.used() > self.spill_at]
+        order = [n for n in range(len(self.tiers)) if n not in over] + over  # a tier over the mark: last
+        for number in order:
             try:
-                path, fd, st = tier.stage(data)
+                path, fd, st = self.tiers[number].stage(data)
             except OSError as exc:
-                if _busy(exc) is None or last:
-                    error = exc
+                error = exc
+                if _busy(exc) is None:
                     break
                 continue  # out of space here: the next tier
             with self._lock:

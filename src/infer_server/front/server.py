@@ -314,7 +314,7 @@ class InferenceServer:
             self.cache.forget(batch.batch_id, list(batch.images))  # answered without a worker (deadline)
         if batch.file is None:
             return
-        if batch.file.staged and not self.handoff.in_memory:
+        if batch.file.staged and (batch.file.tier > 0 or not self.handoff.in_memory):  # a disk unlink
             self._spawn(asyncio.to_thread(self.handoff.release, batch.file))
         else:
             self.handoff.release(batch.file)

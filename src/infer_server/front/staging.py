@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import uuid
 from collections.abc import Collection
 from pathlib import Path
@@ -23,6 +24,9 @@ from pathlib import Path
 from infer_server.front.directories import DIR_FLAGS, open_dir
 
 log = logging.getLogger(__name__)
+
+# The names ``stage`` gives its files (and their temporary names): a sweep touches nothing else.
+_OURS = re.compile(r"\.?[0-9a-f]{32}\.(batch|tmp)")
 
 
 class StagingDir:
@@ -60,8 +64,7 @@ class StagingDir:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise RuntimeError(
-                f"another server is using the {self.what} {self.path}: give this one its own --shm-dir "
-                "or --staging-dir"
+                f"another server is using the {self.what} {self.path}: give each server its own directories"
             ) from None
         left = self.sweep(0.0)  # a server killed before it could clean up left these; none is in use now
         if left:
@@ -102,7 +105,9 @@ class StagingDir:
         removed = 0
         with os.scandir(self.fd) as entries:
             for entry in entries:
-                if os.path.join(self.real, entry.name) in keep or not entry.is_file(follow_symlinks=False):
+                if not _OURS.fullmatch(entry.name) or os.path.join(self.real, entry.name) in keep:
+                    continue  # only the server's own names: nothing an operator put there
+                if not entry.is_file(follow_symlinks=False):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     if now - entry.stat(follow_symlinks=False).st_mtime >= ttl_s:
@@ -118,8 +123,9 @@ class StagingDir:
         return max(blocks, inodes)
 
     def remove(self) -> None:
-        """Drop every file and the directory itself (if it is still the one opened: never something
-        put in its place), and close the descriptors."""
+        """Drop the server's files and the directory itself (if it is still the one opened and now
+        empty: never something put in its place, nor what an operator keeps there), and close the
+        descriptors."""
         if self.fd < 0:
             return
         self.sweep(0.0)

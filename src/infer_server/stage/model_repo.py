@@ -36,6 +36,7 @@ default) or ``{specific: ["2", "3"]}`` — and the highest available one serves.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -79,16 +80,21 @@ class DecodeSpec(_Strict):
         return [t] * num_classes
 
 
+_VERSION = re.compile(r"[1-9][0-9]*")  # a version directory's name (ASCII digits, no leading zero)
+
+
 class VersionPolicy(_Strict):
     """Which numbered versions of a model are available: the ``latest`` N, or ``specific`` ones."""
 
     latest: int | None = Field(default=None, ge=1)
-    specific: list[str] | None = None
+    specific: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _one(self) -> VersionPolicy:
         if (self.latest is None) == (self.specific is None):
             raise ValueError("a version_policy is either {latest: N} or {specific: [versions]}")
+        if self.specific is not None and not all(_VERSION.fullmatch(v) for v in self.specific):
+            raise ValueError("versions are positive whole numbers without leading zeros")
         return self
 
     def select(self, versions: list[int]) -> list[int]:
@@ -181,11 +187,14 @@ def _entry(cfg_path: Path) -> ModelEntry:
     """One model: its flat layout (``model.onnx`` beside the config), or the highest version its
     policy makes available among the numbered version directories."""
     config, directory = _config(cfg_path), cfg_path.parent
+    versions = sorted(
+        int(d.name) for d in directory.iterdir() if _VERSION.fullmatch(d.name) and (d / "model.onnx").is_file()
+    )
     if (directory / "model.onnx").is_file():
-        if config.version_policy is not None:
-            raise ValueError(f"{cfg_path}: a version_policy needs numbered version directories, not model.onnx")
+        if config.version_policy is not None or versions:
+            raise ValueError(f"{directory}: model.onnx beside numbered version directories (or a version_policy): "
+                             "keep one layout")  # fmt: skip
         return ModelEntry(config=config, directory=directory, available=(config.version,))
-    versions = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "model.onnx").is_file())
     if not versions:
         raise ValueError(f"{directory}: missing model.onnx (or numbered version directories holding one)")
     available = (config.version_policy or VersionPolicy(latest=1)).select(versions)
