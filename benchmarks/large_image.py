@@ -10,7 +10,6 @@ up, quality 90) and reads it again; then ten ordinary 1280×720 scenes, to show 
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Annotated
 
@@ -26,8 +25,7 @@ MODELS = servers.REPO_ROOT / "engines" / "models"
 
 
 def _status_mib(pid: int, key: str) -> int:
-    match = re.search(rf"{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) // 1024 if match else 0
+    return servers.status_kib(pid, key) // 1024
 
 
 def main(pixels: Annotated[int, typer.Option(help="The server's --max-image-pixels.")] = 40_000_000) -> None:

@@ -61,7 +61,8 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
-def _status_kib(pid: int, key: str) -> int:
+def status_kib(pid: int, key: str) -> int:
+    """A ``/proc/<pid>/status`` field in KiB (VmRSS, VmHWM, ...); 0 once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -96,7 +97,7 @@ class MemoryMonitor(threading.Thread):
         pids = [self.root, *descendants(self.root)]
         self.peak_rss = max(self.peak_rss, sum(rss_bytes(p) for p in pids))
         for pid in pids:
-            self.hwm[pid] = max(self.hwm.get(pid, 0), _status_kib(pid, "VmHWM") * 1024)
+            self.hwm[pid] = max(self.hwm.get(pid, 0), status_kib(pid, "VmHWM") * 1024)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval_s):

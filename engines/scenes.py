@@ -212,6 +212,20 @@ def overlap_of(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return iw * ih / max(1e-6, (a[2] - a[0]) * (a[3] - a[1]))
 
 
+def draw_class(rng: np.random.Generator) -> tuple[int, str, str | None]:
+    """An object's class, and a vehicle type for a car: the draw every scene style shares (the same
+    random numbers in the same order, so a seed keeps its scene)."""
+    class_id = int(rng.choice(4, p=(0.4, 0.15, 0.25, 0.2)))
+    label = CLASSES[class_id]
+    return class_id, label, VEHICLE_TYPES[int(rng.integers(4))] if label == "car" else None
+
+
+def crowds(box: tuple[float, ...], others: list[tuple[float, float, float, float]]) -> bool:
+    """``box`` would hide one of ``others`` too much, or be hidden by it (IoU > 0.3, or over half of
+    either covered): such a placement is skipped."""
+    return any(iou(box, o) > 0.3 or overlap_of(box, o) > 0.5 or overlap_of(o, box) > 0.5 for o in others)
+
+
 def generate_scene(seed: int, *, width: int | None = None, height: int | None = None) -> Scene:
     """One deterministic scene. ``width``/``height`` fix the canvas (e.g. 1280×720 for benchmarks)."""
     rng = np.random.default_rng(seed)
@@ -223,9 +237,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
     for _ in range(n * 4):  # placement attempts; objects that would hide others too much are skipped
         if len(placed) == n:
             break
-        class_id = int(rng.choice(4, p=(0.4, 0.15, 0.25, 0.2)))
-        label = CLASSES[class_id]
-        vtype = VEHICLE_TYPES[int(rng.integers(4))] if label == "car" else None
+        class_id, label, vtype = draw_class(rng)
         aspect = ASPECT[vtype or label] * rng.uniform(0.92, 1.08)
         oh = float(rng.uniform(MIN_OBJ_H, MAX_OBJ_H))
         oh = min(oh, 0.9 * h, 0.9 * w / aspect)
@@ -233,8 +245,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
         ox = float(rng.uniform(0, w - ow))
         oy = float(rng.uniform(0, h - oh))
         box = (ox, oy, ox + ow, oy + oh)
-        if any(iou(box, p[1]) > 0.3 or overlap_of(box, p[1]) > 0.5 or overlap_of(p[1], box) > 0.5
-               for p in placed):
+        if crowds(box, [p[1] for p in placed]):
             continue
         color = COLORS[int(rng.integers(8))]
         style = {"label": label, "vtype": vtype, "color": color, "rgb": _jitter(rng, PALETTE_RGB[color]),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from engines.scenes import CLASSES, COLORS, PALETTE_RGB, VEHICLE_TYPES, Scene, SceneObject, cli, encode
+from engines.scenes import CLASSES, COLORS, PALETTE_RGB, Scene, SceneObject, cli, draw_class, encode
 
 # Width / height of each object's box in this style (its own proportions, not the training style's).
 ASPECT = {"sedan": 2.3, "suv": 1.8, "truck": 2.5, "van": 1.6, "bicycle": 1.7, "person": 0.36, "road_sign": 0.3}
@@ -262,9 +262,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
     for _ in range(n * 5):
         if len(placed) == n:
             break
-        class_id = int(rng.choice(4, p=(0.4, 0.15, 0.25, 0.2)))
-        label = CLASSES[class_id]
-        vtype = VEHICLE_TYPES[int(rng.integers(4))] if label == "car" else None
+        class_id, label, vtype = draw_class(rng)
         aspect = ASPECT[vtype or label] * rng.uniform(0.9, 1.1)
         oh = min(float(rng.uniform(MIN_OBJ_H, MAX_OBJ_H)), 0.85 * h, 0.85 * w / aspect)
         ow = oh * aspect

@@ -26,13 +26,12 @@ from engines.scenes import (
     CLASSES,
     COLORS,
     PALETTE_RGB,
-    VEHICLE_TYPES,
     Scene,
     SceneObject,
     cli,
+    crowds,
+    draw_class,
     encode,
-    iou,
-    overlap_of,
 )
 
 # Typical width / height of each silhouette's box; each object varies it by ±15%.
@@ -421,9 +420,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
     for _ in range(n * 4):  # placement attempts; objects that would hide others too much are skipped
         if len(placed) == n:
             break
-        class_id = int(rng.choice(4, p=(0.4, 0.15, 0.25, 0.2)))
-        label = CLASSES[class_id]
-        vtype = VEHICLE_TYPES[int(rng.integers(4))] if label == "car" else None
+        class_id, label, vtype = draw_class(rng)
         aspect = ASPECT[vtype or label] * rng.uniform(0.85, 1.15)
         # Scale: log-uniform, so small objects are as common as large ones.
         oh = float(np.exp(rng.uniform(np.log(MIN_OBJ_H), np.log(max(top_h, MIN_OBJ_H + 1)))))
@@ -432,8 +429,7 @@ def generate_scene(seed: int, *, width: int | None = None, height: int | None = 
         ox = float(rng.uniform(0, w - ow))
         oy = float(rng.uniform(0, h - oh))
         box = (ox, oy, ox + ow, oy + oh)
-        if any(iou(box, p[1]) > 0.3 or overlap_of(box, p[1]) > 0.5 or overlap_of(p[1], box) > 0.5
-               for p in placed):
+        if crowds(box, [p[1] for p in placed]):
             continue
         color = COLORS[int(rng.integers(8))]
         light = float(rng.uniform(0.8, 1.1))

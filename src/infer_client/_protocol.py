@@ -16,7 +16,6 @@ failed (``BatchFiles.discard``).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,6 +27,7 @@ import grpc
 
 from infer_client._batch_files import BatchFiles, ImageSource
 from infer_proto import infer_pb2
+from infer_proto.addresses import is_loopback
 
 Transport = Literal["auto", "tmpfs", "inline"]
 
@@ -71,12 +71,7 @@ def is_local_target(target: str) -> bool:
         host = t.rsplit(":", 1)[0]
     else:
         host = t  # no port, or a bare IPv6 address
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback(host)
 
 
 def resolve_transport(transport: Transport, target: str, shm_dir: str | os.PathLike[str]) -> str:

@@ -10,7 +10,6 @@ everything" (docs/architecture.md) has one list to audit.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -18,20 +17,21 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from infer_proto.addresses import is_loopback
 from infer_server.messages import WorkerOptions
 
 MiB = 1024 * 1024
 
 
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
+def parse_uids(text: str) -> frozenset[int]:
+    """A comma-separated list of numeric uids (``--file-owners``, a tokens file's third field)."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        uids = frozenset(int(part) for part in text.split(","))
     except ValueError:
-        return False
+        raise ValueError("file owners are numeric uids separated by commas") from None
+    if any(uid < 0 for uid in uids):
+        raise ValueError("file owners: a uid is not negative")
+    return uids
 
 
 class ServerSettings(BaseSettings):
@@ -241,13 +241,7 @@ class ServerSettings(BaseSettings):
         """The uids of ``file_owners`` (the server's own when empty)."""
         if not self.file_owners.strip():
             return frozenset({os.geteuid()})
-        try:
-            uids = frozenset(int(part) for part in self.file_owners.split(","))
-        except ValueError:
-            raise ValueError("file_owners is a comma-separated list of numeric uids") from None
-        if any(uid < 0 for uid in uids):
-            raise ValueError("file_owners: a uid is not negative")
-        return uids
+        return parse_uids(self.file_owners)
 
     @property
     def staging(self) -> Path:

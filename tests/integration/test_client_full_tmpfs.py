@@ -1,4 +1,5 @@
-"""The client library on a tmpfs that fills up: a clear error, never SIGBUS (needs a mount namespace)."""
+"""Client and server on a tmpfs that fills up (a fresh small tmpfs in a mount namespace): a clear
+error and never SIGBUS, the client falling back to inline bytes, the server spilling to disk."""
 
 from __future__ import annotations
 
@@ -7,19 +8,42 @@ from pathlib import Path
 
 from tests.helpers import on_small_tmpfs
 
+# Shared by the scripts below: fill the file system from outside, and start a server on it.
+_PRELUDE = """
+import logging, os, socket, subprocess, sys, tempfile, urllib.request
+shm = sys.argv[1]
+
+def fill():
+    with open(os.path.join(shm, "filler"), "wb") as f:  # someone else fills the file system
+        try:
+            while True:
+                f.write(b"f" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+def start_server(*args):
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", MODELS, "--port", "0",
+           "--shm-dir", shm + "/infer", "--workers", "1", *args]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
+    return server, "127.0.0.1:" + port
+"""
+
+
+def run(tmp_path: Path, script: str, models: Path | None = None) -> str:
+    prelude = _PRELUDE.replace("MODELS", repr(str(models)))
+    proc = on_small_tmpfs(tmp_path, prelude + script, "size=4m")
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])  # SIGBUS: -7 / 135
+    return proc.stdout
+
+
 _FULL_TMPFS = """
-import os, sys
 from infer_client._protocol import BatchFiles
-files = BatchFiles(sys.argv[1])
+files = BatchFiles(shm)
 path, _ = files.write([b"a" * 300_000])
 files.recycle(path)
-with open(os.path.join(sys.argv[1], "filler"), "wb") as f:  # fill the file system
-    try:
-        while True:
-            f.write(b"f" * 65536)
-            f.flush()
-    except OSError:
-        pass
+fill()
 try:
     files.write([b"b" * 1_500_000])  # more pages than are left: must fail, not fault
 except OSError as exc:
@@ -29,33 +53,20 @@ except OSError as exc:
 
 def test_a_full_file_system_is_an_error_not_a_crash(tmp_path: Path) -> None:
     """A copy into a mapped file faults its pages in; on a full tmpfs that would be SIGBUS."""
-    proc = on_small_tmpfs(tmp_path, _FULL_TMPFS)
-    assert proc.returncode == 0, proc.returncode  # SIGBUS: -7 / 135
-    assert proc.stdout.split() == ["refused", str(errno.ENOSPC)]
+    assert run(tmp_path, _FULL_TMPFS).split() == ["refused", str(errno.ENOSPC)]
 
 
 _FALLBACK = """
-import logging, os, subprocess, sys, tempfile
 from engines.scenes import generate_scene
 from infer_client import InferClient
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format="%(levelname)s %(message)s")
-shm, models = sys.argv[1], sys.argv[2]
-staging = tempfile.mkdtemp()  # on disk: the server stages inline batches off the full tmpfs
-cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", models, "--port", "0",
-       "--shm-dir", shm + "/infer", "--staging-dir", staging + "/staging", "--workers", "1"]
-server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+# The staging directory on disk: the server stages inline batches off the full tmpfs.
+server, address = start_server("--staging-dir", tempfile.mkdtemp() + "/staging")
 try:
-    port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
     jpeg = generate_scene(3, width=320, height=240).jpeg
-    with InferClient("127.0.0.1:" + port, shm_dir=shm + "/infer") as client:
+    with InferClient(address, shm_dir=shm + "/infer") as client:
         before = [r.ok for r in client.detect([jpeg])]
-        with open(shm + "/filler", "wb") as f:  # someone else fills the file system
-            try:
-                while True:
-                    f.write(b"f" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill()
         after = [r.ok for r in client.detect([jpeg] * 3)] + [r.ok for r in client.detect([jpeg])]
         print("results", before, after, "fallbacks", client.inline_fallbacks)
 finally:
@@ -66,38 +77,24 @@ finally:
 
 def test_a_full_tmpfs_makes_the_client_send_inline_and_say_so(tmp_path: Path, model_repo_dir: Path) -> None:
     """The client degrades to inline bytes instead of failing the call, once per push, said once."""
-    proc = on_small_tmpfs(tmp_path, _FALLBACK.replace("sys.argv[2]", repr(str(model_repo_dir))), "size=4m")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = proc.stdout.splitlines()
-    assert "results [True] [True, True, True, True] fallbacks 2" in lines, proc.stdout
+    lines = run(tmp_path, _FALLBACK, model_repo_dir).splitlines()
+    assert "results [True] [True, True, True, True] fallbacks 2" in lines, lines
     assert sum("is full" in line for line in lines) == 1, "said once"
     assert "server exit 0" in lines
 
 
 _SPILL = """
-import os, socket, subprocess, sys, tempfile, urllib.request
 from engines.scenes import generate_scene
 from infer_client import InferClient
-shm, models = sys.argv[1], sys.argv[2]
 spill = tempfile.mkdtemp() + "/spill"
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     metrics = s.getsockname()[1]
-cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", models, "--port", "0",
-       "--shm-dir", shm + "/infer", "--spill-dir", spill, "--spill-at", "0.5", "--workers", "1",
-       "--metrics-port", str(metrics)]
-server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+server, address = start_server("--spill-dir", spill, "--spill-at", "0.5", "--metrics-port", str(metrics))
 try:
-    port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
-    with open(shm + "/filler", "wb") as f:  # someone else fills the tmpfs
-        try:
-            while True:
-                f.write(b"f" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    fill()
     jpeg = generate_scene(4, width=320, height=240).jpeg
-    with InferClient("127.0.0.1:" + port, transport="inline") as client:
+    with InferClient(address, transport="inline") as client:
         oks = [r.ok for _ in range(5) for r in client.detect([jpeg] * 3)]
     text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
     spills = [line for line in text.splitlines() if line.startswith("infer_staging_spills_total")]
@@ -111,7 +108,6 @@ finally:
 def test_staging_spills_to_disk_when_the_tmpfs_is_full(tmp_path: Path, model_repo_dir: Path) -> None:
     """Inline batches are staged on disk while the tmpfs is over --spill-at (here: full): the server
     keeps answering, and nothing is left behind after it stops."""
-    proc = on_small_tmpfs(tmp_path, _SPILL.replace("sys.argv[2]", repr(str(model_repo_dir))), "size=4m")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "results 15 15 5.0" in proc.stdout, proc.stdout
-    assert "server exit 0 spill left False" in proc.stdout
+    stdout = run(tmp_path, _SPILL, model_repo_dir)
+    assert "results 15 15 5.0" in stdout, stdout
+    assert "server exit 0 spill left False" in stdout

@@ -10,15 +10,16 @@ malformed or oversized message ending a whole session.
 from __future__ import annotations
 
 import os
+import queue
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -172,25 +173,32 @@ def test_one_callers_flood_does_not_evict_anothers_results(stub: infer_pb2_grpc.
     assert len(pull(stub, kept, "alice")) == 1, "alice's unpulled results survive bob's flood"
 
 
+def held_session(stub: infer_pb2_grpc.InferenceServiceStub, caller: str) -> tuple[Any, queue.SimpleQueue[Any]]:
+    """A Session the server is running (it answered a first, empty push), then left idle; put None
+    in the queue to half-close it."""
+    requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    requests.put(infer_pb2.SessionRequest(tag=1))
+    call = stub.Session(iter(requests.get, None), metadata=metadata(caller), timeout=60)
+    assert next(call).answers[0].status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    return call, requests
+
+
 def test_one_caller_cannot_hold_every_stream(server: RunningServer, stub: infer_pb2_grpc.InferenceServiceStub) -> None:
-    stop = threading.Event()
-    held = [stub.Session(iter(stop.wait, True), metadata=metadata("bob")) for _ in range(STREAMS_PER_CALLER)]
+    held = [held_session(stub, "bob") for _ in range(STREAMS_PER_CALLER)]
     try:
-        time.sleep(0.5)  # the held streams are open on the server
         one_more = stub.Session(iter(()), metadata=metadata("bob"))
         assert code_of(lambda: list(one_more))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         with server.client(credentials=as_("alice")) as client:  # others still get streams
             assert [r.ok for r in client.detect([JPEG])] == [True]
         # An idle session ends on its own: the slots come back without bob closing anything.
-        time.sleep(IDLE_S + 1.0)
-        ended = [code_of(lambda c=call: list(c)) for call in held]
+        ended = [code_of(lambda c=call: list(c)) for call, _ in held]  # each waits for its end
         assert {code for code, _ in ended} == {grpc.StatusCode.UNAVAILABLE}
         assert all("idle" in detail for _, detail in ended)
         with server.client(credentials=as_("bob")) as client:
             assert [r.ok for r in client.detect([JPEG])] == [True]
     finally:
-        stop.set()
-        for call in held:
+        for call, requests in held:
+            requests.put(None)
             call.cancel()
 
 

@@ -2,9 +2,9 @@
 
 The decoder keeps the buffers the largest image grew for good: without a bound, a few 40-megapixel
 images left a worker at ~1 GB resident for the rest of its life. With ``--worker-memory-mib`` a
-worker over the bound after a chunk is replaced, and on cpu its data segment is capped at twice the
-bound: a chunk that would need more fails as a whole and its images are retried one by one on a
-fresh worker, so each still gets its answer.
+worker over the bound after a chunk is replaced; on cpu its data segment may also grow by at most
+twice the bound beyond what loading took (a chunk that would need more is retried image by image on
+a fresh worker: tests/integration/test_worker.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -20,7 +19,7 @@ import cv2
 from engines.scenes import generate_scene
 from tests.integration.conftest import running_server
 
-BOUND_MIB = 600  # a worker with the demo models is ~330 MiB resident; one 39-megapixel image adds ~150
+BOUND_MIB = 800  # a worker with the demo models is ~330 MiB resident; four 39-megapixel images at once ~1 GB
 
 
 def resident_mib(pid: int) -> int:
@@ -42,10 +41,8 @@ def test_a_huge_image_grows_a_worker_only_until_it_is_replaced(model_repo_dir: P
             assert [r.detections != () for r in results] == [True] * 4
             for _ in range(3):
                 assert all(r.ok for r in client.detect([small] * 4))
-            deadline = time.monotonic() + 60
-            while (pids := server.worker_pids()) in ([], [first]) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            (now,) = pids
+            # The worker retired right after answering them: the small batches ran on its replacement.
+            (now,) = server.worker_pids()
             assert now != first, "the worker that decoded them was replaced"
             assert resident_mib(now) < BOUND_MIB
         log = server.log()

@@ -22,13 +22,14 @@ from infer_proto import infer_pb2_grpc
 from tests.integration.conftest import running_server
 
 HOLDER = """
-import os, signal, sys, threading, time
+import os, queue, signal, sys
 import grpc
-from infer_proto import infer_pb2_grpc
+from infer_proto import infer_pb2, infer_pb2_grpc
 channel = grpc.insecure_channel(sys.argv[1])
-stop = threading.Event()
-call = infer_pb2_grpc.InferenceServiceStub(channel).Session(iter(stop.wait, True))
-time.sleep(1.0)  # the stream is open on the server
+requests = queue.SimpleQueue()
+requests.put(infer_pb2.SessionRequest(tag=1))  # an empty push: answered in-band, the stream goes on
+call = infer_pb2_grpc.InferenceServiceStub(channel).Session(iter(requests.get, None))
+next(call)  # answered: the server runs this stream
 print("holding", flush=True)
 os.kill(os.getpid(), signal.SIGSTOP)  # frozen: no more answers to the server's pings
 """

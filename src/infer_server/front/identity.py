@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from infer_server.front.errors import Unauthenticated
+from infer_server.settings import parse_uids
 
 ANONYMOUS = "anonymous"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:-]{0,63}")
@@ -94,12 +95,9 @@ def load_tokens(path: Path, default_owners: frozenset[int]) -> dict[bytes, Ident
 
 def _uids(text: str, where: str) -> frozenset[int]:
     try:
-        uids = frozenset(int(part) for part in text.split(","))
-    except ValueError:
-        raise RuntimeError(f"{where}: file owners are numeric uids separated by commas") from None
-    if any(uid < 0 for uid in uids):
-        raise RuntimeError(f"{where}: a uid is not negative")
-    return uids
+        return parse_uids(text)
+    except ValueError as exc:
+        raise RuntimeError(f"{where}: {exc}") from None
 
 
 class Authenticator:
@@ -122,11 +120,8 @@ class Authenticator:
 
     def identify(self, context: CallContext) -> Identity:
         """The caller of one RPC; reads the metadata or the TLS peer only when they decide."""
-        if self._tokens:
-            return self._from_token(context.invocation_metadata() or ())
-        if self._client_certificates:
-            return self._from_certificate(context.auth_context())
-        return self.anonymous
+        identity = self.identify_metadata(context.invocation_metadata() if self._tokens else None)
+        return identity if identity is not None else self._from_certificate(context.auth_context())
 
     def identify_metadata(self, metadata: Iterable[tuple[str, Any]] | None) -> Identity | None:
         """The caller from its metadata alone (``front.gate``, before the request is read); None

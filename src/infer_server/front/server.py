@@ -155,8 +155,7 @@ class InferenceServer:
             await server.stop(0)
             self.handoff.remove_staging_dir()
             raise
-        if self.cache is not None:  # another model (or device, or null model) is another key
-            self.cache.models = (s.device, s.null_model, self.pool.models)
+        self._key_cache_on_models()
         self.accepting = True
         await self._set_health(True)
         self._spawn(run_janitor(self.handoff, s.janitor_ttl_s, s.janitor_interval_s, self.registry.staged_paths))
@@ -275,10 +274,7 @@ class InferenceServer:
         except BaseException:
             task.add_done_callback(lambda _: self.handoff.release(file))
             raise
-        hits, todo = self.cache.split(batch.batch_id, file, keys)
-        if not todo:
-            self.handoff.release(file)  # nothing will read it
-        return hits, todo
+        return self.cache.split(batch.batch_id, file, keys)
 
     async def materialize(self, plan: BatchPlan, owners: frozenset[int]) -> BatchFile:
         """Validate or stage a batch (in a thread unless it is a client file on a memory file system,
@@ -328,9 +324,15 @@ class InferenceServer:
 
     def _on_health(self, healthy: bool) -> None:
         """The pool, on the loop: a worker died (False) or every worker is back (True)."""
-        if healthy and self.cache is not None and self.pool is not None:  # a replacement may have loaded
-            self.cache.reset((self.settings.device, self.settings.null_model, self.pool.models))  # new models
+        if healthy:
+            self._key_cache_on_models()  # a replacement may have loaded other models
         self._spawn(self._set_health(healthy))
+
+    def _key_cache_on_models(self) -> None:
+        """Another model (or device, or the null model) is another key: the cache follows what the
+        workers loaded, and forgets what it held for anything else."""
+        if self.cache is not None and self.pool is not None:
+            self.cache.reset((self.settings.device, self.settings.null_model, self.pool.models))
 
     async def _set_health(self, healthy: bool) -> None:
         status = _SERVING if healthy and self.accepting else _NOT_SERVING
