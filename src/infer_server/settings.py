@@ -184,6 +184,9 @@ class ServerSettings(BaseSettings):
     )  # fmt: skip
     janitor_ttl_s: float = Field(default=900.0, gt=0, description="Orphaned staging files older than this are removed.")
     janitor_interval_s: float = Field(default=60.0, gt=0, description="Seconds between staging-directory sweeps.")
+    upkeep_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between passes of the front's consistency task (see front/upkeep.py)."
+    )
     startup_timeout_s: float = Field(default=180.0, gt=0, description="Every worker must be ready within it.")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="On stop, in-flight batches may finish within it.")
     stop_grace_s: float = Field(default=5.0, ge=0, description="On stop, open streams may end within it.")

@@ -22,9 +22,9 @@ def fill():
         except OSError:
             pass
 
-def start_server(*args):
-    cmd = [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", MODELS, "--port", "0",
-           "--shm-dir", shm + "/infer", "--workers", "1", *args]
+def start_server(*args, null=True):
+    cmd = [sys.executable, "-m", "infer_server", "serve", *(["--null-model"] if null else []), "--models", MODELS,
+           "--port", "0", "--shm-dir", shm + "/infer", "--workers", "1", *args]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     port = next(line for line in server.stdout if line.startswith("listening on")).rsplit(":", 1)[1].strip()
     return server, "127.0.0.1:" + port
@@ -110,4 +110,50 @@ def test_staging_spills_to_disk_when_the_tmpfs_is_full(tmp_path: Path, model_rep
     keeps answering, and nothing is left behind after it stops."""
     stdout = run(tmp_path, _SPILL, model_repo_dir)
     assert "results 15 15 5.0" in stdout, stdout
+    assert "server exit 0 spill left False" in stdout
+
+
+_DEMOTE = """
+from engines.scenes import generate_scene
+from infer_client import InferClient
+spill = tempfile.mkdtemp() + "/spill"
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    metrics = s.getsockname()[1]
+server, address = start_server("--spill-dir", spill, "--spill-at", "0.6", "--upkeep-interval-s", "0.05",
+                               "--metrics-port", str(metrics), null=False)
+
+def metric(name):  # summed over its labels
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
+    return sum(float(line.split()[1]) for line in text.splitlines() if line.split("{")[0].split()[0] == name)
+
+try:
+    jpegs = [generate_scene(seed, width=320, height=240).jpeg for seed in range(8)]
+    with InferClient(address, transport="inline") as client:
+        client.wait_ready()
+        ids = [client.push(jpegs) for _ in range(6)]  # 48 images: the one worker holds 2 chunks of 8
+        staged = metric("infer_staged_bytes")
+        fill()  # the tmpfs is full now: what waits in it should move to disk
+        ids += [client.push(jpegs) for _ in range(2)]  # and pushes go on: staged on disk at once
+        results = list(client.pull(ids, timeout=120))
+        keys = {(r.batch_id, r.index) for r in results}
+        print("answered", len(results), len(keys), all(r.ok for r in results), "staged before", staged > 0)
+        with open(f"/proc/{server.pid}/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
+        print("front peak MiB", peak, "bounded", peak < 200)
+        print("demoted", metric("infer_staging_demotions_total") > 0, "left", metric("infer_staged_bytes"))
+finally:
+    server.terminate()
+    print("server exit", server.wait(60), "spill left", os.path.exists(spill))
+"""
+
+
+def test_waiting_batches_move_to_disk_when_the_tmpfs_fills(tmp_path: Path, model_repo_dir: Path) -> None:
+    """Inline batches staged in tmpfs and still waiting for a worker move to the disk tier when the
+    tmpfs goes over --spill-at under them, and pushes go on: every image is answered once, the
+    front's memory stays bounded, nothing stays behind."""
+    stdout = run(tmp_path, _DEMOTE, model_repo_dir)
+    assert "answered 64 64 True staged before True" in stdout, stdout
+    assert "bounded True" in stdout, stdout
+    assert "demoted True left 0.0" in stdout, stdout
     assert "server exit 0 spill left False" in stdout

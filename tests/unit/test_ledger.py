@@ -83,3 +83,21 @@ def test_fail_all_answers_every_open_image_once() -> None:
     outcomes = ledger.fail_all(Code.UNAVAILABLE, "server is shutting down")
     assert sorted(o.index for o in outcomes if o) == [1, 2, 3, 4]
     assert not ledger.is_open(dispatched) and ledger.open_images == 0
+
+
+def test_refile_moves_only_batches_no_worker_holds() -> None:
+    """A staged batch moved to another tier: its waiting chunks read the copy, but a chunk in a
+    worker's hands (or a batch with nothing open) refuses, and then nothing changed."""
+    ledger = ledger_with(6)
+    moved = FileRef("/var/spill/x", 3, 4, 60, 7)
+    assert ledger.refile("b", moved)
+    assert {c.item.file for c in ledger.pending} == {moved}
+    assert not ledger.refile("unknown", moved)
+    held = ledger.pending.popleft()  # dispatched: a worker may be reading it now
+    assert not ledger.refile("b", FileRef("/elsewhere", 5, 6, 60, 8))
+    assert {c.item.file for c in ledger.pending} == {held.item.file} == {moved}
+    ledger.requeue(held)  # its worker died before starting it: waiting again
+    assert ledger.refile("b", FileRef("/elsewhere", 5, 6, 60, 8))
+    for i in range(6):
+        ledger.resolve(ok(i))
+    assert not ledger.refile("b", moved), "every image answered: nothing left to move"

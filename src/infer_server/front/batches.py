@@ -280,6 +280,11 @@ class BatchRegistry:
         """Staging files of batches still being worked on (the janitor must leave them)."""
         return {b.file.path for b in self._batches.values() if b.file and b.file.staged and b.finished_at is None}
 
+    def staged_batches(self, tier: int) -> list[Batch]:
+        """Unfinished batches staged in ``tier``, newest first (the ones the pool will read last)."""
+        staged = [b for b in self._batches.values() if b.file and b.file.staged and b.file.tier == tier]
+        return [b for b in reversed(staged) if b.finished_at is None]
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no image is in flight; False if ``timeout`` passed first."""
         try:

@@ -1,20 +1,13 @@
 """The directories of the handoff: whether the server may trust them, what file system they are
-on, and the janitor of the staging directory. Used by ``front.handoff`` in the server's main
-process."""
+on. Used by ``front.handoff`` in the server's main process."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from infer_server.front.handoff import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +53,3 @@ def filesystem_type(path: str, mounts: str = "/proc/self/mounts") -> str:
         if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
             best, kind = point, fields[2]
     return kind
-
-
-async def run_janitor(handoff: Handoff, ttl_s: float, interval_s: float, in_use: Callable[[], Collection[str]]) -> None:
-    """Sweep orphaned staging files every ``interval_s`` until cancelled (an asyncio task)."""
-    while True:
-        try:
-            removed = await asyncio.to_thread(handoff.sweep, ttl_s, frozenset(in_use()))
-            if removed:
-                log.info("janitor removed %d orphaned staging files", removed)
-        except OSError as exc:
-            log.warning("janitor could not sweep the staging directory: %s", exc)
-        await asyncio.sleep(interval_s)

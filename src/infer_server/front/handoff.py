@@ -21,7 +21,7 @@ descriptors the server holds.
 
 Inline data is written by the server into its own staging directory (0600, temp name + rename) so
 the pipeline reads both kinds the same way; those files are deleted when the batch completes, and
-:func:`run_janitor` removes orphans a crashed run left behind.
+``front.upkeep`` removes orphans a crashed run left behind.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ class Handoff:
         self.tiers = [StagingDir(staging)] + ([StagingDir(spill, "spill directory")] if spill else [])
         self.spill_at = spill_at
         self.spills = 0  # inline batches staged in the spill directory
+        self.demotions = 0  # staged batches moved there later (``front.upkeep``)
         self.staged_bytes = [0] * len(self.tiers)  # bytes staged now, per tier
         self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
         self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
@@ -326,6 +327,32 @@ class Handoff:
             return self._held(BatchFile(file, images, staged=True, tier=number))
         assert error is not None
         raise _busy(error) or error from None
+
+    def over_mark(self) -> bool:
+        """The staging directory's file system is over ``spill_at`` and there is a disk tier."""
+        return len(self.tiers) > 1 and self.tiers[0].fd >= 0 and self.tiers[0].used() > self.spill_at
+
+    def demote(self, batch: BatchFile) -> BatchFile:
+        """A copy of a staged batch in the spill directory (in the kernel, never read into memory),
+        held like any batch file. Blocking: run it in a thread. The caller swaps it in for
+        ``batch`` and releases the one it no longer uses (``front.upkeep``)."""
+        spill = len(self.tiers) - 1
+        path, fd, st = self.tiers[spill].stage((batch.file.fd, batch.file.size))
+        with self._lock:
+            self.staged_bytes[spill] += st.st_size
+        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
+        return self._held(BatchFile(file, batch.images, staged=True, tier=spill))
+
+    def recount(self) -> list[int]:
+        """Set the per-tier staged bytes from the batch files held now (the truth, whatever a
+        missed release or a failed unlink left in the running sums); returns the old sums."""
+        with self._lock:
+            true = [0] * len(self.tiers)
+            for batch in self._batch_fds.values():
+                if batch.staged:
+                    true[batch.tier] += batch.file.size
+            old, self.staged_bytes = self.staged_bytes, true
+        return old
 
     def release(self, batch: BatchFile) -> None:
         """The batch is done: close its descriptor (once) and delete the server's staging copy;

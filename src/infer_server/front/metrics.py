@@ -49,6 +49,9 @@ class _StagingCollector(Collector):
             tiers.add_metric(["staging" if number == 0 else "spill"], staged)
         yield tiers
         yield CounterMetricFamily("infer_staging_spills", "Inline batches staged on disk", value=self._handoff.spills)
+        yield CounterMetricFamily(
+            "infer_staging_demotions", "Staged batches moved from staging to disk", value=self._handoff.demotions
+        )
 
 
 class ServerMetrics:

@@ -35,7 +35,6 @@ from grpc_reflection.v1alpha import reflection
 from infer_proto import infer_pb2
 from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry, Quota
-from infer_server.front.directories import run_janitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
@@ -44,6 +43,7 @@ from infer_server.front.listen import channel_options, listen
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
+from infer_server.front.upkeep import Upkeep
 from infer_server.messages import ImageOutcome, ImageRef
 from infer_server.settings import ServerSettings
 from infer_server.supervisor.pool import PipelineError, PipelinePool
@@ -155,10 +155,10 @@ class InferenceServer:
             await server.stop(0)
             self.handoff.remove_staging_dir()
             raise
-        self._key_cache_on_models()
+        self.key_cache_on_models()
         self.accepting = True
         await self._set_health(True)
-        self._spawn(run_janitor(self.handoff, s.janitor_ttl_s, s.janitor_interval_s, self.registry.staged_paths))
+        self._spawn(Upkeep(self).run())
         self._spawn(self._housekeeping())
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port, s.host)
@@ -325,10 +325,10 @@ class InferenceServer:
     def _on_health(self, healthy: bool) -> None:
         """The pool, on the loop: a worker died (False) or every worker is back (True)."""
         if healthy:
-            self._key_cache_on_models()  # a replacement may have loaded other models
+            self.key_cache_on_models()  # a replacement may have loaded other models
         self._spawn(self._set_health(healthy))
 
-    def _key_cache_on_models(self) -> None:
+    def key_cache_on_models(self) -> None:
         """Another model (or device, or the null model) is another key: the cache follows what the
         workers loaded, and forgets what it held for anything else."""
         if self.cache is not None and self.pool is not None:

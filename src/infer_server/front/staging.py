@@ -13,6 +13,7 @@ written under a temporary name and renamed; what a killed server left is cleared
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -70,17 +71,21 @@ class StagingDir:
         if left:
             log.info("removed %d files an earlier server left behind in the %s", left, self.what)
 
-    def stage(self, data: bytes) -> tuple[str, int, os.stat_result]:
-        """Write ``data`` to a fresh 0600 file (temporary name, then rename), both relative to the
-        directory's descriptor; returns its path, its open descriptor and its stat. ``OSError``
-        (ENOSPC among them) leaves nothing behind."""
+    def stage(self, data: bytes | tuple[int, int]) -> tuple[str, int, os.stat_result]:
+        """Write ``data`` (bytes, or ``(fd, size)``: that many bytes of another open file) to a
+        fresh 0600 file (temporary name, then rename), both relative to the directory's descriptor;
+        returns its path, its open descriptor and its stat. ``OSError`` (ENOSPC among them) leaves
+        nothing behind."""
         name = uuid.uuid4().hex
         tmp, final = f".{name}.tmp", f"{name}.batch"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as f:
-                f.write(data)
+            if isinstance(data, tuple):
+                _copy(data[0], fd, data[1])
+            else:
+                with os.fdopen(fd, "wb", closefd=False) as f:
+                    f.write(data)
             st = os.fstat(fd)
             # No fsync: a crash loses the batch anyway.
             os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -137,3 +142,14 @@ class StagingDir:
         os.close(self.fd)
         os.close(self._parent_fd)
         self.fd = self._parent_fd = -1
+
+
+def _copy(src: int, dst: int, size: int) -> None:
+    """``size`` bytes from the start of ``src`` to ``dst``, in the kernel (``sendfile``): a staged
+    batch moving to another tier is never read into the process. A short source is an error."""
+    offset = 0
+    while offset < size:
+        sent = os.sendfile(dst, src, offset, size - offset)
+        if sent == 0:
+            raise OSError(errno.EIO, f"staged file ended after {offset} of {size} bytes")
+        offset += sent

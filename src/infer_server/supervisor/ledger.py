@@ -61,6 +61,17 @@ class ChunkLedger:
             self._open[(chunk.item.batch_id, index)] = chunk.item.item_id
         (self.pending.appendleft if front else self.pending.append)(chunk)
 
+    def refile(self, batch_id: str, file: FileRef) -> bool:
+        """Point every open chunk of ``batch_id`` at ``file`` (the same bytes, moved), if none of
+        them is in a worker's hands; False (nothing changed) otherwise, or if none is open."""
+        chunks = [c for c in self._chunks.values() if c.item.batch_id == batch_id]
+        waiting = {id(c) for c in self.pending}
+        if not chunks or any(id(c) not in waiting for c in chunks):
+            return False
+        for chunk in chunks:
+            chunk.item = dataclasses.replace(chunk.item, file=file)
+        return True
+
     def resolve(self, outcome: ImageOutcome) -> ImageOutcome | None:
         """Record ``outcome`` if its image is still open and return it for delivery, else None."""
         item_id = self._open.pop((outcome.batch_id, outcome.index), None)

@@ -139,6 +139,12 @@ class PipelinePool:
             self._ledger.add_batch(batch_id, file, images, deadline, time.monotonic())
             self._dispatch()
 
+    def refile(self, batch_id: str, file: FileRef) -> bool:
+        """Workers are to read ``batch_id``'s images from ``file`` (a copy elsewhere) from now on:
+        True if no chunk of it had been handed out yet, else False and nothing changed."""
+        with self._cond:
+            return self._ledger.refile(batch_id, file)
+
     @property
     def healthy(self) -> bool:
         """Every worker slot has a live, READY worker (and the pool is running)."""
