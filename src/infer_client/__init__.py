@@ -4,7 +4,7 @@
 ``pull`` mirror the RPCs, ``session()`` opens a ``Session`` stream (push after push, results as
 they complete, on one RPC: the fast path), ``detect`` pushes one batch on the client's own session
 and returns its results ordered by index, ``health``/``wait_ready`` query the standard health
-service. On the server's host the images travel
+service, ``models`` lists and changes the models that serve (``ModelAdmin``). On the server's host the images travel
 through a file in the shared tmpfs directory (``transport="auto"`` picks it); elsewhere inline.
 Every RPC failure is an :class:`InferError` carrying the gRPC status code. A server that asks
 who is calling gets a :class:`Credentials` (a bearer token, TLS, a client certificate).
@@ -13,6 +13,7 @@ who is calling gets a :class:`Credentials` (a bearer token, TLS, a client certif
 from infer_client._protocol import Credentials, ImageSource, InferError, Transport
 from infer_client.aio import AsyncInferClient
 from infer_client.client import InferClient
+from infer_client.models import ModelAdmin, ModelInfo
 from infer_client.results import Attribute, Box, Detection, ImageResult
 from infer_client.session import AsyncSession, Session
 
@@ -27,6 +28,8 @@ __all__ = [
     "ImageSource",
     "InferClient",
     "InferError",
+    "ModelAdmin",
+    "ModelInfo",
     "Session",
     "Transport",
 ]

@@ -4,7 +4,8 @@ Runs in the user's shell process. ``detect`` uses the blocking client and prints
 (or one JSON object per image with ``--json``; ``--annotate DIR`` also writes JPEGs with the boxes
 drawn). ``batch`` uses the asyncio client to keep a bounded number of batches in flight, retries
 overloaded pushes with backoff (same request id, so a retry never duplicates work) and writes one
-JSON line per image. Exit status: 0 all images answered OK, 1 some image failed, 2 an RPC failed.
+JSON line per image. ``models`` lists and changes the server's models (``models_cli``).
+Exit status: 0 all images answered OK, 1 some image failed, 2 an RPC failed.
 Credentials for a server that asks for them come from the environment (``Credentials.from_env``:
 ``INFER_TOKEN`` or ``INFER_TOKEN_FILE``, ``INFER_TLS_CA``, ``INFER_TLS_CERT``, ``INFER_TLS_KEY``),
 never from the command line, where every user of the host could read them.
@@ -30,6 +31,7 @@ from tqdm import tqdm
 from infer_client import AsyncInferClient, Credentials, ImageResult, InferClient, InferError, Transport
 from infer_client._protocol import DEFAULT_SHM_DIR
 from infer_client.annotate import write_annotated
+from infer_client.models_cli import app as models_app
 
 app = typer.Typer(
     add_completion=False,
@@ -37,6 +39,7 @@ app = typer.Typer(
     help="Client of the inference server. Credentials, where the server asks: INFER_TOKEN or INFER_TOKEN_FILE; "
     "TLS: INFER_TLS_CA (and INFER_TLS_CERT, INFER_TLS_KEY for a client certificate).",
 )
+app.add_typer(models_app, name="models")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 ServerOpt = Annotated[str, typer.Option("--server", "-s", help="Server address, e.g. localhost:8001.")]

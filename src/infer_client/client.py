@@ -34,6 +34,7 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
+from infer_client.models import ModelAdmin
 from infer_client.results import ImageResult
 from infer_client.session import Session
 from infer_proto import infer_pb2_grpc
@@ -67,6 +68,7 @@ class InferClient:
         self._channel = open_channel(target, _SYNC_OPTIONS, self.credentials)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+        self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: Session | None = None
         self._session_lock = threading.Lock()

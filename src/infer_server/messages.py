@@ -92,6 +92,10 @@ class WorkerOptions:
     log_level: str
     memory_mib: int | None = None  # resident memory after which the worker retires (RETIRED_EXIT)
     digest_images: bool = False  # hash what was read into each outcome (the front caches results)
+    # The operator's model choices (the control API): model name → version served instead of the
+    # version policy's choice, and the classifiers left out.
+    pins: tuple[tuple[str, str], ...] = ()
+    unloaded: tuple[str, ...] = ()
 
 
 # The exit code of a worker that retired on purpose after a chunk because its resident memory passed
@@ -183,6 +187,7 @@ class WorkerReady:
     worker: int
     pid: int
     models: tuple[tuple[str, str], ...] = field(default=())  # (model name, version)
+    catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())  # (name, kind, versions on disk)
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,26 @@ class ServerSettings(BaseSettings):
         "(default: the server's own uid).",
     )
 
+    # Models that change while the server runs (front/control.py, README "Model lifecycle").
+    model_control: Literal["explicit", "none"] = Field(
+        default="explicit",
+        description="explicit: callers named in --control-callers may load, unload and roll back models over the "
+        "ModelControlService; none: the models change only with a restart (listing stays open).",
+    )
+    control_callers: str = Field(
+        default="anonymous",
+        description="Comma-separated identities that may change models. 'anonymous' is every caller of a server "
+        "without credentials; with a tokens file or mutual TLS, name the operators' identities.",
+    )
+    repository_poll_s: float | None = Field(
+        default=None, gt=0,
+        description="Read the model repository again this often and move to what it holds when its files change "
+        "(a new version directory, a new config); off by default.",
+    )  # fmt: skip
+    reload_timeout_s: float = Field(
+        default=300.0, gt=0, description="A model change must have every worker on the new models within it."
+    )
+
     # The result cache (front/result_cache.py; docs/performance.md has what it costs and buys).
     result_cache_entries: int = Field(
         default=0, ge=0,

@@ -53,6 +53,7 @@ def server(model_repo_dir: Path) -> Iterator[RunningServer]:
         *("--null-model", "--tokens-file", str(tokens), "--unix-socket", str(socket)),
         *("--max-retained-batches-per-identity", str(RETAINED_PER_CALLER)),
         *("--max-streams-per-identity", str(STREAMS_PER_CALLER), "--stream-idle-timeout-s", str(IDLE_S)),
+        *("--control-callers", "alice"),
     ]
     with running_server(model_repo_dir, *args, workers=1, credentials=as_("alice")) as srv:
         yield srv
@@ -263,3 +264,21 @@ def test_the_health_command_needs_no_token(server: RunningServer) -> None:
         done = subprocess.run([sys.executable, "-m", "infer_server", "health", "--address", address],
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert (done.returncode, done.stdout.strip()) == (0, f"{address}: SERVING"), done.stderr
+
+
+def test_only_named_callers_change_models(server: RunningServer) -> None:
+    """Every caller may list the models; changing them takes an identity in --control-callers."""
+    with grpc.insecure_channel(server.address) as channel:
+        control = infer_pb2_grpc.ModelControlServiceStub(channel)
+        load = infer_pb2.LoadModelRequest(name="nonesuch")
+        assert code_of(lambda: control.LoadModel(load))[0] == grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(lambda: control.ListModels(infer_pb2.ListModelsRequest()))[0] == grpc.StatusCode.UNAUTHENTICATED
+        control.ListModels(infer_pb2.ListModelsRequest(), metadata=metadata("bob"))
+        for rpc, request in [
+            (control.LoadModel, load),
+            (control.UnloadModel, infer_pb2.UnloadModelRequest(name="color")),
+            (control.RollbackModel, infer_pb2.RollbackModelRequest(name="color")),
+        ]:
+            code, details = code_of(lambda rpc=rpc, request=request: rpc(request, metadata=metadata("bob")))
+            assert code == grpc.StatusCode.PERMISSION_DENIED and "bob" in details
+        assert code_of(lambda: control.LoadModel(load, metadata=metadata("alice")))[0] == grpc.StatusCode.NOT_FOUND

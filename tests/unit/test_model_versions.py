@@ -76,3 +76,39 @@ def test_only_plain_numbers_are_versions(tmp_path: Path) -> None:
         (root / "color" / odd).mkdir()
         (root / "color" / odd / "model.onnx").symlink_to(root / "color" / "1" / "model.onnx")
     assert served(root)["color"] == ("1", ("1",))
+
+
+def test_an_operators_pin_serves_any_version_on_disk(tmp_path: Path) -> None:
+    root = versioned_repository(tmp_path, (1, 2, 3), {"latest": 1})
+    repo = ModelRepository.load(root, {"color": "1"})
+    assert (repo.classifiers[0].config.version, repo.classifiers[0].directory) == ("1", root / "color" / "1")
+    assert ModelRepository.load(root, {"detector": "1"}).detector.config.version == "1", "flat: its one version"
+    for pins, why in [
+        ({"color": "7"}, "no version 7"),
+        ({"color": "01"}, "no version 01"),
+        ({"detector": "2"}, "no version 2"),
+        ({"nonesuch": "1"}, "no model named nonesuch"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            ModelRepository.load(root, pins)
+
+
+def test_unloaded_attribute_models_are_left_out_but_never_the_detector(tmp_path: Path) -> None:
+    root = versioned_repository(tmp_path, (1,))
+    assert [c.config.name for c in ModelRepository.load(root, unloaded=("color",)).classifiers] == ["vehicle_type"]
+    with pytest.raises(ValueError, match="the detector"):
+        ModelRepository.load(root, unloaded=("detector",))
+    with pytest.raises(ValueError, match="no model named ghost"):
+        ModelRepository.load(root, unloaded=("ghost",))
+
+
+def test_the_catalog_lists_every_model_and_its_versions_on_disk(tmp_path: Path) -> None:
+    root = versioned_repository(tmp_path, (1, 4), {"specific": ["1"]})
+    (root / "broken").mkdir()
+    (root / "broken" / "config.yaml").write_text("name: [unclosed")
+    assert ModelRepository.catalog(root) == (
+        ("broken", "invalid", ()),
+        ("color", "classifier", ("1", "4")),
+        ("detector", "detector", ("1",)),
+        ("vehicle_type", "classifier", ("1",)),
+    )

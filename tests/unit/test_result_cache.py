@@ -92,7 +92,12 @@ def test_another_model_version_or_caller_is_another_key(tmp_path: Path) -> None:
         cache.models = ("cpu", False, (("detector", "1"),))
         hits, todo = cache.split("b1", file, cache.keys(file, "alice"))
         assert (hits, todo) == ([], [ref])
+        v1 = (("detector", "1"),)
         cache.store(ImageOutcome("b1", 0, "x", Code.OK, width=3, height=2, digest=image_digest(data)))
+        assert cache.split("b1b", file, cache.keys(file, "alice"))[0] == [], (
+            "an answer from other versions (a worker not yet moved, during a model change) is not cached"
+        )
+        cache.store(ImageOutcome("b1b", 0, "x", Code.OK, width=3, height=2, digest=image_digest(data), models=v1))
         assert [h.cached for h in cache.split("b2", file, cache.keys(file, "alice"))[0]] == [True]
         assert cache.split("b3", file, cache.keys(file, "bob"))[0] == [], "another caller never sees it"
         cache.reset(("cpu", False, (("detector", "2"),)))

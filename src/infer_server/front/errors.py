@@ -69,6 +69,18 @@ class UnknownBatch(ServerError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class UnknownModel(ServerError):
+    """No model of that name, or no such version of it, in the repository."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class Refused(ServerError):
+    """A model change that cannot be made (it did not load, nothing to roll back to, ...)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class Unavailable(ServerError):
     """The server is starting, draining or its pipeline is down."""
 

@@ -198,7 +198,11 @@ class ResultCache:
         worker read are the bytes the key was made of (``outcome.digest``): a client that rewrote
         its file between the two reads gets its answer, and nothing is cached."""
         key = self._pending.pop((outcome.batch_id, outcome.index), None)
-        if key is not None and outcome.code == Code.OK and outcome.digest == key[0]:
+        if key is None or outcome.code != Code.OK or outcome.digest != key[0]:
+            return
+        # During a model change, a worker still on the old versions may answer: that answer is
+        # not one of the models the key names.
+        if outcome.models == (key[1][-1] if key[1] else ()):
             self.lru.put(key, outcome, _size(outcome))
 
     def reset(self, models: tuple[object, ...]) -> None:

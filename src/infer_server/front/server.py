@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from infer_proto import infer_pb2
 from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry, Quota
+from infer_server.front.control import CONTROL_SERVICE, ModelControl, ModelControlServicer
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
@@ -118,6 +119,7 @@ class InferenceServer:
             mib, k = settings.result_cache_mib, settings.result_cache_k
             self.cache = ResultCache(settings.result_cache_entries, mib << 20, k)
             self.metrics.watch_cache(self.cache.lru)
+        self.control = ModelControl(self)
         self.accepting = False
         self.port = 0
         self.pool: PipelinePool | None = None
@@ -143,9 +145,12 @@ class InferenceServer:
         server = grpc.aio.server(
             interceptors=gate, options=channel_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs
         )
-        server.add_generic_rpc_handlers((InferenceServicer(self).handler(),))
+        inference = InferenceServicer(self)
+        control = ModelControlServicer(self, self.control, inference.identify)
+        server.add_generic_rpc_handlers((inference.handler(), control.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        names = (SERVICE_NAME, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
         self.port = listen(server, s)
         self._server = server
         await server.start()
@@ -159,6 +164,8 @@ class InferenceServer:
         self.accepting = True
         await self._set_health(True)
         self._spawn(Upkeep(self).run())
+        if s.repository_poll_s:
+            self._spawn(self.control.poll(s.repository_poll_s))
         self._spawn(self._housekeeping())
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port, s.host)

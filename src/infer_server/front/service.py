@@ -130,7 +130,7 @@ class InferenceServicer:
             },
         )
 
-    def _identify(self, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
+    def identify(self, context: grpc.aio.ServicerContext, rpc: str) -> Identity:
         known = CALLER.get()  # identified by the gate, before the request was read
         if known is not None:
             return known
@@ -142,13 +142,13 @@ class InferenceServicer:
 
     @rpc_boundary
     async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
-        identity = self._identify(context, "PushData")
+        identity = self.identify(context, "PushData")
         batch = await self._server.push(_readable(request), context.peer(), identity)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
     async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
-        identity = self._identify(context, "PullResult")
+        identity = self.identify(context, "PullResult")
         request = _readable(request)
         with (
             self.streams.open(identity.name),
@@ -159,7 +159,7 @@ class InferenceServicer:
 
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
-        identity = self._identify(context, "Session")
+        identity = self.identify(context, "Session")
         with self.streams.open(identity.name), self._server.registry.open_session() as cursor:
             push = functools.partial(self._server.push, peer=context.peer(), identity=identity)
             idle = self._server.settings.stream_idle_timeout_s

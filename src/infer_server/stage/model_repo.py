@@ -37,6 +37,7 @@ default) or ``{specific: ["2", "3"]}`` — and the highest available one serves.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -151,23 +152,47 @@ class ModelRepository(_Strict):
     classifiers: tuple[ModelEntry, ...]
 
     @classmethod
-    def load(cls, root: str | Path) -> ModelRepository:
-        """Read every ``*/config.yaml`` under ``root``; raise ``ValueError`` on anything invalid."""
-        root = Path(root)
+    def load(
+        cls, root: str | Path, pins: Mapping[str, str] | None = None, unloaded: Collection[str] = ()
+    ) -> ModelRepository:
+        """Read every ``*/config.yaml`` under ``root``; raise ``ValueError`` on anything invalid.
+
+        ``pins``: model name → the version to serve instead of the policy's choice (any version on
+        disk: an operator's explicit load or rollback); ``unloaded``: classifiers left out."""
+        root, pins = Path(root), dict(pins or {})
         if not root.is_dir():
             raise ValueError(f"model repository {root} is not a directory")
-        entries = [_entry(cfg_path) for cfg_path in sorted(root.glob("*/config.yaml"))]
+        entries = [_entry(p, pins) for p in sorted(root.glob("*/config.yaml"))]
+        missing = sorted(set(pins) | (set(unloaded) - {e.config.name for e in entries}))
+        if missing:
+            raise ValueError(f"{root}: no model named {', '.join(missing)}")
         detectors = [e for e in entries if e.config.kind == "detector"]
         if len(detectors) != 1:
             raise ValueError(f"{root}: expected exactly one detector, found {len(detectors)}")
         detector = detectors[0]
-        classifiers = tuple(e for e in entries if e.config.kind == "classifier")
+        if detector.config.name in unloaded:
+            raise ValueError(f"{detector.config.name} is the detector: every image goes through it")
+        classifiers = tuple(e for e in entries if e.config.kind == "classifier" and e.config.name not in unloaded)
         labels = set(detector.config.labels)
         for c in classifiers:
             unknown = set(c.config.applies_to or []) - labels
             if unknown:
                 raise ValueError(f"{c.config.name}: applies_to names unknown classes {sorted(unknown)}")
         return cls(root=root, detector=detector, classifiers=classifiers)
+
+    @staticmethod
+    def catalog(root: str | Path) -> tuple[tuple[str, str, tuple[str, ...]], ...]:
+        """Every model under ``root`` as (name, kind, versions on disk), for the control API; a
+        model whose config does not parse is listed with kind ``invalid``."""
+        listed = []
+        for cfg_path in sorted(Path(root).glob("*/config.yaml")):
+            kind: str
+            try:
+                kind, versions = _config(cfg_path).kind, tuple(map(str, _on_disk(cfg_path.parent)))
+            except (OSError, ValueError, yaml.YAMLError):
+                kind, versions = "invalid", ()
+            listed.append((cfg_path.parent.name, kind, versions))
+        return tuple(listed)
 
     def classifiers_for(self, label: str) -> list[ModelEntry]:
         """Attribute models routed to detections of class ``label``."""
@@ -183,25 +208,47 @@ def _config(path: Path) -> ModelConfig:
         raise ValueError(f"{path}: {exc}") from None
 
 
-def _entry(cfg_path: Path) -> ModelEntry:
-    """One model: its flat layout (``model.onnx`` beside the config), or the highest version its
-    policy makes available among the numbered version directories."""
-    config, directory = _config(cfg_path), cfg_path.parent
-    versions = sorted(
+def _numbered(directory: Path) -> list[int]:
+    """The numbered version directories holding a model.onnx, ascending."""
+    return sorted(
         int(d.name) for d in directory.iterdir() if _VERSION.fullmatch(d.name) and (d / "model.onnx").is_file()
     )
+
+
+def _on_disk(directory: Path) -> list[int]:
+    """The versions on disk: the numbered ones, or (flat layout) the config's."""
+    versions = _numbered(directory)
+    if not versions and (directory / "model.onnx").is_file():
+        version = _config(directory / "config.yaml").version
+        return [int(version)] if _VERSION.fullmatch(version) else []
+    return versions
+
+
+def _entry(cfg_path: Path, pins: dict[str, str]) -> ModelEntry:
+    """One model: its flat layout (``model.onnx`` beside the config), or the highest version its
+    policy makes available among the numbered version directories, or the one ``pins`` names
+    (taken out of ``pins``)."""
+    config, directory = _config(cfg_path), cfg_path.parent
+    pin = pins.pop(config.name, None)
+    versions = _numbered(directory)
     if (directory / "model.onnx").is_file():
         if config.version_policy is not None or versions:
             raise ValueError(f"{directory}: model.onnx beside numbered version directories (or a version_policy): "
                              "keep one layout")  # fmt: skip
+        if pin is not None and pin != config.version:
+            raise ValueError(f"{config.name} has no version {pin} in the repository (only {config.version})")
         return ModelEntry(config=config, directory=directory, available=(config.version,))
     if not versions:
         raise ValueError(f"{directory}: missing model.onnx (or numbered version directories holding one)")
     available = (config.version_policy or VersionPolicy(latest=1)).select(versions)
-    serving = directory / str(available[-1])
+    if pin is not None:
+        if not _VERSION.fullmatch(pin) or int(pin) not in versions:
+            raise ValueError(f"{config.name} has no version {pin} in the repository (it has {versions})")
+        available = sorted({*available, int(pin)})
+    serving = directory / (pin or str(available[-1]))
     own = serving / "config.yaml"
     chosen = _config(own) if own.is_file() else config
     if (chosen.name, chosen.kind) != (config.name, config.kind):
         raise ValueError(f"{own}: a version's config must keep the model's name and kind")
-    chosen = chosen.model_copy(update={"version": str(available[-1])})
+    chosen = chosen.model_copy(update={"version": serving.name})
     return ModelEntry(config=chosen, directory=serving, available=tuple(map(str, available)))

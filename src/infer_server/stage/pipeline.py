@@ -109,7 +109,7 @@ class VisionPipeline:
     @classmethod
     def load(cls, repo_dir: str | Path, options: WorkerOptions, worker_id: int = -1) -> VisionPipeline:
         """Read the repository at ``repo_dir`` and load it with ``options`` (see the class)."""
-        return cls(ModelRepository.load(repo_dir), options, worker_id)
+        return cls(ModelRepository.load(repo_dir, dict(options.pins), options.unloaded), options, worker_id)
 
     @property
     def models(self) -> tuple[tuple[str, str], ...]:

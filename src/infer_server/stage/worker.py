@@ -301,6 +301,7 @@ def run_worker(
     _exit_with_parent()
     try:
         # Heavy imports only after limit_threads.
+        from infer_server.stage.model_repo import ModelRepository
         from infer_server.stage.pipeline import NullPipeline, VisionPipeline
 
         pipeline: VisionPipeline | NullPipeline
@@ -310,11 +311,12 @@ def run_worker(
             pipeline = VisionPipeline.load(repo_dir, options, worker_id)
         pipeline.warm_up()
         _check_memory_bound(options)
+        catalog = () if options.null_model else ModelRepository.catalog(repo_dir)
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
-    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models))
+    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models, catalog))
     code = None
     try:
         worker = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib,

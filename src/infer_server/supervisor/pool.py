@@ -34,6 +34,9 @@ UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back un
 replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
 every slot is READY again. Chunks whose deadline passes while waiting are answered by the pool.
 
+Model changes. ``reload(options)`` moves every worker to other models one at a time, with one extra
+worker standing in, so nothing is lost and as many serve as before (``supervisor.rollout``).
+
 Stop. ``stop(drain=True)`` waits (bounded) until submitted work is answered, then stop event +
 stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still open get UNAVAILABLE.
 """
@@ -41,6 +44,7 @@ stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -52,8 +56,6 @@ from pathlib import Path
 from typing import Any
 
 from infer_server.messages import (
-    FAILED_EXIT,
-    RETIRED_EXIT,
     Code,
     FileRef,
     ImageOutcome,
@@ -64,8 +66,16 @@ from infer_server.messages import (
     WorkerReady,
 )
 from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
-from infer_server.supervisor.ledger import CRASHED, PIPELINE_FAILED, ChunkLedger
-from infer_server.supervisor.processes import MAX_WAIT, WorkerProcess, end_processes, worker_main
+from infer_server.supervisor.ledger import ChunkLedger
+from infer_server.supervisor.processes import (
+    MAX_WAIT,
+    WorkerProcess,
+    end_processes,
+    report_death,
+    stop_reading,
+    worker_main,
+)
+from infer_server.supervisor.rollout import ReloadRefused, roll
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +110,11 @@ class PipelinePool:
         self._ledger = ChunkLedger(options.batch_size, max_attempts)
         self._slots: list[WorkerProcess | None] = [None] * workers
         self._restart_at: dict[int, float] = {}
-        self._setup_failures = [0] * workers
+        self._setup_failures: collections.Counter[int] = collections.Counter()
         self._started = self._stopping = self._closed = False
         self.models: tuple[tuple[str, str], ...] = ()  # (name, version) of what the workers loaded
+        self.catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # every model and its versions on disk
+        self.reload_lock = threading.Lock()  # one model change at a time (``supervisor.rollout``)
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
         self._watch_wakeup = Wakeup()
@@ -145,6 +157,22 @@ class PipelinePool:
         with self._cond:
             return self._ledger.refile(batch_id, file)
 
+    def reload(self, options: WorkerOptions, timeout: float = 120.0) -> tuple[tuple[str, str], ...]:
+        """Move every worker to ``options`` without losing or failing an image (``supervisor.rollout``;
+        blocking: off the loop); the models now served. ``ReloadRefused``: nothing changed."""
+        self._not_on_loop("reload")
+        if not self.reload_lock.acquire(blocking=False):
+            raise ReloadRefused("another model change is under way; retry when it is done")
+        try:
+            return roll(self, options, timeout)
+        finally:
+            self.reload_lock.release()
+
+    @property
+    def options(self) -> WorkerOptions:
+        """What the workers are (or, during a model change, are being) started with."""
+        return self._options
+
     @property
     def healthy(self) -> bool:
         """Every worker slot has a live, READY worker (and the pool is running)."""
@@ -171,7 +199,7 @@ class PipelinePool:
         self._watch_wakeup.set()
         if self._watcher.is_alive() and self._watcher is not threading.current_thread():
             self._watcher.join(MAX_WAIT)
-        self._stop_reading([w.results for w in workers])
+        stop_reading(self._loop, [w.results for w in workers])
         for w in workers:
             w.inbox.close()
             w.results.close()  # the loop no longer reads them; it closed those it saw end already
@@ -180,12 +208,14 @@ class PipelinePool:
 
     # ------------------------------------------------------------------------------- internals
     def _all_ready(self) -> bool:
-        return all(w is not None and w.ready for w in self._slots)
+        """As many READY workers taking chunks as the pool has slots (during a model change, the
+        extra worker stands in for the one being replaced)."""
+        return sum(w is not None and w.ready and not w.retiring for w in self._slots) >= self.num_workers
 
     def _dispatch(self) -> None:
         """Hand pending chunks to READY workers with free credit, least loaded first (locked)."""
         while self._ledger.pending and not self._stop_event.is_set():
-            free = [w for w in self._slots if w is not None and w.ready and len(w.held) < CREDIT]
+            free = [w for w in self._slots if w is not None and w.ready and not w.retiring and len(w.held) < CREDIT]
             if not free:
                 return
             worker = min(free, key=lambda w: len(w.held))
@@ -222,23 +252,6 @@ class PipelinePool:
         if not conn.closed:
             self._loop.add_reader(conn.fileno(), self._drain, worker, conn)
 
-    def _stop_reading(self, conns: list[Any]) -> None:
-        """Unregister ``conns`` from the loop before they are closed (their numbers get reused)."""
-        loop = self._loop
-        done = threading.Event()
-
-        def remove() -> None:
-            for conn in conns:
-                if not conn.closed:
-                    loop.remove_reader(conn.fileno())
-            done.set()
-
-        try:
-            loop.call_soon_threadsafe(remove)
-        except RuntimeError:  # the loop is closed, and with it every registration
-            return
-        done.wait(MAX_WAIT)
-
     def _drain(self, worker: WorkerProcess, conn: Any) -> None:
         """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
         in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
@@ -271,8 +284,9 @@ class PipelinePool:
                     deliveries += self._ledger.fail(chunk, Code.INTERNAL, "pipeline error")
                 self._dispatch()
             elif isinstance(message, WorkerReady):
-                worker.ready = True
-                self.models = message.models
+                worker.ready, worker.models, worker.catalog = True, message.models, message.catalog
+                if worker.options == self._options:  # not a candidate of a model change (yet)
+                    self.models, self.catalog = message.models, message.catalog
                 self._setup_failures[worker.slot] = 0
                 log.info("worker %d (pid %d) is ready", worker.slot, message.pid)
                 self._dispatch()
@@ -329,22 +343,29 @@ class PipelinePool:
             with contextlib.suppress(OSError):
                 w.process.kill()
 
-    def _spawn(self, slot: int) -> None:
+    def _spawn(self, slot: int, options: WorkerOptions | None = None) -> WorkerProcess | None:
+        """Start a worker in ``slot`` (``len(slots)``: an extra one, see ``supervisor.rollout``)
+        with ``options`` (the pool's by default); None once the pool is stopping."""
         with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
             if self._stop_event.is_set():
-                return
+                return None
+            options = options or self._options
             child_inbox, inbox = self._ctx.Pipe(duplex=False)
             results, child_end = self._ctx.Pipe(duplex=False)
             current = self._ctx.RawValue("q", 0)
-            args = (slot, str(self.repo_dir), self._options, child_inbox, child_end, self._stop_event, current)
+            args = (slot, str(self.repo_dir), options, child_inbox, child_end, self._stop_event, current)
             process = self._ctx.Process(target=worker_main, name=f"infer-worker-{slot}", args=args, daemon=True)
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            worker = WorkerProcess(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current)
-            self._slots[slot] = worker
+            worker = WorkerProcess(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current, options=options)
+            if slot == len(self._slots):
+                self._slots.append(worker)
+            else:
+                self._slots[slot] = worker
         self._to_loop.call(self._read, worker, results)
         self._watch_wakeup.set()
+        return worker
 
     def _on_death(self, worker: WorkerProcess) -> None:
         worker.process.join(1.0)
@@ -352,33 +373,27 @@ class PipelinePool:
             return  # stop() reaps the workers and answers what is left
         worker.drained.wait(MAX_WAIT)  # count every outcome it sent before dying
         with self._cond:
-            if self._slots[worker.slot] is not worker:
+            if worker.slot >= len(self._slots) or self._slots[worker.slot] is not worker:
                 return
             self._slots[worker.slot] = None
+            self._cond.notify_all()  # a model change waits for slots to empty and refill
+            extra = worker.slot >= self.num_workers  # a model change's extra worker: never restarted
+            while len(self._slots) > self.num_workers and self._slots[-1] is None:
+                self._slots.pop()
             if not self._started:
                 code = worker.process.exitcode
                 self._start_failure = self._start_failure or worker.setup_error or (
                     f"worker {worker.slot} exited with code {code} during setup")  # fmt: skip
                 self._cond.notify_all()
                 return
-            if worker.process.exitcode == RETIRED_EXIT:
-                log.info("worker %d (pid %s) retired to give its memory back; replacing it", worker.slot,
-                         worker.process.pid)  # fmt: skip
-            else:
-                why = worker.setup_error or f"exit code {worker.process.exitcode}"
-                log.warning("worker %d (pid %s) died: %s", worker.slot, worker.process.pid, why)
-            for chunk in worker.held.values():
-                chunk.started = chunk.item.item_id == worker.current.value
-            if worker.overran:
-                reason = f"took longer than {self._max_chunk_s:.0f} s to process"
-            else:
-                reason = PIPELINE_FAILED if worker.process.exitcode == FAILED_EXIT else CRASHED
+            reason = report_death(worker, self._max_chunk_s)
             deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk, reason)]
             worker.inbox.close()  # its result pipe is the reader's to close
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
                 self._setup_failures[worker.slot] += 1
             backoff = min(30.0, 2.0 ** self._setup_failures[worker.slot] - 1)
-            self._restart_at[worker.slot] = time.monotonic() + backoff
+            if not extra:
+                self._restart_at[worker.slot] = time.monotonic() + backoff
             self._dispatch()
         self._report_health()
         self._deliver(deliveries)

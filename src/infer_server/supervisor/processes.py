@@ -4,16 +4,20 @@ children (``worker_main``)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import multiprocessing.connection
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from infer_server.messages import STOP
+from infer_server.messages import FAILED_EXIT, RETIRED_EXIT, STOP
 from infer_server.supervisor.channels import Inbox
-from infer_server.supervisor.ledger import Chunk
+from infer_server.supervisor.ledger import CRASHED, PIPELINE_FAILED, Chunk
+
+log = logging.getLogger("infer_server.supervisor.pool")
 
 MAX_WAIT = 5.0  # upper bound of every internal wait of the supervisor; events normally end them sooner
 
@@ -40,6 +44,27 @@ class WorkerProcess:
     drained: threading.Event = field(default_factory=threading.Event)  # its pipe reached EOF
     running: tuple[int, float] = (0, 0.0)  # the chunk it is on, and since when (as the watcher saw it)
     overran: bool = False  # stopped by the watcher: a chunk ran past max_chunk_seconds
+    options: Any = None  # the WorkerOptions it was spawned with
+    models: tuple[tuple[str, str], ...] = ()  # what it loaded (from its WorkerReady)
+    catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # the repository it saw
+    retiring: bool = False  # takes no more chunks and stops after those it holds (a model change)
+
+
+def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:
+    """Log why ``worker`` ended and mark the chunk it was on as started; the reason its unanswered
+    images get if they run out of attempts."""
+    pid, code = worker.process.pid, worker.process.exitcode
+    if worker.retiring:
+        log.info("worker %d (pid %s) stopped for a model change", worker.slot, pid)
+    elif code == RETIRED_EXIT:
+        log.info("worker %d (pid %s) retired to give its memory back; replacing it", worker.slot, pid)
+    else:
+        log.warning("worker %d (pid %s) died: %s", worker.slot, pid, worker.setup_error or f"exit code {code}")
+    for chunk in worker.held.values():
+        chunk.started = chunk.item.item_id == worker.current.value
+    if worker.overran:
+        return f"took longer than {max_chunk_s:.0f} s to process"
+    return PIPELINE_FAILED if code == FAILED_EXIT else CRASHED
 
 
 def end_processes(workers: list[WorkerProcess], deadline: float) -> None:
@@ -57,3 +82,21 @@ def end_processes(workers: list[WorkerProcess], deadline: float) -> None:
                 w.process.join(2.0)
     for w in workers:
         w.drained.wait(min(MAX_WAIT, max(0.5, deadline - time.monotonic())))
+
+
+def stop_reading(loop: asyncio.AbstractEventLoop, conns: list[Any]) -> None:
+    """Unregister the result pipes ``conns`` from the loop before they are closed (their numbers
+    get reused); from a thread other than the loop's."""
+    done = threading.Event()
+
+    def remove() -> None:
+        for conn in conns:
+            if not conn.closed:
+                loop.remove_reader(conn.fileno())
+        done.set()
+
+    try:
+        loop.call_soon_threadsafe(remove)
+    except RuntimeError:  # the loop is closed, and with it every registration
+        return
+    done.wait(MAX_WAIT)

@@ -1,0 +1,93 @@
+"""``infer-client models``: what serves, and changing it while the server runs (for operators).
+
+``list`` shows every model of the server's repository (the version serving, the versions on disk,
+an operator's pin, what ``rollback`` returns to, why the last change was refused); ``load``,
+``unload``, ``rollback`` and ``reload`` change it and show the result. A change returns once every
+worker serves the new models. Exit status: 0 done, 2 refused or the call failed (the reason on
+stderr). Credentials come from the environment, as for every command (``Credentials.from_env``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from infer_client import Credentials, InferClient, InferError, ModelAdmin, ModelInfo
+
+app = typer.Typer(no_args_is_help=True, help="List the server's models and change them while it runs.")
+
+ServerOpt = Annotated[str, typer.Option("--server", "-s", help="Server address, e.g. localhost:8001.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per model.")]
+TimeoutOpt = Annotated[float, typer.Option(help="Seconds the call may take (a change waits for every worker).")]
+
+
+def _run(server: str, timeout: float, as_json: bool, call: Callable[[ModelAdmin], list[ModelInfo]]) -> None:
+    try:
+        with InferClient(server, timeout=timeout, credentials=Credentials.from_env(), transport="inline") as client:
+            models = call(client.models)
+    except InferError as exc:
+        Console(stderr=True).print(f"[red]error[/red]: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if as_json:
+        for model in models:
+            print(json.dumps(asdict(model)))
+        return
+    table = Table(title_justify="left")
+    for column in ("model", "kind", "state", "version", "on disk", "pinned", "previous", "last error"):
+        table.add_column(column)
+    for m in models:
+        state = "[green]READY[/green]" if m.state == "READY" else f"[yellow]{m.state}[/yellow]"
+        table.add_row(m.name, m.kind, state, m.version, ", ".join(m.versions), m.pinned, m.previous, m.last_error)
+    Console().print(table)
+
+
+@app.command("list")
+def list_models(server: ServerOpt = "localhost:8001", json_lines: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """Every model of the server's repository and its state."""
+    _run(server, timeout, json_lines, lambda admin: admin.list())
+
+
+@app.command()
+def load(
+    name: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="The version to serve (default: the one its policy picks).")] = "",
+    server: ServerOpt = "localhost:8001",
+    json_lines: JsonOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Serve VERSION of NAME (or load an unloaded attribute model back)."""
+    _run(server, timeout, json_lines, lambda admin: admin.load(name, version))
+
+
+@app.command()
+def unload(
+    name: Annotated[str, typer.Argument(help="The attribute model.")],
+    server: ServerOpt = "localhost:8001",
+    json_lines: JsonOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Stop running an attribute model (results no longer carry its attributes)."""
+    _run(server, timeout, json_lines, lambda admin: admin.unload(name))
+
+
+@app.command()
+def rollback(
+    name: Annotated[str, typer.Argument(help="The model.")],
+    server: ServerOpt = "localhost:8001",
+    json_lines: JsonOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """Serve again the version of NAME that served before its last change."""
+    _run(server, timeout, json_lines, lambda admin: admin.rollback(name))
+
+
+@app.command()
+def reload(server: ServerOpt = "localhost:8001", json_lines: JsonOpt = False, timeout: TimeoutOpt = 600.0) -> None:
+    """Read the repository again and serve what its version policies pick (pins stay)."""
+    _run(server, timeout, json_lines, lambda admin: admin.load())

@@ -1,0 +1,123 @@
+"""Model changes while the pool serves: every worker moves to new ``WorkerOptions`` (other model
+versions, a model left out) one at a time, and nothing in flight is lost or fails.
+
+Runs in the server process, in a thread of the front's control call (blocking; never on the loop),
+on the pool's own state under its lock (``PipelinePool._cond``). One change at a time
+(``PipelinePool.reload_lock``). The steps, like a Kubernetes rolling update with one surge:
+
+1. **Candidate.** An extra worker (slot ``num_workers``) starts with the new options. If it fails
+   to load them (a corrupt ONNX file, a config that does not parse, a label set the attribute
+   models' ``applies_to`` does not fit, a version not on disk) the change is refused with the
+   worker's own reason and the serving workers never noticed. If it loads, it starts taking chunks
+   at once, and from now on the pool's restarts use the new options.
+2. **One by one.** Each old worker is marked *retiring*: it is handed no more chunks, finishes the
+   ones it holds (in-flight chunks finish on the version they started with) and stops on the
+   marker that follows them. Its slot is refilled at once with the new options, and the next old
+   worker goes only when that replacement is READY. The extra worker stands in for the one being
+   replaced, so as many workers serve as before and health stays SERVING.
+3. **Done.** The extra worker retires the same way and its slot goes.
+
+Chunks waiting in the ledger go to whichever worker takes them first; every result names the
+model versions that produced it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from infer_server.messages import STOP, WorkerOptions
+from infer_server.supervisor.processes import MAX_WAIT, WorkerProcess
+
+if TYPE_CHECKING:
+    from infer_server.supervisor.pool import PipelinePool
+
+
+class ReloadRefused(RuntimeError):
+    """The new models did not load; the serving ones serve on, unchanged."""
+
+
+def roll(pool: PipelinePool, options: WorkerOptions, timeout: float) -> tuple[tuple[str, str], ...]:
+    """Move every worker of ``pool`` to ``options``; the models now served. ``ReloadRefused`` if
+    the candidate does not load (nothing changed), ``TimeoutError`` if a step overran ``timeout``
+    (the change is then under way: restarts use the new options)."""
+    deadline = time.monotonic() + timeout
+    with pool._cond:
+        before = {id(w) for w in pool._slots if w is not None}
+    candidate = _candidate(pool, options, deadline)
+    with pool._cond:
+        pool._options = options
+        pool.models, pool.catalog = candidate.models, candidate.catalog
+    for slot in range(pool.num_workers):
+        with pool._cond:
+            old = pool._slots[slot]
+        if old is None or (id(old) not in before and old.options == options):
+            continue  # dead (its restart uses the new options), or started since with them
+        _retire(pool, old)
+        _wait(pool, _ready_in(pool, slot, old), deadline, f"worker {slot} did not come back")
+    _retire(pool, candidate)
+    _wait(pool, lambda: candidate not in pool._slots, deadline, "the extra worker did not stop")
+    return pool.models
+
+
+def _candidate(pool: PipelinePool, options: WorkerOptions, deadline: float) -> WorkerProcess:
+    """Start the extra worker and wait for its verdict on ``options``."""
+    worker = pool._spawn(len(pool._slots), options)
+    if worker is None:
+        raise ReloadRefused("the server is stopping")
+
+    def verdict() -> bool:
+        return worker.ready or worker.setup_error is not None or not worker.process.is_alive()
+
+    try:
+        _wait(pool, verdict, deadline, "the new models did not load in time")
+    except TimeoutError as exc:
+        _drop(pool, worker)
+        raise ReloadRefused(str(exc)) from None
+    if not worker.ready:
+        _drop(pool, worker)
+        why = worker.setup_error or f"the worker exited with code {worker.process.exitcode} while loading"
+        raise ReloadRefused(why.split(": ", 1)[-1] if worker.setup_error else why)
+    return worker
+
+
+def _retire(pool: PipelinePool, worker: WorkerProcess, kill: bool = False) -> None:
+    """No more chunks for ``worker``; it stops after those it holds (its death refills its slot,
+    or drops the extra one: ``PipelinePool._on_death``)."""
+    with pool._cond:
+        worker.retiring = True
+        with contextlib.suppress(OSError):  # already gone: the watcher has seen or will see its death
+            worker.inbox.put(STOP)
+    if kill and worker.process.is_alive():
+        worker.process.kill()
+
+
+def _drop(pool: PipelinePool, worker: WorkerProcess) -> None:
+    """A candidate that failed: kill it and wait (briefly) until its slot is gone."""
+    _retire(pool, worker, kill=True)
+    with contextlib.suppress(TimeoutError, ReloadRefused):
+        _wait(pool, lambda: worker not in pool._slots, time.monotonic() + MAX_WAIT, "")
+
+
+def _ready_in(pool: PipelinePool, slot: int, old: WorkerProcess) -> Callable[[], bool]:
+    """Slot ``slot`` holds a READY worker other than ``old``."""
+
+    def done() -> bool:
+        worker = pool._slots[slot]
+        return worker is not None and worker is not old and worker.ready
+
+    return done
+
+
+def _wait(pool: PipelinePool, done: Callable[[], bool], deadline: float, what: str) -> None:
+    """Wait under the pool's lock until ``done()``; ``TimeoutError(what)`` at ``deadline``."""
+    with pool._cond:
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(what)
+            if pool._stopping:
+                raise ReloadRefused("the server is stopping")
+            pool._cond.wait(min(MAX_WAIT, left))

@@ -1,0 +1,196 @@
+"""Models that change while the server serves: reloads under load lose and fail nothing, a version
+that does not load is refused while the old one serves on, rollback is one call, and a polled
+repository is followed without a call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engines.scenes import generate_scene
+from infer_client import InferClient, InferError
+from tests.helpers import MODELS, versioned_repository
+from tests.integration.conftest import RunningServer, running_server
+
+JPEGS = [generate_scene(seed, width=320, height=240).jpeg for seed in range(4)]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return versioned_repository(tmp_path_factory.mktemp("lifecycle"), (1, 2), {"latest": 1})
+
+
+@pytest.fixture(scope="module")
+def server(repo: Path) -> Iterator[RunningServer]:
+    with running_server(repo, workers=2) as srv:
+        yield srv
+
+
+def serving(client: InferClient) -> dict[str, str]:
+    return {m.name: m.version for m in client.models.list() if m.state == "READY"}
+
+
+class Load:
+    """Batches pushed back to back from a thread, and the health statuses seen meanwhile."""
+
+    def __init__(self, server: RunningServer) -> None:
+        self.results: list[tuple[str, int, bool, str]] = []  # batch id, index, ok, color version
+        self.statuses: list[int] = []
+        self.pushed = 0
+        self._stop = threading.Event()
+        self._client = server.client()
+        self._health = grpc.insecure_channel(server.address)  # a channel of its own for the health watch
+        self._threads = [threading.Thread(target=self._push), threading.Thread(target=self._watch)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _push(self) -> None:
+        while not self._stop.is_set():
+            self.pushed += len(JPEGS)
+            for r in self._client.detect(JPEGS):
+                self.results.append((r.batch_id, r.index, r.ok, r.model_versions.get("color", "")))
+
+    def _watch(self) -> None:
+        stream = health_pb2_grpc.HealthStub(self._health).Watch(health_pb2.HealthCheckRequest(service=""))
+        self._stream = stream
+        try:
+            for reply in stream:
+                self.statuses.append(reply.status)
+        except grpc.RpcError:
+            pass  # cancelled at the end
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._threads[0].join(120)
+        self._stream.cancel()
+        self._threads[1].join(10)
+        self._client.close()
+        self._health.close()
+
+
+def test_a_reload_under_load_answers_every_image_once_and_health_stays_serving(server: RunningServer) -> None:
+    with server.client() as admin:
+        assert serving(admin)["color"] == "2"
+        with Load(server) as load:
+            admin.models.load("color", "1")
+            assert serving(admin)["color"] == "1"
+            admin.models.rollback("color")  # one call back to what served before
+            assert serving(admin)["color"] == "2"
+        assert load.pushed == len(load.results) == len({(b, i) for b, i, _, _ in load.results})
+        assert all(ok for _, _, ok, _ in load.results), "a model change failed no image"
+        assert {v for _, _, _, v in load.results} == {"1", "2"}, "both versions answered while they served"
+        assert load.statuses and set(load.statuses) == {health_pb2.HealthCheckResponse.SERVING}
+        listed = {m.name: m for m in admin.models.list()}
+        assert (listed["color"].version, listed["color"].pinned, listed["color"].previous) == ("2", "2", "1")
+
+
+def _version(repo: Path, version: int, config: dict | None = None, onnx: bytes | None = None) -> None:  # type: ignore[type-arg]
+    folder = repo / "color" / str(version)
+    folder.mkdir()
+    if onnx is None:
+        (folder / "model.onnx").symlink_to(MODELS / "color" / "model.onnx")
+    else:
+        (folder / "model.onnx").write_bytes(onnx)
+    if config is not None:
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.mark.parametrize(
+    ("version", "why"),
+    [
+        (3, "Protobuf parsing failed"),  # a corrupt model file
+        (4, "outputs"),  # a config without a key it needs
+        (5, "spaceship"),  # labels the pipeline cannot route
+        (6, "invalid dimensions"),  # an input size the model does not take
+    ],
+)
+def test_a_version_that_does_not_load_is_refused_and_the_old_one_serves(
+    server: RunningServer, repo: Path, version: int, why: str
+) -> None:
+    color = yaml.safe_load((MODELS / "color" / "config.yaml").read_text())
+    color.pop("version", None)
+    broken = {
+        3: lambda: _version(repo, 3, onnx=b"\x08\x01 not an onnx file"),
+        4: lambda: _version(repo, 4, {k: v for k, v in color.items() if k != "outputs"}),
+        5: lambda: _version(repo, 5, {**color, "applies_to": ["spaceship"]}),
+        6: lambda: _version(repo, 6, {**color, "input": {**color["input"], "width": 97, "height": 31}}),
+    }
+    broken[version]()
+    with server.client() as client:
+        before = serving(client)
+        with pytest.raises(InferError) as refused:
+            client.models.load("color", str(version))
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, str(refused.value)
+        assert "refused" in str(refused.value) and why in str(refused.value)
+        assert str(repo) not in str(refused.value), "the repository's place on the host does not show"
+        assert serving(client) == before, "the serving version serves on"
+        assert [m.last_error for m in client.models.list() if m.name == "color"][0], "the reason is listed"
+        results = client.detect(JPEGS)
+    assert all(r.ok and r.model_versions["color"] == before["color"] for r in results)
+
+
+def test_unknown_models_and_versions_and_the_detector_are_refused(server: RunningServer) -> None:
+    with server.client() as client:
+        for call, code in [
+            (lambda: client.models.load("nonesuch"), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.models.load("color", "99"), grpc.StatusCode.NOT_FOUND),
+            (lambda: client.models.unload("detector"), grpc.StatusCode.FAILED_PRECONDITION),
+            (lambda: client.models.rollback("vehicle_type"), grpc.StatusCode.FAILED_PRECONDITION),
+        ]:
+            with pytest.raises(InferError) as refused:
+                call()
+            assert refused.value.code == code, str(refused.value)
+
+
+def test_an_unloaded_attribute_model_stops_answering_and_loads_back(server: RunningServer) -> None:
+    with server.client() as client:
+        client.models.unload("vehicle_type")
+        assert "vehicle_type" not in serving(client)
+        unloaded = client.detect(JPEGS)
+        client.models.load("vehicle_type")
+        loaded = client.detect(JPEGS)
+    names = {m for r in unloaded for d in r.detections for m in d.attributes}
+    assert "vehicle_type" not in names and all("vehicle_type" not in r.model_versions for r in unloaded)
+    assert {m for r in loaded for d in r.detections for m in d.attributes} >= {"vehicle_type"}
+
+
+def test_a_polled_repository_is_followed_without_a_call(tmp_path: Path) -> None:
+    repo = versioned_repository(tmp_path, (1,), {"latest": 1})
+    with running_server(repo, "--repository-poll-s", "0.2", workers=1) as server, server.client() as client:
+        assert client.detect(JPEGS[:1])[0].model_versions["color"] == "1"
+        _version(repo, 2)
+        # Each answer is a wait: the new version shows once the poll has moved the worker.
+        for _ in range(2000):
+            if client.detect(JPEGS[:1])[0].model_versions["color"] == "2":
+                break
+        assert serving(client)["color"] == "2"
+
+
+def test_the_cli_lists_loads_and_rolls_back(server: RunningServer) -> None:
+    cli = [str(Path(sys.executable).with_name("infer-client")), "models"]
+
+    def run(*args: str) -> tuple[int, dict[str, dict[str, object]]]:
+        done = subprocess.run([*cli, *args, "-s", server.address, "--json"], capture_output=True, text=True)
+        models = [json.loads(line) for line in done.stdout.splitlines()]
+        return done.returncode, {m["name"]: m for m in models}
+
+    code, listed = run("list")
+    assert code == 0 and listed["detector"]["state"] == "READY" and "1" in listed["color"]["versions"]
+    code, changed = run("load", "color", "1")
+    assert code == 0 and changed["color"]["version"] == "1"
+    code, changed = run("rollback", "color")
+    assert code == 0 and changed["color"]["version"] != "1"
+    refused = subprocess.run([*cli, "unload", "detector", "-s", server.address], capture_output=True, text=True)
+    assert refused.returncode == 2 and "FAILED_PRECONDITION" in refused.stderr
