@@ -1,7 +1,8 @@
 """Model control from a client: which models serve, and changing them (``infer.v1.ModelControlService``).
 
 ``ModelAdmin`` is what ``InferClient.models`` returns: ``list()``, ``load(name, version)``,
-``unload(name)``, ``rollback(name)``, each answering with every model's state (``ModelInfo``). A
+``unload(name)``, ``rollback(name)``, ``canary(name, version, share)``,
+``shadow(name, version, share)``, each answering with every model's state (``ModelInfo``). A
 change returns once every stage worker of the server serves the new models; a refused one raises
 ``InferError`` (FAILED_PRECONDITION with the reason, NOT_FOUND for an unknown model or version,
 PERMISSION_DENIED for a caller the server does not let change models).
@@ -31,11 +32,22 @@ class ModelInfo:
     pinned: str = ""  # chosen by an operator; "" when the version policy decides
     previous: str = ""  # what rollback returns to
     last_error: str = ""  # why the last change of it was refused
+    candidate: str = ""  # the version under trial, if any, and its shares of batches
+    canary_share: float = 0.0
+    shadow_share: float = 0.0
+    shadow_images: int = 0  # what the shadow runs found so far
+    shadow_detection_agreement: float = 1.0
+    shadow_attribute_agreement: float = 1.0
+    shadow_skipped: int = 0
 
     @classmethod
     def from_proto(cls, msg: infer_pb2.ModelStatus) -> ModelInfo:
-        return cls(msg.name, msg.kind, msg.state, msg.version, tuple(msg.versions), msg.pinned, msg.previous,
-                   msg.last_error)  # fmt: skip
+        return cls(
+            msg.name, msg.kind, msg.state, msg.version, tuple(msg.versions), msg.pinned, msg.previous, msg.last_error,
+            msg.candidate, msg.canary_share, msg.shadow_share, msg.shadow_images,
+            msg.shadow_detection_agreement if msg.candidate else 1.0,
+            msg.shadow_attribute_agreement if msg.candidate else 1.0, msg.shadow_skipped,
+        )  # fmt: skip
 
 
 Models = list[ModelInfo]  # every model's state, as each call answers
@@ -70,3 +82,13 @@ class ModelAdmin:
 
     def rollback(self, name: str, timeout: float | None = None) -> Models:
         return self._call(self._stub.RollbackModel, infer_pb2.RollbackModelRequest(name=name), timeout)
+
+    def canary(self, name: str, version: str, share: float, timeout: float | None = None) -> Models:
+        """``version`` of ``name`` answers ``share`` of the batches (0 ends the canary)."""
+        request = infer_pb2.TrialRequest(name=name, version=version, share=share)
+        return self._call(self._stub.SetCanary, request, timeout)
+
+    def shadow(self, name: str, version: str, share: float, timeout: float | None = None) -> Models:
+        """``version`` of ``name`` also runs, unanswered, on ``share`` of the batches (0 ends it)."""
+        request = infer_pb2.TrialRequest(name=name, version=version, share=share)
+        return self._call(self._stub.SetShadow, request, timeout)

@@ -1,8 +1,9 @@
 """``infer-client models``: what serves, and changing it while the server runs (for operators).
 
 ``list`` shows every model of the server's repository (the version serving, the versions on disk,
-an operator's pin, what ``rollback`` returns to, why the last change was refused); ``load``,
-``unload``, ``rollback`` and ``reload`` change it and show the result. A change returns once every
+an operator's pin, what ``rollback`` returns to, the candidate under trial and how far its shadow
+runs agree, why the last change was refused); ``load``, ``unload``, ``rollback``, ``reload``,
+``canary`` and ``shadow`` change it and show the result. A change returns once every
 worker serves the new models. Exit status: 0 done, 2 refused or the call failed (the reason on
 stderr). Credentials come from the environment, as for every command (``Credentials.from_env``).
 """
@@ -39,11 +40,18 @@ def _run(server: str, timeout: float, as_json: bool, call: Callable[[ModelAdmin]
             print(json.dumps(asdict(model)))
         return
     table = Table(title_justify="left")
-    for column in ("model", "kind", "state", "version", "on disk", "pinned", "previous", "last error"):
+    for column in ("model", "kind", "state", "version", "on disk", "pinned", "previous", "trial", "last error"):
         table.add_column(column)
     for m in models:
         state = "[green]READY[/green]" if m.state == "READY" else f"[yellow]{m.state}[/yellow]"
-        table.add_row(m.name, m.kind, state, m.version, ", ".join(m.versions), m.pinned, m.previous, m.last_error)
+        trial = ""
+        if m.candidate:
+            trial = f"v{m.candidate}: canary {m.canary_share:.0%}, shadow {m.shadow_share:.0%}"
+            if m.shadow_images:
+                trial += (f" ({m.shadow_images} images: detections {m.shadow_detection_agreement:.1%}, "
+                          f"attributes {m.shadow_attribute_agreement:.1%} agree)")  # fmt: skip
+        row = (m.name, m.kind, state, m.version, ", ".join(m.versions), m.pinned, m.previous, trial, m.last_error)
+        table.add_row(*row)
     Console().print(table)
 
 
@@ -91,3 +99,32 @@ def rollback(
 def reload(server: ServerOpt = "localhost:8001", json_lines: JsonOpt = False, timeout: TimeoutOpt = 600.0) -> None:
     """Read the repository again and serve what its version policies pick (pins stay)."""
     _run(server, timeout, json_lines, lambda admin: admin.load())
+
+
+ShareOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of batches, 0..1 (0 ends it).")]
+
+
+@app.command()
+def canary(
+    name: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="The candidate version.")],
+    share: ShareOpt = 0.1,
+    server: ServerOpt = "localhost:8001",
+    json_lines: JsonOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """VERSION of NAME answers SHARE of the batches (loaded beside the serving one); `load` promotes it."""
+    _run(server, timeout, json_lines, lambda admin: admin.canary(name, version, share))
+
+
+@app.command()
+def shadow(
+    name: Annotated[str, typer.Argument(help="The model.")],
+    version: Annotated[str, typer.Argument(help="The candidate version.")],
+    share: ShareOpt = 0.1,
+    server: ServerOpt = "localhost:8001",
+    json_lines: JsonOpt = False,
+    timeout: TimeoutOpt = 600.0,
+) -> None:
+    """VERSION of NAME also runs on SHARE of the batches, never answering: `list` shows how far it agrees."""
+    _run(server, timeout, json_lines, lambda admin: admin.shadow(name, version, share))

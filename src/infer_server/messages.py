@@ -96,6 +96,11 @@ class WorkerOptions:
     # version policy's choice, and the classifiers left out.
     pins: tuple[tuple[str, str], ...] = ()
     unloaded: tuple[str, ...] = ()
+    # A candidate under trial (canary or shadow): its model → version, loaded beside the stable
+    # pipeline (sharing every engine that is the same), and the share of answered-path time its
+    # shadow runs may take (``stage.shadow``).
+    candidate: tuple[tuple[str, str], ...] = ()
+    shadow_budget: float = 0.1
 
 
 # The exit code of a worker that retired on purpose after a chunk because its resident memory passed
@@ -124,9 +129,13 @@ class WorkItem:
     deadline: float
     attempt: int = 1
     submitted: float = 0.0  # time.monotonic() when its batch was submitted (for the queue timing)
+    route: int = 0  # ROUTE_STABLE, ROUTE_CANARY (the candidate answers) or ROUTE_SHADOW (it runs too)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return _work_item, (_WORK_ITEM_ROW(self), _FILE_ROW(self.file), tuple(map(_REF_ROW, self.images)))
+
+
+ROUTE_STABLE, ROUTE_CANARY, ROUTE_SHADOW = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,7 @@ class WorkerReady:
     worker: int
     pid: int
     models: tuple[tuple[str, str], ...] = field(default=())  # (model name, version)
+    candidate: tuple[tuple[str, str], ...] = field(default=())  # the candidate pipeline's, if one is loaded
     catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())  # (name, kind, versions on disk)
 
 
@@ -213,6 +223,43 @@ class ItemDone:
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return _item_done, (self.worker, self.item_id, tuple(map(_outcome_row, self.outcomes)))
+
+
+@dataclass
+class Agreement:
+    """How far a candidate agreed with the stable versions over the images compared (what
+    ``stage.shadow.compare`` counts; the front sums them per trial)."""
+
+    images: int = 0
+    stable_detections: int = 0
+    candidate_detections: int = 0
+    matched: int = 0
+    labels_agree: int = 0
+    attributes_compared: int = 0
+    attributes_agree: int = 0
+
+    def add(self, other: Agreement) -> None:
+        for name, value in vars(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    @property
+    def detection_agreement(self) -> float:
+        total = self.stable_detections + self.candidate_detections
+        return 1.0 if total == 0 else 2 * self.labels_agree / total
+
+    @property
+    def attribute_agreement(self) -> float:
+        return 1.0 if self.attributes_compared == 0 else self.attributes_agree / self.attributes_compared
+
+
+@dataclass(frozen=True)
+class ShadowDone:
+    """What a shadow run found on one chunk (the candidate ran on the images the stable models
+    answered; its results went nowhere else), or that it was skipped to keep within its budget."""
+
+    worker: int
+    agreement: Agreement = field(default_factory=Agreement)
+    skipped: bool = False
 
 
 def _built(cls: type[_T], names: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[_T]:

@@ -137,6 +137,11 @@ class ServerSettings(BaseSettings):
     reload_timeout_s: float = Field(
         default=300.0, gt=0, description="A model change must have every worker on the new models within it."
     )
+    shadow_budget: float = Field(
+        default=0.1, gt=0, le=1,
+        description="Shadow runs of a candidate may take at most this share of the time each worker spends on "
+        "answered chunks (sampled shadow chunks over it are skipped and counted).",
+    )  # fmt: skip
 
     # The result cache (front/result_cache.py; docs/performance.md has what it costs and buys).
     result_cache_entries: int = Field(
@@ -284,4 +289,5 @@ class ServerSettings(BaseSettings):
             log_level=self.log_level,
             memory_mib=self.worker_memory_mib or None,
             digest_images=self.result_cache_entries > 0,
+            shadow_budget=self.shadow_budget,
         )

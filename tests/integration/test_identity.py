@@ -278,6 +278,8 @@ def test_only_named_callers_change_models(server: RunningServer) -> None:
             (control.LoadModel, load),
             (control.UnloadModel, infer_pb2.UnloadModelRequest(name="color")),
             (control.RollbackModel, infer_pb2.RollbackModelRequest(name="color")),
+            (control.SetCanary, infer_pb2.TrialRequest(name="color", version="2", share=0.5)),
+            (control.SetShadow, infer_pb2.TrialRequest(name="color", version="2", share=0.5)),
         ]:
             code, details = code_of(lambda rpc=rpc, request=request: rpc(request, metadata=metadata("bob")))
             assert code == grpc.StatusCode.PERMISSION_DENIED and "bob" in details

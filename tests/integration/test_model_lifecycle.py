@@ -5,9 +5,11 @@ repository is followed without a call."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,10 +31,21 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return versioned_repository(tmp_path_factory.mktemp("lifecycle"), (1, 2), {"latest": 1})
 
 
+METRICS_PORT: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
-    with running_server(repo, workers=2) as srv:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        METRICS_PORT.append(s.getsockname()[1])
+    with running_server(repo, "--shadow-budget", "1.0", "--metrics-port", str(METRICS_PORT[0]), workers=2) as srv:
         yield srv
+
+
+def metrics() -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics").read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line[:1] != "#"}
 
 
 def serving(client: InferClient) -> dict[str, str]:
@@ -164,6 +177,59 @@ def test_an_unloaded_attribute_model_stops_answering_and_loads_back(server: Runn
     names = {m for r in unloaded for d in r.detections for m in d.attributes}
     assert "vehicle_type" not in names and all("vehicle_type" not in r.model_versions for r in unloaded)
     assert {m for r in loaded for d in r.detections for m in d.attributes} >= {"vehicle_type"}
+
+
+def _candidate(repo: Path, version: int) -> None:
+    """A candidate color model that names its colours in reverse: same boxes, other attributes."""
+    if not (repo / "color" / str(version)).exists():
+        color = yaml.safe_load((MODELS / "color" / "config.yaml").read_text())
+        color.pop("version", None)
+        _version(repo, version, {**color, "labels": color["labels"][::-1]})
+
+
+def test_a_canary_answers_its_share_and_is_promoted_with_one_call(server: RunningServer, repo: Path) -> None:
+    _candidate(repo, 7)
+    with server.client() as client:
+        listed = {m.name: m for m in client.models.canary("color", "7", 0.3)}
+        assert (listed["color"].version, listed["color"].candidate, listed["color"].canary_share) == ("2", "7", 0.3)
+        ids = [client.push(JPEGS[:1]) for _ in range(160)]
+        answered = [r.model_versions["color"] for r in client.pull(ids)]
+        share = answered.count("7") / len(answered)
+        # 160 draws of p = 0.3: sd 0.036; the bounds are ±4 sd.
+        assert len(answered) == 160 and set(answered) == {"2", "7"} and 0.155 <= share <= 0.445, share
+        client.models.canary("color", "7", 0.5)  # a share alone changes at once
+        promoted = {m.name: m for m in client.models.load("color", "7")}
+        assert (promoted["color"].version, promoted["color"].candidate) == ("7", ""), "promoted: the trial ended"
+        assert {r.model_versions["color"] for r in client.detect(JPEGS)} == {"7"}
+        client.models.rollback("color")
+        assert serving(client)["color"] == "2"
+
+
+def test_shadow_results_never_reach_a_client_and_their_agreement_is_measured(
+    server: RunningServer, repo: Path
+) -> None:
+    _candidate(repo, 7)
+    with server.client() as client:
+        # Version 1 is the serving model's very file and config: it must agree everywhere.
+        client.models.shadow("color", "1", 1.0)
+        same = [r for _ in range(6) for r in client.detect(JPEGS)]
+        twin = [m for m in client.models.list() if m.name == "color"][0]
+        client.models.shadow("color", "7", 1.0)  # another candidate replaces it
+        other = [r for _ in range(6) for r in client.detect(JPEGS)]
+        reverse = [m for m in client.models.list() if m.name == "color"][0]
+        exported = metrics()
+        ended = {m.name: m for m in client.models.shadow("color", "7", 0.0)}
+    assert all(r.ok and r.model_versions["color"] == "2" for r in same + other), "only the serving version answers"
+    assert twin.shadow_images > 0 and twin.shadow_detection_agreement == twin.shadow_attribute_agreement == 1.0
+    assert reverse.shadow_images > 0 and reverse.shadow_detection_agreement == 1.0
+    assert reverse.shadow_attribute_agreement < 0.9, "a candidate that names colours otherwise disagrees"
+    assert ended["color"].candidate == "" and ended["color"].version == "2"
+    assert exported['infer_shadow_images_total{model="color",version="7"}'] == reverse.shadow_images
+    agree = exported['infer_shadow_attributes_agree_total{model="color",version="7"}']
+    assert agree / exported['infer_shadow_attributes_compared_total{model="color",version="7"}'] < 0.9
+    assert exported['infer_model_version{model="color",role="candidate",version="7"}'] == 1
+    assert exported['infer_trial_share{mode="shadow",model="color",version="7"}'] == 1.0
+    assert exported['infer_model_inference_success_total{model="color",version="2"}'] >= len(same + other)
 
 
 def test_a_polled_repository_is_followed_without_a_call(tmp_path: Path) -> None:

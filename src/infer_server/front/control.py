@@ -18,17 +18,16 @@ import asyncio
 import dataclasses
 import logging
 import os
+import random
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import grpc
-import grpc.aio
-
-from infer_proto import infer_pb2
 from infer_server.front import audit
-from infer_server.front.errors import PermissionDeniedError, Refused, UnknownModel, rpc_boundary
+from infer_server.front.errors import InvalidBatch, PermissionDeniedError, Refused, UnknownModel
 from infer_server.front.identity import Identity
+from infer_server.messages import ROUTE_CANARY, ROUTE_SHADOW, ROUTE_STABLE, Agreement, ShadowDone
 from infer_server.supervisor.rollout import ReloadRefused
 
 if TYPE_CHECKING:
@@ -38,7 +37,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"[1-9][0-9]*")  # a version directory's name
-CONTROL_SERVICE = infer_pb2.DESCRIPTOR.services_by_name["ModelControlService"].full_name
 
 
 def repository_fingerprint(root: str) -> tuple[tuple[str, int, int], ...]:
@@ -57,6 +55,24 @@ def repository_fingerprint(root: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(seen)
 
 
+@dataclass
+class Choices:
+    """What operators chose: versions pinned, attribute models unloaded, and the candidate under
+    trial (model, version) with its shares of batches (canary answers, shadow runs beside)."""
+
+    pins: dict[str, str] = field(default_factory=dict)
+    unloaded: set[str] = field(default_factory=set)
+    trial: tuple[str, str] | None = None
+    canary: float = 0.0
+    shadow: float = 0.0
+
+    def copy(self) -> Choices:
+        return dataclasses.replace(self, pins=dict(self.pins), unloaded=set(self.unloaded))
+
+    def end_trial(self) -> None:
+        self.trial, self.canary, self.shadow = None, 0.0, 0.0
+
+
 class ModelControl:
     """The operator's model choices for one server, and the changes that apply them."""
 
@@ -66,8 +82,9 @@ class ModelControl:
         self.enabled = settings.model_control == "explicit"
         self.callers = frozenset(c.strip() for c in settings.control_callers.split(",") if c.strip())
         self.timeout_s = settings.reload_timeout_s
-        self.pins: dict[str, str] = {}  # model → version an operator chose
-        self.unloaded: set[str] = set()
+        self.chosen = Choices()
+        self.agreement = Agreement()  # what the trial's shadow runs found
+        self.shadow_skipped = 0
         self.previous: dict[str, str] = {}  # model → the version that served before its last change
         self.errors: dict[str, str] = {}  # model → why its last change was refused
         self._lock = asyncio.Lock()  # one change at a time (the pool refuses a second anyway)
@@ -87,18 +104,23 @@ class ModelControl:
     def serving(self) -> dict[str, str]:
         return dict(self.pool.models)
 
-    def status(self) -> infer_pb2.ListModelsReply:
-        serving = self.serving()
-        reply = infer_pb2.ListModelsReply()
-        for name, kind, versions in self._catalog():
-            reply.models.add(
-                name=name, kind=kind, state="READY" if name in serving else "UNLOADED",
-                version=serving.get(name, ""), versions=versions, pinned=self.pins.get(name, ""),
-                previous=self.previous.get(name, ""), last_error=self.errors.get(name, ""),
-            )  # fmt: skip
-        return reply
+    def route(self) -> int:
+        """Which models answer the next batch: a draw against the trial's shares (on the loop)."""
+        chosen = self.chosen
+        if chosen.trial is None or not self.pool.candidate:
+            return ROUTE_STABLE
+        draw = random.random()
+        return ROUTE_CANARY if draw < chosen.canary else ROUTE_SHADOW if draw < chosen.canary + chosen.shadow else 0
 
-    def _catalog(self) -> list[tuple[str, str, tuple[str, ...]]]:
+    def on_shadow(self, done: ShadowDone) -> None:
+        """A worker's shadow run (the pool, on the loop)."""
+        if done.skipped:
+            self.shadow_skipped += 1
+        else:
+            self.agreement.add(done.agreement)
+        self.server.metrics.shadow_done(done, self.chosen.trial)
+
+    def catalog(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """The models the workers reported, with the version directories on disk now (added since
         the workers last read the repository; a listing, never a parse: the workers judge them)."""
         listed = []
@@ -113,70 +135,118 @@ class ModelControl:
 
     def _model(self, name: str) -> tuple[str, tuple[str, ...]]:
         """(kind, versions on disk) of ``name``, or ``UnknownModel``."""
-        for listed, kind, versions in self._catalog():
+        for listed, kind, versions in self.catalog():
             if listed == name:
                 return kind, versions
         raise UnknownModel(f"no model named {name!r} in the repository")
 
     # ------------------------------------------------------------------------------- changes
     async def load(self, name: str, version: str, who: str) -> None:
-        """Serve ``version`` of ``name`` (empty: the version policy's choice, read again)."""
+        """Serve ``version`` of ``name`` (empty: the version policy's choice, read again); loading
+        the candidate's version promotes it and ends its trial."""
         if not name:
             if version:
                 raise UnknownModel("a version needs the name of its model")
-            return await self._change(lambda pins, unloaded: None, "", who, "reload")
-        _, versions = self._model(name)
-        if version and version not in versions:
-            raise UnknownModel(f"model {name!r} has no version {version!r} (it has {', '.join(versions) or 'none'})")
+            return await self._change(lambda c: None, "", who, "reload", reread=True)
+        self._version(name, version)
 
-        def choose(pins: dict[str, str], unloaded: set[str]) -> None:
-            unloaded.discard(name)
+        def choose(c: Choices) -> None:
+            c.unloaded.discard(name)
             if version:
-                pins[name] = version
+                c.pins[name] = version
             else:
-                pins.pop(name, None)
+                c.pins.pop(name, None)
+            if c.trial is not None and c.trial[0] == name:
+                c.end_trial()  # promoted, or replaced by the operator's choice
 
-        await self._change(choose, name, who, "load", version=version or None)
+        await self._change(choose, name, who, "load", reread=not version, version=version or None)
 
     async def unload(self, name: str, who: str) -> None:
         kind, _ = self._model(name)
         if kind == "detector":
             raise Refused(f"{name} is the detector: every image goes through it, it cannot be unloaded")
-        await self._change(lambda pins, unloaded: unloaded.add(name), name, who, "unload")
+
+        def choose(c: Choices) -> None:
+            c.unloaded.add(name)
+            if c.trial is not None and c.trial[0] == name:
+                c.end_trial()
+
+        await self._change(choose, name, who, "unload")
 
     async def rollback(self, name: str, who: str) -> None:
         self._model(name)
         back = self.previous.get(name)
         if back is None:
             raise Refused(f"no earlier version of {name} served on this server: nothing to roll back to")
-        await self._change(lambda pins, unloaded: pins.__setitem__(name, back), name, who, "rollback", version=back)
+        await self._change(lambda c: c.pins.__setitem__(name, back), name, who, "rollback", version=back)
+
+    async def trial(self, name: str, version: str, share: float, mode: str, who: str) -> None:
+        """Set the ``mode`` ("canary" or "shadow") share of ``version`` of ``name``: loading it
+        beside the serving version first if it is not the candidate yet (replacing another
+        candidate); no share left of either kind ends the trial and unloads it."""
+        self._version(name, version, required=True)
+        if not 0.0 <= share <= 1.0:
+            raise InvalidBatch(f"a share is between 0 and 1, got {share}")
+        if name in self.chosen.unloaded:
+            raise Refused(f"{name} is unloaded: load it before trying another version of it")
+        if self.serving().get(name) == version:
+            raise Refused(f"version {version} of {name} already serves: a candidate is another version")
+        other = self.chosen.shadow if mode == "canary" else self.chosen.canary
+        if self.chosen.trial == (name, version) and other + share > 1.0:
+            raise InvalidBatch(f"canary and shadow shares add up to more than 1 ({share} + {other})")
+
+        def choose(c: Choices) -> None:
+            if c.trial != (name, version):
+                c.end_trial()
+                c.trial = (name, version)
+            setattr(c, mode, share)
+            if c.canary == 0.0 and c.shadow == 0.0:
+                c.end_trial()
+
+        await self._change(choose, name, who, mode, version=version, share=share)
 
     async def reread(self) -> None:
         """The repository's files changed (``--repository-poll-s``): move to what it holds now."""
-        await self._change(lambda pins, unloaded: None, "", "repository poll", "reload")
+        await self._change(lambda c: None, "", "repository poll", "reload", reread=True)
+
+    def _version(self, name: str, version: str, required: bool = False) -> None:
+        """``UnknownModel`` unless ``name`` is a model with ``version`` on disk (if given)."""
+        _, versions = self._model(name)
+        if required and not version:
+            raise UnknownModel(f"which version of {name!r}? (it has {', '.join(versions) or 'none'})")
+        if version and version not in versions:
+            raise UnknownModel(f"model {name!r} has no version {version!r} (it has {', '.join(versions) or 'none'})")
 
     async def _change(
-        self, choose: Callable[[dict[str, str], set[str]], None], name: str, who: str, action: str, **details: Any
+        self, choose: Callable[[Choices], None], name: str, who: str, action: str, reread: bool = False, **details: Any
     ) -> None:
-        """Apply ``choose`` to a copy of the choices and move the workers there; on refusal nothing
-        changes and the reason is kept for ``ListModels``."""
+        """Apply ``choose`` to a copy of the choices and move the workers there when what they load
+        changes (a new share alone does not) or ``reread`` says the repository is to be read
+        again; on refusal nothing changes and the reason is kept for ``ListModels``."""
         if self._lock.locked():
             raise Refused("another model change is under way; retry when it is done")
         async with self._lock:
-            pins, unloaded = dict(self.pins), set(self.unloaded)
-            choose(pins, unloaded)
-            options = dataclasses.replace(
-                self.pool.options, pins=tuple(sorted(pins.items())), unloaded=tuple(sorted(unloaded))
-            )
+            chosen = self.chosen.copy()
+            choose(chosen)
             before = self.serving()
-            try:
-                await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
-            except (ReloadRefused, TimeoutError) as exc:
-                why = self._redacted(str(exc))
-                self.errors[name or "*"] = why
-                audit.control(f"model {action} refused", model=name or None, caller=who, reason=why, **details)
-                raise Refused(f"{action} of {name or 'the repository'} refused: {why}") from None
-            self.pins, self.unloaded = pins, unloaded
+            # A change touches only what it names: every other model keeps the version it serves,
+            # even if its version policy would pick a newer directory that has appeared since.
+            kept = {} if reread and not name else {m: v for m, v in before.items() if not (reread and m == name)}
+            options = dataclasses.replace(
+                self.pool.options, pins=tuple(sorted({**kept, **chosen.pins}.items())),
+                unloaded=tuple(sorted(chosen.unloaded)), candidate=(chosen.trial,) if chosen.trial else (),
+            )  # fmt: skip
+            if options != self.pool.options or reread:
+                try:
+                    await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
+                except (ReloadRefused, TimeoutError) as exc:
+                    why = self._redacted(str(exc))
+                    self.errors[name or "*"] = why
+                    audit.control(f"model {action} refused", model=name or None, caller=who, reason=why, **details)
+                    raise Refused(f"{action} of {name or 'the repository'} refused: {why}") from None
+            if chosen.trial != self.chosen.trial:
+                self.agreement, self.shadow_skipped = Agreement(), 0
+            self.chosen = chosen
             after = self.serving()
             for model, version in before.items():
                 if after.get(model) != version:
@@ -207,55 +277,3 @@ class ModelControl:
                 await self.reread()
             except Refused as exc:
                 log.warning("%s; the serving models serve on", exc.message)
-
-
-class ModelControlServicer:
-    """``infer.v1.ModelControlService`` of one server (``ModelControl`` does the work)."""
-
-    def __init__(self, server: InferenceServer, control: ModelControl, identify: Callable[..., Identity]) -> None:
-        self._server, self._control, self._identify = server, control, identify
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        def unary(method: Callable[..., Any], request: Any) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(
-                method, request.FromString, infer_pb2.ListModelsReply.SerializeToString
-            )
-
-        return grpc.method_handlers_generic_handler(
-            CONTROL_SERVICE,
-            {
-                "ListModels": unary(self.ListModels, infer_pb2.ListModelsRequest),
-                "LoadModel": unary(self.LoadModel, infer_pb2.LoadModelRequest),
-                "UnloadModel": unary(self.UnloadModel, infer_pb2.UnloadModelRequest),
-                "RollbackModel": unary(self.RollbackModel, infer_pb2.RollbackModelRequest),
-            },
-        )
-
-    def _operator(self, context: grpc.aio.ServicerContext, rpc: str) -> str:
-        identity = self._identify(context, rpc)
-        try:
-            self._control.check_caller(identity)
-        except PermissionDeniedError as exc:
-            audit.refused_call(context.peer(), rpc, exc.code, exc.message, identity.name)
-            raise
-        return identity.name
-
-    @rpc_boundary
-    async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
-        self._identify(context, "ListModels")
-        return self._control.status()
-
-    @rpc_boundary
-    async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
-        await self._control.load(request.name, request.version, self._operator(context, "LoadModel"))
-        return self._control.status()
-
-    @rpc_boundary
-    async def UnloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
-        await self._control.unload(request.name, self._operator(context, "UnloadModel"))
-        return self._control.status()
-
-    @rpc_boundary
-    async def RollbackModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
-        await self._control.rollback(request.name, self._operator(context, "RollbackModel"))
-        return self._control.status()

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from infer_server.messages import Code, ImageOutcome
+from infer_server.messages import Code, ImageOutcome, ShadowDone
 
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -54,6 +54,30 @@ class _StagingCollector(Collector):
         )
 
 
+class _ModelsCollector(Collector):
+    """The versions in service and the trial, read from ``ModelControl`` at scrape time."""
+
+    def __init__(self, control: Any) -> None:
+        self._control = control
+
+    def collect(self) -> Iterator[Metric]:
+        if self._control.server.pool is None:
+            return
+        versions = GaugeMetricFamily("infer_model_version", "Model versions loaded (1), by role",
+                                     labels=["model", "version", "role"])  # fmt: skip
+        for name, version in self._control.serving().items():
+            versions.add_metric([name, version, "serving"], 1)
+        chosen = self._control.chosen
+        shares = GaugeMetricFamily("infer_trial_share", "Share of batches of the candidate under trial",
+                                   labels=["model", "version", "mode"])  # fmt: skip
+        if chosen.trial is not None:
+            versions.add_metric([*chosen.trial, "candidate"], 1)
+            shares.add_metric([*chosen.trial, "canary"], chosen.canary)
+            shares.add_metric([*chosen.trial, "shadow"], chosen.shadow)
+        yield versions
+        yield shares
+
+
 class ServerMetrics:
     def __init__(self, inflight_images: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -73,6 +97,22 @@ class ServerMetrics:
         # Labelled children looked up once: image_done runs on the event loop for every image.
         self._image_by_code = {code: self._images.labels(code.name) for code in Code}
         self._stage_by_name: dict[str, Any] = {}
+        # Per model and version, Triton's nv_inference_* convention: counts and cumulative times
+        # (rate(sum) / rate(count) is the mean); every model of an image's pipeline counts it.
+        r = self.registry
+        self._success = Counter("infer_model_inference_success", "Images answered OK, by model and version",
+                                ["model", "version"], registry=r)  # fmt: skip
+        self._queue_s = Counter("infer_model_queue_seconds", "Time answered images waited for a worker",
+                                ["model", "version"], registry=r)  # fmt: skip
+        self._compute_s = Counter("infer_model_compute_seconds", "Pipeline time of answered images (decode to "
+                                  "attributes)", ["model", "version"], registry=r)  # fmt: skip
+        self._by_models: dict[tuple[tuple[str, str], ...], list[tuple[Any, Any, Any]]] = {}
+        self._shadow = {
+            field: Counter(f"infer_shadow_{field}", f"Shadow runs of the candidate: {field.replace('_', ' ')}",
+                           ["model", "version"], registry=r)  # fmt: skip
+            for field in ("images", "stable_detections", "candidate_detections", "matched", "labels_agree",
+                          "attributes_compared", "attributes_agree", "skipped")  # fmt: skip
+        }
 
     def batch_accepted(self, images: int) -> None:
         self._batches.inc()
@@ -80,11 +120,42 @@ class ServerMetrics:
 
     def image_done(self, outcome: ImageOutcome) -> None:
         self._image_by_code[outcome.code].inc()  # Code is an IntEnum: a plain int finds its child too
+        queue_ms = compute_ms = 0.0
         for stage, ms in outcome.timings_ms:
             child = self._stage_by_name.get(stage)
             if child is None:
                 child = self._stage_by_name[stage] = self._stage.labels(stage)
             child.observe(ms / 1000.0)
+            if stage == "queue":
+                queue_ms = ms
+            elif stage != "read":
+                compute_ms += ms
+        if outcome.models:
+            children = self._by_models.get(outcome.models)
+            if children is None:
+                children = self._by_models[outcome.models] = [
+                    (self._success.labels(*m), self._queue_s.labels(*m), self._compute_s.labels(*m))
+                    for m in outcome.models
+                ]
+            for success, queue, compute in children:
+                success.inc()
+                queue.inc(queue_ms / 1000.0)
+                compute.inc(compute_ms / 1000.0)
+
+    def shadow_done(self, done: ShadowDone, trial: tuple[str, str] | None) -> None:
+        """A shadow run's counts, under the candidate's model and version."""
+        if trial is None:
+            return
+        if done.skipped:
+            self._shadow["skipped"].labels(*trial).inc()
+            return
+        for field, value in vars(done.agreement).items():
+            if value:
+                self._shadow[field].labels(*trial).inc(value)
+
+    def watch_models(self, control: Any) -> None:
+        """Export which versions serve and which is under trial, with its shares (a ``ModelControl``)."""
+        self.registry.register(_ModelsCollector(control))
 
     def watch_staging(self, handoff: Any) -> None:
         """Export the staging tiers' bytes and spills (a ``Handoff``)."""

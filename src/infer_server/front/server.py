@@ -35,7 +35,8 @@ from grpc_reflection.v1alpha import reflection
 from infer_proto import infer_pb2
 from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry, Quota
-from infer_server.front.control import CONTROL_SERVICE, ModelControl, ModelControlServicer
+from infer_server.front.control import ModelControl
+from infer_server.front.control_service import CONTROL_SERVICE, ModelControlServicer
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
@@ -120,6 +121,7 @@ class InferenceServer:
             self.cache = ResultCache(settings.result_cache_entries, mib << 20, k)
             self.metrics.watch_cache(self.cache.lru)
         self.control = ModelControl(self)
+        self.metrics.watch_models(self.control)
         self.accepting = False
         self.port = 0
         self.pool: PipelinePool | None = None
@@ -190,6 +192,7 @@ class InferenceServer:
             loop=loop,
             on_outcome=self._on_outcome,
             on_health=self._on_health,
+            on_shadow=self.control.on_shadow,
         )
         pool.start(timeout=s.startup_timeout_s)
         return pool
@@ -302,7 +305,7 @@ class InferenceServer:
         """Hand the batch's ``images`` to the pool; a pool that refuses them makes the push UNAVAILABLE."""
         assert self.pool is not None
         try:
-            self.pool.submit_batch(batch.batch_id, file.file, images, batch.deadline)
+            self.pool.submit_batch(batch.batch_id, file.file, images, batch.deadline, self.control.route())
         except PipelineError as exc:
             log.warning("pool refused batch %s: %s", batch.batch_id, exc)
             if self.cache is not None:

@@ -50,7 +50,7 @@ class _Classifier:
         options: WorkerOptions,
     ):
         cfg = entry.config
-        self.name, self.labels = cfg.name, cfg.labels
+        self.entry, self.name, self.labels = entry, cfg.name, cfg.labels
         self.input_name = cfg.input.name
         self.probabilities = "logits" not in cfg.outputs  # the model applies softmax itself
         self.output_name = cfg.outputs["logits" if "logits" in cfg.outputs else "probabilities"]
@@ -79,7 +79,9 @@ class VisionPipeline:
     Runtime threads per model; ``plan_cache_dir`` where TensorRT plans are cached (device 'gpu').
     """
 
-    def __init__(self, repo: ModelRepository, options: WorkerOptions, worker_id: int = -1):
+    def __init__(
+        self, repo: ModelRepository, options: WorkerOptions, worker_id: int = -1, beside: VisionPipeline | None = None
+    ):
         det = repo.detector.config
         assert det.decode is not None  # validated by ModelConfig
         device, batch_size = options.device, options.batch_size
@@ -91,17 +93,27 @@ class VisionPipeline:
         self.input_spec = det.input
         self.labels = det.labels
         self._cov_name, self._bbox_name = det.outputs["coverage"], det.outputs["bbox"]
-        self.detector: Engine = create_engine(
-            repo.detector.onnx_path,
-            device,
-            max_batch_size=det.max_batch_size,
-            intra_op_num_threads=options.intra_op_threads,
-            plan_cache_dir=options.plan_cache_dir,
-        )
-        self.preprocess = DetectorPreprocessor(det.input, device=device, batch_size=batch_size)
-        self.classifiers = [
-            _Classifier(e, det.input.color, options) for e in repo.classifiers
+        # ``beside``: the stable pipeline of a worker that also runs a candidate; every model
+        # entry the two have in common is shared (one engine, one DALI pipeline), not loaded twice.
+        self._shared = beside is not None and beside.repo.detector == repo.detector
+        self.detector: Engine
+        self.preprocess: DetectorPreprocessor
+        if beside is not None and self._shared:
+            self.detector, self.preprocess = beside.detector, beside.preprocess
+        else:
+            self.detector = create_engine(
+                repo.detector.onnx_path,
+                device,
+                max_batch_size=det.max_batch_size,
+                intra_op_num_threads=options.intra_op_threads,
+                plan_cache_dir=options.plan_cache_dir,
+            )
+            self.preprocess = DetectorPreprocessor(det.input, device=device, batch_size=batch_size)
+        theirs = {c.entry.model_dump_json(): c for c in beside.classifiers} if beside is not None else {}
+        self.classifiers: list[_Classifier] = [
+            theirs.get(e.model_dump_json()) or _Classifier(e, det.input.color, options) for e in repo.classifiers
         ]
+        self._own = [c for c in self.classifiers if c not in theirs.values()]
         # class id → the classifiers routed to it (positions in self.classifiers).
         by_name = {c.name: i for i, c in enumerate(self.classifiers)}
         self._routes = [[by_name[e.config.name] for e in repo.classifiers_for(label)] for label in self.labels]
@@ -110,6 +122,12 @@ class VisionPipeline:
     def load(cls, repo_dir: str | Path, options: WorkerOptions, worker_id: int = -1) -> VisionPipeline:
         """Read the repository at ``repo_dir`` and load it with ``options`` (see the class)."""
         return cls(ModelRepository.load(repo_dir, dict(options.pins), options.unloaded), options, worker_id)
+
+    def candidate(self, repo_dir: str | Path, options: WorkerOptions) -> VisionPipeline:
+        """The pipeline with ``options.candidate``'s versions, beside this one (sharing the rest)."""
+        pins = dict(options.pins) | dict(options.candidate)
+        unloaded = set(options.unloaded) - set(pins)
+        return VisionPipeline(ModelRepository.load(repo_dir, pins, unloaded), options, self.worker_id, beside=self)
 
     @property
     def models(self) -> tuple[tuple[str, str], ...]:
@@ -242,8 +260,10 @@ class VisionPipeline:
         )
 
     def close(self) -> None:
-        self.detector.close()
-        for clf in self.classifiers:
+        """Release the engines this pipeline loaded (not those it shares with the one beside it)."""
+        if not self._shared:
+            self.detector.close()
+        for clf in self._own:
             clf.engine.close()
 
 

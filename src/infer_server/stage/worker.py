@@ -54,16 +54,20 @@ from typing import TYPE_CHECKING, Any
 from infer_server.messages import (
     FAILED_EXIT,
     RETIRED_EXIT,
+    ROUTE_CANARY,
+    ROUTE_SHADOW,
     STOP,
     Code,
     ImageOutcome,
     ImageRef,
     ItemDone,
+    ShadowDone,
     WorkerFailed,
     WorkerOptions,
     WorkerReady,
     WorkItem,
 )
+from infer_server.stage.shadow import Budget, compare
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -167,6 +171,8 @@ class StageWorker:
         self.reader = reader or ChunkReader()
         self.memory_mib = memory_mib
         self.digests = digests
+        self.candidate: VisionPipeline | None = None  # the version under trial (canary, shadow)
+        self.budget = Budget(0.1)
 
     def serve(self, inbox: Connection, stop: Event) -> int | None:
         """Serve chunks until stopped (None), or until this worker must go: ``RETIRED_EXIT`` (too
@@ -197,13 +203,14 @@ class StageWorker:
             self.current.value = item.item_id
         taken = time.monotonic()
         outcomes: dict[int, ImageOutcome] = {}
+        readable: list[tuple[ImageRef, memoryview]] = []
         if taken > item.deadline:
             for ref in item.images:
                 message = f"image {ref.index}: deadline exceeded before processing"
                 outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DEADLINE_EXCEEDED, message)
         else:
             try:
-                self._run(item, taken, outcomes)
+                readable = self._run(item, taken, outcomes)
             except Exception as exc:
                 log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
                 if _unusable(exc):
@@ -213,10 +220,32 @@ class StageWorker:
                         message = f"image {ref.index}: pipeline error"
                         outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.INTERNAL, message)
         self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
+        self.budget.answered(time.monotonic() - taken)
+        if item.route == ROUTE_SHADOW and self.candidate is not None and readable:
+            self._shadow(item, readable, list(outcomes.values()))
         return True
 
-    def _run(self, item: WorkItem, taken: float, outcomes: dict[int, ImageOutcome]) -> None:
-        """Read the chunk's images and run the pipeline on those that could be read, into ``outcomes``."""
+    def _shadow(self, item: WorkItem, readable: list[tuple[ImageRef, memoryview]], answered: list[Any]) -> None:
+        """Run the candidate on the images just answered and send only how far it agrees
+        (``stage.shadow``); skipped, and counted, while shadow runs are over their budget."""
+        assert self.candidate is not None
+        if not self.budget.allows():
+            self.results.send(ShadowDone(self.worker_id, skipped=True))
+            return
+        t0 = time.monotonic()
+        try:
+            theirs = list(self.candidate.process(item.batch_id, readable))
+        except Exception:  # the candidate's failure is the trial's finding, never the answer's
+            log.exception("worker %d: the candidate failed on a shadow chunk", self.worker_id)
+            theirs = []
+        self.budget.spent(time.monotonic() - t0)
+        self.results.send(ShadowDone(self.worker_id, compare(answered, theirs)))
+
+    def _run(
+        self, item: WorkItem, taken: float, outcomes: dict[int, ImageOutcome]
+    ) -> list[tuple[ImageRef, memoryview]]:
+        """Read the chunk's images and run the pipeline on those that could be read, into
+        ``outcomes`` (the candidate's, for a chunk routed ``ROUTE_CANARY``); the images read."""
         t0 = time.perf_counter()
         data = self.reader.read(item)
         read_ms = (time.perf_counter() - t0) * 1e3
@@ -230,12 +259,14 @@ class StageWorker:
         # The hash of what was read, when the front caches results: it stores an answer only under
         # the key of the bytes that produced it (a client that rewrites its file cannot poison it).
         digests = {ref.index: image_digest(d) for ref, d in readable} if self.digests else {}
-        models = self.pipeline.models  # the versions that answered, in every result
-        for outcome in self.pipeline.process(item.batch_id, readable, read_ms, queue_ms):
+        pipeline = self.candidate if item.route == ROUTE_CANARY and self.candidate is not None else self.pipeline
+        models = pipeline.models  # the versions that answered, in every result
+        for outcome in pipeline.process(item.batch_id, readable, read_ms, queue_ms):
             if digests or models:
                 answered = models if outcome.code == Code.OK else ()
                 outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""), models=answered)
             outcomes[outcome.index] = outcome
+        return readable
 
 
 def image_digest(data: memoryview | bytes) -> bytes:
@@ -310,21 +341,29 @@ def run_worker(
         else:
             pipeline = VisionPipeline.load(repo_dir, options, worker_id)
         pipeline.warm_up()
+        candidate = None
+        if options.candidate and isinstance(pipeline, VisionPipeline):
+            candidate = pipeline.candidate(repo_dir, options)
+            candidate.warm_up()
         _check_memory_bound(options)
         catalog = () if options.null_model else ModelRepository.catalog(repo_dir)
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
-    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models, catalog))
+    trial = candidate.models if candidate is not None else ()
+    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models, candidate=trial, catalog=catalog))
     code = None
     try:
         worker = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib,
                              digests=options.digest_images)  # fmt: skip
+        worker.candidate, worker.budget = candidate, Budget(options.shadow_budget)
         code = worker.serve(inbox, stop)
     except (BrokenPipeError, ConnectionResetError):
         log.warning("worker %d: the pool went away", worker_id)
     finally:
+        if candidate is not None:
+            candidate.close()
         pipeline.close()
     if code is not None:
         sys.exit(code)

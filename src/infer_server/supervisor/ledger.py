@@ -48,11 +48,13 @@ class ChunkLedger:
     def is_open(self, chunk: Chunk) -> bool:
         return self._chunks.get(chunk.item.item_id) is chunk
 
-    def add_batch(self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float, now: float) -> None:
+    def add_batch(
+        self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float, now: float, route: int = 0
+    ) -> None:
         """Cut a batch into chunks of at most ``batch_size`` images, queued at the back."""
         for lo in range(0, len(images), self.batch_size):
             refs = tuple(images[lo : lo + self.batch_size])
-            item = WorkItem(next(self._ids), batch_id, file, refs, deadline, submitted=now)
+            item = WorkItem(next(self._ids), batch_id, file, refs, deadline, submitted=now, route=route)
             self._add(Chunk(item, {r.index for r in refs}))
 
     def _add(self, chunk: Chunk, front: bool = False) -> None:

@@ -34,8 +34,8 @@ UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back un
 replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
 every slot is READY again. Chunks whose deadline passes while waiting are answered by the pool.
 
-Model changes. ``reload(options)`` moves every worker to other models one at a time, with one extra
-worker standing in, so nothing is lost and as many serve as before (``supervisor.rollout``).
+Models. Restarts load the versions that served at start (then pinned), not what lands on disk later;
+``reload(options)`` changes them (``supervisor.rollout``); a batch's ``route`` picks the pipeline.
 
 Stop. ``stop(drain=True)`` waits (bounded) until submitted work is answered, then stop event +
 stop marker → ``join(timeout)`` → ``terminate`` → ``kill``; images still open get UNAVAILABLE.
@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -56,11 +57,13 @@ from pathlib import Path
 from typing import Any
 
 from infer_server.messages import (
+    ROUTE_STABLE,
     Code,
     FileRef,
     ImageOutcome,
     ImageRef,
     ItemDone,
+    ShadowDone,
     WorkerFailed,
     WorkerOptions,
     WorkerReady,
@@ -71,11 +74,12 @@ from infer_server.supervisor.processes import (
     MAX_WAIT,
     WorkerProcess,
     end_processes,
+    overrunning,
     report_death,
     stop_reading,
     worker_main,
 )
-from infer_server.supervisor.rollout import ReloadRefused, roll
+from infer_server.supervisor.rollout import roll
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +97,7 @@ class PipelinePool:
     def __init__(
         self, repo_dir: Path, options: WorkerOptions, *, workers: int, max_attempts: int,
         max_chunk_seconds: float = 60.0, loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None],
-        on_health: Callable[[bool], None] | None = None,
+        on_health: Callable[[bool], None] | None = None, on_shadow: Callable[[ShadowDone], None] | None = None,
     ) -> None:  # fmt: skip
         if workers < 1 or options.batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
@@ -101,7 +105,7 @@ class PipelinePool:
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = options
         self._max_chunk_s = max_chunk_seconds
-        self._on_health = on_health
+        self._on_health, self._on_shadow = on_health, on_shadow
         self._loop = loop
         self._to_loop = LoopHandoff(loop, on_outcome)
         self._ctx = multiprocessing.get_context("spawn")
@@ -113,6 +117,7 @@ class PipelinePool:
         self._setup_failures: collections.Counter[int] = collections.Counter()
         self._started = self._stopping = self._closed = False
         self.models: tuple[tuple[str, str], ...] = ()  # (name, version) of what the workers loaded
+        self.candidate: tuple[tuple[str, str], ...] = ()  # and of the candidate beside it, if any
         self.catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # every model and its versions on disk
         self.reload_lock = threading.Lock()  # one model change at a time (``supervisor.rollout``)
         self._start_failure: str | None = None
@@ -138,17 +143,22 @@ class PipelinePool:
             if failure is None and not self._all_ready():
                 failure = f"workers were not ready after {timeout:.0f}s"
             self._started = failure is None
+            pins = {**dict(self.models), **dict(self._options.pins)}  # what serves now, not what lands later
+            self._options = dataclasses.replace(self._options, pins=tuple(sorted(pins.items())))
         if failure is not None:
             self.stop(timeout=5.0, drain=False)
             raise PipelineError(failure)
         self._report_health()
 
-    def submit_batch(self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float) -> None:
-        """Queue a batch's images in chunks of ``batch_size``; never blocks."""
+    def submit_batch(
+        self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float, route: int = ROUTE_STABLE
+    ) -> None:
+        """Queue a batch's images in chunks of ``batch_size`` (``route``: which models answer them,
+        see ``messages.WorkItem``); never blocks."""
         with self._cond:
             if not self._started or self._stopping:
                 raise PipelineError("the pipeline is not running")
-            self._ledger.add_batch(batch_id, file, images, deadline, time.monotonic())
+            self._ledger.add_batch(batch_id, file, images, deadline, time.monotonic(), route)
             self._dispatch()
 
     def refile(self, batch_id: str, file: FileRef) -> bool:
@@ -161,12 +171,7 @@ class PipelinePool:
         """Move every worker to ``options`` without losing or failing an image (``supervisor.rollout``;
         blocking: off the loop); the models now served. ``ReloadRefused``: nothing changed."""
         self._not_on_loop("reload")
-        if not self.reload_lock.acquire(blocking=False):
-            raise ReloadRefused("another model change is under way; retry when it is done")
-        try:
-            return roll(self, options, timeout)
-        finally:
-            self.reload_lock.release()
+        return roll(self, options, timeout)
 
     @property
     def options(self) -> WorkerOptions:
@@ -275,6 +280,7 @@ class PipelinePool:
 
     def _handle(self, worker: WorkerProcess, message: Any) -> None:
         deliveries: list[ImageOutcome | None] = []
+        shadow: ShadowDone | None = None
         with self._cond:
             if isinstance(message, ItemDone):
                 deliveries += [self._ledger.resolve(outcome) for outcome in message.outcomes]
@@ -285,8 +291,9 @@ class PipelinePool:
                 self._dispatch()
             elif isinstance(message, WorkerReady):
                 worker.ready, worker.models, worker.catalog = True, message.models, message.catalog
+                worker.candidate = message.candidate
                 if worker.options == self._options:  # not a candidate of a model change (yet)
-                    self.models, self.catalog = message.models, message.catalog
+                    self.models, self.catalog, self.candidate = message.models, message.catalog, message.candidate
                 self._setup_failures[worker.slot] = 0
                 log.info("worker %d (pid %d) is ready", worker.slot, message.pid)
                 self._dispatch()
@@ -296,7 +303,11 @@ class PipelinePool:
                 if not self._started:
                     self._start_failure = self._start_failure or worker.setup_error
                 self._cond.notify_all()
+            elif isinstance(message, ShadowDone) and self._on_shadow is not None:
+                shadow = message
         self._deliver(deliveries)
+        if shadow is not None and self._on_shadow is not None:
+            self._on_shadow(shadow)
         if isinstance(message, WorkerReady):
             self._report_health()
 
@@ -327,19 +338,9 @@ class PipelinePool:
     def _stop_overrunning(self, now: float) -> None:
         """Kill a worker that has been on one chunk for longer than ``max_chunk_seconds`` (a hostile
         or pathological image): its death hands the chunk back like any other death."""
-        victims = []
         with self._cond:
-            for w in self._slots:
-                if w is None or not w.ready or w.overran or w.current.value not in w.held:
-                    continue
-                if w.running[0] != w.current.value:
-                    w.running = (w.current.value, now)
-                elif now - w.running[1] > self._max_chunk_s:
-                    w.overran = True
-                    victims.append(w)
+            victims = overrunning(self._slots, now, self._max_chunk_s)
         for w in victims:
-            log.warning("worker %d (pid %s) has been on chunk %d for over %.0f s: replacing it",
-                        w.slot, w.process.pid, w.running[0], self._max_chunk_s)  # fmt: skip
             with contextlib.suppress(OSError):
                 w.process.kill()
 

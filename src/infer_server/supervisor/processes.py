@@ -46,6 +46,7 @@ class WorkerProcess:
     overran: bool = False  # stopped by the watcher: a chunk ran past max_chunk_seconds
     options: Any = None  # the WorkerOptions it was spawned with
     models: tuple[tuple[str, str], ...] = ()  # what it loaded (from its WorkerReady)
+    candidate: tuple[tuple[str, str], ...] = ()  # the candidate beside it, if any
     catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # the repository it saw
     retiring: bool = False  # takes no more chunks and stops after those it holds (a model change)
 
@@ -65,6 +66,23 @@ def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:
     if worker.overran:
         return f"took longer than {max_chunk_s:.0f} s to process"
     return PIPELINE_FAILED if code == FAILED_EXIT else CRASHED
+
+
+def overrunning(slots: list[WorkerProcess | None], now: float, max_chunk_s: float) -> list[WorkerProcess]:
+    """The workers on one chunk for longer than ``max_chunk_s`` (each marked ``overran`` and logged
+    once); called by the pool's watcher under the pool's lock, every pass."""
+    victims = []
+    for w in slots:
+        if w is None or not w.ready or w.overran or w.current.value not in w.held:
+            continue
+        if w.running[0] != w.current.value:
+            w.running = (w.current.value, now)
+        elif now - w.running[1] > max_chunk_s:
+            w.overran = True
+            victims.append(w)
+            log.warning("worker %d (pid %s) has been on chunk %d for over %.0f s: replacing it",
+                        w.slot, w.process.pid, w.running[0], max_chunk_s)  # fmt: skip
+    return victims
 
 
 def end_processes(workers: list[WorkerProcess], deadline: float) -> None:

@@ -43,13 +43,21 @@ def roll(pool: PipelinePool, options: WorkerOptions, timeout: float) -> tuple[tu
     """Move every worker of ``pool`` to ``options``; the models now served. ``ReloadRefused`` if
     the candidate does not load (nothing changed), ``TimeoutError`` if a step overran ``timeout``
     (the change is then under way: restarts use the new options)."""
-    deadline = time.monotonic() + timeout
+    if not pool.reload_lock.acquire(blocking=False):
+        raise ReloadRefused("another model change is under way; retry when it is done")
+    try:
+        return _roll(pool, options, time.monotonic() + timeout)
+    finally:
+        pool.reload_lock.release()
+
+
+def _roll(pool: PipelinePool, options: WorkerOptions, deadline: float) -> tuple[tuple[str, str], ...]:
     with pool._cond:
         before = {id(w) for w in pool._slots if w is not None}
     candidate = _candidate(pool, options, deadline)
     with pool._cond:
         pool._options = options
-        pool.models, pool.catalog = candidate.models, candidate.catalog
+        pool.models, pool.catalog, pool.candidate = candidate.models, candidate.catalog, candidate.candidate
     for slot in range(pool.num_workers):
         with pool._cond:
             old = pool._slots[slot]
