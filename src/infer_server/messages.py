@@ -183,6 +183,7 @@ class ImageOutcome:
     cached: bool = False  # answered from the front's result cache: no decode or inference ran
     digest: bytes = b""  # BLAKE2b-128 of the bytes the worker read (WorkerOptions.digest_images)
     models: tuple[tuple[str, str], ...] = ()  # (name, version) of the models that answered
+    input_stats: tuple[float, ...] = ()  # brightness, contrast of the decoded image (drift watch)
 
     @classmethod
     def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:
@@ -197,6 +198,7 @@ class WorkerReady:
     pid: int
     models: tuple[tuple[str, str], ...] = field(default=())  # (model name, version)
     candidate: tuple[tuple[str, str], ...] = field(default=())  # the candidate pipeline's, if one is loaded
+    profile: str = ""  # the detector's reference profile (profile.json), for the drift watch
     catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = field(default=())  # (name, kind, versions on disk)
 
 

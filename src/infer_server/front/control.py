@@ -5,7 +5,7 @@ each model is pinned to and which attribute models are unloaded, and turns every
 ``WorkerOptions`` that the pool moves its workers to one at a time (``PipelinePool.reload``, in a
 thread; ``supervisor.rollout`` says how nothing is lost). The workers are the judges of a
 version: the front never opens a model (``tests/unit/test_boundaries.py``), it learns the repository
-from what the workers report (``PipelinePool.catalog``, ``PipelinePool.models``).
+from what the workers report (``PipelinePool.report``, ``PipelinePool.models``).
 
 Who may change models: ``--model-control explicit`` (the default) and a caller named in
 ``--control-callers``; every change leaves an audit line. ``--repository-poll-s`` reads the
@@ -107,7 +107,7 @@ class ModelControl:
     def route(self) -> int:
         """Which models answer the next batch: a draw against the trial's shares (on the loop)."""
         chosen = self.chosen
-        if chosen.trial is None or not self.pool.candidate:
+        if chosen.trial is None or not self.pool.report.candidate:
             return ROUTE_STABLE
         draw = random.random()
         return ROUTE_CANARY if draw < chosen.canary else ROUTE_SHADOW if draw < chosen.canary + chosen.shadow else 0
@@ -124,7 +124,7 @@ class ModelControl:
         """The models the workers reported, with the version directories on disk now (added since
         the workers last read the repository; a listing, never a parse: the workers judge them)."""
         listed = []
-        for name, kind, versions in self.pool.catalog:
+        for name, kind, versions in self.pool.report.catalog:
             try:
                 found = {d for d in os.listdir(self.pool.repo_dir / name) if _VERSION.fullmatch(d)}
                 found = {d for d in found if (self.pool.repo_dir / name / d / "model.onnx").is_file()}

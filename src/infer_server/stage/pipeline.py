@@ -134,6 +134,12 @@ class VisionPipeline:
         entries = (self.repo.detector, *self.repo.classifiers)
         return tuple((e.config.name, e.config.version) for e in entries)
 
+    @property
+    def profile(self) -> str:
+        """The detector's reference profile (``profile.json`` beside its model file), or ""."""
+        path = self.repo.detector.directory / "profile.json"
+        return path.read_text() if path.is_file() else ""
+
     def warm_up(self) -> None:
         """One pass through every stage and every model (first runs allocate and tune)."""
         w, h = self.input_spec.width, self.input_spec.height
@@ -183,6 +189,7 @@ class VisionPipeline:
         t3 = time.perf_counter()
         attributes, crop_ms, attr_ms = self._attributes(batch.originals, sizes, dets)
         decode_ms, detector_ms, post_ms = np.array([t1 - t0, t2 - t1, t3 - t2]) * 1e3 / n
+        stats = batch.stats.tolist()
         for k, pos in enumerate(batch.ok):
             ref = good[pos][0]
             timings = (
@@ -194,6 +201,7 @@ class VisionPipeline:
                 batch_id=batch_id, index=ref.index, name=ref.name, width=sizes[k][0], height=sizes[k][1],
                 detections=self._records(dets[k], attributes[k]),
                 timings_ms=tuple((stage, float(ms)) for stage, ms in timings), worker=self.worker_id,
+                input_stats=tuple(stats[k]),
             )  # fmt: skip
 
     def _rejected(self, batch_id: str, ref: ImageRef, reason: str) -> ImageOutcome:

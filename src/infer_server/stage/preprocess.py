@@ -159,8 +159,9 @@ def _dali_device(device: str) -> tuple[str, int | None]:
 @pipeline_def(exec_dynamic=True)
 def detector_pipeline(
     device: str, width: int, height: int, color: str, mean: list[float], std: list[float]
-) -> tuple[Any, Any, Any]:
-    """Encoded bytes → (CHW float32 detector input, decoded HWC uint8 original, its shape)."""
+) -> tuple[Any, Any, Any, Any]:
+    """Encoded bytes → (CHW float32 detector input, decoded HWC uint8 original, its shape,
+    [brightness, contrast])."""
     encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=True)
     decoded = fn.decoders.image(
         encoded,
@@ -169,7 +170,11 @@ def detector_pipeline(
     )
     resized = fn.resize(decoded, resize_x=width, resize_y=height, interp_type=types.INTERP_LINEAR, antialias=True)
     tensor = fn.crop_mirror_normalize(resized, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-    return tensor, decoded, decoded.shape()
+    # Brightness and contrast (mean and standard deviation of the resized pixels, 0..255): what the
+    # server's drift watch compares with the model's reference profile (``infer_server.profile``).
+    brightness = fn.reductions.mean(resized, dtype=types.FLOAT)
+    stats = fn.stack(brightness, fn.reductions.std_dev(resized, brightness))
+    return tensor, decoded, decoded.shape(), stats
 
 
 @pipeline_def(exec_dynamic=True)
@@ -211,6 +216,7 @@ class DecodedBatch:
     originals: list[Any]  # decoded HWC uint8 images (DALI tensors on the pipeline's device)
     sizes: list[tuple[int, int]]  # (width, height) of each decoded original
     ok: list[int]  # positions in the input list
+    stats: Any = None  # [n, 2] float32: brightness and contrast of each (see ``detector_pipeline``)
     errors: dict[int, str] = field(default_factory=dict)  # position → reason
     keepalive: list[Any] = field(default_factory=list, repr=False)  # owners of ``originals``
 
@@ -241,11 +247,11 @@ class DetectorPreprocessor:
     def run(self, encoded: Sequence[bytes | memoryview]) -> DecodedBatch:
         """Decode ``encoded`` (at most ``batch_size`` images that passed ``check_image``)."""
         if not encoded:
-            return DecodedBatch(np.empty((0,)), [], [], [])
+            return DecodedBatch(np.empty((0,)), [], [], [], np.empty((0, 2), np.float32))
         if len(encoded) > self.batch_size:
             raise ValueError(f"{len(encoded)} images exceed the pipeline batch size {self.batch_size}")
         try:
-            tensor, decoded, shapes = self._run(encoded)
+            tensor, decoded, shapes, stats = self._run(encoded)
         except Exception:  # DALI fails the whole batch for one bad image: find it
             return self._run_one_by_one(encoded)
         dims = _host(shapes)
@@ -254,15 +260,16 @@ class DetectorPreprocessor:
             [decoded[i] for i in range(len(encoded))],
             [(int(d[1]), int(d[0])) for d in dims],
             list(range(len(encoded))),
+            _host(stats),
             keepalive=[decoded],
         )
 
     def _run_one_by_one(self, encoded: Sequence[bytes | memoryview]) -> DecodedBatch:
         out = DecodedBatch(None, [], [], [])
-        tensors = []
+        tensors, stats = [], []
         for pos, data in enumerate(encoded):
             try:
-                tensor, decoded, shapes = self._run([data])
+                tensor, decoded, shapes, image_stats = self._run([data])
             except Exception as exc:
                 if _DECODER_OP not in str(exc):
                     raise  # not the image's fault (e.g. out of memory): the chunk fails as a whole
@@ -270,11 +277,13 @@ class DetectorPreprocessor:
                 continue
             d = _host(shapes)[0]
             tensors.append(_host(tensor))  # the rare path: assemble the batch on the host
+            stats.append(_host(image_stats))
             out.originals.append(decoded[0])
             out.keepalive.append(decoded)
             out.sizes.append((int(d[1]), int(d[0])))
             out.ok.append(pos)
         out.tensor = np.concatenate(tensors) if tensors else np.empty((0,))
+        out.stats = np.concatenate(stats) if stats else np.empty((0, 2), np.float32)
         return out
 
 

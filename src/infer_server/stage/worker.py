@@ -352,7 +352,9 @@ def run_worker(
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
     trial = candidate.models if candidate is not None else ()
-    results.send(WorkerReady(worker_id, os.getpid(), pipeline.models, candidate=trial, catalog=catalog))
+    profile = pipeline.profile if isinstance(pipeline, VisionPipeline) else ""
+    ready = WorkerReady(worker_id, os.getpid(), pipeline.models, candidate=trial, catalog=catalog, profile=profile)
+    results.send(ready)
     code = None
     try:
         worker = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib,

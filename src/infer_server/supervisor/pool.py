@@ -117,8 +117,7 @@ class PipelinePool:
         self._setup_failures: collections.Counter[int] = collections.Counter()
         self._started = self._stopping = self._closed = False
         self.models: tuple[tuple[str, str], ...] = ()  # (name, version) of what the workers loaded
-        self.candidate: tuple[tuple[str, str], ...] = ()  # and of the candidate beside it, if any
-        self.catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # every model and its versions on disk
+        self.report = WorkerReady(-1, 0)  # their report: the repository's catalog, the candidate, the profile
         self.reload_lock = threading.Lock()  # one model change at a time (``supervisor.rollout``)
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
@@ -290,10 +289,9 @@ class PipelinePool:
                     deliveries += self._ledger.fail(chunk, Code.INTERNAL, "pipeline error")
                 self._dispatch()
             elif isinstance(message, WorkerReady):
-                worker.ready, worker.models, worker.catalog = True, message.models, message.catalog
-                worker.candidate = message.candidate
+                worker.ready, worker.report = True, message
                 if worker.options == self._options:  # not a candidate of a model change (yet)
-                    self.models, self.catalog, self.candidate = message.models, message.catalog, message.candidate
+                    self.models, self.report = message.models, message
                 self._setup_failures[worker.slot] = 0
                 log.info("worker %d (pid %d) is ready", worker.slot, message.pid)
                 self._dispatch()

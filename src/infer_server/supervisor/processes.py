@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from infer_server.messages import FAILED_EXIT, RETIRED_EXIT, STOP
+from infer_server.messages import FAILED_EXIT, RETIRED_EXIT, STOP, WorkerReady
 from infer_server.supervisor.channels import Inbox
 from infer_server.supervisor.ledger import CRASHED, PIPELINE_FAILED, Chunk
 
@@ -45,10 +45,12 @@ class WorkerProcess:
     running: tuple[int, float] = (0, 0.0)  # the chunk it is on, and since when (as the watcher saw it)
     overran: bool = False  # stopped by the watcher: a chunk ran past max_chunk_seconds
     options: Any = None  # the WorkerOptions it was spawned with
-    models: tuple[tuple[str, str], ...] = ()  # what it loaded (from its WorkerReady)
-    candidate: tuple[tuple[str, str], ...] = ()  # the candidate beside it, if any
-    catalog: tuple[tuple[str, str, tuple[str, ...]], ...] = ()  # the repository it saw
+    report: WorkerReady | None = None  # what it loaded and saw, once READY
     retiring: bool = False  # takes no more chunks and stops after those it holds (a model change)
+
+    @property
+    def models(self) -> tuple[tuple[str, str], ...]:
+        return self.report.models if self.report is not None else ()
 
 
 def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:

@@ -57,7 +57,8 @@ def _roll(pool: PipelinePool, options: WorkerOptions, deadline: float) -> tuple[
     candidate = _candidate(pool, options, deadline)
     with pool._cond:
         pool._options = options
-        pool.models, pool.catalog, pool.candidate = candidate.models, candidate.catalog, candidate.candidate
+        assert candidate.report is not None
+        pool.models, pool.report = candidate.models, candidate.report
     for slot in range(pool.num_workers):
         with pool._cond:
             old = pool._slots[slot]
