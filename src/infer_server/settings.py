@@ -124,10 +124,11 @@ class ServerSettings(BaseSettings):
         description="explicit: callers named in --control-callers may load, unload and roll back models over the "
         "ModelControlService; none: the models change only with a restart (listing stays open).",
     )
-    control_callers: str = Field(
-        default="anonymous",
-        description="Comma-separated identities that may change models. 'anonymous' is every caller of a server "
-        "without credentials; with a tokens file or mutual TLS, name the operators' identities.",
+    control_callers: str | None = Field(
+        default=None,
+        description="Comma-separated identities that may change models. Default: 'anonymous' (every caller of a "
+        "server without credentials) when the server listens on loopback only, else nobody; with a tokens file "
+        "or mutual TLS, name the operators' identities.",
     )
     repository_poll_s: float | None = Field(
         default=None, gt=0,
@@ -276,6 +277,12 @@ class ServerSettings(BaseSettings):
         """The staging directory, always set after validation."""
         assert self.staging_dir is not None
         return self.staging_dir
+
+    def operators(self) -> frozenset[str]:
+        """The identities that may change models (``control_callers`` or its default)."""
+        if self.control_callers is not None:
+            return frozenset(c.strip() for c in self.control_callers.split(",") if c.strip())
+        return frozenset({"anonymous"}) if is_loopback(self.host) else frozenset()
 
     def worker_options(self) -> WorkerOptions:
         """What every stage worker is told at spawn."""

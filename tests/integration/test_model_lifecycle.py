@@ -5,6 +5,8 @@ repository is followed without a call."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -96,6 +98,7 @@ class Load:
 def test_a_reload_under_load_answers_every_image_once_and_health_stays_serving(server: RunningServer) -> None:
     with server.client() as admin:
         assert serving(admin)["color"] == "2"
+        blips = metrics().get('infer_health_changes_total{status="NOT_SERVING"}', 0.0)
         with Load(server) as load:
             admin.models.load("color", "1")
             assert serving(admin)["color"] == "1"
@@ -105,6 +108,7 @@ def test_a_reload_under_load_answers_every_image_once_and_health_stays_serving(s
         assert all(ok for _, _, ok, _ in load.results), "a model change failed no image"
         assert {v for _, _, _, v in load.results} == {"1", "2"}, "both versions answered while they served"
         assert load.statuses and set(load.statuses) == {health_pb2.HealthCheckResponse.SERVING}
+        assert metrics().get('infer_health_changes_total{status="NOT_SERVING"}', 0.0) == blips, "not even a blip"
         listed = {m.name: m for m in admin.models.list()}
         assert (listed["color"].version, listed["color"].pinned, listed["color"].previous) == ("2", "2", "1")
 
@@ -149,6 +153,7 @@ def test_a_version_that_does_not_load_is_refused_and_the_old_one_serves(
         assert "refused" in str(refused.value) and why in str(refused.value)
         assert str(repo) not in str(refused.value), "the repository's place on the host does not show"
         assert serving(client) == before, "the serving version serves on"
+        assert len(server.worker_pids()) == 2, "the extra worker that tried is gone"
         assert [m.last_error for m in client.models.list() if m.name == "color"][0], "the reason is listed"
         results = client.detect(JPEGS)
     assert all(r.ok and r.model_versions["color"] == before["color"] for r in results)
@@ -260,3 +265,42 @@ def test_the_cli_lists_loads_and_rolls_back(server: RunningServer) -> None:
     assert code == 0 and changed["color"]["version"] != "1"
     refused = subprocess.run([*cli, "unload", "detector", "-s", server.address], capture_output=True, text=True)
     assert refused.returncode == 2 and "FAILED_PRECONDITION" in refused.stderr
+
+
+def test_a_change_whose_call_is_cancelled_is_still_made_and_recorded(server: RunningServer) -> None:
+    with server.client() as client:
+        with pytest.raises(InferError) as cut:
+            client.models.load("color", "1", timeout=0.3)  # a change takes seconds
+        assert cut.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(2000):  # each answer is a wait: the change goes on without its caller
+            if [m.pinned for m in client.models.list() if m.name == "color"] == ["1"]:
+                break
+            client.detect(JPEGS[:1])
+        listed = {m.name: m for m in client.models.list()}
+        assert (listed["color"].version, listed["color"].previous) == ("1", "2"), "made and recorded"
+        client.models.rollback("color")
+    log = server.log_path.read_text()
+    assert '"event":"model load started"' in log and '"event":"model load","model":"color"' in log
+
+
+def test_a_change_an_old_worker_does_not_make_way_for_is_made_and_said_so(model_repo_dir: Path) -> None:
+    """Finding: a timed-out change left its extra worker serving for good, on options the caller
+    was told were refused."""
+    with running_server(model_repo_dir, "--null-model", "--reload-timeout-s", "5", workers=2) as server:
+        old = server.worker_pids()
+        for pid in old:
+            os.kill(pid, signal.SIGSTOP)  # frozen: they never take the stop marker
+        try:
+            with server.client() as client, pytest.raises(InferError) as slow:
+                client.models.load()
+        finally:
+            for pid in old:
+                os.kill(pid, signal.SIGCONT)
+        assert slow.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "is made" in str(slow.value)
+        with server.client() as client:
+            assert all(r.ok for r in client.detect(JPEGS))
+            for _ in range(2000):  # the thawed worker goes and is replaced; nothing else stays
+                if len(server.worker_pids()) == 2 and not set(server.worker_pids()) & {old[0]}:
+                    break
+                client.detect(JPEGS[:1])
+        assert len(server.worker_pids()) == 2

@@ -88,4 +88,6 @@ def test_client_certificates_and_anonymous_callers() -> None:
     assert certificates.identify(Call(common_name=b"camera-7")) == Identity("camera-7", OWNERS)
     with pytest.raises(Unauthenticated):
         certificates.identify(Call())
+    with pytest.raises(Unauthenticated, match="reserved"):  # it would pass for the anonymous callers' rights
+        certificates.identify(Call(common_name=ANONYMOUS.encode()))
     assert Authenticator(None, False, OWNERS).identify(Call()) == Identity(ANONYMOUS, OWNERS)

@@ -101,3 +101,11 @@ def test_refile_moves_only_batches_no_worker_holds() -> None:
     for i in range(6):
         ledger.resolve(ok(i))
     assert not ledger.refile("b", moved), "every image answered: nothing left to move"
+
+
+def test_refile_without_a_file_only_asks() -> None:
+    ledger = ledger_with(4)
+    before = [c.item.file for c in ledger.pending]
+    assert ledger.refile("b", None) and [c.item.file for c in ledger.pending] == before
+    ledger.pending.popleft()  # in a worker's hands now
+    assert not ledger.refile("b", None)

@@ -26,6 +26,13 @@ def test_anonymous_callers_of_a_server_without_credentials_may_change_models() -
     control().check_caller(caller("anonymous"))
 
 
+def test_off_loopback_nobody_may_unless_named() -> None:
+    """A plaintext server on the network (--insecure) must not let every peer swap its models."""
+    with pytest.raises(PermissionDeniedError):
+        control(host="0.0.0.0", insecure=True).check_caller(caller("anonymous"))
+    control(host="0.0.0.0", insecure=True, control_callers="anonymous").check_caller(caller("anonymous"))
+
+
 def test_with_identities_only_the_named_callers_may() -> None:
     named = control(control_callers="alice, carol")
     named.check_caller(caller("alice"))

@@ -63,3 +63,13 @@ def test_no_spill_directory_no_demotion(tmp_path: Path) -> None:
         handoff.remove_staging_dir()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_a_released_batch_is_not_copied(tiers: tuple[Handoff, Path, Path]) -> None:
+    """Its descriptor's number may already name another batch's file: the copy would take those bytes."""
+    handoff, _, spill = tiers
+    staged = handoff.stage_inline(b"x" * 100, (ImageRef(0, 0, 100),))
+    handoff.release(staged)
+    with pytest.raises(FileNotFoundError):
+        handoff.demote(staged)
+    assert os.listdir(spill) == []

@@ -25,10 +25,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infer_server.front import audit
-from infer_server.front.errors import InvalidBatch, PermissionDeniedError, Refused, UnknownModel
+from infer_server.front.errors import (
+    Busy,
+    Incomplete,
+    InvalidBatch,
+    PermissionDeniedError,
+    Refused,
+    Unavailable,
+    UnknownModel,
+)
 from infer_server.front.identity import Identity
 from infer_server.messages import ROUTE_CANARY, ROUTE_SHADOW, ROUTE_STABLE, Agreement, ShadowDone
-from infer_server.supervisor.rollout import ReloadRefused
+from infer_server.supervisor.rollout import ReloadIncomplete, ReloadRefused
 
 if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
@@ -80,7 +88,7 @@ class ModelControl:
         self.server = server
         settings = server.settings
         self.enabled = settings.model_control == "explicit"
-        self.callers = frozenset(c.strip() for c in settings.control_callers.split(",") if c.strip())
+        self.callers = settings.operators()
         self.timeout_s = settings.reload_timeout_s
         self.chosen = Choices()
         self.agreement = Agreement()  # what the trial's shadow runs found
@@ -88,11 +96,16 @@ class ModelControl:
         self.previous: dict[str, str] = {}  # model → the version that served before its last change
         self.errors: dict[str, str] = {}  # model → why its last change was refused
         self._lock = asyncio.Lock()  # one change at a time (the pool refuses a second anyway)
+        self._changes: set[asyncio.Future[None]] = set()  # running on even if their caller went
 
     @property
     def pool(self) -> PipelinePool:
-        assert self.server.pool is not None
+        if self.server.pool is None:
+            raise Unavailable("the server is starting; retry when it serves")
         return self.server.pool
+
+    def may_change(self, identity: Identity) -> bool:
+        return self.enabled and identity.name in self.callers
 
     def check_caller(self, identity: Identity) -> None:
         if not self.enabled:
@@ -222,9 +235,19 @@ class ModelControl:
     ) -> None:
         """Apply ``choose`` to a copy of the choices and move the workers there when what they load
         changes (a new share alone does not) or ``reread`` says the repository is to be read
-        again; on refusal nothing changes and the reason is kept for ``ListModels``."""
+        again; on refusal nothing changes and the reason is kept for ``ListModels``. The change
+        runs to its end even if the call that asked for it is cancelled or overruns its deadline:
+        what it did is recorded and audited all the same."""
         if self._lock.locked():
-            raise Refused("another model change is under way; retry when it is done")
+            raise Busy("another model change is under way; retry when it is done")
+        change = asyncio.ensure_future(self._apply(choose, name, who, action, reread, details))
+        self._changes.add(change)
+        change.add_done_callback(self._changes.discard)
+        await asyncio.shield(change)
+
+    async def _apply(
+        self, choose: Callable[[Choices], None], name: str, who: str, action: str, reread: bool, details: dict[str, Any]
+    ) -> None:
         async with self._lock:
             chosen = self.chosen.copy()
             choose(chosen)
@@ -236,24 +259,37 @@ class ModelControl:
                 self.pool.options, pins=tuple(sorted({**kept, **chosen.pins}.items())),
                 unloaded=tuple(sorted(chosen.unloaded)), candidate=(chosen.trial,) if chosen.trial else (),
             )  # fmt: skip
+            incomplete = ""
             if options != self.pool.options or reread:
+                audit.control(f"model {action} started", model=name or None, caller=who, **details)
                 try:
                     await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
-                except (ReloadRefused, TimeoutError) as exc:
+                except ReloadRefused as exc:
                     why = self._redacted(str(exc))
                     self.errors[name or "*"] = why
                     audit.control(f"model {action} refused", model=name or None, caller=who, reason=why, **details)
                     raise Refused(f"{action} of {name or 'the repository'} refused: {why}") from None
-            if chosen.trial != self.chosen.trial:
-                self.agreement, self.shadow_skipped = Agreement(), 0
-            self.chosen = chosen
-            after = self.serving()
-            for model, version in before.items():
-                if after.get(model) != version:
-                    self.previous[model] = version
-            self.errors.pop(name or "*", None)
-            self.server.key_cache_on_models()
-            audit.control(f"model {action}", model=name or None, caller=who, serving=after, **details)
+                except ReloadIncomplete as exc:
+                    incomplete = f"{exc}; it serves the old models until its chunks are done"
+            self._commit(chosen, before, name)
+            if incomplete:
+                self.errors[name or "*"] = incomplete
+            audit.control(f"model {action}", model=name or None, caller=who, serving=self.serving(),
+                          incomplete=incomplete or None, **details)  # fmt: skip
+            if incomplete:
+                raise Incomplete(f"{action} of {name or 'the repository'} is made, but {incomplete}")
+
+    def _commit(self, chosen: Choices, before: dict[str, str], name: str) -> None:
+        """The workers now run ``chosen``: remember it, and what each changed model served before."""
+        if chosen.trial != self.chosen.trial:
+            self.agreement, self.shadow_skipped = Agreement(), 0
+        self.chosen = chosen
+        after = self.serving()
+        for model, version in before.items():
+            if after.get(model) != version:
+                self.previous[model] = version
+        self.errors.pop(name or "*", None)
+        self.server.key_cache_on_models()
 
     def _redacted(self, reason: str) -> str:
         """A worker's reason without the repository's place on the host (every caller may list it)."""
@@ -271,9 +307,11 @@ class ModelControl:
             now = await asyncio.to_thread(repository_fingerprint, root)
             if now == seen:
                 continue
-            seen = now
             log.info("the model repository changed: moving the workers to what it holds")
             try:
                 await self.reread()
-            except Refused as exc:
-                log.warning("%s; the serving models serve on", exc.message)
+            except Busy:
+                continue  # another change was under way: try again on the next pass
+            except (Refused, Incomplete) as exc:
+                log.warning("%s", exc.message)
+            seen = now

@@ -6,6 +6,7 @@ operator (``ModelControl.check_caller``), and a refused one leaves an audit line
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +25,17 @@ if TYPE_CHECKING:
 CONTROL_SERVICE = infer_pb2.DESCRIPTOR.services_by_name["ModelControlService"].full_name
 
 
-def status(control: ModelControl) -> infer_pb2.ListModelsReply:
-    """Every model's state, as each call answers."""
+async def status(control: ModelControl, operator: bool) -> infer_pb2.ListModelsReply:
+    """Every model's state, as each call answers; why changes were refused only for an operator
+    (a worker's reason may name places on the host)."""
+    catalog = await asyncio.to_thread(control.catalog)  # lists the repository's directories
     serving, chosen, agreement = control.serving(), control.chosen, control.agreement
     reply = infer_pb2.ListModelsReply()
-    for name, kind, versions in control.catalog():
+    for name, kind, versions in catalog:
         model = reply.models.add(
             name=name, kind=kind, state="READY" if name in serving else "UNLOADED",
             version=serving.get(name, ""), versions=versions, pinned=chosen.pins.get(name, ""),
-            previous=control.previous.get(name, ""), last_error=control.errors.get(name, ""),
+            previous=control.previous.get(name, ""), last_error=control.errors.get(name, "") if operator else "",
         )  # fmt: skip
         if chosen.trial is not None and chosen.trial[0] == name:
             model.candidate, model.canary_share, model.shadow_share = chosen.trial[1], chosen.canary, chosen.shadow
@@ -77,32 +80,32 @@ class ModelControlServicer:
 
     @rpc_boundary
     async def ListModels(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
-        self._identify(context, "ListModels")
-        return status(self._control)
+        identity = self._identify(context, "ListModels")
+        return await status(self._control, self._control.may_change(identity))
 
     @rpc_boundary
     async def LoadModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
         await self._control.load(request.name, request.version, self._operator(context, "LoadModel"))
-        return status(self._control)
+        return await status(self._control, True)
 
     @rpc_boundary
     async def UnloadModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
         await self._control.unload(request.name, self._operator(context, "UnloadModel"))
-        return status(self._control)
+        return await status(self._control, True)
 
     @rpc_boundary
     async def RollbackModel(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
         await self._control.rollback(request.name, self._operator(context, "RollbackModel"))
-        return status(self._control)
+        return await status(self._control, True)
 
     @rpc_boundary
     async def SetCanary(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
         who = self._operator(context, "SetCanary")
         await self._control.trial(request.name, request.version, request.share, "canary", who)
-        return status(self._control)
+        return await status(self._control, True)
 
     @rpc_boundary
     async def SetShadow(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.ListModelsReply:
         who = self._operator(context, "SetShadow")
         await self._control.trial(request.name, request.version, request.share, "shadow", who)
-        return status(self._control)
+        return await status(self._control, True)

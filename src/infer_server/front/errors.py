@@ -81,6 +81,16 @@ class Refused(ServerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Busy(Refused):
+    """Another model change is under way."""
+
+
+class Incomplete(ServerError):
+    """A model change that is made (restarts load the new models) but did not finish in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Unavailable(ServerError):
     """The server is starting, draining or its pipeline is down."""
 

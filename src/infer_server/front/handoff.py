@@ -337,7 +337,14 @@ class Handoff:
         held like any batch file. Blocking: run it in a thread. The caller swaps it in for
         ``batch`` and releases the one it no longer uses (``front.upkeep``)."""
         spill = len(self.tiers) - 1
-        path, fd, st = self.tiers[spill].stage((batch.file.fd, batch.file.size))
+        with self._lock:  # a descriptor of its own: the batch may finish (and its number be reused) meanwhile
+            if self._batch_fds.get(batch.file.fd) is not batch:
+                raise FileNotFoundError(f"batch file {batch.path} was released")
+            source = os.dup(batch.file.fd)
+        try:
+            path, fd, st = self.tiers[spill].stage((source, batch.file.size))
+        finally:
+            os.close(source)
         with self._lock:
             self.staged_bytes[spill] += st.st_size
         file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)

@@ -154,4 +154,7 @@ class Authenticator:
         names = auth_context.get("x509_common_name") or ()
         if not names:  # a Unix-socket caller (no TLS there) or a certificate without a common name
             raise Unauthenticated("this server identifies callers by TLS client certificate; none was presented")
-        return Identity(names[0].decode("utf-8", "replace"), self._default_owners)
+        name = names[0].decode("utf-8", "replace")
+        if name == ANONYMOUS:  # the name of every caller of a server that asks for no credentials
+            raise Unauthenticated(f"a certificate may not name the reserved identity {ANONYMOUS!r}")
+        return Identity(name, self._default_owners)

@@ -106,6 +106,9 @@ class ServerMetrics:
                                 ["model", "version"], registry=r)  # fmt: skip
         self._compute_s = Counter("infer_model_compute_seconds", "Pipeline time of answered images (decode to "
                                   "attributes)", ["model", "version"], registry=r)  # fmt: skip
+        self._serving: bool | None = None
+        self._health_changes = Counter("infer_health_changes", "Changes of the health status, by the new status",
+                                       ["status"], registry=r)  # fmt: skip
         self._by_models: dict[tuple[tuple[str, str], ...], list[tuple[Any, Any, Any]]] = {}
         self._shadow = {
             field: Counter(f"infer_shadow_{field}", f"Shadow runs of the candidate: {field.replace('_', ' ')}",
@@ -113,6 +116,12 @@ class ServerMetrics:
             for field in ("images", "stable_detections", "candidate_detections", "matched", "labels_agree",
                           "attributes_compared", "attributes_agree", "skipped")  # fmt: skip
         }
+
+    def health(self, serving: bool) -> None:
+        """The health service's status, set: a change of it is counted (blips a watch may miss)."""
+        if serving != self._serving:
+            self._serving = serving
+            self._health_changes.labels("SERVING" if serving else "NOT_SERVING").inc()
 
     def batch_accepted(self, images: int) -> None:
         self._batches.inc()

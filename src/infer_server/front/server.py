@@ -346,6 +346,7 @@ class InferenceServer:
 
     async def _set_health(self, healthy: bool) -> None:
         status = _SERVING if healthy and self.accepting else _NOT_SERVING
+        self.metrics.health(status == _SERVING)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 

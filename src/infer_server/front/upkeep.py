@@ -79,11 +79,15 @@ class Upkeep:
         """Move the coldest staged batches to the disk tier until staging is under its mark."""
         moved = 0
         for batch in self.server.registry.staged_batches(tier=0)[:MAX_DEMOTIONS]:
-            old = batch.file
+            old, pool = batch.file, self.server.pool
             if old is None or batch.finished_at is not None or not self.handoff.over_mark():
                 continue
+            if pool is None or not pool.refile(batch.batch_id, None):
+                continue  # a worker holds a chunk of it: it is being read now, no use moving it
             try:
                 new = await asyncio.to_thread(self.handoff.demote, old)
+            except FileNotFoundError:
+                continue  # it finished meanwhile
             except OSError as exc:
                 log.warning("could not move a staged batch to the spill directory: %s", exc)
                 return moved

@@ -163,7 +163,7 @@ class ModelRepository(_Strict):
         if not root.is_dir():
             raise ValueError(f"model repository {root} is not a directory")
         entries = [_entry(p, pins) for p in sorted(root.glob("*/config.yaml"))]
-        missing = sorted(set(pins) | (set(unloaded) - {e.config.name for e in entries}))
+        missing = sorted(pins)  # an unloaded model that is gone from disk is simply not loaded
         if missing:
             raise ValueError(f"{root}: no model named {', '.join(missing)}")
         detectors = [e for e in entries if e.config.kind == "detector"]
@@ -229,6 +229,8 @@ def _entry(cfg_path: Path, pins: dict[str, str]) -> ModelEntry:
     policy makes available among the numbered version directories, or the one ``pins`` names
     (taken out of ``pins``)."""
     config, directory = _config(cfg_path), cfg_path.parent
+    if config.name != directory.name:  # the name callers, pins and results use is the directory's
+        raise ValueError(f"{cfg_path}: name {config.name!r} is not its directory's ({directory.name!r})")
     pin = pins.pop(config.name, None)
     versions = _numbered(directory)
     if (directory / "model.onnx").is_file():

@@ -317,6 +317,33 @@ def _check_memory_bound(options: WorkerOptions) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
 
+def _set_up(
+    worker_id: int, repo_dir: str, options: WorkerOptions
+) -> tuple[VisionPipeline | NullPipeline, VisionPipeline | None, WorkerReady]:
+    """Load the models (and the candidate beside them, if one is under trial), warm them up and
+    check the memory bound; the pipelines and the report to send. Raises what went wrong."""
+    # Heavy imports only after limit_threads.
+    from infer_server.stage.model_repo import ModelRepository
+    from infer_server.stage.pipeline import NullPipeline, VisionPipeline
+
+    pipeline: VisionPipeline | NullPipeline
+    if options.null_model:
+        pipeline = NullPipeline(options, worker_id)
+    else:
+        pipeline = VisionPipeline.load(repo_dir, options, worker_id)
+    pipeline.warm_up()
+    candidate = None
+    if options.candidate and isinstance(pipeline, VisionPipeline):
+        candidate = pipeline.candidate(repo_dir, options)
+        candidate.warm_up()
+    _check_memory_bound(options)
+    catalog = () if options.null_model else ModelRepository.catalog(repo_dir)
+    trial = candidate.models if candidate is not None else ()
+    profile = pipeline.profile if isinstance(pipeline, VisionPipeline) else ""
+    ready = WorkerReady(worker_id, os.getpid(), pipeline.models, candidate=trial, catalog=catalog, profile=profile)
+    return pipeline, candidate, ready
+
+
 def run_worker(
     worker_id: int, repo_dir: str, options: WorkerOptions, inbox: Connection, results: Connection, stop: Event,
     current: Any = None,
@@ -331,29 +358,11 @@ def run_worker(
     )
     _exit_with_parent()
     try:
-        # Heavy imports only after limit_threads.
-        from infer_server.stage.model_repo import ModelRepository
-        from infer_server.stage.pipeline import NullPipeline, VisionPipeline
-
-        pipeline: VisionPipeline | NullPipeline
-        if options.null_model:
-            pipeline = NullPipeline(options, worker_id)
-        else:
-            pipeline = VisionPipeline.load(repo_dir, options, worker_id)
-        pipeline.warm_up()
-        candidate = None
-        if options.candidate and isinstance(pipeline, VisionPipeline):
-            candidate = pipeline.candidate(repo_dir, options)
-            candidate.warm_up()
-        _check_memory_bound(options)
-        catalog = () if options.null_model else ModelRepository.catalog(repo_dir)
+        pipeline, candidate, ready = _set_up(worker_id, repo_dir, options)
     except Exception as exc:
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
-    trial = candidate.models if candidate is not None else ()
-    profile = pipeline.profile if isinstance(pipeline, VisionPipeline) else ""
-    ready = WorkerReady(worker_id, os.getpid(), pipeline.models, candidate=trial, catalog=catalog, profile=profile)
     results.send(ready)
     code = None
     try:

@@ -63,15 +63,17 @@ class ChunkLedger:
             self._open[(chunk.item.batch_id, index)] = chunk.item.item_id
         (self.pending.appendleft if front else self.pending.append)(chunk)
 
-    def refile(self, batch_id: str, file: FileRef) -> bool:
+    def refile(self, batch_id: str, file: FileRef | None) -> bool:
         """Point every open chunk of ``batch_id`` at ``file`` (the same bytes, moved), if none of
-        them is in a worker's hands; False (nothing changed) otherwise, or if none is open."""
+        them is in a worker's hands; False (nothing changed) otherwise, or if none is open.
+        ``file`` None only asks whether it could."""
         chunks = [c for c in self._chunks.values() if c.item.batch_id == batch_id]
         waiting = {id(c) for c in self.pending}
         if not chunks or any(id(c) not in waiting for c in chunks):
             return False
         for chunk in chunks:
-            chunk.item = dataclasses.replace(chunk.item, file=file)
+            if file is not None:
+                chunk.item = dataclasses.replace(chunk.item, file=file)
         return True
 
     def resolve(self, outcome: ImageOutcome) -> ImageOutcome | None:

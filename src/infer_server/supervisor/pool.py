@@ -119,6 +119,7 @@ class PipelinePool:
         self.models: tuple[tuple[str, str], ...] = ()  # (name, version) of what the workers loaded
         self.report = WorkerReady(-1, 0)  # their report: the repository's catalog, the candidate, the profile
         self.reload_lock = threading.Lock()  # one model change at a time (``supervisor.rollout``)
+        self.standing_in: set[int] = set()  # extra slots restarted like any other (during a change)
         self._start_failure: str | None = None
         self._health_reported: bool | None = None
         self._watch_wakeup = Wakeup()
@@ -160,9 +161,9 @@ class PipelinePool:
             self._ledger.add_batch(batch_id, file, images, deadline, time.monotonic(), route)
             self._dispatch()
 
-    def refile(self, batch_id: str, file: FileRef) -> bool:
-        """Workers are to read ``batch_id``'s images from ``file`` (a copy elsewhere) from now on:
-        True if no chunk of it had been handed out yet, else False and nothing changed."""
+    def refile(self, batch_id: str, file: FileRef | None) -> bool:
+        """Workers are to read ``batch_id``'s images from ``file`` (a copy elsewhere; None: only ask)
+        from now on: True if no chunk of it had been handed out yet, else False and nothing changed."""
         with self._cond:
             return self._ledger.refile(batch_id, file)
 
@@ -343,12 +344,12 @@ class PipelinePool:
                 w.process.kill()
 
     def _spawn(self, slot: int, options: WorkerOptions | None = None) -> WorkerProcess | None:
-        """Start a worker in ``slot`` (``len(slots)``: an extra one, see ``supervisor.rollout``)
+        """Start a worker in ``slot`` (-1: an extra one, see ``supervisor.rollout``)
         with ``options`` (the pool's by default); None once the pool is stopping."""
         with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
-            if self._stop_event.is_set():
-                return None
-            options = options or self._options
+            if self._stop_event.is_set() or self.num_workers <= slot not in self.standing_in:
+                return None  # stopping, or the restart of an extra slot that was stood down since
+            options, slot = options or self._options, len(self._slots) if slot < 0 else slot
             child_inbox, inbox = self._ctx.Pipe(duplex=False)
             results, child_end = self._ctx.Pipe(duplex=False)
             current = self._ctx.RawValue("q", 0)
@@ -376,7 +377,7 @@ class PipelinePool:
                 return
             self._slots[worker.slot] = None
             self._cond.notify_all()  # a model change waits for slots to empty and refill
-            extra = worker.slot >= self.num_workers  # a model change's extra worker: never restarted
+            extra = worker.slot >= self.num_workers and worker.slot not in self.standing_in  # not restarted
             while len(self._slots) > self.num_workers and self._slots[-1] is None:
                 self._slots.pop()
             if not self._started:

@@ -15,7 +15,9 @@ on the pool's own state under its lock (``PipelinePool._cond``). One change at a
    marker that follows them. Its slot is refilled at once with the new options, and the next old
    worker goes only when that replacement is READY. The extra worker stands in for the one being
    replaced, so as many workers serve as before and health stays SERVING.
-3. **Done.** The extra worker retires the same way and its slot goes.
+   Should the extra worker die meanwhile, it is restarted like any other.
+3. **Done.** The extra worker retires the same way and its slot goes, also when a step overran the
+   change's timeout (``ReloadIncomplete``: the change is made, an old worker is slow to go).
 
 Chunks waiting in the ledger go to whichever worker takes them first; every result names the
 model versions that produced it.
@@ -24,6 +26,7 @@ model versions that produced it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -39,10 +42,15 @@ class ReloadRefused(RuntimeError):
     """The new models did not load; the serving ones serve on, unchanged."""
 
 
+class ReloadIncomplete(RuntimeError):
+    """The new models loaded and restarts load them, but a worker did not move in time (it still
+    serves the old ones until it finishes its chunks and stops)."""
+
+
 def roll(pool: PipelinePool, options: WorkerOptions, timeout: float) -> tuple[tuple[str, str], ...]:
     """Move every worker of ``pool`` to ``options``; the models now served. ``ReloadRefused`` if
-    the candidate does not load (nothing changed), ``TimeoutError`` if a step overran ``timeout``
-    (the change is then under way: restarts use the new options)."""
+    the candidate does not load (nothing changed), ``ReloadIncomplete`` if an old worker did not
+    make way within ``timeout`` (the change is made: restarts use the new options)."""
     if not pool.reload_lock.acquire(blocking=False):
         raise ReloadRefused("another model change is under way; retry when it is done")
     try:
@@ -55,25 +63,44 @@ def _roll(pool: PipelinePool, options: WorkerOptions, deadline: float) -> tuple[
     with pool._cond:
         before = {id(w) for w in pool._slots if w is not None}
     candidate = _candidate(pool, options, deadline)
+    # Every replacement loads exactly what the candidate loaded, whatever lands on disk meanwhile.
+    options = dataclasses.replace(options, pins=tuple(sorted({**dict(options.pins), **dict(candidate.models)}.items())))
     with pool._cond:
         pool._options = options
         assert candidate.report is not None
         pool.models, pool.report = candidate.models, candidate.report
-    for slot in range(pool.num_workers):
-        with pool._cond:
-            old = pool._slots[slot]
-        if old is None or (id(old) not in before and old.options == options):
-            continue  # dead (its restart uses the new options), or started since with them
-        _retire(pool, old)
-        _wait(pool, _ready_in(pool, slot, old), deadline, f"worker {slot} did not come back")
-    _retire(pool, candidate)
-    _wait(pool, lambda: candidate not in pool._slots, deadline, "the extra worker did not stop")
+        pool.standing_in.add(candidate.slot)  # restarted, should it die while it stands in
+    try:
+        for slot in range(pool.num_workers):
+            with pool._cond:
+                old = pool._slots[slot]
+            if old is None or (id(old) not in before and old.options == options):
+                continue  # dead (its restart uses the new options), or started since with them
+            _retire(pool, old)
+            _wait(pool, _ready_in(pool, slot, old), deadline, f"worker {slot} did not come back")
+    except TimeoutError as exc:
+        raise ReloadIncomplete(str(exc)) from None
+    finally:
+        _stand_down(pool, candidate.slot)
     return pool.models
+
+
+def _stand_down(pool: PipelinePool, slot: int) -> None:
+    """The extra slot goes: whoever holds it now (the candidate or its restart) finishes the chunks
+    it holds and stops; nothing restarts it."""
+    with pool._cond:
+        pool.standing_in.discard(slot)
+        pool._restart_at.pop(slot, None)
+        worker = pool._slots[slot] if slot < len(pool._slots) else None
+    if worker is not None:
+        _retire(pool, worker)
+        with contextlib.suppress(TimeoutError, ReloadRefused):  # it goes when its chunks are done
+            _wait(pool, lambda: worker not in pool._slots, time.monotonic() + MAX_WAIT, "")
 
 
 def _candidate(pool: PipelinePool, options: WorkerOptions, deadline: float) -> WorkerProcess:
     """Start the extra worker and wait for its verdict on ``options``."""
-    worker = pool._spawn(len(pool._slots), options)
+    worker = pool._spawn(-1, options)
     if worker is None:
         raise ReloadRefused("the server is stopping")
 
