@@ -151,6 +151,9 @@ def main() -> None:
     package_repository(models, recipe_dict=asdict(recipe), out=args.out, work=WORK,
                        calib_scenes=CALIB_SCENES, val_scenes=VAL_SCENES, eval_scenes=EVAL_SCENES,
                        train_scenes=TRAIN_SCENES)
+    from engines.profile import write_profile
+
+    print(f"reference profile (drift watch): {write_profile(args.out, VAL_SCENES)}")
     print(f"model repository written to {args.out} in {time.time() - t0:.0f} s total")
 
 

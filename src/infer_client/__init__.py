@@ -13,7 +13,7 @@ who is calling gets a :class:`Credentials` (a bearer token, TLS, a client certif
 from infer_client._protocol import Credentials, ImageSource, InferError, Transport
 from infer_client.aio import AsyncInferClient
 from infer_client.client import InferClient
-from infer_client.models import ModelAdmin, ModelInfo
+from infer_client.models import DriftReport, ModelAdmin, ModelInfo
 from infer_client.results import Attribute, Box, Detection, ImageResult
 from infer_client.session import AsyncSession, Session
 
@@ -24,6 +24,7 @@ __all__ = [
     "Box",
     "Credentials",
     "Detection",
+    "DriftReport",
     "ImageResult",
     "ImageSource",
     "InferClient",

@@ -50,6 +50,21 @@ class ModelInfo:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DriftReport:
+    """The server's drift watch (``GetDrift``)."""
+
+    enabled: bool
+    model: str
+    version: str
+    reference: str  # what the reference profile was computed on
+    window_images: int
+    window_size: int
+    threshold: float
+    flagged: bool
+    statistics: dict[str, tuple[float, bool]]  # name -> (PSI, flagged); empty until the window fills
+
+
 Models = list[ModelInfo]  # every model's state, as each call answers
 
 
@@ -92,3 +107,15 @@ class ModelAdmin:
         """``version`` of ``name`` also runs, unanswered, on ``share`` of the batches (0 ends it)."""
         request = infer_pb2.TrialRequest(name=name, version=version, share=share)
         return self._call(self._stub.SetShadow, request, timeout)
+
+    def drift(self, timeout: float | None = None) -> DriftReport:
+        """How far the images answered lately are from the detector's reference profile."""
+        try:
+            reply = self._stub.GetDrift(infer_pb2.DriftRequest(), timeout=timeout or self._timeout,
+                                        metadata=self._metadata)  # fmt: skip
+        except grpc.RpcError as exc:
+            raise InferError.from_rpc(exc) from None
+        return DriftReport(
+            reply.enabled, reply.model, reply.version, reply.reference, reply.window_images, reply.window_size,
+            reply.threshold, reply.flagged, {s.name: (s.psi, s.flagged) for s in reply.statistics},
+        )  # fmt: skip

@@ -3,7 +3,7 @@
 ``list`` shows every model of the server's repository (the version serving, the versions on disk,
 an operator's pin, what ``rollback`` returns to, the candidate under trial and how far its shadow
 runs agree, why the last change was refused); ``load``, ``unload``, ``rollback``, ``reload``,
-``canary`` and ``shadow`` change it and show the result. A change returns once every
+``canary`` and ``shadow`` change it and show the result; ``drift`` shows the drift watch. A change returns once every
 worker serves the new models. Exit status: 0 done, 2 refused or the call failed (the reason on
 stderr). Credentials come from the environment, as for every command (``Credentials.from_env``).
 """
@@ -128,3 +128,28 @@ def shadow(
 ) -> None:
     """VERSION of NAME also runs on SHARE of the batches, never answering: `list` shows how far it agrees."""
     _run(server, timeout, json_lines, lambda admin: admin.shadow(name, version, share))
+
+
+@app.command()
+def drift(server: ServerOpt = "localhost:8001", json_lines: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
+    """How far the images answered lately are from the detector's reference profile (PSI per statistic)."""
+    try:
+        with InferClient(server, timeout=timeout, credentials=Credentials.from_env(), transport="inline") as client:
+            report = client.models.drift()
+    except InferError as exc:
+        Console(stderr=True).print(f"[red]error[/red]: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    if json_lines:
+        print(json.dumps(asdict(report)))
+        return
+    if not report.enabled:
+        print("no drift watch: the detector ships no reference profile, or --drift-window is 0")
+        return
+    table = Table(title=f"{report.model} v{report.version}: {report.window_images}/{report.window_size} images "
+                  f"vs {report.reference}; flag over PSI {report.threshold:g}", title_justify="left")  # fmt: skip
+    table.add_column("statistic")
+    table.add_column("PSI", justify="right")
+    table.add_column("")
+    for name, (psi, flagged) in report.statistics.items():
+        table.add_row(name, f"{psi:.3f}", "[red]drifted[/red]" if flagged else "")
+    Console().print(table)

@@ -138,6 +138,16 @@ class ServerSettings(BaseSettings):
     reload_timeout_s: float = Field(
         default=300.0, gt=0, description="A model change must have every worker on the new models within it."
     )
+    drift_window: int = Field(
+        default=500, ge=0,
+        description="Images in the drift watch's sliding window (compared with the detector's reference profile, "
+        "profile.json); 0: no drift watch.",
+    )  # fmt: skip
+    drift_interval_s: float = Field(default=10.0, gt=0, description="Seconds between drift evaluations.")
+    drift_threshold: float = Field(
+        default=0.25, gt=0, description="A statistic whose population stability index passes this is flagged."
+    )
+    drift_min_images: int = Field(default=200, ge=1, description="Images the window needs before it is judged.")
     shadow_budget: float = Field(
         default=0.1, gt=0, le=1,
         description="Shadow runs of a candidate may take at most this share of the time each worker spends on "

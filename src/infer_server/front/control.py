@@ -289,7 +289,7 @@ class ModelControl:
             if after.get(model) != version:
                 self.previous[model] = version
         self.errors.pop(name or "*", None)
-        self.server.key_cache_on_models()
+        self.server.follow_models()
 
     def _redacted(self, reason: str) -> str:
         """A worker's reason without the repository's place on the host (every caller may list it)."""

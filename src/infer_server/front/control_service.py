@@ -66,6 +66,9 @@ class ModelControlServicer:
                 "RollbackModel": unary(self.RollbackModel, infer_pb2.RollbackModelRequest),
                 "SetCanary": unary(self.SetCanary, infer_pb2.TrialRequest),
                 "SetShadow": unary(self.SetShadow, infer_pb2.TrialRequest),
+                "GetDrift": grpc.unary_unary_rpc_method_handler(
+                    self.GetDrift, infer_pb2.DriftRequest.FromString, infer_pb2.DriftReply.SerializeToString
+                ),
             },
         )
 
@@ -109,3 +112,15 @@ class ModelControlServicer:
         who = self._operator(context, "SetShadow")
         await self._control.trial(request.name, request.version, request.share, "shadow", who)
         return await status(self._control, True)
+
+    @rpc_boundary
+    async def GetDrift(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.DriftReply:
+        self._identify(context, "GetDrift")
+        m = self._server.drift
+        reply = infer_pb2.DriftReply(
+            enabled=m.enabled, model=m.model[0], version=m.model[1], reference=m.source, window_images=m.images,
+            window_size=m.window, threshold=m.threshold, flagged=m.flagged,
+        )  # fmt: skip
+        for name, score in sorted(m.scores.items()):
+            reply.statistics.add(name=name, psi=score.psi, flagged=score.flagged)
+        return reply

@@ -78,6 +78,25 @@ class _ModelsCollector(Collector):
         yield shares
 
 
+class _DriftCollector(Collector):
+    """The drift watch's scores and flags (``front.drift``), read at scrape time."""
+
+    def __init__(self, monitor: Any) -> None:
+        self._monitor = monitor
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._monitor
+        labels = ["model", "version", "statistic"]
+        psi = GaugeMetricFamily("infer_drift_psi", "Population stability index against the reference", labels=labels)
+        flag = GaugeMetricFamily("infer_drift_flag", "1 when the statistic's PSI is over the threshold", labels=labels)
+        for name, score in sorted(m.scores.items()):
+            psi.add_metric([*m.model, name], score.psi)
+            flag.add_metric([*m.model, name], float(score.flagged))
+        yield psi
+        yield flag
+        yield GaugeMetricFamily("infer_drift_window_images", "Images in the drift window", value=m.images)
+
+
 class ServerMetrics:
     def __init__(self, inflight_images: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -161,6 +180,10 @@ class ServerMetrics:
         for field, value in vars(done.agreement).items():
             if value:
                 self._shadow[field].labels(*trial).inc(value)
+
+    def watch_drift(self, monitor: Any) -> None:
+        """Export the drift watch's scores and flags (a ``DriftMonitor``)."""
+        self.registry.register(_DriftCollector(monitor))
 
     def watch_models(self, control: Any) -> None:
         """Export which versions serve and which is under trial, with its shares (a ``ModelControl``)."""

@@ -37,6 +37,7 @@ from infer_server.front import audit
 from infer_server.front.batches import Batch, BatchRegistry, Quota
 from infer_server.front.control import ModelControl
 from infer_server.front.control_service import CONTROL_SERVICE, ModelControlServicer
+from infer_server.front.drift import DriftMonitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
@@ -120,6 +121,8 @@ class InferenceServer:
             mib, k = settings.result_cache_mib, settings.result_cache_k
             self.cache = ResultCache(settings.result_cache_entries, mib << 20, k)
             self.metrics.watch_cache(self.cache.lru)
+        self.drift = DriftMonitor(settings.drift_window, settings.drift_threshold, settings.drift_min_images)
+        self.metrics.watch_drift(self.drift)
         self.control = ModelControl(self)
         self.metrics.watch_models(self.control)
         self.accepting = False
@@ -162,12 +165,14 @@ class InferenceServer:
             await server.stop(0)
             self.handoff.remove_staging_dir()
             raise
-        self.key_cache_on_models()
+        self.follow_models()
         self.accepting = True
         await self._set_health(True)
         self._spawn(Upkeep(self).run())
         if s.repository_poll_s:
             self._spawn(self.control.poll(s.repository_poll_s))
+        if s.drift_window:
+            self._spawn(self.drift.run(s.drift_interval_s))
         self._spawn(self._housekeeping())
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port, s.host)
@@ -328,6 +333,7 @@ class InferenceServer:
     def _on_outcome(self, outcome: ImageOutcome) -> None:
         """The pool, on the loop: one image answered (exactly once)."""
         self.metrics.image_done(outcome)
+        self.drift.observe(outcome)
         if self.cache is not None and not outcome.cached:
             self.cache.store(outcome)
         self.registry.record(outcome)
@@ -335,14 +341,18 @@ class InferenceServer:
     def _on_health(self, healthy: bool) -> None:
         """The pool, on the loop: a worker died (False) or every worker is back (True)."""
         if healthy:
-            self.key_cache_on_models()  # a replacement may have loaded other models
+            self.follow_models()  # a replacement may have loaded other models
         self._spawn(self._set_health(healthy))
 
-    def key_cache_on_models(self) -> None:
-        """Another model (or device, or the null model) is another key: the cache follows what the
-        workers loaded, and forgets what it held for anything else."""
-        if self.cache is not None and self.pool is not None:
+    def follow_models(self) -> None:
+        """What depends on the models follows what the workers loaded: the cache's key (another
+        model, device or the null model is another key; what it held for anything else goes)
+        and the drift watch's reference profile."""
+        if self.pool is None:
+            return
+        if self.cache is not None:
             self.cache.reset((self.settings.device, self.settings.null_model, self.pool.models))
+        self.drift.use(self.pool.report.profile, self.pool.models[0] if self.pool.models else ("", ""))
 
     async def _set_health(self, healthy: bool) -> None:
         status = _SERVING if healthy and self.accepting else _NOT_SERVING

@@ -13,7 +13,7 @@ One asyncio task in the server's main process (``front.server`` starts it with t
 - **Accounting.** The per-tier staged bytes are recounted from the batch files the front holds, so
   a metric never drifts from the truth.
 - **Cache.** The result cache is keyed on the models the workers report now: entries of model
-  versions no longer loaded are dropped (``InferenceServer.key_cache_on_models``).
+  versions no longer loaded are dropped (``InferenceServer.follow_models``).
 - **Orphans.** Every ``--janitor-interval-s`` (60 s), staging files of either tier older than
   ``--janitor-ttl-s`` that no live batch uses are removed (a crashed run's leftovers; start-up
   clears both tiers before the first request, ``front.staging``).
@@ -59,7 +59,7 @@ class Upkeep:
 
     async def once(self) -> None:
         """One pass: cache key, demotion, accounting, and (when due) the orphan sweep."""
-        self.server.key_cache_on_models()
+        self.server.follow_models()
         if self.handoff.over_mark():
             moved = await self.demote()
             if moved:
