@@ -168,12 +168,7 @@ class InferenceServer:
         self.follow_models()
         self.accepting = True
         await self._set_health(True)
-        self._spawn(Upkeep(self).run())
-        if s.repository_poll_s:
-            self._spawn(self.control.poll(s.repository_poll_s))
-        if s.drift_window:
-            self._spawn(self.drift.run(s.drift_interval_s))
-        self._spawn(self._housekeeping())
+        self._start_background_tasks()
         if s.metrics_port is not None:
             self.metrics.serve(s.metrics_port, s.host)
         if s.null_model:
@@ -184,6 +179,16 @@ class InferenceServer:
         audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,
                       tls=s.tls_cert is not None, callers=callers, workers=s.workers, device=s.device)  # fmt: skip
         return self.port
+
+    def _start_background_tasks(self) -> None:
+        """Upkeep (``front.upkeep``), expiry, and the repository poll and drift watch if asked for."""
+        s = self.settings
+        self._spawn(Upkeep(self).run())
+        self._spawn(self._housekeeping())
+        if s.repository_poll_s:
+            self._spawn(self.control.poll(s.repository_poll_s))
+        if s.drift_window:
+            self._spawn(self.drift.run(s.drift_interval_s))
 
     def _start_pool(self, loop: asyncio.AbstractEventLoop) -> PipelinePool:
         """Blocking (a thread): spawn the workers and wait until each loaded its models."""
