@@ -304,3 +304,25 @@ def test_a_change_an_old_worker_does_not_make_way_for_is_made_and_said_so(model_
                     break
                 client.detect(JPEGS[:1])
         assert len(server.worker_pids()) == 2
+
+
+def test_every_metric_the_dashboard_graphs_is_exported(server: RunningServer) -> None:
+    from benchmarks.dashboard import PANELS, Query
+
+    with server.client() as client:
+        client.detect(JPEGS[:1])  # a labelled histogram has no series before its first observation
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT[0]}/metrics").read().decode()
+    names = {line.split("{")[0].split()[0] for line in text.splitlines() if line and line[0] != "#"}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):  # a family with no sample yet (no trial, no drift window)
+            name, kind = line.split()[2:4]
+            names |= {name, f"{name}_total"} if kind == "counter" else {name}
+
+    def metrics_of(query: Query) -> list[str]:
+        if query.kind == "ratio":
+            assert query.of is not None and query.per is not None
+            return metrics_of(query.of) + metrics_of(query.per)
+        return [query.metric + ("_bucket" if query.kind == "quantile" else "")]
+
+    wanted = {m for panel in PANELS for q in panel.queries for m in metrics_of(q)}
+    assert wanted <= names, sorted(wanted - names)
