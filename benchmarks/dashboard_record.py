@@ -1,7 +1,8 @@
 """A server's short life, scraped every second, and the dashboard's panels drawn from it
 (``benchmarks.dashboard``; matplotlib, from the ``bench`` extra).
 
-The life: two clients push batches of 4 scenes all along; after 30 s color version 1 becomes a
+The life: two clients push batches of 4 held-out scenes (default and varied style in turn, the
+reference profile's mix) all along; after 30 s color version 1 becomes a
 canary on 30% of the batches; after 60 s the canary ends and version 1 shadows version 2 on half
 the batches; after 90 s the scenes turn darker (pixels × 0.5), which the drift watch (here a
 window of 200 images, judged every 2 s) should flag; it ends at 130 s. Rates in the picture are
@@ -24,6 +25,7 @@ import numpy as np
 from benchmarks import dashboard, servers
 from benchmarks.dashboard import PANELS, Sample, parse
 from benchmarks.lifecycle import _repository
+from engines import scenes_varied
 from engines.scenes import generate_scene
 from infer_client import InferClient
 
@@ -37,7 +39,9 @@ def _darker(jpeg: bytes) -> bytes:
 
 def record() -> list[tuple[float, Sample]]:
     """Run the life above; every scrape as (seconds since start, sample)."""
-    normal = [generate_scene(seed).jpeg for seed in range(40_000, 40_064)]
+    # The mix the reference profile was computed on (default and varied style in turn): the drift
+    # panel stays low until the scenes turn darker.
+    normal = [(generate_scene if i % 2 == 0 else scenes_varied.generate_scene)(640_000 + i).jpeg for i in range(128)]
     dark = [_darker(j) for j in normal]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +60,7 @@ def record() -> list[tuple[float, Sample]]:
                 with InferClient(server.address, shm_dir=server.shm_dir) as client:
                     i = n
                     while not stop.is_set():
-                        client.detect([images[0][(i + k) % 64] for k in range(4)])
+                        client.detect([images[0][(i + k) % len(normal)] for k in range(4)])
                         i += 8
 
             def scrape() -> None:
@@ -101,6 +105,8 @@ def render(series: list[tuple[float, Sample]], out: Path) -> None:
                 for key, value in query.evaluate(series, i).items():
                     lines.setdefault(key, [float("nan")] * len(series))[i] = value
             for key, values in sorted(lines.items()):
+                if not any(v for v in values if v == v):
+                    continue  # a series that stayed at zero (every status code is exported) says nothing
                 ax.plot(times, values, label=" ".join(key) or query.legend or panel.title, linewidth=1.2)
         for at, phase in PHASES[:-1]:
             ax.axvline(at, color="grey", linewidth=0.6, linestyle=":")
