@@ -1,7 +1,8 @@
 """Generates the gRPC stubs from proto/ into src/infer_proto/ whenever the package is built.
 
 Stubs are never committed: a wheel build and an editable install (`pip install -e .`) both run
-``build_py`` first, which calls ``grpc_tools.protoc`` on ``proto/infer.proto``. The virtual include
+``build_py`` first, which calls ``grpc_tools.protoc`` on ``proto/infer.proto`` (this server's API)
+and ``proto/inference.proto`` (the Open Inference Protocol it also speaks). The virtual include
 path ``infer_proto=proto`` makes the generated code import ``from infer_proto import infer_pb2``.
 """
 
@@ -26,9 +27,10 @@ def generate_stubs() -> None:
         f"--pyi_out={ROOT / 'src'}",
         f"--grpc_python_out={ROOT / 'src'}",
         "infer_proto/infer.proto",
+        "infer_proto/inference.proto",
     ]
     if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed on proto/infer.proto")
+        raise RuntimeError("protoc failed on proto/infer.proto or proto/inference.proto")
 
 
 class BuildPyWithStubs(build_py):

@@ -9,6 +9,7 @@ the tests last passed with:
 ``server.txt``  the server and client at run time (what a deployment image installs)
 ``build.txt``   the build requirements alone (a deployment image builds the project's wheel with them)
 ``image.txt``   the image tests' tools alone: validators for Dockerfiles, compose, the chart (``make image-test``)
+``triton.txt``  Triton's client alone (``.venv-triton``): the Open Inference Protocol tests' client
 ``dev.txt``     server + tests + lint + the build requirements (``make test``, CI)
 ``bench.txt``   dev + the fps benchmark's plotting (``make bench``)
 ``train.txt``   dev + the recipe's torch, the CPU build (``make models``)
@@ -50,6 +51,7 @@ SETS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "server": ((), False, True),
     "build": ((), True, False),
     "image": (("image",), False, False),
+    "triton": (("triton",), False, False),
     "dev": (("dev",), True, True),
     "bench": (("dev", "bench"), True, True),
     "train": (("dev", "train"), True, True),

@@ -195,6 +195,15 @@ class Handoff:
     def open_client_file(
         self, path: str, images: tuple[ImageRef, ...], total: int, owners: Collection[int]
     ) -> BatchFile:
+        fd, st, real = self.open_file(path, owners)
+        if st.st_size != total:
+            os.close(fd)
+            raise InvalidBatch(f"sizes add up to {total} bytes but the file holds {st.st_size}")
+        return self._held(BatchFile(FileRef(real, st.st_dev, st.st_ino, st.st_size, fd), images, staged=False))
+
+    def open_file(self, path: str, owners: Collection[int]) -> tuple[int, os.stat_result, str]:
+        """A caller's file beneath the shared directory, opened and checked (see the module) but
+        for its size: its descriptor, its stat and its real path. Also ``front.regions``'."""
         parts = self._components(path)
         try:
             fd = self._open_beneath_root(parts)
@@ -205,14 +214,13 @@ class Handoff:
             st = os.fstat(fd)
             if st.st_uid not in owners:  # first: nothing else about the file may show
                 raise PermissionDeniedError(_NOT_YOURS)
-            self._check_client_file(st, total)
+            self._check_client_file(st)
         except BaseException:
             os.close(fd)
             raise
-        real = os.path.join(self._real_root, *parts)
-        return self._held(BatchFile(FileRef(real, st.st_dev, st.st_ino, st.st_size, fd), images, staged=False))
+        return fd, st, os.path.join(self._real_root, *parts)
 
-    def _check_client_file(self, st: os.stat_result, total: int) -> None:
+    def _check_client_file(self, st: os.stat_result) -> None:
         if not stat.S_ISREG(st.st_mode):
             raise InvalidBatch("path is not a regular file")
         if st.st_dev != self._root_dev:
@@ -222,8 +230,6 @@ class Handoff:
             raise PermissionDeniedError("file has more than one hard link")
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise PermissionDeniedError("file is writable by group or others")
-        if st.st_size != total:
-            raise InvalidBatch(f"sizes add up to {total} bytes but the file holds {st.st_size}")
 
     def _held(self, batch: BatchFile) -> BatchFile:
         with self._lock:

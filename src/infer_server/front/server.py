@@ -44,6 +44,8 @@ from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLim
 from infer_server.front.identity import Authenticator, Identity, load_tokens
 from infer_server.front.listen import channel_options, listen
 from infer_server.front.metrics import ServerMetrics
+from infer_server.front.oip import OIP_SERVICE, OpenInferenceServicer
+from infer_server.front.regions import Regions
 from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
 from infer_server.front.upkeep import Upkeep
@@ -124,6 +126,7 @@ class InferenceServer:
         self.drift = DriftMonitor(settings.drift_window, settings.drift_threshold, settings.drift_min_images)
         self.metrics.watch_drift(self.drift)
         self.control = ModelControl(self)
+        self.regions = Regions(self.handoff)  # the Open Inference Protocol's system shared memory
         self.metrics.watch_models(self.control)
         self.accepting = False
         self.port = 0
@@ -152,9 +155,10 @@ class InferenceServer:
         )
         inference = InferenceServicer(self)
         control = ModelControlServicer(self, self.control, inference.identify)
-        server.add_generic_rpc_handlers((inference.handler(), control.handler()))
+        self.oip = OpenInferenceServicer(self, inference.identify)
+        server.add_generic_rpc_handlers((inference.handler(), control.handler(), self.oip.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (SERVICE_NAME, CONTROL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        names = (SERVICE_NAME, CONTROL_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
         self.port = listen(server, s)
         self._server = server
@@ -232,6 +236,7 @@ class InferenceServer:
             )
         # The pool's last outcomes may have finished batches whose release runs in a thread.
         await asyncio.gather(*self._background, return_exceptions=True)
+        self.regions.close()
         self.handoff.remove_staging_dir()
         self.metrics.close()
         log.info("stopped")

@@ -1,0 +1,289 @@
+"""The Open Inference Protocol (``inference.GRPCInferenceService``, KServe v2) beside ``infer.v1``,
+on the same port, so tritonclient and the tools built on it work against this server unchanged.
+
+In the server's main process, on the loop, over the same machinery as ``infer.v1``: a ModelInfer
+is one push (``InferenceServer.push``: the same admission, quotas, staging, workers and exactly-once
+bookkeeping, the same audit line) whose results are collected from the batch's cursor and
+returned as tensors. ``docs/open-inference-protocol.md`` is the user's view.
+
+The one model, ``pipeline`` (version "1"): input ``IMAGES`` BYTES [N] (encoded JPEG/PNG images);
+outputs, one row per image:
+
+- ``DETECTIONS`` BYTES [N]: JSON, ``{"status": {"code", "message"}, "width", "height",
+  "detections": [{"label", "class_id", "score", "box": [x1, y1, x2, y2], "attributes": {model:
+  {"label", "score"}}}], "model_versions": {...}}``;
+- ``STATUS`` INT32 [N]: the image's gRPC status code (0 OK; e.g. 3 for an image that does not
+  decode): a per-image failure does not fail the request, as in ``infer.v1``;
+- ``COUNT`` INT32 [N], ``BOXES`` FP32 [N, K, 4], ``SCORES`` FP32 [N, K], ``CLASSES`` INT32 [N, K]:
+  the detections as fixed-shape tensors, K the most any image of the request has, padded with 0.
+
+Inputs come inline (``raw_input_contents`` or ``contents.bytes_contents``) or from a registered
+system-shared-memory region (``front.regions``).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import struct
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from infer_proto import infer_pb2, inference_pb2
+from infer_server.front.errors import InvalidBatch, ServerError, UnknownModel, rpc_boundary
+from infer_server.front.identity import Identity
+from infer_server.messages import ImageOutcome
+
+if TYPE_CHECKING:
+    from infer_server.front.server import InferenceServer
+
+OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+MODEL, VERSION, INPUT = "pipeline", "1", "IMAGES"
+OUTPUTS = {
+    "DETECTIONS": ("BYTES", [-1]), "STATUS": ("INT32", [-1]), "COUNT": ("INT32", [-1]),
+    "BOXES": ("FP32", [-1, -1, 4]), "SCORES": ("FP32", [-1, -1]), "CLASSES": ("INT32", [-1, -1]),
+}  # fmt: skip
+# The protocol's methods this server does not serve: answered UNIMPLEMENTED, saying so.
+_NOT_SERVED = ("ModelConfig", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+               "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "Trace")  # fmt: skip
+
+
+def split_bytes(raw: bytes | memoryview, count: int) -> list[bytes | memoryview]:
+    """The ``count`` elements of a BYTES tensor's raw form (each a 4-byte little-endian length, then
+    that many bytes); ``InvalidBatch`` when the lengths do not add up to the buffer exactly."""
+    out: list[bytes | memoryview] = []
+    pos, view = 0, memoryview(raw)
+    for index in range(count):
+        if pos + 4 > len(view):
+            raise InvalidBatch(f"IMAGES element {index}: the data ends before its length")
+        (size,) = struct.unpack_from("<I", view, pos)
+        pos += 4
+        if pos + size > len(view):
+            raise InvalidBatch(f"IMAGES element {index}: its length ({size}) runs past the data")
+        out.append(view[pos : pos + size])
+        pos += size
+    if pos != len(view):
+        raise InvalidBatch(f"IMAGES holds {len(view) - pos} bytes after its {count} elements")
+    return out
+
+
+def _bytes_tensor(items: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def detection_json(outcome: ImageOutcome) -> bytes:
+    detections = [
+        {"label": d.label, "class_id": d.class_id, "score": d.score, "box": [d.box.x1, d.box.y1, d.box.x2, d.box.y2],
+         "attributes": {a.model: {"label": a.label, "score": a.score} for a in d.attributes}}  # fmt: skip
+        for d in outcome.detections
+    ]
+    doc = {"status": {"code": int(outcome.code), "message": outcome.message}, "width": outcome.width,
+           "height": outcome.height, "detections": detections, "model_versions": dict(outcome.models)}  # fmt: skip
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def response(
+    request_id: str, outcomes: Sequence[ImageOutcome], wanted: Sequence[str]
+) -> inference_pb2.ModelInferResponse:
+    """The answer to one request: every output asked for (all when none is named), raw, little-endian
+    (the front never imports numpy: ``array`` packs the tensors)."""
+    n, k = len(outcomes), max((len(o.detections) for o in outcomes), default=0)
+    boxes, scores, classes = array.array("f", bytes(16 * n * k)), array.array("f", bytes(4 * n * k)), array.array(
+        "i", bytes(4 * n * k))  # fmt: skip
+    for i, outcome in enumerate(outcomes):
+        for j, d in enumerate(outcome.detections):
+            boxes[4 * (i * k + j) : 4 * (i * k + j) + 4] = array.array("f", (d.box.x1, d.box.y1, d.box.x2, d.box.y2))
+            scores[i * k + j], classes[i * k + j] = d.score, d.class_id
+    tensors: dict[str, tuple[bytes, list[int]]] = {
+        "DETECTIONS": (_bytes_tensor([detection_json(o) for o in outcomes]), [n]),
+        "STATUS": (array.array("i", (int(o.code) for o in outcomes)).tobytes(), [n]),
+        "COUNT": (array.array("i", (len(o.detections) for o in outcomes)).tobytes(), [n]),
+        "BOXES": (boxes.tobytes(), [n, k, 4]),
+        "SCORES": (scores.tobytes(), [n, k]),
+        "CLASSES": (classes.tobytes(), [n, k]),
+    }
+    reply = inference_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION, id=request_id)
+    for name in wanted or OUTPUTS:
+        data, shape = tensors[name]
+        reply.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
+        reply.raw_output_contents.append(data)
+    return reply
+
+
+class Statistics:
+    """What ``ModelStatistics`` reports for ``pipeline``: requests and images, durations in ns."""
+
+    def __init__(self) -> None:
+        self.success = [0, 0]  # requests answered, their total time
+        self.fail = [0, 0]
+        self.images = 0
+        self.last_ms = 0
+
+    def record(self, ok: bool, seconds: float, images: int) -> None:
+        entry = self.success if ok else self.fail
+        entry[0] += 1
+        entry[1] += int(seconds * 1e9)
+        self.images += images if ok else 0
+        self.last_ms = int(time.time() * 1000)
+
+
+class OpenInferenceServicer:
+    """``inference.GRPCInferenceService`` of one server."""
+
+    def __init__(self, server: InferenceServer, identify: Callable[..., Identity]) -> None:
+        self._server, self._identify = server, identify
+        self.stats = Statistics()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(method: Callable[..., Any], request: Any, reply: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(method, request.FromString, reply.SerializeToString)
+
+        p = inference_pb2
+        handlers = {
+            "ServerLive": unary(self.ServerLive, p.ServerLiveRequest, p.ServerLiveResponse),
+            "ServerReady": unary(self.ServerReady, p.ServerReadyRequest, p.ServerReadyResponse),
+            "ModelReady": unary(self.ModelReady, p.ModelReadyRequest, p.ModelReadyResponse),
+            "ServerMetadata": unary(self.ServerMetadata, p.ServerMetadataRequest, p.ServerMetadataResponse),
+            "ModelMetadata": unary(self.ModelMetadata, p.ModelMetadataRequest, p.ModelMetadataResponse),
+            "ModelInfer": unary(self.ModelInfer, p.ModelInferRequest, p.ModelInferResponse),
+            "ModelStatistics": unary(self.ModelStatistics, p.ModelStatisticsRequest, p.ModelStatisticsResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer, p.ModelInferRequest.FromString, p.ModelStreamInferResponse.SerializeToString
+            ),
+            **{name: grpc.unary_unary_rpc_method_handler(self._not_served(name)) for name in _NOT_SERVED},
+        }
+        regions = self._server.regions
+        handlers |= regions.handlers(self._identify)
+        return grpc.method_handlers_generic_handler(OIP_SERVICE, handlers)
+
+    @staticmethod
+    def _not_served(method: str) -> Callable[..., Any]:
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not served here: models change through "
+                                "infer.v1.ModelControlService, and only system shared memory is supported")  # fmt: skip
+
+        return refuse
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return inference_pb2.ServerReadyResponse(ready=self._ready())
+
+    def _ready(self) -> bool:
+        pool = self._server.pool
+        return self._server.accepting and pool is not None and pool.healthy
+
+    @staticmethod
+    def _model(name: str, version: str) -> None:
+        if name != MODEL or version not in ("", VERSION):
+            raise UnknownModel(f"unknown model {name!r} version {version!r}: this server serves {MODEL!r} version 1")
+
+    @rpc_boundary
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._identify(context, "ModelReady")
+        return inference_pb2.ModelReadyResponse(ready=request.name == MODEL and self._ready())
+
+    @rpc_boundary
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        from importlib.metadata import version
+
+        return inference_pb2.ServerMetadataResponse(name="infer-server", version=version("infer-server"),
+                                                    extensions=["system_shared_memory", "statistics"])  # fmt: skip
+
+    @rpc_boundary
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._identify(context, "ModelMetadata")
+        self._model(request.name, request.version)
+        reply = inference_pb2.ModelMetadataResponse(name=MODEL, versions=[VERSION], platform="infer-server")
+        reply.inputs.add(name=INPUT, datatype="BYTES", shape=[-1])
+        for name, (datatype, shape) in OUTPUTS.items():
+            reply.outputs.add(name=name, datatype=datatype, shape=shape)
+        return reply
+
+    @rpc_boundary
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._identify(context, "ModelStatistics")
+        if request.name:
+            self._model(request.name, request.version)
+        s = self.stats
+        stats = inference_pb2.InferStatistics(
+            success=inference_pb2.StatisticDuration(count=s.success[0], ns=s.success[1]),
+            fail=inference_pb2.StatisticDuration(count=s.fail[0], ns=s.fail[1]),
+        )
+        model = inference_pb2.ModelStatistics(name=MODEL, version=VERSION, last_inference=s.last_ms,
+                                              inference_count=s.images, execution_count=s.success[0],
+                                              inference_stats=stats)  # fmt: skip
+        return inference_pb2.ModelStatisticsResponse(model_stats=[model])
+
+    @rpc_boundary
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        identity = self._identify(context, "ModelInfer")
+        return await self.infer(request, context.peer(), identity)
+
+    async def ModelStreamInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            identity = self._identify(context, "ModelStreamInfer")
+        except ServerError as exc:
+            await context.abort(exc.code, exc.message)
+        async for request in requests:
+            try:
+                answer = await self.infer(request, context.peer(), identity)
+            except ServerError as exc:  # one request fails, the stream goes on (the protocol's way)
+                yield inference_pb2.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
+                continue
+            yield inference_pb2.ModelStreamInferResponse(infer_response=answer)
+
+    async def infer(self, request: Any, peer: str, identity: Identity) -> inference_pb2.ModelInferResponse:
+        """One request: its images pushed as one batch, its results collected and returned."""
+        started = time.monotonic()
+        outcomes: list[ImageOutcome] = []
+        try:
+            self._model(request.model_name, request.model_version)
+            wanted = [o.name for o in request.outputs]
+            unknown = [name for name in wanted if name not in OUTPUTS]
+            if unknown:
+                raise InvalidBatch(f"unknown outputs {unknown}: the outputs are {list(OUTPUTS)}")
+            push = await self._push_request(request, identity)
+            batch = await self._server.push(push, peer, identity)
+            outcomes = await self._collect(batch.batch_id, identity)
+            return response(request.id, outcomes, wanted)
+        finally:
+            self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
+
+    async def _push_request(self, request: Any, identity: Identity) -> infer_pb2.PushDataRequest:
+        """The push that carries the request's images: inline, or the region's file and offsets."""
+        if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
+            raise InvalidBatch(f"{MODEL} takes one input, {INPUT!r} (BYTES [N] of encoded images)")
+        tensor = request.inputs[0]
+        if tensor.datatype != "BYTES" or len(tensor.shape) != 1 or tensor.shape[0] < 1:
+            raise InvalidBatch(f"{INPUT} is BYTES of shape [N], N >= 1; got {tensor.datatype} {list(tensor.shape)}")
+        count = int(tensor.shape[0])
+        if count > self._server.settings.max_batch_images:
+            raise InvalidBatch(f"a request holds at most {self._server.settings.max_batch_images} images")
+        if "shared_memory_region" in tensor.parameters:
+            raw = await asyncio.to_thread(self._server.regions.read, identity, tensor.parameters)
+            images = split_bytes(raw, count)
+        elif request.raw_input_contents:
+            if len(request.raw_input_contents) != 1:
+                raise InvalidBatch("raw_input_contents must hold one entry per input")
+            images = split_bytes(request.raw_input_contents[0], count)
+        else:
+            images = list(tensor.contents.bytes_contents)
+            if len(images) != count:
+                raise InvalidBatch(f"{INPUT} has shape [{count}] but {len(images)} elements")
+        return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images])
+
+    async def _collect(self, batch_id: str, identity: Identity) -> list[ImageOutcome]:
+        """Every outcome of the batch, by index (each acknowledged: this call delivers it)."""
+        outcomes: dict[int, ImageOutcome] = {}
+        with self._server.registry.subscribe([batch_id], identity.name) as cursor:
+            while (outcome := await cursor.next()) is not None:
+                outcomes[outcome.index] = outcome
+                cursor.ack([outcome])
+        return [outcomes[i] for i in sorted(outcomes)]

@@ -1,0 +1,200 @@
+"""System shared memory, the Open Inference Protocol's version of the tmpfs handoff, confined the
+way PushData's paths are (and Triton's own implementation was not: CVE-2024-0088,
+CVE-2025-23319/23320/23334 — offsets and sizes not checked, keys reaching anywhere).
+
+In the server's main process. A region is registered by its caller under a name: ``key`` names a
+file relative to the server's shared directory (``/input0`` is ``<shared dir>/input0``; Triton's
+clients create their regions with ``shm_open``, i.e. in ``/dev/shm``: serve them with ``--shm-dir
+/dev/shm``). The file is opened the way ``Handoff`` opens a pushed file — one component at a time
+from the directory's descriptor, no symlink, no ``..``, a regular file with one link on the shared
+file system, not writable by group or others, owned by a uid this caller may push files of — and
+held open; ``offset + byte_size`` must lie within it (Python integers: no wrap-around). Regions are
+each caller's own (another caller's name is unknown to it), at most ``MAX_REGIONS`` each.
+
+Using one (``shared_memory_region``, ``shared_memory_offset``, ``shared_memory_byte_size`` on the
+input): the range is checked against the region, the file is checked to still be the one that was
+registered (replaced: the region is dropped and the request refused), and the bytes are read
+through a duplicate of the held descriptor, so an unregister meanwhile cannot pull it away. A region
+is closed on unregister and at server stop. Output into regions is not supported yet: outputs are
+returned in the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import grpc.aio
+
+from infer_proto import inference_pb2
+from infer_server.front.errors import (
+    Conflict,
+    InvalidBatch,
+    Overloaded,
+    PermissionDeniedError,
+    ServerError,
+    UnknownBatch,
+    rpc_boundary,
+)
+from infer_server.front.identity import Identity
+
+if TYPE_CHECKING:
+    from infer_server.front.handoff import Handoff
+
+MAX_REGIONS = 64  # per caller: each holds a descriptor
+_MAX_NAME = 256
+
+
+@dataclass
+class Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    fd: int
+    dev: int
+    ino: int
+    path: str  # relative to the shared directory
+    owners: frozenset[int]
+
+
+class Regions:
+    """The registered regions of every caller."""
+
+    def __init__(self, handoff: Handoff) -> None:
+        self._handoff = handoff
+        self._regions: dict[tuple[str, str], Region] = {}
+        self._lock = threading.Lock()  # registration runs in threads; use duplicates under it
+
+    # ------------------------------------------------------------------------------ register
+    def register(self, identity: Identity, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Open and check the region's file (blocking: run it in a thread)."""
+        if not name or len(name) > _MAX_NAME:
+            raise InvalidBatch(f"a region needs a name of 1 to {_MAX_NAME} characters")
+        rel = key.lstrip("/")
+        if not rel or "\x00" in rel or len(key) > self._handoff.limits.max_path_bytes:
+            raise InvalidBatch("the region's key must name a file in the server's shared directory")
+        with self._lock:
+            if (identity.name, name) in self._regions:
+                raise Conflict(f"a region named {name!r} is registered already; unregister it first")
+            if sum(owner == identity.name for owner, _ in self._regions) >= MAX_REGIONS:
+                raise Overloaded(f"this caller has {MAX_REGIONS} regions registered, its limit")
+        fd, st, _ = self._handoff.open_file(rel, identity.file_owners)  # relative: beneath the shared directory
+        if offset < 0 or byte_size < 0 or offset + byte_size > st.st_size:
+            os.close(fd)
+            raise InvalidBatch(f"offset {offset} + byte_size {byte_size} lies outside the file ({st.st_size} bytes)")
+        region = Region(name, key, offset, byte_size, fd, st.st_dev, st.st_ino, rel, identity.file_owners)
+        with self._lock:
+            if (identity.name, name) in self._regions:  # registered by a concurrent call meanwhile
+                os.close(fd)
+                raise Conflict(f"a region named {name!r} is registered already; unregister it first")
+            self._regions[(identity.name, name)] = region
+
+    def unregister(self, identity: Identity, name: str) -> None:
+        with self._lock:
+            names = [name] if name else [n for owner, n in self._regions if owner == identity.name]
+            for n in names:
+                region = self._regions.pop((identity.name, n), None)
+                if region is None:
+                    raise UnknownBatch(f"no shared memory region named {n!r} is registered")
+                os.close(region.fd)
+
+    def status(self, identity: Identity, name: str) -> inference_pb2.SystemSharedMemoryStatusResponse:
+        reply = inference_pb2.SystemSharedMemoryStatusResponse()
+        with self._lock:
+            mine = {n: r for (owner, n), r in self._regions.items() if owner == identity.name}
+        if name and name not in mine:
+            raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+        for n, r in mine.items():
+            if not name or n == name:
+                reply.regions[n].CopyFrom(reply.RegionStatus(name=n, key=r.key, offset=r.offset, byte_size=r.byte_size))
+        return reply
+
+    def close(self) -> None:
+        """Server stop: every region goes."""
+        with self._lock:
+            for region in self._regions.values():
+                os.close(region.fd)
+            self._regions.clear()
+
+    # ----------------------------------------------------------------------------------- use
+    def read(self, identity: Identity, parameters: Mapping[str, Any]) -> bytes:
+        """The bytes an input names in its region (blocking: run it in a thread)."""
+        name = parameters["shared_memory_region"].string_param
+        offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
+        if "shared_memory_byte_size" not in parameters:
+            raise InvalidBatch("an input in shared memory needs shared_memory_byte_size")
+        size = parameters["shared_memory_byte_size"].int64_param
+        limit = self._handoff.limits.max_bytes + 4 * self._handoff.limits.max_images
+        with self._lock:
+            region = self._regions.get((identity.name, name))
+            if region is None:
+                raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+            if offset < 0 or size < 0 or offset + size > region.byte_size:
+                raise InvalidBatch(f"offset {offset} + byte_size {size} lies outside region {name!r} "
+                                   f"({region.byte_size} bytes)")  # fmt: skip
+            if size > limit:
+                raise InvalidBatch(f"an input holds at most {limit} bytes")
+            if not self._same_file(region):
+                del self._regions[(identity.name, name)]
+                os.close(region.fd)
+                raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")
+            st = os.fstat(region.fd)
+            if region.offset + offset + size > st.st_size:
+                raise InvalidBatch(f"region {name!r}'s file shrank to {st.st_size} bytes")
+            fd = os.dup(region.fd)
+        try:
+            data = os.pread(fd, size, region.offset + offset)
+        finally:
+            os.close(fd)
+        if len(data) != size:
+            raise InvalidBatch(f"region {name!r} held {len(data)} of the {size} bytes asked for")
+        return data
+
+    def _same_file(self, region: Region) -> bool:
+        """The region's path still leads (by the same checks) to the file that was registered."""
+        try:
+            fd, st, _ = self._handoff.open_file(region.path, region.owners)
+        except (OSError, ServerError):
+            return False
+        os.close(fd)
+        return (st.st_dev, st.st_ino) == (region.dev, region.ino)
+
+    # ------------------------------------------------------------------------------ handlers
+    def handlers(self, identify: Callable[..., Identity]) -> dict[str, grpc.RpcMethodHandler]:
+        p = inference_pb2
+
+        @rpc_boundary
+        async def register(_: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            identity = identify(context, "SystemSharedMemoryRegister")
+            await asyncio.to_thread(self.register, identity, request.name, request.key, request.offset,
+                                    request.byte_size)  # fmt: skip
+            return p.SystemSharedMemoryRegisterResponse()
+
+        @rpc_boundary
+        async def unregister(_: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self.unregister(identify(context, "SystemSharedMemoryUnregister"), request.name)
+            return p.SystemSharedMemoryUnregisterResponse()
+
+        @rpc_boundary
+        async def status(_: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return self.status(identify(context, "SystemSharedMemoryStatus"), request.name)
+
+        def unary(fn: Callable[..., Any], req: Any, rep: Any) -> grpc.RpcMethodHandler:
+            call = functools.partial(fn, None)  # rpc_boundary wraps methods: no self here
+            return grpc.unary_unary_rpc_method_handler(call, req.FromString, rep.SerializeToString)
+
+        return {
+            "SystemSharedMemoryRegister": unary(register, p.SystemSharedMemoryRegisterRequest,
+                                                p.SystemSharedMemoryRegisterResponse),  # fmt: skip
+            "SystemSharedMemoryUnregister": unary(unregister, p.SystemSharedMemoryUnregisterRequest,
+                                                  p.SystemSharedMemoryUnregisterResponse),  # fmt: skip
+            "SystemSharedMemoryStatus": unary(status, p.SystemSharedMemoryStatusRequest,
+                                              p.SystemSharedMemoryStatusResponse),  # fmt: skip
+        }

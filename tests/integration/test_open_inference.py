@@ -1,0 +1,181 @@
+"""The Open Inference Protocol beside infer.v1: Triton's own client, unmodified and in its own
+virtualenv, gets the same detections as infer.v1 for the same images (inline bytes, system
+shared memory, async, stream); the hostile cases of Triton's shared-memory CVEs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engines.scenes import generate_scene
+from infer_proto import inference_pb2, inference_pb2_grpc
+from tests.helpers import MODELS
+from tests.integration.conftest import RunningServer, running_server
+
+ROOT = Path(__file__).resolve().parents[2]
+TRITON_PYTHON = ROOT / ".venv-triton" / "bin" / "python"
+CLIENT = Path(__file__).resolve().parent / "oip" / "triton_client.py"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    # Triton's clients make their regions with shm_open, in /dev/shm itself: that is the shared directory.
+    with running_server(MODELS, "--shm-dir", "/dev/shm", workers=2) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("oip")
+    paths = []
+    for seed in (31, 32, 33):
+        paths.append(folder / f"{seed}.jpg")
+        paths[-1].write_bytes(generate_scene(seed).jpeg)
+    paths.append(folder / "broken.jpg")
+    paths[-1].write_bytes(b"\xff\xd8 not a jpeg")
+    return paths
+
+
+def ours(server: RunningServer, images: list[Path]) -> list[dict]:  # type: ignore[type-arg]
+    """What infer.v1 answers for the same images, in the protocol's JSON form."""
+    with server.client(transport="inline") as client:
+        results = client.detect([p.read_bytes() for p in images])
+    return [
+        {"status": r.code.value[0], "detections": [
+            {"label": d.label, "box": [round(v, 3) for v in d.box.as_tuple()], "score": round(d.score, 5),
+             "attributes": {m: a.label for m, a in d.attributes.items()}} for d in r.detections]}  # fmt: skip
+        for r in results
+    ]
+
+
+def comparable(doc: dict) -> dict:  # type: ignore[type-arg]
+    return {"status": doc["status"]["code"], "detections": [
+        {"label": d["label"], "box": [round(v, 3) for v in d["box"]], "score": round(d["score"], 5),
+         "attributes": {m: a["label"] for m, a in d["attributes"].items()}} for d in doc["detections"]]}  # fmt: skip
+
+
+def test_tritonclient_gets_what_infer_v1_answers(server: RunningServer, images: list[Path]) -> None:
+    if not TRITON_PYTHON.exists():
+        pytest.fail("no .venv-triton: `make test` installs Triton's client there (requirements/triton.txt)")
+    done = subprocess.run([str(TRITON_PYTHON), str(CLIENT), server.address, *map(str, images)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout)
+    assert (out["live"], out["ready"], out["model_ready"]) == (True, True, True)
+    assert out["inputs"] == [["IMAGES", "BYTES"]] and "DETECTIONS" in out["outputs"]
+    expected = ours(server, images)
+    assert expected[0]["detections"] and expected[3]["status"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    for way in ("inline", "shm", "async", "stream"):
+        assert [comparable(d) for d in out[way]] == expected, way
+    assert out["count"] == [len(e["detections"]) for e in expected]
+    assert out["boxes_shape"] == [4, max(out["count"]), 4]
+    assert out["regions"] == ["images"]
+    assert int(out["statistics"]) >= 3 * 4
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[inference_pb2_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.address) as channel:
+        yield inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture
+def region_file() -> Iterator[Path]:
+    """A region's file as a client makes it (0600, in the shared directory): one image, serialized."""
+    jpeg = generate_scene(34).jpeg
+    path = Path("/dev/shm") / f"oip-hostile-{os.getpid()}"
+    path.write_bytes(len(jpeg).to_bytes(4, "little") + jpeg)
+    path.chmod(0o600)
+    yield path
+    for leftover in (path, path.with_name(path.name + "-link")):
+        leftover.unlink(missing_ok=True)
+
+
+def refused(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call() if callable(call) else None
+    return info.value.code(), info.value.details()
+
+
+def register(stub: inference_pb2_grpc.GRPCInferenceServiceStub, name: str, key: str, offset: int = 0,
+             size: int = 0) -> object:  # fmt: skip
+    return stub.SystemSharedMemoryRegister(
+        inference_pb2.SystemSharedMemoryRegisterRequest(name=name, key=key, offset=offset, byte_size=size)
+    )
+
+
+def infer_from(stub: inference_pb2_grpc.GRPCInferenceServiceStub, region: str, offset: int, size: int) -> object:
+    request = inference_pb2.ModelInferRequest(model_name="pipeline")
+    tensor = request.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+    tensor.parameters["shared_memory_region"].string_param = region
+    tensor.parameters["shared_memory_offset"].int64_param = offset
+    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    return stub.ModelInfer(request)
+
+
+def test_a_region_outside_the_shared_directory_or_through_a_symlink_is_refused(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    """CVE-2025-23319/23320 class: a key reaching files the server's user may read."""
+    for key in ("/../etc/passwd", "../../etc/passwd", "/proc/self/environ", "/etc/passwd", "/"):
+        code, _ = refused(lambda k=key: register(stub, "r", k, 0, 4))
+        assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT), key
+    link = region_file.with_name(region_file.name + "-link")
+    link.symlink_to("/etc/passwd")
+    code, details = refused(lambda: register(stub, "r", "/" + link.name, 0, 4))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "outside the shared directory" in details
+    link.unlink()
+    link.symlink_to(region_file)  # even to a file that could be registered itself
+    code, details = refused(lambda: register(stub, "r", "/" + link.name, 0, 4))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "symbolic link" in details
+
+
+def test_offsets_and_sizes_are_checked_without_wrapping(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    """CVE-2024-0088 class: unchecked offset + size, and a sum that wraps around."""
+    size, key = region_file.stat().st_size, "/" + region_file.name
+    for offset, byte_size in ((0, size + 1), (size, 1), (2**64 - 1, 2), (1, 2**64 - 1)):
+        code, _ = refused(lambda o=offset, b=byte_size: register(stub, "r", key, o, b))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (offset, byte_size)
+    register(stub, "r", key, 0, size)
+    try:
+        for offset, byte_size in ((0, size + 1), (size - 1, 2), (-1, 4), (0, -1), (2**63 - 1, 2**63 - 1)):
+            code, _ = refused(lambda o=offset, b=byte_size: infer_from(stub, "r", o, b))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (offset, byte_size)
+        answer = infer_from(stub, "r", 0, size)
+        assert answer.outputs[0].name == "DETECTIONS"  # type: ignore[attr-defined]
+    finally:
+        stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="r"))
+
+
+def test_an_unregistered_or_replaced_region_is_refused_clearly(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    size, key = region_file.stat().st_size, "/" + region_file.name
+    register(stub, "r", key, 0, size)
+    stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="r"))
+    code, details = refused(lambda: infer_from(stub, "r", 0, size))
+    assert code == grpc.StatusCode.NOT_FOUND and "no shared memory region" in details
+    register(stub, "r", key, 0, size)
+    data = region_file.read_bytes()
+    region_file.unlink()
+    region_file.write_bytes(data)  # another file at the same name now
+    region_file.chmod(0o600)
+    code, details = refused(lambda: infer_from(stub, "r", 0, size))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "replaced" in details
+    code, _ = refused(lambda: stub.SystemSharedMemoryStatus(inference_pb2.SystemSharedMemoryStatusRequest(name="r")))
+    assert code == grpc.StatusCode.NOT_FOUND, "the region went with its file"
+
+
+def test_calls_not_served_say_so(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
+        code, details = refused(lambda: call(b""))
+    assert code == grpc.StatusCode.UNIMPLEMENTED and "RepositoryIndex is not served" in details
