@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from engines.scenes import write_scenes
 from infer_client import InferClient
@@ -199,3 +200,25 @@ def test_server_and_client_containers_answer_like_the_host(
     assert len(in_container) == len(files) and all(r["status"]["code"] == 0 for r in in_container)
     assert sum(len(r["detections"]) for r in in_container) > 0
     assert in_container == on_host, "the container's answers differ from the host's"
+
+
+KSERVE = ROOT / "deploy" / "kserve" / "servingruntime.yaml"
+
+
+@pytest.mark.parametrize("kubernetes", ["1.25.0", "1.37.0"])
+def test_the_kserve_runtime_is_a_valid_pod_that_speaks_grpc_v2(kubernetes: str, tmp_path: Path) -> None:
+    """KServe's CRDs are not in the validator's schemas: the runtime's pod part (containers, volumes)
+    is validated strictly as the Pod it becomes; the rest is checked against what KServe reads."""
+    runtime, service = yaml.safe_load_all(KSERVE.read_text())
+    assert (runtime["apiVersion"], runtime["kind"]) == ("serving.kserve.io/v1alpha1", "ServingRuntime")
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2"] and spec["supportedModelFormats"][0]["name"] == "infer-pipeline"
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container" and container["ports"][0]["name"] == "h2c"
+    assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"},
+           "spec": {"containers": spec["containers"], "volumes": spec["volumes"]}}  # fmt: skip
+    manifest = tmp_path / "pod.yaml"
+    manifest.write_text(yaml.safe_dump(pod))
+    done = run(str(TOOLS / "kubernetes-validate"), "--strict", "-k", kubernetes, str(manifest), check=False)
+    assert done.returncode == 0 and "WARN" not in done.stdout + done.stderr, done.stdout + done.stderr
