@@ -284,3 +284,34 @@ def test_only_named_callers_change_models(server: RunningServer) -> None:
             code, details = code_of(lambda rpc=rpc, request=request: rpc(request, metadata=metadata("bob")))
             assert code == grpc.StatusCode.PERMISSION_DENIED and "bob" in details
         assert code_of(lambda: control.LoadModel(load, metadata=metadata("alice")))[0] == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_open_inference_protocol_asks_the_same_questions(server: RunningServer) -> None:
+    """Finding: its calls were not identified before their message was read, its streams were not
+    counted (idle ones took every RPC slot), and its finished batches pushed out unpulled results."""
+    from infer_proto import inference_pb2, inference_pb2_grpc
+
+    request = inference_pb2.ModelInferRequest(model_name="pipeline")
+    request.raw_input_contents.append(len(JPEG).to_bytes(4, "little") + JPEG)
+    request.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+    with grpc.insecure_channel(server.address) as channel:
+        oip = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert oip.ServerLive(inference_pb2.ServerLiveRequest()).live, "probes need no credentials"
+        assert code_of(lambda: oip.ModelInfer(request))[0] == grpc.StatusCode.UNAUTHENTICATED
+        with server.client(credentials=as_("carol")) as client:
+            kept = client.push([JPEG])
+        for _ in range(RETAINED_PER_CALLER + 5):  # more requests than carol may keep finished batches
+            assert oip.ModelInfer(request, metadata=metadata("carol")).outputs[0].name == "DETECTIONS"
+        assert len(pull(infer_pb2_grpc.InferenceServiceStub(channel), kept, "carol")) == 1
+        feeds: list[queue.Queue[Any]] = [queue.Queue() for _ in range(STREAMS_PER_CALLER + 1)]
+        calls = [oip.ModelStreamInfer(iter(feed.get, None), metadata=metadata("bob")) for feed in feeds]
+        try:
+            for feed, call in zip(feeds[:-1], calls[:-1], strict=True):
+                feed.put(request)
+                assert next(call).infer_response.outputs, "open and answering"
+            feeds[-1].put(request)
+            assert code_of(lambda: next(calls[-1]))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        finally:
+            for feed, call in zip(feeds, calls, strict=True):
+                feed.put(None)
+                call.cancel()

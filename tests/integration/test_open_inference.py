@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +27,14 @@ CLIENT = Path(__file__).resolve().parent / "oip" / "triton_client.py"
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RunningServer]:
-    # Triton's clients make their regions with shm_open, in /dev/shm itself: that is the shared directory.
-    with running_server(MODELS, "--shm-dir", "/dev/shm", workers=2) as srv:
-        yield srv
+    # Triton's clients make their regions with shm_open, in /dev/shm itself: that is the shared
+    # directory; the server's staging directory is one of this run's own.
+    staging = Path(tempfile.mkdtemp(prefix="oip-staging-", dir="/dev/shm"))
+    try:
+        with running_server(MODELS, "--shm-dir", "/dev/shm", "--staging-dir", str(staging / "s"), workers=2) as srv:
+            yield srv
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +186,36 @@ def test_calls_not_served_say_so(server: RunningServer) -> None:
         call = channel.unary_unary("/inference.GRPCInferenceService/RepositoryIndex")
         code, details = refused(lambda: call(b""))
     assert code == grpc.StatusCode.UNIMPLEMENTED and "RepositoryIndex is not served" in details
+
+
+def test_requests_the_server_cannot_honour_are_refused_not_misread(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, server: RunningServer
+) -> None:
+    jpeg = generate_scene(35).jpeg
+    raw = len(jpeg).to_bytes(4, "little") + jpeg
+    into_shm = inference_pb2.ModelInferRequest(model_name="pipeline", raw_input_contents=[raw])
+    into_shm.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+    into_shm.outputs.add(name="COUNT").parameters["shared_memory_region"].string_param = "out"
+    code, details = refused(lambda: stub.ModelInfer(into_shm))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shared memory" in details, "never silently ignored"
+    both = inference_pb2.ModelInferRequest(model_name="pipeline", raw_input_contents=[raw])
+    both.inputs.add(name="IMAGES", datatype="BYTES", shape=[1]).contents.bytes_contents.append(jpeg)
+    assert refused(lambda: stub.ModelInfer(both))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert not stub.ModelReady(inference_pb2.ModelReadyRequest(name="pipeline", version="7")).ready
+    assert stub.ModelReady(inference_pb2.ModelReadyRequest(name="pipeline", version="1")).ready
+    with grpc.insecure_channel(server.address) as channel:
+        garbage = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        assert refused(lambda: garbage(b"\xff\xff\xff"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_range_outside_the_region_is_refused_even_inside_the_file(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    """The region is a window of its file: reading past the window is refused by the region's own bound."""
+    size, key = region_file.stat().st_size, "/" + region_file.name
+    register(stub, "w", key, 4, size - 8)
+    try:
+        code, details = refused(lambda: infer_from(stub, "w", 0, size - 4))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside region" in details
+    finally:
+        stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="w"))

@@ -206,6 +206,14 @@ class BatchRegistry:
             return f"this caller has {usage.bytes} bytes in flight, its quota; retry later"
         return None
 
+    def discard(self, batch_id: str) -> None:
+        """A finished batch whose results were all delivered to a call that nobody can repeat (an
+        Open Inference Protocol request): it goes now, not at its TTL, so it never pushes out
+        results still waiting to be pulled."""
+        batch = self._batches.get(batch_id)
+        if batch is not None and batch.finished_at is not None and batch.done:
+            self._forget(batch)
+
     def activate(self, reservation: Reservation, file: BatchFile) -> None:
         """The batch file is valid: make the batch pullable and wake any retry waiting on it."""
         batch = reservation.batch

@@ -32,8 +32,13 @@ if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
 
 CALLER: contextvars.ContextVar[Identity | None] = contextvars.ContextVar("infer_caller", default=None)
-_PREFIX = "/infer.v1.InferenceService/"
-_PUSH = _PREFIX + "PushData"
+# The services whose callers are identified here (health and reflection are open to anyone who can
+# connect, and so are the Open Inference Protocol's liveness and readiness probes).
+_PREFIXES = ("/infer.v1.InferenceService/", "/infer.v1.ModelControlService/", "/inference.GRPCInferenceService/")
+_PROBES = ("/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady")
+# Calls that bring images: refused unread while the caller's byte budget is spent.
+_PUSHES = ("/infer.v1.InferenceService/PushData", "/inference.GRPCInferenceService/ModelInfer",
+           "/inference.GRPCInferenceService/ModelStreamInfer")  # fmt: skip
 
 
 def _refusal(error: ServerError, method: str, identity: str | None) -> grpc.RpcMethodHandler:
@@ -59,7 +64,7 @@ class Gate(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        if not method.startswith(_PREFIX):  # health, reflection: open to anyone who can connect
+        if not method.startswith(_PREFIXES) or method in _PROBES:
             return await continuation(details)
         try:
             identity = self._server.authenticator.identify_metadata(details.invocation_metadata)
@@ -67,7 +72,7 @@ class Gate(grpc.aio.ServerInterceptor):
             return _refusal(exc, method, None)
         if identity is None:  # decided by the handler (TLS client certificates)
             return await continuation(details)
-        if method == _PUSH and (full := self._server.registry.bytes_budget_spent(identity.name)):
+        if method in _PUSHES and (full := self._server.registry.bytes_budget_spent(identity.name)):
             return _refusal(Overloaded(full), method, identity.name)
         CALLER.set(identity)
         return await continuation(details)

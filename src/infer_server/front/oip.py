@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import importlib.metadata
 import json
 import struct
 import time
@@ -35,8 +36,17 @@ import grpc
 import grpc.aio
 
 from infer_proto import infer_pb2, inference_pb2
-from infer_server.front.errors import InvalidBatch, ServerError, UnknownModel, rpc_boundary
+from infer_server.front.errors import (
+    InvalidBatch,
+    Overloaded,
+    ServerError,
+    Unavailable,
+    UnknownModel,
+    rpc_boundary,
+    status_for,
+)
 from infer_server.front.identity import Identity
+from infer_server.front.service import StreamSlots, readable, reader
 from infer_server.messages import ImageOutcome
 
 if TYPE_CHECKING:
@@ -50,7 +60,12 @@ OUTPUTS = {
 }  # fmt: skip
 # The protocol's methods this server does not serve: answered UNIMPLEMENTED, saying so.
 _NOT_SERVED = ("ModelConfig", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-               "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "Trace")  # fmt: skip
+               "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting",
+               "LogSettings")  # fmt: skip
+try:
+    _VERSION = importlib.metadata.version("infer-server")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree without an install
+    _VERSION = "0"
 
 
 def split_bytes(raw: bytes | memoryview, count: int) -> list[bytes | memoryview]:
@@ -135,13 +150,16 @@ class Statistics:
 class OpenInferenceServicer:
     """``inference.GRPCInferenceService`` of one server."""
 
-    def __init__(self, server: InferenceServer, identify: Callable[..., Identity]) -> None:
-        self._server, self._identify = server, identify
+    def __init__(self, server: InferenceServer, identify: Callable[..., Identity], streams: StreamSlots) -> None:
+        self._server, self._identify, self._streams = server, identify, streams
         self.stats = Statistics()
+        self._reads = asyncio.Semaphore(2)  # region reads in memory at once (each up to a batch's bytes)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        limit = self._server.settings.max_message_bytes
+
         def unary(method: Callable[..., Any], request: Any, reply: Any) -> grpc.RpcMethodHandler:
-            return grpc.unary_unary_rpc_method_handler(method, request.FromString, reply.SerializeToString)
+            return grpc.unary_unary_rpc_method_handler(method, reader(request, limit), reply.SerializeToString)
 
         p = inference_pb2
         handlers = {
@@ -153,7 +171,7 @@ class OpenInferenceServicer:
             "ModelInfer": unary(self.ModelInfer, p.ModelInferRequest, p.ModelInferResponse),
             "ModelStatistics": unary(self.ModelStatistics, p.ModelStatisticsRequest, p.ModelStatisticsResponse),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
-                self.ModelStreamInfer, p.ModelInferRequest.FromString, p.ModelStreamInferResponse.SerializeToString
+                self.ModelStreamInfer, reader(p.ModelInferRequest, limit), p.ModelStreamInferResponse.SerializeToString
             ),
             **{name: grpc.unary_unary_rpc_method_handler(self._not_served(name)) for name in _NOT_SERVED},
         }
@@ -187,18 +205,19 @@ class OpenInferenceServicer:
     @rpc_boundary
     async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._identify(context, "ModelReady")
-        return inference_pb2.ModelReadyResponse(ready=request.name == MODEL and self._ready())
+        request = readable(request)
+        known = request.name == MODEL and request.version in ("", VERSION)
+        return inference_pb2.ModelReadyResponse(ready=known and self._ready())
 
     @rpc_boundary
     async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        from importlib.metadata import version
-
-        return inference_pb2.ServerMetadataResponse(name="infer-server", version=version("infer-server"),
+        return inference_pb2.ServerMetadataResponse(name="infer-server", version=_VERSION,
                                                     extensions=["system_shared_memory", "statistics"])  # fmt: skip
 
     @rpc_boundary
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._identify(context, "ModelMetadata")
+        request = readable(request)
         self._model(request.name, request.version)
         reply = inference_pb2.ModelMetadataResponse(name=MODEL, versions=[VERSION], platform="infer-server")
         reply.inputs.add(name=INPUT, datatype="BYTES", shape=[-1])
@@ -209,6 +228,7 @@ class OpenInferenceServicer:
     @rpc_boundary
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         self._identify(context, "ModelStatistics")
+        request = readable(request)
         if request.name:
             self._model(request.name, request.version)
         s = self.stats
@@ -224,34 +244,57 @@ class OpenInferenceServicer:
     @rpc_boundary
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         identity = self._identify(context, "ModelInfer")
-        return await self.infer(request, context.peer(), identity)
+        return await self.infer(readable(request), context.peer(), identity)
 
     async def ModelStreamInfer(self, requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Each request answered on the stream in turn; one that fails carries ``error_message`` (and
+        its id) and the stream goes on. The stream counts against the stream quotas and ends
+        UNAVAILABLE after ``--stream-idle-timeout-s`` without a request, as a Session does."""
         try:
             identity = self._identify(context, "ModelStreamInfer")
+            slot = self._streams.open(identity.name)
+            slot.__enter__()
         except ServerError as exc:
             await context.abort(exc.code, exc.message)
-        async for request in requests:
-            try:
-                answer = await self.infer(request, context.peer(), identity)
-            except ServerError as exc:  # one request fails, the stream goes on (the protocol's way)
-                yield inference_pb2.ModelStreamInferResponse(error_message=f"{exc.code.name}: {exc.message}")
-                continue
-            yield inference_pb2.ModelStreamInferResponse(infer_response=answer)
+        try:
+            idle = self._server.settings.stream_idle_timeout_s
+            while True:
+                try:
+                    request = await asyncio.wait_for(requests.__anext__(), idle)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, f"no request for {idle:g} s: stream closed")
+                try:
+                    answer = await self.infer(readable(request), context.peer(), identity)
+                except Exception as exc:  # the protocol's way: this request fails, the stream goes on
+                    code, message = status_for(exc, "ModelStreamInfer")
+                    failed = inference_pb2.ModelInferResponse(id=getattr(request, "id", ""), model_name=MODEL)
+                    yield inference_pb2.ModelStreamInferResponse(error_message=f"{code.name}: {message}",
+                                                                 infer_response=failed)  # fmt: skip
+                    continue
+                yield inference_pb2.ModelStreamInferResponse(infer_response=answer)
+        finally:
+            slot.__exit__(None, None, None)
 
     async def infer(self, request: Any, peer: str, identity: Identity) -> inference_pb2.ModelInferResponse:
         """One request: its images pushed as one batch, its results collected and returned."""
+        self._model(request.model_name, request.model_version)
+        wanted = [o.name for o in request.outputs]
+        unknown = [name for name in wanted if name not in OUTPUTS]
+        if unknown:
+            raise InvalidBatch(f"unknown outputs {unknown}: the outputs are {list(OUTPUTS)}")
+        if any("shared_memory_region" in o.parameters for o in request.outputs):
+            raise InvalidBatch("outputs into shared memory are not supported: they come in the response")
         started = time.monotonic()
         outcomes: list[ImageOutcome] = []
         try:
-            self._model(request.model_name, request.model_version)
-            wanted = [o.name for o in request.outputs]
-            unknown = [name for name in wanted if name not in OUTPUTS]
-            if unknown:
-                raise InvalidBatch(f"unknown outputs {unknown}: the outputs are {list(OUTPUTS)}")
             push = await self._push_request(request, identity)
             batch = await self._server.push(push, peer, identity)
             outcomes = await self._collect(batch.batch_id, identity)
+            if len(outcomes) != batch.size:
+                raise Unavailable("the request's results expired before they were collected; send it again")
+            self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
             return response(request.id, outcomes, wanted)
         finally:
             self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
@@ -266,10 +309,13 @@ class OpenInferenceServicer:
         count = int(tensor.shape[0])
         if count > self._server.settings.max_batch_images:
             raise InvalidBatch(f"a request holds at most {self._server.settings.max_batch_images} images")
+        given = ("shared_memory_region" in tensor.parameters) + bool(request.raw_input_contents) + bool(
+            tensor.contents.bytes_contents)  # fmt: skip
+        if given != 1:
+            raise InvalidBatch(f"{INPUT}'s data must come one way: raw_input_contents, contents, or shared memory")
         if "shared_memory_region" in tensor.parameters:
-            raw = await asyncio.to_thread(self._server.regions.read, identity, tensor.parameters)
-            images = split_bytes(raw, count)
-        elif request.raw_input_contents:
+            return await self._from_region(tensor.parameters, count, identity)
+        if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise InvalidBatch("raw_input_contents must hold one entry per input")
             images = split_bytes(request.raw_input_contents[0], count)
@@ -278,6 +324,19 @@ class OpenInferenceServicer:
             if len(images) != count:
                 raise InvalidBatch(f"{INPUT} has shape [{count}] but {len(images)} elements")
         return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images])
+
+    async def _from_region(self, parameters: Any, count: int, identity: Identity) -> infer_pb2.PushDataRequest:
+        """The images an input names in a region: read only while the caller's and the server's
+        byte budgets have room, two requests at a time (each at most a batch's bytes)."""
+        if full := self._server.registry.bytes_budget_spent(identity.name):
+            raise Overloaded(full)
+
+        def read() -> infer_pb2.PushDataRequest:
+            images = split_bytes(self._server.regions.read(identity, parameters), count)
+            return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images])
+
+        async with self._reads:
+            return await asyncio.to_thread(read)
 
     async def _collect(self, batch_id: str, identity: Identity) -> list[ImageOutcome]:
         """Every outcome of the batch, by index (each acknowledged: this call delivers it)."""

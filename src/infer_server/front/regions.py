@@ -83,18 +83,21 @@ class Regions:
         with self._lock:
             if (identity.name, name) in self._regions:
                 raise Conflict(f"a region named {name!r} is registered already; unregister it first")
-            if sum(owner == identity.name for owner, _ in self._regions) >= MAX_REGIONS:
+            if self._count(identity) >= MAX_REGIONS:
                 raise Overloaded(f"this caller has {MAX_REGIONS} regions registered, its limit")
         fd, st, _ = self._handoff.open_file(rel, identity.file_owners)  # relative: beneath the shared directory
         if offset < 0 or byte_size < 0 or offset + byte_size > st.st_size:
             os.close(fd)
             raise InvalidBatch(f"offset {offset} + byte_size {byte_size} lies outside the file ({st.st_size} bytes)")
         region = Region(name, key, offset, byte_size, fd, st.st_dev, st.st_ino, rel, identity.file_owners)
-        with self._lock:
-            if (identity.name, name) in self._regions:  # registered by a concurrent call meanwhile
+        with self._lock:  # again: a concurrent call may have registered meanwhile
+            if (identity.name, name) in self._regions or self._count(identity) >= MAX_REGIONS:
                 os.close(fd)
-                raise Conflict(f"a region named {name!r} is registered already; unregister it first")
+                raise Conflict(f"a region named {name!r} is registered already, or this caller has {MAX_REGIONS}")
             self._regions[(identity.name, name)] = region
+
+    def _count(self, identity: Identity) -> int:
+        return sum(owner == identity.name for owner, _ in self._regions)
 
     def unregister(self, identity: Identity, name: str) -> None:
         with self._lock:
@@ -134,14 +137,18 @@ class Regions:
         limit = self._handoff.limits.max_bytes + 4 * self._handoff.limits.max_images
         with self._lock:
             region = self._regions.get((identity.name, name))
-            if region is None:
+        if region is None:
+            raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+        if offset < 0 or size < 0 or offset + size > region.byte_size:
+            raise InvalidBatch(f"offset {offset} + byte_size {size} lies outside region {name!r} "
+                               f"({region.byte_size} bytes)")  # fmt: skip
+        if size > limit:
+            raise InvalidBatch(f"an input holds at most {limit} bytes")
+        same = self._same_file(region)  # a path walk: outside the lock
+        with self._lock:
+            if self._regions.get((identity.name, name)) is not region:
                 raise UnknownBatch(f"no shared memory region named {name!r} is registered")
-            if offset < 0 or size < 0 or offset + size > region.byte_size:
-                raise InvalidBatch(f"offset {offset} + byte_size {size} lies outside region {name!r} "
-                                   f"({region.byte_size} bytes)")  # fmt: skip
-            if size > limit:
-                raise InvalidBatch(f"an input holds at most {limit} bytes")
-            if not self._same_file(region):
+            if not same:
                 del self._regions[(identity.name, name)]
                 os.close(region.fd)
                 raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")

@@ -155,7 +155,7 @@ class InferenceServer:
         )
         inference = InferenceServicer(self)
         control = ModelControlServicer(self, self.control, inference.identify)
-        self.oip = OpenInferenceServicer(self, inference.identify)
+        self.oip = OpenInferenceServicer(self, inference.identify, inference.streams)
         server.add_generic_rpc_handlers((inference.handler(), control.handler(), self.oip.handler()))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = (SERVICE_NAME, CONTROL_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)

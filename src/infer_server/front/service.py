@@ -69,7 +69,7 @@ def reader(message: type[Message], limit: int) -> Callable[[bytes], Message | Un
     return parse
 
 
-def _readable(request: Any) -> Any:
+def readable(request: Any) -> Any:
     if isinstance(request, Unreadable):
         raise InvalidBatch(request.reason)
     return request
@@ -143,13 +143,13 @@ class InferenceServicer:
     @rpc_boundary
     async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
         identity = self.identify(context, "PushData")
-        batch = await self._server.push(_readable(request), context.peer(), identity)
+        batch = await self._server.push(readable(request), context.peer(), identity)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
     async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self.identify(context, "PullResult")
-        request = _readable(request)
+        request = readable(request)
         with (
             self.streams.open(identity.name),
             self._server.registry.subscribe(request.batch_ids, identity.name) as cursor,

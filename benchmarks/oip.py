@@ -1,0 +1,97 @@
+"""The Open Inference Protocol's data path beside infer.v1's, in one run, interleaved: the same
+null-model server, the same workload (``--clients`` client processes, ``--batch`` images per
+request), four ways in:
+
+* ``v1-tmpfs`` / ``v1-inline`` — the server's own client library (``infer_client``);
+* ``oip-inline`` / ``oip-shm`` — tritonclient, unmodified, from its own environment (``.venv-triton``),
+  inline bytes and system shared memory.
+
+images/s and the server's CPU per image (front + workers) per way, and each way's ratio to
+``v1-tmpfs`` from the same round. (perf_analyzer would be the protocol's own load tool; the package
+index this machine reaches serves only a placeholder of it, see benchmarks/README.md.)
+
+    .venv/bin/python -m benchmarks.oip --rounds 3 --json bench-out/oip.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks import servers
+from engines.scenes import generate_scene
+
+HERE = Path(__file__).resolve().parent
+TRITON_PYTHON = servers.REPO_ROOT / ".venv-triton" / "bin" / "python"
+WAYS = ("v1-tmpfs", "v1-inline", "oip-inline", "oip-shm")
+
+
+def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
+             images: list[str]) -> list[subprocess.Popen[str]]:  # fmt: skip
+    if way.startswith("v1"):
+        cmd = [sys.executable, str(HERE / "oip_clients" / "v1_load.py"), server.address, str(server.shm_dir),
+               way.split("-")[1], str(seconds), str(batch), *images]  # fmt: skip
+    else:
+        cmd = [str(TRITON_PYTHON), str(HERE / "oip_clients" / "triton_load.py"), server.address, way.split("-")[1],
+               str(seconds), str(batch), *images]  # fmt: skip
+    env = {"PYTHONPATH": str(servers.REPO_ROOT / "src")}
+    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(clients)]
+
+
+def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
+             images: list[str]) -> dict[str, float]:  # fmt: skip
+    front0, workers0 = server.cpu()
+    started = time.perf_counter()
+    procs = _clients(way, server, clients, seconds, batch, images)
+    answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+    elapsed = time.perf_counter() - started
+    front1, workers1 = server.cpu()
+    return {"fps": answered / elapsed, "server_cpu_ms_per_image": 1e3 * (front1 - front0 + workers1 - workers0)
+            / max(1, answered)}  # fmt: skip
+
+
+def main(
+    rounds: Annotated[int, typer.Option(help="Rounds; each runs every way once.")] = 3,
+    seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
+    clients: Annotated[int, typer.Option(help="Client processes.")] = 4,
+    batch: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Measure the four ways in on one null-model server."""
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as staging:
+        images = []
+        for seed in range(16):
+            images.append(str(Path(tmp) / f"{seed}.jpg"))
+            Path(images[-1]).write_bytes(generate_scene(50_000 + seed, width=640, height=480).jpeg)
+        args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
+                "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
+                "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s"]  # fmt: skip
+        rows = []
+        with servers.launched("grpc", args, shm=False, label="oip") as server:
+            server.shm_dir = Path("/dev/shm")
+            for n in range(rounds):
+                order = list(WAYS[n % 4 :] + WAYS[: n % 4])
+                row = {way: _measure(way, server, clients, seconds, batch, images) for way in order}
+                for way in WAYS:
+                    row[way]["ratio"] = row[way]["fps"] / row["v1-tmpfs"]["fps"]
+                rows.append(row)
+                print(f"round {n + 1}: " + ", ".join(f"{w} {row[w]['fps']:.0f} img/s "
+                      f"({row[w]['server_cpu_ms_per_image']:.2f} ms)" for w in WAYS))  # fmt: skip
+    summary = {way: statistics.median(r[way]["ratio"] for r in rows) for way in WAYS}
+    print("median ratio to v1-tmpfs: " + ", ".join(f"{w} {summary[w]:.2f}" for w in WAYS))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        doc: dict[str, Any] = {"rounds": rows, "median_ratio": summary, "clients": clients, "batch": batch}
+        json_out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)

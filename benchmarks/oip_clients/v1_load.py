@@ -1,0 +1,29 @@
+"""One load client of infer.v1 (the server's own client library), the same workload as
+``triton_load.py``: requests of ``batch`` images for ``seconds``; prints how many were answered.
+
+    python v1_load.py HOST:PORT SHM_DIR tmpfs|inline SECONDS BATCH IMAGE...
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from infer_client import InferClient
+
+
+def main() -> None:
+    url, shm_dir, transport = sys.argv[1:4]
+    seconds, batch = float(sys.argv[4]), int(sys.argv[5])
+    images = [Path(p).read_bytes() for p in sys.argv[6:]]
+    done, n, end = 0, 0, time.monotonic() + seconds
+    with InferClient(url, shm_dir=shm_dir, transport=transport) as client:  # type: ignore[arg-type]
+        while time.monotonic() < end:
+            done += sum(r.ok for r in client.detect([images[(n + k) % len(images)] for k in range(batch)]))
+            n += batch
+    print(done)
+
+
+if __name__ == "__main__":
+    main()
