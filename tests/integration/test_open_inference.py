@@ -80,7 +80,7 @@ def test_tritonclient_gets_what_infer_v1_answers(server: RunningServer, images: 
     assert expected[0]["detections"] and expected[3]["status"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     for way in ("inline", "shm", "async", "stream"):
         assert [comparable(d) for d in out[way]] == expected, way
-    assert out["count"] == [len(e["detections"]) for e in expected]
+    assert out["count"] == out["shm_count"] == [len(e["detections"]) for e in expected]
     assert out["boxes_shape"] == [4, max(out["count"]), 4]
     assert out["regions"] == ["images"]
     assert int(out["statistics"]) >= 3 * 4
@@ -197,7 +197,7 @@ def test_requests_the_server_cannot_honour_are_refused_not_misread(
     into_shm.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
     into_shm.outputs.add(name="COUNT").parameters["shared_memory_region"].string_param = "out"
     code, details = refused(lambda: stub.ModelInfer(into_shm))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shared memory" in details, "never silently ignored"
+    assert code == grpc.StatusCode.NOT_FOUND and "no shared memory region" in details, "never silently ignored"
     both = inference_pb2.ModelInferRequest(model_name="pipeline", raw_input_contents=[raw])
     both.inputs.add(name="IMAGES", datatype="BYTES", shape=[1]).contents.bytes_contents.append(jpeg)
     assert refused(lambda: stub.ModelInfer(both))[0] == grpc.StatusCode.INVALID_ARGUMENT
@@ -219,3 +219,38 @@ def test_a_range_outside_the_region_is_refused_even_inside_the_file(
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "outside region" in details
     finally:
         stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="w"))
+
+
+def test_an_output_goes_into_its_region_only_if_it_fits(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    size, key = region_file.stat().st_size, "/" + region_file.name
+    image = region_file.read_bytes()
+    out = region_file.with_name(region_file.name + "-out")
+    out.write_bytes(b"\xff" * 64)
+    out.chmod(0o600)
+    register(stub, "in", key, 0, size)
+    register(stub, "out", "/" + out.name, 0, 64)
+    try:
+        request = inference_pb2.ModelInferRequest(model_name="pipeline")
+        tensor = request.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+        tensor.parameters["shared_memory_region"].string_param = "in"
+        tensor.parameters["shared_memory_byte_size"].int64_param = size
+        wanted = request.outputs.add(name="STATUS")
+        wanted.parameters["shared_memory_region"].string_param = "out"
+        wanted.parameters["shared_memory_offset"].int64_param = 8
+        wanted.parameters["shared_memory_byte_size"].int64_param = 4
+        answer = stub.ModelInfer(request)
+        assert answer.outputs[0].parameters["shared_memory_region"].string_param == "out"
+        assert answer.raw_output_contents == [b""]
+        written = out.read_bytes()
+        assert written[8:12] == (0).to_bytes(4, "little"), "STATUS 0 (OK) at the offset asked for"
+        assert written[:8] + written[12:] == b"\xff" * 60, "nothing else of the region is touched"
+        request.outputs[0].name = "DETECTIONS"  # far more than 4 bytes of JSON
+        code, details = refused(lambda: stub.ModelInfer(request))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "needs" in details
+        assert image == region_file.read_bytes(), "the input region is never written"
+    finally:
+        for name in ("in", "out"):
+            stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name=name))
+        out.unlink()

@@ -18,7 +18,8 @@ outputs, one row per image:
   the detections as fixed-shape tensors, K the most any image of the request has, padded with 0.
 
 Inputs come inline (``raw_input_contents`` or ``contents.bytes_contents``) or from a registered
-system-shared-memory region (``front.regions``).
+system-shared-memory region (``front.regions``); an output goes back in the response or, when the
+request names a region for it, into that region.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import importlib.metadata
 import json
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -102,11 +103,9 @@ def detection_json(outcome: ImageOutcome) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def response(
-    request_id: str, outcomes: Sequence[ImageOutcome], wanted: Sequence[str]
-) -> inference_pb2.ModelInferResponse:
-    """The answer to one request: every output asked for (all when none is named), raw, little-endian
-    (the front never imports numpy: ``array`` packs the tensors)."""
+def tensors(outcomes: Sequence[ImageOutcome]) -> dict[str, tuple[bytes, list[int]]]:
+    """Every output of one request, raw and little-endian, with its shape (the front never imports
+    numpy: ``array`` packs them)."""
     n, k = len(outcomes), max((len(o.detections) for o in outcomes), default=0)
     boxes, scores, classes = array.array("f", bytes(16 * n * k)), array.array("f", bytes(4 * n * k)), array.array(
         "i", bytes(4 * n * k))  # fmt: skip
@@ -114,7 +113,7 @@ def response(
         for j, d in enumerate(outcome.detections):
             boxes[4 * (i * k + j) : 4 * (i * k + j) + 4] = array.array("f", (d.box.x1, d.box.y1, d.box.x2, d.box.y2))
             scores[i * k + j], classes[i * k + j] = d.score, d.class_id
-    tensors: dict[str, tuple[bytes, list[int]]] = {
+    return {
         "DETECTIONS": (_bytes_tensor([detection_json(o) for o in outcomes]), [n]),
         "STATUS": (array.array("i", (int(o.code) for o in outcomes)).tobytes(), [n]),
         "COUNT": (array.array("i", (len(o.detections) for o in outcomes)).tobytes(), [n]),
@@ -122,11 +121,25 @@ def response(
         "SCORES": (scores.tobytes(), [n, k]),
         "CLASSES": (classes.tobytes(), [n, k]),
     }
+
+
+def response(
+    request_id: str, built: Mapping[str, tuple[bytes, list[int]]], wanted: Sequence[str],
+    into: Mapping[str, Any] | None = None,
+) -> inference_pb2.ModelInferResponse:  # fmt: skip
+    """The answer to one request: every output asked for (all when none is named). One written into
+    a shared-memory region (``into``: its parameters) says where, with no raw bytes of its own (an
+    empty entry keeps the others at their positions, as clients index them)."""
     reply = inference_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION, id=request_id)
     for name in wanted or OUTPUTS:
-        data, shape = tensors[name]
-        reply.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
-        reply.raw_output_contents.append(data)
+        data, shape = built[name]
+        output = reply.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
+        if into and name in into:
+            for key, value in into[name].items():
+                output.parameters[key].CopyFrom(value)
+            reply.raw_output_contents.append(b"")
+        else:
+            reply.raw_output_contents.append(data)
     return reply
 
 
@@ -284,8 +297,9 @@ class OpenInferenceServicer:
         unknown = [name for name in wanted if name not in OUTPUTS]
         if unknown:
             raise InvalidBatch(f"unknown outputs {unknown}: the outputs are {list(OUTPUTS)}")
-        if any("shared_memory_region" in o.parameters for o in request.outputs):
-            raise InvalidBatch("outputs into shared memory are not supported: they come in the response")
+        into = {o.name: o.parameters for o in request.outputs if "shared_memory_region" in o.parameters}
+        for parameters in into.values():
+            self._server.regions.region(identity, parameters["shared_memory_region"].string_param)  # or NOT_FOUND
         started = time.monotonic()
         outcomes: list[ImageOutcome] = []
         try:
@@ -295,7 +309,10 @@ class OpenInferenceServicer:
             if len(outcomes) != batch.size:
                 raise Unavailable("the request's results expired before they were collected; send it again")
             self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
-            return response(request.id, outcomes, wanted)
+            built = tensors(outcomes)
+            for name, parameters in into.items():
+                await asyncio.to_thread(self._server.regions.write, identity, parameters, built[name][0])
+            return response(request.id, built, wanted, into)
         finally:
             self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
 

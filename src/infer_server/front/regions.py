@@ -14,9 +14,9 @@ each caller's own (another caller's name is unknown to it), at most ``MAX_REGION
 Using one (``shared_memory_region``, ``shared_memory_offset``, ``shared_memory_byte_size`` on the
 input): the range is checked against the region, the file is checked to still be the one that was
 registered (replaced: the region is dropped and the request refused), and the bytes are read
-through a duplicate of the held descriptor, so an unregister meanwhile cannot pull it away. A region
-is closed on unregister and at server stop. Output into regions is not supported yet: outputs are
-returned in the response.
+through a duplicate of the held descriptor, so an unregister meanwhile cannot pull it away. An output
+asked for into a region is written the same way (``write``), through the held file reopened for
+writing. A region is closed on unregister and at server stop.
 """
 
 from __future__ import annotations
@@ -163,6 +163,47 @@ class Regions:
         if len(data) != size:
             raise InvalidBatch(f"region {name!r} held {len(data)} of the {size} bytes asked for")
         return data
+
+    def region(self, identity: Identity, name: str) -> Region:
+        with self._lock:
+            region = self._regions.get((identity.name, name))
+        if region is None:
+            raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+        return region
+
+    def write(self, identity: Identity, parameters: Mapping[str, Any], data: bytes) -> None:
+        """Write an output into the range its parameters name (blocking: run it in a thread). The
+        range must hold it, within the region; the file is written through the region's own open
+        file, reopened for writing (``/proc/self/fd``), never by its path."""
+        name = parameters["shared_memory_region"].string_param
+        offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
+        size = parameters["shared_memory_byte_size"].int64_param if "shared_memory_byte_size" in parameters else -1
+        region = self.region(identity, name)
+        if offset < 0 or size < 0 or offset + size > region.byte_size:
+            raise InvalidBatch(f"offset {offset} + byte_size {size} lies outside region {name!r} "
+                               f"({region.byte_size} bytes)")  # fmt: skip
+        if len(data) > size:
+            raise InvalidBatch(f"the output needs {len(data)} bytes; region {name!r} offers {size}")
+        if not self._same_file(region):
+            raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")
+        with self._lock:
+            if self._regions.get((identity.name, name)) is not region:
+                raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+            fd = os.dup(region.fd)
+        try:
+            if region.offset + offset + len(data) > os.fstat(fd).st_size:
+                raise InvalidBatch(f"region {name!r}'s file shrank under it")
+            try:
+                out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+            except PermissionError:
+                raise PermissionDeniedError(f"the server may not write region {name!r}'s file") from None
+            try:
+                if os.pwrite(out, data, region.offset + offset) != len(data):
+                    raise InvalidBatch(f"region {name!r} took fewer bytes than the output has")
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
 
     def _same_file(self, region: Region) -> bool:
         """The region's path still leads (by the same checks) to the file that was registered."""

@@ -52,6 +52,17 @@ def main() -> None:
         tensor = grpcclient.InferInput("IMAGES", [len(images)], "BYTES")
         tensor.set_shared_memory("images", size)
         out["shm"] = answer(client.infer("pipeline", [tensor]))
+        # ... and an output written into another region the client created.
+        counts = shm.create_shared_memory_region("counts", "/oip-test-counts", 4 * len(images))
+        try:
+            client.register_system_shared_memory("counts", "/oip-test-counts", 4 * len(images))
+            wanted = grpcclient.InferRequestedOutput("COUNT")
+            wanted.set_shared_memory("counts", 4 * len(images))
+            client.infer("pipeline", [images_input(images)], outputs=[wanted])
+            out["shm_count"] = shm.get_contents_as_numpy(counts, np.int32, [len(images)]).tolist()
+            client.unregister_system_shared_memory("counts")
+        finally:
+            shm.destroy_shared_memory_region(counts)
         client.unregister_system_shared_memory("images")
     finally:
         shm.destroy_shared_memory_region(region)
