@@ -231,6 +231,10 @@ class Handoff:
         if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise PermissionDeniedError("file is writable by group or others")
 
+    def adopt(self, fd: int, st: os.stat_result, path: str, images: tuple[ImageRef, ...]) -> BatchFile:
+        """A batch file opened and checked elsewhere (a shared-memory region's), held from now on."""
+        return self._held(BatchFile(FileRef(path, st.st_dev, st.st_ino, st.st_size, fd), images, staged=False))
+
     def _held(self, batch: BatchFile) -> BatchFile:
         with self._lock:
             self._batch_fds[batch.file.fd] = batch

@@ -39,7 +39,6 @@ import grpc.aio
 from infer_proto import infer_pb2, inference_pb2
 from infer_server.front.errors import (
     InvalidBatch,
-    Overloaded,
     ServerError,
     Unavailable,
     UnknownModel,
@@ -51,6 +50,7 @@ from infer_server.front.service import StreamSlots, readable, reader
 from infer_server.messages import ImageOutcome
 
 if TYPE_CHECKING:
+    from infer_server.front.handoff import BatchFile
     from infer_server.front.server import InferenceServer
 
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
@@ -166,7 +166,6 @@ class OpenInferenceServicer:
     def __init__(self, server: InferenceServer, identify: Callable[..., Identity], streams: StreamSlots) -> None:
         self._server, self._identify, self._streams = server, identify, streams
         self.stats = Statistics()
-        self._reads = asyncio.Semaphore(2)  # region reads in memory at once (each up to a batch's bytes)
 
     def handler(self) -> grpc.GenericRpcHandler:
         limit = self._server.settings.max_message_bytes
@@ -303,8 +302,8 @@ class OpenInferenceServicer:
         started = time.monotonic()
         outcomes: list[ImageOutcome] = []
         try:
-            push = await self._push_request(request, identity)
-            batch = await self._server.push(push, peer, identity)
+            push, opened = await self._push_request(request, identity)
+            batch = await self._server.push(push, peer, identity, opened)
             outcomes = await self._collect(batch.batch_id, identity)
             if len(outcomes) != batch.size:
                 raise Unavailable("the request's results expired before they were collected; send it again")
@@ -316,8 +315,11 @@ class OpenInferenceServicer:
         finally:
             self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
 
-    async def _push_request(self, request: Any, identity: Identity) -> infer_pb2.PushDataRequest:
-        """The push that carries the request's images: inline, or the region's file and offsets."""
+    async def _push_request(
+        self, request: Any, identity: Identity
+    ) -> tuple[infer_pb2.PushDataRequest, BatchFile | None]:
+        """The push that carries the request's images: inline, or the region's file itself, its
+        images read in place by the workers (``Regions.batch``: no image byte through the front)."""
         if len(request.inputs) != 1 or request.inputs[0].name != INPUT:
             raise InvalidBatch(f"{MODEL} takes one input, {INPUT!r} (BYTES [N] of encoded images)")
         tensor = request.inputs[0]
@@ -331,7 +333,8 @@ class OpenInferenceServicer:
         if given != 1:
             raise InvalidBatch(f"{INPUT}'s data must come one way: raw_input_contents, contents, or shared memory")
         if "shared_memory_region" in tensor.parameters:
-            return await self._from_region(tensor.parameters, count, identity)
+            opened, sizes = await asyncio.to_thread(self._server.regions.batch, identity, tensor.parameters, count)
+            return infer_pb2.PushDataRequest(path=opened.path, sizes=sizes), opened
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
                 raise InvalidBatch("raw_input_contents must hold one entry per input")
@@ -340,20 +343,7 @@ class OpenInferenceServicer:
             images = list(tensor.contents.bytes_contents)
             if len(images) != count:
                 raise InvalidBatch(f"{INPUT} has shape [{count}] but {len(images)} elements")
-        return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images])
-
-    async def _from_region(self, parameters: Any, count: int, identity: Identity) -> infer_pb2.PushDataRequest:
-        """The images an input names in a region: read only while the caller's and the server's
-        byte budgets have room, two requests at a time (each at most a batch's bytes)."""
-        if full := self._server.registry.bytes_budget_spent(identity.name):
-            raise Overloaded(full)
-
-        def read() -> infer_pb2.PushDataRequest:
-            images = split_bytes(self._server.regions.read(identity, parameters), count)
-            return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images])
-
-        async with self._reads:
-            return await asyncio.to_thread(read)
+        return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images]), None
 
     async def _collect(self, batch_id: str, identity: Identity) -> list[ImageOutcome]:
         """Every outcome of the batch, by index (each acknowledged: this call delivers it)."""

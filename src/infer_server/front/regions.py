@@ -13,10 +13,12 @@ each caller's own (another caller's name is unknown to it), at most ``MAX_REGION
 
 Using one (``shared_memory_region``, ``shared_memory_offset``, ``shared_memory_byte_size`` on the
 input): the range is checked against the region, the file is checked to still be the one that was
-registered (replaced: the region is dropped and the request refused), and the bytes are read
-through a duplicate of the held descriptor, so an unregister meanwhile cannot pull it away. An output
-asked for into a region is written the same way (``write``), through the held file reopened for
-writing. A region is closed on unregister and at server stop.
+registered (replaced: the region is dropped and the request refused), and the region's file becomes
+the batch file (``batch``): a duplicate of the held descriptor, one image per BYTES element found
+by reading the lengths only, read in place by the workers, so no image byte passes through the front
+and an unregister meanwhile cannot pull the file away. An output asked for into a region is written
+through the held file reopened for writing (``write``). A region is closed on unregister and at
+server stop.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ from infer_server.front.errors import (
     rpc_boundary,
 )
 from infer_server.front.identity import Identity
+from infer_server.messages import ImageRef
 
 if TYPE_CHECKING:
-    from infer_server.front.handoff import Handoff
+    from infer_server.front.handoff import BatchFile, Handoff
 
 MAX_REGIONS = 64  # per caller: each holds a descriptor
 _MAX_NAME = 256
@@ -62,6 +65,7 @@ class Region:
     ino: int
     path: str  # relative to the shared directory
     owners: frozenset[int]
+    real: str  # its real path (logs; never opened again)
 
 
 class Regions:
@@ -85,11 +89,11 @@ class Regions:
                 raise Conflict(f"a region named {name!r} is registered already; unregister it first")
             if self._count(identity) >= MAX_REGIONS:
                 raise Overloaded(f"this caller has {MAX_REGIONS} regions registered, its limit")
-        fd, st, _ = self._handoff.open_file(rel, identity.file_owners)  # relative: beneath the shared directory
+        fd, st, real = self._handoff.open_file(rel, identity.file_owners)  # relative: beneath the shared directory
         if offset < 0 or byte_size < 0 or offset + byte_size > st.st_size:
             os.close(fd)
             raise InvalidBatch(f"offset {offset} + byte_size {byte_size} lies outside the file ({st.st_size} bytes)")
-        region = Region(name, key, offset, byte_size, fd, st.st_dev, st.st_ino, rel, identity.file_owners)
+        region = Region(name, key, offset, byte_size, fd, st.st_dev, st.st_ino, rel, identity.file_owners, real)
         with self._lock:  # again: a concurrent call may have registered meanwhile
             if (identity.name, name) in self._regions or self._count(identity) >= MAX_REGIONS:
                 os.close(fd)
@@ -127,13 +131,72 @@ class Regions:
             self._regions.clear()
 
     # ----------------------------------------------------------------------------------- use
-    def read(self, identity: Identity, parameters: Mapping[str, Any]) -> bytes:
-        """The bytes an input names in its region (blocking: run it in a thread)."""
-        name = parameters["shared_memory_region"].string_param
-        offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
-        if "shared_memory_byte_size" not in parameters:
-            raise InvalidBatch("an input in shared memory needs shared_memory_byte_size")
-        size = parameters["shared_memory_byte_size"].int64_param
+    def region(self, identity: Identity, name: str) -> Region:
+        with self._lock:
+            region = self._regions.get((identity.name, name))
+        if region is None:
+            raise UnknownBatch(f"no shared memory region named {name!r} is registered")
+        return region
+
+    def write(self, identity: Identity, parameters: Mapping[str, Any], data: bytes) -> None:
+        """Write an output into the range its parameters name (blocking: run it in a thread). The
+        range must hold it, within the region; the file is written through the region's own open
+        file, reopened for writing (``/proc/self/fd``), never by its path."""
+        name, offset, size = _range(parameters)
+        if len(data) > size:
+            raise InvalidBatch(f"the output needs {len(data)} bytes; region {name!r} offers {size}")
+        region = self._checked(identity, name, offset, size)
+        with self._lock:
+            fd = os.dup(region.fd)
+        try:
+            if region.offset + offset + len(data) > os.fstat(fd).st_size:
+                raise InvalidBatch(f"region {name!r}'s file shrank under it")
+            try:
+                out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+            except PermissionError:
+                raise PermissionDeniedError(f"the server may not write region {name!r}'s file") from None
+            try:
+                if os.pwrite(out, data, region.offset + offset) != len(data):
+                    raise InvalidBatch(f"region {name!r} took fewer bytes than the output has")
+            finally:
+                os.close(out)
+        finally:
+            os.close(fd)
+
+    def batch(self, identity: Identity, parameters: Mapping[str, Any], count: int) -> tuple[BatchFile, list[int]]:
+        """The input's images as a batch file the workers read in place (blocking: run it in a
+        thread): the region's file through a descriptor of its own, one image per BYTES element
+        of the range, found by reading the 4-byte lengths only; and the images' sizes. No image
+        byte passes through the front."""
+        name, offset, size = _range(parameters)
+        region = self._checked(identity, name, offset, size)
+        with self._lock:
+            fd = os.dup(region.fd)
+        try:
+            st = os.fstat(fd)
+            start = region.offset + offset
+            if start + size > st.st_size:
+                raise InvalidBatch(f"region {name!r}'s file shrank to {st.st_size} bytes")
+            refs, pos, end = [], start, start + size
+            for index in range(count):
+                head = os.pread(fd, 4, pos) if pos + 4 <= end else b""
+                if len(head) != 4:
+                    raise InvalidBatch(f"IMAGES element {index}: the data ends before its length")
+                length = int.from_bytes(head, "little")
+                if pos + 4 + length > end:
+                    raise InvalidBatch(f"IMAGES element {index}: its length ({length}) runs past the data")
+                refs.append(ImageRef(index, pos + 4, length))
+                pos += 4 + length
+            if pos != end:
+                raise InvalidBatch(f"IMAGES holds {end - pos} bytes after its {count} elements")
+            return self._handoff.adopt(fd, st, region.real, tuple(refs)), [r.size for r in refs]
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _checked(self, identity: Identity, name: str, offset: int, size: int) -> Region:
+        """The caller's region ``name``, if ``offset + size`` lies within it and its path still
+        leads to the file registered (a replaced one drops the region)."""
         limit = self._handoff.limits.max_bytes + 4 * self._handoff.limits.max_images
         with self._lock:
             region = self._regions.get((identity.name, name))
@@ -152,58 +215,7 @@ class Regions:
                 del self._regions[(identity.name, name)]
                 os.close(region.fd)
                 raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")
-            st = os.fstat(region.fd)
-            if region.offset + offset + size > st.st_size:
-                raise InvalidBatch(f"region {name!r}'s file shrank to {st.st_size} bytes")
-            fd = os.dup(region.fd)
-        try:
-            data = os.pread(fd, size, region.offset + offset)
-        finally:
-            os.close(fd)
-        if len(data) != size:
-            raise InvalidBatch(f"region {name!r} held {len(data)} of the {size} bytes asked for")
-        return data
-
-    def region(self, identity: Identity, name: str) -> Region:
-        with self._lock:
-            region = self._regions.get((identity.name, name))
-        if region is None:
-            raise UnknownBatch(f"no shared memory region named {name!r} is registered")
         return region
-
-    def write(self, identity: Identity, parameters: Mapping[str, Any], data: bytes) -> None:
-        """Write an output into the range its parameters name (blocking: run it in a thread). The
-        range must hold it, within the region; the file is written through the region's own open
-        file, reopened for writing (``/proc/self/fd``), never by its path."""
-        name = parameters["shared_memory_region"].string_param
-        offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
-        size = parameters["shared_memory_byte_size"].int64_param if "shared_memory_byte_size" in parameters else -1
-        region = self.region(identity, name)
-        if offset < 0 or size < 0 or offset + size > region.byte_size:
-            raise InvalidBatch(f"offset {offset} + byte_size {size} lies outside region {name!r} "
-                               f"({region.byte_size} bytes)")  # fmt: skip
-        if len(data) > size:
-            raise InvalidBatch(f"the output needs {len(data)} bytes; region {name!r} offers {size}")
-        if not self._same_file(region):
-            raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")
-        with self._lock:
-            if self._regions.get((identity.name, name)) is not region:
-                raise UnknownBatch(f"no shared memory region named {name!r} is registered")
-            fd = os.dup(region.fd)
-        try:
-            if region.offset + offset + len(data) > os.fstat(fd).st_size:
-                raise InvalidBatch(f"region {name!r}'s file shrank under it")
-            try:
-                out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
-            except PermissionError:
-                raise PermissionDeniedError(f"the server may not write region {name!r}'s file") from None
-            try:
-                if os.pwrite(out, data, region.offset + offset) != len(data):
-                    raise InvalidBatch(f"region {name!r} took fewer bytes than the output has")
-            finally:
-                os.close(out)
-        finally:
-            os.close(fd)
 
     def _same_file(self, region: Region) -> bool:
         """The region's path still leads (by the same checks) to the file that was registered."""
@@ -246,3 +258,11 @@ class Regions:
             "SystemSharedMemoryStatus": unary(status, p.SystemSharedMemoryStatusRequest,
                                               p.SystemSharedMemoryStatusResponse),  # fmt: skip
         }
+
+
+def _range(parameters: Mapping[str, Any]) -> tuple[str, int, int]:
+    """(region, offset, byte size) of a tensor's shared-memory parameters."""
+    if "shared_memory_byte_size" not in parameters:
+        raise InvalidBatch("a tensor in shared memory needs shared_memory_byte_size")
+    offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
+    return parameters["shared_memory_region"].string_param, offset, parameters["shared_memory_byte_size"].int64_param

@@ -242,21 +242,29 @@ class InferenceServer:
         log.info("stopped")
         audit.control("stopped")
 
-    async def push(self, request: infer_pb2.PushDataRequest, peer: str = "", identity: Identity | None = None) -> Batch:
+    async def push(
+        self, request: infer_pb2.PushDataRequest, peer: str = "", identity: Identity | None = None,
+        opened: BatchFile | None = None,
+    ) -> Batch:  # fmt: skip
         """Validate and admit one push (PushData, or one push of a Session) of ``identity`` (the
         anonymous caller by default) from ``peer``; returns its batch. Every push leaves one audit
-        line, whatever its verdict."""
+        line, whatever its verdict. ``opened``: the batch file, already open and checked (a shared
+        memory region's, ``front.regions``); the request then gives its path and sizes only."""
         caller = identity or self.authenticator.anonymous
         try:
-            batch, first = await self._admit(request, caller)
+            batch, first = await self._admit(request, caller, opened)
         except Exception as exc:
+            if opened is not None:
+                self.handoff.release(opened)  # never admitted (a no-op if its submit released it)
             code, message = (exc.code, exc.message) if isinstance(exc, ServerError) else (_INTERNAL, "internal error")
             audit.push(peer, caller.name, request, "refused", code=code, reason=message)
             raise
         audit.push(peer, caller.name, request, "accepted" if first else "retry", batch_id=batch.batch_id)
         return batch
 
-    async def _admit(self, request: infer_pb2.PushDataRequest, caller: Identity) -> tuple[Batch, bool]:
+    async def _admit(
+        self, request: infer_pb2.PushDataRequest, caller: Identity, opened: BatchFile | None = None
+    ) -> tuple[Batch, bool]:
         """The push's batch, and whether this request made it (False: a retry of its request_id)."""
         if not self.accepting:
             raise Unavailable("the server is not accepting batches (starting or draining)")
@@ -274,7 +282,7 @@ class InferenceServer:
             return await asyncio.shield(reservation.ready), False
         batch = reservation.batch
         try:
-            file = await self.materialize(plan, caller.file_owners)
+            file = opened or await self.materialize(plan, caller.file_owners)
             hits, todo = await self._consult_cache(batch, file, caller) if self.cache else ([], list(file.images))
             if todo:
                 self.submit(batch, file, todo)
