@@ -112,6 +112,11 @@ class ServerSettings(BaseSettings):
     insecure: bool = Field(
         default=False, description="Serve plaintext on an address other than loopback (e.g. only inside a pod)."
     )
+    region_write_owners: str | None = Field(
+        default=None,
+        description="Comma-separated uids whose files (Open Inference Protocol shared-memory regions) outputs may "
+        "be written into. Default: the server's own uid, or none when the server runs as root.",
+    )
     file_owners: str = Field(
         default="",
         description="Comma-separated uids whose files a caller may push by path when its token line names none "
@@ -287,6 +292,12 @@ class ServerSettings(BaseSettings):
         """The staging directory, always set after validation."""
         assert self.staging_dir is not None
         return self.staging_dir
+
+    def write_owners(self) -> frozenset[int]:
+        """The uids of ``region_write_owners`` (or its default)."""
+        if self.region_write_owners is not None:
+            return frozenset(parse_uids(self.region_write_owners)) if self.region_write_owners.strip() else frozenset()
+        return frozenset() if os.geteuid() == 0 else frozenset({os.geteuid()})
 
     def operators(self) -> frozenset[str]:
         """The identities that may change models (``control_callers`` or its default)."""

@@ -9,6 +9,7 @@ malformed or oversized message ending a whole session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import stat
@@ -315,3 +316,35 @@ def test_the_open_inference_protocol_asks_the_same_questions(server: RunningServ
             for feed, call in zip(feeds, calls, strict=True):
                 feed.put(None)
                 call.cancel()
+
+
+def test_calls_cancelled_while_their_region_is_read_leave_no_descriptor(server: RunningServer) -> None:
+    """Finding: a call cancelled while the server read its region's layout left the file open for good."""
+    from infer_proto import inference_pb2, inference_pb2_grpc
+
+    images = 64
+    region = server.shm_dir / "cancelled-region"
+    region.write_bytes((len(JPEG).to_bytes(4, "little") + JPEG) * images)
+    region.chmod(0o600)
+    size = region.stat().st_size
+    request = inference_pb2.ModelInferRequest(model_name="pipeline")
+    tensor = request.inputs.add(name="IMAGES", datatype="BYTES", shape=[images])
+    tensor.parameters["shared_memory_region"].string_param = "many"
+    tensor.parameters["shared_memory_byte_size"].int64_param = size
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            oip = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+            oip.SystemSharedMemoryRegister(inference_pb2.SystemSharedMemoryRegisterRequest(
+                name="many", key="/" + region.name, byte_size=size), metadata=metadata("alice"))  # fmt: skip
+            for n in range(300):
+                with contextlib.suppress(grpc.RpcError):
+                    oip.ModelInfer(request, timeout=0.0005 * (1 + n % 8), metadata=metadata("alice"))
+            assert oip.ModelInfer(request, metadata=metadata("alice")).outputs, "the server answers again"
+            oip.SystemSharedMemoryUnregister(
+                inference_pb2.SystemSharedMemoryUnregisterRequest(name="many"), metadata=metadata("alice")
+            )
+        fds = Path(f"/proc/{server.process.pid}/fd")
+        held = [fd for fd in fds.iterdir() if os.path.realpath(fd) == str(region)]
+        assert held == [], f"{len(held)} descriptors of the region's file are still held"
+    finally:
+        region.unlink()

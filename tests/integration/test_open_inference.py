@@ -31,7 +31,10 @@ def server() -> Iterator[RunningServer]:
     # directory; the server's staging directory is one of this run's own.
     staging = Path(tempfile.mkdtemp(prefix="oip-staging-", dir="/dev/shm"))
     try:
-        with running_server(MODELS, "--shm-dir", "/dev/shm", "--staging-dir", str(staging / "s"), workers=2) as srv:
+        # Root (as in CI) writes outputs into nobody's files unless told whose: here root's own.
+        args = ("--shm-dir", "/dev/shm", "--staging-dir", str(staging / "s"))
+        args += ("--region-write-owners", str(os.geteuid()))
+        with running_server(MODELS, *args, workers=2) as srv:
             yield srv
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -254,3 +257,52 @@ def test_an_output_goes_into_its_region_only_if_it_fits(
         for name in ("in", "out"):
             stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name=name))
         out.unlink()
+
+
+def test_a_region_is_a_window_at_its_offset_for_reads_and_writes(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    """Finding: with every region at offset 0, ignoring a region's offset went unnoticed."""
+    element = region_file.read_bytes()
+    padded = region_file.with_name(region_file.name + "-padded")
+    padded.write_bytes(b"J" * 16 + element + b"J" * 16)
+    padded.chmod(0o600)
+    try:
+        register(stub, "win", "/" + padded.name, 16, len(element) + 8)
+        request = inference_pb2.ModelInferRequest(model_name="pipeline")
+        tensor = request.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+        tensor.parameters["shared_memory_region"].string_param = "win"
+        tensor.parameters["shared_memory_byte_size"].int64_param = len(element)
+        wanted = request.outputs.add(name="COUNT")
+        wanted.parameters["shared_memory_region"].string_param = "win"
+        wanted.parameters["shared_memory_offset"].int64_param = len(element)
+        wanted.parameters["shared_memory_byte_size"].int64_param = 4
+        stub.ModelInfer(request)
+        after = padded.read_bytes()
+        assert after[:16] == b"J" * 16 and after[16 : 16 + len(element)] == element, "read in place, not written"
+        count = int.from_bytes(after[16 + len(element) : 20 + len(element)], "little")
+        assert count > 0 and after[20 + len(element) :] == b"J" * 12, "COUNT at the region's offset, nothing more"
+    finally:
+        stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="win"))
+        padded.unlink()
+
+
+def test_outputs_never_go_into_a_file_its_owner_may_not_write(
+    stub: inference_pb2_grpc.GRPCInferenceServiceStub, region_file: Path
+) -> None:
+    """Finding: the server writes with its own rights (root's, here): a 0400 file was written."""
+    size, key = region_file.stat().st_size, "/" + region_file.name
+    before = region_file.read_bytes()
+    region_file.chmod(0o400)
+    register(stub, "ro", key, 0, size)
+    try:
+        request = inference_pb2.ModelInferRequest(model_name="pipeline", raw_input_contents=[before])
+        request.inputs.add(name="IMAGES", datatype="BYTES", shape=[1])
+        wanted = request.outputs.add(name="STATUS")
+        wanted.parameters["shared_memory_region"].string_param = "ro"
+        wanted.parameters["shared_memory_byte_size"].int64_param = 4
+        code, details = refused(lambda: stub.ModelInfer(request))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "may write" in details
+        assert region_file.read_bytes() == before
+    finally:
+        stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="ro"))

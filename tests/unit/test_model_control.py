@@ -58,3 +58,10 @@ def test_the_fingerprint_changes_with_a_new_version_or_a_replaced_file(tmp_path:
     assert second != first
     os.utime(tmp_path / "color" / "1" / "model.onnx", ns=(1, 1))  # replaced in place, same size
     assert repository_fingerprint(str(tmp_path)) != second
+
+
+def test_outputs_go_into_no_ones_files_by_default_when_the_server_is_root() -> None:
+    expected = frozenset() if os.geteuid() == 0 else frozenset({os.geteuid()})
+    assert ServerSettings().write_owners() == expected
+    assert ServerSettings(region_write_owners="1000,1001").write_owners() == {1000, 1001}
+    assert ServerSettings(region_write_owners="").write_owners() == frozenset()

@@ -307,10 +307,10 @@ class OpenInferenceServicer:
             outcomes = await self._collect(batch.batch_id, identity)
             if len(outcomes) != batch.size:
                 raise Unavailable("the request's results expired before they were collected; send it again")
-            self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
             built = tensors(outcomes)
             for name, parameters in into.items():
                 await asyncio.to_thread(self._server.regions.write, identity, parameters, built[name][0])
+            self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
             return response(request.id, built, wanted, into)
         finally:
             self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
@@ -333,7 +333,7 @@ class OpenInferenceServicer:
         if given != 1:
             raise InvalidBatch(f"{INPUT}'s data must come one way: raw_input_contents, contents, or shared memory")
         if "shared_memory_region" in tensor.parameters:
-            opened, sizes = await asyncio.to_thread(self._server.regions.batch, identity, tensor.parameters, count)
+            opened, sizes = await self._region_batch(tensor.parameters, count, identity)
             return infer_pb2.PushDataRequest(path=opened.path, sizes=sizes), opened
         if request.raw_input_contents:
             if len(request.raw_input_contents) != 1:
@@ -344,6 +344,18 @@ class OpenInferenceServicer:
             if len(images) != count:
                 raise InvalidBatch(f"{INPUT} has shape [{count}] but {len(images)} elements")
         return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images]), None
+
+    async def _region_batch(self, parameters: Any, count: int, identity: Identity) -> tuple[BatchFile, list[int]]:
+        """``Regions.batch`` in a thread; a call cancelled meanwhile still lets go of what it opened."""
+        handoff = self._server.handoff
+        task = asyncio.ensure_future(asyncio.to_thread(self._server.regions.batch, identity, parameters, count))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(
+                lambda t: None if t.cancelled() or t.exception() else handoff.release(t.result()[0])
+            )
+            raise
 
     async def _collect(self, batch_id: str, identity: Identity) -> list[ImageOutcome]:
         """Every outcome of the batch, by index (each acknowledged: this call delivers it)."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -71,8 +72,9 @@ class Region:
 class Regions:
     """The registered regions of every caller."""
 
-    def __init__(self, handoff: Handoff) -> None:
+    def __init__(self, handoff: Handoff, write_owners: frozenset[int] = frozenset()) -> None:
         self._handoff = handoff
+        self._write_owners = write_owners  # whose files outputs may be written into (never root implicitly)
         self._regions: dict[tuple[str, str], Region] = {}
         self._lock = threading.Lock()  # registration runs in threads; use duplicates under it
 
@@ -145,12 +147,16 @@ class Regions:
         name, offset, size = _range(parameters)
         if len(data) > size:
             raise InvalidBatch(f"the output needs {len(data)} bytes; region {name!r} offers {size}")
-        region = self._checked(identity, name, offset, size)
-        with self._lock:
-            fd = os.dup(region.fd)
+        region, fd = self._checked(identity, name, offset, size)
         try:
-            if region.offset + offset + len(data) > os.fstat(fd).st_size:
+            st = os.fstat(fd)
+            if region.offset + offset + len(data) > st.st_size:
                 raise InvalidBatch(f"region {name!r}'s file shrank under it")
+            if st.st_uid not in self._write_owners or not st.st_mode & stat.S_IWUSR:
+                raise PermissionDeniedError(
+                    f"outputs are written only into files their owner may write, of a uid in --region-write-owners "
+                    f"(region {name!r}'s file is not)"
+                )
             try:
                 out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
             except PermissionError:
@@ -169,9 +175,7 @@ class Regions:
         of the range, found by reading the 4-byte lengths only; and the images' sizes. No image
         byte passes through the front."""
         name, offset, size = _range(parameters)
-        region = self._checked(identity, name, offset, size)
-        with self._lock:
-            fd = os.dup(region.fd)
+        region, fd = self._checked(identity, name, offset, size)
         try:
             st = os.fstat(fd)
             start = region.offset + offset
@@ -194,9 +198,11 @@ class Regions:
             os.close(fd)
             raise
 
-    def _checked(self, identity: Identity, name: str, offset: int, size: int) -> Region:
+    def _checked(self, identity: Identity, name: str, offset: int, size: int) -> tuple[Region, int]:
         """The caller's region ``name``, if ``offset + size`` lies within it and its path still
-        leads to the file registered (a replaced one drops the region)."""
+        leads to the file registered (a replaced one drops the region), and a descriptor of its
+        own of the file, taken under the lock while the region is known to be registered (the held
+        one's number may name another file the moment it is closed)."""
         limit = self._handoff.limits.max_bytes + 4 * self._handoff.limits.max_images
         with self._lock:
             region = self._regions.get((identity.name, name))
@@ -215,7 +221,7 @@ class Regions:
                 del self._regions[(identity.name, name)]
                 os.close(region.fd)
                 raise PermissionDeniedError(f"region {name!r}'s file was replaced or removed; register it again")
-        return region
+            return region, os.dup(region.fd)
 
     def _same_file(self, region: Region) -> bool:
         """The region's path still leads (by the same checks) to the file that was registered."""

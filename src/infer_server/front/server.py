@@ -126,7 +126,7 @@ class InferenceServer:
         self.drift = DriftMonitor(settings.drift_window, settings.drift_threshold, settings.drift_min_images)
         self.metrics.watch_drift(self.drift)
         self.control = ModelControl(self)
-        self.regions = Regions(self.handoff)  # the Open Inference Protocol's system shared memory
+        self.regions = Regions(self.handoff, settings.write_owners())  # the Open Inference Protocol's shm
         self.metrics.watch_models(self.control)
         self.accepting = False
         self.port = 0
@@ -253,9 +253,11 @@ class InferenceServer:
         caller = identity or self.authenticator.anonymous
         try:
             batch, first = await self._admit(request, caller, opened)
-        except Exception as exc:
+        except BaseException as exc:
             if opened is not None:
                 self.handoff.release(opened)  # never admitted (a no-op if its submit released it)
+            if not isinstance(exc, Exception):
+                raise
             code, message = (exc.code, exc.message) if isinstance(exc, ServerError) else (_INTERNAL, "internal error")
             audit.push(peer, caller.name, request, "refused", code=code, reason=message)
             raise
