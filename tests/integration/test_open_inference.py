@@ -79,6 +79,7 @@ def test_tritonclient_gets_what_infer_v1_answers(server: RunningServer, images: 
     out = json.loads(done.stdout)
     assert (out["live"], out["ready"], out["model_ready"]) == (True, True, True)
     assert out["inputs"] == [["IMAGES", "BYTES"]] and "DETECTIONS" in out["outputs"]
+    assert out["config"] == ["pipeline", "IMAGES", "TYPE_STRING"]
     expected = ours(server, images)
     assert expected[0]["detections"] and expected[3]["status"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     for way in ("inline", "shm", "async", "stream"):

@@ -60,7 +60,7 @@ OUTPUTS = {
     "BOXES": ("FP32", [-1, -1, 4]), "SCORES": ("FP32", [-1, -1]), "CLASSES": ("INT32", [-1, -1]),
 }  # fmt: skip
 # The protocol's methods this server does not serve: answered UNIMPLEMENTED, saying so.
-_NOT_SERVED = ("ModelConfig", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
+_NOT_SERVED = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
                "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting",
                "LogSettings")  # fmt: skip
 try:
@@ -180,6 +180,7 @@ class OpenInferenceServicer:
             "ModelReady": unary(self.ModelReady, p.ModelReadyRequest, p.ModelReadyResponse),
             "ServerMetadata": unary(self.ServerMetadata, p.ServerMetadataRequest, p.ServerMetadataResponse),
             "ModelMetadata": unary(self.ModelMetadata, p.ModelMetadataRequest, p.ModelMetadataResponse),
+            "ModelConfig": unary(self.ModelConfig, p.ModelConfigRequest, p.ModelConfigResponse),
             "ModelInfer": unary(self.ModelInfer, p.ModelInferRequest, p.ModelInferResponse),
             "ModelStatistics": unary(self.ModelStatistics, p.ModelStatisticsRequest, p.ModelStatisticsResponse),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
@@ -236,6 +237,18 @@ class OpenInferenceServicer:
         for name, (datatype, shape) in OUTPUTS.items():
             reply.outputs.add(name=name, datatype=datatype, shape=shape)
         return reply
+
+    @rpc_boundary
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._identify(context, "ModelConfig")
+        request = readable(request)
+        self._model(request.name, request.version)
+        types = {"BYTES": inference_pb2.TYPE_STRING, "INT32": inference_pb2.TYPE_INT32, "FP32": inference_pb2.TYPE_FP32}
+        config = inference_pb2.ModelConfig(name=MODEL, platform="infer-server", backend="infer-server")
+        config.input.add(name=INPUT, data_type=inference_pb2.TYPE_STRING, dims=[-1])
+        for name, (datatype, shape) in OUTPUTS.items():
+            config.output.add(name=name, data_type=types[datatype], dims=shape)
+        return inference_pb2.ModelConfigResponse(config=config)
 
     @rpc_boundary
     async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -36,6 +36,8 @@ def main() -> None:
     metadata = client.get_model_metadata("pipeline", as_json=True)
     out["inputs"] = [(t["name"], t["datatype"]) for t in metadata["inputs"]]
     out["outputs"] = [t["name"] for t in metadata["outputs"]]
+    config = client.get_model_config("pipeline", as_json=True)["config"]
+    out["config"] = [config["name"], config["input"][0]["name"], config["input"][0]["data_type"]]
     result = client.infer("pipeline", [images_input(images)])
     out["inline"] = answer(result)
     out["count"] = result.as_numpy("COUNT").tolist()
