@@ -194,3 +194,25 @@ def test_a_client_that_pushes_but_never_reads_is_held_at_the_answer_bound(monkey
         assert sorted(a.tag for reply in stream.replies for a in reply.answers) == list(range(10))
 
     run(main())
+
+
+def test_a_wake_up_that_comes_as_an_idle_session_starts_waiting_is_not_lost() -> None:
+    """Finding: an idle Session waited with ``asyncio.wait_for(cursor.wait(), ...)``, whose task
+    cleared the wake-up one loop iteration later; a result recorded in between was never sent and
+    its client's ``detect`` waited for good (4 clients on the tmpfs path lost one in thousands)."""
+    from infer_server.front.cursors import SessionCursor
+
+    async def scenario() -> bool:
+        cursor = SessionCursor()
+        protocol = SessionProtocol(FakeStream(), lambda request: None, cursor, idle_timeout_s=5.0)  # type: ignore[arg-type]
+        waiting = asyncio.ensure_future(protocol._wait())
+        await asyncio.sleep(0)  # the session has checked that nothing is ready, and starts to wait
+        cursor.poke()  # something arrives right then
+        try:
+            await asyncio.wait_for(asyncio.shield(waiting), 1.0)
+            return True
+        except TimeoutError:
+            waiting.cancel()
+            return False
+
+    assert run(scenario()), "the wake-up was lost"

@@ -60,13 +60,26 @@ class Cursor:
             self._batches[outcome.batch_id].leases[outcome.index] = seq
         return [outcome for _, outcome in taken]
 
-    async def wait(self) -> None:
-        """Until something may have changed: an outcome recorded, a batch added, sealed, poked.
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Until something may have changed: an outcome recorded, a batch added, sealed, poked;
+        False if ``timeout`` passed first.
 
-        Callers check their condition, then wait, with no await in between: no wake-up is lost.
+        Callers check their condition, then await this, with no await in between: the event is
+        cleared at once, before anything else can run, so no wake-up is lost. Finding: a Session
+        waited with ``asyncio.wait_for(cursor.wait(), ...)``, which runs this in a task of its own
+        that starts a loop iteration later; a result recorded in between was cleared away with its
+        wake-up, and the stream waited for good with results ready (4 clients pushing single
+        batches as fast as they could lost one in a few thousand).
         """
         self._wake.clear()
-        await self._wake.wait()
+        if timeout is None:
+            await self._wake.wait()
+            return True
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)  # Event.wait returns at once if set meanwhile
+        except TimeoutError:
+            return False
+        return True
 
     def ack(self, outcomes: Iterable[ImageOutcome]) -> None:
         """The outcomes were written to the stream: delivered, never handed out again."""

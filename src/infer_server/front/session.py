@@ -128,11 +128,8 @@ class SessionProtocol:
         if not self._idle or self._idle_timeout_s is None:
             await self._cursor.wait()
             return
-        try:
-            await asyncio.wait_for(self._cursor.wait(), self._idle_timeout_s)
-        except TimeoutError:
-            if self._idle:
-                raise Unavailable(f"session idle for {self._idle_timeout_s:g} s; open a new one") from None
+        if not await self._cursor.wait(self._idle_timeout_s) and self._idle:
+            raise Unavailable(f"session idle for {self._idle_timeout_s:g} s; open a new one")
 
     @property
     def _idle(self) -> bool:
