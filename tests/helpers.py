@@ -59,3 +59,28 @@ def versioned_repository(tmp_path: Path, color_versions: tuple[int, ...], policy
         (root / "color" / str(version)).mkdir()
         (root / "color" / str(version) / "model.onnx").symlink_to(MODELS / "color" / "model.onnx")
     return root
+
+
+class OpenWatch:
+    """Blocks until a file is opened (inotify ``IN_OPEN``): how a test sees a worker take a chunk,
+    which it announces only in shared memory (its first act on a chunk is to open the batch file)."""
+
+    IN_OPEN = 0x20
+
+    def __init__(self, path: Path) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_CLOEXEC)
+        if self.fd < 0 or self._libc.inotify_add_watch(self.fd, os.fsencode(path), self.IN_OPEN) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify on {path}")
+
+    def wait(self, timeout: float) -> bool:
+        """True once the file was opened since the watch began; False after ``timeout``."""
+        import select
+
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(ready) and bool(os.read(self.fd, 4096))
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from infer_client import Credentials, InferClient, InferError, ModelAdmin, ModelInfo
 
+T = TypeVar("T")
 app = typer.Typer(no_args_is_help=True, help="List the server's models and change them while it runs.")
 
 ServerOpt = Annotated[str, typer.Option("--server", "-s", help="Server address, e.g. localhost:8001.")]
@@ -28,13 +29,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="One JSON object per model
 TimeoutOpt = Annotated[float, typer.Option(help="Seconds the call may take (a change waits for every worker).")]
 
 
-def _run(server: str, timeout: float, as_json: bool, call: Callable[[ModelAdmin], list[ModelInfo]]) -> None:
+def _call(server: str, timeout: float, call: Callable[[ModelAdmin], T]) -> T:
+    """``call`` on a client of ``server``; a failed call is said on stderr and exits 2."""
     try:
         with InferClient(server, timeout=timeout, credentials=Credentials.from_env(), transport="inline") as client:
-            models = call(client.models)
+            return call(client.models)
     except InferError as exc:
         Console(stderr=True).print(f"[red]error[/red]: {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def _run(server: str, timeout: float, as_json: bool, call: Callable[[ModelAdmin], list[ModelInfo]]) -> None:
+    models = _call(server, timeout, call)
     if as_json:
         for model in models:
             print(json.dumps(asdict(model)))
@@ -133,12 +139,7 @@ def shadow(
 @app.command()
 def drift(server: ServerOpt = "localhost:8001", json_lines: JsonOpt = False, timeout: TimeoutOpt = 30.0) -> None:
     """How far the images answered lately are from the detector's reference profile (PSI per statistic)."""
-    try:
-        with InferClient(server, timeout=timeout, credentials=Credentials.from_env(), transport="inline") as client:
-            report = client.models.drift()
-    except InferError as exc:
-        Console(stderr=True).print(f"[red]error[/red]: {exc}", highlight=False)
-        raise typer.Exit(2) from None
+    report = _call(server, timeout, lambda admin: admin.drift())
     if json_lines:
         print(json.dumps(asdict(report)))
         return

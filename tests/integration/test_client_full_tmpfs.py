@@ -22,6 +22,15 @@ def fill():
         except OSError:
             pass
 
+def metrics_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+def metric(port, name):  # summed over its labels
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+    return sum(float(line.split()[1]) for line in text.splitlines() if line.split("{")[0].split()[0] == name)
+
 def start_server(*args, null=True):
     cmd = [sys.executable, "-m", "infer_server", "serve", *(["--null-model"] if null else []), "--models", MODELS,
            "--port", "0", "--shm-dir", shm + "/infer", "--workers", "1", *args]
@@ -86,19 +95,14 @@ def test_a_full_tmpfs_makes_the_client_send_inline_and_say_so(tmp_path: Path, mo
 _SPILL = """
 from engines.scenes import generate_scene
 from infer_client import InferClient
-spill = tempfile.mkdtemp() + "/spill"
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    metrics = s.getsockname()[1]
+spill, metrics = tempfile.mkdtemp() + "/spill", metrics_port()
 server, address = start_server("--spill-dir", spill, "--spill-at", "0.5", "--metrics-port", str(metrics))
 try:
     fill()
     jpeg = generate_scene(4, width=320, height=240).jpeg
     with InferClient(address, transport="inline") as client:
         oks = [r.ok for _ in range(5) for r in client.detect([jpeg] * 3)]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
-    spills = [line for line in text.splitlines() if line.startswith("infer_staging_spills_total")]
-    print("results", sum(oks), len(oks), spills[0].split()[1])
+    print("results", sum(oks), len(oks), metric(metrics, "infer_staging_spills_total"))
 finally:
     server.terminate()
     print("server exit", server.wait(60), "spill left", os.path.exists(spill))
@@ -116,23 +120,16 @@ def test_staging_spills_to_disk_when_the_tmpfs_is_full(tmp_path: Path, model_rep
 _DEMOTE = """
 from engines.scenes import generate_scene
 from infer_client import InferClient
-spill = tempfile.mkdtemp() + "/spill"
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    metrics = s.getsockname()[1]
+spill, metrics = tempfile.mkdtemp() + "/spill", metrics_port()
 server, address = start_server("--spill-dir", spill, "--spill-at", "0.6", "--upkeep-interval-s", "0.05",
                                "--metrics-port", str(metrics), null=False)
-
-def metric(name):  # summed over its labels
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics").read().decode()
-    return sum(float(line.split()[1]) for line in text.splitlines() if line.split("{")[0].split()[0] == name)
 
 try:
     jpegs = [generate_scene(seed, width=320, height=240).jpeg for seed in range(8)]
     with InferClient(address, transport="inline") as client:
         client.wait_ready()
         ids = [client.push(jpegs) for _ in range(6)]  # 48 images: the one worker holds 2 chunks of 8
-        staged = metric("infer_staged_bytes")
+        staged = metric(metrics, "infer_staged_bytes")
         fill()  # the tmpfs is full now: what waits in it should move to disk
         ids += [client.push(jpegs) for _ in range(2)]  # and pushes go on: staged on disk at once
         results = list(client.pull(ids, timeout=120))
@@ -141,7 +138,8 @@ try:
         with open(f"/proc/{server.pid}/status") as f:
             peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
         print("front peak MiB", peak, "bounded", peak < 200)
-        print("demoted", metric("infer_staging_demotions_total") > 0, "left", metric("infer_staged_bytes"))
+        demoted = metric(metrics, "infer_staging_demotions_total") > 0
+        print("demoted", demoted, "left", metric(metrics, "infer_staged_bytes"))
 finally:
     server.terminate()
     print("server exit", server.wait(60), "spill left", os.path.exists(spill))

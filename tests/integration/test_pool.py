@@ -23,7 +23,7 @@ import pytest
 from engines.scenes import generate_scene
 from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
 from infer_server.supervisor.pool import PipelineError, PipelinePool
-from tests.helpers import worker_options
+from tests.helpers import OpenWatch, worker_options
 
 JPEGS = [generate_scene(seed).jpeg for seed in range(100, 106)]
 NOT_AN_IMAGE = b"not an image at all"
@@ -79,6 +79,7 @@ class Collector:
 
 
 HELD: list[int] = []  # descriptors of submitted files, held as the front holds them
+WATCHES: list[OpenWatch] = []
 
 
 @pytest.fixture
@@ -87,17 +88,26 @@ def shm() -> Iterator[Path]:
     yield base
     while HELD:
         os.close(HELD.pop())
+    while WATCHES:
+        WATCHES.pop().close()
     shutil.rmtree(base, ignore_errors=True)
 
 
-def submit(pool: PipelinePool, path: Path, batch_id: str, blobs: list[bytes], deadline_s: float = 300.0) -> None:
-    """Write ``blobs`` back to back into ``path`` (what the client library does) and submit them."""
+def submit(
+    pool: PipelinePool, path: Path, batch_id: str, blobs: list[bytes], deadline_s: float = 300.0
+) -> OpenWatch:
+    """Write ``blobs`` back to back into ``path`` (what the client library does) and submit them;
+    a watch on the file that ``wait``s until a worker opened it (took a chunk of it)."""
     path.write_bytes(b"".join(blobs))
     refs, offset = [], 0
     for i, blob in enumerate(blobs):
         refs.append(ImageRef(i, offset, len(blob), f"img{i}"))
         offset += len(blob)
-    pool.submit_batch(batch_id, file_ref(path), refs, time.monotonic() + deadline_s)
+    ref = file_ref(path)
+    watch = OpenWatch(path)  # after the front's own open: the next one is a worker's
+    WATCHES.append(watch)
+    pool.submit_batch(batch_id, ref, refs, time.monotonic() + deadline_s)
+    return watch
 
 
 def file_ref(path: Path) -> FileRef:
@@ -136,19 +146,15 @@ class Harness:
     def workers(self) -> dict[str, multiprocessing.Process]:
         return {p.name: p for pid, p in all_workers().items() if pid not in self._others}
 
-    def busy_worker(self) -> multiprocessing.Process:
-        """A worker busy with a chunk: it took (``current``) one the pool still holds for it (white box).
-
-        Polled: a worker announces the chunk it takes only in shared memory (by design, so a chunk
-        costs one message), so there is no event to wait on; the poll reads memory, every 1 ms."""
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            with self.pool._cond:
-                busy = [w.slot for w in self.pool._slots if w is not None and w.current.value in w.held]
-            if busy:
-                return self.workers()[f"infer-worker-{busy[0]}"]
-            time.sleep(0.001)
-        raise AssertionError("no worker took a chunk")
+    def busy_worker(self, watch: OpenWatch) -> multiprocessing.Process:
+        """The worker busy with a chunk of ``watch``'s batch: it took (``current``) one the pool
+        still holds for it (white box), seen when it opens the batch file (it sets ``current``
+        first, then reads)."""
+        assert watch.wait(WAIT_S), "no worker took a chunk"
+        with self.pool._cond:
+            busy = [w.slot for w in self.pool._slots if w is not None and w.current.value in w.held]
+        assert busy, "a worker opened the batch without holding a chunk of it"
+        return self.workers()[f"infer-worker-{busy[0]}"]
 
     def stop_and_check(self, drain: bool) -> None:
         """stop() leaves none of this pool's workers alive; every callback ran on the loop."""
@@ -209,8 +215,7 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_its_images_retried(harness: H
     # killed as soon as it has taken one.
     blobs = [b for _ in range(4) for b in (NOT_AN_IMAGE, *JPEGS[:3])]
     health_before = len(collector.health)
-    submit(pool, shm / "b2", "b2", blobs)
-    victim = harness.busy_worker()
+    victim = harness.busy_worker(submit(pool, shm / "b2", "b2", blobs))
     os.kill(victim.pid, signal.SIGKILL)
     outcomes = collector.wait_all("b2", len(blobs))
     collector.wait(lambda: collector.health[health_before:] == [False, True])
@@ -224,8 +229,8 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_its_images_retried(harness: H
 def test_the_last_attempt_answers_unavailable(model_repo_dir: Path, shm: Path) -> None:
     h = Harness(model_repo_dir, workers=1, batch_size=8, max_attempts=1)
     blobs = [NOT_AN_IMAGE, *JPEGS]
-    submit(h.pool, shm / "b3", "b3", blobs)
-    os.kill(h.busy_worker().pid, signal.SIGKILL)  # the chunk (all 9 images) is running
+    watch = submit(h.pool, shm / "b3", "b3", blobs)
+    os.kill(h.busy_worker(watch).pid, signal.SIGKILL)  # the chunk (all 9 images) is running
     outcomes = h.collector.wait_all("b3", len(blobs))
     h.stop_and_check(drain=False)
     assert_once_each(outcomes, len(blobs))
@@ -242,8 +247,7 @@ def test_a_worker_stuck_on_a_chunk_is_replaced_and_the_image_that_held_it_fails_
     """Finding: deadlines were checked only before a chunk started, so an image that held a worker
     (a decode that never ends) held it for good. Here the worker is frozen (SIGSTOP) mid-chunk."""
     h = Harness(model_repo_dir, workers=1, batch_size=1, max_attempts=1, max_chunk_seconds=1.0)
-    submit(h.pool, shm / "stuck", "stuck", JPEGS[:2])
-    frozen = h.busy_worker()
+    frozen = h.busy_worker(submit(h.pool, shm / "stuck", "stuck", JPEGS[:2]))
     os.kill(frozen.pid, signal.SIGSTOP)
     outcomes = h.collector.wait_all("stuck", 2)
     h.collector.wait(lambda: h.collector.health[-2:] == [False, True])  # replaced, serving again

@@ -46,6 +46,7 @@ from infer_server.front.errors import (
     status_for,
 )
 from infer_server.front.identity import Identity
+from infer_server.front.regions import bytes_elements
 from infer_server.front.service import StreamSlots, readable, reader
 from infer_server.messages import ImageOutcome
 
@@ -70,22 +71,9 @@ except importlib.metadata.PackageNotFoundError:  # run from a source tree withou
 
 
 def split_bytes(raw: bytes | memoryview, count: int) -> list[bytes | memoryview]:
-    """The ``count`` elements of a BYTES tensor's raw form (each a 4-byte little-endian length, then
-    that many bytes); ``InvalidBatch`` when the lengths do not add up to the buffer exactly."""
-    out: list[bytes | memoryview] = []
-    pos, view = 0, memoryview(raw)
-    for index in range(count):
-        if pos + 4 > len(view):
-            raise InvalidBatch(f"IMAGES element {index}: the data ends before its length")
-        (size,) = struct.unpack_from("<I", view, pos)
-        pos += 4
-        if pos + size > len(view):
-            raise InvalidBatch(f"IMAGES element {index}: its length ({size}) runs past the data")
-        out.append(view[pos : pos + size])
-        pos += size
-    if pos != len(view):
-        raise InvalidBatch(f"IMAGES holds {len(view) - pos} bytes after its {count} elements")
-    return out
+    """The ``count`` elements of a BYTES tensor's raw form (``regions.bytes_elements``)."""
+    view = memoryview(raw)
+    return [view[o : o + n] for o, n in bytes_elements(lambda pos: bytes(view[pos : pos + 4]), 0, len(view), count)]
 
 
 def _bytes_tensor(items: Sequence[bytes]) -> bytes:

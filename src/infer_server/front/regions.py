@@ -181,19 +181,9 @@ class Regions:
             start = region.offset + offset
             if start + size > st.st_size:
                 raise InvalidBatch(f"region {name!r}'s file shrank to {st.st_size} bytes")
-            refs, pos, end = [], start, start + size
-            for index in range(count):
-                head = os.pread(fd, 4, pos) if pos + 4 <= end else b""
-                if len(head) != 4:
-                    raise InvalidBatch(f"IMAGES element {index}: the data ends before its length")
-                length = int.from_bytes(head, "little")
-                if pos + 4 + length > end:
-                    raise InvalidBatch(f"IMAGES element {index}: its length ({length}) runs past the data")
-                refs.append(ImageRef(index, pos + 4, length))
-                pos += 4 + length
-            if pos != end:
-                raise InvalidBatch(f"IMAGES holds {end - pos} bytes after its {count} elements")
-            return self._handoff.adopt(fd, st, region.real, tuple(refs)), [r.size for r in refs]
+            elements = bytes_elements(lambda pos: os.pread(fd, 4, pos), start, start + size, count)
+            refs = tuple(ImageRef(index, offset, length) for index, (offset, length) in enumerate(elements))
+            return self._handoff.adopt(fd, st, region.real, refs), [r.size for r in refs]
         except BaseException:
             os.close(fd)
             raise
@@ -272,3 +262,23 @@ def _range(parameters: Mapping[str, Any]) -> tuple[str, int, int]:
         raise InvalidBatch("a tensor in shared memory needs shared_memory_byte_size")
     offset = parameters["shared_memory_offset"].int64_param if "shared_memory_offset" in parameters else 0
     return parameters["shared_memory_region"].string_param, offset, parameters["shared_memory_byte_size"].int64_param
+
+
+def bytes_elements(head: Callable[[int], bytes], start: int, end: int, count: int) -> list[tuple[int, int]]:
+    """(offset, length) of each of the ``count`` elements of a BYTES tensor's raw form between
+    ``start`` and ``end`` (each a 4-byte little-endian length, then that many bytes), reading only
+    the lengths (``head(pos)``: the 4 bytes at ``pos``); ``InvalidBatch`` unless they fill the range
+    exactly. Also how ``front.oip`` splits inline tensors."""
+    elements, pos = [], start
+    for index in range(count):
+        length_bytes = head(pos) if pos + 4 <= end else b""
+        if len(length_bytes) != 4:
+            raise InvalidBatch(f"IMAGES element {index}: the data ends before its length")
+        length = int.from_bytes(length_bytes, "little")
+        if pos + 4 + length > end:
+            raise InvalidBatch(f"IMAGES element {index}: its length ({length}) runs past the data")
+        elements.append((pos + 4, length))
+        pos += 4 + length
+    if pos != end:
+        raise InvalidBatch(f"IMAGES holds {end - pos} bytes after its {count} elements")
+    return elements
