@@ -46,8 +46,19 @@ $(TRITON_VENV)/.installed: requirements/triton.txt
 	$(TRITON_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/triton.txt
 	touch $@
 
+# Triton's load tool, perf_analyzer, in a virtualenv of its own (requirements/perf.txt): the binary comes in
+# tritonclient's wheel, links the CUDA runtime wheel's libcudart (no GPU needed) and Debian's libb64, which is
+# installed here where missing (root; elsewhere: apt-get install libb64-0d).
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed: requirements/perf.txt
+	@ldconfig -p | grep -q libb64.so.0d || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq libb64-0d >/dev/null; } \
+		|| { echo "perf_analyzer needs libb64.so.0d: apt-get install libb64-0d"; exit 1; }
+	$(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/perf.txt
+	touch $@
+
 ## test: the whole suite (unit, integration with a real server; gpu tests skip without a GPU)
-test: $(STAMP) $(TRITON_VENV)/.installed
+test: $(STAMP) $(TRITON_VENV)/.installed $(PERF_VENV)/.installed
 	$(BIN)/python -m pytest
 
 ## image-test: build the CPU image and run it beside a client container; validate Dockerfiles, compose and the

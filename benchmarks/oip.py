@@ -7,8 +7,8 @@ request), four ways in:
   inline bytes and system shared memory.
 
 images/s and the server's CPU per image (front + workers) per way, and each way's ratio to
-``v1-tmpfs`` from the same round. (perf_analyzer would be the protocol's own load tool; the package
-index this machine reaches serves only a placeholder of it, see benchmarks/README.md.)
+``v1-tmpfs`` from the same round. ``benchmarks.perf_analyzer`` runs Triton's own load tool beside
+these ways.
 
     .venv/bin/python -m benchmarks.oip --rounds 3 --json bench-out/oip.json
 """

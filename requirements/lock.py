@@ -10,6 +10,7 @@ the tests last passed with:
 ``build.txt``   the build requirements alone (a deployment image builds the project's wheel with them)
 ``image.txt``   the image tests' tools alone: validators for Dockerfiles, compose, the chart (``make image-test``)
 ``triton.txt``  Triton's client alone (``.venv-triton``): the Open Inference Protocol tests' client
+``perf.txt``    Triton's load tool alone (``.venv-perf``): ``perf_analyzer`` against the server
 ``dev.txt``     server + tests + lint + the build requirements (``make test``, CI)
 ``bench.txt``   dev + the fps benchmark's plotting (``make bench``)
 ``train.txt``   dev + the recipe's torch, the CPU build (``make models``)
@@ -52,6 +53,7 @@ SETS: dict[str, tuple[tuple[str, ...], bool, bool]] = {
     "build": ((), True, False),
     "image": (("image",), False, False),
     "triton": (("triton",), False, False),
+    "perf": (("perf",), False, False),
     "dev": (("dev",), True, True),
     "bench": (("dev", "bench"), True, True),
     "train": (("dev", "train"), True, True),

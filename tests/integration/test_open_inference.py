@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from benchmarks import perf_analyzer
 from engines.scenes import generate_scene
 from infer_proto import inference_pb2, inference_pb2_grpc
 from tests.helpers import MODELS
@@ -307,3 +308,42 @@ def test_outputs_never_go_into_a_file_its_owner_may_not_write(
         assert region_file.read_bytes() == before
     finally:
         stub.SystemSharedMemoryUnregister(inference_pb2.SystemSharedMemoryUnregisterRequest(name="ro"))
+
+
+def test_cuda_shared_memory_has_nothing_to_list_or_drop(stub: inference_pb2_grpc.GRPCInferenceServiceStub,
+                                                         server: RunningServer) -> None:  # fmt: skip
+    """Load tools unregister every region, CUDA's too, when they finish: that succeeds (there is
+    none); a named one is unknown, and registering one is not served."""
+    assert not stub.CudaSharedMemoryStatus(inference_pb2.CudaSharedMemoryStatusRequest()).regions
+    stub.CudaSharedMemoryUnregister(inference_pb2.CudaSharedMemoryUnregisterRequest())
+    code, details = refused(lambda: stub.CudaSharedMemoryUnregister(
+        inference_pb2.CudaSharedMemoryUnregisterRequest(name="gpu0")))  # fmt: skip
+    assert code == grpc.StatusCode.NOT_FOUND and "gpu0" in details
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/CudaSharedMemoryRegister")
+        assert refused(lambda: call(b""))[0] == grpc.StatusCode.UNIMPLEMENTED
+
+
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
+def test_perf_analyzer_measures_the_server_unmodified(
+    server: RunningServer, stub: inference_pb2_grpc.GRPCInferenceServiceStub, tmp_path: Path, shared_memory: str
+) -> None:
+    """Triton's load tool runs its documented command (benchmarks/README.md) to the end: requests
+    answered, the server's statistics split into queue and compute as it reads them, every region it
+    registered (inputs and all six outputs) unregistered again."""
+    try:
+        perf_analyzer.environment()
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc} (`make test` installs it)")
+    before = stub.ModelStatistics(inference_pb2.ModelStatisticsRequest(name="pipeline")).model_stats[0]
+    data = perf_analyzer.input_data([generate_scene(seed).jpeg for seed in (36, 37)], 1, tmp_path / "images.json")
+    done = perf_analyzer.run(server.address, data, shared_memory=shared_memory, concurrency=2, interval_ms=1500,
+                             stability=999)  # fmt: skip
+    assert done["returncode"] == 0, done["output"][-3000:]
+    assert float(done["row"]["Inferences/Second"]) > 0
+    assert "Unable to unregister" not in done["output"] and "error" not in done["output"].lower()
+    after = stub.ModelStatistics(inference_pb2.ModelStatisticsRequest(name="pipeline")).model_stats[0]
+    answered = after.inference_stats.success.count - before.inference_stats.success.count
+    assert answered > 0 and after.inference_stats.queue.count - before.inference_stats.queue.count == answered
+    assert after.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
+    assert not stub.SystemSharedMemoryStatus(inference_pb2.SystemSharedMemoryStatusRequest()).regions

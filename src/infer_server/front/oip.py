@@ -24,13 +24,10 @@ request names a region for it, into that region.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import importlib.metadata
-import json
-import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -41,12 +38,13 @@ from infer_server.front.errors import (
     InvalidBatch,
     ServerError,
     Unavailable,
+    UnknownBatch,
     UnknownModel,
     rpc_boundary,
     status_for,
 )
 from infer_server.front.identity import Identity
-from infer_server.front.regions import bytes_elements
+from infer_server.front.oip_answers import INPUT, MODEL, OUTPUTS, VERSION, Statistics, response, split_bytes, tensors
 from infer_server.front.service import StreamSlots, readable, reader
 from infer_server.messages import ImageOutcome
 
@@ -55,97 +53,13 @@ if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
 
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-MODEL, VERSION, INPUT = "pipeline", "1", "IMAGES"
-OUTPUTS = {
-    "DETECTIONS": ("BYTES", [-1]), "STATUS": ("INT32", [-1]), "COUNT": ("INT32", [-1]),
-    "BOXES": ("FP32", [-1, -1, 4]), "SCORES": ("FP32", [-1, -1]), "CLASSES": ("INT32", [-1, -1]),
-}  # fmt: skip
 # The protocol's methods this server does not serve: answered UNIMPLEMENTED, saying so.
 _NOT_SERVED = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
-               "CudaSharedMemoryStatus", "CudaSharedMemoryRegister", "CudaSharedMemoryUnregister", "TraceSetting",
-               "LogSettings")  # fmt: skip
+               "CudaSharedMemoryRegister", "TraceSetting", "LogSettings")  # fmt: skip
 try:
     _VERSION = importlib.metadata.version("infer-server")
 except importlib.metadata.PackageNotFoundError:  # run from a source tree without an install
     _VERSION = "0"
-
-
-def split_bytes(raw: bytes | memoryview, count: int) -> list[bytes | memoryview]:
-    """The ``count`` elements of a BYTES tensor's raw form (``regions.bytes_elements``)."""
-    view = memoryview(raw)
-    return [view[o : o + n] for o, n in bytes_elements(lambda pos: bytes(view[pos : pos + 4]), 0, len(view), count)]
-
-
-def _bytes_tensor(items: Sequence[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(item)) + item for item in items)
-
-
-def detection_json(outcome: ImageOutcome) -> bytes:
-    detections = [
-        {"label": d.label, "class_id": d.class_id, "score": d.score, "box": [d.box.x1, d.box.y1, d.box.x2, d.box.y2],
-         "attributes": {a.model: {"label": a.label, "score": a.score} for a in d.attributes}}  # fmt: skip
-        for d in outcome.detections
-    ]
-    doc = {"status": {"code": int(outcome.code), "message": outcome.message}, "width": outcome.width,
-           "height": outcome.height, "detections": detections, "model_versions": dict(outcome.models)}  # fmt: skip
-    return json.dumps(doc, separators=(",", ":")).encode()
-
-
-def tensors(outcomes: Sequence[ImageOutcome]) -> dict[str, tuple[bytes, list[int]]]:
-    """Every output of one request, raw and little-endian, with its shape (the front never imports
-    numpy: ``array`` packs them)."""
-    n, k = len(outcomes), max((len(o.detections) for o in outcomes), default=0)
-    boxes, scores, classes = array.array("f", bytes(16 * n * k)), array.array("f", bytes(4 * n * k)), array.array(
-        "i", bytes(4 * n * k))  # fmt: skip
-    for i, outcome in enumerate(outcomes):
-        for j, d in enumerate(outcome.detections):
-            boxes[4 * (i * k + j) : 4 * (i * k + j) + 4] = array.array("f", (d.box.x1, d.box.y1, d.box.x2, d.box.y2))
-            scores[i * k + j], classes[i * k + j] = d.score, d.class_id
-    return {
-        "DETECTIONS": (_bytes_tensor([detection_json(o) for o in outcomes]), [n]),
-        "STATUS": (array.array("i", (int(o.code) for o in outcomes)).tobytes(), [n]),
-        "COUNT": (array.array("i", (len(o.detections) for o in outcomes)).tobytes(), [n]),
-        "BOXES": (boxes.tobytes(), [n, k, 4]),
-        "SCORES": (scores.tobytes(), [n, k]),
-        "CLASSES": (classes.tobytes(), [n, k]),
-    }
-
-
-def response(
-    request_id: str, built: Mapping[str, tuple[bytes, list[int]]], wanted: Sequence[str],
-    into: Mapping[str, Any] | None = None,
-) -> inference_pb2.ModelInferResponse:  # fmt: skip
-    """The answer to one request: every output asked for (all when none is named). One written into
-    a shared-memory region (``into``: its parameters) says where, with no raw bytes of its own (an
-    empty entry keeps the others at their positions, as clients index them)."""
-    reply = inference_pb2.ModelInferResponse(model_name=MODEL, model_version=VERSION, id=request_id)
-    for name in wanted or OUTPUTS:
-        data, shape = built[name]
-        output = reply.outputs.add(name=name, datatype=OUTPUTS[name][0], shape=shape)
-        if into and name in into:
-            for key, value in into[name].items():
-                output.parameters[key].CopyFrom(value)
-            reply.raw_output_contents.append(b"")
-        else:
-            reply.raw_output_contents.append(data)
-    return reply
-
-
-class Statistics:
-    """What ``ModelStatistics`` reports for ``pipeline``: requests and images, durations in ns."""
-
-    def __init__(self) -> None:
-        self.success = [0, 0]  # requests answered, their total time
-        self.fail = [0, 0]
-        self.images = 0
-        self.last_ms = 0
-
-    def record(self, ok: bool, seconds: float, images: int) -> None:
-        entry = self.success if ok else self.fail
-        entry[0] += 1
-        entry[1] += int(seconds * 1e9)
-        self.images += images if ok else 0
-        self.last_ms = int(time.time() * 1000)
 
 
 class OpenInferenceServicer:
@@ -175,6 +89,14 @@ class OpenInferenceServicer:
                 self.ModelStreamInfer, reader(p.ModelInferRequest, limit), p.ModelStreamInferResponse.SerializeToString
             ),
             **{name: grpc.unary_unary_rpc_method_handler(self._not_served(name)) for name in _NOT_SERVED},
+            "CudaSharedMemoryStatus": unary(
+                self.CudaSharedMemoryStatus, p.CudaSharedMemoryStatusRequest, p.CudaSharedMemoryStatusResponse
+            ),  # fmt: skip
+            "CudaSharedMemoryUnregister": unary(
+                self.CudaSharedMemoryUnregister,
+                p.CudaSharedMemoryUnregisterRequest,
+                p.CudaSharedMemoryUnregisterResponse,
+            ),  # fmt: skip
         }
         regions = self._server.regions
         handlers |= regions.handlers(self._identify)
@@ -187,6 +109,24 @@ class OpenInferenceServicer:
                                 "infer.v1.ModelControlService, and only system shared memory is supported")  # fmt: skip
 
         return refuse
+
+    @rpc_boundary
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """No CUDA region can be registered here: every region is none, a named one is unknown."""
+        self._identify(context, "CudaSharedMemoryStatus")
+        name = readable(request).name
+        if name:
+            raise UnknownBatch(f"no CUDA shared memory region named {name!r} is registered")
+        return inference_pb2.CudaSharedMemoryStatusResponse()
+
+    @rpc_boundary
+    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        """Unregistering every CUDA region (what load tools do when they finish) has nothing to do."""
+        self._identify(context, "CudaSharedMemoryUnregister")
+        name = readable(request).name
+        if name:
+            raise UnknownBatch(f"no CUDA shared memory region named {name!r} is registered")
+        return inference_pb2.CudaSharedMemoryUnregisterResponse()
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return inference_pb2.ServerLiveResponse(live=True)
@@ -245,13 +185,9 @@ class OpenInferenceServicer:
         if request.name:
             self._model(request.name, request.version)
         s = self.stats
-        stats = inference_pb2.InferStatistics(
-            success=inference_pb2.StatisticDuration(count=s.success[0], ns=s.success[1]),
-            fail=inference_pb2.StatisticDuration(count=s.fail[0], ns=s.fail[1]),
-        )
         model = inference_pb2.ModelStatistics(name=MODEL, version=VERSION, last_inference=s.last_ms,
                                               inference_count=s.images, execution_count=s.success[0],
-                                              inference_stats=stats)  # fmt: skip
+                                              inference_stats=s.message())  # fmt: skip
         return inference_pb2.ModelStatisticsResponse(model_stats=[model])
 
     @rpc_boundary
@@ -309,12 +245,13 @@ class OpenInferenceServicer:
             if len(outcomes) != batch.size:
                 raise Unavailable("the request's results expired before they were collected; send it again")
             built = tensors(outcomes)
-            for name, parameters in into.items():
-                await asyncio.to_thread(self._server.regions.write, identity, parameters, built[name][0])
+            if into:  # every output asked into a region, in one trip to a thread
+                writes = [(parameters, built[name][0]) for name, parameters in into.items()]
+                await asyncio.to_thread(self._server.regions.write_all, identity, writes)
             self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
             return response(request.id, built, wanted, into)
         finally:
-            self.stats.record(bool(outcomes), time.monotonic() - started, len(outcomes))
+            self.stats.record(outcomes, time.monotonic() - started)
 
     async def _push_request(
         self, request: Any, identity: Identity
@@ -353,9 +290,7 @@ class OpenInferenceServicer:
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
-            task.add_done_callback(
-                lambda t: None if t.cancelled() or t.exception() else handoff.release(t.result()[0])
-            )
+            task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else handoff.release(t.result()[0]))
             raise
 
     async def _collect(self, batch_id: str, identity: Identity) -> list[ImageOutcome]:

@@ -28,7 +28,7 @@ import functools
 import os
 import stat
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,6 +168,11 @@ class Regions:
                 os.close(out)
         finally:
             os.close(fd)
+
+    def write_all(self, identity: Identity, writes: Sequence[tuple[Mapping[str, Any], bytes]]) -> None:
+        """``write`` each (parameters, output) in turn (blocking: run it in a thread)."""
+        for parameters, data in writes:
+            self.write(identity, parameters, data)
 
     def batch(self, identity: Identity, parameters: Mapping[str, Any], count: int) -> tuple[BatchFile, list[int]]:
         """The input's images as a batch file the workers read in place (blocking: run it in a
