@@ -101,6 +101,10 @@ class WorkerOptions:
     # shadow runs may take (``stage.shadow``).
     candidate: tuple[tuple[str, str], ...] = ()
     shadow_budget: float = 0.1
+    # Dynamic batching (``stage.gather``): chunks waiting together run as one batch, a batch not
+    # full waiting up to this long after its oldest chunk was submitted.
+    dynamic_batching: bool = True
+    max_queue_delay_us: int = 0
 
 
 # The exit code of a worker that retired on purpose after a chunk because its resident memory passed
@@ -184,6 +188,7 @@ class ImageOutcome:
     digest: bytes = b""  # BLAKE2b-128 of the bytes the worker read (WorkerOptions.digest_images)
     models: tuple[tuple[str, str], ...] = ()  # (name, version) of the models that answered
     input_stats: tuple[float, ...] = ()  # brightness, contrast of the decoded image (drift watch)
+    batch_images: int = 0  # images the pipeline ran together with it (dynamic batching); 0: not known
 
     @classmethod
     def failed(cls, batch_id: str, ref: ImageRef, code: Code, message: str) -> ImageOutcome:

@@ -72,6 +72,16 @@ class ServerSettings(BaseSettings):
     device: Literal["cpu", "gpu"] = Field(default="cpu", description="cpu (ONNX Runtime) or gpu (TensorRT).")
     workers: int = Field(default=2, ge=1, le=64, description="Stage worker processes.")
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")
+    dynamic_batching: bool = Field(
+        default=True,
+        description="A worker runs the chunks waiting for it together, up to --batch-size images, as one model "
+        "batch: single-image requests from many clients fill the batches the models see.",
+    )
+    max_queue_delay_us: int = Field(
+        default=0, ge=0, le=1_000_000,
+        description="With dynamic batching, how long after its oldest chunk was submitted a batch that is not "
+        "full waits for more chunks (Triton's max_queue_delay_microseconds). 0: run what is waiting, no wait.",
+    )  # fmt: skip
     intra_op_threads: int = Field(default=1, ge=1, le=64, description="Threads per model in each worker.")
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Attempts per image when workers die under it (2: retried once)."
@@ -318,4 +328,6 @@ class ServerSettings(BaseSettings):
             memory_mib=self.worker_memory_mib or None,
             digest_images=self.result_cache_entries > 0,
             shadow_budget=self.shadow_budget,
+            dynamic_batching=self.dynamic_batching,
+            max_queue_delay_us=self.max_queue_delay_us,
         )

@@ -110,6 +110,10 @@ class ServerMetrics:
             buckets=_STAGE_BUCKETS,
             registry=self.registry,
         )
+        self._batch_images = Histogram(
+            "infer_batch_images", "Images in the pipeline batch each answered image ran in (dynamic batching)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry,
+        )  # fmt: skip
         inflight = Gauge("infer_inflight_images", "Images admitted and not answered yet", registry=self.registry)
         inflight.set_function(lambda: float(inflight_images()))
         self._http: Any = None
@@ -148,6 +152,8 @@ class ServerMetrics:
 
     def image_done(self, outcome: ImageOutcome) -> None:
         self._image_by_code[outcome.code].inc()  # Code is an IntEnum: a plain int finds its child too
+        if outcome.batch_images:
+            self._batch_images.observe(outcome.batch_images)
         queue_ms = compute_ms = 0.0
         for stage, ms in outcome.timings_ms:
             child = self._stage_by_name.get(stage)

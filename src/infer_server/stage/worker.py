@@ -7,12 +7,14 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 * setup: load the model repository, the engines and the DALI pipelines, run one warm-up pass, then
   send ``WorkerReady`` — or ``WorkerFailed(message)`` and exit. With ``null_model`` the worker loads
   nothing and runs ``NullPipeline`` (read + header check only) to measure the data path alone.
-* per ``WorkItem`` from the worker's own inbox: its id goes into the shared ``current`` value
-  (what the pool reads if this worker dies), then one ``ItemDone`` carries an ``ImageOutcome``
-  per image. Work dequeued after its deadline is answered DEADLINE_EXCEEDED without running. A
-  failure of the pipeline itself (not of an image: those are per-image outcomes) answers the
-  chunk INTERNAL, unless it left the pipeline unusable (an allocation failed): then the worker
-  exits with ``FAILED_EXIT`` without answering, and the pool retries the images one per chunk.
+* per group of ``WorkItem``s from the worker's own inbox (one chunk, or with dynamic batching the
+  chunks waiting together that fit in one batch: ``stage.gather``): the last one's id goes into
+  the shared ``current`` value (what the pool reads if this worker dies), the pipeline runs once on
+  all their images, then one ``ItemDone`` per chunk carries an ``ImageOutcome`` per image. Work
+  dequeued after its deadline is answered DEADLINE_EXCEEDED without running. A failure of the
+  pipeline itself (not of an image: those are per-image outcomes) answers the chunks INTERNAL,
+  unless it left the pipeline unusable (an allocation failed): then the worker exits with
+  ``FAILED_EXIT`` without answering, and the pool retries the images one per chunk.
 * ``STOP`` in the inbox, or the shared stop event, ends the loop; the worker also exits when its
   parent dies (a thread waits on the parent's sentinel), so no orphan outlives the server.
 * memory: the decoder keeps the buffers a huge image grew, for good (``docs/security.md`` has the
@@ -26,13 +28,9 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 Results go through the worker's own pipe (``results``), never a queue shared with other workers: a
 worker killed mid-write can then only corrupt its own channel, which the pool discards with it.
 
-The batch file is opened through the front's own descriptor of it (``/proc/<server pid>/fd/<fd>``,
-non-blocking), never by its path, and must be the regular file (same device, inode and size) the
-front validated: nothing swapped in at the path after validation is ever opened. Each image's
-bytes are read once with ``pread`` into private memory (``ChunkReader``: one buffer, reused by
-every chunk) and every check runs on that copy. ``pread`` rather than ``mmap``: a client
-truncating its file while a worker reads a shared mapping would kill the worker with SIGBUS,
-whereas a short read is just a per-image error; both copy each byte exactly once.
+Each image's bytes are read once, through the front's own descriptor of the batch file, into
+private memory (``stage.reader.ChunkReader``: one buffer, reused by every chunk), and every check
+runs on that copy.
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ import multiprocessing.connection
 import os
 import resource
 import signal
-import stat
 import sys
 import threading
 import time
@@ -56,7 +53,6 @@ from infer_server.messages import (
     RETIRED_EXIT,
     ROUTE_CANARY,
     ROUTE_SHADOW,
-    STOP,
     Code,
     ImageOutcome,
     ImageRef,
@@ -67,6 +63,8 @@ from infer_server.messages import (
     WorkerReady,
     WorkItem,
 )
+from infer_server.stage.gather import Gatherer, Group
+from infer_server.stage.reader import ChunkReader
 from infer_server.stage.shadow import Budget, compare
 
 if TYPE_CHECKING:
@@ -108,57 +106,6 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-class ChunkReader:
-    """Reads a chunk's images into one private buffer that is reused from chunk to chunk.
-
-    A new ``bytes`` per image would cost a page fault per 4 KiB on every chunk: the allocator hands
-    that much memory back to the kernel once the chunk is freed and asks for it again for the next
-    one (docs/performance.md has what that cost). The views ``read`` returns stay valid until the
-    next ``read``: the pipeline is done with a chunk's bytes when its ``process`` returns, and
-    nothing keeps them.
-
-    ``owner`` is the process whose descriptors the ``FileRef``s name: the server, this worker's
-    parent.
-    """
-
-    def __init__(self, owner: int | None = None) -> None:
-        self._buffer = bytearray()
-        self._fds = f"/proc/{os.getppid() if owner is None else owner}/fd"
-
-    def read(self, item: WorkItem) -> list[memoryview | str]:
-        """Each image's bytes, or the client-facing reason it could not be read (never the path)."""
-        try:
-            # The front's open file, whatever the path leads to now; O_NONBLOCK: never wait on it.
-            fd = os.open(f"{self._fds}/{item.file.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return [f"image {ref.index}: batch data is no longer available" for ref in item.images]
-        try:
-            st = os.fstat(fd)
-            if (
-                not stat.S_ISREG(st.st_mode)
-                or (st.st_dev, st.st_ino) != (item.file.dev, item.file.ino)
-                or st.st_size != item.file.size
-            ):
-                return [f"image {ref.index}: batch data changed after it was accepted" for ref in item.images]
-            inside = [ref.offset >= 0 and ref.size >= 0 and ref.offset + ref.size <= st.st_size for ref in item.images]
-            total = sum(ref.size for ref, ok in zip(item.images, inside, strict=True) if ok)
-            if len(self._buffer) < total:  # a new one, not a resize: views of the old may still exist
-                self._buffer = bytearray(total)
-            view, pos = memoryview(self._buffer), 0
-            out: list[memoryview | str] = []
-            for ref, ok in zip(item.images, inside, strict=True):
-                if not ok:
-                    out.append(f"image {ref.index}: byte range lies outside the batch data")
-                    continue
-                data = view[pos : pos + ref.size]
-                pos += ref.size
-                n = os.preadv(fd, [data], ref.offset)
-                out.append(data if n == ref.size else f"image {ref.index}: batch data was truncated")
-            return out
-        finally:
-            os.close(fd)
-
-
 class StageWorker:
     """The loop of one worker process: take a chunk, answer every image of it in one message."""
 
@@ -173,20 +120,22 @@ class StageWorker:
         self.digests = digests
         self.candidate: VisionPipeline | None = None  # the version under trial (canary, shadow)
         self.budget = Budget(0.1)
+        self.gathering: tuple[int, float] | None = None  # (batch size, max queue delay s): run waiting chunks together
 
     def serve(self, inbox: Connection, stop: Event) -> int | None:
         """Serve chunks until stopped (None), or until this worker must go: ``RETIRED_EXIT`` (too
-        much memory resident) or ``FAILED_EXIT`` (the pipeline failed; its chunk is not answered)."""
+        much memory resident) or ``FAILED_EXIT`` (the pipeline failed; its chunks are not answered).
+        With ``gathering`` (batch size, maximum queue delay) set, chunks waiting together run as
+        one batch (``stage.gather``)."""
+        size, delay = self.gathering or (1, 0.0)
+        gatherer = Gatherer(inbox, size, delay, enabled=self.gathering is not None)
         while not stop.is_set():
             # Blocking is the idle state of a worker: the stop marker, the parent's death (see
             # _exit_with_parent) and the pool's terminate → kill after join(timeout) all end it.
-            try:
-                item = inbox.recv()
-            except EOFError:  # the pool closed the inbox: as good as the stop marker
+            items = gatherer.next_group()
+            if not items or stop.is_set():
                 return None
-            if item is STOP or stop.is_set():
-                return None
-            if not self.handle(item):
+            if not self.handle_group(items):
                 return FAILED_EXIT
             if self.memory_mib is not None and (resident := resident_mib()) > self.memory_mib:
                 log.warning("worker %d: %d MiB resident after a chunk, over %d MiB: retiring to give it back",
@@ -195,37 +144,39 @@ class StageWorker:
         return None
 
     def handle(self, item: WorkItem) -> bool:
-        """Answer every image of ``item`` in one ``ItemDone``, or return False, answering nothing,
-        when the pipeline is left unusable (``_unusable``): this worker must then exit, and the
-        pool retries the chunk's images one by one on a fresh one. Any other failure of the
-        pipeline answers the chunk's images INTERNAL, as a worker that goes on can."""
+        """``handle_group`` of one chunk."""
+        return self.handle_group([item])
+
+    def handle_group(self, items: list[WorkItem]) -> bool:
+        """Answer every image of ``items`` (one ``ItemDone`` per chunk), or return False, answering
+        nothing, when the pipeline is left unusable (``_unusable``): this worker must then exit, and
+        the pool retries the chunks' images one by one on a fresh one. Any other failure of the
+        pipeline answers the images INTERNAL, as a worker that goes on can."""
         if self.current is not None:
-            self.current.value = item.item_id
+            self.current.value = items[-1].item_id  # the pool counts every chunk up to it as started
         taken = time.monotonic()
-        outcomes: dict[int, ImageOutcome] = {}
+        outcomes: dict[int, dict[int, ImageOutcome]] = {item.item_id: {} for item in items}
+        live = [item for item in items if taken <= item.deadline]
+        _fail_open([item for item in items if item not in live], outcomes, Code.DEADLINE_EXCEEDED,
+                   "deadline exceeded before processing")  # fmt: skip
         readable: list[tuple[ImageRef, memoryview]] = []
-        if taken > item.deadline:
-            for ref in item.images:
-                message = f"image {ref.index}: deadline exceeded before processing"
-                outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DEADLINE_EXCEEDED, message)
-        else:
+        answered: list[ImageOutcome] = []  # as the pipeline numbered them (for a shadow run)
+        if live:
             try:
-                readable = self._run(item, taken, outcomes)
+                readable, answered = self._run(live, taken, outcomes)
             except Exception as exc:
-                log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
+                log.exception("worker %d: chunks %s failed", self.worker_id, [i.item_id for i in live])
                 if _unusable(exc):
                     return False
-                for ref in item.images:
-                    if ref.index not in outcomes:
-                        message = f"image {ref.index}: pipeline error"
-                        outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.INTERNAL, message)
-        self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes.values())))
+                _fail_open(live, outcomes, Code.INTERNAL, "pipeline error")
+        for item in items:
+            self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes[item.item_id].values())))
         self.budget.answered(time.monotonic() - taken)
-        if item.route == ROUTE_SHADOW and self.candidate is not None and readable:
-            self._shadow(item, readable, list(outcomes.values()))
+        if items[0].route == ROUTE_SHADOW and self.candidate is not None and readable:
+            self._shadow(readable, answered)
         return True
 
-    def _shadow(self, item: WorkItem, readable: list[tuple[ImageRef, memoryview]], answered: list[Any]) -> None:
+    def _shadow(self, readable: list[tuple[ImageRef, memoryview]], answered: list[Any]) -> None:
         """Run the candidate on the images just answered and send only how far it agrees
         (``stage.shadow``); skipped, and counted, while shadow runs are over their budget."""
         assert self.candidate is not None
@@ -234,7 +185,7 @@ class StageWorker:
             return
         t0 = time.monotonic()
         try:
-            theirs = list(self.candidate.process(item.batch_id, readable))
+            theirs = list(self.candidate.process("", readable))
         except Exception:  # the candidate's failure is the trial's finding, never the answer's
             log.exception("worker %d: the candidate failed on a shadow chunk", self.worker_id)
             theirs = []
@@ -242,31 +193,50 @@ class StageWorker:
         self.results.send(ShadowDone(self.worker_id, compare(answered, theirs)))
 
     def _run(
-        self, item: WorkItem, taken: float, outcomes: dict[int, ImageOutcome]
-    ) -> list[tuple[ImageRef, memoryview]]:
-        """Read the chunk's images and run the pipeline on those that could be read, into
-        ``outcomes`` (the candidate's, for a chunk routed ``ROUTE_CANARY``); the images read."""
+        self, items: list[WorkItem], taken: float, outcomes: dict[int, dict[int, ImageOutcome]]
+    ) -> tuple[list[tuple[ImageRef, memoryview]], list[ImageOutcome]]:
+        """Read the chunks' images and run the pipeline once on those that could be read, into
+        ``outcomes`` by chunk (the candidate's, for chunks routed ``ROUTE_CANARY``); the images
+        read and their outcomes, as the pipeline numbered them."""
         t0 = time.perf_counter()
-        data = self.reader.read(item)
+        data = self.reader.read_all(items)
         read_ms = (time.perf_counter() - t0) * 1e3
+        group = Group(items)
         readable: list[tuple[ImageRef, memoryview]] = []
-        for ref, d in zip(item.images, data, strict=True):
-            if isinstance(d, str):
-                outcomes[ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DATA_LOSS, d)
-            else:
-                readable.append((ref, d))
-        queue_ms = max(0.0, taken - item.submitted) * 1e3 if item.submitted else None
+        for item, got in zip(items, data, strict=True):
+            for ref, d in zip(item.images, got, strict=True):
+                if isinstance(d, str):
+                    outcomes[item.item_id][ref.index] = ImageOutcome.failed(item.batch_id, ref, Code.DATA_LOSS, d)
+                else:
+                    readable.append((group.add(item, ref), d))
+        queue_ms = {item.item_id: max(0.0, taken - item.submitted) * 1e3 for item in items if item.submitted}
         # The hash of what was read, when the front caches results: it stores an answer only under
         # the key of the bytes that produced it (a client that rewrites its file cannot poison it).
         digests = {ref.index: image_digest(d) for ref, d in readable} if self.digests else {}
-        pipeline = self.candidate if item.route == ROUTE_CANARY and self.candidate is not None else self.pipeline
+        route = items[0].route
+        pipeline = self.candidate if route == ROUTE_CANARY and self.candidate is not None else self.pipeline
         models = pipeline.models  # the versions that answered, in every result
-        for outcome in pipeline.process(item.batch_id, readable, read_ms, queue_ms):
-            if digests or models:
-                answered = models if outcome.code == Code.OK else ()
-                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""), models=answered)
-            outcomes[outcome.index] = outcome
-        return readable
+        answered = []
+        single_queue = queue_ms.get(items[0].item_id) if group.single else None
+        together = len(readable)
+        for outcome in pipeline.process(group.batch_id, readable, read_ms, single_queue):
+            if digests or models or together > 1:
+                kept = models if outcome.code == Code.OK else ()
+                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""), models=kept,
+                                              batch_images=together)  # fmt: skip
+            answered.append(outcome)
+            item, mine = group.back(outcome, queue_ms)
+            outcomes[item.item_id][mine.index] = mine
+        return readable, answered
+
+
+def _fail_open(items: list[WorkItem], outcomes: dict[int, dict[int, ImageOutcome]], code: Code, reason: str) -> None:
+    """Answer every image of ``items`` not answered yet with ``code`` and ``image N: reason``."""
+    for item in items:
+        for ref in item.images:
+            if ref.index not in outcomes[item.item_id]:
+                message = f"image {ref.index}: {reason}"
+                outcomes[item.item_id][ref.index] = ImageOutcome.failed(item.batch_id, ref, code, message)
 
 
 def image_digest(data: memoryview | bytes) -> bytes:
@@ -369,6 +339,8 @@ def run_worker(
         worker = StageWorker(worker_id, pipeline, results, current, memory_mib=options.memory_mib,
                              digests=options.digest_images)  # fmt: skip
         worker.candidate, worker.budget = candidate, Budget(options.shadow_budget)
+        if options.dynamic_batching:
+            worker.gathering = (options.batch_size, options.max_queue_delay_us / 1e6)
         code = worker.serve(inbox, stop)
     except (BrokenPipeError, ConnectionResetError):
         log.warning("worker %d: the pool went away", worker_id)

@@ -33,7 +33,7 @@ class Inbox:
 
     Written under the pool's lock, from the event loop (``submit_batch``, a worker's answer) or the
     watcher thread (a death, a restart), so a write must never wait for the worker: a worker holds
-    at most ``holds - 1`` items (the pool's ``CREDIT``) and the stop marker follows them, so every
+    at most ``holds - 1`` items (the pool's credit) and the stop marker follows them, so every
     item that fits in a ``holds``-th of the pipe (with a page of slack at each end, pipes fill page
     by page) is written at once. No thread
     hands items over (``multiprocessing.Queue`` has one: a wake-up per item). An item that would
@@ -49,17 +49,21 @@ class Inbox:
         self.limit = self.capacity // holds - 2 * _PAGE
 
     @staticmethod
-    def check(batch_size: int, holds: int) -> None:
-        """Raise ``ValueError`` unless an inbox takes any item of ``batch_size`` images without names."""
+    def credit(batch_size: int, wanted: int, least: int) -> int:
+        """How many items a worker may hold: ``wanted`` if an inbox then takes any item of
+        ``batch_size`` images without names, else ``least`` if that does (a pipe that cannot grow
+        to ``INBOX_BYTES``), else ``ValueError``."""
         reader, writer = multiprocessing.Pipe(duplex=False)
-        inbox = Inbox(writer, holds)
+        inbox = Inbox(writer, 1)
         reader.close()
         inbox.close()
-        if inbox.limit < 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids, ≤ 54 bytes per image
-            raise ValueError(
-                f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
-                "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
-            )
+        for items in (wanted, least):  # the stop marker follows the items: one more
+            if inbox.capacity // (items + 1) - 2 * _PAGE >= 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids,
+                return items  # ≤ 54 bytes per image
+        raise ValueError(
+            f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
+            "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
+        )
 
     def put(self, item: WorkItem | None) -> bool:
         """Send ``item`` (or the stop marker); True if it went without its images' names.

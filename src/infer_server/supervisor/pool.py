@@ -8,10 +8,11 @@ and raises ``PipelineError`` with a worker's own message otherwise.
 Pipes and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
 admission control) and are handed to workers on credit: each worker has its own inbox, a pipe the
-pool writes into directly and without ever blocking (``channels.Inbox``), and holds at most
-``CREDIT`` chunks, so the pool always knows which chunks each worker holds. A worker writes the id
-of the chunk it takes into its shared ``current`` value and answers through its own result pipe
-with one ``ItemDone`` per chunk, carrying every image's outcome. A pipe per worker, not one shared
+pool writes into directly and without ever blocking (``channels.Inbox``), and holds two batches of
+images at most (one running, one waiting) in ``CREDIT`` chunks at most (``GATHER_CREDIT`` with
+dynamic batching, ``stage.gather``), so the pool knows which chunks each worker holds. A worker
+writes the id of the last chunk it takes into its shared ``current`` value and answers through its
+own result pipe with one ``ItemDone`` per chunk, carrying every image's outcome. A pipe per worker, not one shared
 queue: a worker SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock
 held (and a half-written message) for every other worker; a private pipe just reaches EOF and is
 discarded.
@@ -27,8 +28,8 @@ process sentinels, so a death is seen at once without polling, and starts due re
 
 Death. When a worker dies the watcher waits until the loop has drained its pipe to EOF (so every
 outcome it managed to send counts), reports ``on_health(False)``, and hands its chunks back to the
-ledger (``supervisor.ledger``): the chunk it had taken (its ``current`` value; chunks go to a worker
-in id order and it takes them in that order) counts as started, and its images come back as
+ledger (``supervisor.ledger``): the chunks it had taken (up to its ``current`` value; chunks go to a
+worker in order and it takes them in that order) count as started, and its images come back as
 single-image chunks with ``attempt + 1`` (a poison image can only take itself down), or are answered
 UNAVAILABLE once ``max_attempts`` is spent; chunks it had not started go back unchanged. A
 replacement is spawned (with backoff when setup keeps failing) and ``on_health(True)`` follows once
@@ -83,7 +84,7 @@ from infer_server.supervisor.rollout import roll
 
 log = logging.getLogger(__name__)
 
-CREDIT = 2  # chunks a worker holds at once: one running, one queued behind it
+CREDIT, GATHER_CREDIT = 2, 16  # chunks a worker may hold; with dynamic batching, small ones waiting make a batch
 _MAX_BURST = 64  # messages the loop takes from one worker's pipe before looking at the others
 
 
@@ -101,7 +102,8 @@ class PipelinePool:
     ) -> None:  # fmt: skip
         if workers < 1 or options.batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
-        Inbox.check(options.batch_size, holds=CREDIT + 1)
+        wanted = GATHER_CREDIT if options.dynamic_batching else CREDIT
+        self._credit = Inbox.credit(options.batch_size, wanted, least=CREDIT)  # chunks a worker may hold
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = options
         self._max_chunk_s = max_chunk_seconds
@@ -127,7 +129,7 @@ class PipelinePool:
 
     # ----------------------------------------------------------------------------------- public
     def start(self, timeout: float = 120.0) -> None:
-        """Spawn every worker and block until all are READY; raise ``PipelineError`` otherwise."""
+        """Spawn every worker, block until all are READY; raise ``PipelineError`` otherwise."""
         self._not_on_loop("start")
         with self._cond:
             if self._started or self._stopping:
@@ -153,8 +155,7 @@ class PipelinePool:
     def submit_batch(
         self, batch_id: str, file: FileRef, images: Sequence[ImageRef], deadline: float, route: int = ROUTE_STABLE
     ) -> None:
-        """Queue a batch's images in chunks of ``batch_size`` (``route``: which models answer them,
-        see ``messages.WorkItem``); never blocks."""
+        """Queue a batch's images in chunks of ``batch_size`` (``route``: see ``WorkItem``); never blocks."""
         with self._cond:
             if not self._started or self._stopping:
                 raise PipelineError("the pipeline is not running")
@@ -213,17 +214,16 @@ class PipelinePool:
 
     # ------------------------------------------------------------------------------- internals
     def _all_ready(self) -> bool:
-        """As many READY workers taking chunks as the pool has slots (during a model change, the
-        extra worker stands in for the one being replaced)."""
+        """As many READY workers taking chunks as slots (in a model change, the extra one stands in)."""
         return sum(w is not None and w.ready and not w.retiring for w in self._slots) >= self.num_workers
 
     def _dispatch(self) -> None:
         """Hand pending chunks to READY workers with free credit, least loaded first (locked)."""
         while self._ledger.pending and not self._stop_event.is_set():
-            free = [w for w in self._slots if w is not None and w.ready and not w.retiring and len(w.held) < CREDIT]
+            free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, self._credit)]
             if not free:
                 return
-            worker = min(free, key=lambda w: len(w.held))
+            worker = min(free, key=lambda w: w.held_images)
             chunk = self._ledger.pending.popleft()
             worker.held[chunk.item.item_id] = chunk
             try:
@@ -358,7 +358,8 @@ class PipelinePool:
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            worker = WorkerProcess(slot, process, Inbox(inbox, holds=CREDIT + 1), results, current, options=options)
+            to_worker = Inbox(inbox, holds=self._credit + 1)
+            worker = WorkerProcess(slot, process, to_worker, results, current, options=options)
             if slot == len(self._slots):
                 self._slots.append(worker)
             else:

@@ -52,9 +52,20 @@ class WorkerProcess:
     def models(self) -> tuple[tuple[str, str], ...]:
         return self.report.models if self.report is not None else ()
 
+    @property
+    def held_images(self) -> int:
+        return sum(len(chunk.item.images) for chunk in self.held.values())
+
+    def has_credit(self, batch_size: int, max_chunks: int) -> bool:
+        """It takes another chunk: a READY worker taking chunks, holding fewer than ``max_chunks``
+        chunks and fewer than two batches' worth of images (one running, the next waiting; with
+        dynamic batching, small chunks waiting together make that next batch)."""
+        return (self.ready and not self.retiring and len(self.held) < max_chunks
+                and self.held_images < 2 * batch_size)  # fmt: skip
+
 
 def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:
-    """Log why ``worker`` ended and mark the chunk it was on as started; the reason its unanswered
+    """Log why ``worker`` ended and mark the chunks it was on as started; the reason their unanswered
     images get if they run out of attempts."""
     pid, code = worker.process.pid, worker.process.exitcode
     if worker.retiring:
@@ -63,8 +74,12 @@ def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:
         log.info("worker %d (pid %s) retired to give its memory back; replacing it", worker.slot, pid)
     else:
         log.warning("worker %d (pid %s) died: %s", worker.slot, pid, worker.setup_error or f"exit code {code}")
-    for chunk in worker.held.values():
-        chunk.started = chunk.item.item_id == worker.current.value
+    # It takes chunks in the order they were sent (``held``'s), the last it took in ``current``:
+    # that one and every one before it that is still open may have run.
+    taken = worker.current.value in worker.held
+    for item_id, chunk in worker.held.items():
+        chunk.started = taken
+        taken = taken and item_id != worker.current.value
     if worker.overran:
         return f"took longer than {max_chunk_s:.0f} s to process"
     return PIPELINE_FAILED if code == FAILED_EXIT else CRASHED

@@ -1,0 +1,168 @@
+"""Dynamic batching, measured: many clients pushing one image per request to the server with the
+models, with dynamic batching (``--max-queue-delay-us`` as given) and without, interleaved in one
+run.
+
+First, the pipeline's own batch-size scaling, in one process on one core (``scaling``): the time
+per image of ``VisionPipeline.process`` on 1, 2, 4 and 8 images, and of its stages. Then, per
+round (the order rotates): a closed-loop point of ``--clients`` client processes on each server
+(images/s, per-image p50/p99, the server's CPU per image, and the mean number of images the models
+saw per batch, from the server's ``infer_batch_images`` histogram). Then, on the batching server:
+one client alone (unloaded latency) and an open-loop point at half the peak rate (latency under
+load, counted from the scheduled time).
+
+    .venv/bin/python -m benchmarks.batching --rounds 3 --json bench-out/batching.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import re
+import socket
+import statistics
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks import servers
+from benchmarks.fps import _accounting
+from benchmarks.loadgen import PointResult, Workload, make_workload, run_point
+
+MODELS = servers.REPO_ROOT / "engines" / "models"
+
+
+def _scaling(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]]:
+    """Per image, ms: ``VisionPipeline.process`` on batches of each size (median of ``repeats``),
+    and each stage's share (the outcomes' timings). Runs in a child: one thread per library."""
+    from infer_server.stage.worker import limit_threads
+
+    limit_threads(1)
+    from engines.scenes import generate_scene
+    from infer_server.messages import ImageRef
+    from infer_server.settings import ServerSettings
+    from infer_server.stage.pipeline import VisionPipeline
+
+    pipeline = VisionPipeline.load(MODELS, ServerSettings(batch_size=max(sizes)).worker_options())
+    pipeline.warm_up()
+    jpegs = [generate_scene(2026 + i, width=1280, height=720).jpeg for i in range(max(sizes))]
+    out: dict[int, dict[str, float]] = {}
+    for size in sizes:
+        images = [(ImageRef(i, 0, len(j)), j) for i, j in enumerate(jpegs[:size])]
+        runs = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            outcomes = list(pipeline.process("scaling", images))
+            runs.append(((time.perf_counter() - t0) * 1e3 / size, outcomes))
+        runs.sort(key=lambda r: r[0])
+        per_image, outcomes = runs[len(runs) // 2]
+        stages: dict[str, float] = {}
+        for outcome in outcomes:
+            for stage, ms in outcome.timings_ms:
+                stages[stage] = stages.get(stage, 0.0) + ms / size
+        out[size] = {"per_image_ms": per_image, **{f"{k}_ms": v for k, v in stages.items()}}
+    pipeline.close()
+    return out
+
+
+def scaling(sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7) -> dict[int, dict[str, float]]:
+    """``_scaling`` in a fresh process (spawned: the libraries' threads are set before they load)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_scaling, (sizes, repeats))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _server(batching: bool, delay_us: int, workers: int, batch_size: int) -> Iterator[tuple[Any, int]]:
+    port = _free_port()
+    extra = ["--dynamic-batching" if batching else "--no-dynamic-batching", "--max-queue-delay-us", str(delay_us),
+             "--metrics-port", str(port)]  # fmt: skip
+    servers.GRPC_SERVER_ARGS[:] = extra
+    try:
+        with servers.grpc_server(MODELS, workers=workers, batch_size=batch_size,
+                                 label="batching" if batching else "single") as server:  # fmt: skip
+            yield server, port
+    finally:
+        servers.GRPC_SERVER_ARGS[:] = []
+
+
+def _batch_images(port: int) -> tuple[float, float]:
+    """The server's ``infer_batch_images`` histogram so far: (sum, count)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    found = {k: float(v) for k, v in re.findall(r"^infer_batch_images_(sum|count) (\S+)$", text, re.M)}
+    return found.get("sum", 0.0), found.get("count", 0.0)
+
+
+def _point(workload: Workload, server: Any, port: int, clients: int, rate: float | None = None) -> dict[str, Any]:
+    before = _batch_images(port)
+    result: PointResult = run_point(workload, "tmpfs", server.address, str(server.shm_dir), clients, window_s=3.0,
+                                    max_s=24.0, warmup_s=3.0, accounting=_accounting(server), rate_images=rate,
+                                    min_s=9.0 if rate else 0.0)  # fmt: skip
+    after = _batch_images(port)
+    return {
+        "fps": result.fps,
+        "image_p50_ms": result.percentile("image", 50), "image_p99_ms": result.percentile("image", 99),
+        "cpu_ms_per_image": result.cpu_ms_per_image.get("front", 0.0) + result.cpu_ms_per_image.get("workers", 0.0),
+        "front_cpu_ms_per_image": result.cpu_ms_per_image.get("front", 0.0),
+        "mean_batch_images": (after[0] - before[0]) / max(after[1] - before[1], 1.0),
+        "errors": result.errors, "other_cores": result.other_cores,
+    }  # fmt: skip
+
+
+def main(
+    rounds: Annotated[int, typer.Option(help="Rounds; each runs both servers once.")] = 3,
+    clients: Annotated[int, typer.Option(help="Client processes, one image per request each.")] = 16,
+    delay_us: Annotated[int, typer.Option(help="--max-queue-delay-us of the batching server.")] = 0,
+    workers: Annotated[int, typer.Option(help="Stage workers of each server.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="--batch-size of each server.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """Single-image requests from many clients, with and without dynamic batching."""
+    curve = scaling()
+    for size, row in curve.items():
+        print(f"pipeline on {size} image(s): {row['per_image_ms']:.1f} ms per image (detector "
+              f"{row.get('detector_ms', 0):.1f}, decode {row.get('decode_ms', 0):.1f}, attributes "
+              f"{row.get('attributes_ms', 0):.1f})")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        workload = make_workload(16, 1, Path(tmp))
+        on = stack.enter_context(_server(True, delay_us, workers, batch_size))
+        off = stack.enter_context(_server(False, delay_us, workers, batch_size))
+        rows = []
+        for n in range(rounds):
+            order = [("batching", on), ("single", off)][:: 1 if n % 2 == 0 else -1]
+            row = {name: _point(workload, srv, port, clients) for name, (srv, port) in order}
+            row["ratio"] = row["batching"]["fps"] / row["single"]["fps"]
+            rows.append(row)
+            print(f"round {n + 1}: " + ", ".join(
+                f"{name} {row[name]['fps']:.1f} img/s (p99 {row[name]['image_p99_ms']:.0f} ms, "
+                f"{row[name]['cpu_ms_per_image']:.1f} ms CPU/img, {row[name]['mean_batch_images']:.1f} img/batch)"
+                for name in ("batching", "single")) + f", ratio {row['ratio']:.2f}")  # fmt: skip
+        peak = statistics.median(r["batching"]["fps"] for r in rows)
+        unloaded = _point(workload, *on, clients=1)
+        half = _point(workload, *on, clients=clients, rate=peak / 2)
+    summary = {
+        "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "unloaded_p99_ms": unloaded["image_p99_ms"], "half_load_p99_ms": half["image_p99_ms"],
+        "half_load_fps": half["fps"], "half_load_mean_batch_images": half["mean_batch_images"],
+    }  # fmt: skip
+    print(f"median ratio batching / single: {summary['median_ratio']:.2f}; p99 unloaded {unloaded['image_p99_ms']:.0f} "
+          f"ms, at half load ({half['fps']:.1f} img/s) {half['image_p99_ms']:.0f} ms")  # fmt: skip
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"scaling": curve, "rounds": rows, "unloaded": unloaded, "half_load": half, "summary": summary,
+               "clients": clients, "delay_us": delay_us, "workers": workers, "batch_size": batch_size}  # fmt: skip
+        json_out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,157 @@
+"""Dynamic batching: chunks of different requests waiting for one worker run as one model batch,
+and every image is still answered once, under its own batch, index and name, exactly as it would
+be answered alone; the pool counts every chunk of a group as started when its worker dies."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infer_server.messages import STOP, Code, ImageRef, ItemDone, WorkItem
+from infer_server.stage.pipeline import VisionPipeline
+from infer_server.stage.worker import StageWorker
+from infer_server.supervisor.ledger import Chunk
+from infer_server.supervisor.processes import WorkerProcess, report_death
+from tests.helpers import worker_options
+from tests.integration.test_worker import BLOBS, HELD, reader, write_batch
+
+
+class Counting:
+    """The real pipeline, and the size of every batch it was given."""
+
+    def __init__(self, pipeline: VisionPipeline) -> None:
+        self.pipeline, self.batches = pipeline, []  # type: ignore[var-annotated]
+        self.models = pipeline.models
+
+    def process(self, batch_id: str, images: Sequence[tuple[ImageRef, Any]], *args: Any) -> Any:
+        self.batches.append(len(images))
+        return self.pipeline.process(batch_id, images, *args)
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="infer-gather-", dir="/dev/shm"))
+    yield base
+    while HELD:
+        with contextlib.suppress(OSError):
+            os.close(HELD.pop())
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
+    p = VisionPipeline.load(model_repo_dir, worker_options(batch_size=8), worker_id=3)
+    yield p
+    p.close()
+
+
+def chunks(shm_dir: Path, blobs: list[bytes], **changes: Any) -> list[WorkItem]:
+    """One single-image chunk per blob, each of its own batch (as from many clients)."""
+    items = []
+    for n, blob in enumerate(blobs):
+        item = write_batch(shm_dir / f"b{n}", [blob], batch_id=f"client-{n}")
+        items.append(dataclasses.replace(item, item_id=n + 1, submitted=time.monotonic(), **changes))
+    return items
+
+
+def serve(pipeline: Any, items: list[WorkItem], gathering: tuple[int, float] | None, later: Sequence[WorkItem] = (),
+          after_first: bool = False) -> list[ItemDone]:  # fmt: skip
+    """Every answer to ``items`` (queued at once), then to ``later`` (sent once the worker runs,
+    or once it answered its first chunk)."""
+    inbox, pool_end = multiprocessing.Pipe(duplex=False)
+    parent, child = multiprocessing.Pipe(duplex=False)
+    for item in items:
+        pool_end.send(item)
+    worker = StageWorker(3, pipeline, child, reader=reader())
+    worker.gathering = gathering
+    thread = threading.Thread(target=worker.serve, args=(inbox, multiprocessing.Event()), daemon=True)
+    thread.start()
+    done = [parent.recv()] if after_first else []
+    for item in later:
+        pool_end.send(item)
+    done += [parent.recv() for _ in range(len(items) + len(later) - len(done))]
+    pool_end.send(STOP)
+    thread.join(30)
+    assert not thread.is_alive() and not parent.poll()
+    return done
+
+
+def answers(done: list[ItemDone]) -> dict[str, tuple[Any, ...]]:
+    return {
+        o.batch_id: (o.index, o.name, o.code, o.message, [(d.label, d.box) for d in o.detections])
+        for m in done for o in m.outcomes
+    }  # fmt: skip
+
+
+def test_waiting_chunks_run_as_one_batch_and_answer_as_alone(pipeline: VisionPipeline, shm: Path) -> None:
+    blobs = [BLOBS[0], BLOBS[1], BLOBS[2], BLOBS[0]]  # BLOBS[1] does not decode
+    alone, together = Counting(pipeline), Counting(pipeline)
+    one_by_one = serve(alone, chunks(shm, blobs), gathering=None)
+    grouped = serve(together, chunks(shm, blobs), gathering=(8, 0.0))
+    assert alone.batches == [1, 1, 1, 1] and together.batches == [4]
+    assert [m.item_id for m in grouped] == [1, 2, 3, 4], "one ItemDone per chunk, in order"
+    assert answers(grouped) == answers(one_by_one)
+    broken = answers(grouped)["client-1"]
+    assert broken[2] == Code.INVALID_ARGUMENT and broken[3].startswith("image 0: "), "its own index in the message"
+    assert {o.batch_images for m in grouped for o in m.outcomes if o.code == Code.OK} == {4}
+
+
+def test_a_group_holds_one_route_and_at_most_a_batch(pipeline: VisionPipeline, shm: Path) -> None:
+    items = chunks(shm, [BLOBS[0]] * 5)
+    items[2] = dataclasses.replace(items[2], route=2)  # a shadow-routed chunk between stable ones
+    counting = Counting(pipeline)
+    done = serve(counting, items, gathering=(2, 0.0))
+    assert counting.batches == [2, 1, 2]
+    assert sorted(m.item_id for m in done) == [1, 2, 3, 4, 5]
+
+
+def test_a_batch_not_full_waits_up_to_the_queue_delay(pipeline: VisionPipeline, shm: Path) -> None:
+    first, second = chunks(shm, [BLOBS[0], BLOBS[2]])
+    counting = Counting(pipeline)
+    serve(counting, [first], gathering=(2, 60.0), later=[second])  # runs once full: the second made it so
+    assert counting.batches == [2]
+    # Submitted longer ago than the delay: each runs as soon as it is taken, however empty its batch.
+    stale, later = (dataclasses.replace(item, submitted=time.monotonic() - 120.0)
+                    for item in chunks(shm, [BLOBS[0], BLOBS[2]]))  # fmt: skip
+    counting = Counting(pipeline)
+    done = serve(counting, [stale], gathering=(8, 60.0), later=[later], after_first=True)
+    assert counting.batches == [1, 1] and [m.item_id for m in done] == [1, 2]
+
+
+def test_a_dead_workers_chunks_up_to_its_current_count_as_started() -> None:
+    """The worker took chunks 1 and 2 as one group (``current`` = 2); 3 was still in its inbox."""
+    held = {}
+    for item_id in (1, 2, 3):
+        item = WorkItem(item_id, f"b{item_id}", None, (ImageRef(0, 0, 1),), 0.0)  # type: ignore[arg-type]
+        held[item_id] = Chunk(item, {0})
+    current = multiprocessing.get_context("spawn").RawValue("q", 2)
+    process = type("Dead", (), {"pid": 1, "exitcode": -9})()
+    worker = WorkerProcess(0, process, None, None, current, held=held)  # type: ignore[arg-type]
+    report_death(worker, 60.0)
+    assert [c.started for c in held.values()] == [True, True, False]
+    current.value = 7  # answered its last group, took nothing since
+    report_death(worker, 60.0)
+    assert not any(c.started for c in held.values())
+
+
+def test_credit_is_counted_in_images() -> None:
+    worker = WorkerProcess(0, None, None, None, None, ready=True)  # type: ignore[arg-type]
+    for item_id in range(1, 16):
+        item = WorkItem(item_id, "b", None, (ImageRef(0, 0, 1),), 0.0)  # type: ignore[arg-type]
+        worker.held[item_id] = Chunk(item, {0})
+    assert worker.has_credit(batch_size=8, max_chunks=16), "15 single images: room for one more"
+    assert not worker.has_credit(batch_size=8, max_chunks=15)
+    eight = WorkItem(99, "b", None, tuple(ImageRef(i, 0, 1) for i in range(8)), 0.0)  # type: ignore[arg-type]
+    worker.held = {1: Chunk(eight, set(range(8))), 2: Chunk(eight, set(range(8)))}
+    assert not worker.has_credit(batch_size=8, max_chunks=16), "two full batches: one running, one waiting"
