@@ -21,6 +21,7 @@ import pytest
 from infer_server.messages import STOP, Code, ImageRef, ItemDone, WorkItem
 from infer_server.stage.pipeline import VisionPipeline
 from infer_server.stage.worker import StageWorker
+from infer_server.supervisor.channels import Inbox
 from infer_server.supervisor.ledger import Chunk
 from infer_server.supervisor.processes import WorkerProcess, report_death
 from tests.helpers import worker_options
@@ -146,12 +147,69 @@ def test_a_dead_workers_chunks_up_to_its_current_count_as_started() -> None:
 
 
 def test_credit_is_counted_in_images() -> None:
-    worker = WorkerProcess(0, None, None, None, None, ready=True)  # type: ignore[arg-type]
+    reader_end, writer_end = multiprocessing.Pipe(duplex=False)
+    inbox = Inbox(writer_end, batch_size=8, wanted=16, least=2)
+    assert inbox.items == 16, "a 1 MiB inbox takes 16 chunks of 8 images"
+    worker = WorkerProcess(0, None, inbox, None, None, ready=True)  # type: ignore[arg-type]
     for item_id in range(1, 16):
         item = WorkItem(item_id, "b", None, (ImageRef(0, 0, 1),), 0.0)  # type: ignore[arg-type]
         worker.held[item_id] = Chunk(item, {0})
-    assert worker.has_credit(batch_size=8, max_chunks=16), "15 single images: room for one more"
-    assert not worker.has_credit(batch_size=8, max_chunks=15)
+    assert worker.has_credit(batch_size=8, images=1), "15 single images: room for one more"
+    worker.held[16] = Chunk(dataclasses.replace(item, item_id=16), {0})
+    assert not worker.has_credit(batch_size=8, images=1), "as many chunks as its inbox takes"
     eight = WorkItem(99, "b", None, tuple(ImageRef(i, 0, 1) for i in range(8)), 0.0)  # type: ignore[arg-type]
-    worker.held = {1: Chunk(eight, set(range(8))), 2: Chunk(eight, set(range(8)))}
-    assert not worker.has_credit(batch_size=8, max_chunks=16), "two full batches: one running, one waiting"
+    worker.held = {1: Chunk(eight, set(range(8)))}
+    assert worker.has_credit(batch_size=8, images=8), "one batch running, one waiting"
+    worker.held[2] = Chunk(eight, set(range(8)))
+    assert not worker.has_credit(batch_size=8, images=1), "two batches held: not one image more"
+    inbox.close()
+    reader_end.close()
+
+
+class Failing(Counting):
+    """The real pipeline, failing (not fatally) on any batch that holds ``BLOBS[2]``."""
+
+    def process(self, batch_id: str, images: Sequence[tuple[ImageRef, Any]], *args: Any) -> Any:
+        self.batches.append(len(images))
+        if any(bytes(data) == BLOBS[2] for _, data in images):
+            raise RuntimeError("this image breaks a stage")
+        return self.pipeline.process(batch_id, images, *args)
+
+
+def test_a_group_that_fails_runs_again_chunk_by_chunk(pipeline: VisionPipeline, shm: Path) -> None:
+    failing = Failing(pipeline)
+    done = serve(failing, chunks(shm, [BLOBS[0], BLOBS[2], BLOBS[0]]), gathering=(8, 0.0))
+    assert failing.batches == [3, 1, 1, 1], "together, then each alone"
+    codes = {o.batch_id: (o.code, o.message) for m in done for o in m.outcomes}
+    assert codes["client-1"] == (Code.INTERNAL, "image 0: pipeline error")
+    assert codes["client-0"][0] == codes["client-2"][0] == Code.OK, "nobody else's image fails with it"
+
+
+def test_a_retry_runs_alone(pipeline: VisionPipeline, shm: Path) -> None:
+    """A chunk back after its worker died under it may hold the image that kills workers."""
+    items = chunks(shm, [BLOBS[0]] * 4)
+    items[1] = dataclasses.replace(items[1], attempt=2)
+    counting = Counting(pipeline)
+    serve(counting, items, gathering=(8, 0.0))
+    assert counting.batches == [1, 1, 2]
+
+
+def test_waiting_for_more_ends_before_a_chunks_deadline(pipeline: VisionPipeline, shm: Path) -> None:
+    (item,) = chunks(shm, [BLOBS[0]])
+    item = dataclasses.replace(item, deadline=time.monotonic() + 0.5)  # sooner than the delay
+    (done,) = serve(Counting(pipeline), [item], gathering=(8, 30.0))
+    assert [o.code for o in done.outcomes] == [Code.OK], "run in time, not expired waiting"
+
+
+def test_a_failed_read_leaves_no_descriptor_open(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = chunks(shm, [BLOBS[0], BLOBS[2], BLOBS[0]])
+    before = len(os.listdir("/proc/self/fd"))
+
+    def broken(*args: Any) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "preadv", broken)
+    with pytest.raises(OSError):
+        reader().read_all(items)
+    monkeypatch.undo()
+    assert len(os.listdir("/proc/self/fd")) == before

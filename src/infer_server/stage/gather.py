@@ -7,9 +7,12 @@ runs one batch, the next chunks queue in its inbox. ``Gatherer.next_group`` take
 then every chunk already waiting behind it, in order, while they fit in ``batch_size`` images
 together and take the same route (stable, canary, shadow); while the batch is not full it waits for
 more up to ``max_delay_s`` after the oldest chunk of the group was submitted (Triton's
-``max_queue_delay_microseconds``; 0: only what is already waiting, which adds no latency), and never
-past that chunk's deadline. Under
-load a worker's inbox fills while it computes, so batches fill themselves.
+``max_queue_delay_microseconds``; 0: only what is already waiting, which adds no latency), ending a
+delay's length before the earliest deadline of the group, so no chunk expires waiting. Under load a
+worker's inbox fills while it computes, so batches fill themselves.
+
+A retry (``attempt`` > 1: its worker died under it) always runs alone: it may be the image that
+kills workers, and it must take down nobody else's.
 
 ``Group`` runs the chunks as one: their images are numbered 0..n-1 for the pipeline (which knows one
 batch id and unique indices), and every outcome goes back under its own batch id, index and name.
@@ -47,19 +50,26 @@ class Gatherer:
         if first is None:
             return []
         group, images = [first], len(first.images)
-        until = min((first.submitted or time.monotonic()) + self.max_delay_s, first.deadline)
-        while self.enabled and images < self.batch_size:
+        until = self._until(first, (first.submitted or time.monotonic()) + self.max_delay_s)
+        while self.enabled and first.attempt == 1 and images < self.batch_size:
             if not self._waiting:
                 item = self._receive(max(0.0, until - time.monotonic()))
                 if item is None:
                     break
                 self._waiting.append(item)
             following = self._waiting[0]
-            if following.route != first.route or images + len(following.images) > self.batch_size:
+            if (following.route != first.route or following.attempt > 1
+                    or images + len(following.images) > self.batch_size):  # fmt: skip
                 break
             group.append(self._waiting.popleft())
             images += len(following.images)
+            until = self._until(following, until)
         return group
+
+    def _until(self, item: WorkItem, until: float) -> float:
+        """When waiting for more must end: no later than ``until``, and a delay's length before
+        ``item``'s deadline (a chunk is taken before its deadline, never run out of it)."""
+        return min(until, item.deadline - self.max_delay_s)
 
     def _receive(self, timeout: float | None) -> WorkItem | None:
         """The inbox's next chunk, or None: none came within ``timeout`` (None: wait for one), or

@@ -41,18 +41,18 @@ class ChunkReader:
     def read_all(self, items: list[WorkItem]) -> list[list[memoryview | str]]:
         """``read`` of every chunk of a group, into the one buffer."""
         opened = [self._open(item) for item in items]
-        total = sum(ref.size for item, (fd, inside) in zip(items, opened, strict=True) if fd is not None
-                    for ref, ok in zip(item.images, inside, strict=True) if ok)  # fmt: skip
-        if len(self._buffer) < total:  # a new one, not a resize: views of the old may still exist
-            self._buffer = bytearray(total)
-        view, pos = memoryview(self._buffer), 0
-        out: list[list[memoryview | str]] = []
-        for item, (fd, inside) in zip(items, opened, strict=True):
-            if fd is None:
-                out.append(list(inside))  # the reasons
-                continue
-            got: list[memoryview | str] = []
-            try:
+        try:
+            total = sum(ref.size for item, (fd, inside) in zip(items, opened, strict=True) if fd is not None
+                        for ref, ok in zip(item.images, inside, strict=True) if ok)  # fmt: skip
+            if len(self._buffer) < total:  # a new one, not a resize: views of the old may still exist
+                self._buffer = bytearray(total)
+            view, pos = memoryview(self._buffer), 0
+            out: list[list[memoryview | str]] = []
+            for item, (fd, inside) in zip(items, opened, strict=True):
+                if fd is None:
+                    out.append(list(inside))  # the reasons
+                    continue
+                got: list[memoryview | str] = []
                 for ref, ok in zip(item.images, inside, strict=True):
                     if not ok:
                         got.append(f"image {ref.index}: byte range lies outside the batch data")
@@ -61,10 +61,12 @@ class ChunkReader:
                     pos += ref.size
                     n = os.preadv(fd, [data], ref.offset)
                     got.append(data if n == ref.size else f"image {ref.index}: batch data was truncated")
-            finally:
-                os.close(fd)
-            out.append(got)
-        return out
+                out.append(got)
+            return out
+        finally:
+            for fd, _ in opened:
+                if fd is not None:
+                    os.close(fd)
 
     def _open(self, item: WorkItem) -> tuple[int | None, list[Any]]:
         """The chunk's file, opened through the front's descriptor, and which of its byte ranges

@@ -151,7 +151,8 @@ class StageWorker:
         """Answer every image of ``items`` (one ``ItemDone`` per chunk), or return False, answering
         nothing, when the pipeline is left unusable (``_unusable``): this worker must then exit, and
         the pool retries the chunks' images one by one on a fresh one. Any other failure of the
-        pipeline answers the images INTERNAL, as a worker that goes on can."""
+        pipeline answers the images of the chunk it failed on INTERNAL (a group that fails runs
+        again chunk by chunk), as a worker that goes on can."""
         if self.current is not None:
             self.current.value = items[-1].item_id  # the pool counts every chunk up to it as started
         taken = time.monotonic()
@@ -159,22 +160,43 @@ class StageWorker:
         live = [item for item in items if taken <= item.deadline]
         _fail_open([item for item in items if item not in live], outcomes, Code.DEADLINE_EXCEEDED,
                    "deadline exceeded before processing")  # fmt: skip
-        readable: list[tuple[ImageRef, memoryview]] = []
-        answered: list[ImageOutcome] = []  # as the pipeline numbered them (for a shadow run)
-        if live:
-            try:
-                readable, answered = self._run(live, taken, outcomes)
-            except Exception as exc:
-                log.exception("worker %d: chunks %s failed", self.worker_id, [i.item_id for i in live])
-                if _unusable(exc):
-                    return False
-                _fail_open(live, outcomes, Code.INTERNAL, "pipeline error")
+        ran = self._run_or_split(live, taken, outcomes)
+        if ran is None:
+            return False
+        readable, answered = ran
         for item in items:
             self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes[item.item_id].values())))
         self.budget.answered(time.monotonic() - taken)
         if items[0].route == ROUTE_SHADOW and self.candidate is not None and readable:
             self._shadow(readable, answered)
         return True
+
+    def _run_or_split(
+        self, live: list[WorkItem], taken: float, outcomes: dict[int, dict[int, ImageOutcome]]
+    ) -> tuple[list[tuple[ImageRef, memoryview]], list[ImageOutcome]] | None:
+        """``_run`` of the group; if the pipeline fails on it, of each chunk alone, so that a failure
+        answers only its own chunk's images INTERNAL. The images read and their outcomes as the
+        pipeline numbered them (none after a split: no shadow run), or None: the pipeline is left
+        unusable (nothing is answered, the worker must go)."""
+        if len(live) > 1:
+            try:
+                return self._run(live, taken, outcomes)
+            except Exception as exc:
+                log.exception("worker %d: chunks %s failed together", self.worker_id, [i.item_id for i in live])
+                if _unusable(exc):
+                    return None
+        ran: tuple[list[tuple[ImageRef, memoryview]], list[ImageOutcome]] = ([], [])
+        for item in live:
+            try:
+                alone = self._run([item], taken, outcomes)
+            except Exception as exc:
+                log.exception("worker %d: chunk %d of batch %s failed", self.worker_id, item.item_id, item.batch_id)
+                if _unusable(exc):
+                    return None
+                _fail_open([item], outcomes, Code.INTERNAL, "pipeline error")
+                continue
+            ran = alone if len(live) == 1 else ran
+        return ran
 
     def _shadow(self, readable: list[tuple[ImageRef, memoryview]], answered: list[Any]) -> None:
         """Run the candidate on the images just answered and send only how far it agrees

@@ -33,37 +33,44 @@ class Inbox:
 
     Written under the pool's lock, from the event loop (``submit_batch``, a worker's answer) or the
     watcher thread (a death, a restart), so a write must never wait for the worker: a worker holds
-    at most ``holds - 1`` items (the pool's credit) and the stop marker follows them, so every
-    item that fits in a ``holds``-th of the pipe (with a page of slack at each end, pipes fill page
-    by page) is written at once. No thread
+    at most ``items`` items (chosen per pipe, from the size it got) and the stop marker follows
+    them, so every item that fits in an ``items + 1``-th of the pipe (with a page of slack at each
+    end, pipes fill page by page) is written at once. No thread
     hands items over (``multiprocessing.Queue`` has one: a wake-up per item). An item that would
     not fit (very long image names in a very large chunk) is sent without its names;
     ``PipelinePool`` puts them back into the outcomes from its ledger.
     """
 
-    def __init__(self, conn: Connection, holds: int) -> None:
+    def __init__(self, conn: Connection, batch_size: int = 1, wanted: int = 2, least: int = 2) -> None:
         self.conn = conn
         with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
             fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, INBOX_BYTES)
         self.capacity = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
-        self.limit = self.capacity // holds - 2 * _PAGE
+        need = 8192 + 64 * batch_size  # a path (< 4 KiB), the ids, ≤ 54 bytes per image
+        # The items its worker may hold: ``wanted`` if each may take its share of this pipe (whatever
+        # size it got), else ``least``.
+        self.items = next((n for n in (wanted, least) if self._share(n) >= need), least)
+        self.fits = self._share(self.items) >= need
+        self.limit = self._share(self.items)
+
+    def _share(self, items: int) -> int:
+        return self.capacity // (items + 1) - 2 * _PAGE  # the stop marker follows the items
 
     @staticmethod
     def credit(batch_size: int, wanted: int, least: int) -> int:
-        """How many items a worker may hold: ``wanted`` if an inbox then takes any item of
-        ``batch_size`` images without names, else ``least`` if that does (a pipe that cannot grow
-        to ``INBOX_BYTES``), else ``ValueError``."""
+        """How many items a worker may hold, from a pipe made as inboxes are: ``wanted`` if an inbox
+        then takes any item of ``batch_size`` images without names, else ``least`` if that does (a
+        pipe that cannot grow to ``INBOX_BYTES``), else ``ValueError``."""
         reader, writer = multiprocessing.Pipe(duplex=False)
-        inbox = Inbox(writer, 1)
+        inbox = Inbox(writer, batch_size, wanted, least)
         reader.close()
         inbox.close()
-        for items in (wanted, least):  # the stop marker follows the items: one more
-            if inbox.capacity // (items + 1) - 2 * _PAGE >= 8192 + 64 * batch_size:  # a path (< 4 KiB), the ids,
-                return items  # ≤ 54 bytes per image
-        raise ValueError(
-            f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
-            "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
-        )
+        if not inbox.fits:
+            raise ValueError(
+                f"a worker inbox pipe holds {inbox.capacity} bytes, too few for chunks of {batch_size} images: "
+                "lower --batch-size or raise /proc/sys/fs/pipe-max-size"
+            )
+        return inbox.items
 
     def put(self, item: WorkItem | None) -> bool:
         """Send ``item`` (or the stop marker); True if it went without its images' names.

@@ -102,8 +102,7 @@ class PipelinePool:
     ) -> None:  # fmt: skip
         if workers < 1 or options.batch_size < 1 or max_attempts < 1:
             raise ValueError("workers, batch_size and max_attempts must be at least 1")
-        wanted = GATHER_CREDIT if options.dynamic_batching else CREDIT
-        self._credit = Inbox.credit(options.batch_size, wanted, least=CREDIT)  # chunks a worker may hold
+        self._credit = Inbox.credit(options.batch_size, GATHER_CREDIT if options.dynamic_batching else CREDIT, CREDIT)
         self.repo_dir, self.num_workers = Path(repo_dir), workers
         self._options = options
         self._max_chunk_s = max_chunk_seconds
@@ -220,7 +219,8 @@ class PipelinePool:
     def _dispatch(self) -> None:
         """Hand pending chunks to READY workers with free credit, least loaded first (locked)."""
         while self._ledger.pending and not self._stop_event.is_set():
-            free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, self._credit)]
+            size = len(self._ledger.pending[0].item.images)
+            free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, size)]
             if not free:
                 return
             worker = min(free, key=lambda w: w.held_images)
@@ -344,8 +344,7 @@ class PipelinePool:
                 w.process.kill()
 
     def _spawn(self, slot: int, options: WorkerOptions | None = None) -> WorkerProcess | None:
-        """Start a worker in ``slot`` (-1: an extra one, see ``supervisor.rollout``)
-        with ``options`` (the pool's by default); None once the pool is stopping."""
+        """Start a worker in ``slot`` (-1: an extra one, ``supervisor.rollout``) with ``options`` (or the pool's)."""
         with self._cond:  # under the lock, so stop() cannot miss a worker started concurrently
             if self._stop_event.is_set() or self.num_workers <= slot not in self.standing_in:
                 return None  # stopping, or the restart of an extra slot that was stood down since
@@ -358,7 +357,7 @@ class PipelinePool:
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            to_worker = Inbox(inbox, holds=self._credit + 1)
+            to_worker = Inbox(inbox, self._ledger.batch_size, self._credit, least=CREDIT)  # this pipe's own credit
             worker = WorkerProcess(slot, process, to_worker, results, current, options=options)
             if slot == len(self._slots):
                 self._slots.append(worker)
@@ -388,7 +387,8 @@ class PipelinePool:
                 self._cond.notify_all()
                 return
             reason = report_death(worker, self._max_chunk_s)
-            deliveries = [o for chunk in worker.held.values() for o in self._ledger.requeue(chunk, reason)]
+            held = reversed(worker.held.values())  # last first: each goes to the head of the line, in order
+            deliveries = [o for chunk in held for o in self._ledger.requeue(chunk, reason)]
             worker.inbox.close()  # its result pipe is the reader's to close
             if worker.setup_error:  # a crash loop must not spin: back off 1, 3, 7 … 30 s
                 self._setup_failures[worker.slot] += 1

@@ -56,12 +56,12 @@ class WorkerProcess:
     def held_images(self) -> int:
         return sum(len(chunk.item.images) for chunk in self.held.values())
 
-    def has_credit(self, batch_size: int, max_chunks: int) -> bool:
-        """It takes another chunk: a READY worker taking chunks, holding fewer than ``max_chunks``
-        chunks and fewer than two batches' worth of images (one running, the next waiting; with
-        dynamic batching, small chunks waiting together make that next batch)."""
-        return (self.ready and not self.retiring and len(self.held) < max_chunks
-                and self.held_images < 2 * batch_size)  # fmt: skip
+    def has_credit(self, batch_size: int, images: int) -> bool:
+        """It takes a chunk of ``images`` images: a READY worker taking chunks, holding fewer chunks
+        than its inbox takes, and two batches of images at most with it (one running, the next
+        waiting; with dynamic batching, small chunks waiting together make that next batch)."""
+        return (self.ready and not self.retiring and len(self.held) < self.inbox.items
+                and (not self.held or self.held_images + images <= 2 * batch_size))  # fmt: skip
 
 
 def report_death(worker: WorkerProcess, max_chunk_s: float) -> str:
