@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 DEMO   := demo-out
 
-.PHONY: demo test image-test models evaluate bench lint lock proto clean
+.PHONY: demo test image-test models evaluate bench bench-peers lint lock proto clean
 
 # Every install takes exact versions with hashes from requirements/<set>.txt (see requirements/lock.py),
 # then the project itself without dependencies, built with the locked build requirements.
@@ -86,6 +86,17 @@ $(BENCH_STAMP): $(STAMP) requirements/bench.txt
 
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks.fps --json bench-out/fps.json --plot bench-out
+
+# Triton itself, as the benchmark's peer: nvidia-pytriton's bundled tritonserver (requirements/peers.txt).
+PEERS_VENV := .venv-peers
+$(PEERS_VENV)/.installed: requirements/peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install --quiet --require-hashes --no-deps -r requirements/peers.txt
+	touch $@
+
+## bench-peers: this server beside Triton (same pipeline code, null model), interleaved (~5 min on 2 cores)
+bench-peers: $(STAMP) $(TRITON_VENV)/.installed $(PEERS_VENV)/.installed
+	$(BIN)/python -m benchmarks.peers --json bench-out/peers.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests engines benchmarks requirements docker deploy

@@ -35,22 +35,22 @@ WAYS = ("v1-tmpfs", "v1-inline", "oip-inline", "oip-shm")
 
 
 def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
-             images: list[str]) -> list[subprocess.Popen[str]]:  # fmt: skip
+             images: list[str], env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:  # fmt: skip
     if way.startswith("v1"):
         cmd = [sys.executable, str(HERE / "oip_clients" / "v1_load.py"), server.address, str(server.shm_dir),
                way.split("-")[1], str(seconds), str(batch), *images]  # fmt: skip
     else:
         cmd = [str(TRITON_PYTHON), str(HERE / "oip_clients" / "triton_load.py"), server.address, way.split("-")[1],
                str(seconds), str(batch), *images]  # fmt: skip
-    env = {"PYTHONPATH": str(servers.REPO_ROOT / "src")}
+    env = {"PYTHONPATH": str(servers.REPO_ROOT / "src"), **(env or {})}
     return [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(clients)]
 
 
 def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
-             images: list[str]) -> dict[str, float]:  # fmt: skip
+             images: list[str], env: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
     front0, workers0 = server.cpu()
     started = time.perf_counter()
-    procs = _clients(way, server, clients, seconds, batch, images)
+    procs = _clients(way, server, clients, seconds, batch, images, env)
     answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
     elapsed = time.perf_counter() - started
     front1, workers1 = server.cpu()

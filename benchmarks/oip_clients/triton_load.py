@@ -3,6 +3,9 @@ requests of ``batch`` images to ``pipeline`` for ``seconds``, inline or through 
 prints how many images were answered.
 
     python triton_load.py HOST:PORT inline|shm SECONDS BATCH IMAGE...
+
+With ``TRITON_LOAD_BATCHED=1`` in the environment the tensor is [BATCH, 1]: a model with Triton's
+batch dimension (``max_batch_size`` > 0, as Triton's own peer in ``benchmarks/peers.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ def main() -> None:
     url, mode, seconds, batch = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
     images = [Path(p).read_bytes() for p in sys.argv[5:]]
     client = grpcclient.InferenceServerClient(url)
-    batches = [np.array([images[(i + k) % len(images)] for k in range(batch)], dtype=np.object_) for i in range(8)]
+    shape = [batch, 1] if os.environ.get("TRITON_LOAD_BATCHED") == "1" else [batch]
+    batches = [np.array([images[(i + k) % len(images)] for k in range(batch)], dtype=np.object_).reshape(shape)
+               for i in range(8)]  # fmt: skip
     region = None
     if mode == "shm":
         data = [serialize_byte_tensor(b) for b in batches]
@@ -33,7 +38,7 @@ def main() -> None:
     done, end, n = 0, time.monotonic() + seconds, 0
     try:
         while time.monotonic() < end:
-            tensor = grpcclient.InferInput("IMAGES", [batch], "BYTES")
+            tensor = grpcclient.InferInput("IMAGES", shape, "BYTES")
             if region is not None:
                 shm.set_shared_memory_region(region, [data[n % 8]])
                 tensor.set_shared_memory(key[1:], serialized_byte_size(data[n % 8]))
