@@ -3,6 +3,7 @@ and the per-tier accounting is recounted from what the front holds."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from infer_server.front.handoff import Handoff, HandoffLimits
+from infer_server.front.handoff import STAGE_ON_LOOP_BYTES, Handoff, HandoffLimits
 from infer_server.messages import ImageRef
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1 << 20, max_name_bytes=64, max_path_bytes=256)
@@ -73,3 +74,40 @@ def test_a_released_batch_is_not_copied(tiers: tuple[Handoff, Path, Path]) -> No
     with pytest.raises(FileNotFoundError):
         handoff.demote(staged)
     assert os.listdir(spill) == []
+
+
+def test_small_inline_data_is_staged_on_the_loop_only_where_that_cannot_wait(
+    tiers: tuple[Handoff, Path, Path],
+) -> None:
+    """On the loop: into the staging directory on tmpfs, under its mark, small data; anything else
+    (the disk tier, a tmpfs over the mark, large data) is left to a thread (None)."""
+    handoff, staging, _ = tiers
+    image = (ImageRef(0, 0, 1000),)
+    handoff.spill_at = 1.0
+    staged = handoff.stage_inline(b"x" * 1000, image, on_loop=True)
+    assert staged is not None and staged.tier == 0 and Path(staged.path).parent == staging
+    assert handoff.stage_inline(b"x" * (STAGE_ON_LOOP_BYTES + 1), image, on_loop=True) is None
+    handoff.spill_at = 0.0  # over the mark: the next copy goes to disk, which may wait
+    assert handoff.stage_inline(b"x" * 1000, image, on_loop=True) is None
+    assert handoff.staged_bytes == [1000, 0], "only the first was staged"
+
+
+def test_staging_on_disk_is_never_done_on_the_loop(tmp_path: Path) -> None:
+    handoff = Handoff(tmp_path / "root", tmp_path / "staging", LIMITS)  # /tmp: a disk here
+    handoff.prepare_dirs()
+    try:
+        assert not handoff.tiers[0].in_memory
+        assert handoff.stage_inline(b"x" * 10, (ImageRef(0, 0, 10),), on_loop=True) is None
+        assert handoff.stage_inline(b"x" * 10, (ImageRef(0, 0, 10),)) is not None
+    finally:
+        handoff.remove_staging_dir()
+
+
+def test_staged_files_get_distinct_names_from_any_thread(tiers: tuple[Handoff, Path, Path]) -> None:
+    handoff, staging, _ = tiers
+    handoff.spill_at = 1.0
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        staged = list(pool.map(lambda _: handoff.stage_inline(b"y" * 10, ()), range(200)))
+    assert len({s.path for s in staged}) == 200 and len(os.listdir(staging)) == 200
+    for s in staged:
+        handoff.release(s)

@@ -1,27 +1,23 @@
 """The tmpfs handoff: turns a PushData request into a validated batch file the workers may read.
 
-Called by ``front.server`` in the server's main process: :meth:`Handoff.plan` on the event loop (cheap
-checks on sizes and names, before admission), :meth:`Handoff.materialize` for the filesystem work:
-in a worker thread, except that a client file on a memory file system (tmpfs, ramfs: ``in_memory``)
-is validated on the loop itself, since a handful of metadata syscalls there never wait for a device
-and cost less than the hop to a thread. Nothing here trusts a path: see docs/architecture.md
-"Security of the handoff".
+Called by ``front.server`` in the server's main process: :meth:`Handoff.plan` on the event loop
+(cheap checks on sizes and names, before admission), :meth:`Handoff.materialize` for the file
+system work, in a thread, except where a memory file system (tmpfs, ramfs) cannot make it wait for
+a device: a client file there is validated, and small inline data staged there, on the loop (a few
+syscalls cost less than the hop to a thread). Nothing here trusts a path: see
+docs/architecture.md "Security of the handoff".
 
 A client path must name a file beneath the shared directory, outside the server's staging
-directory. The file is opened one component at a time from a descriptor of the root with
-``O_NOFOLLOW`` and no ``..`` (RESOLVE_BENEATH by hand), so no symlink is crossed even if the tree
-changes between the check and the open; the components come from the path read lexically, and a
-path that cannot be placed that way, or that meets a symlink, is resolved on real paths
-(``os.path.commonpath``) to tell why it is refused. Every property (regular file, one
+directory. It is opened one component at a time from a descriptor of the root with ``O_NOFOLLOW``
+and no ``..`` (RESOLVE_BENEATH by hand), so no symlink is crossed even if the tree changes between
+the check and the open; a path that cannot be placed lexically, or meets a symlink, is resolved on
+real paths (``os.path.commonpath``) to tell why it is refused. Every property (regular file, one
 link, same file system, not writable by group/others, size == sum(sizes)) is read from the open
-descriptor, which the front keeps open until the batch is done: the workers read through it, never
-by path. The shared directory itself must belong to the server's user and, if others may write
-to it, have the sticky bit; the staging directory is created, listed and emptied only through
-descriptors the server holds.
-
-Inline data is written by the server into its own staging directory (0600, temp name + rename) so
-the pipeline reads both kinds the same way; those files are deleted when the batch completes, and
-``front.upkeep`` removes orphans a crashed run left behind.
+descriptor, which the front keeps until the batch is done: the workers read through it, never by
+path. The shared directory must belong to the server's user and, if others may write to it, have
+the sticky bit. Inline data is written into the server's own staging directory (0600, temp name +
+rename, only through descriptors the server holds) so the pipeline reads both kinds the same way;
+those files go when the batch completes, and ``front.upkeep`` removes what a crashed run left.
 """
 
 from __future__ import annotations
@@ -44,6 +40,7 @@ from infer_server.messages import FileRef, ImageRef
 log = logging.getLogger(__name__)
 
 _DIR_FLAGS = DIR_FLAGS
+STAGE_ON_LOOP_BYTES = 1 << 20  # inline data up to this is staged on the loop when staging is on tmpfs (a copy)
 # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _OUTSIDE = "path is outside the shared directory"
@@ -183,14 +180,14 @@ class Handoff:
             raise InvalidBatch(f"got {len(names)} names for {count} images")
 
     def materialize(self, plan: BatchPlan, owners: Collection[int] | None = None) -> BatchFile:
-        """Validate the client's file, or stage the inline data. Blocking: run it in a thread.
-
-        ``owners``: the uids whose files this caller may push (default: the server's own uid)."""
+        """Validate the client's file (``owners``: the uids whose files this caller may push; default:
+        the server's own uid), or stage the inline data. Blocking: run it in a thread."""
         if plan.path is not None:
             allowed = frozenset({os.geteuid()}) if owners is None else owners
             return self.open_client_file(plan.path, plan.images, plan.total_bytes, allowed)
         assert plan.data is not None
-        return self.stage_inline(plan.data, plan.images)
+        staged = self.stage_inline(plan.data, plan.images)
+        return staged  # type: ignore[return-value]  # never None but on the loop
 
     def open_client_file(
         self, path: str, images: tuple[ImageRef, ...], total: int, owners: Collection[int]
@@ -241,14 +238,10 @@ class Handoff:
         return batch
 
     def _components(self, path: str) -> list[str]:
-        """The path's components beneath the root, read lexically: the hot path of every push.
-
-        Lexical is enough for what is opened: ``_open_beneath_root`` walks these components from the
-        root's descriptor and crosses no symlink, and none of them is ``..``, so the file it opens
-        is beneath the root (``openat2``'s RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, by hand). A path
-        that is not lexically beneath the root goes through ``_confine`` on real paths, which
-        refuses it with the reason.
-        """
+        """The path's components beneath the root, read lexically: the hot path of every push. Enough
+        for what is opened: ``_open_beneath_root`` walks them from the root's descriptor crossing no
+        symlink, and none is ``..`` (RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, by hand). A path not
+        lexically beneath the root goes through ``_confine`` on real paths, which says why not."""
         if "\x00" in path:
             raise InvalidBatch("path contains a NUL byte")
         if ".." in path.split("/"):
@@ -315,19 +308,24 @@ class Handoff:
                 return PermissionDeniedError("path must not contain symbolic links")
         return PermissionDeniedError(_NOT_YOURS)  # missing, forbidden, a socket (ENXIO), ...: one answer
 
-    def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
+    def stage_inline(self, data: bytes, images: tuple[ImageRef, ...], on_loop: bool = False) -> BatchFile | None:
         """Write inline bytes to a fresh 0600 file of a staging tier: the staging directory while its
         file system is under ``spill_at`` in use, else (or when it is out of space) the spill
-        directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image."""
+        directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image.
+        ``on_loop``: only where that cannot wait on a device (small data, into a staging directory
+        on a memory file system under its mark), else or on any failure None (then call it again
+        in a thread)."""
         error: OSError | None = None
         over = [n for n, tier in enumerate(self.tiers[:-1]) if tier.used() > self.spill_at]
         order = [n for n in range(len(self.tiers)) if n not in over] + over  # a tier over the mark: last
-        for number in order:
+        if on_loop and (order[0] or not self.tiers[0].in_memory or len(data) > STAGE_ON_LOOP_BYTES):
+            return None
+        for number in order[:1] if on_loop else order:
             try:
                 path, fd, st = self.tiers[number].stage(data)
             except OSError as exc:
                 error = exc
-                if _busy(exc) is None:
+                if on_loop or _busy(exc) is None:
                     break
                 continue  # out of space here: the next tier
             with self._lock:
@@ -335,6 +333,8 @@ class Handoff:
                 self.spills += number > 0
             file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
             return self._held(BatchFile(file, images, staged=True, tier=number))
+        if on_loop:
+            return None
         assert error is not None
         raise _busy(error) or error from None
 

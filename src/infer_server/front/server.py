@@ -312,11 +312,13 @@ class InferenceServer:
         return self.cache.split(batch.batch_id, file, keys)
 
     async def materialize(self, plan: BatchPlan, owners: frozenset[int]) -> BatchFile:
-        """Validate or stage a batch (in a thread unless it is a client file on a memory file system,
-        see ``handoff``) of a caller that may push files of ``owners``; a cancelled push still
-        cleans up its staging copy."""
+        """Validate or stage a batch (in a thread unless it is a client file on, or small data staged
+        into, a memory file system: see ``handoff``) of a caller that may push files of ``owners``;
+        a cancelled push still cleans up its staging copy."""
         if plan.path is not None and self.handoff.in_memory:
             return self.handoff.materialize(plan, owners)
+        if plan.data is not None and (staged := self.handoff.stage_inline(plan.data, plan.images, on_loop=True)):
+            return staged
         task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan, owners))
         try:
             return await asyncio.shield(task)

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import re
-import uuid
 from collections.abc import Collection
 from pathlib import Path
 
-from infer_server.front.directories import DIR_FLAGS, open_dir
+from infer_server.front.directories import DIR_FLAGS, filesystem_type, open_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ class StagingDir:
         self.fd = -1
         self._parent_fd = -1
         self._name = ""
+        self.in_memory = False  # on tmpfs/ramfs: staging there never waits for a device
+        # File names: this run's random prefix, then a count (unique without a syscall per file;
+        # a count's next() is atomic, and staging runs in threads).
+        self._prefix, self._count = os.urandom(8).hex(), itertools.count()
 
     def open(self, shared_root: str) -> None:
         """Create (0700) or open the directory and refuse one the server cannot trust
@@ -61,6 +65,7 @@ class StagingDir:
         st = os.fstat(self.fd)
         if st.st_uid != os.geteuid() or st.st_mode & 0o077:
             raise RuntimeError(f"{self.what} {self.path} must be a 0700 directory of this user")
+        self.in_memory = filesystem_type(self.real) in ("tmpfs", "ramfs")
         try:  # one server per staging directory; the lock goes with the process, however it ends
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -76,7 +81,7 @@ class StagingDir:
         fresh 0600 file (temporary name, then rename), both relative to the directory's descriptor;
         returns its path, its open descriptor and its stat. ``OSError`` (ENOSPC among them) leaves
         nothing behind."""
-        name = uuid.uuid4().hex
+        name = f"{self._prefix}{next(self._count):016x}"
         tmp, final = f".{name}.tmp", f"{name}.batch"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
@@ -84,8 +89,9 @@ class StagingDir:
             if isinstance(data, tuple):
                 _copy(data[0], fd, data[1])
             else:
-                with os.fdopen(fd, "wb", closefd=False) as f:
-                    f.write(data)
+                view, done = memoryview(data), 0
+                while done < len(view):
+                    done += os.write(fd, view[done:])
             st = os.fstat(fd)
             # No fsync: a crash loses the batch anyway.
             os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
