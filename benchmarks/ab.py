@@ -44,6 +44,7 @@ def _stubs(tree: Path) -> None:
     include = Path(protoc.__file__).parent / "_proto"
     args = ["protoc", f"-I{include}", f"-Iinfer_proto={tree / 'proto'}", f"--python_out={tree / 'src'}",
             f"--grpc_python_out={tree / 'src'}", "infer_proto/infer.proto"]  # fmt: skip
+    args += ["infer_proto/inference.proto"] if (tree / "proto" / "inference.proto").exists() else []
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed in {tree}")
 
