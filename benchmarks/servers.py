@@ -141,13 +141,15 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def launched(kind: str, args: Sequence[str], *, shm: bool, label: str) -> Iterator[ServerProcess]:
-    """Run ``python -m <args>`` until it prints its address; stop it and clean up on exit."""
+def launched(kind: str, args: Sequence[str], *, shm: bool, label: str, wrapper: Sequence[str] = ()
+             ) -> Iterator[ServerProcess]:  # fmt: skip
+    """Run ``python -m <args>`` (behind ``wrapper``, e.g. ``taskset -c 0``, which must exec it) until it
+    prints its address; stop it and clean up on exit."""
     shm_dir = Path(tempfile.mkdtemp(prefix="infer-bench-", dir="/dev/shm")) if shm else None
     fd, log_name = tempfile.mkstemp(prefix=f"infer-bench-{label}-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
-    cmd = [sys.executable, "-m", *args, *(("--shm-dir", str(shm_dir)) if shm_dir else ())]
+    cmd = [*wrapper, sys.executable, "-m", *args, *(("--shm-dir", str(shm_dir)) if shm_dir else ())]
     # The server reads INFER_* from the environment: only what the command line says may count.
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
