@@ -238,3 +238,10 @@ def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, sh
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child, reader=reader()).serve(inbox, multiprocessing.Event())
     assert isinstance(parent.recv(), ItemDone) and not parent.poll()
+
+
+def test_resident_memory_is_read_only_once_the_peak_passed_the_bound() -> None:
+    from infer_server.stage.worker import resident_mib, resident_over
+
+    assert resident_over(1) >= resident_mib() - 1 > 1, "over 1 MiB: the resident size itself"
+    assert resident_over(1 << 20) == 0, "a terabyte was never reached"

@@ -137,7 +137,7 @@ class StageWorker:
                 return None
             if not self.handle_group(items):
                 return FAILED_EXIT
-            if self.memory_mib is not None and (resident := resident_mib()) > self.memory_mib:
+            if self.memory_mib is not None and (resident := resident_over(self.memory_mib)):
                 log.warning("worker %d: %d MiB resident after a chunk, over %d MiB: retiring to give it back",
                             self.worker_id, resident, self.memory_mib)  # fmt: skip
                 return RETIRED_EXIT
@@ -273,6 +273,15 @@ _UNUSABLE = ("std::bad_alloc", "no longer valid", "out of memory", "Cannot alloc
 
 def _unusable(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(mark in str(exc) for mark in _UNUSABLE)
+
+
+def resident_over(bound_mib: int) -> int:
+    """This process's resident MiB if over ``bound_mib``, else 0. The peak (``getrusage``, no file
+    to read) is checked first: the resident size cannot be over a bound its peak never reached."""
+    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss <= bound_mib << 10:  # KiB on Linux
+        return 0
+    resident = resident_mib()
+    return resident if resident > bound_mib else 0
 
 
 def resident_mib() -> int:
