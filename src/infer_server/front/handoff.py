@@ -315,10 +315,12 @@ class Handoff:
         ``on_loop``: only where that cannot wait on a device (small data, into a staging directory
         on a memory file system under its mark), else or on any failure None (then call it again
         in a thread)."""
+        if on_loop and (not self.tiers[0].in_memory or len(data) > STAGE_ON_LOOP_BYTES):
+            return None
         error: OSError | None = None
         over = [n for n, tier in enumerate(self.tiers[:-1]) if tier.used() > self.spill_at]
         order = [n for n in range(len(self.tiers)) if n not in over] + over  # a tier over the mark: last
-        if on_loop and (order[0] or not self.tiers[0].in_memory or len(data) > STAGE_ON_LOOP_BYTES):
+        if on_loop and order[0]:
             return None
         for number in order[:1] if on_loop else order:
             try:
@@ -372,16 +374,15 @@ class Handoff:
         return old
 
     def release(self, batch: BatchFile) -> None:
-        """The batch is done: close its descriptor (once) and delete the server's staging copy;
-        client files are never touched."""
+        """The batch is done: close its descriptor (once), delete the server's staging copy (never a client's file)."""
         with self._lock:  # this batch's own descriptor, never a number since reused by another
             if self._batch_fds.get(batch.file.fd) is batch:
                 del self._batch_fds[batch.file.fd]
                 os.close(batch.file.fd)
                 if batch.staged:
                     self.staged_bytes[batch.tier] -= batch.file.size
-            if batch.staged:
-                self.tiers[batch.tier].unlink(batch.path)
+        if batch.staged:  # outside the lock: a delete on disk must not hold up the loop's staging
+            self.tiers[batch.tier].unlink(batch.path)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
         """Remove staging files (of every tier) older than ``ttl_s`` that no live batch uses."""

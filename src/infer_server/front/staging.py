@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import re
+import threading
 from collections.abc import Collection
 from pathlib import Path
 
@@ -40,7 +41,8 @@ class StagingDir:
         self.fd = -1
         self._parent_fd = -1
         self._name = ""
-        self.in_memory = False  # on tmpfs/ramfs: staging there never waits for a device
+        self.in_memory = False  # on tmpfs/ramfs: staging there does not wait for a device
+        self._fd_lock = threading.Lock()  # ``unlink`` (any thread) against ``remove`` closing ``fd``
         # File names: this run's random prefix, then a count (unique without a syscall per file;
         # a count's next() is atomic, and staging runs in threads).
         self._prefix, self._count = os.urandom(8).hex(), itertools.count()
@@ -103,10 +105,12 @@ class StagingDir:
         return os.path.join(self.real, final), fd, st
 
     def unlink(self, path: str) -> None:
-        """Delete one of this directory's files (by its name, through the held descriptor)."""
-        if self.fd >= 0:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.basename(path), dir_fd=self.fd)
+        """Delete one of this directory's files (by its name, through the held descriptor, which
+        ``remove`` cannot close meanwhile: any thread may call this)."""
+        with self._fd_lock:
+            if self.fd >= 0:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.basename(path), dir_fd=self.fd)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
         """Remove files older than ``ttl_s`` (by mtime) that are not in ``keep``."""
@@ -137,6 +141,10 @@ class StagingDir:
         """Drop the server's files and the directory itself (if it is still the one opened and now
         empty: never something put in its place, nor what an operator keeps there), and close the
         descriptors."""
+        with self._fd_lock:
+            self._remove()
+
+    def _remove(self) -> None:
         if self.fd < 0:
             return
         self.sweep(0.0)

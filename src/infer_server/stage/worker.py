@@ -137,7 +137,7 @@ class StageWorker:
                 return None
             if not self.handle_group(items):
                 return FAILED_EXIT
-            if self.memory_mib is not None and (resident := resident_over(self.memory_mib)):
+            if self.memory_mib is not None and (resident := resident_mib()) > self.memory_mib:
                 log.warning("worker %d: %d MiB resident after a chunk, over %d MiB: retiring to give it back",
                             self.worker_id, resident, self.memory_mib)  # fmt: skip
                 return RETIRED_EXIT
@@ -275,19 +275,15 @@ def _unusable(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(mark in str(exc) for mark in _UNUSABLE)
 
 
-def resident_over(bound_mib: int) -> int:
-    """This process's resident MiB if over ``bound_mib``, else 0. The peak (``getrusage``, no file
-    to read) is checked first: the resident size cannot be over a bound its peak never reached."""
-    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss <= bound_mib << 10:  # KiB on Linux
-        return 0
-    resident = resident_mib()
-    return resident if resident > bound_mib else 0
+_STATM: list[int] = []  # this process's /proc/self/statm, opened once (a worker reads it after every chunk)
 
 
 def resident_mib() -> int:
-    """This process's resident memory in MiB (``/proc/self/statm``: one small read)."""
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    """This process's resident memory in MiB: one ``pread`` of ``/proc/self/statm``, held open (the
+    kernel renders it afresh on every read)."""
+    if not _STATM:
+        _STATM.append(os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
+    return int(os.pread(_STATM[0], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
 
 
 def _data_mib() -> int:
