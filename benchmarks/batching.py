@@ -37,7 +37,7 @@ from benchmarks.loadgen import PointResult, Workload, make_workload, run_point
 MODELS = servers.REPO_ROOT / "engines" / "models"
 
 
-def _scaling(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]]:
+def _scaling(sizes: tuple[int, ...], repeats: int, device: str = "cpu") -> dict[int, dict[str, float]]:
     """Per image, ms: ``VisionPipeline.process`` on batches of each size (median of ``repeats``),
     and each stage's share (the outcomes' timings). Runs in a child: one thread per library."""
     from infer_server.stage.worker import limit_threads
@@ -48,7 +48,7 @@ def _scaling(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]
     from infer_server.settings import ServerSettings
     from infer_server.stage.pipeline import VisionPipeline
 
-    pipeline = VisionPipeline.load(MODELS, ServerSettings(batch_size=max(sizes)).worker_options())
+    pipeline = VisionPipeline.load(MODELS, ServerSettings(batch_size=max(sizes), device=device).worker_options())
     pipeline.warm_up()
     jpegs = [generate_scene(2026 + i, width=1280, height=720).jpeg for i in range(max(sizes))]
     out: dict[int, dict[str, float]] = {}
@@ -70,10 +70,11 @@ def _scaling(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]
     return out
 
 
-def scaling(sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7) -> dict[int, dict[str, float]]:
+def scaling(sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, device: str = "cpu"
+            ) -> dict[int, dict[str, float]]:  # fmt: skip
     """``_scaling`` in a fresh process (spawned: the libraries' threads are set before they load)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_scaling, (sizes, repeats))
+        return pool.apply(_scaling, (sizes, repeats, device))
 
 
 def _free_port() -> int:
@@ -125,14 +126,18 @@ def main(
     delay_us: Annotated[int, typer.Option(help="--max-queue-delay-us of the batching server.")] = 0,
     workers: Annotated[int, typer.Option(help="Stage workers of each server.")] = 2,
     batch_size: Annotated[int, typer.Option(help="--batch-size of each server.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu, or gpu (TensorRT): the device of the scaling curve.")] = "cpu",
+    scaling_only: Annotated[bool, typer.Option(help="Only the pipeline's batch-size scaling, no servers.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
     """Single-image requests from many clients, with and without dynamic batching."""
-    curve = scaling()
+    curve = scaling(device=device)
     for size, row in curve.items():
         print(f"pipeline on {size} image(s): {row['per_image_ms']:.1f} ms per image (detector "
               f"{row.get('detector_ms', 0):.1f}, decode {row.get('decode_ms', 0):.1f}, attributes "
               f"{row.get('attributes_ms', 0):.1f})")  # fmt: skip
+    if scaling_only:
+        return
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workload = make_workload(16, 1, Path(tmp))
         on = stack.enter_context(_server(True, delay_us, workers, batch_size))
