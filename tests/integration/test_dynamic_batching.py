@@ -58,10 +58,11 @@ def pipeline(model_repo_dir: Path) -> Iterator[VisionPipeline]:
 
 
 def chunks(shm_dir: Path, blobs: list[bytes], **changes: Any) -> list[WorkItem]:
-    """One single-image chunk per blob, each of its own batch (as from many clients)."""
+    """One single-image chunk per blob, each of its own batch (as from many clients), due in 5 min
+    (far enough for the tests' 60 s queue delay: waiting ends a delay before the deadline)."""
     items = []
     for n, blob in enumerate(blobs):
-        item = write_batch(shm_dir / f"b{n}", [blob], batch_id=f"client-{n}")
+        item = write_batch(shm_dir / f"b{n}", [blob], deadline_s=300.0, batch_id=f"client-{n}")
         items.append(dataclasses.replace(item, item_id=n + 1, submitted=time.monotonic(), **changes))
     return items
 
