@@ -19,7 +19,6 @@ import contextlib
 import json
 import multiprocessing
 import re
-import socket
 import statistics
 import tempfile
 import time
@@ -77,15 +76,9 @@ def scaling(sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, device: str
         return pool.apply(_scaling, (sizes, repeats, device))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _server(batching: bool, delay_us: int, workers: int, batch_size: int) -> Iterator[tuple[Any, int]]:
-    port = _free_port()
+    port = servers.free_port()
     extra = ["--dynamic-batching" if batching else "--no-dynamic-batching", "--max-queue-delay-us", str(delay_us),
              "--metrics-port", str(port)]  # fmt: skip
     servers.GRPC_SERVER_ARGS[:] = extra

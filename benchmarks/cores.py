@@ -19,7 +19,6 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks import oip, servers
-from engines.scenes import generate_scene
 
 
 def _measure(server: servers.ServerProcess, clients: int, batch: int, seconds: float,
@@ -51,10 +50,7 @@ def main(
             "--workers", str(workers), "--batch-size", "8", "--log-level", "WARNING"]  # fmt: skip
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        images = []
-        for seed in range(16):
-            images.append(str(Path(tmp) / f"{seed}.jpg"))
-            Path(images[-1]).write_bytes(generate_scene(50_000 + seed, width=640, height=480).jpeg)
+        images = servers.scene_files(Path(tmp))
         running = {c: stack.enter_context(servers.launched("grpc", args, shm=True, label=f"cores-{c}",
                                                            wrapper=("taskset", "-c", c))) for c in cores}  # fmt: skip
         for clients, batch in shapes:

@@ -15,19 +15,20 @@ these ways.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from benchmarks import servers
-from engines.scenes import generate_scene
 
 HERE = Path(__file__).resolve().parent
 TRITON_PYTHON = servers.REPO_ROOT / ".venv-triton" / "bin" / "python"
@@ -58,6 +59,38 @@ def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: flo
             / max(1, answered)}  # fmt: skip
 
 
+@contextlib.contextmanager
+def null_server(batch: int, *extra: str, label: str = "oip") -> Iterator[servers.ServerProcess]:
+    """A null-model server whose shared directory is ``/dev/shm`` itself (tritonclient and
+    perf_analyzer make their regions there with ``shm_open``), its staging directory a fresh one."""
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as staging:
+        args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
+                "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
+                "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s", *extra]  # fmt: skip
+        with servers.launched("grpc", args, shm=False, label=label) as server:
+            server.shm_dir = Path("/dev/shm")
+            yield server
+
+
+def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[str, float]],
+                json_out: Path | None, **doc: Any) -> None:  # fmt: skip
+    """``rounds`` rounds of every way (the order rotating), each way's ratio to ``v1-tmpfs`` of its
+    round, printed; the medians; everything in ``json_out`` with ``doc``."""
+    rows = []
+    for n in range(rounds):
+        row = {way: measure(way) for way in [*ways[n % len(ways) :], *ways[: n % len(ways)]]}
+        for way in ways:
+            row[way]["ratio"] = row[way]["fps"] / row["v1-tmpfs"]["fps"]
+        rows.append(row)
+        print(f"round {n + 1}: " + ", ".join(f"{w} {row[w]['fps']:.0f} img/s "
+              f"({row[w]['server_cpu_ms_per_image']:.2f} ms)" for w in ways))  # fmt: skip
+    summary = {way: statistics.median(r[way]["ratio"] for r in rows) for way in ways}
+    print("median ratio to v1-tmpfs: " + ", ".join(f"{w} {summary[w]:.2f}" for w in ways))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps({"rounds": rows, "median_ratio": summary, **doc}, indent=1))
+
+
 def main(
     rounds: Annotated[int, typer.Option(help="Rounds; each runs every way once.")] = 3,
     seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
@@ -66,31 +99,10 @@ def main(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
     """Measure the four ways in on one null-model server."""
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as staging:
-        images = []
-        for seed in range(16):
-            images.append(str(Path(tmp) / f"{seed}.jpg"))
-            Path(images[-1]).write_bytes(generate_scene(50_000 + seed, width=640, height=480).jpeg)
-        args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
-                "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
-                "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s"]  # fmt: skip
-        rows = []
-        with servers.launched("grpc", args, shm=False, label="oip") as server:
-            server.shm_dir = Path("/dev/shm")
-            for n in range(rounds):
-                order = list(WAYS[n % 4 :] + WAYS[: n % 4])
-                row = {way: _measure(way, server, clients, seconds, batch, images) for way in order}
-                for way in WAYS:
-                    row[way]["ratio"] = row[way]["fps"] / row["v1-tmpfs"]["fps"]
-                rows.append(row)
-                print(f"round {n + 1}: " + ", ".join(f"{w} {row[w]['fps']:.0f} img/s "
-                      f"({row[w]['server_cpu_ms_per_image']:.2f} ms)" for w in WAYS))  # fmt: skip
-    summary = {way: statistics.median(r[way]["ratio"] for r in rows) for way in WAYS}
-    print("median ratio to v1-tmpfs: " + ", ".join(f"{w} {summary[w]:.2f}" for w in WAYS))
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc: dict[str, Any] = {"rounds": rows, "median_ratio": summary, "clients": clients, "batch": batch}
-        json_out.write_text(json.dumps(doc, indent=1))
+    with tempfile.TemporaryDirectory() as tmp, null_server(batch) as server:
+        images = servers.scene_files(Path(tmp))
+        interleaved(WAYS, rounds, lambda way: _measure(way, server, clients, seconds, batch, images), json_out,
+                    clients=clients, batch=batch)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,6 @@ import grpc
 import typer
 
 from benchmarks import oip, servers
-from engines.scenes import generate_scene
 from infer_proto import inference_pb2, inference_pb2_grpc
 
 PEERS_VENV = servers.REPO_ROOT / ".venv-peers"
@@ -80,12 +78,6 @@ parameters [ {", ".join(f'{{ key: "{k}" value: {{ string_value: "{v}" }} }}' for
     return root / "repo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(address: str, process: subprocess.Popen[str], timeout: float) -> None:
     end = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
@@ -109,7 +101,7 @@ def triton(*, null_model: bool, models: Path, workers: int, batch: int) -> Itera
         shutil.copy(bundled / "python_backend_stubs" / f"{sys.version_info[0]}.{sys.version_info[1]}"
                     / "triton_python_backend_stub", server_dir / "backends" / "python")  # fmt: skip
         repo = _repository(root, null_model=null_model, models=models, workers=workers, batch=batch)
-        port = _free_port()
+        port = servers.free_port()
         cmd = [str(server_dir / "bin" / "tritonserver"), "--model-repository", str(repo),
                "--backend-directory", str(server_dir / "backends"), "--grpc-port", str(port),
                "--allow-http", "false", "--allow-metrics", "false", "--exit-timeout-secs", "5"]  # fmt: skip
@@ -166,10 +158,7 @@ def main(
     models = servers.REPO_ROOT / "engines" / "models"
     shapes = [tuple(int(x) for x in w.split("x")) for w in workloads.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        images = []
-        for seed in range(16):
-            images.append(str(Path(tmp) / f"{seed}.jpg"))
-            Path(images[-1]).write_bytes(generate_scene(50_000 + seed, width=640, height=480).jpeg)
+        images = servers.scene_files(Path(tmp))
         with (servers.grpc_server(models, workers=workers, batch_size=batch, null_model=not full) as ours,
               triton(null_model=not full, models=models, workers=workers, batch=batch) as theirs):  # fmt: skip
             results = [_workload(c, b, rounds, seconds, ours, theirs, images) for c, b in shapes]

@@ -21,7 +21,6 @@ import base64
 import csv
 import json
 import os
-import statistics
 import struct
 import subprocess
 import tempfile
@@ -33,7 +32,6 @@ import grpc
 import typer
 
 from benchmarks import oip, servers
-from engines.scenes import generate_scene
 from infer_proto import inference_pb2, inference_pb2_grpc
 
 PERF_VENV = servers.REPO_ROOT / ".venv-perf"
@@ -119,38 +117,17 @@ def main(
 ) -> None:
     """perf_analyzer and the benchmark's clients, interleaved, on one null-model server."""
     environment()  # fail before starting anything
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory(dir="/dev/shm") as staging:
-        scenes = [generate_scene(50_000 + seed, width=640, height=480).jpeg for seed in range(16)]
-        paths = []
-        for seed, jpeg in enumerate(scenes):
-            paths.append(str(Path(tmp) / f"{seed}.jpg"))
-            Path(paths[-1]).write_bytes(jpeg)
-        data = input_data(scenes, batch, Path(tmp) / "images.json")
-        args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
-                "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
-                "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s",
-                "--region-write-owners", str(os.geteuid())]  # fmt: skip
-        rows = []
-        with servers.launched("grpc", args, shm=False, label="perf-analyzer") as server:
-            server.shm_dir = Path("/dev/shm")
-            for n in range(rounds):
-                row = {}
-                for way in WAYS[n % len(WAYS) :] + WAYS[: n % len(WAYS)]:
-                    if way.startswith("pa-"):
-                        row[way] = _perf_analyzer_way(way, server.address, data, clients, batch, server)
-                    else:
-                        row[way] = oip._measure(way, server, clients, seconds, batch, paths)
-                for way in WAYS:
-                    row[way]["ratio"] = row[way]["fps"] / row["v1-tmpfs"]["fps"]
-                rows.append(row)
-                print(f"round {n + 1}: " + ", ".join(f"{w} {row[w]['fps']:.0f} img/s "
-                      f"({row[w]['server_cpu_ms_per_image']:.2f} ms)" for w in WAYS))  # fmt: skip
-    summary = {way: statistics.median(r[way]["ratio"] for r in rows) for way in WAYS}
-    print("median ratio to v1-tmpfs: " + ", ".join(f"{w} {summary[w]:.2f}" for w in WAYS))
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"rounds": rows, "median_ratio": summary, "clients": clients, "batch": batch}
-        json_out.write_text(json.dumps(doc, indent=1))
+    writers = ("--region-write-owners", str(os.geteuid()))
+    with tempfile.TemporaryDirectory() as tmp, oip.null_server(batch, *writers, label="perf-analyzer") as server:
+        paths = servers.scene_files(Path(tmp))
+        data = input_data([Path(p).read_bytes() for p in paths], batch, Path(tmp) / "images.json")
+
+        def measure(way: str) -> dict[str, float]:
+            if way.startswith("pa-"):
+                return _perf_analyzer_way(way, server.address, data, clients, batch, server)
+            return oip._measure(way, server, clients, seconds, batch, paths)
+
+        oip.interleaved(WAYS, rounds, measure, json_out, clients=clients, batch=batch)
 
 
 if __name__ == "__main__":

@@ -230,3 +230,23 @@ def rest_server(
         *(("--null-model",) if null_model else ()),
     ]
     return launched("rest", args, shm=False, label=label)
+
+
+def scene_files(directory: Path, count: int = 16) -> list[str]:
+    """``count`` fixed-seed 640×480 scenes written into ``directory``: the load clients' images."""
+    from engines.scenes import generate_scene
+
+    paths = []
+    for seed in range(count):
+        paths.append(str(directory / f"{seed}.jpg"))
+        Path(paths[-1]).write_bytes(generate_scene(50_000 + seed, width=640, height=480).jpeg)
+    return paths
+
+
+def free_port() -> int:
+    """A TCP port of loopback free now (for a server told its port, e.g. its metrics or Triton's)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -4,12 +4,9 @@ be answered alone; the pool counts every chunk of a group as started when its wo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +22,7 @@ from infer_server.supervisor.channels import Inbox
 from infer_server.supervisor.ledger import Chunk
 from infer_server.supervisor.processes import WorkerProcess, report_death
 from tests.helpers import worker_options
-from tests.integration.test_worker import BLOBS, HELD, reader, write_batch
+from tests.integration.test_worker import BLOBS, reader, shm_fixture, write_batch  # noqa: F401 (a fixture)
 
 
 class Counting:
@@ -38,16 +35,6 @@ class Counting:
     def process(self, batch_id: str, images: Sequence[tuple[ImageRef, Any]], *args: Any) -> Any:
         self.batches.append(len(images))
         return self.pipeline.process(batch_id, images, *args)
-
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="infer-gather-", dir="/dev/shm"))
-    yield base
-    while HELD:
-        with contextlib.suppress(OSError):
-            os.close(HELD.pop())
-    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

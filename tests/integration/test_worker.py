@@ -27,8 +27,9 @@ BLOBS = [generate_scene(7).jpeg, b"definitely not a jpeg", generate_scene(8).jpe
 HELD: list[int] = []  # descriptors this test process holds as the front would
 
 
-@pytest.fixture
-def shm() -> Iterator[Path]:
+@pytest.fixture(name="shm")
+def shm_fixture() -> Iterator[Path]:
+    """A directory on tmpfs for batch files; the descriptors ``write_batch`` held are closed after."""
     base = Path(tempfile.mkdtemp(prefix="infer-worker-", dir="/dev/shm"))
     yield base
     while HELD:

@@ -84,11 +84,11 @@ def test_small_inline_data_is_staged_on_the_loop_only_where_that_cannot_wait(
     handoff, staging, _ = tiers
     image = (ImageRef(0, 0, 1000),)
     handoff.spill_at = 1.0
-    staged = handoff.stage_inline(b"x" * 1000, image, on_loop=True)
+    staged = handoff.stage_on_loop(b"x" * 1000, image)
     assert staged is not None and staged.tier == 0 and Path(staged.path).parent == staging
-    assert handoff.stage_inline(b"x" * (STAGE_ON_LOOP_BYTES + 1), image, on_loop=True) is None
+    assert handoff.stage_on_loop(b"x" * (STAGE_ON_LOOP_BYTES + 1), image) is None
     handoff.spill_at = 0.0  # over the mark: the next copy goes to disk, which may wait
-    assert handoff.stage_inline(b"x" * 1000, image, on_loop=True) is None
+    assert handoff.stage_on_loop(b"x" * 1000, image) is None
     assert handoff.staged_bytes == [1000, 0], "only the first was staged"
 
 
@@ -97,7 +97,7 @@ def test_staging_on_disk_is_never_done_on_the_loop(tmp_path: Path) -> None:
     handoff.prepare_dirs()
     try:
         assert not handoff.tiers[0].in_memory
-        assert handoff.stage_inline(b"x" * 10, (ImageRef(0, 0, 10),), on_loop=True) is None
+        assert handoff.stage_on_loop(b"x" * 10, (ImageRef(0, 0, 10),)) is None
         assert handoff.stage_inline(b"x" * 10, (ImageRef(0, 0, 10),)) is not None
     finally:
         handoff.remove_staging_dir()

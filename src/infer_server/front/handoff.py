@@ -186,8 +186,7 @@ class Handoff:
             allowed = frozenset({os.geteuid()}) if owners is None else owners
             return self.open_client_file(plan.path, plan.images, plan.total_bytes, allowed)
         assert plan.data is not None
-        staged = self.stage_inline(plan.data, plan.images)
-        return staged  # type: ignore[return-value]  # never None but on the loop
+        return self.stage_inline(plan.data, plan.images)
 
     def open_client_file(
         self, path: str, images: tuple[ImageRef, ...], total: int, owners: Collection[int]
@@ -308,37 +307,38 @@ class Handoff:
                 return PermissionDeniedError("path must not contain symbolic links")
         return PermissionDeniedError(_NOT_YOURS)  # missing, forbidden, a socket (ENXIO), ...: one answer
 
-    def stage_inline(self, data: bytes, images: tuple[ImageRef, ...], on_loop: bool = False) -> BatchFile | None:
+    def stage_inline(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
         """Write inline bytes to a fresh 0600 file of a staging tier: the staging directory while its
         file system is under ``spill_at`` in use, else (or when it is out of space) the spill
-        directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image.
-        ``on_loop``: only where that cannot wait on a device (small data, into a staging directory
-        on a memory file system under its mark), else or on any failure None (then call it again
-        in a thread)."""
-        if on_loop and (not self.tiers[0].in_memory or len(data) > STAGE_ON_LOOP_BYTES):
-            return None
+        directory. Out of space everywhere is ``Overloaded`` (retry later), never a lost image."""
         error: OSError | None = None
         over = [n for n, tier in enumerate(self.tiers[:-1]) if tier.used() > self.spill_at]
-        order = [n for n in range(len(self.tiers)) if n not in over] + over  # a tier over the mark: last
-        if on_loop and order[0]:
-            return None
-        for number in order[:1] if on_loop else order:
+        for number in [n for n in range(len(self.tiers)) if n not in over] + over:  # over the mark: last
             try:
-                path, fd, st = self.tiers[number].stage(data)
+                return self._stage_into(number, data, images)
             except OSError as exc:
                 error = exc
-                if on_loop or _busy(exc) is None:
-                    break
-                continue  # out of space here: the next tier
-            with self._lock:
-                self.staged_bytes[number] += st.st_size
-                self.spills += number > 0
-            file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
-            return self._held(BatchFile(file, images, staged=True, tier=number))
-        if on_loop:
-            return None
+                if _busy(exc) is None:
+                    break  # not out of space: another tier would do no better
         assert error is not None
         raise _busy(error) or error from None
+
+    def stage_on_loop(self, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile | None:
+        """``stage_inline`` on the loop where that cannot wait on a device (small data, a staging directory
+        on a memory file system under its mark); else or on failure None: ``stage_inline`` in a thread."""
+        if not self.tiers[0].in_memory or len(data) > STAGE_ON_LOOP_BYTES or self.over_mark():
+            return None
+        with contextlib.suppress(OSError):
+            return self._stage_into(0, data, images)
+        return None
+
+    def _stage_into(self, number: int, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
+        path, fd, st = self.tiers[number].stage(data)
+        with self._lock:
+            self.staged_bytes[number] += st.st_size
+            self.spills += number > 0
+        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
+        return self._held(BatchFile(file, images, staged=True, tier=number))
 
     def over_mark(self) -> bool:
         """The staging directory's file system is over ``spill_at`` and there is a disk tier."""

@@ -25,6 +25,7 @@ request names a region for it, into that region.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib.metadata
 import time
 from collections.abc import Callable
@@ -89,15 +90,11 @@ class OpenInferenceServicer:
                 self.ModelStreamInfer, reader(p.ModelInferRequest, limit), p.ModelStreamInferResponse.SerializeToString
             ),
             **{name: grpc.unary_unary_rpc_method_handler(self._not_served(name)) for name in _NOT_SERVED},
-            "CudaSharedMemoryStatus": unary(
-                self.CudaSharedMemoryStatus, p.CudaSharedMemoryStatusRequest, p.CudaSharedMemoryStatusResponse
-            ),  # fmt: skip
-            "CudaSharedMemoryUnregister": unary(
-                self.CudaSharedMemoryUnregister,
-                p.CudaSharedMemoryUnregisterRequest,
-                p.CudaSharedMemoryUnregisterResponse,
-            ),  # fmt: skip
-        }
+            **{f"CudaSharedMemory{call}": unary(self._no_cuda_regions(f"CudaSharedMemory{call}", reply), request, reply)
+               for call, request, reply in (
+                   ("Status", p.CudaSharedMemoryStatusRequest, p.CudaSharedMemoryStatusResponse),
+                   ("Unregister", p.CudaSharedMemoryUnregisterRequest, p.CudaSharedMemoryUnregisterResponse))},
+        }  # fmt: skip
         regions = self._server.regions
         handlers |= regions.handlers(self._identify)
         return grpc.method_handlers_generic_handler(OIP_SERVICE, handlers)
@@ -110,23 +107,19 @@ class OpenInferenceServicer:
 
         return refuse
 
-    @rpc_boundary
-    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """No CUDA region can be registered here: every region is none, a named one is unknown."""
-        self._identify(context, "CudaSharedMemoryStatus")
-        name = readable(request).name
-        if name:
-            raise UnknownBatch(f"no CUDA shared memory region named {name!r} is registered")
-        return inference_pb2.CudaSharedMemoryStatusResponse()
+    def _no_cuda_regions(self, method: str, reply: Any) -> Callable[..., Any]:
+        """CUDA shared memory's status and unregister: no CUDA region can be registered here, so all
+        of them is none (what load tools unregister when they finish) and a named one is unknown."""
 
-    @rpc_boundary
-    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        """Unregistering every CUDA region (what load tools do when they finish) has nothing to do."""
-        self._identify(context, "CudaSharedMemoryUnregister")
-        name = readable(request).name
-        if name:
-            raise UnknownBatch(f"no CUDA shared memory region named {name!r} is registered")
-        return inference_pb2.CudaSharedMemoryUnregisterResponse()
+        @rpc_boundary
+        async def answer(_: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            self._identify(context, method)
+            name = readable(request).name
+            if name:
+                raise UnknownBatch(f"no CUDA shared memory region named {name!r} is registered")
+            return reply()
+
+        return functools.partial(answer, None)  # rpc_boundary wraps methods: no self here
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return inference_pb2.ServerLiveResponse(live=True)

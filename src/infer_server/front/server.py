@@ -317,7 +317,7 @@ class InferenceServer:
         a cancelled push still cleans up its staging copy."""
         if plan.path is not None and self.handoff.in_memory:
             return self.handoff.materialize(plan, owners)
-        if plan.data is not None and (staged := self.handoff.stage_inline(plan.data, plan.images, on_loop=True)):
+        if plan.data is not None and (staged := self.handoff.stage_on_loop(plan.data, plan.images)):
             return staged
         task = asyncio.ensure_future(asyncio.to_thread(self.handoff.materialize, plan, owners))
         try:
