@@ -1,9 +1,10 @@
-"""This server's throughput against the cores it is given (``taskset``), in one run, interleaved:
-one null-model server per core set, all up at once, the same client processes (unpinned) taking
-turns on each. Shows where the one-process front stops scaling: its CPU per image against the
-workers', per workload.
+"""This server's throughput against the cores it is given (``taskset``) and its gRPC front
+processes (``--fronts``), in one run, interleaved: one null-model server per configuration, all up
+at once, the same client processes (unpinned) taking turns on each. Shows where the one-process
+front stops scaling: the main process's CPU per image, the front processes' and the workers', per
+workload.
 
-    .venv/bin/python -m benchmarks.cores --cores 0 --cores 0,1 --json bench-out/cores.json
+    .venv/bin/python -m benchmarks.cores --server 0 --server 0,1 --server 0,1:2 --json bench-out/cores.json
 """
 
 from __future__ import annotations
@@ -23,27 +24,33 @@ from benchmarks import oip, servers
 
 def _measure(server: servers.ServerProcess, clients: int, batch: int, seconds: float,
              images: list[str]) -> dict[str, float]:  # fmt: skip
-    front0, workers0 = server.cpu()
+    before = server.cpu_by_role()
     started = time.perf_counter()
     procs = oip._clients("v1-tmpfs", server, clients, seconds, batch, images)
     answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
     elapsed = time.perf_counter() - started
-    front1, workers1 = server.cpu()
+    main, fronts, workers = (b - a for a, b in zip(before, server.cpu_by_role(), strict=True))
     n = max(1, answered)
-    return {"fps": answered / elapsed, "front_cpu_ms": 1e3 * (front1 - front0) / n,
-            "workers_cpu_ms": 1e3 * (workers1 - workers0) / n,
-            "front_busy": (front1 - front0) / elapsed}  # fmt: skip
+    return {"fps": answered / elapsed, "main_cpu_ms": 1e3 * main / n, "fronts_cpu_ms": 1e3 * fronts / n,
+            "workers_cpu_ms": 1e3 * workers / n, "main_busy": main / elapsed}  # fmt: skip
+
+
+def _line(name: str, row: dict[str, float]) -> str:
+    fronts = f" + fronts {row['fronts_cpu_ms']:.3f}" if row["fronts_cpu_ms"] else ""
+    return (f"{name}: {row['fps']:.0f} img/s (main {row['main_cpu_ms']:.3f}{fronts} ms/img, main "
+            f"{row['main_busy']:.2f} of a core; workers {row['workers_cpu_ms']:.3f})")  # fmt: skip
 
 
 def main(
-    cores: Annotated[list[str], typer.Option(help="Core sets, as taskset -c takes them; repeatable.")] = ["0", "0,1"],  # noqa: B006
-    rounds: Annotated[int, typer.Option(help="Rounds; each measures every core set once per workload.")] = 3,
+    server: Annotated[list[str], typer.Option(help="CORES[:FRONTS]: a core set as taskset -c takes it, and the "
+                                               "server's --fronts (default 0); repeatable.")] = ["0", "0,1"],  # noqa: B006
+    rounds: Annotated[int, typer.Option(help="Rounds; each measures every server once per workload.")] = 3,
     seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 8.0,
     workloads: Annotated[str, typer.Option(help="CLIENTSxIMAGES per request, comma-separated.")] = "16x1,4x8",
     workers: Annotated[int, typer.Option(help="Stage workers of each server.")] = 2,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
-    """Null-model throughput per core set, interleaved."""
+    """Null-model throughput per configuration, interleaved."""
     shapes = [tuple(int(x) for x in w.split("x")) for w in workloads.split(",")]
     models = servers.REPO_ROOT / "engines" / "models"
     args = ["infer_server", "serve", "--null-model", "--models", str(models), "--host", "127.0.0.1", "--port", "0",
@@ -51,18 +58,19 @@ def main(
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         images = servers.scene_files(Path(tmp))
-        running = {c: stack.enter_context(servers.launched("grpc", args, shm=True, label=f"cores-{c}",
-                                                           wrapper=("taskset", "-c", c))) for c in cores}  # fmt: skip
+        running = {}
+        for name in server:
+            cores, _, fronts = name.partition(":")
+            running[name] = stack.enter_context(servers.launched(
+                "grpc", [*args, "--fronts", fronts or "0"], shm=True, label=f"cores-{cores}-fronts-{fronts or 0}",
+                wrapper=("taskset", "-c", cores)))  # fmt: skip
         for clients, batch in shapes:
             rows = []
             for n in range(rounds):
-                order = cores[n % len(cores) :] + cores[: n % len(cores)]
+                order = server[n % len(server) :] + server[: n % len(server)]
                 rows.append({c: _measure(running[c], clients, batch, seconds, images) for c in order})
-                print(f"{clients} x {batch}, round {n + 1}: " + ", ".join(
-                    f"cores {c}: {rows[-1][c]['fps']:.0f} img/s (front {rows[-1][c]['front_cpu_ms']:.3f} ms/img, "
-                    f"{rows[-1][c]['front_busy']:.2f} of a core; workers {rows[-1][c]['workers_cpu_ms']:.3f})"
-                    for c in cores))  # fmt: skip
-            median = {c: {k: statistics.median(r[c][k] for r in rows) for k in rows[0][c]} for c in cores}
+                print(f"{clients} x {batch}, round {n + 1}: " + "; ".join(_line(c, rows[-1][c]) for c in server))
+            median = {c: {k: statistics.median(r[c][k] for r in rows) for k in rows[0][c]} for c in server}
             results[f"{clients}x{batch}"] = {"rounds": rows, "median": median}
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,13 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def rss_bytes(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
@@ -121,8 +128,21 @@ class ServerProcess:
     worker_pids: list[int] = field(default_factory=list)
 
     def cpu(self) -> tuple[float, float]:
-        """CPU seconds so far of the front (main process) and of its descendants (workers)."""
-        return cpu_seconds(self.process.pid), sum(cpu_seconds(p) for p in descendants(self.process.pid))
+        """CPU seconds so far of the front (main process and its gRPC front processes, if any) and
+        of the other descendants (workers)."""
+        main, fronts, workers = self.cpu_by_role()
+        return main + fronts, workers
+
+    def cpu_by_role(self) -> tuple[float, float, float]:
+        """CPU seconds so far of the main process, of its gRPC front processes (``--fronts``) and of
+        the stage workers (every other descendant)."""
+        fronts = workers = 0.0
+        for pid in descendants(self.process.pid):
+            if b"infer_server.relay" in cmdline(pid):
+                fronts += cpu_seconds(pid)
+            else:
+                workers += cpu_seconds(pid)
+        return cpu_seconds(self.process.pid), fronts, workers
 
     def memory(self) -> dict[str, float]:
         """Peak of the sampled RSS sum, sum of per-process peaks (upper bound), PSS sum now; in MiB."""

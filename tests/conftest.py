@@ -18,6 +18,13 @@ def model_repo_dir() -> Path:
     return MODELS
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fronts", type=int, default=0,
+        help="start every integration test's server with this many gRPC front processes (its --fronts)",
+    )  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test by its folder (unit / integration / gpu / models), so ``-m`` selects by kind."""
     for item in items:

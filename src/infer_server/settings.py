@@ -71,6 +71,11 @@ class ServerSettings(BaseSettings):
     )
     device: Literal["cpu", "gpu"] = Field(default="cpu", description="cpu (ONNX Runtime) or gpu (TensorRT).")
     workers: int = Field(default=2, ge=1, le=64, description="Stage worker processes.")
+    fronts: int = Field(
+        default=0, ge=0, le=64,
+        description="gRPC front processes: each serves the port (SO_REUSEPORT) and relays its calls to the main "
+        "process, so gRPC's per-message work uses that many cores; 0: the main process speaks gRPC itself.",
+    )  # fmt: skip
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")
     dynamic_batching: bool = Field(
         default=True,

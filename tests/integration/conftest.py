@@ -28,6 +28,14 @@ from infer_client import Credentials, InferClient
 STARTUP_TIMEOUT_S = 240.0  # two workers load three models each on a busy 2-core box
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    global FRONTS
+    FRONTS = config.getoption("--fronts", 0) or 0
+
+
+FRONTS = 0  # every server the tests start: gRPC in the main process, or in this many front processes
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen[str]
@@ -67,6 +75,8 @@ def running_server(
         *("--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir)),
         *("--workers", str(workers), "--batch-size", "4", *args),
     ]
+    if FRONTS and "--fronts" not in args:
+        cmd += ["--fronts", str(FRONTS)]
     with log_path.open("w") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     server = RunningServer(process, "", shm_dir, log_path, credentials)

@@ -16,3 +16,13 @@ def test_the_server_process_loads_no_stage_code_and_no_vision_library() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
     assert loaded == []
+
+
+def test_a_front_process_loads_no_stage_code_and_no_vision_library() -> None:
+    probe = (
+        "import sys, infer_server.relay.process\n"
+        "print('\\n'.join(m for m in sys.modules if m.startswith(('infer_server.stage', 'infer_server.supervisor', "
+        "'infer_server.front.server', 'numpy', 'cv2', 'nvidia', 'onnxruntime', 'tensorrt'))))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert loaded == []

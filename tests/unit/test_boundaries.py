@@ -6,6 +6,8 @@
 * ``stage/`` (the worker processes) never imports grpc, the front or the supervisor: it knows only
   ``messages``.
 * ``messages`` is the standard library only (it is unpickled in every process).
+* ``relay/`` (the gRPC front processes) never imports the stage, the supervisor or the front's
+  state: of the front, only ``listen`` (where gRPC listens, and its limits).
 * The client library never imports the server.
 """
 
@@ -66,6 +68,14 @@ def offending(package: str, forbidden: tuple[str, ...]) -> dict[str, list[str]]:
 )  # fmt: skip
 def test_no_package_imports_across_its_process_boundary(package: str, forbidden: tuple[str, ...]) -> None:
     assert offending(package, forbidden) == {}
+
+
+def test_a_front_process_imports_only_where_to_listen_of_the_main_process() -> None:
+    forbidden = ("infer_server.stage", "infer_server.supervisor", "infer_server.front", "infer_server.messages")
+    bad = offending("infer_server/relay", forbidden)
+    assert {path: [m for m in hits if m != "infer_server.front.listen"] for path, hits in bad.items()} == {
+        path: [] for path in bad
+    }
 
 
 def test_messages_need_only_the_standard_library() -> None:

@@ -16,13 +16,10 @@ with a grace period for open streams, stops the pool, and removes the server's s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
-import os
 import resource
-import stat
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -30,7 +27,7 @@ from typing import Any
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from infer_proto import infer_pb2
 from infer_server.front import audit
@@ -39,13 +36,14 @@ from infer_server.front.control import ModelControl
 from infer_server.front.control_service import CONTROL_SERVICE, ModelControlServicer
 from infer_server.front.drift import DriftMonitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
+from infer_server.front.fronts import FrontProcesses, InProcessFront
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.identity import Authenticator, Identity, load_tokens
-from infer_server.front.listen import channel_options, listen
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.oip import OIP_SERVICE, OpenInferenceServicer
 from infer_server.front.regions import Regions
+from infer_server.front.relayed import Handlers
 from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
 from infer_server.front.upkeep import Upkeep
@@ -132,7 +130,7 @@ class InferenceServer:
         self.port = 0
         self.pool: PipelinePool | None = None
         self._health = health.aio.HealthServicer()
-        self._server: grpc.aio.Server | None = None
+        self._front: InProcessFront | FrontProcesses | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
@@ -150,23 +148,14 @@ class InferenceServer:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
         gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
-        server = grpc.aio.server(
-            interceptors=gate, options=channel_options(s), maximum_concurrent_rpcs=s.max_concurrent_rpcs
-        )
-        inference = InferenceServicer(self)
-        control = ModelControlServicer(self, self.control, inference.identify)
-        self.oip = OpenInferenceServicer(self, inference.identify, inference.streams)
-        server.add_generic_rpc_handlers((inference.handler(), control.handler(), self.oip.handler()))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = (SERVICE_NAME, CONTROL_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, server)
-        self.port = listen(server, s)
-        self._server = server
-        await server.start()
+        handlers = self._handlers()
+        front = FrontProcesses(s, handlers, gate) if s.fronts else InProcessFront(s, handlers, gate)
         try:
+            self.port = await front.start()
+            self._front = front
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
         except BaseException:
-            await server.stop(0)
+            await front.stop(0)
             self.handoff.remove_staging_dir()
             raise
         self.follow_models()
@@ -183,6 +172,19 @@ class InferenceServer:
         audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,
                       tls=s.tls_cert is not None, callers=callers, workers=s.workers, device=s.device)  # fmt: skip
         return self.port
+
+    def _handlers(self) -> Handlers:
+        """Every service's handlers: inference, model control, the Open Inference Protocol,
+        health and reflection."""
+        handlers = Handlers()
+        inference = InferenceServicer(self)
+        control = ModelControlServicer(self, self.control, inference.identify)
+        self.oip = OpenInferenceServicer(self, inference.identify, inference.streams)
+        handlers.add_generic_rpc_handlers((inference.handler(), control.handler(), self.oip.handler()))
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, handlers)
+        names = (SERVICE_NAME, CONTROL_SERVICE, OIP_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), handlers)
+        return handlers
 
     def _start_background_tasks(self) -> None:
         """Upkeep (``front.upkeep``), expiry, and the repository poll and drift watch if asked for."""
@@ -213,7 +215,7 @@ class InferenceServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; safe to call twice."""
-        if self._stopped or self._server is None:
+        if self._stopped or self._front is None:
             return
         self._stopped = True
         s = self.settings
@@ -222,11 +224,7 @@ class InferenceServer:
         await self._health.enter_graceful_shutdown()
         if not await self.registry.wait_idle(s.drain_timeout_s):
             log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
-        await self._server.stop(s.stop_grace_s if grace is None else grace)
-        if s.unix_socket is not None:
-            with contextlib.suppress(OSError):
-                if stat.S_ISSOCK(os.lstat(s.unix_socket).st_mode):
-                    os.unlink(s.unix_socket)
+        await self._front.stop(s.stop_grace_s if grace is None else grace)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

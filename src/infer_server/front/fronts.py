@@ -1,0 +1,159 @@
+"""Where gRPC runs: in this process (``--fronts 0``, the default) or in front processes.
+
+``InProcessFront`` is a grpc.aio server on this process's loop. ``FrontProcesses`` starts
+``--fronts`` gRPC front processes (``relay.process``) that share the server's TCP port and relay
+every call here (``front.relayed``), so gRPC's per-message work spreads over that many cores while
+every decision stays in this process (docs/front-scaling.md). A front process that dies is started
+again; its clients see their connection drop (UNAVAILABLE) and retry, and what they pushed is
+answered exactly once as on any reconnect (request ids, results kept until pulled).
+
+Both serve the same ``Handlers`` behind the same gate, and both have ``start() -> port`` and
+``stop(grace)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import os
+import socket
+import stat
+import sys
+from collections.abc import Sequence
+
+import grpc
+import grpc.aio
+
+from infer_server.front.listen import channel_options, listen
+from infer_server.front.relayed import Handlers, RelayedCalls
+from infer_server.relay.link import LINK, Kind
+from infer_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+Gates = Sequence[grpc.aio.ServerInterceptor]
+
+_READY_TIMEOUT_S = 60.0  # a front process binds and reports its port within this
+_RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # between restarts of one front process that keeps dying
+
+
+def _unlink_socket(path: os.PathLike[str] | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+
+
+class InProcessFront:
+    """gRPC served by this process itself."""
+
+    def __init__(self, settings: ServerSettings, handlers: Handlers, gate: Gates) -> None:
+        self._settings = settings
+        self._server = grpc.aio.server(
+            interceptors=gate, options=channel_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
+        )
+        handlers.add_to(self._server)
+
+    async def start(self) -> int:
+        port = listen(self._server, self._settings)
+        await self._server.start()
+        return port
+
+    async def stop(self, grace: float) -> None:
+        await self._server.stop(grace)
+        _unlink_socket(self._settings.unix_socket)
+
+
+class FrontProcesses:
+    """``--fronts`` gRPC front processes, each linked to this process by a socket pair."""
+
+    def __init__(self, settings: ServerSettings, handlers: Handlers, gate: Gates) -> None:
+        self._settings, self._handlers, self._gate = settings, handlers, gate
+        self._port = settings.port
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._links: dict[int, RelayedCalls] = {}
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self._processes.values()]
+
+    async def start(self) -> int:
+        """Start every front process; the first binds the port (a free one for port 0), the
+        others join it."""
+        for index in range(self._settings.fronts):
+            await self._start_one(index)
+        return self._port
+
+    def _config(self, index: int) -> bytes:
+        s = self._settings
+        return s.model_copy(update={
+            "port": self._port,
+            "unix_socket": s.unix_socket if index == 0 else None,  # a path is bound by one process only
+            "max_concurrent_rpcs": math.ceil(s.max_concurrent_rpcs / s.fronts),
+        }).model_dump_json().encode()  # fmt: skip
+
+    async def _start_one(self, index: int) -> None:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            fd = theirs.fileno()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "infer_server.relay", str(fd), str(index), pass_fds=(fd,)
+            )
+            calls = RelayedCalls(self._handlers, self._gate, lambda: self._lost(index, process))
+            loop = asyncio.get_running_loop()
+            await loop.connect_accepted_socket(lambda: calls.link, ours.dup())
+        self._processes[index], self._links[index] = process, calls
+        calls.link.send(LINK, Kind.CONFIG, self._config(index))
+        try:
+            self._port = await asyncio.wait_for(asyncio.shield(calls.ready), _READY_TIMEOUT_S)
+        except BaseException:
+            calls.link.close()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        log.info("front process %d (pid %d) serves port %d", index, process.pid, self._port)
+
+    def _lost(self, index: int, process: asyncio.subprocess.Process) -> None:
+        if self._stopping or self._processes.get(index) is not process:
+            return
+        task = asyncio.ensure_future(self._restart(index, process))
+        self._restarts.add(task)
+        task.add_done_callback(self._restarts.discard)
+
+    async def _restart(self, index: int, process: asyncio.subprocess.Process) -> None:
+        """Start a front process that died again, backing off while it keeps dying."""
+        code = await process.wait()
+        log.warning("front process %d (pid %d) exited with %s: starting it again", index, process.pid, code)
+        for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._start_one(index)
+                return
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                log.error("front process %d did not start again: %s", index, exc)
+
+    async def stop(self, grace: float) -> None:
+        """Every front process stops serving (open calls may end within ``grace``) and exits."""
+        self._stopping = True
+        for task in list(self._restarts):
+            task.cancel()
+        for calls in self._links.values():
+            calls.link.send(LINK, Kind.STOP, repr(grace).encode())
+        for process in self._processes.values():
+            try:
+                await asyncio.wait_for(process.wait(), grace + 5.0)
+            except TimeoutError:
+                log.warning("front process (pid %d) did not stop: killing it", process.pid)
+                process.kill()
+                await process.wait()
+        for calls in self._links.values():
+            calls.link.close()
+        _unlink_socket(self._settings.unix_socket)

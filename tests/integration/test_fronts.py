@@ -1,0 +1,127 @@
+"""Several gRPC front processes (``--fronts 2``): they share the port, a dead one is replaced
+without losing what was pushed, and none outlives the main process.
+
+The rest of the contracts (exactly once with a worker killed, idempotency, admission, the gate,
+health, drain, TLS, the Open Inference Protocol) are the whole integration suite's: ``make test``
+runs it a second time with ``--fronts 2``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from benchmarks.procs import descendants, exit_waiters, read_address, still_running
+from engines.scenes import Scene
+from infer_client import InferClient
+from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
+
+
+def front_pids(server_pid: int) -> list[int]:
+    return [pid for pid in descendants(server_pid) if b"infer_server.relay" in _cmdline(pid)]
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _established(pid: int, port: int) -> int:
+    """The process's TCP connections accepted on ``port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    table = Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]
+    for line in table:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01" and fields[9] in inodes:
+            count += 1
+    return count
+
+
+@pytest.fixture(scope="module")
+def fronts_server(model_repo_dir: Path) -> Iterator[RunningServer]:
+    socket_path = Path(tempfile.mkdtemp(prefix="infer-it-")) / "server.sock"
+    with running_server(model_repo_dir, "--fronts", "2", "--unix-socket", str(socket_path), "--null-model") as srv:
+        yield srv
+
+
+def test_connections_spread_over_the_front_processes(fronts_server: RunningServer) -> None:
+    port = int(fronts_server.address.rsplit(":", 1)[1])
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]  # channels of one process share one otherwise
+    channels = [grpc.insecure_channel(fronts_server.address, options=own_connection) for _ in range(16)]
+    try:
+        for channel in channels:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        fronts = front_pids(fronts_server.process.pid)
+        assert len(fronts) == 2
+        assert _established(fronts_server.process.pid, port) == 0  # the main process speaks no gRPC
+        per_front = [_established(pid, port) for pid in fronts]
+        assert sum(per_front) >= 16 and min(per_front) > 0, per_front  # all on one: 2 in 65536
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def test_the_unix_socket_is_served_too(fronts_server: RunningServer, scenes: list[Scene]) -> None:
+    socket_path = next(str(a) for a in fronts_server.process.args if str(a).endswith("server.sock"))  # type: ignore
+    with InferClient(f"unix:{socket_path}", shm_dir=fronts_server.shm_dir) as client:
+        assert [r.index for r in client.detect([s.jpeg for s in scenes[:3]])] == [0, 1, 2]
+
+
+def test_killed_front_processes_are_replaced_and_a_push_is_answered_once(
+    fronts_server: RunningServer, scenes: list[Scene]
+) -> None:
+    images = [s.jpeg for s in scenes]
+    with fronts_server.client() as client:
+        batch_id = client.push(images, request_id="across-fronts")
+    before = front_pids(fronts_server.process.pid)
+    exits = exit_waiters(before)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)  # every connection drops, as it would for a client whose front died
+    assert still_running(exits, timeout=10) == []  # (a connection made before they are gone is reset)
+    with fronts_server.client() as client:  # a client reconnecting: its pushes are retried
+        client.wait_ready(timeout=60)  # waits for the replacements to listen
+        after = front_pids(fronts_server.process.pid)
+        assert len(after) == 2 and not set(after) & set(before)
+        assert client.push(images, request_id="across-fronts") == batch_id  # the same batch, not a second one
+        results = list(client.pull(batch_id, timeout=60))
+    assert sorted(r.index for r in results) == list(range(len(images)))
+    assert all(r.ok for r in results)
+    assert "exited with -9: starting it again" in fronts_server.log_path.read_text()
+
+
+def test_front_processes_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:
+    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
+           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "1",
+           "--fronts", "2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        read_address(process, STARTUP_TIMEOUT_S)
+        children = descendants(process.pid)
+        assert len(front_pids(process.pid)) == 2
+        waiters = exit_waiters(children)
+        process.kill()  # no drain, no goodbye: the front processes see their link close
+        process.wait()
+        assert still_running(waiters, timeout=20) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)

@@ -1,0 +1,257 @@
+"""The relay (``--fronts``): the link's frames, and a call's whole path through a front process.
+
+The end-to-end tests run both halves on one loop: a grpc.aio server whose only handler is
+``relay.process.Relay``, linked by a socket pair to ``front.relayed.RelayedCalls`` serving real
+handlers; a grpc.aio client calls the server. Only the process boundary is missing (the
+integration tests run the whole suite with ``--fronts 2`` for that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from infer_server.front import relayed
+from infer_server.front.relayed import Handlers, RelayedCalls
+from infer_server.relay.link import HEADER, LINK, Kind, Link, decode_end, decode_start, encode_end, encode_start
+from infer_server.relay.process import Relay
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(asyncio.wait_for(coro, 20))
+
+
+def test_frames_arrive_whole_however_the_bytes_are_split() -> None:
+    got: list[tuple[int, int, bytes]] = []
+    link = Link(lambda *frame: got.append(frame), lambda: None)
+    wire = (HEADER.pack(3, Kind.MESSAGE, 5) + b"hello" + HEADER.pack(LINK, Kind.READY, 0)
+            + HEADER.pack(7, Kind.END, 3) + b"abc")  # fmt: skip
+    for i in range(len(wire)):
+        link.data_received(wire[i : i + 1])
+    link.data_received(wire)  # and all at once
+    expected = [(3, Kind.MESSAGE, b"hello"), (LINK, Kind.READY, b""), (7, Kind.END, b"abc")]
+    assert got == expected * 2
+
+
+def test_the_frames_of_one_turn_of_the_loop_go_out_in_one_write() -> None:
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[bytes] = []
+
+        def write(self, data: Any) -> None:
+            self.writes.append(bytes(data))
+
+    async def scenario() -> list[bytes]:
+        link, transport = Link(lambda *frame: None, lambda: None), Transport()
+        link.connection_made(transport)
+        link.send(1, Kind.WANT)
+        link.send(2, Kind.MESSAGE, b"xyz")
+        await asyncio.sleep(0)
+        link.send(1, Kind.ACK)
+        await asyncio.sleep(0)
+        return transport.writes
+
+    writes = run(scenario())
+    first_turn = HEADER.pack(1, Kind.WANT, 0) + HEADER.pack(2, Kind.MESSAGE, 3) + b"xyz"
+    assert writes == [first_turn, HEADER.pack(1, Kind.ACK, 0)]
+
+
+def test_a_start_carries_binary_metadata_and_the_auth_context() -> None:
+    start = encode_start("/s/M", [("authorization", "Bearer x"), ("trace-bin", b"\x00\xff")], "ipv4:1.2.3.4:5",
+                         {"x509_common_name": [b"client-a"]})  # fmt: skip
+    assert decode_start(start) == (
+        "/s/M", (("authorization", "Bearer x"), ("trace-bin", b"\x00\xff")), "ipv4:1.2.3.4:5",
+        {"x509_common_name": [b"client-a"]},
+    )  # fmt: skip
+    assert decode_end(encode_end(7, "no")) == (7, "no")
+
+
+class Probe:
+    """Handlers of a test service (raw bytes), recording what the relayed side saw."""
+
+    def __init__(self) -> None:
+        self.cancelled = asyncio.Event()
+        self.peers: list[str] = []
+        self.metadata: list[Any] = []
+
+    async def echo(self, request: bytes, context: Any) -> bytes:
+        self.peers.append(context.peer())
+        self.metadata.append(dict(context.invocation_metadata()))
+        return request.upper()
+
+    async def refuse(self, request: bytes, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
+        raise AssertionError("abort returned")
+
+    async def crash(self, request: bytes, context: Any) -> bytes:
+        raise ValueError("a bug")
+
+    async def chat(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request[::-1]
+
+    async def hang(self, request: bytes, context: Any) -> None:
+        await context.write(b"first")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    def handlers(self) -> Handlers:
+        handlers = Handlers()
+        handlers.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Probe", {
+            "Echo": grpc.unary_unary_rpc_method_handler(self.echo),
+            "Refuse": grpc.unary_unary_rpc_method_handler(self.refuse),
+            "Crash": grpc.unary_unary_rpc_method_handler(self.crash),
+            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "Hang": grpc.unary_stream_rpc_method_handler(self.hang),
+        }),))  # fmt: skip
+        return handlers
+
+
+@contextlib.asynccontextmanager
+async def relayed_server(
+    handlers: Handlers, gate: Any = ()
+) -> AsyncIterator[tuple[grpc.aio.Channel, RelayedCalls, Relay]]:
+    """A gRPC server on a free port whose calls go through a Relay and a link to ``handlers``."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    calls = RelayedCalls(handlers, gate, lambda: None)
+    await loop.connect_accepted_socket(lambda: calls.link, ours)
+    relay = Relay()
+    await loop.connect_accepted_socket(lambda: relay.link, theirs)
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((relay,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield channel, calls, relay
+    finally:
+        await server.stop(0)
+        calls.link.close()
+        relay.link.close()
+        for never_sent in (calls.ready, relay.config):  # no front process here: no port, no settings
+            never_sent.cancel()
+
+
+def test_unary_calls_reach_the_handler_with_their_metadata_and_peer_and_keep_their_status() -> None:
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with relayed_server(probe.handlers()) as (channel, _, _):
+            echo = channel.unary_unary("/test.Probe/Echo")
+            assert await echo(b"abc", metadata=(("who", "me"), ("blob-bin", b"\x01"))) == b"ABC"
+            for method, code in (("Refuse", grpc.StatusCode.PERMISSION_DENIED), ("Crash", grpc.StatusCode.UNKNOWN),
+                                 ("Missing", grpc.StatusCode.UNIMPLEMENTED)):  # fmt: skip
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await channel.unary_unary(f"/test.Probe/{method}")(b"x")
+                assert caught.value.code() == code
+            assert caught.value.details() == "Method not found!"
+
+    run(scenario())
+    assert probe.peers[0].startswith("ipv4:127.0.0.1:")
+    assert probe.metadata[0]["who"] == "me" and probe.metadata[0]["blob-bin"] == b"\x01"
+
+
+def test_a_bidirectional_stream_is_relayed_message_by_message() -> None:
+    async def scenario() -> list[bytes]:
+        async with relayed_server(Probe().handlers()) as (channel, _, _):
+            call = channel.stream_stream("/test.Probe/Chat")()
+            replies = []
+            for word in (b"one", b"two", b"three"):
+                await call.write(word)
+                replies.append(await call.read())
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            return replies
+
+    assert run(scenario()) == [b"eno", b"owt", b"eerht"]
+
+
+def test_a_client_that_goes_away_cancels_the_relayed_handler() -> None:
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with relayed_server(probe.handlers()) as (channel, _, _):
+            call = channel.unary_stream("/test.Probe/Hang")(b"x")
+            assert await call.read() == b"first"
+            call.cancel()
+            await asyncio.wait_for(probe.cancelled.wait(), 10)
+
+    run(scenario())
+
+
+def test_a_front_process_gone_cancels_its_calls_and_the_main_process_gone_ends_them_unavailable() -> None:
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with relayed_server(probe.handlers()) as (channel, calls, relay):
+            call = channel.unary_stream("/test.Probe/Hang")(b"x")
+            assert await call.read() == b"first"
+            relay.link.close()  # both ends see the link go: the main side cancels, the front side ends
+            await asyncio.wait_for(probe.cancelled.wait(), 10)
+            assert await call.code() == grpc.StatusCode.UNAVAILABLE
+            assert calls.link.closed
+
+    run(scenario())
+
+
+def test_a_call_the_gate_refuses_is_answered_without_reading_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    delivered: list[bytes | None] = []
+    deliver = relayed.RelayedCall.deliver
+    monkeypatch.setattr(relayed.RelayedCall, "deliver", lambda self, raw: (delivered.append(raw), deliver(self, raw)))
+
+    class Gate(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if details.method.endswith("/Echo"):
+                async def refuse(requests: Any, context: Any) -> None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "who are you")
+                return grpc.stream_stream_rpc_method_handler(refuse)
+            return await continuation(details)
+
+    async def scenario() -> None:
+        async with relayed_server(Probe().handlers(), (Gate(),)) as (channel, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/test.Probe/Echo")(b"x" * 100_000)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert await channel.stream_stream("/test.Probe/Chat")(iter([b"ok"])).read() == b"ko"
+
+    run(scenario())
+    assert b"ok" in delivered and b"x" * 100_000 not in delivered  # only the call the gate let through was read
+
+
+def test_grpc_health_is_served_through_the_relay() -> None:
+    async def scenario() -> list[int]:
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        handlers = Handlers()
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, handlers)
+        async with relayed_server(handlers) as (channel, _, _):
+            stub = health_pb2_grpc.HealthStub(channel)
+            statuses = [(await stub.Check(health_pb2.HealthCheckRequest(service=""))).status]
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            statuses.append((await watch.read()).status)
+            await servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+            statuses.append((await watch.read()).status)
+            watch.cancel()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Check(health_pb2.HealthCheckRequest(service="unknown"))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            return statuses
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    assert run(scenario()) == [serving, serving, not_serving]
