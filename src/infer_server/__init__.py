@@ -5,6 +5,8 @@
   errors, metrics.
 * ``supervisor/``: the same process, the pool's side of the workers — spawning, credit, deaths and
   retries (``pool``), exactly-once bookkeeping (``ledger``), the pipes (``channels``).
+* ``relay/``: each gRPC front process (``--fronts``) — it serves the port and relays every call to
+  the main process (``front/relayed.py`` runs them there).
 * ``stage/``: each stage worker process — its loop (``worker``), the vision pipeline,
   pre/post-processing, the model repository and the inference ``backends`` (ONNX Runtime, TensorRT).
 

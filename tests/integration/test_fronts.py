@@ -13,7 +13,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -35,6 +36,20 @@ def _cmdline(pid: int) -> bytes:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
+        time.sleep(0.05)
+
+
+def _kill_and_wait(pids: list[int]) -> None:
+    exits = exit_waiters(pids)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    assert still_running(exits, timeout=10) == []  # (a connection made before they are gone is reset)
 
 
 def _established(pid: int, port: int) -> int:
@@ -90,10 +105,7 @@ def test_killed_front_processes_are_replaced_and_a_push_is_answered_once(
     with fronts_server.client() as client:
         batch_id = client.push(images, request_id="across-fronts")
     before = front_pids(fronts_server.process.pid)
-    exits = exit_waiters(before)
-    for pid in before:
-        os.kill(pid, signal.SIGKILL)  # every connection drops, as it would for a client whose front died
-    assert still_running(exits, timeout=10) == []  # (a connection made before they are gone is reset)
+    _kill_and_wait(before)  # every connection drops, as it would for a client whose front died
     with fronts_server.client() as client:  # a client reconnecting: its pushes are retried
         client.wait_ready(timeout=60)  # waits for the replacements to listen
         after = front_pids(fronts_server.process.pid)
@@ -103,6 +115,57 @@ def test_killed_front_processes_are_replaced_and_a_push_is_answered_once(
     assert sorted(r.index for r in results) == list(range(len(images)))
     assert all(r.ok for r in results)
     assert "exited with -9: starting it again" in fronts_server.log_path.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to try the port as another user")
+def test_no_other_user_can_take_the_port_while_the_front_processes_start_again(fronts_server: RunningServer) -> None:
+    port = int(fronts_server.address.rsplit(":", 1)[1])
+    _kill_and_wait(front_pids(fronts_server.process.pid))
+    squat = (
+        "import os, socket\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('bound')\n"
+    )
+    taken = subprocess.run([sys.executable, "-c", squat], capture_output=True, text=True, timeout=30)
+    assert "bound" not in taken.stdout and "Address already in use" in taken.stderr, taken.stderr
+    with fronts_server.client() as client:
+        client.wait_ready(timeout=60)
+
+
+def test_a_stop_signal_to_the_whole_process_group_leaves_the_drain_to_the_main_process(
+    fronts_server: RunningServer,
+) -> None:
+    """systemd stops a service by signalling its whole group: the front processes must go on
+    serving while the main process drains, and stop when it tells them."""
+    fronts = front_pids(fronts_server.process.pid)
+    for pid in fronts:
+        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
+    assert sorted(still_running(exit_waiters(fronts), timeout=1.0)) == sorted(fronts)
+    with fronts_server.client() as client:
+        assert client.health()
+
+
+def test_a_front_process_that_cannot_start_again_is_retried_alone(model_repo_dir: Path, tmp_path: Path) -> None:
+    """While its Unix socket path is taken by a file, the front process fails to start again, and
+    again; once the path is free, exactly one comes back (one retry loop per front process)."""
+    path = tmp_path / "server.sock"
+    with running_server(model_repo_dir, "--fronts", "1", "--unix-socket", str(path), "--null-model", workers=1) as srv:
+        path.unlink()
+        path.write_text("not a socket")  # the live front process keeps listening; a new one cannot bind
+        _kill_and_wait(front_pids(srv.process.pid))
+        _until(lambda: srv.log_path.read_text().count("did not start again") >= 3, 60, "three failed starts")
+        path.unlink()
+        _until(lambda: len(front_pids(srv.process.pid)) == 1 and path.exists(), 60, "a front process again")
+        started = srv.log_path.read_text().count("serves port")
+        with pytest.raises(AssertionError):  # nothing else starts within the longest delay between tries
+            _until(lambda: srv.log_path.read_text().count("serves port") > started, 6.0, "")
+        assert len(front_pids(srv.process.pid)) == 1
+        with InferClient(f"unix:{path}", shm_dir=srv.shm_dir) as client:
+            assert client.health()
 
 
 def test_front_processes_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -81,3 +82,11 @@ def test_a_front_process_imports_only_where_to_listen_of_the_main_process() -> N
 def test_messages_need_only_the_standard_library() -> None:
     imports = module_imports(SRC / "infer_server" / "messages.py")
     assert {m for m in imports if m.split(".")[0] not in STDLIB | {"__future__"}} == set()
+
+
+def test_every_package_is_shipped() -> None:
+    """The wheel (what the images install) holds every package: pyproject lists them one by one."""
+    listed = set(re.search(r"^packages = \[(.*)\]$", (SRC.parent / "pyproject.toml").read_text(), re.M)[1]  # type: ignore[index]
+                 .replace('"', "").replace(" ", "").split(","))  # fmt: skip
+    packages = {str(p.parent.relative_to(SRC)).replace("/", ".") for p in SRC.rglob("__init__.py")}
+    assert packages - listed == set()

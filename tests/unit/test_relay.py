@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from infer_server.front import relayed
-from infer_server.front.relayed import Handlers, RelayedCalls
+from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
 from infer_server.relay.link import HEADER, LINK, Kind, Link, decode_end, decode_start, encode_end, encode_start
 from infer_server.relay.process import Relay
 
@@ -41,6 +41,13 @@ def test_frames_arrive_whole_however_the_bytes_are_split() -> None:
     link.data_received(wire)  # and all at once
     expected = [(3, Kind.MESSAGE, b"hello"), (LINK, Kind.READY, b""), (7, Kind.END, b"abc")]
     assert got == expected * 2
+
+
+def test_call_ids_never_wrap_in_a_process_life() -> None:
+    got: list[tuple[int, int, bytes]] = []
+    link = Link(lambda *frame: got.append(frame), lambda: None)
+    link.data_received(HEADER.pack(2**40 + 5, Kind.WANT, 0))  # 2**32 calls are a day at 50k calls/s
+    assert got == [(2**40 + 5, Kind.WANT, b"")]
 
 
 def test_the_frames_of_one_turn_of_the_loop_go_out_in_one_write() -> None:
@@ -123,12 +130,12 @@ class Probe:
 
 @contextlib.asynccontextmanager
 async def relayed_server(
-    handlers: Handlers, gate: Any = ()
+    handlers: Handlers, gate: Any = (), budget: int = 100
 ) -> AsyncIterator[tuple[grpc.aio.Channel, RelayedCalls, Relay]]:
     """A gRPC server on a free port whose calls go through a Relay and a link to ``handlers``."""
     loop = asyncio.get_running_loop()
     ours, theirs = socket.socketpair()
-    calls = RelayedCalls(handlers, gate, lambda: None)
+    calls = RelayedCalls(handlers, gate, CallBudget(budget), lambda: None)
     await loop.connect_accepted_socket(lambda: calls.link, ours)
     relay = Relay()
     await loop.connect_accepted_socket(lambda: relay.link, theirs)
@@ -255,3 +262,45 @@ def test_grpc_health_is_served_through_the_relay() -> None:
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     assert run(scenario()) == [serving, serving, not_serving]
+
+
+def test_a_call_cancelled_in_the_read_that_started_it_leaves_nothing_behind() -> None:
+    """START and CANCEL in one read (a client that resets at once): the task is cancelled before it
+    ran a step, and the call must still be forgotten, and its place in the budget freed."""
+
+    async def scenario() -> tuple[int, int]:
+        budget = CallBudget(10)
+        calls = RelayedCalls(Probe().handlers(), (), budget, lambda: None)
+        start = encode_start("/test.Probe/Echo", (), "ipv4:127.0.0.1:1", {})
+        for call_id in range(1, 101):
+            calls.link.data_received(HEADER.pack(call_id, Kind.START, len(start)) + start
+                                     + HEADER.pack(call_id, Kind.CANCEL, 0))  # fmt: skip
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return len(calls._calls), budget.open
+
+    assert run(scenario()) == (0, 0)
+
+
+def test_concurrent_calls_are_bounded_over_every_front_process() -> None:
+    """--max-concurrent-rpcs bounds relayed calls in the main process, whichever front they came
+    through; one past it is refused as gRPC refuses it, and a call that ended frees its place."""
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with relayed_server(probe.handlers(), budget=1) as (channel, _, _):
+            hang = channel.unary_stream("/test.Probe/Hang")(b"x")
+            assert await hang.read() == b"first"
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await channel.unary_unary("/test.Probe/Echo")(b"x")
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            hang.cancel()
+            await asyncio.wait_for(probe.cancelled.wait(), 10)
+            for _ in range(50):  # the main side learns of the cancel a frame later
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    assert await channel.unary_unary("/test.Probe/Echo")(b"x") == b"X"
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError("the cancelled call kept its place")
+
+    run(scenario())

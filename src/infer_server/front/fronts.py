@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import os
 import socket
 import stat
@@ -28,7 +27,7 @@ import grpc
 import grpc.aio
 
 from infer_server.front.listen import channel_options, listen
-from infer_server.front.relayed import Handlers, RelayedCalls
+from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
 from infer_server.relay.link import LINK, Kind
 from infer_server.settings import ServerSettings
 
@@ -67,20 +66,41 @@ class InProcessFront:
         _unlink_socket(self._settings.unix_socket)
 
 
+def _hold_port(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to the server's port that never listen (so no connection reaches them): while
+    every front process is being started again, the port stays taken. Linux lets only a process of
+    the same user join a port's ``SO_REUSEPORT`` group, so no other user can bind it meanwhile and
+    receive the clients' next connections (and their tokens)."""
+    held = []
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        addresses = []
+    for family, kind, proto, _, address in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:  # no SO_REUSEADDR: with it, anyone may bind beside a socket that does not listen
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError as exc:
+            log.warning("could not hold port %d on %s between front process restarts: %s", port, address[0], exc)
+            sock.close()
+            continue
+        held.append(sock)
+    return held
+
+
 class FrontProcesses:
     """``--fronts`` gRPC front processes, each linked to this process by a socket pair."""
 
     def __init__(self, settings: ServerSettings, handlers: Handlers, gate: Gates) -> None:
         self._settings, self._handlers, self._gate = settings, handlers, gate
+        self._budget = CallBudget(settings.max_concurrent_rpcs)
         self._port = settings.port
-        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._processes: dict[int, asyncio.subprocess.Process] = {}  # those that served: stopped, restarted
         self._links: dict[int, RelayedCalls] = {}
-        self._restarts: set[asyncio.Task[None]] = set()
+        self._restarts: dict[int, asyncio.Task[None]] = {}
+        self._held: list[socket.socket] = []
         self._stopping = False
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self._processes.values()]
 
     async def start(self) -> int:
         """Start every front process; the first binds the port (a free one for port 0), the
@@ -94,20 +114,20 @@ class FrontProcesses:
         return s.model_copy(update={
             "port": self._port,
             "unix_socket": s.unix_socket if index == 0 else None,  # a path is bound by one process only
-            "max_concurrent_rpcs": math.ceil(s.max_concurrent_rpcs / s.fronts),
         }).model_dump_json().encode()  # fmt: skip
 
     async def _start_one(self, index: int) -> None:
+        """Start front process ``index`` and wait until it serves; only then is it tracked (stopped,
+        started again when it dies), so one that fails to start is its caller's to retry."""
         ours, theirs = socket.socketpair()
         with ours, theirs:
             fd = theirs.fileno()
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "infer_server.relay", str(fd), str(index), pass_fds=(fd,)
             )
-            calls = RelayedCalls(self._handlers, self._gate, lambda: self._lost(index, process))
+            calls = RelayedCalls(self._handlers, self._gate, self._budget, lambda: self._lost(index, process))
             loop = asyncio.get_running_loop()
             await loop.connect_accepted_socket(lambda: calls.link, ours.dup())
-        self._processes[index], self._links[index] = process, calls
         calls.link.send(LINK, Kind.CONFIG, self._config(index))
         try:
             self._port = await asyncio.wait_for(asyncio.shield(calls.ready), _READY_TIMEOUT_S)
@@ -117,14 +137,17 @@ class FrontProcesses:
                 process.kill()
             await process.wait()
             raise
+        self._processes[index], self._links[index] = process, calls
+        if not self._held:
+            self._held = _hold_port(self._settings.host, self._port)
         log.info("front process %d (pid %d) serves port %d", index, process.pid, self._port)
 
     def _lost(self, index: int, process: asyncio.subprocess.Process) -> None:
-        if self._stopping or self._processes.get(index) is not process:
+        """A link closed: if it was a serving front process's, start that one again (once)."""
+        if self._stopping or self._processes.get(index) is not process or index in self._restarts:
             return
-        task = asyncio.ensure_future(self._restart(index, process))
-        self._restarts.add(task)
-        task.add_done_callback(self._restarts.discard)
+        task = self._restarts[index] = asyncio.ensure_future(self._restart(index, process))
+        task.add_done_callback(lambda _: self._restarts.pop(index, None))
 
     async def _restart(self, index: int, process: asyncio.subprocess.Process) -> None:
         """Start a front process that died again, backing off while it keeps dying."""
@@ -143,7 +166,7 @@ class FrontProcesses:
     async def stop(self, grace: float) -> None:
         """Every front process stops serving (open calls may end within ``grace``) and exits."""
         self._stopping = True
-        for task in list(self._restarts):
+        for task in list(self._restarts.values()):
             task.cancel()
         for calls in self._links.values():
             calls.link.send(LINK, Kind.STOP, repr(grace).encode())
@@ -156,4 +179,6 @@ class FrontProcesses:
                 await process.wait()
         for calls in self._links.values():
             calls.link.close()
+        for sock in self._held:
+            sock.close()
         _unlink_socket(self._settings.unix_socket)

@@ -177,14 +177,26 @@ class RelayedCall:
             await result  # the handler writes through this context
 
 
+class CallBudget:
+    """Concurrent relayed calls, over every front process: ``--max-concurrent-rpcs`` is the
+    server's bound, as it is with gRPC in the main process (a front process alone could hold
+    them all: one client's connection reaches one front process)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.open = limit, 0
+
+
+_OVER_BUDGET = encode_end(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "Concurrent RPC limit exceeded!")
+
+
 class RelayedCalls:
     """The calls of one front process's link, each run in its own task."""
 
-    def __init__(self, handlers: Handlers, gate: Sequence[grpc.aio.ServerInterceptor],
+    def __init__(self, handlers: Handlers, gate: Sequence[grpc.aio.ServerInterceptor], budget: CallBudget,
                  on_lost: Callable[[], None]) -> None:  # fmt: skip
         self.link = Link(self._on_frame, self._lost)
         self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()  # the port it serves
-        self._handlers, self._gate, self._on_lost = handlers, gate, on_lost
+        self._handlers, self._gate, self._budget, self._on_lost = handlers, gate, budget, on_lost
         self._calls: dict[int, RelayedCall] = {}
 
     def _on_frame(self, call_id: int, kind: int, payload: bytes) -> None:
@@ -193,9 +205,7 @@ class RelayedCalls:
                 self.ready.set_result(int(payload))
             return
         if kind == Kind.START:
-            method, metadata, peer, auth = decode_start(payload)
-            started = self._calls[call_id] = RelayedCall(call_id, self.link, CallDetails(method, metadata), peer, auth)
-            started.task = asyncio.ensure_future(self._run(started))
+            self._start(call_id, payload)
             return
         call = self._calls.get(call_id)
         if call is None:
@@ -208,6 +218,20 @@ class RelayedCalls:
             call.acked()
         elif kind == Kind.CANCEL and call.task is not None:
             call.task.cancel()
+
+    def _start(self, call_id: int, payload: bytes) -> None:
+        if self._budget.open >= self._budget.limit:
+            self.link.send(call_id, Kind.END, _OVER_BUDGET)  # as gRPC answers, before reading anything
+            return
+        method, metadata, peer, auth = decode_start(payload)
+        call = self._calls[call_id] = RelayedCall(call_id, self.link, CallDetails(method, metadata), peer, auth)
+        self._budget.open += 1
+        call.task = asyncio.ensure_future(self._run(call))
+        call.task.add_done_callback(lambda _: self._ended(call_id))  # also when cancelled before it ran
+
+    def _ended(self, call_id: int) -> None:
+        del self._calls[call_id]
+        self._budget.open -= 1
 
     async def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         if self._gate:
@@ -228,8 +252,6 @@ class RelayedCalls:
         except Exception:
             log.exception("relayed call %s failed", call.details.method)
             call.code, call.message = grpc.StatusCode.UNKNOWN, "Unexpected error (the server's log has it)"
-        finally:
-            del self._calls[call.call_id]
         self.link.send(call.call_id, Kind.END, encode_end(call.code.value[0], call.message))
 
     def _lost(self) -> None:

@@ -32,7 +32,7 @@ import json
 import struct
 from collections.abc import Callable, Iterable, Mapping
 
-HEADER = struct.Struct("<IBI")  # call id, kind, payload length
+HEADER = struct.Struct("<QBI")  # call id (never reused in a process's life), kind, payload length
 LINK = 0  # the call id of the link's own frames
 
 

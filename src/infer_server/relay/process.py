@@ -147,7 +147,9 @@ async def serve(fd: int, index: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    # Ctrl-C reaches the whole process group: the main process drains, and tells this one when to stop.
+    # Ctrl-C, and a stop signal sent to the whole process group (systemd's default), reach this process
+    # too: the main process drains, then tells this one to stop; it also ends when the link closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(ConnectionError):
         asyncio.run(serve(int(argv[0]), int(argv[1])))
