@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
 import re
 import statistics
 import tempfile
@@ -29,7 +30,7 @@ from typing import Annotated, Any
 
 import typer
 
-from benchmarks import servers
+from benchmarks import bounds, servers
 from benchmarks.fps import _accounting
 from benchmarks.loadgen import PointResult, Workload, make_workload, run_point
 
@@ -103,8 +104,9 @@ def _point(workload: Workload, server: Any, port: int, clients: int, rate: float
                                     max_s=24.0, warmup_s=3.0, accounting=_accounting(server), rate_images=rate,
                                     min_s=9.0 if rate else 0.0)  # fmt: skip
     after = _batch_images(port)
+    bound = bounds.cpu_bound(result.stage_ms, result.cpu_ms_per_image.get("workers"), len(os.sched_getaffinity(0)))
     return {
-        "fps": result.fps,
+        "fps": result.fps, "cpu_bound_fps": bound.fps, "ratio_to_bound": result.fps / bound.fps,
         "image_p50_ms": result.percentile("image", 50), "image_p99_ms": result.percentile("image", 99),
         "cpu_ms_per_image": result.cpu_ms_per_image.get("front", 0.0) + result.cpu_ms_per_image.get("workers", 0.0),
         "front_cpu_ms_per_image": result.cpu_ms_per_image.get("front", 0.0),
@@ -143,13 +145,15 @@ def main(
             rows.append(row)
             print(f"round {n + 1}: " + ", ".join(
                 f"{name} {row[name]['fps']:.1f} img/s (p99 {row[name]['image_p99_ms']:.0f} ms, "
-                f"{row[name]['cpu_ms_per_image']:.1f} ms CPU/img, {row[name]['mean_batch_images']:.1f} img/batch)"
+                f"{row[name]['cpu_ms_per_image']:.1f} ms CPU/img, {row[name]['mean_batch_images']:.1f} img/batch, "
+                f"{row[name]['ratio_to_bound']:.2f} x its CPU-time bound)"
                 for name in ("batching", "single")) + f", ratio {row['ratio']:.2f}")  # fmt: skip
         peak = statistics.median(r["batching"]["fps"] for r in rows)
         unloaded = _point(workload, *on, clients=1)
         half = _point(workload, *on, clients=clients, rate=peak / 2)
     summary = {
         "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "median_ratio_to_bound": statistics.median(r["batching"]["ratio_to_bound"] for r in rows),
         "unloaded_p99_ms": unloaded["image_p99_ms"], "half_load_p99_ms": half["image_p99_ms"],
         "half_load_fps": half["fps"], "half_load_mean_batch_images": half["mean_batch_images"],
     }  # fmt: skip

@@ -9,11 +9,13 @@ runs it a second time with ``--fronts 2``.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.procs import descendants, exit_waiters, read_address, still_running
+from benchmarks.servers import free_port
 from engines.scenes import Scene
 from infer_client import InferClient
 from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
@@ -68,10 +71,14 @@ def _established(pid: int, port: int) -> int:
     return count
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def fronts_server(model_repo_dir: Path) -> Iterator[RunningServer]:
     socket_path = Path(tempfile.mkdtemp(prefix="infer-it-")) / "server.sock"
-    with running_server(model_repo_dir, "--fronts", "2", "--unix-socket", str(socket_path), "--null-model") as srv:
+    with running_server(model_repo_dir, "--fronts", "2", "--unix-socket", str(socket_path), "--null-model",
+                        "--metrics-port", str(METRICS_PORT)) as srv:  # fmt: skip
         yield srv
 
 
@@ -115,6 +122,8 @@ def test_killed_front_processes_are_replaced_and_a_push_is_answered_once(
     assert sorted(r.index for r in results) == list(range(len(images)))
     assert all(r.ok for r in results)
     assert "exited with -9: starting it again" in fronts_server.log_path.read_text()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    assert float(re.search(r"^infer_front_process_exits_total (\S+)$", metrics, re.M)[1]) >= 2  # type: ignore[index]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to try the port as another user")

@@ -21,7 +21,7 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 import grpc.aio
@@ -92,8 +92,10 @@ def _hold_port(host: str, port: int) -> list[socket.socket]:
 class FrontProcesses:
     """``--fronts`` gRPC front processes, each linked to this process by a socket pair."""
 
-    def __init__(self, settings: ServerSettings, handlers: Handlers, gate: Gates) -> None:
-        self._settings, self._handlers, self._gate = settings, handlers, gate
+    def __init__(
+        self, settings: ServerSettings, handlers: Handlers, gate: Gates, on_exit: Callable[[], None] = lambda: None
+    ) -> None:
+        self._settings, self._handlers, self._gate, self._on_exit = settings, handlers, gate, on_exit
         self._budget = CallBudget(settings.max_concurrent_rpcs)
         self._port = settings.port
         self._processes: dict[int, asyncio.subprocess.Process] = {}  # those that served: stopped, restarted
@@ -152,6 +154,7 @@ class FrontProcesses:
     async def _restart(self, index: int, process: asyncio.subprocess.Process) -> None:
         """Start a front process that died again, backing off while it keeps dying."""
         code = await process.wait()
+        self._on_exit()
         log.warning("front process %d (pid %d) exited with %s: starting it again", index, process.pid, code)
         for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
             await asyncio.sleep(delay)

@@ -132,6 +132,8 @@ class ServerMetrics:
         self._serving: bool | None = None
         self._health_changes = Counter("infer_health_changes", "Changes of the health status, by the new status",
                                        ["status"], registry=r)  # fmt: skip
+        self.front_exits = Counter("infer_front_process_exits", "gRPC front processes (--fronts) that exited "
+                                   "unasked and were started again", registry=r)  # fmt: skip
         self._by_models: dict[tuple[tuple[str, str], ...], list[tuple[Any, Any, Any]]] = {}
         self._shadow = {
             field: Counter(f"infer_shadow_{field}", f"Shadow runs of the candidate: {field.replace('_', ' ')}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -234,9 +235,11 @@ class RelayedCalls:
         self._budget.open -= 1
 
     async def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        if self._gate:
-            return await self._gate[0].intercept_service(self._handlers.find, details)  # type: ignore[arg-type]
-        return await self._handlers.find(details)
+        """The call's handler, through the interceptors in order, as grpc.aio finds it."""
+        continuation: Any = self._handlers.find
+        for interceptor in reversed(self._gate):
+            continuation = functools.partial(interceptor.intercept_service, continuation)
+        return await continuation(details)  # type: ignore[no-any-return]
 
     async def _run(self, call: RelayedCall) -> None:
         try:

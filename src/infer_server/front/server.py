@@ -149,7 +149,10 @@ class InferenceServer:
             await self._health.set(service, _NOT_SERVING)
         gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
         handlers = self._handlers()
-        front = FrontProcesses(s, handlers, gate) if s.fronts else InProcessFront(s, handlers, gate)
+        if s.fronts:
+            front: InProcessFront | FrontProcesses = FrontProcesses(s, handlers, gate, self.metrics.front_exits.inc)
+        else:
+            front = InProcessFront(s, handlers, gate)
         try:
             self.port = await front.start()
             self._front = front
