@@ -10,9 +10,13 @@ benchmark — on one point, and reports every round's B/A ratio and the means::
     .venv/bin/python -m benchmarks.ab main my-branch --transport inline --concurrency 16 --rounds 7
     .venv/bin/python -m benchmarks.ab HEAD~1 HEAD --pipeline full --rounds 3   # with the models, ~10 min
     .venv/bin/python -m benchmarks.ab HEAD HEAD --b-args=--tokens             # one revision, auth off vs on
+    .venv/bin/python -m benchmarks.ab HEAD~1 HEAD --oip oip-shm --concurrency 16 --a-args='--batch 1' \
+        --b-args='--batch 1'                                     # the Open Inference Protocol with tritonclient
 
 A revision is anything ``git rev-parse`` takes; ``WORKTREE`` (the working tree with its uncommitted
-changes) compares the current files. Both revisions must have ``benchmarks/fps.py``.
+changes) compares the current files. Both revisions must have ``benchmarks/fps.py``. With
+``--oip WAY`` the point is one way in of ``benchmarks.oip`` instead (tritonclient's, or this
+server's client): this tree's benchmark and clients drive each revision's server.
 """
 
 from __future__ import annotations
@@ -83,6 +87,20 @@ def _point(tree: Path, pipeline: str, transport: str, concurrency: int, extra: l
     return {"fps": run["fps"], **{f"cpu_{k}": v for k, v in run["cpu_ms_per_image"].items()}}
 
 
+def _oip_point(tree: Path, way: str, concurrency: int, extra: list[str]) -> dict[str, float]:
+    """One round of ``benchmarks.oip`` (this tree's) against a server of ``tree``'s code."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, "-m", "benchmarks.oip", "--ways", way, "--rounds", "1", "--clients", str(concurrency),
+               "--json", out.name, *extra]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+        env["PYTHONPATH"] = str(tree / "src")  # that revision's server (the benchmark adds this tree)
+        done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"benchmarks.oip failed against {tree}:\n{done.stderr[-3000:]}")
+        (row,) = json.loads(Path(out.name).read_text())["rounds"]
+    return {"fps": row[way]["fps"], "cpu_server": row[way]["server_cpu_ms_per_image"]}
+
+
 def main(
     a: Annotated[str, typer.Argument(help="Baseline revision (or WORKTREE).")],
     b: Annotated[str, typer.Argument(help="Revision compared with it (or WORKTREE).")],
@@ -92,6 +110,8 @@ def main(
     rounds: Annotated[int, typer.Option(help="A, B pairs.")] = 5,
     a_args: Annotated[str, typer.Option(help="More benchmarks.fps options for A, e.g. '--tokens'.")] = "",
     b_args: Annotated[str, typer.Option(help="More benchmarks.fps options for B.")] = "",
+    oip: Annotated[str, typer.Option(help="Measure this way in of benchmarks.oip (oip-shm, oip-inline, v1-inline, "
+                                     "v1-tmpfs) instead; --a-args/--b-args then go to benchmarks.oip.")] = "",
 ) -> None:
     """Alternate A and B on one point; print each round's B/A and the means."""
     if pipeline not in ("null", "full"):
@@ -104,7 +124,10 @@ def main(
             order = (("A", tree_a), ("B", tree_b)) if n % 2 else (("B", tree_b), ("A", tree_a))
             for label, tree in order:
                 extra = (a_args if label == "A" else b_args).split()
-                results[label].append(_point(tree, pipeline, transport, concurrency, extra))
+                if oip:
+                    results[label].append(_oip_point(tree, oip, concurrency, extra))
+                else:
+                    results[label].append(_point(tree, pipeline, transport, concurrency, extra))
             ra, rb = results["A"][-1], results["B"][-1]
             print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
     for label, revision in (("A", f"{a} {a_args}".strip()), ("B", f"{b} {b_args}".strip())):

@@ -13,7 +13,6 @@ import contextlib
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,12 +23,9 @@ from benchmarks import oip, servers
 
 def _measure(server: servers.ServerProcess, clients: int, batch: int, seconds: float,
              images: list[str]) -> dict[str, float]:  # fmt: skip
-    before = server.cpu_by_role()
-    started = time.perf_counter()
-    procs = oip._clients("v1-tmpfs", server, clients, seconds, batch, images)
-    answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
-    elapsed = time.perf_counter() - started
-    main, fronts, workers = (b - a for a, b in zip(before, server.cpu_by_role(), strict=True))
+    answered, before, after = oip.run_clients("v1-tmpfs", server, clients, seconds, batch, images)
+    elapsed = seconds
+    main, fronts, workers = (b - a for a, b in zip(before, after, strict=True))
     n = max(1, answered)
     return {"fps": answered / elapsed, "main_cpu_ms": 1e3 * main / n, "fronts_cpu_ms": 1e3 * fronts / n,
             "workers_cpu_ms": 1e3 * workers / n, "main_busy": main / elapsed}  # fmt: skip

@@ -21,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -44,18 +43,34 @@ def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: flo
         cmd = [str(TRITON_PYTHON), str(HERE / "oip_clients" / "triton_load.py"), server.address, way.split("-")[1],
                str(seconds), str(batch), *images]  # fmt: skip
     env = {"PYTHONPATH": str(servers.REPO_ROOT / "src"), **(env or {})}
-    return [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(clients)]
+    return [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            for _ in range(clients)]  # fmt: skip
+
+
+def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
+                images: list[str], env: dict[str, str] | None = None,
+                ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:  # fmt: skip
+    """Start ``clients`` load clients of ``way``, wait until every one is up (it sent a first
+    request), let them all go at once for ``seconds``; the images answered, and the server's CPU
+    seconds by role (``ServerProcess.cpu_by_role``) before and after."""
+    procs = _clients(way, server, clients, seconds, batch, images, env)
+    for p in procs:
+        assert p.stdout is not None and p.stdin is not None
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a {way} load client did not start (exit code {p.wait()})")
+    before = server.cpu_by_role()
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()  # (communicate closes it)
+    answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+    return answered, before, server.cpu_by_role()
 
 
 def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
              images: list[str], env: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
-    front0, workers0 = server.cpu()
-    started = time.perf_counter()
-    procs = _clients(way, server, clients, seconds, batch, images, env)
-    answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
-    elapsed = time.perf_counter() - started
-    front1, workers1 = server.cpu()
-    return {"fps": answered / elapsed, "server_cpu_ms_per_image": 1e3 * (front1 - front0 + workers1 - workers0)
+    answered, before, after = run_clients(way, server, clients, seconds, batch, images, env)
+    return {"fps": answered / seconds, "server_cpu_ms_per_image": 1e3 * (sum(after) - sum(before))
             / max(1, answered)}  # fmt: skip
 
 
@@ -69,7 +84,10 @@ def null_server(batch: int, *extra: str, label: str = "oip") -> Iterator[servers
                 "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s", *extra]  # fmt: skip
         with servers.launched("grpc", args, shm=False, label=label) as server:
             server.shm_dir = Path("/dev/shm")
-            yield server
+            try:
+                yield server
+            finally:  # not the launcher's to clean up: it would empty /dev/shm, everyone's
+                server.shm_dir = None
 
 
 def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[str, float]],
@@ -96,12 +114,17 @@ def main(
     seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
     clients: Annotated[int, typer.Option(help="Client processes.")] = 4,
     batch: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    ways: Annotated[str, typer.Option(help="The ways in, comma-separated (v1-tmpfs is always measured: "
+                                      "the ratios are to it).")] = ",".join(WAYS),
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
-    """Measure the four ways in on one null-model server."""
+    """Measure the ways in (by default all four) on one null-model server."""
+    chosen = ["v1-tmpfs", *(w for w in ways.split(",") if w and w != "v1-tmpfs")]
+    if set(chosen) - set(WAYS):
+        raise typer.BadParameter(f"the ways are {', '.join(WAYS)}")
     with tempfile.TemporaryDirectory() as tmp, null_server(batch) as server:
         images = servers.scene_files(Path(tmp))
-        interleaved(WAYS, rounds, lambda way: _measure(way, server, clients, seconds, batch, images), json_out,
+        interleaved(chosen, rounds, lambda way: _measure(way, server, clients, seconds, batch, images), json_out,
                     clients=clients, batch=batch)  # fmt: skip
 
 
