@@ -44,6 +44,7 @@ from infer_server.front.errors import (
     rpc_boundary,
     status_for,
 )
+from infer_server.front.handoff import STAGE_ON_LOOP_BYTES
 from infer_server.front.identity import Identity
 from infer_server.front.oip_answers import INPUT, MODEL, OUTPUTS, VERSION, Statistics, response, split_bytes, tensors
 from infer_server.front.service import StreamSlots, readable, reader
@@ -238,9 +239,12 @@ class OpenInferenceServicer:
             if len(outcomes) != batch.size:
                 raise Unavailable("the request's results expired before they were collected; send it again")
             built = tensors(outcomes)
-            if into:  # every output asked into a region, in one trip to a thread
+            if into:  # every output asked into a region, on the loop or in one trip to a thread
                 writes = [(parameters, built[name][0]) for name, parameters in into.items()]
-                await asyncio.to_thread(self._server.regions.write_all, identity, writes)
+                if self._server.handoff.in_memory and sum(len(data) for _, data in writes) <= STAGE_ON_LOOP_BYTES:
+                    self._server.regions.write_all(identity, writes)
+                else:
+                    await asyncio.to_thread(self._server.regions.write_all, identity, writes)
             self._server.registry.discard(batch.batch_id)  # delivered here, and nobody can ask again
             return response(request.id, built, wanted, into)
         finally:
@@ -277,8 +281,13 @@ class OpenInferenceServicer:
         return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images]), None
 
     async def _region_batch(self, parameters: Any, count: int, identity: Identity) -> tuple[BatchFile, list[int]]:
-        """``Regions.batch`` in a thread; a call cancelled meanwhile still lets go of what it opened."""
+        """``Regions.batch``: on the loop when the shared directory is a memory file system (a path
+        walk, an fstat and a 4-byte read per image, none of which waits for a device: as a client
+        file is validated there, ``InferenceServer.materialize``), else in a thread; a call
+        cancelled meanwhile still lets go of what it opened."""
         handoff = self._server.handoff
+        if handoff.in_memory:
+            return self._server.regions.batch(identity, parameters, count)
         task = asyncio.ensure_future(asyncio.to_thread(self._server.regions.batch, identity, parameters, count))
         try:
             return await asyncio.shield(task)
