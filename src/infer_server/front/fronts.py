@@ -169,8 +169,10 @@ class FrontProcesses:
     async def stop(self, grace: float) -> None:
         """Every front process stops serving (open calls may end within ``grace``) and exits."""
         self._stopping = True
-        for task in list(self._restarts.values()):
+        restarting = list(self._restarts.values())
+        for task in restarting:
             task.cancel()
+        await asyncio.gather(*restarting, return_exceptions=True)  # one half-started is killed first
         for calls in self._links.values():
             calls.link.send(LINK, Kind.STOP, repr(grace).encode())
         for process in self._processes.values():
