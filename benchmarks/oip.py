@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any
@@ -54,16 +56,24 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
     request), let them all go at once for ``seconds``; the images answered, and the server's CPU
     seconds by role (``ServerProcess.cpu_by_role``) before and after."""
     procs = _clients(way, server, clients, seconds, batch, images, env)
-    for p in procs:
-        assert p.stdout is not None and p.stdin is not None
-        if p.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"a {way} load client did not start (exit code {p.wait()})")
-    before = server.cpu_by_role()
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.flush()  # (communicate closes it)
-    answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+    try:
+        deadline = time.monotonic() + 120
+        for p in procs:
+            assert p.stdout is not None and p.stdin is not None
+            ready = select.select([p.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]
+            if not ready or p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {way} load client did not start within 120 s")
+        before = server.cpu_by_role()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()  # (communicate closes it)
+        answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return answered, before, server.cpu_by_role()
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -326,3 +328,33 @@ def test_staging_sweeps_and_removes_only_the_servers_own_files(shm: Path) -> Non
     os.close(fd)
     tier.remove()
     assert sorted(p.name for p in spill.iterdir()) == ["notes.txt"], "the directory stays: it is not empty"
+
+
+def test_an_output_into_a_leased_region_is_refused_at_once(handoff: Handoff, root: Path) -> None:
+    """A caller's read lease on its region file makes a plain open for writing wait for the lease
+    to break (45 s by default) — on the event loop, where small outputs are written. The write
+    opens without waiting and answers UNAVAILABLE instead."""
+    from infer_proto import inference_pb2
+    from infer_server.front.errors import Unavailable
+    from infer_server.front.identity import Identity
+    from infer_server.front.regions import Regions
+
+    write(root / "region", b"\0" * 4096)
+    uid = os.geteuid()
+    regions, caller = Regions(handoff, frozenset({uid})), Identity("caller", frozenset({uid}))
+    regions.register(caller, "r", "/region", 0, 4096)
+    parameters = inference_pb2.ModelInferRequest.InferRequestedOutputTensor().parameters
+    parameters["shared_memory_region"].string_param = "r"
+    parameters["shared_memory_byte_size"].int64_param = 64
+    held = os.open(root / "region", os.O_RDONLY)
+    previous = signal.signal(signal.SIGIO, signal.SIG_IGN)  # the lease holder is told of the attempt
+    try:
+        fcntl.fcntl(held, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="leased"):
+            regions.write(caller, parameters, b"x" * 16)
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(held)
+        signal.signal(signal.SIGIO, previous)
+        regions.close()

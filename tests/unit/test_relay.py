@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
@@ -304,3 +307,117 @@ def test_concurrent_calls_are_bounded_over_every_front_process() -> None:
             raise AssertionError("the cancelled call kept its place")
 
     run(scenario())
+
+
+class ExitingChild:
+    """Stands in for a front process's interpreter: it reports a port on the link it was given,
+    then exits at once when told to (``dies``), or stays until killed."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+        self._exited = asyncio.Event()
+
+    async def wait(self) -> int | None:
+        await self._exited.wait()
+        return self.returncode
+
+    def kill(self) -> None:
+        self.exit(-9)
+
+    def exit(self, code: int) -> None:
+        if self.returncode is None:
+            self.returncode = code
+            self._exited.set()
+
+
+@pytest.mark.parametrize("dies", [0, 1], ids=["at-first-start", "after-a-restart"])
+def test_a_front_process_that_dies_as_it_reports_ready_is_started_again(
+    monkeypatch: pytest.MonkeyPatch, dies: int
+) -> None:
+    """Its READY and the link's end can arrive in one read: it must still count as lost."""
+    from infer_server.front import fronts
+    from infer_server.settings import ServerSettings
+
+    children: list[ExitingChild] = []
+    links: list[socket.socket] = []
+    watchers: list[asyncio.Future[None]] = []
+
+    async def spawn(*args: Any, pass_fds: tuple[int, ...] = (), **kwargs: Any) -> ExitingChild:
+        child = ExitingChild(1000 + len(children))
+        link = socket.socket(fileno=os.dup(pass_fds[0]))
+        link.sendall(HEADER.pack(LINK, Kind.READY, 5) + b"40000")
+        if len(children) == dies:
+            link.close()
+            child.exit(1)
+        else:
+            links.append(link)
+            watchers.append(asyncio.ensure_future(stop_when_told(link, child)))
+        children.append(child)
+        return child
+
+    async def stop_when_told(link: socket.socket, child: ExitingChild) -> None:
+        link.setblocking(False)
+        received = b""
+        while chunk := await asyncio.get_running_loop().sock_recv(link, 65536):
+            received += chunk
+            while len(received) >= HEADER.size:
+                _, kind, length = HEADER.unpack_from(received)
+                if kind == Kind.STOP:
+                    child.exit(0)
+                    return
+                received = received[HEADER.size + length :]
+
+    async def scenario() -> list[int | None]:
+        monkeypatch.setattr(fronts.asyncio, "create_subprocess_exec", spawn)
+        monkeypatch.setattr(fronts, "_RESTART_DELAYS_S", (0.01,))
+        monkeypatch.setattr(fronts, "_hold_port", lambda host, port: [])
+        front = fronts.FrontProcesses(ServerSettings(fronts=1, port=0), Handlers(), ())
+        await front.start()
+        if dies == 1:  # the first serves, then dies; its replacement dies as it reports ready
+            await asyncio.sleep(0.05)
+            links[0].close()
+            children[0].exit(1)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(children) > dies + 1:
+                break
+        codes = [child.returncode for child in children]
+        await front.stop(0.1)
+        for watcher in watchers:
+            watcher.cancel()
+        for link in links:
+            link.close()
+        return codes
+
+    codes = run(scenario())
+    assert len(codes) == dies + 2 and codes[-1] is None  # started again, and that one serves
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not socket.has_ipv6, reason="needs root (to be another user) and IPv6")
+def test_a_wildcard_port_is_held_on_ipv4_and_ipv6() -> None:
+    """gRPC binds a wildcard host dual-stack: while the front processes start again, nobody else
+    may bind the port on either family (an IPv6-only socket would take the IPv6 clients)."""
+    from infer_server.front.fronts import _hold_port
+
+    with socket.socket() as probe:
+        probe.bind(("0.0.0.0", 0))
+        port = probe.getsockname()[1]
+    held = _hold_port("0.0.0.0", port)
+    squat = (
+        "import os, socket\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "for family, address, v6only in ((socket.AF_INET, '0.0.0.0', 0), (socket.AF_INET6, '::', 1)):\n"
+        "    s = socket.socket(family)\n"
+        "    if v6only: s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
+        "    try:\n"
+        f"        s.bind((address, {port})); print('bound', address)\n"
+        "    except OSError as exc:\n"
+        "        print('refused', address, exc.errno)\n"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", squat], capture_output=True, text=True, timeout=30).stdout
+    finally:
+        for sock in held:
+            sock.close()
+    assert "bound" not in out and out.count("refused") == 2, out

@@ -22,6 +22,7 @@ import socket
 import stat
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -72,14 +73,21 @@ def _hold_port(host: str, port: int) -> list[socket.socket]:
     the same user join a port's ``SO_REUSEPORT`` group, so no other user can bind it meanwhile and
     receive the clients' next connections (and their tokens)."""
     held = []
-    try:
-        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except OSError:
-        addresses = []
-    for family, kind, proto, _, address in addresses:
-        sock = socket.socket(family, kind, proto)
+    addresses: list[tuple[socket.AddressFamily, Any]]
+    if host.strip("[]") in ("", "0.0.0.0", "::"):  # gRPC binds a wildcard host as [::] dual-stack and 0.0.0.0
+        addresses = [(socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))]
+    else:
+        try:
+            found = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError:
+            found = []
+        addresses = [(family, address) for family, _, _, _, address in found]
+    for family, address in addresses:
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:  # no SO_REUSEADDR: with it, anyone may bind beside a socket that does not listen
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # both families, whatever net.ipv6.bindv6only says
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(address)
         except OSError as exc:
             log.warning("could not hold port %d on %s between front process restarts: %s", port, address[0], exc)
@@ -109,6 +117,7 @@ class FrontProcesses:
         others join it."""
         for index in range(self._settings.fronts):
             await self._start_one(index)
+            self._if_gone(index)
         return self._port
 
     def _config(self, index: int) -> bytes:
@@ -148,23 +157,32 @@ class FrontProcesses:
         """A link closed: if it was a serving front process's, start that one again (once)."""
         if self._stopping or self._processes.get(index) is not process or index in self._restarts:
             return
-        task = self._restarts[index] = asyncio.ensure_future(self._restart(index, process))
-        task.add_done_callback(lambda _: self._restarts.pop(index, None))
+        self._restarts[index] = asyncio.ensure_future(self._restart(index, process))
+
+    def _if_gone(self, index: int) -> None:
+        """A front process whose link closed in the moment it was registered (its loss was not
+        yet its own) is started again like any other."""
+        if index in self._links and self._links[index].link.closed:
+            self._lost(index, self._processes[index])
 
     async def _restart(self, index: int, process: asyncio.subprocess.Process) -> None:
         """Start a front process that died again, backing off while it keeps dying."""
-        code = await process.wait()
-        self._on_exit()
-        log.warning("front process %d (pid %d) exited with %s: starting it again", index, process.pid, code)
-        for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
-            await asyncio.sleep(delay)
-            if self._stopping:
-                return
-            try:
-                await self._start_one(index)
-                return
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                log.error("front process %d did not start again: %s", index, exc)
+        try:
+            code = await process.wait()
+            self._on_exit()
+            log.warning("front process %d (pid %d) exited with %s: starting it again", index, process.pid, code)
+            for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                try:
+                    await self._start_one(index)
+                    break
+                except (OSError, RuntimeError, TimeoutError) as exc:
+                    log.error("front process %d did not start again: %s", index, exc)
+        finally:
+            del self._restarts[index]
+        self._if_gone(index)
 
     async def stop(self, grace: float) -> None:
         """Every front process stops serving (open calls may end within ``grace``) and exits."""

@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from infer_server.front.handoff import BatchFile
     from infer_server.front.server import InferenceServer
 
+ON_LOOP_IMAGES = 32  # a shared-memory input of at most this many images is opened on the loop (tmpfs)
 OIP_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # The protocol's methods this server does not serve: answered UNIMPLEMENTED, saying so.
 _NOT_SERVED = ("RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
@@ -281,12 +282,13 @@ class OpenInferenceServicer:
         return infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images]), None
 
     async def _region_batch(self, parameters: Any, count: int, identity: Identity) -> tuple[BatchFile, list[int]]:
-        """``Regions.batch``: on the loop when the shared directory is a memory file system (a path
-        walk, an fstat and a 4-byte read per image, none of which waits for a device: as a client
-        file is validated there, ``InferenceServer.materialize``), else in a thread; a call
-        cancelled meanwhile still lets go of what it opened."""
+        """``Regions.batch``: on the loop when the shared directory is a memory file system and the
+        input holds at most ``ON_LOOP_IMAGES`` (a path walk, an fstat and a 4-byte read per image,
+        none of which waits for a device, as a client file is validated there,
+        ``InferenceServer.materialize``; the bound keeps what a swapped-out page could cost small),
+        else in a thread; a call cancelled meanwhile still lets go of what it opened."""
         handoff = self._server.handoff
-        if handoff.in_memory:
+        if handoff.in_memory and count <= ON_LOOP_IMAGES:
             return self._server.regions.batch(identity, parameters, count)
         task = asyncio.ensure_future(asyncio.to_thread(self._server.regions.batch, identity, parameters, count))
         try:

@@ -42,6 +42,7 @@ from infer_server.front.errors import (
     Overloaded,
     PermissionDeniedError,
     ServerError,
+    Unavailable,
     UnknownBatch,
     rpc_boundary,
 )
@@ -157,10 +158,12 @@ class Regions:
                     f"outputs are written only into files their owner may write, of a uid in --region-write-owners "
                     f"(region {name!r}'s file is not)"
                 )
-            try:
-                out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_CLOEXEC)
+            try:  # non-blocking: a lease on the file (F_SETLEASE) would make a plain open wait for it
+                out = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             except PermissionError:
                 raise PermissionDeniedError(f"the server may not write region {name!r}'s file") from None
+            except BlockingIOError:
+                raise Unavailable(f"region {name!r}'s file is leased by another process; retry") from None
             try:
                 if os.pwrite(out, data, region.offset + offset) != len(data):
                     raise InvalidBatch(f"region {name!r} took fewer bytes than the output has")
