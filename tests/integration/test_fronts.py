@@ -24,21 +24,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.procs import descendants, exit_waiters, read_address, still_running
-from benchmarks.servers import free_port
+from benchmarks.servers import cmdline, free_port
 from engines.scenes import Scene
 from infer_client import InferClient
 from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
 
 
 def front_pids(server_pid: int) -> list[int]:
-    return [pid for pid in descendants(server_pid) if b"infer_server.relay" in _cmdline(pid)]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
+    return [pid for pid in descendants(server_pid) if b"infer_server.relay" in cmdline(pid)]
 
 
 def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
