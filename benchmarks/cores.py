@@ -24,11 +24,10 @@ from benchmarks import oip, servers
 def _measure(server: servers.ServerProcess, clients: int, batch: int, seconds: float,
              images: list[str]) -> dict[str, float]:  # fmt: skip
     answered, before, after = oip.run_clients("v1-tmpfs", server, clients, seconds, batch, images)
-    elapsed = seconds
     main, fronts, workers = (b - a for a, b in zip(before, after, strict=True))
     n = max(1, answered)
-    return {"fps": answered / elapsed, "main_cpu_ms": 1e3 * main / n, "fronts_cpu_ms": 1e3 * fronts / n,
-            "workers_cpu_ms": 1e3 * workers / n, "main_busy": main / elapsed}  # fmt: skip
+    return {"fps": answered / seconds, "main_cpu_ms": 1e3 * main / n, "fronts_cpu_ms": 1e3 * fronts / n,
+            "workers_cpu_ms": 1e3 * workers / n, "main_busy": main / seconds}  # fmt: skip
 
 
 def _line(name: str, row: dict[str, float]) -> str:

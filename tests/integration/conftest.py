@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.procs import descendants, exit_waiters, read_address, still_running
+from benchmarks.servers import cmdline
 from engines.scenes import Scene, generate_scene
 from infer_client import Credentials, InferClient
 
@@ -50,17 +51,10 @@ class RunningServer:
 
     def worker_pids(self) -> list[int]:
         """Stage worker processes: spawned children of the server (not its resource tracker)."""
-        return [pid for pid in descendants(self.process.pid) if b"spawn_main" in _cmdline(pid)]
+        return [pid for pid in descendants(self.process.pid) if b"spawn_main" in cmdline(pid)]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 @contextlib.contextmanager

@@ -14,9 +14,8 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,13 +31,6 @@ from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running
 
 def front_pids(server_pid: int) -> list[int]:
     return [pid for pid in descendants(server_pid) if b"infer_server.relay" in cmdline(pid)]
-
-
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
-        time.sleep(0.05)
 
 
 def _kill_and_wait(pids: list[int]) -> None:
@@ -149,25 +141,6 @@ def test_a_stop_signal_to_the_whole_process_group_leaves_the_drain_to_the_main_p
     assert sorted(still_running(exit_waiters(fronts), timeout=1.0)) == sorted(fronts)
     with fronts_server.client() as client:
         assert client.health()
-
-
-def test_a_front_process_that_cannot_start_again_is_retried_alone(model_repo_dir: Path, tmp_path: Path) -> None:
-    """While its Unix socket path is taken by a file, the front process fails to start again, and
-    again; once the path is free, exactly one comes back (one retry loop per front process)."""
-    path = tmp_path / "server.sock"
-    with running_server(model_repo_dir, "--fronts", "1", "--unix-socket", str(path), "--null-model", workers=1) as srv:
-        path.unlink()
-        path.write_text("not a socket")  # the live front process keeps listening; a new one cannot bind
-        _kill_and_wait(front_pids(srv.process.pid))
-        _until(lambda: srv.log_path.read_text().count("did not start again") >= 3, 60, "three failed starts")
-        path.unlink()
-        _until(lambda: len(front_pids(srv.process.pid)) == 1 and path.exists(), 60, "a front process again")
-        started = srv.log_path.read_text().count("serves port")
-        with pytest.raises(AssertionError):  # nothing else starts within the longest delay between tries
-            _until(lambda: srv.log_path.read_text().count("serves port") > started, 6.0, "")
-        assert len(front_pids(srv.process.pid)) == 1
-        with InferClient(f"unix:{path}", shm_dir=srv.shm_dir) as client:
-            assert client.health()
 
 
 def test_front_processes_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:

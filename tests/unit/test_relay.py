@@ -192,30 +192,25 @@ def test_a_bidirectional_stream_is_relayed_message_by_message() -> None:
     assert run(scenario()) == [b"eno", b"owt", b"eerht"]
 
 
-def test_a_client_that_goes_away_cancels_the_relayed_handler() -> None:
-    probe = Probe()
-
-    async def scenario() -> None:
-        async with relayed_server(probe.handlers()) as (channel, _, _):
-            call = channel.unary_stream("/test.Probe/Hang")(b"x")
-            assert await call.read() == b"first"
-            call.cancel()
-            await asyncio.wait_for(probe.cancelled.wait(), 10)
-
-    run(scenario())
-
-
-def test_a_front_process_gone_cancels_its_calls_and_the_main_process_gone_ends_them_unavailable() -> None:
+@pytest.mark.parametrize("gone", ["client", "front process"])
+def test_a_call_whose_other_end_goes_away_cancels_the_relayed_handler(gone: str) -> None:
+    """A client that cancels (the front process's CANCEL), or a front process whose link closes:
+    the handler's task is cancelled, as grpc.aio cancels it; a client whose front process lost the
+    main process gets UNAVAILABLE."""
     probe = Probe()
 
     async def scenario() -> None:
         async with relayed_server(probe.handlers()) as (channel, calls, relay):
             call = channel.unary_stream("/test.Probe/Hang")(b"x")
             assert await call.read() == b"first"
-            relay.link.close()  # both ends see the link go: the main side cancels, the front side ends
+            if gone == "client":
+                call.cancel()
+            else:
+                relay.link.close()  # both ends see the link go: the main side cancels, the front side ends
             await asyncio.wait_for(probe.cancelled.wait(), 10)
-            assert await call.code() == grpc.StatusCode.UNAVAILABLE
-            assert calls.link.closed
+            if gone == "front process":
+                assert await call.code() == grpc.StatusCode.UNAVAILABLE
+                assert calls.link.closed
 
     run(scenario())
 
@@ -278,8 +273,8 @@ def test_a_call_cancelled_in_the_read_that_started_it_leaves_nothing_behind() ->
         for call_id in range(1, 101):
             calls.link.data_received(HEADER.pack(call_id, Kind.START, len(start)) + start
                                      + HEADER.pack(call_id, Kind.CANCEL, 0))  # fmt: skip
-        for _ in range(3):
-            await asyncio.sleep(0)
+        tasks = [call.task for call in calls._calls.values() if call.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)  # every call's task, cancelled, has ended
         return len(calls._calls), budget.open
 
     assert run(scenario()) == (0, 0)
@@ -291,27 +286,22 @@ def test_concurrent_calls_are_bounded_over_every_front_process() -> None:
     probe = Probe()
 
     async def scenario() -> None:
-        async with relayed_server(probe.handlers(), budget=1) as (channel, _, _):
+        async with relayed_server(probe.handlers(), budget=1) as (channel, calls, _):
             hang = channel.unary_stream("/test.Probe/Hang")(b"x")
             assert await hang.read() == b"first"
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await channel.unary_unary("/test.Probe/Echo")(b"x")
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            (held,) = [call.task for call in calls._calls.values() if call.task is not None]
             hang.cancel()
-            await asyncio.wait_for(probe.cancelled.wait(), 10)
-            for _ in range(50):  # the main side learns of the cancel a frame later
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    assert await channel.unary_unary("/test.Probe/Echo")(b"x") == b"X"
-                    return
-                await asyncio.sleep(0.01)
-            raise AssertionError("the cancelled call kept its place")
+            await asyncio.wait_for(asyncio.wait([held]), 10)  # the main side's task of the call ended
+            assert await channel.unary_unary("/test.Probe/Echo")(b"x") == b"X"
 
     run(scenario())
 
 
-class ExitingChild:
-    """Stands in for a front process's interpreter: it reports a port on the link it was given,
-    then exits at once when told to (``dies``), or stays until killed."""
+class FakeChild:
+    """Stands in for a front process's interpreter (``asyncio.subprocess.Process``'s surface)."""
 
     def __init__(self, pid: int) -> None:
         self.pid, self.returncode = pid, None
@@ -330,32 +320,38 @@ class ExitingChild:
             self._exited.set()
 
 
-@pytest.mark.parametrize("dies", [0, 1], ids=["at-first-start", "after-a-restart"])
-def test_a_front_process_that_dies_as_it_reports_ready_is_started_again(
-    monkeypatch: pytest.MonkeyPatch, dies: int
-) -> None:
-    """Its READY and the link's end can arrive in one read: it must still count as lost."""
-    from infer_server.front import fronts
-    from infer_server.settings import ServerSettings
+class Spawner:
+    """``asyncio.create_subprocess_exec`` for ``FrontProcesses``: the n-th child does ``fates[n]``
+    ("serve": report a port and stay until told to stop; "ready-then-die": report a port and exit
+    in the same breath; "die": exit before reporting anything). ``spawned`` is set at each spawn."""
 
-    children: list[ExitingChild] = []
-    links: list[socket.socket] = []
-    watchers: list[asyncio.Future[None]] = []
+    def __init__(self, fates: list[str]) -> None:
+        self.fates, self.children, self.links = fates, [], []
+        self.spawned = asyncio.Event()
+        self._watchers: list[asyncio.Future[None]] = []
 
-    async def spawn(*args: Any, pass_fds: tuple[int, ...] = (), **kwargs: Any) -> ExitingChild:
-        child = ExitingChild(1000 + len(children))
+    async def __call__(self, *args: Any, pass_fds: tuple[int, ...] = (), **kwargs: Any) -> FakeChild:
+        fate = self.fates[len(self.children)] if len(self.children) < len(self.fates) else "serve"
+        child = FakeChild(1000 + len(self.children))
         link = socket.socket(fileno=os.dup(pass_fds[0]))
-        link.sendall(HEADER.pack(LINK, Kind.READY, 5) + b"40000")
-        if len(children) == dies:
+        if fate != "die":
+            link.sendall(HEADER.pack(LINK, Kind.READY, 5) + b"40000")
+        if fate == "serve":
+            self.links.append(link)
+            self._watchers.append(asyncio.ensure_future(self._stop_when_told(link, child)))
+        else:
             link.close()
             child.exit(1)
-        else:
-            links.append(link)
-            watchers.append(asyncio.ensure_future(stop_when_told(link, child)))
-        children.append(child)
+        self.children.append(child)
+        self.spawned.set()
         return child
 
-    async def stop_when_told(link: socket.socket, child: ExitingChild) -> None:
+    async def until(self, count: int) -> None:
+        while len(self.children) < count:
+            self.spawned.clear()
+            await asyncio.wait_for(self.spawned.wait(), 10)
+
+    async def _stop_when_told(self, link: socket.socket, child: FakeChild) -> None:
         link.setblocking(False)
         received = b""
         while chunk := await asyncio.get_running_loop().sock_recv(link, 65536):
@@ -367,30 +363,71 @@ def test_a_front_process_that_dies_as_it_reports_ready_is_started_again(
                     return
                 received = received[HEADER.size + length :]
 
-    async def scenario() -> list[int | None]:
-        monkeypatch.setattr(fronts.asyncio, "create_subprocess_exec", spawn)
-        monkeypatch.setattr(fronts, "_RESTART_DELAYS_S", (0.01,))
-        monkeypatch.setattr(fronts, "_hold_port", lambda host, port: [])
-        front = fronts.FrontProcesses(ServerSettings(fronts=1, port=0), Handlers(), ())
-        await front.start()
-        if dies == 1:  # the first serves, then dies; its replacement dies as it reports ready
-            await asyncio.sleep(0.05)
-            links[0].close()
-            children[0].exit(1)
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if len(children) > dies + 1:
-                break
-        codes = [child.returncode for child in children]
-        await front.stop(0.1)
-        for watcher in watchers:
+    def close(self) -> None:
+        for watcher in self._watchers:
             watcher.cancel()
-        for link in links:
+        for link in self.links:
             link.close()
-        return codes
+
+
+@contextlib.asynccontextmanager
+async def fake_fronts(monkeypatch: pytest.MonkeyPatch, spawner: Spawner) -> AsyncIterator[Any]:
+    from infer_server.front import fronts
+    from infer_server.settings import ServerSettings
+
+    monkeypatch.setattr(fronts.asyncio, "create_subprocess_exec", spawner)
+    monkeypatch.setattr(fronts, "_RESTART_DELAYS_S", (0.01,))
+    monkeypatch.setattr(fronts, "_hold_port", lambda host, port: [])
+    front = fronts.FrontProcesses(ServerSettings(fronts=1, port=0), Handlers(), ())
+    try:
+        yield front
+    finally:
+        await front.stop(0.1)
+        spawner.close()
+
+
+@pytest.mark.parametrize("fates", [["ready-then-die"], ["serve", "ready-then-die"]],
+                         ids=["at-first-start", "after-a-restart"])  # fmt: skip
+def test_a_front_process_that_dies_as_it_reports_ready_is_started_again(
+    monkeypatch: pytest.MonkeyPatch, fates: list[str]
+) -> None:
+    """Its READY and the link's end can arrive in one read: it must still count as lost."""
+    spawner = Spawner(fates)
+
+    async def scenario() -> list[int | None]:
+        async with fake_fronts(monkeypatch, spawner) as front:
+            await front.start()
+            if fates[0] == "serve":  # the first serves, then dies; its replacement dies as it reports ready
+                spawner.links[0].close()
+                spawner.children[0].exit(1)
+            await spawner.until(len(fates) + 1)
+            return [child.returncode for child in spawner.children]
 
     codes = run(scenario())
-    assert len(codes) == dies + 2 and codes[-1] is None  # started again, and that one serves
+    assert len(codes) == len(fates) + 1 and codes[-1] is None  # started again, and that one serves
+
+
+def test_a_front_process_that_cannot_start_again_is_retried_by_one_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A front process that keeps failing to start (its port or socket path taken, say) is retried
+    by one loop only: each failed start used to add a loop, and once the cause was gone each loop
+    started a front process of its own, untracked."""
+    spawner = Spawner(["serve", "die", "die", "die"])
+
+    async def scenario() -> tuple[list[int], list[int | None]]:
+        async with fake_fronts(monkeypatch, spawner) as front:
+            await front.start()
+            spawner.links[0].close()
+            spawner.children[0].exit(1)
+            loops = []
+            for count in (2, 3, 4, 5):  # three failed starts, then one that serves
+                await spawner.until(count)
+                loops.append(sum(1 for task in asyncio.all_tasks()
+                                 if task.get_coro().__qualname__ == "FrontProcesses._restart"))  # type: ignore[union-attr]
+            return loops, [child.returncode for child in spawner.children]
+
+    loops, codes = run(scenario())
+    assert loops[:3] == [1, 1, 1]
+    assert codes == [1, 1, 1, 1, None]
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not socket.has_ipv6, reason="needs root (to be another user) and IPv6")
