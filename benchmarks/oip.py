@@ -33,14 +33,15 @@ from benchmarks import servers
 
 HERE = Path(__file__).resolve().parent
 TRITON_PYTHON = servers.REPO_ROOT / ".venv-triton" / "bin" / "python"
-WAYS = ("v1-tmpfs", "v1-inline", "oip-inline", "oip-shm")
+WAYS = ("v1-tmpfs", "v1-inline", "v1-local", "oip-inline", "oip-shm")
 
 
 def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
              images: list[str], env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:  # fmt: skip
     if way.startswith("v1"):
+        transport = f"local:{server.local_socket}" if way == "v1-local" else way.split("-")[1]
         cmd = [sys.executable, str(HERE / "oip_clients" / "v1_load.py"), server.address, str(server.shm_dir),
-               way.split("-")[1], str(seconds), str(batch), *images]  # fmt: skip
+               transport, str(seconds), str(batch), *images]  # fmt: skip
     else:
         cmd = [str(TRITON_PYTHON), str(HERE / "oip_clients" / "triton_load.py"), server.address, way.split("-")[1],
                str(seconds), str(batch), *images]  # fmt: skip
@@ -92,7 +93,7 @@ def null_server(batch: int, *extra: str, label: str = "oip") -> Iterator[servers
         args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
                 "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
                 "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s", *extra]  # fmt: skip
-        with servers.launched("grpc", args, shm=False, label=label) as server:
+        with servers.launched("grpc", args, shm=False, label=label, local_socket=True) as server:
             server.shm_dir = Path("/dev/shm")
             try:
                 yield server

@@ -126,6 +126,7 @@ class ServerProcess:
     address: str = ""
     monitor: MemoryMonitor | None = None
     worker_pids: list[int] = field(default_factory=list)
+    local_socket: Path | None = None  # the product's --local-socket, beside its shared directory
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the front (main process and its gRPC front processes, if any) and
@@ -161,21 +162,25 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
-def launched(kind: str, args: Sequence[str], *, shm: bool, label: str, wrapper: Sequence[str] = ()
-             ) -> Iterator[ServerProcess]:  # fmt: skip
+def launched(kind: str, args: Sequence[str], *, shm: bool, label: str, wrapper: Sequence[str] = (),
+             local_socket: bool = False) -> Iterator[ServerProcess]:  # fmt: skip
     """Run ``python -m <args>`` (behind ``wrapper``, e.g. ``taskset -c 0``, which must exec it) until it
-    prints its address; stop it and clean up on exit."""
+    prints its address; stop it and clean up on exit. ``local_socket``: the product's
+    ``--local-socket``, in a fresh directory."""
     shm_dir = Path(tempfile.mkdtemp(prefix="infer-bench-", dir="/dev/shm")) if shm else None
     fd, log_name = tempfile.mkstemp(prefix=f"infer-bench-{label}-", suffix=".log")
     os.close(fd)
     log_path = Path(log_name)
+    sock = Path(tempfile.mkdtemp(prefix="infer-bench-sock-")) / "local.sock" if local_socket else None
+    if sock is not None:
+        args = [*args, "--local-socket", str(sock)]
     cmd = [*wrapper, sys.executable, "-m", *args, *(("--shm-dir", str(shm_dir)) if shm_dir else ())]
     # The server reads INFER_* from the environment: only what the command line says may count.
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     with log_path.open("w") as log_file:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True, env=env, cwd=REPO_ROOT)
-    server = ServerProcess(kind, process, log_path, shm_dir)
+    server = ServerProcess(kind, process, log_path, shm_dir, local_socket=sock)
     try:
         try:
             host_port = read_address(process, STARTUP_TIMEOUT_S)
@@ -221,6 +226,8 @@ def _stop(server: ServerProcess) -> None:
     if process.stdout is not None:
         process.stdout.close()
     server.log_path.unlink(missing_ok=True)
+    if server.local_socket is not None:
+        shutil.rmtree(server.local_socket.parent, ignore_errors=True)
 
 
 # Arguments every product server of this run gets besides its own (``fps --tokens`` adds its tokens file).
@@ -230,14 +237,14 @@ GRPC_SERVER_ARGS: list[str] = []
 def grpc_server(
     models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "grpc"
 ) -> contextlib.AbstractContextManager[ServerProcess]:
-    """The product: ``python -m infer_server serve --port 0`` on ``models``."""
+    """The product: ``python -m infer_server serve --port 0`` on ``models``, with a local socket."""
     args = [
         *("infer_server", "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"),
         *("--workers", str(workers), "--batch-size", str(batch_size), "--log-level", "WARNING"),
         *(("--null-model",) if null_model else ()),
         *GRPC_SERVER_ARGS,
     ]
-    return launched("grpc", args, shm=True, label=label)
+    return launched("grpc", args, shm=True, label=label, local_socket=True)
 
 
 def rest_server(

@@ -23,6 +23,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--fronts", type=int, default=0,
         help="start every integration test's server with this many gRPC front processes (its --fronts)",
     )  # fmt: skip
+    parser.addoption(
+        "--local-socket", action="store_true", default=False,
+        help="give every integration test's server a --local-socket, and run its clients' sessions (detect) on it",
+    )  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -2,7 +2,8 @@
 
 ``InferClient`` (blocking) and ``AsyncInferClient`` (asyncio) share one surface: ``push`` and
 ``pull`` mirror the RPCs, ``session()`` opens a ``Session`` stream (push after push, results as
-they complete, on one RPC: the fast path), ``detect`` pushes one batch on the client's own session
+they complete, on one RPC: the fast path; over the server's local socket, without gRPC, when the
+blocking client is given one), ``detect`` pushes one batch on the client's own session
 and returns its results ordered by index, ``health``/``wait_ready`` query the standard health
 service, ``models`` lists and changes the models that serve (``ModelAdmin``). On the server's host the images travel
 through a file in the shared tmpfs directory (``transport="auto"`` picks it); elsewhere inline.
@@ -13,6 +14,7 @@ who is calling gets a :class:`Credentials` (a bearer token, TLS, a client certif
 from infer_client._protocol import Credentials, ImageSource, InferError, Transport
 from infer_client.aio import AsyncInferClient
 from infer_client.client import InferClient
+from infer_client.local import LocalSession
 from infer_client.models import DriftReport, ModelAdmin, ModelInfo
 from infer_client.results import Attribute, Box, Detection, ImageResult
 from infer_client.session import AsyncSession, Session
@@ -29,6 +31,7 @@ __all__ = [
     "ImageSource",
     "InferClient",
     "InferError",
+    "LocalSession",
     "ModelAdmin",
     "ModelInfo",
     "Session",

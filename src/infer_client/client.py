@@ -34,6 +34,7 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
+from infer_client.local import LocalSession
 from infer_client.models import ModelAdmin
 from infer_client.results import ImageResult
 from infer_client.session import Session
@@ -58,8 +59,13 @@ class InferClient:
         transport: Transport = "auto",
         timeout: float | None = 120.0,
         credentials: Credentials | None = None,
+        local_socket: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``local_socket``: the server's ``--local-socket``; sessions (and ``detect``) then run over it,
+        without gRPC (``infer_client.local``), at about half the CPU per call; the other calls go to
+        ``target``."""
         self.target = target
+        self.local_socket = local_socket
         self.shm_dir = os.fspath(shm_dir)
         self.transport = resolve_transport(transport, target, self.shm_dir)
         self.timeout = timeout
@@ -70,7 +76,7 @@ class InferClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
-        self._session: Session | None = None
+        self._session: Session | LocalSession | None = None
         self._session_lock = threading.Lock()
 
     def push(
@@ -112,8 +118,11 @@ class InferClient:
         """Pushes sent inline because the shared tmpfs was full (said once in the log)."""
         return self._pushed.files.inline_fallbacks
 
-    def session(self) -> Session:
-        """A new ``Session`` stream (pushes and results on one RPC); close it, or use ``with``."""
+    def session(self) -> Session | LocalSession:
+        """A new ``Session`` stream (pushes and results on one RPC; on the local socket if the client
+        has one); close it, or use ``with``."""
+        if self.local_socket is not None:
+            return LocalSession(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     def detect(

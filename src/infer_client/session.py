@@ -185,6 +185,11 @@ class Session:
         batch_id = self.push(images, names, request_id, defer_answer=True)
         return _whole(batch_id, list(self.results(batch_id)), len(images))
 
+    def cancel(self) -> None:
+        """Abandon the stream now: waiters get CANCELLED; results it did not receive stay their
+        batches', for ``pull`` or a push repeated with its request_id."""
+        self._call.cancel()
+
     def close(self, timeout: float = 5.0) -> None:
         """Stop pushing; wait (bounded) for results still owed, then end the stream."""
         self._requests.put(None)

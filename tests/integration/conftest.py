@@ -30,11 +30,13 @@ STARTUP_TIMEOUT_S = 240.0  # two workers load three models each on a busy 2-core
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global FRONTS
+    global FRONTS, LOCAL
     FRONTS = config.getoption("--fronts", 0) or 0
+    LOCAL = bool(config.getoption("--local-socket", False))
 
 
 FRONTS = 0  # every server the tests start: gRPC in the main process, or in this many front processes
+LOCAL = False  # every server the tests start has a local socket, and the fixture's clients use it
 
 
 @dataclass
@@ -44,9 +46,11 @@ class RunningServer:
     shm_dir: Path
     log_path: Path
     credentials: Credentials | None = None  # what the fixture's own client uses (health needs none)
+    local_socket: Path | None = None  # its --local-socket (pytest --local-socket)
 
     def client(self, **kwargs: object) -> InferClient:
         kwargs.setdefault("credentials", self.credentials)
+        kwargs.setdefault("local_socket", self.local_socket)
         return InferClient(self.address, shm_dir=self.shm_dir, **kwargs)  # type: ignore[arg-type]
 
     def worker_pids(self) -> list[int]:
@@ -71,9 +75,15 @@ def running_server(
     ]
     if FRONTS and "--fronts" not in args:
         cmd += ["--fronts", str(FRONTS)]
+    # Not where client certificates name the callers and there are no tokens: nobody could call there.
+    certificates_only = "--tls-client-ca" in args and "--tokens-file" not in args
+    wants_local = LOCAL and "--local-socket" not in args and not certificates_only
+    local_socket = Path(f"{log_path}.sock") if wants_local else None
+    if local_socket is not None:
+        cmd += ["--local-socket", str(local_socket)]
     with log_path.open("w") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    server = RunningServer(process, "", shm_dir, log_path, credentials)
+    server = RunningServer(process, "", shm_dir, log_path, credentials, local_socket)
     try:
         try:
             port = int(read_address(process, STARTUP_TIMEOUT_S).rsplit(":", 1)[1])
@@ -100,6 +110,7 @@ def running_server(
         assert code == 0, f"server exited with {code}:\n{server.log()}"
         assert survivors == [], "worker processes outlived the server"
         assert leftovers == [], f"shared directory not empty after the run: {leftovers}"
+        assert local_socket is None or not local_socket.exists(), "the local socket outlived the server"
         log_path.unlink()
 
 

@@ -124,7 +124,7 @@ def test_a_broken_session_loses_nothing(server: RunningServer, scenes: list[Scen
     with server.client() as client:
         session = client.session()
         batch_id = session.push([s.jpeg for s in scenes[:3]])
-        session._call.cancel()  # the stream breaks right after the answer, long before the models are done
+        session.cancel()  # the stream breaks right after the answer, long before the models are done
         got = set()
         with pytest.raises(InferError) as info:
             got |= {r.index for r in session.results(batch_id)}

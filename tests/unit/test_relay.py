@@ -22,9 +22,10 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from infer_proto.framing import HEADER, LINK, Kind, decode_end, encode_end
 from infer_server.front import relayed
 from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
-from infer_server.relay.link import HEADER, LINK, Kind, Link, decode_end, decode_start, encode_end, encode_start
+from infer_server.relay.link import Link, decode_start, encode_start
 from infer_server.relay.process import Relay
 
 T = TypeVar("T")

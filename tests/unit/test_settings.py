@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -84,6 +85,17 @@ def test_an_address_off_loopback_needs_tls_or_an_explicit_insecure(tmp_path: Pat
         ServerSettings(tls_cert=cert)
     with pytest.raises(ValidationError, match="needs tls_cert"):
         ServerSettings(tls_client_ca=cert)
+
+
+@pytest.mark.parametrize("socket", ["unix_socket", "local_socket"])
+def test_callers_on_a_unix_socket_need_tokens_where_certificates_name_the_callers(tmp_path: Path, socket: str) -> None:
+    mtls: dict[str, Any] = {"tls_cert": tmp_path / "c.pem", "tls_key": tmp_path / "k.pem"}
+    mtls["tls_client_ca"] = tmp_path / "ca"
+    with pytest.raises(ValidationError, match="no client certificate: give them tokens"):
+        ServerSettings(**mtls, **{socket: tmp_path / "s.sock"})
+    assert ServerSettings(**mtls, **{socket: tmp_path / "s.sock"}, tokens_file=tmp_path / "t").tokens_file
+    with pytest.raises(ValidationError, match="two paths"):
+        ServerSettings(unix_socket=tmp_path / "s.sock", local_socket=tmp_path / "s.sock")
 
 
 def test_the_worker_memory_bound_is_off_or_at_least_256_mib() -> None:

@@ -8,7 +8,8 @@ again; its clients see their connection drop (UNAVAILABLE) and retry, and what t
 answered exactly once as on any reconnect (request ids, results kept until pulled).
 
 Both serve the same ``Handlers`` behind the same gate, and both have ``start() -> port`` and
-``stop(grace)``.
+``stop(grace)``; with ``--local-socket``, ``Fronts`` runs one of them and the local socket
+(``front.local``) together.
 """
 
 from __future__ import annotations
@@ -17,19 +18,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import socket
-import stat
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
-from infer_server.front.listen import channel_options, listen
+from infer_proto.framing import LINK, Kind
+from infer_server.front.listen import channel_options, listen, remove_socket
+from infer_server.front.local import LocalFront
 from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
-from infer_server.relay.link import LINK, Kind
 from infer_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -38,13 +39,6 @@ Gates = Sequence[grpc.aio.ServerInterceptor]
 
 _READY_TIMEOUT_S = 60.0  # a front process binds and reports its port within this
 _RESTART_DELAYS_S = (0.1, 0.5, 1.0, 2.0, 5.0)  # between restarts of one front process that keeps dying
-
-
-def _unlink_socket(path: os.PathLike[str] | None) -> None:
-    if path is not None:
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
 
 
 class InProcessFront:
@@ -64,7 +58,7 @@ class InProcessFront:
 
     async def stop(self, grace: float) -> None:
         await self._server.stop(grace)
-        _unlink_socket(self._settings.unix_socket)
+        remove_socket(self._settings.unix_socket)
 
 
 def _hold_port(host: str, port: int) -> list[socket.socket]:
@@ -204,4 +198,44 @@ class FrontProcesses:
             calls.link.close()
         for sock in self._held:
             sock.close()
-        _unlink_socket(self._settings.unix_socket)
+        remove_socket(self._settings.unix_socket)
+
+
+class Front(Protocol):
+    async def start(self) -> int: ...
+
+    async def stop(self, grace: float) -> None: ...
+
+
+class Fronts:
+    """The gRPC front and the local socket, started and stopped together."""
+
+    def __init__(
+        self, grpc_front: Front, path: Path, handlers: Handlers, gate: Gates, settings: ServerSettings
+    ) -> None:
+        self._grpc = grpc_front
+        self._local = LocalFront(path, handlers, gate, settings.max_concurrent_rpcs, settings.max_message_bytes)
+
+    async def start(self) -> int:
+        port = await self._grpc.start()
+        try:
+            await self._local.start()
+        except BaseException:
+            await self._grpc.stop(0)
+            raise
+        return port
+
+    async def stop(self, grace: float) -> None:
+        await asyncio.gather(self._grpc.stop(grace), self._local.stop(grace))
+
+
+def make_front(settings: ServerSettings, handlers: Handlers, gate: Gates, on_exit: Callable[[], None]) -> Front:
+    """The fronts the settings ask for: gRPC in this process or in front processes, and the local socket."""
+    grpc_front: Front
+    if settings.fronts:
+        grpc_front = FrontProcesses(settings, handlers, gate, on_exit)
+    else:
+        grpc_front = InProcessFront(settings, handlers, gate)
+    if settings.local_socket is None:
+        return grpc_front
+    return Fronts(grpc_front, settings.local_socket, handlers, gate, settings)

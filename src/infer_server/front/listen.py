@@ -1,6 +1,7 @@
 """Where the server listens and gRPC core's limits: TCP (TLS when configured), a Unix socket, keepalive.
 
-Used once by ``front.server.InferenceServer.start`` before the server starts.
+Used by the fronts (``front.fronts``; a front process, ``relay.process``) before they serve, and
+by the local socket (``front.local``) for its path.
 """
 
 from __future__ import annotations
@@ -54,13 +55,26 @@ def listen(server: grpc.aio.Server, s: ServerSettings) -> int:
     return port
 
 
+def remove_socket(path: os.PathLike[str] | None) -> None:
+    """Remove the socket the server listened on at ``path`` (nothing that is not a socket)."""
+    if path is not None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+
+
+def replace_leftover_socket(path: Path, flag: str) -> None:
+    """A leftover socket of an earlier run at ``path`` is removed; anything else there is refused."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise RuntimeError(f"{path} exists and is not a socket: remove it or choose another {flag}")
+        os.unlink(path)
+
+
 def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
     """The Unix socket, created 0600 (the umask covers the window between bind and chmod); a
     leftover socket of an earlier run is replaced, anything else in its place is refused."""
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise RuntimeError(f"{path} exists and is not a socket: remove it or choose another --unix-socket")
-        os.unlink(path)
+    replace_leftover_socket(path, "--unix-socket")
     old = os.umask(0o177)
     try:
         bound = server.add_insecure_port(f"unix:{path}")

@@ -1,7 +1,8 @@
 """Calls relayed by the gRPC front processes (``--fronts N``), run here against the server's handlers.
 
 A front process (``relay.process``) forwards each call's start, request messages and end over its
-link; ``RelayedCalls`` (one per link) runs each call in its own task, through the same gate and
+link; ``RelayedCalls`` (one per link; ``LinkedCalls``, which a local socket's connection shares,
+``front.local``) runs each call in its own task, through the same gate and
 the same method handlers a grpc.aio server in this process would (``Handlers``), with a
 ``RelayedCall`` as the servicer context. Servicers cannot tell the two apart: identity, metadata,
 peer, abort, read and write mean what they mean under grpc.aio. A call the front process reports
@@ -23,7 +24,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from infer_server.relay.link import LINK, Kind, Link, decode_start, encode_end
+from infer_proto.framing import LINK, Kind, encode_end
+from infer_server.relay.link import Link, decode_start
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class RelayedCall:
         if raw is None:
             self._ended = True
             return grpc.aio.EOF
+        self._took(raw)
         if ahead:
             self._ask()
         if self.deserialize is None:
@@ -129,10 +132,14 @@ class RelayedCall:
         except Exception:
             await self.abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!")
 
+
     def _ask(self) -> None:
         if not self._asked and not self._ended:
             self._asked = True
             self._link.send(self.call_id, Kind.WANT)
+
+    def _took(self, raw: bytes) -> None:
+        """A request message left the inbox for the handler."""
 
     def deliver(self, raw: bytes | None) -> None:
         """A request message (None: the client's last was sent), as asked for."""
@@ -190,42 +197,24 @@ class CallBudget:
 _OVER_BUDGET = encode_end(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "Concurrent RPC limit exceeded!")
 
 
-class RelayedCalls:
-    """The calls of one front process's link, each run in its own task."""
+class LinkedCalls:
+    """The calls arriving over one link, each run in its own task through the gate and the handlers
+    (``RelayedCalls``: a front process's link; ``front.local.LocalCalls``: a client's connection
+    to the local socket). ``link`` is set by the subclass."""
 
-    def __init__(self, handlers: Handlers, gate: Sequence[grpc.aio.ServerInterceptor], budget: CallBudget,
-                 on_lost: Callable[[], None]) -> None:  # fmt: skip
-        self.link = Link(self._on_frame, self._lost)
-        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()  # the port it serves
-        self._handlers, self._gate, self._budget, self._on_lost = handlers, gate, budget, on_lost
+    link: Link
+    call_class: type[RelayedCall] = RelayedCall
+
+    def __init__(self, handlers: Handlers, gate: Sequence[grpc.aio.ServerInterceptor], budget: CallBudget) -> None:
+        self._handlers, self._gate, self._budget = handlers, gate, budget
         self._calls: dict[int, RelayedCall] = {}
 
-    def _on_frame(self, call_id: int, kind: int, payload: bytes) -> None:
-        if call_id == LINK:
-            if kind == Kind.READY and not self.ready.done():
-                self.ready.set_result(int(payload))
-            return
-        if kind == Kind.START:
-            self._start(call_id, payload)
-            return
-        call = self._calls.get(call_id)
-        if call is None:
-            return
-        if kind == Kind.MESSAGE:
-            call.deliver(payload)
-        elif kind == Kind.HALF_CLOSE:
-            call.deliver(None)
-        elif kind == Kind.ACK:
-            call.acked()
-        elif kind == Kind.CANCEL and call.task is not None:
-            call.task.cancel()
-
-    def _start(self, call_id: int, payload: bytes) -> None:
+    def begin(self, call_id: int, details: CallDetails, peer: str, auth: dict[str, list[bytes]]) -> None:
+        """Run a call that started, or refuse it unread when the budget is spent."""
         if self._budget.open >= self._budget.limit:
             self.link.send(call_id, Kind.END, _OVER_BUDGET)  # as gRPC answers, before reading anything
             return
-        method, metadata, peer, auth = decode_start(payload)
-        call = self._calls[call_id] = RelayedCall(call_id, self.link, CallDetails(method, metadata), peer, auth)
+        call = self._calls[call_id] = self.call_class(call_id, self.link, details, peer, auth)
         self._budget.open += 1
         call.task = asyncio.ensure_future(self._run(call))
         call.task.add_done_callback(lambda _: self._ended(call_id))  # also when cancelled before it ran
@@ -233,6 +222,15 @@ class RelayedCalls:
     def _ended(self, call_id: int) -> None:
         del self._calls[call_id]
         self._budget.open -= 1
+
+    def tasks(self) -> list[asyncio.Task[None]]:
+        return [call.task for call in self._calls.values() if call.task is not None]
+
+    def cancel_all(self) -> None:
+        """The link is gone: so are its calls' clients."""
+        for call in list(self._calls.values()):
+            if call.task is not None:
+                call.task.cancel()
 
     async def _find(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         """The call's handler, through the interceptors in order, as grpc.aio finds it."""
@@ -253,15 +251,45 @@ class RelayedCalls:
         except asyncio.CancelledError:
             return  # the client is gone: nobody to answer
         except Exception:
-            log.exception("relayed call %s failed", call.details.method)
+            log.exception("call %s failed", call.details.method)
             call.code, call.message = grpc.StatusCode.UNKNOWN, "Unexpected error (the server's log has it)"
         self.link.send(call.call_id, Kind.END, encode_end(call.code.value[0], call.message))
 
+
+class RelayedCalls(LinkedCalls):
+    """The calls of one front process's link."""
+
+    def __init__(self, handlers: Handlers, gate: Sequence[grpc.aio.ServerInterceptor], budget: CallBudget,
+                 on_lost: Callable[[], None]) -> None:  # fmt: skip
+        super().__init__(handlers, gate, budget)
+        self.link = Link(self._on_frame, self._lost)
+        self.ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()  # the port it serves
+        self._on_lost = on_lost
+
+    def _on_frame(self, call_id: int, kind: int, payload: bytes) -> None:
+        if call_id == LINK:
+            if kind == Kind.READY and not self.ready.done():
+                self.ready.set_result(int(payload))
+            return
+        if kind == Kind.START:
+            method, metadata, peer, auth = decode_start(payload)
+            self.begin(call_id, CallDetails(method, metadata), peer, auth)
+            return
+        call = self._calls.get(call_id)
+        if call is None:
+            return
+        if kind == Kind.MESSAGE:
+            call.deliver(payload)
+        elif kind == Kind.HALF_CLOSE:
+            call.deliver(None)
+        elif kind == Kind.ACK:
+            call.acked()
+        elif kind == Kind.CANCEL and call.task is not None:
+            call.task.cancel()
+
     def _lost(self) -> None:
         """The front process is gone: its calls' clients lost their connections with it."""
-        for call in list(self._calls.values()):
-            if call.task is not None:
-                call.task.cancel()
+        self.cancel_all()
         if not self.ready.done():
             self.ready.set_exception(RuntimeError("the front process exited before it served (see its log above)"))
         self._on_lost()

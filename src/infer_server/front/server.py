@@ -36,7 +36,7 @@ from infer_server.front.control import ModelControl
 from infer_server.front.control_service import CONTROL_SERVICE, ModelControlServicer
 from infer_server.front.drift import DriftMonitor
 from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
-from infer_server.front.fronts import FrontProcesses, InProcessFront
+from infer_server.front.fronts import Front, make_front
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.identity import Authenticator, Identity, load_tokens
@@ -130,7 +130,7 @@ class InferenceServer:
         self.port = 0
         self.pool: PipelinePool | None = None
         self._health = health.aio.HealthServicer()
-        self._front: InProcessFront | FrontProcesses | None = None
+        self._front: Front | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
@@ -149,10 +149,7 @@ class InferenceServer:
             await self._health.set(service, _NOT_SERVING)
         gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
         handlers = self._handlers()
-        if s.fronts:
-            front: InProcessFront | FrontProcesses = FrontProcesses(s, handlers, gate, self.metrics.front_exits.inc)
-        else:
-            front = InProcessFront(s, handlers, gate)
+        front = make_front(s, handlers, gate, self.metrics.front_exits.inc)
         try:
             self.port = await front.start()
             self._front = front
@@ -170,10 +167,12 @@ class InferenceServer:
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
         callers = self.authenticator.mode
-        log.info("serving on %s:%d%s with %d workers (%s); callers: %s", s.host, self.port,
-                 f" and {s.unix_socket}" if s.unix_socket else "", s.workers, s.device, callers)  # fmt: skip
+        also = "".join(f" and {path}" for path in (s.unix_socket, s.local_socket) if path)
+        log.info("serving on %s:%d%s with %d workers (%s); callers: %s", s.host, self.port, also, s.workers,
+                 s.device, callers)  # fmt: skip
         audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,
-                      tls=s.tls_cert is not None, callers=callers, workers=s.workers, device=s.device)  # fmt: skip
+                      local_socket=str(s.local_socket or "") or None, tls=s.tls_cert is not None, callers=callers,
+                      workers=s.workers, device=s.device)  # fmt: skip
         return self.port
 
     def _handlers(self) -> Handlers:

@@ -1,8 +1,8 @@
 """The link between a gRPC front process and the main process: framed, multiplexed calls.
 
-One stream socket pair per front process. A frame is a header (call id, kind, payload length)
-and its payload; call 0 carries the link's own frames (``CONFIG``, ``READY``, ``STOP``). A call
-goes:
+One stream socket pair per front process. The frames are ``infer_proto.framing``'s (the local
+socket's clients speak them too, ``front.local``); call 0 carries the link's own frames
+(``CONFIG``, ``READY``, ``STOP``). A call goes:
 
     front → main   START {method, metadata, peer, auth context}
     main → front   WANT               (read one more request message from the client)
@@ -27,39 +27,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import enum
 import json
-import struct
+import logging
 from collections.abc import Callable, Iterable, Mapping
 
-HEADER = struct.Struct("<QBI")  # call id (never reused in a process's life), kind, payload length
-LINK = 0  # the call id of the link's own frames
+from infer_proto.framing import HEADER, Kind
 
-
-class Kind(enum.IntEnum):
-    CONFIG = 0  # main → front: the server's settings (JSON), first and once
-    READY = 1  # front → main: the TCP port it serves (decimal)
-    STOP = 2  # main → front: stop serving, open calls may end within this many seconds (decimal)
-    START = 3  # front → main: a call began (``encode_start``)
-    MESSAGE = 4  # either way: one serialized message
-    WANT = 5  # main → front: read one more request message
-    HALF_CLOSE = 6  # front → main: the client sent its last message
-    ACK = 7  # front → main: a response message was written to the client
-    END = 8  # main → front: the call's status (``encode_end``)
-    CANCEL = 9  # front → main: the call ended on the client's side (gone, deadline, front stopping)
+log = logging.getLogger(__name__)
 
 
 class Link(asyncio.Protocol):
     """One end of a link: ``send`` frames, ``on_frame(call, kind, payload)`` for each received,
     ``on_lost()`` once when the other end is gone."""
 
-    def __init__(self, on_frame: Callable[[int, int, bytes], None], on_lost: Callable[[], None]) -> None:
-        self._on_frame, self._on_lost = on_frame, on_lost
+    def __init__(self, on_frame: Callable[[int, int, bytes], None], on_lost: Callable[[], None],
+                 max_payload: int | None = None) -> None:  # fmt: skip
+        self._on_frame, self._on_lost, self._max_payload = on_frame, on_lost, max_payload
         self._transport: asyncio.Transport | None = None
         self._received = bytearray()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
         self.closed = False
+        self.dropped = False  # by ``drop``: nothing more is read or sent
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -69,8 +58,11 @@ class Link(asyncio.Protocol):
         buffer = self._received
         buffer += data
         offset, size = 0, len(buffer)
-        while size - offset >= HEADER.size:
+        while size - offset >= HEADER.size and not self.dropped:
             call, kind, length = HEADER.unpack_from(buffer, offset)
+            if self._max_payload is not None and length > self._max_payload:
+                self.drop(f"a frame of {length} bytes (at most {self._max_payload})")
+                return
             end = offset + HEADER.size + length
             if end > size:
                 break
@@ -82,7 +74,7 @@ class Link(asyncio.Protocol):
 
     def send(self, call: int, kind: Kind, payload: bytes = b"") -> None:
         """Queue one frame; every frame queued in this turn of the loop goes out in one write."""
-        if self.closed:
+        if self.closed or self.dropped:
             return
         self._outgoing.append(HEADER.pack(call, kind, len(payload)))
         if payload:
@@ -94,8 +86,16 @@ class Link(asyncio.Protocol):
     def _flush(self) -> None:
         self._flush_scheduled = False
         frames, self._outgoing = self._outgoing, []
-        if self._transport is not None and not self.closed:
+        if self._transport is not None and not self.closed and not self.dropped:
             self._transport.write(b"".join(frames))
+
+    def drop(self, reason: str) -> None:
+        """Close at once, unsent frames and all: the other end broke the protocol (``reason``)."""
+        if not self.dropped and self._transport is not None:
+            self.dropped = True
+            log.warning("dropping a link connection: %s", reason)
+            self._outgoing.clear()
+            self._transport.abort()
 
     def close(self) -> None:
         if self._transport is not None and not self.closed:
@@ -131,12 +131,3 @@ def decode_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ..
     )
     auth = {key: [base64.b64decode(value) for value in values] for key, values in start["auth"].items()}
     return start["method"], metadata, start["peer"], auth
-
-
-def encode_end(code: int, details: str) -> bytes:
-    return json.dumps([code, details]).encode()
-
-
-def decode_end(payload: bytes) -> tuple[int, str]:
-    code, details = json.loads(payload)
-    return int(code), str(details)

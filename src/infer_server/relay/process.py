@@ -28,8 +28,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from infer_proto.framing import LINK, Kind, decode_end, encode_end
 from infer_server.front.listen import channel_options, listen
-from infer_server.relay.link import LINK, Kind, Link, decode_end, encode_end, encode_start
+from infer_server.relay.link import Link, encode_start
 from infer_server.settings import ServerSettings
 
 log = logging.getLogger("infer_server.relay")

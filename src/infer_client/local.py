@@ -1,0 +1,244 @@
+"""Sessions over the server's local socket (``--local-socket``): the Session call without gRPC.
+
+Used by ``InferClient`` when it is given ``local_socket`` (``session()`` and ``detect``), in the
+client application's process. The client connects to the server's Unix-domain socket and speaks
+``infer_proto.framing``'s frames itself: ``START`` (the Session method and the credentials'
+metadata), each push as a ``MESSAGE`` while the server's window allows it (each ``WANT`` grants
+its payload's number of bytes; a push may be sent while fewer bytes were sent than granted, so a
+client that pushes small messages hears from the server's flow control once in hundreds of pushes),
+``HALF_CLOSE`` on ``close``; the server sends ``SessionReply`` messages and an ``END`` with the call's status.
+
+No thread of its own: a thread that waits for an answer or results reads the socket itself while
+the others wait on a condition, so a push and its results cost a ``send`` and a ``recv`` or two,
+where gRPC's blocking stream hands each message between three threads. Same surface and
+guarantees as ``session.Session`` (which it shares ``SessionBook`` with).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from infer_client._protocol import MAX_RECEIVE_BYTES, ImageSource, InferError, PushedBatches, prepare_push
+from infer_client.results import ImageResult, status_code
+from infer_client.session import _ENDED, Metadata, SessionBook, _accepted, _not_ours, _whole
+from infer_proto import infer_pb2
+from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
+
+T = TypeVar("T")
+SESSION = "/infer.v1.InferenceService/Session"
+_CALL = 1  # the one call of this connection
+_RECEIVE_CHUNK = 64 * 1024
+_RECEIVE_SLICE_S = 0.25
+
+
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+class LocalSession:
+    """One Session call on its own connection to the local socket; threads may share it. Close it
+    (or ``with``)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], transport: str, pushed: PushedBatches, timeout: float | None,
+        metadata: Metadata = None,
+    ) -> None:  # fmt: skip
+        self._transport, self._files, self._timeout = transport, pushed.files, timeout
+        self._cond = threading.Condition()
+        self._sending = threading.Lock()
+        self._book = SessionBook(pushed)
+        self._reading = False  # a thread is reading the socket
+        self._window = 0  # request bytes the server granted and this session did not send yet
+        self._ended = False
+        self._received = bytearray()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(os.fspath(path))
+            # Blocking from now on, with the kernel's timeouts: a receive wakes every slice to look at
+            # its waiter's deadline; a send that stalls for the whole timeout fails the session.
+            self._sock.settimeout(None)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_RECEIVE_SLICE_S))
+            if timeout is not None:
+                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
+            self._sock.sendall(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
+        except OSError as exc:
+            self._sock.close()
+            raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
+
+    @property
+    def broken(self) -> bool:
+        with self._cond:
+            return self._book.error is not None
+
+    def push(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
+        *, defer_answer: bool = False,
+    ) -> str:  # fmt: skip
+        """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
+        prepared = prepare_push(images, names, request_id, self._transport, self._files)
+        with self._cond:
+            if self._book.error is not None:
+                self._files.discard(prepared.owned_path)
+                raise self._book.error
+            tag, request = self._book.request(prepared, defer_answer)
+        message = request.SerializeToString()
+        try:
+            self._wait(lambda: self._take_window(len(message)), self._timeout)
+        except InferError as exc:  # the server reads no more pushes: the stream is of no use
+            self._break(exc)
+            raise
+        self._send(frame(_CALL, Kind.MESSAGE, message))
+        return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
+
+    def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
+        """The batch's results in completion order as they arrive; ends after its last one."""
+        with self._cond:
+            if not self._book.owes(batch_id):
+                raise _not_ours(batch_id)
+        last = False
+        while not last:
+            taken, last = self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
+            yield from map(ImageResult.from_proto, taken)
+
+    def detect(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
+    ) -> list[ImageResult]:
+        """Push one batch and wait for all its results; ordered by index like ``images``."""
+        batch_id = self.push(images, names, request_id, defer_answer=True)
+        return _whole(batch_id, list(self.results(batch_id)), len(images))
+
+    def cancel(self) -> None:
+        """Abandon the call now: waiters get CANCELLED; results it did not receive stay their
+        batches', for ``pull`` or a push repeated with its request_id."""
+        self._break(InferError(grpc.StatusCode.CANCELLED, "the session was cancelled"))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop pushing; wait (bounded) for results still owed, then end the call."""
+        try:
+            self._send(frame(_CALL, Kind.HALF_CLOSE))
+            self._wait(lambda: True if self._ended else None, timeout)
+        except InferError:
+            pass  # the call had ended, or ends now: the socket closes below (the server cancels it)
+        finally:
+            self._break(InferError(grpc.StatusCode.CANCELLED, _ENDED))
+
+    def _take_window(self, size: int) -> bool | None:
+        if self._window > 0:
+            self._window -= size
+            return True
+        return None
+
+    def _send(self, data: bytes) -> None:
+        try:
+            with self._sending:
+                self._sock.sendall(data)
+        except OSError as exc:
+            error = InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}")
+            self._break(error)
+            raise error from None
+
+    def _break(self, error: InferError) -> None:
+        with self._cond:
+            self._book.fail(error)
+            self._cond.notify_all()
+        self._sock.close()
+
+    def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
+        """``ready()``'s value once it has one (under the lock); meanwhile this thread reads the socket,
+        unless another one does."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (value := ready()) is None:
+                if self._book.error is not None:
+                    raise self._book.error
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s")
+                if self._reading:
+                    self._cond.wait(left)
+                    continue
+                self._read(left)
+            return value
+
+    def _read(self, timeout: float | None) -> None:
+        """Receive what the server sent (waiting up to ``timeout``) and take it in; holds the lock
+        only to take it in."""
+        self._reading = True
+        self._cond.release()
+        try:
+            frames, error = self._receive(timeout), None
+        except (OSError, ValueError) as exc:
+            frames, error = [], InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}")
+        finally:
+            self._cond.acquire()
+            self._reading = False
+        try:
+            for kind, payload in frames:
+                self._take(kind, payload)
+        except Exception as exc:  # a reply that does not parse: nothing after it can be trusted
+            error = InferError(grpc.StatusCode.INTERNAL, f"a malformed reply on the local socket: {exc!r}")
+        if error is not None:
+            self._book.fail(error)
+        self._cond.notify_all()
+
+    def _receive(self, timeout: float | None) -> list[tuple[int, bytes]]:
+        """The complete frames received, at least one unless ``timeout`` passed (then none)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (frames := self._frames()):
+            try:
+                chunk = self._sock.recv(_RECEIVE_CHUNK)
+            except BlockingIOError:  # a slice passed
+                if deadline is not None and time.monotonic() >= deadline:
+                    return []
+                continue
+            if not chunk:
+                raise ConnectionError("the server closed the local socket")
+            self._received += chunk
+        return frames
+
+    def _frames(self) -> list[tuple[int, bytes]]:
+        buffer, offset, frames = self._received, 0, []
+        while len(buffer) - offset >= HEADER.size:
+            call, kind, length = HEADER.unpack_from(buffer, offset)
+            if length > MAX_RECEIVE_BYTES or call != _CALL:
+                raise ValueError(f"a frame of {length} bytes for call {call}")
+            if len(buffer) - offset - HEADER.size < length:
+                break
+            frames.append((kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])))
+            offset += HEADER.size + length
+        del buffer[:offset]
+        return frames
+
+    def _take(self, kind: int, payload: bytes) -> None:
+        if kind == Kind.WANT:
+            self._window += int(payload)
+        elif kind == Kind.MESSAGE:
+            self._book.absorb(infer_pb2.SessionReply.FromString(payload))
+        elif kind == Kind.END:
+            code, details = decode_end(payload)
+            self._ended = True
+            if code:
+                self._book.fail(InferError(status_code(code), details))
+            else:
+                self._book.fail(InferError(grpc.StatusCode.CANCELLED, _ENDED))
+
+    def __enter__(self) -> LocalSession:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+__all__ = ["LocalSession"]

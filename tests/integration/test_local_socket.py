@@ -1,0 +1,80 @@
+"""The local socket (``--local-socket``) on a real server: sessions without gRPC.
+
+Every other integration test runs once more with its sessions on the local socket (``make test``:
+``pytest -m integration --local-socket``); these are about the socket itself: who may connect,
+who the server says is calling, a client next to a gRPC client on the same batches, and what a
+client sees when the server goes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from engines.scenes import Scene
+from infer_client import InferError, LocalSession
+from tests.integration.conftest import RunningServer, running_server
+
+
+@pytest.fixture(scope="module")
+def local_server(model_repo_dir: Path) -> Iterator[RunningServer]:
+    folder = Path(tempfile.mkdtemp(prefix="infer-local-"))
+    path = folder / "local.sock"
+    with running_server(model_repo_dir, "--null-model", "--local-socket", str(path), workers=1) as srv:
+        srv.local_socket = path
+        yield srv
+    folder.rmdir()
+
+
+def test_sessions_and_grpc_calls_share_the_batches(local_server: RunningServer, scenes: list[Scene]) -> None:
+    images = [s.jpeg for s in scenes[:3]]
+    with local_server.client() as client, client.session() as session:
+        assert isinstance(session, LocalSession)
+        batch_id = session.push(images, request_id="local-then-grpc")
+        assert {r.index for r in session.results(batch_id)} == {0, 1, 2}
+        # The same request_id through gRPC is the same batch (its results were delivered already).
+        assert client.push(images, request_id="local-then-grpc") == batch_id
+        assert [r.ok for r in client.detect(images[:1])] == [True]
+
+
+def test_the_server_names_the_caller_by_the_kernels_word(local_server: RunningServer, scenes: list[Scene]) -> None:
+    with local_server.client() as client:
+        client.detect([scenes[0].jpeg])
+    assert f'"peer":"local:pid={os.getpid()},uid={os.geteuid()}"' in local_server.log_path.read_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to connect as another user")
+def test_no_other_user_may_connect(local_server: RunningServer) -> None:
+    attempt = (
+        "import os, socket\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        f"socket.socket(socket.AF_UNIX).connect({str(local_server.local_socket)!r}); print('connected')\n"
+    )
+    tried = subprocess.run([sys.executable, "-c", attempt], capture_output=True, text=True, timeout=30)
+    assert "connected" not in tried.stdout and "PermissionError" in tried.stderr, tried.stderr
+
+
+def test_a_client_sees_unavailable_when_the_server_is_gone(model_repo_dir: Path, scenes: list[Scene]) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="infer-local-"))
+    path = folder / "local.sock"
+    with running_server(model_repo_dir, "--null-model", "--local-socket", str(path), workers=1) as srv:
+        srv.local_socket = path
+        client = srv.client(timeout=30, transport="inline")  # no file of its own left in the shared directory
+        session = client.session()
+        assert [r.ok for r in session.detect([scenes[0].jpeg])] == [True]
+    assert not path.exists()  # the server removed its socket as it stopped
+    with pytest.raises(InferError) as ended:
+        session.detect([scenes[1].jpeg])
+    assert ended.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    with pytest.raises(InferError) as refused:
+        client.session()
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    client.close()
+    folder.rmdir()

@@ -1,0 +1,345 @@
+"""The local socket (``--local-socket``): calls without gRPC, from a client nobody vouches for.
+
+A ``LocalFront`` on a socket in a temporary directory serves the test handlers of ``test_relay``
+(``Probe``) on the test's loop; the tests speak the frames to it by hand, as a client would, and
+as a hostile one might. The client library's side (``infer_client.local``) runs against the real
+server in the integration tests (``make test`` runs them all once more with ``--local-socket``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from infer_proto.framing import HEADER, Kind, decode_call_start, decode_end, encode_call_start, frame
+from infer_server.front.local import WINDOW, LocalFront, LocalLink
+from infer_server.front.relayed import Handlers
+from tests.unit.test_relay import Probe, run
+
+MAX_MESSAGE = 1000  # the front's --max-message-bytes: frames up to twice that
+
+
+class Client:
+    """One connection to the local socket, frames by hand."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, *frames: bytes) -> None:
+        self.writer.write(b"".join(frames))
+
+    async def start(self, call: int, method: str, metadata: Any = ()) -> None:
+        self.send(frame(call, Kind.START, encode_call_start(method, metadata)))
+
+    async def receive(self) -> tuple[int, int, bytes]:
+        call, kind, length = HEADER.unpack(await self.reader.readexactly(HEADER.size))
+        return call, kind, await self.reader.readexactly(length)
+
+    async def expect(self, kind: Kind) -> bytes:
+        got = await self.receive()
+        assert got[1] == kind, got
+        return got[2]
+
+    async def closed_by_server(self) -> bool:
+        """Everything the server still sends, until it closes the connection."""
+        with contextlib.suppress(ConnectionResetError):
+            while await self.reader.read(65536):
+                pass
+        return True
+
+    async def unary(self, method: str, request: bytes, metadata: Any = (), call: int = 1) -> tuple[int, str, bytes]:
+        await self.start(call, method, metadata)
+        if (got := await self.receive())[1] == Kind.END:  # answered without reading (no such method)
+            return (*decode_end(got[2]), b"")
+        assert got[1] == Kind.WANT, got
+        self.send(frame(call, Kind.MESSAGE, request), frame(call, Kind.HALF_CLOSE))
+        response = b""
+        while (got := await self.receive())[1] != Kind.END:
+            if got[1] == Kind.MESSAGE:
+                response = got[2]
+        code, details = decode_end(got[2])
+        return code, details, response
+
+
+@contextlib.asynccontextmanager
+async def local_front(tmp_path: Path, handlers: Handlers, gate: Any = (), limit: int = 100,
+                      max_message: int = MAX_MESSAGE) -> AsyncIterator[tuple[LocalFront, Any]]:  # fmt: skip
+    front = LocalFront(tmp_path / "local.sock", handlers, gate, limit, max_message)
+    await front.start()
+
+    async def connect() -> Client:
+        return Client(*await asyncio.open_unix_connection(str(front.path)))
+
+    try:
+        yield front, connect
+    finally:
+        await front.stop(0)
+
+
+def test_a_call_is_served_by_the_handlers_with_the_kernels_word_for_its_peer(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> tuple[tuple[int, str, bytes], ...]:
+        async with local_front(tmp_path, probe.handlers()) as (_, connect):
+            client = await connect()
+            forged = frame(1, Kind.START, b'{"method": "/test.Probe/Echo", "metadata": [["who", "me"]], '
+                           b'"peer": "ipv4:10.0.0.1:1", "auth": {"x509_common_name": ["YWRtaW4="]}}')  # fmt: skip
+            client.send(forged)
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"abc"), frame(1, Kind.HALF_CLOSE))
+            assert await client.expect(Kind.MESSAGE) == b"ABC"
+            first = decode_end(await client.expect(Kind.END))
+            return (first + (b"",), await client.unary("/test.Probe/Refuse", b"x", call=2),
+                    await client.unary("/test.Probe/Missing", b"x", call=3))  # fmt: skip
+
+    echo, refused, missing = run(scenario())
+    assert echo[:2] == (0, "")
+    assert probe.peers == [f"local:pid={os.getpid()},uid={os.getuid()}"]  # not what the start said
+    assert probe.metadata == [{"who": "me"}]
+    assert refused[:2] == (grpc.StatusCode.PERMISSION_DENIED.value[0], "not yours")
+    assert missing[:2] == (grpc.StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+
+
+def test_a_streams_small_messages_flow_on_one_grant_of_the_window(tmp_path: Path) -> None:
+    async def scenario() -> tuple[list[bytes], list[bytes]]:
+        async with local_front(tmp_path, Probe().handlers()) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Chat")
+            grants = [await client.expect(Kind.WANT)]
+            client.send(*(frame(1, Kind.MESSAGE, word) for word in (b"one", b"two", b"three")))
+            client.send(frame(1, Kind.HALF_CLOSE))
+            got = []
+            while (frame_ := await client.receive())[1] != Kind.END:
+                (got if frame_[1] == Kind.MESSAGE else grants).append(frame_[2])
+            assert decode_end(frame_[2]) == (0, "")
+            return got, grants
+
+    got, grants = run(scenario())
+    assert got == [b"eno", b"owt", b"eerht"]
+    assert grants == [str(WINDOW).encode()]  # one WANT for the three
+
+
+def test_a_client_sending_past_its_window_loses_its_connection(tmp_path: Path) -> None:
+    probe = Probe()
+    half = b"x" * (WINDOW * 5 // 8)
+
+    async def scenario() -> bool:
+        async with local_front(tmp_path, probe.handlers(), max_message=WINDOW) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Hang")  # reads one message, and asks for nothing more
+            assert await client.expect(Kind.WANT) == str(WINDOW).encode()
+            client.send(frame(1, Kind.MESSAGE, half))
+            assert await client.expect(Kind.MESSAGE) == b"first"
+            client.send(frame(1, Kind.MESSAGE, half))  # sent while under the window: it may overdraw
+            client.send(frame(1, Kind.MESSAGE, b"one byte too many"))
+            await asyncio.wait_for(probe.cancelled.wait(), 5)
+            return await asyncio.wait_for(client.closed_by_server(), 5)
+
+    assert run(scenario())
+
+
+VIOLATIONS = {
+    "a frame longer than twice the message limit": HEADER.pack(1, Kind.MESSAGE, 2 * MAX_MESSAGE + 1),
+    "a message nobody asked for": frame(1, Kind.START, encode_call_start("/test.Probe/Chat", ()))
+    + frame(1, Kind.MESSAGE, b"unasked"),
+    "a message after the half-close": frame(1, Kind.START, encode_call_start("/test.Probe/Chat", ()))
+    + frame(1, Kind.HALF_CLOSE) + frame(1, Kind.MESSAGE, b"late"),
+    "a start of call 0": frame(0, Kind.START, encode_call_start("/test.Probe/Echo", ())),
+    "a call id that does not grow": frame(5, Kind.START, encode_call_start("/test.Probe/Chat", ()))
+    + frame(3, Kind.START, encode_call_start("/test.Probe/Echo", ())),
+    "a start that is not JSON": frame(1, Kind.START, b"\x00not json"),
+    "a start without a method": frame(1, Kind.START, b'{"metadata": []}'),
+    "a start with bad binary metadata": frame(1, Kind.START, b'{"method": "/m", "metadata": [["a-bin", "%%"]]}'),
+    "a frame for a call never started": frame(9, Kind.MESSAGE, b"x"),
+    **{f"a {kind.name} frame, the server's to send": frame(1, kind)
+       for kind in (Kind.CONFIG, Kind.READY, Kind.STOP, Kind.WANT, Kind.ACK, Kind.END)},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", VIOLATIONS.values(), ids=VIOLATIONS.keys())
+def test_a_client_breaking_the_protocol_loses_its_connection_and_nobody_else_does(tmp_path: Path, bad: bytes) -> None:
+    probe = Probe()
+
+    async def scenario() -> tuple[bool, tuple[int, str, bytes]]:
+        async with local_front(tmp_path, probe.handlers()) as (_, connect):
+            other = await connect()
+            bystander = await other.unary("/test.Probe/Echo", b"before")
+            client = await connect()
+            client.send(bad)
+            dropped = await asyncio.wait_for(client.closed_by_server(), 5)
+            assert bystander[2] == b"BEFORE"
+            return dropped, await other.unary("/test.Probe/Echo", b"after", call=2)
+
+    dropped, after = run(scenario())
+    assert dropped and after == (0, "", b"AFTER")
+
+
+def test_a_dropped_connection_cancels_its_calls(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with local_front(tmp_path, probe.handlers()) as (front, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Hang")
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+            assert await client.expect(Kind.MESSAGE) == b"first"
+            client.send(frame(1, Kind.ACK))  # a front process's frame: not a client's
+            await asyncio.wait_for(probe.cancelled.wait(), 5)
+            await asyncio.wait_for(client.closed_by_server(), 5)
+            while front.connections:  # the server forgets it
+                await asyncio.sleep(0)
+
+    run(scenario())
+
+
+def test_a_client_that_goes_away_cancels_its_calls(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> None:
+        async with local_front(tmp_path, probe.handlers()) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Hang")
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+            assert await client.expect(Kind.MESSAGE) == b"first"
+            client.writer.close()
+            await asyncio.wait_for(probe.cancelled.wait(), 5)
+
+    run(scenario())
+
+
+def test_calls_over_the_limit_are_refused_unread(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> tuple[int, str]:
+        async with local_front(tmp_path, probe.handlers(), limit=1) as (_, connect):
+            holder = await connect()
+            await holder.start(1, "/test.Probe/Hang")
+            await holder.expect(Kind.WANT)
+            client = await connect()
+            await client.start(1, "/test.Probe/Echo")
+            return decode_end(await client.expect(Kind.END))  # no WANT first: nothing of it is read
+
+    assert run(scenario()) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "Concurrent RPC limit exceeded!")
+
+
+def test_a_call_the_gate_refuses_is_answered_before_any_message_is_asked_for(tmp_path: Path) -> None:
+    class Gate(grpc.aio.ServerInterceptor):
+        async def intercept_service(self, continuation: Any, details: Any) -> Any:
+            if dict(details.invocation_metadata).get("authorization") != "Bearer good":
+                async def refuse(requests: Any, context: Any) -> None:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "who are you")
+                return grpc.stream_stream_rpc_method_handler(refuse)
+            return await continuation(details)
+
+    async def scenario() -> tuple[tuple[int, str], tuple[int, str, bytes]]:
+        async with local_front(tmp_path, Probe().handlers(), (Gate(),)) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Echo")
+            refused = decode_end(await client.expect(Kind.END))  # the first frame: no WANT before it
+            let_in = await client.unary("/test.Probe/Echo", b"hi", (("authorization", "Bearer good"),), call=2)
+            return refused, let_in
+
+    refused, let_in = run(scenario())
+    assert refused == (grpc.StatusCode.UNAUTHENTICATED.value[0], "who are you")
+    assert let_in == (0, "", b"HI")
+
+
+def test_stopping_refuses_new_calls_ends_open_ones_after_the_grace_and_removes_the_socket(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> tuple[tuple[int, str], bool]:
+        front = LocalFront(tmp_path / "local.sock", probe.handlers(), (), 100, MAX_MESSAGE)
+        await front.start()
+        holder = Client(*await asyncio.open_unix_connection(str(front.path)))
+        late = Client(*await asyncio.open_unix_connection(str(front.path)))
+        await holder.start(1, "/test.Probe/Hang")
+        await holder.expect(Kind.WANT)
+        holder.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+        await holder.expect(Kind.MESSAGE)
+        stopping = asyncio.ensure_future(front.stop(0.5))
+        while not front.stopping:
+            await asyncio.sleep(0)
+        await late.start(1, "/test.Probe/Echo")
+        refused = decode_end(await late.expect(Kind.END))
+        await stopping
+        return refused, probe.cancelled.is_set()
+
+    refused, cancelled = run(scenario())
+    assert refused == (grpc.StatusCode.UNAVAILABLE.value[0], "the server is stopping")
+    assert cancelled
+    assert not (tmp_path / "local.sock").exists()
+
+
+def test_the_socket_is_private_and_nothing_but_a_leftover_socket_is_replaced(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        async with local_front(tmp_path, Probe().handlers()) as (front, _):
+            return stat.S_IMODE(os.stat(front.path).st_mode)
+
+    assert run(scenario()) == 0o600
+    (tmp_path / "local.sock").write_text("not a socket")
+    with pytest.raises(RuntimeError, match="exists and is not a socket"):
+        run(LocalFront(tmp_path / "local.sock", Handlers(), (), 1, MAX_MESSAGE).start())
+    assert (tmp_path / "local.sock").read_text() == "not a socket"
+
+
+def test_a_response_counts_as_written_only_once_the_socket_took_it() -> None:
+    class Calls:
+        def __init__(self) -> None:
+            self.acked: list[int] = []
+            self.peer = ""
+
+        def written(self, call_id: int) -> None:
+            self.acked.append(call_id)
+
+        def on_frame(self, *frame: Any) -> None: ...
+
+        def lost(self) -> None: ...
+
+    class Transport(asyncio.Transport):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__({"socket": sock})
+
+        def write(self, data: Any) -> None: ...
+
+    async def scenario() -> list[list[int]]:
+        calls = Calls()
+        link = LocalLink(calls, 100)  # type: ignore[arg-type]
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            link.connection_made(Transport(ours))
+        assert calls.peer == f"local:pid={os.getpid()},uid={os.getuid()}"
+        seen = []
+        link.pause_writing()  # the client stopped reading: the socket's buffer is full
+        link.send(1, Kind.MESSAGE, b"a")
+        link.send(2, Kind.WANT)
+        await asyncio.sleep(0)
+        seen.append(list(calls.acked))
+        link.resume_writing()
+        seen.append(list(calls.acked))
+        link.send(2, Kind.MESSAGE, b"b")
+        await asyncio.sleep(0)
+        seen.append(list(calls.acked))
+        return seen
+
+    assert run(scenario()) == [[], [1], [1, 2]]
+
+
+def test_a_start_from_a_client_is_parsed_strictly() -> None:
+    assert decode_call_start(encode_call_start("/s/M", [("k", "v"), ("t-bin", b"\x00\xff")])) == (
+        "/s/M", (("k", "v"), ("t-bin", b"\x00\xff")))  # fmt: skip
+    for bad in (b"[]", b'{"method": 1}', b'{"method": "/m", "metadata": [["k", 1]]}', b'{"method": "/m", '
+                b'"metadata": [["k"]]}', b'{"method": "/m", "metadata": {"k": "v"}}', b"\xff"):  # fmt: skip
+        with pytest.raises(ValueError):
+            decode_call_start(bad)
