@@ -98,9 +98,11 @@ def _batch_images(port: int) -> tuple[float, float]:
     return found.get("sum", 0.0), found.get("count", 0.0)
 
 
-def _point(workload: Workload, server: Any, port: int, clients: int, rate: float | None = None) -> dict[str, Any]:
+def _point(workload: Workload, server: Any, port: int, clients: int, rate: float | None = None,
+           local: bool = False) -> dict[str, Any]:  # fmt: skip
     before = _batch_images(port)
-    result: PointResult = run_point(workload, "tmpfs", server.address, str(server.shm_dir), clients, window_s=3.0,
+    transport = f"local:{server.local_socket}" if local else "tmpfs"
+    result: PointResult = run_point(workload, transport, server.address, str(server.shm_dir), clients, window_s=3.0,
                                     max_s=24.0, warmup_s=3.0, accounting=_accounting(server), rate_images=rate,
                                     min_s=9.0 if rate else 0.0)  # fmt: skip
     after = _batch_images(port)
@@ -124,6 +126,7 @@ def main(
     device: Annotated[str, typer.Option(help="cpu, or gpu (TensorRT): the device of the scaling curve.")] = "cpu",
     scaling_only: Annotated[bool, typer.Option(help="Only the pipeline's batch-size scaling, no servers.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    local_socket: Annotated[bool, typer.Option(help="The clients' sessions on the server's local socket.")] = False,
 ) -> None:
     """Single-image requests from many clients, with and without dynamic batching."""
     curve = scaling(device=device)
@@ -140,7 +143,7 @@ def main(
         rows = []
         for n in range(rounds):
             order = [("batching", on), ("single", off)][:: 1 if n % 2 == 0 else -1]
-            row = {name: _point(workload, srv, port, clients) for name, (srv, port) in order}
+            row = {name: _point(workload, srv, port, clients, local=local_socket) for name, (srv, port) in order}
             row["ratio"] = row["batching"]["fps"] / row["single"]["fps"]
             rows.append(row)
             print(f"round {n + 1}: " + ", ".join(
@@ -149,8 +152,8 @@ def main(
                 f"{row[name]['ratio_to_bound']:.2f} x its CPU-time bound)"
                 for name in ("batching", "single")) + f", ratio {row['ratio']:.2f}")  # fmt: skip
         peak = statistics.median(r["batching"]["fps"] for r in rows)
-        unloaded = _point(workload, *on, clients=1)
-        half = _point(workload, *on, clients=clients, rate=peak / 2)
+        unloaded = _point(workload, *on, clients=1, local=local_socket)
+        half = _point(workload, *on, clients=clients, rate=peak / 2, local=local_socket)
     summary = {
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "median_ratio_to_bound": statistics.median(r["batching"]["ratio_to_bound"] for r in rows),

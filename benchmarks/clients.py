@@ -50,7 +50,7 @@ class ClientSpec:
 
     index: int
     count: int  # clients in this point: batches are interleaved across them
-    transport: str  # tmpfs | inline | rest
+    transport: str  # tmpfs | inline | rest | local:SOCKET (tmpfs, the session on the server's local socket)
     address: str
     shm_dir: str
     workload: str  # the file ``loadgen.make_workload`` wrote
@@ -68,7 +68,9 @@ class GrpcDriver:
 
     def __init__(self, address: str, transport: str, shm_dir: str) -> None:
         credentials = Credentials.from_env()  # INFER_TOKEN, set by ``fps --tokens``
-        self.client = InferClient(address, shm_dir=shm_dir, transport=transport, credentials=credentials)  # type: ignore[arg-type]
+        local = transport.removeprefix("local:") if transport.startswith("local:") else None  # tmpfs, local socket
+        self.client = InferClient(address, shm_dir=shm_dir, transport="tmpfs" if local else transport,  # type: ignore[arg-type]
+                                  credentials=credentials, local_socket=local)  # fmt: skip
         self.session = self.client.session()
 
     def run_batch(self, images: list[bytes], names: list[str], record: BatchRecord, counter: Any) -> None:

@@ -68,14 +68,18 @@ def detect(
     transport: TransportOpt = "auto",
     shm_dir: ShmOpt = Path(DEFAULT_SHM_DIR),
     timeout: TimeoutOpt = 120.0,
+    local_socket: Annotated[
+        Path | None, typer.Option(help="The server's --local-socket: the batch goes there, without gRPC.")
+    ] = None,
 ) -> None:
     """Detect objects and attributes in IMAGES (one batch)."""
     err = Console(stderr=True)
     try:
         credentials = Credentials.from_env()
         with InferClient(
-            server, shm_dir=shm_dir, transport=_transport(transport), timeout=timeout, credentials=credentials
-        ) as client:
+            server, shm_dir=shm_dir, transport=_transport(transport), timeout=timeout, credentials=credentials,
+            local_socket=local_socket,
+        ) as client:  # fmt: skip
             results = client.detect([str(p) for p in images])
     except InferError as exc:
         err.print(f"[red]error[/red]: {exc}")

@@ -54,7 +54,7 @@ class LocalSession:
     ) -> None:  # fmt: skip
         self._transport, self._files, self._timeout = transport, pushed.files, timeout
         self._cond = threading.Condition()
-        self._sending = threading.Lock()
+        self._sending = threading.RLock()
         self._book = SessionBook(pushed)
         self._reading = False  # a thread is reading the socket
         self._window = 0  # request bytes the server granted and this session did not send yet
@@ -91,13 +91,14 @@ class LocalSession:
                 self._files.discard(prepared.owned_path)
                 raise self._book.error
             tag, request = self._book.request(prepared, defer_answer)
-        message = request.SerializeToString()
-        try:
-            self._wait(lambda: self._take_window(len(message)), self._timeout)
-        except InferError as exc:  # the server reads no more pushes: the stream is of no use
-            self._break(exc)
-            raise
-        self._send(frame(_CALL, Kind.MESSAGE, message))
+        message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
+        with self._sending:  # window taken and message sent in one order: the server counts them so
+            try:
+                self._wait(lambda: self._take_window(len(message)), self._timeout)
+            except InferError as exc:  # the server reads no more pushes: the stream is of no use
+                self._break(exc)
+                raise
+            self._send(message)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
 
     def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
@@ -140,7 +141,7 @@ class LocalSession:
 
     def _send(self, data: bytes) -> None:
         try:
-            with self._sending:
+            with self._sending:  # reentrant: push holds it already
                 self._sock.sendall(data)
         except OSError as exc:
             error = InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}")
@@ -179,9 +180,10 @@ class LocalSession:
             frames, error = self._receive(timeout), None
         except (OSError, ValueError) as exc:
             frames, error = [], InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}")
-        finally:
+        finally:  # also on KeyboardInterrupt: another waiter takes over the reading
             self._cond.acquire()
             self._reading = False
+            self._cond.notify_all()
         try:
             for kind, payload in frames:
                 self._take(kind, payload)

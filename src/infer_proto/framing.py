@@ -64,7 +64,8 @@ def decode_call_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes
             if not isinstance(key, str) or not isinstance(value, str):
                 raise ValueError("metadata is a list of [key, value] strings")
             metadata.append((key, base64.b64decode(value, validate=True) if key.endswith("-bin") else value))
-    except (KeyError, TypeError, AttributeError, binascii.Error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (KeyError, TypeError, AttributeError, RecursionError, binascii.Error, json.JSONDecodeError,
+            UnicodeDecodeError) as exc:  # fmt: skip
         raise ValueError(f"a malformed start: {exc!r}") from None
     return method, tuple(metadata)
 

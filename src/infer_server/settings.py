@@ -203,7 +203,10 @@ class ServerSettings(BaseSettings):
     # Per-server limits: admission control answers RESOURCE_EXHAUSTED beyond these.
     max_inflight_images: int = Field(default=1024, ge=1, description="Images in flight per server.")
     max_inflight_bytes: int = Field(default=1024 * MiB, ge=1, description="Bytes in flight per server.")
-    max_concurrent_rpcs: int = Field(default=256, ge=1, description="Concurrent RPCs, streams included.")
+    max_concurrent_rpcs: int = Field(
+        default=256, ge=1,
+        description="Concurrent RPCs, streams included (and as many again, and connections, on --local-socket).",
+    )  # fmt: skip
     max_streams: int | None = Field(
         default=None, ge=1,
         description="Open PullResult and Session streams per server (default: three quarters of "

@@ -8,6 +8,7 @@ client sees when the server goes.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -78,3 +79,20 @@ def test_a_client_sees_unavailable_when_the_server_is_gone(model_repo_dir: Path,
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     client.close()
     folder.rmdir()
+
+
+
+def test_the_command_line_client_pushes_on_the_local_socket(local_server: RunningServer, scenes: list[Scene],
+                                                            tmp_path: Path) -> None:  # fmt: skip
+    image = tmp_path / "scene.jpg"
+    image.write_bytes(scenes[0].jpeg)
+    cli = subprocess.Popen(
+        [str(Path(sys.executable).with_name("infer-client")), "detect", str(image), "--json",
+         "--server", local_server.address, "--shm-dir", str(local_server.shm_dir),
+         "--local-socket", str(local_server.local_socket)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 0, err
+    assert json.loads(out)["status"]["name"] == "OK"
+    assert f'"peer":"local:pid={cli.pid},' in local_server.log_path.read_text()  # it came by the local socket

@@ -72,9 +72,11 @@ class Client:
 
 
 @contextlib.asynccontextmanager
-async def local_front(tmp_path: Path, handlers: Handlers, gate: Any = (), limit: int = 100,
-                      max_message: int = MAX_MESSAGE) -> AsyncIterator[tuple[LocalFront, Any]]:  # fmt: skip
-    front = LocalFront(tmp_path / "local.sock", handlers, gate, limit, max_message)
+async def local_front(
+    tmp_path: Path, handlers: Handlers, gate: Any = (), limit: int = 100, max_message: int = MAX_MESSAGE,
+    **timing: float,
+) -> AsyncIterator[tuple[LocalFront, Any]]:
+    front = LocalFront(tmp_path / "local.sock", handlers, gate, limit, max_message, **timing)
     await front.start()
 
     async def connect() -> Client:
@@ -158,9 +160,15 @@ VIOLATIONS = {
     "a call id that does not grow": frame(5, Kind.START, encode_call_start("/test.Probe/Chat", ()))
     + frame(3, Kind.START, encode_call_start("/test.Probe/Echo", ())),
     "a start that is not JSON": frame(1, Kind.START, b"\x00not json"),
+    "a start nested too deep to parse": frame(1, Kind.START, b"[" * 60_000),
     "a start without a method": frame(1, Kind.START, b'{"metadata": []}'),
     "a start with bad binary metadata": frame(1, Kind.START, b'{"method": "/m", "metadata": [["a-bin", "%%"]]}'),
     "a frame for a call never started": frame(9, Kind.MESSAGE, b"x"),
+    "the header of a message for a call never started (its payload never comes)": HEADER.pack(9, Kind.MESSAGE, 1000),
+    "a half-close with a payload": frame(1, Kind.START, encode_call_start("/test.Probe/Chat", ()))
+    + frame(1, Kind.HALF_CLOSE, b"x"),
+    "more empty messages than the window holds": frame(1, Kind.START, encode_call_start("/test.Probe/Hang", ()))
+    + b"".join(frame(1, Kind.MESSAGE) for _ in range(WINDOW // HEADER.size + 2)),
     **{f"a {kind.name} frame, the server's to send": frame(1, kind)
        for kind in (Kind.CONFIG, Kind.READY, Kind.STOP, Kind.WANT, Kind.ACK, Kind.END)},
 }  # fmt: skip
@@ -224,11 +232,10 @@ def test_calls_over_the_limit_are_refused_unread(tmp_path: Path) -> None:
 
     async def scenario() -> tuple[int, str]:
         async with local_front(tmp_path, probe.handlers(), limit=1) as (_, connect):
-            holder = await connect()
-            await holder.start(1, "/test.Probe/Hang")
-            await holder.expect(Kind.WANT)
             client = await connect()
-            await client.start(1, "/test.Probe/Echo")
+            await client.start(1, "/test.Probe/Hang")
+            await client.expect(Kind.WANT)
+            await client.start(2, "/test.Probe/Echo")
             return decode_end(await client.expect(Kind.END))  # no WANT first: nothing of it is read
 
     assert run(scenario()) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "Concurrent RPC limit exceeded!")
@@ -298,7 +305,7 @@ def test_a_response_counts_as_written_only_once_the_socket_took_it() -> None:
     class Calls:
         def __init__(self) -> None:
             self.acked: list[int] = []
-            self.peer = ""
+            self.peer, self.refused = "", False
 
         def written(self, call_id: int) -> None:
             self.acked.append(call_id)
@@ -310,30 +317,46 @@ def test_a_response_counts_as_written_only_once_the_socket_took_it() -> None:
     class Transport(asyncio.Transport):
         def __init__(self, sock: socket.socket) -> None:
             super().__init__({"socket": sock})
+            self.unsent, self.reading = 0, True
 
-        def write(self, data: Any) -> None: ...
+        def write(self, data: Any) -> None:
+            self.unsent += len(data)
 
-    async def scenario() -> list[list[int]]:
+        def get_write_buffer_size(self) -> int:
+            return self.unsent
+
+        def pause_reading(self) -> None:
+            self.reading = False
+
+        def resume_reading(self) -> None:
+            self.reading = True
+
+    async def scenario() -> list[tuple[list[int], bool]]:
         calls = Calls()
-        link = LocalLink(calls, 100)  # type: ignore[arg-type]
+        link = LocalLink(calls, 100, stall_s=60)  # type: ignore[arg-type]
         ours, theirs = socket.socketpair()
+        transport = Transport(ours)
         with ours, theirs:
-            link.connection_made(Transport(ours))
+            link.connection_made(transport)
         assert calls.peer == f"local:pid={os.getpid()},uid={os.getuid()}"
         seen = []
-        link.pause_writing()  # the client stopped reading: the socket's buffer is full
+        link.pause_writing()  # the client stopped reading: the socket's buffer is over its high water mark
         link.send(1, Kind.MESSAGE, b"a")
         link.send(2, Kind.WANT)
         await asyncio.sleep(0)
-        seen.append(list(calls.acked))
+        seen.append((list(calls.acked), transport.reading))
+        link.send(3, Kind.MESSAGE, b"x" * (8 << 20))  # past the cap: its requests are not read either
+        await asyncio.sleep(0)
+        seen.append((list(calls.acked), transport.reading))
         link.resume_writing()
-        seen.append(list(calls.acked))
+        seen.append((list(calls.acked), transport.reading))
         link.send(2, Kind.MESSAGE, b"b")
         await asyncio.sleep(0)
-        seen.append(list(calls.acked))
+        seen.append((list(calls.acked), transport.reading))
+        link.connection_lost(None)
         return seen
 
-    assert run(scenario()) == [[], [1], [1, 2]]
+    assert run(scenario()) == [([], True), ([], False), ([1, 3], True), ([1, 3, 2], True)]
 
 
 def test_a_start_from_a_client_is_parsed_strictly() -> None:
@@ -343,3 +366,75 @@ def test_a_start_from_a_client_is_parsed_strictly() -> None:
                 b'"metadata": [["k"]]}', b'{"method": "/m", "metadata": {"k": "v"}}', b"\xff"):  # fmt: skip
         with pytest.raises(ValueError):
             decode_call_start(bad)
+
+
+def test_a_cancel_after_the_half_close_cancels_that_call_alone(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def scenario() -> tuple[int, str, bytes]:
+        async with local_front(tmp_path, probe.handlers()) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Hang")
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+            assert await client.expect(Kind.MESSAGE) == b"first"
+            client.send(frame(1, Kind.CANCEL))
+            await asyncio.wait_for(probe.cancelled.wait(), 5)
+            return await client.unary("/test.Probe/Echo", b"still here", call=2)
+
+    assert run(scenario()) == (0, "", b"STILL HERE")
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_calls_cancelled(tmp_path: Path) -> None:
+    probe = Probe()
+
+    async def flood(request: bytes, context: Any) -> None:
+        try:
+            while True:
+                await context.write(b"x" * 60_000)
+        except asyncio.CancelledError:
+            probe.cancelled.set()
+            raise
+
+    handlers = Handlers()
+    handlers.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Flood", {
+        "Flood": grpc.unary_stream_rpc_method_handler(flood)}),))  # fmt: skip
+
+    async def scenario() -> bool:
+        async with local_front(tmp_path, handlers, stall_s=0.3) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Flood/Flood")
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"go"), frame(1, Kind.HALF_CLOSE))
+            await asyncio.wait_for(probe.cancelled.wait(), 5)  # it never read: its writer did not hang
+            return await asyncio.wait_for(client.closed_by_server(), 5)
+
+    assert run(scenario())
+
+
+def test_connections_are_bounded_and_idle_ones_closed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with local_front(tmp_path, Probe().handlers(), limit=2, idle_s=0.2) as (front, connect):
+            first, second, third = await connect(), await connect(), await connect()
+            assert await asyncio.wait_for(third.closed_by_server(), 5)  # one over the bound
+            assert (await first.unary("/test.Probe/Echo", b"a"))[2] == b"A"
+            assert await asyncio.wait_for(second.closed_by_server(), 5)  # no call for the idle time
+            assert await asyncio.wait_for(first.closed_by_server(), 5)  # idle after its call
+            while front.connections:
+                await asyncio.sleep(0)
+
+    run(scenario())
+
+
+def test_a_second_server_on_the_path_neither_takes_nor_removes_the_live_socket(tmp_path: Path) -> None:
+    async def scenario() -> tuple[str, bytes]:
+        async with local_front(tmp_path, Probe().handlers()) as (_, connect):
+            second = LocalFront(tmp_path / "local.sock", Handlers(), (), 10, MAX_MESSAGE)
+            with pytest.raises(RuntimeError) as refused:
+                await second.start()
+            await second.stop(0)  # as a server whose start failed stops
+            client = await connect()
+            return str(refused.value), (await client.unary("/test.Probe/Echo", b"a"))[2]
+
+    refused, answer = run(scenario())
+    assert "a running server listens on" in refused and answer == b"A"

@@ -28,7 +28,7 @@ import grpc
 import grpc.aio
 
 from infer_proto.framing import LINK, Kind
-from infer_server.front.listen import channel_options, listen, remove_socket
+from infer_server.front.listen import OwnedSocket, channel_options, listen
 from infer_server.front.local import LocalFront
 from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
 from infer_server.settings import ServerSettings
@@ -50,15 +50,17 @@ class InProcessFront:
             interceptors=gate, options=channel_options(settings), maximum_concurrent_rpcs=settings.max_concurrent_rpcs
         )
         handlers.add_to(self._server)
+        self._unix_socket = OwnedSocket(settings.unix_socket)
 
     async def start(self) -> int:
         port = listen(self._server, self._settings)
+        self._unix_socket.claim()
         await self._server.start()
         return port
 
     async def stop(self, grace: float) -> None:
         await self._server.stop(grace)
-        remove_socket(self._settings.unix_socket)
+        self._unix_socket.remove()
 
 
 def _hold_port(host: str, port: int) -> list[socket.socket]:
@@ -105,6 +107,7 @@ class FrontProcesses:
         self._restarts: dict[int, asyncio.Task[None]] = {}
         self._held: list[socket.socket] = []
         self._stopping = False
+        self._unix_socket = OwnedSocket(settings.unix_socket)  # front process 0 binds it
 
     async def start(self) -> int:
         """Start every front process; the first binds the port (a free one for port 0), the
@@ -145,6 +148,7 @@ class FrontProcesses:
         self._processes[index], self._links[index] = process, calls
         if not self._held:
             self._held = _hold_port(self._settings.host, self._port)
+            self._unix_socket.claim()
         log.info("front process %d (pid %d) serves port %d", index, process.pid, self._port)
 
     def _lost(self, index: int, process: asyncio.subprocess.Process) -> None:
@@ -198,7 +202,7 @@ class FrontProcesses:
             calls.link.close()
         for sock in self._held:
             sock.close()
-        remove_socket(self._settings.unix_socket)
+        self._unix_socket.remove()
 
 
 class Front(Protocol):
@@ -214,7 +218,9 @@ class Fronts:
         self, grpc_front: Front, path: Path, handlers: Handlers, gate: Gates, settings: ServerSettings
     ) -> None:
         self._grpc = grpc_front
-        self._local = LocalFront(path, handlers, gate, settings.max_concurrent_rpcs, settings.max_message_bytes)
+        s, stall_s = settings, settings.keepalive_s + settings.keepalive_timeout_s  # as keepalive drops a client
+        self._local = LocalFront(path, handlers, gate, s.max_concurrent_rpcs, s.max_message_bytes,
+                                 idle_s=s.stream_idle_timeout_s, stall_s=stall_s)  # fmt: skip
 
     async def start(self) -> int:
         port = await self._grpc.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -55,20 +56,47 @@ def listen(server: grpc.aio.Server, s: ServerSettings) -> int:
     return port
 
 
-def remove_socket(path: os.PathLike[str] | None) -> None:
-    """Remove the socket the server listened on at ``path`` (nothing that is not a socket)."""
-    if path is not None:
+class OwnedSocket:
+    """A socket path this server bound: ``claim`` right after binding remembers which file it is,
+    and ``remove`` removes it only if it is still that file. A server that failed to start, or one
+    whose socket another server replaced, leaves the other's socket alone."""
+
+    def __init__(self, path: os.PathLike[str] | None) -> None:
+        self._path = path
+        self._file: tuple[int, int] | None = None
+
+    def claim(self) -> None:
+        if self._path is not None:
+            st = os.lstat(self._path)
+            self._file = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        if self._path is None or self._file is None:
+            return
         with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
+            st = os.lstat(self._path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._file:
+                os.unlink(self._path)
 
 
 def replace_leftover_socket(path: Path, flag: str) -> None:
-    """A leftover socket of an earlier run at ``path`` is removed; anything else there is refused."""
-    with contextlib.suppress(FileNotFoundError):
+    """A leftover socket of an earlier run at ``path`` is removed; a socket a live server listens
+    on, or anything that is not a socket, is refused."""
+    try:
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise RuntimeError(f"{path} exists and is not a socket: remove it or choose another {flag}")
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:  # nobody listens: an earlier run's
         os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"{path} is a socket a running server listens on: stop it or choose another {flag}")
 
 
 def _listen_unix(server: grpc.aio.Server, path: Path) -> None:

@@ -188,7 +188,8 @@ class RelayedCall:
 class CallBudget:
     """Concurrent relayed calls, over every front process: ``--max-concurrent-rpcs`` is the
     server's bound, as it is with gRPC in the main process (a front process alone could hold
-    them all: one client's connection reaches one front process)."""
+    them all: one client's connection reaches one front process). The local socket's calls have
+    a budget of their own, of the same size (``front.local``)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.open = limit, 0

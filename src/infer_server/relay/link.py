@@ -49,10 +49,18 @@ class Link(asyncio.Protocol):
         self._flush_scheduled = False
         self.closed = False
         self.dropped = False  # by ``drop``: nothing more is read or sent
+        self._head_admitted = False  # the frame at the start of the buffer passed ``admit``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+
+    def admit(self, call: int, kind: int, length: int) -> str | None:
+        """Checked once per frame as soon as its header is in, before its payload is taken in: why
+        the other end may not send it (the link is then dropped), or None."""
+        if self._max_payload is not None and length > self._max_payload:
+            return f"a frame of {length} bytes (at most {self._max_payload})"
+        return None
 
     def data_received(self, data: bytes) -> None:
         buffer = self._received
@@ -60,8 +68,8 @@ class Link(asyncio.Protocol):
         offset, size = 0, len(buffer)
         while size - offset >= HEADER.size and not self.dropped:
             call, kind, length = HEADER.unpack_from(buffer, offset)
-            if self._max_payload is not None and length > self._max_payload:
-                self.drop(f"a frame of {length} bytes (at most {self._max_payload})")
+            if not (offset == 0 and self._head_admitted) and (reason := self.admit(call, kind, length)):
+                self.drop(reason)
                 return
             end = offset + HEADER.size + length
             if end > size:
@@ -71,6 +79,7 @@ class Link(asyncio.Protocol):
             self._on_frame(call, kind, payload)
         if offset:
             del buffer[:offset]
+        self._head_admitted = len(buffer) >= HEADER.size  # an incomplete frame waits there, admitted
 
     def send(self, call: int, kind: Kind, payload: bytes = b"") -> None:
         """Queue one frame; every frame queued in this turn of the loop goes out in one write."""
