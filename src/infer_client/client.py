@@ -62,7 +62,7 @@ class InferClient:
         local_socket: str | os.PathLike[str] | None = None,
     ) -> None:
         """``local_socket``: the server's ``--local-socket``; sessions (and ``detect``) then run over it,
-        without gRPC (``infer_client.local``), at about half the CPU per call; the other calls go to
+        without gRPC (``infer_client.local``), at less than half the CPU per call; the other calls go to
         ``target``."""
         self.target = target
         self.local_socket = local_socket

@@ -58,7 +58,7 @@ class ServerSettings(BaseSettings):
     local_socket: Path | None = Field(
         default=None,
         description="Also serve the server's calls without gRPC on this Unix-domain socket, for clients on this host "
-        "(created 0600): about half the CPU per call of gRPC, for the server and the client (docs/local-socket.md).",
+        "(created 0600): less than half gRPC's CPU per call, in the server and the client (docs/local-socket.md).",
     )
     shm_dir: Path = Field(default=Path("/dev/shm/infer"), description="Shared directory clients write batches into.")
     staging_dir: Path | None = Field(

@@ -5,8 +5,8 @@ front processes' link (``relay.link``) itself: ``START`` (method and metadata), 
 when asked (``WANT``), ``HALF_CLOSE``; the server answers messages and an ``END`` with the status.
 Each call runs here as a relayed call does (``front.relayed``): the same gate, the same handlers,
 ``RelayedCall`` as its servicer context, so every contract of the gRPC path holds on this one.
-What it saves is gRPC's per-message work, in the server and in the client: about half of each
-per image on the single-image path (docs/local-socket.md).
+What it saves is gRPC's per-message work, in the server and in the client: more than half of
+each one's CPU per image on the single-image path (docs/local-socket.md).
 
 The other end is not trusted as a front process is:
   * the peer is the kernel's word (``SO_PEERCRED``: pid and uid), never what the client says, and a
