@@ -58,7 +58,7 @@ class LocalSession:
         self._book = SessionBook(pushed)
         self._reading = False  # a thread is reading the socket
         self._window = 0  # request bytes the server granted and this session did not send yet
-        self._ended = False
+        self._ended = self._closing = False  # END received; HALF_CLOSE sent
         self._received = bytearray()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -93,6 +93,9 @@ class LocalSession:
             tag, request = self._book.request(prepared, defer_answer)
         message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
         with self._sending:  # window taken and message sent in one order: the server counts them so
+            if self._closing:
+                self._break(InferError(grpc.StatusCode.CANCELLED, "the session is closed"))
+                raise self._book.error  # type: ignore[misc]
             try:
                 self._wait(lambda: self._take_window(len(message)), self._timeout)
             except InferError as exc:  # the server reads no more pushes: the stream is of no use
@@ -126,7 +129,13 @@ class LocalSession:
     def close(self, timeout: float = 5.0) -> None:
         """Stop pushing; wait (bounded) for results still owed, then end the call."""
         try:
-            self._send(frame(_CALL, Kind.HALF_CLOSE))
+            if not self._sending.acquire(timeout=-1 if timeout is None else timeout):  # a push waits for the window
+                return
+            try:
+                self._closing = True
+                self._send(frame(_CALL, Kind.HALF_CLOSE))
+            finally:
+                self._sending.release()
             self._wait(lambda: True if self._ended else None, timeout)
         except InferError:
             pass  # the call had ended, or ends now: the socket closes below (the server cancels it)

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import socket
 import stat
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,12 @@ import grpc
 import grpc.aio
 import pytest
 
+from infer_client import InferError, LocalSession
+from infer_client._batch_files import BatchFiles
+from infer_client._protocol import PushedBatches
 from infer_proto.framing import HEADER, Kind, decode_call_start, decode_end, encode_call_start, frame
-from infer_server.front.local import WINDOW, LocalFront, LocalLink
+from infer_server.front.listen import replace_leftover_socket
+from infer_server.front.local import WINDOW, LocalCall, LocalCalls, LocalFront, LocalLink
 from infer_server.front.relayed import Handlers
 from tests.unit.test_relay import Probe, run
 
@@ -438,3 +445,127 @@ def test_a_second_server_on_the_path_neither_takes_nor_removes_the_live_socket(t
 
     refused, answer = run(scenario())
     assert "a running server listens on" in refused and answer == b"A"
+
+
+def test_a_live_socket_whose_accept_queue_is_full_is_not_taken_for_a_leftover(tmp_path: Path) -> None:
+    path = str(tmp_path / "busy.sock")
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(path)
+        live.listen(0)
+        fillers = []
+        for _ in range(8):  # until the queue is full: the next connect fails at once (EAGAIN)
+            filler = socket.socket(socket.AF_UNIX)
+            filler.setblocking(False)
+            fillers.append(filler)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+        with pytest.raises(RuntimeError, match="cannot tell is unused"):
+            replace_leftover_socket(Path(path), "--local-socket")
+        assert os.path.exists(path)
+        for filler in fillers:
+            filler.close()
+    replace_leftover_socket(Path(path), "--local-socket")  # nobody listens now: an earlier run's
+    assert not os.path.exists(path)
+
+
+def test_an_ended_call_keeps_no_request_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[weakref.ref[LocalCall]] = []
+
+    class Recorded(LocalCall):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            calls.append(weakref.ref(self))
+
+    monkeypatch.setattr(LocalCalls, "call_class", Recorded)
+
+    async def scenario() -> tuple[int, str, bytes]:
+        async with local_front(tmp_path, Probe().handlers(), max_message=WINDOW) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Probe/Echo")
+            await client.expect(Kind.WANT)
+            client.send(frame(1, Kind.MESSAGE, b"a"), frame(1, Kind.MESSAGE, b"x" * 30_000))  # one too many
+            assert await client.expect(Kind.MESSAGE) == b"A"
+            assert decode_end(await client.expect(Kind.END)) == (0, "")
+            await asyncio.sleep(0)  # the call's task is done: it gave its slot back
+            gc.collect()
+            assert [ref() for ref in calls] == [None]  # nor is its unread 30 kB held by the connection
+            client.send(frame(1, Kind.MESSAGE, b"late"))  # still within the window it had: dropped quietly
+            return await client.unary("/test.Probe/Echo", b"b", call=2)
+
+    assert run(scenario()) == (0, "", b"B")
+
+
+def test_a_closed_connection_its_client_never_reads_is_dropped_after_the_stall_time() -> None:
+    class Transport(asyncio.Transport):
+        def __init__(self, sock: socket.socket) -> None:
+            super().__init__({"socket": sock})
+            self.aborted = asyncio.Event()
+
+        def write(self, data: Any) -> None: ...
+
+        def close(self) -> None: ...  # unsent bytes: nothing happens until the client reads them
+
+        def abort(self) -> None:
+            self.aborted.set()
+
+    class Calls:
+        peer, refused = "", False
+
+        def on_frame(self, *frame: Any) -> None: ...
+
+        def lost(self) -> None: ...
+
+    async def scenario() -> None:
+        link = LocalLink(Calls(), 100, stall_s=0.05)  # type: ignore[arg-type]
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            transport = Transport(ours)
+            link.connection_made(transport)
+            link.close()
+            await asyncio.wait_for(transport.aborted.wait(), 5)
+
+    run(scenario())
+
+
+def test_closing_a_session_does_not_wait_for_a_push_held_by_the_window(tmp_path: Path) -> None:
+    path = str(tmp_path / "server.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+
+    def server() -> None:  # grants 100 bytes once, then reads and answers nothing
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(frame(1, Kind.WANT, b"100"))
+            while conn.recv(65536):
+                pass
+
+    serving = threading.Thread(target=server, daemon=True)
+    serving.start()
+    session = LocalSession(path, "inline", PushedBatches(BatchFiles(str(tmp_path))), timeout=30)
+    pushes: list[BaseException] = []
+
+    def push() -> None:
+        try:
+            session.push([b"x" * 500])  # the first overdraws the window, the second waits for more
+        except InferError as exc:
+            pushes.append(exc)
+
+    first = threading.Thread(target=push)
+    first.start()
+    second = threading.Thread(target=push)
+    second.start()
+    closed = threading.Event()
+    closer = threading.Thread(target=lambda: (session.close(timeout=0.5), closed.set()))
+    closer.start()
+    assert closed.wait(10), "close() waited for the push"
+    for thread in (first, second, closer):
+        thread.join(10)
+    assert len(pushes) == 2 and {e.code for e in pushes} <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
+    with pytest.raises(InferError):
+        session.push([b"y"])
+    listener.close()
+    serving.join(10)

@@ -218,7 +218,8 @@ class Fronts:
         self, grpc_front: Front, path: Path, handlers: Handlers, gate: Gates, settings: ServerSettings
     ) -> None:
         self._grpc = grpc_front
-        s, stall_s = settings, settings.keepalive_s + settings.keepalive_timeout_s  # as keepalive drops a client
+        s = settings  # no pings here: a client that reads nothing for as long as either would end it is gone
+        stall_s = max(s.keepalive_s + s.keepalive_timeout_s, s.stream_idle_timeout_s)
         self._local = LocalFront(path, handlers, gate, s.max_concurrent_rpcs, s.max_message_bytes,
                                  idle_s=s.stream_idle_timeout_s, stall_s=stall_s)  # fmt: skip
 

@@ -91,9 +91,15 @@ def replace_leftover_socket(path: Path, flag: str) -> None:
     probe.settimeout(1.0)
     try:
         probe.connect(str(path))
-    except OSError:  # nobody listens: an earlier run's
-        os.unlink(path)
+    except ConnectionRefusedError:  # nobody listens: an earlier run's
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
         return
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # a full accept queue (EAGAIN) is a live server too; no permission: not ours
+        raise RuntimeError(f"{path} is a socket this server cannot tell is unused ({exc.strerror}): "
+                           f"remove it or choose another {flag}") from None  # fmt: skip
     finally:
         probe.close()
     raise RuntimeError(f"{path} is a socket a running server listens on: stop it or choose another {flag}")

@@ -88,13 +88,26 @@ class LocalCall(RelayedCall):
         self._inbox.put_nowait(raw)
 
 
+class _EndedCall:
+    """What a connection remembers of an ended call, for request messages already on their way to
+    it (counted against its window, then dropped): not its unread messages."""
+
+    def __init__(self, call: LocalCall) -> None:
+        self.granted, self.received, self.half_closed = call.granted, call.received, call.half_closed
+
+    @property
+    def wanted(self) -> bool:
+        return self.received < self.granted
+
+
 class LocalLink(Link):
     """A client's connection: ``Link`` framing, every frame checked by its header before its
     payload is read (``LocalCalls.admit``), each response acknowledged to its call as soon as the
     socket took it (a front process acknowledges after writing to its client). A client that does
     not read: past ``_OUTPUT_CAP`` unsent bytes its connection is not read either, and once it has
     not read for ``stall_s`` the connection is dropped and its calls cancelled (their results go
-    back), as gRPC's keepalive drops a frozen client's connection."""
+    back). With no pings to tell a frozen client from a busy one, ``stall_s`` is the longer of
+    gRPC's keepalive drop and the idle stream timeout."""
 
     def __init__(self, calls: LocalCalls, max_payload: int, stall_s: float) -> None:
         super().__init__(calls.on_frame, calls.lost, max_payload)
@@ -149,6 +162,13 @@ class LocalLink(Link):
     def _stalled(self) -> None:
         self.drop(f"{self._calls.peer} read nothing for {self._stall_s:g} s")
 
+    def close(self) -> None:
+        """Close once what is queued is written; a client that never reads it is dropped after
+        ``stall_s``, so a closed connection never lingers."""
+        super().close()
+        if not self.closed and (self._stall is None or self._stall.cancelled()):
+            self._stall = asyncio.get_running_loop().call_later(self._stall_s, self._stalled)
+
     def _ack(self) -> None:
         calls, self._unacked = self._unacked, []
         for call_id in calls:
@@ -172,12 +192,12 @@ class LocalCalls(LinkedCalls):
         self.peer = "local:unknown"
         self._front = front
         self._last_id = 0  # call ids only grow: an id is never reused on a connection
-        self._ended_calls: collections.OrderedDict[int, LocalCall] = collections.OrderedDict()
+        self._ended_calls: collections.OrderedDict[int, _EndedCall] = collections.OrderedDict()
         self.active = time.monotonic()  # the last frame, or the last call's end
         self.refused = False  # one connection too many: closed as it opens
 
-    def _call(self, call_id: int) -> LocalCall | None:
-        return cast(LocalCall | None, self._calls.get(call_id) or self._ended_calls.get(call_id))
+    def _call(self, call_id: int) -> LocalCall | _EndedCall | None:
+        return cast(LocalCall | None, self._calls.get(call_id)) or self._ended_calls.get(call_id)
 
     def admit(self, call_id: int, kind: int, length: int) -> str | None:
         """Why a frame may not come (see ``LocalLink``), from its header alone; None if it may."""
@@ -205,8 +225,8 @@ class LocalCalls(LinkedCalls):
         call = self._call(call_id)
         if call is None:
             return  # a call refused (it was never asked for anything), or one long ended
-        if call_id not in self._calls:  # ended meanwhile: what was on its way is counted, not kept
-            call.received += HEADER.size + len(payload)
+        if isinstance(call, _EndedCall):  # ended meanwhile: what was on its way is counted, not kept
+            call.received += HEADER.size + len(payload) if kind == Kind.MESSAGE else 0
             call.half_closed = call.half_closed or kind == Kind.HALF_CLOSE
         elif kind == Kind.MESSAGE:
             call.deliver(payload)
@@ -229,7 +249,7 @@ class LocalCalls(LinkedCalls):
         self.begin(call_id, CallDetails(method, metadata), self.peer, {})
 
     def _ended(self, call_id: int) -> None:
-        self._ended_calls[call_id] = cast(LocalCall, self._calls[call_id])
+        self._ended_calls[call_id] = _EndedCall(cast(LocalCall, self._calls[call_id]))
         if len(self._ended_calls) > _ENDED_KEPT:
             self._ended_calls.popitem(last=False)
         super()._ended(call_id)
