@@ -19,7 +19,8 @@ The other end is not trusted as a front process is:
     calls are cancelled, as when a client goes away);
   * a response write returns once the socket took it (or its buffer drained below asyncio's high
     water mark); a client that does not read is not read either past 8 MiB, and is dropped once
-    it read nothing for the keepalive's time (``LocalLink``);
+    it read nothing for as long as gRPC's keepalive or the idle stream timeout would allow
+    (``LocalLink``);
   * connections are bounded and closed when idle (``LocalFront``).
 The socket is created 0600: only the server's user (and root) may connect, as on ``--unix-socket``.
 """
