@@ -33,13 +33,14 @@ from benchmarks import servers
 
 HERE = Path(__file__).resolve().parent
 TRITON_PYTHON = servers.REPO_ROOT / ".venv-triton" / "bin" / "python"
-WAYS = ("v1-tmpfs", "v1-inline", "v1-local", "oip-inline", "oip-shm")
+WAYS = ("v1-tmpfs", "v1-inline", "v1-local", "v1-local-inline", "oip-inline", "oip-shm")
 
 
 def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
              images: list[str], env: dict[str, str] | None = None) -> list[subprocess.Popen[str]]:  # fmt: skip
     if way.startswith("v1"):
-        transport = f"local:{server.local_socket}" if way == "v1-local" else way.split("-")[1]
+        local = {"v1-local": "local", "v1-local-inline": "local-inline"}.get(way)  # the session on the local socket
+        transport = f"{local}:{server.local_socket}" if local else way.split("-")[1]
         cmd = [sys.executable, str(HERE / "oip_clients" / "v1_load.py"), server.address, str(server.shm_dir),
                transport, str(seconds), str(batch), *images]  # fmt: skip
     else:

@@ -6,13 +6,13 @@ Triton is NVIDIA's own ``tritonserver``, the binary nvidia-pytriton's wheel bund
 batcher up to ``--batch``, ``max_queue_delay_microseconds`` 0) around ``NullPipeline`` (the data path:
 read and header check) or, with ``--models``, ``VisionPipeline``. Its clients are tritonclient,
 unmodified (``.venv-triton``), with inline bytes and with Triton's system shared memory; this
-server's are its own client library over tmpfs and inline bytes on gRPC, and over tmpfs on the
-server's local socket (``--local-socket``: the Session without gRPC) (``oip_clients/``).
+server's are its own client library over tmpfs and inline bytes, on gRPC and on the server's local
+socket (``--local-socket``: the Session without gRPC) (``oip_clients/``).
 
 Per workload (client processes × images per request) and round (the order rotates): images/s and
 the server's CPU per image (the process and its children: front and workers, tritonserver and its
 Python stubs) for each way in, and the ratios the targets are written in: tmpfs ÷ Triton's system
-shared memory (gRPC and the local socket), inline ÷ Triton's bytes.
+shared memory, inline ÷ Triton's bytes (each on gRPC and on the local socket).
 
     make bench-peers        # = .venv/bin/python -m benchmarks.peers --json bench-out/peers.json
 """
@@ -41,8 +41,10 @@ from infer_proto import inference_pb2, inference_pb2_grpc
 
 PEERS_VENV = servers.REPO_ROOT / ".venv-peers"
 MODEL = Path(__file__).resolve().parent / "triton_peer" / "model.py"
-OURS, TRITON = ("v1-local", "v1-tmpfs", "v1-inline"), ("oip-shm", "oip-inline")  # oip.py's ways: ours, Triton's
+OURS = ("v1-local", "v1-tmpfs", "v1-local-inline", "v1-inline")  # oip.py's ways: ours, then Triton's
+TRITON = ("oip-shm", "oip-inline")
 PAIRS = {"local socket / Triton shm": ("v1-local", "oip-shm"), "tmpfs / Triton shm": ("v1-tmpfs", "oip-shm"),
+         "local inline / Triton bytes": ("v1-local-inline", "oip-inline"),
          "inline / Triton bytes": ("v1-inline", "oip-inline")}  # fmt: skip
 
 

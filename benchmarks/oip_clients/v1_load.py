@@ -4,9 +4,10 @@ It sends one request first (its connection, its Session), prints ``ready``, and 
 arrives on its standard input (``benchmarks.oip.run_clients``: every client starts together, once
 all are up, so no client's start-up counts).
 
-    python v1_load.py HOST:PORT SHM_DIR tmpfs|inline|local:SOCKET SECONDS BATCH IMAGE...
+    python v1_load.py HOST:PORT SHM_DIR tmpfs|inline|local:SOCKET|local-inline:SOCKET SECONDS BATCH IMAGE...
 
-``local:SOCKET``: tmpfs, with the Session on the server's local socket (``--local-socket``).
+``local:SOCKET`` (tmpfs), ``local-inline:SOCKET``: the Session on the server's local socket
+(``--local-socket``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ def main() -> None:
     url, shm_dir, transport = sys.argv[1:4]
     seconds, batch = float(sys.argv[4]), int(sys.argv[5])
     images = [Path(p).read_bytes() for p in sys.argv[6:]]
-    local = transport.removeprefix("local:") if transport.startswith("local:") else None
-    with InferClient(url, shm_dir=shm_dir, transport="tmpfs" if local else transport,  # type: ignore[arg-type]
-                     local_socket=local) as client:  # fmt: skip
+    kind, _, local = transport.partition(":")  # local:SOCKET, local-inline:SOCKET
+    transport = {"local": "tmpfs", "local-inline": "inline"}.get(kind, transport)
+    with InferClient(url, shm_dir=shm_dir, transport=transport, local_socket=local or None) as client:  # type: ignore[arg-type]
         client.detect(images[:batch])
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":  # the benchmark gave up on the run

@@ -59,7 +59,7 @@ class Client:
 
     async def closed_by_server(self) -> bool:
         """Everything the server still sends, until it closes the connection."""
-        with contextlib.suppress(ConnectionResetError):
+        with contextlib.suppress(ConnectionError):  # reset, or a broken pipe under what it still sends
             while await self.reader.read(65536):
                 pass
         return True

@@ -48,7 +48,7 @@ from infer_server.relay.link import Link
 
 log = logging.getLogger(__name__)
 
-WINDOW = 64 * 1024  # request bytes a call may have on their way (``LocalCall``)
+WINDOW = 1024 * 1024  # request bytes a call may have on their way (``LocalCall``; docs/local-socket.md)
 _MAX_START_BYTES = 64 * 1024  # method and metadata (gRPC's default metadata limit is 8 KiB)
 _OUTPUT_CAP = 8 * 1024 * 1024  # unsent bytes past which a connection is not read until its client reads
 _ENDED_KEPT = 16  # ended calls a connection remembers, for messages already on their way to them
@@ -60,9 +60,10 @@ class LocalCall(RelayedCall):
     """A local client's call: its request messages flow against a window of ``WINDOW`` bytes (the
     client may send while the bytes it sent, headers included, are fewer than those granted; the
     last message may overdraw), granted again as the handler takes them. A client pushing small
-    messages then gets a ``WANT`` every few hundred of them instead of one per message, saving the
-    server a ``send`` and the client a wake-up per request. Held here per call: at most the window
-    and one message."""
+    messages then gets a ``WANT`` every few thousand of them (inline single images: every seven or
+    so) instead of one per message, saving the server a ``send`` and the client a wake-up per
+    request. Held here per call: at most the window and one message, as gRPC holds a stream's
+    flow-control window."""
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
