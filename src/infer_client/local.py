@@ -11,7 +11,7 @@ client that pushes small messages hears from the server's flow control once in h
 No thread of its own: a thread that waits for an answer or results reads the socket itself while
 the others wait on a condition, so a push and its results cost a ``send`` and a ``recv`` or two,
 where gRPC's blocking stream hands each message between three threads. Same surface and
-guarantees as ``session.Session`` (which it shares ``SessionBook`` with).
+guarantees as ``session.Session`` (it shares ``BlockingSession`` and ``SessionBook`` with it).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
+from collections.abc import Sequence
 from typing import TypeVar
 
 import grpc
 
-from infer_client._protocol import MAX_RECEIVE_BYTES, ImageSource, InferError, PushedBatches, prepare_push
-from infer_client.results import ImageResult, status_code
-from infer_client.session import _ENDED, Metadata, SessionBook, _accepted, _not_ours, _whole
+from infer_client._protocol import MAX_RECEIVE_BYTES, ImageSource, InferError, PushedBatches
+from infer_client.results import status_code
+from infer_client.session import _ENDED, BlockingSession, Metadata, SessionBook, _accepted
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
 
@@ -44,7 +43,7 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
-class LocalSession:
+class LocalSession(BlockingSession):
     """One Session call on its own connection to the local socket; threads may share it. Close it
     (or ``with``)."""
 
@@ -75,22 +74,12 @@ class LocalSession:
             self._sock.close()
             raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
 
-    @property
-    def broken(self) -> bool:
-        with self._cond:
-            return self._book.error is not None
-
     def push(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
         *, defer_answer: bool = False,
     ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
-        prepared = prepare_push(images, names, request_id, self._transport, self._files)
-        with self._cond:
-            if self._book.error is not None:
-                self._files.discard(prepared.owned_path)
-                raise self._book.error
-            tag, request = self._book.request(prepared, defer_answer)
+        tag, request = self._booked(images, names, request_id, defer_answer)
         message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
         with self._sending:  # window taken and message sent in one order: the server counts them so
             if self._closing:
@@ -103,23 +92,6 @@ class LocalSession:
                 raise
             self._send(message)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
-
-    def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
-        """The batch's results in completion order as they arrive; ends after its last one."""
-        with self._cond:
-            if not self._book.owes(batch_id):
-                raise _not_ours(batch_id)
-        last = False
-        while not last:
-            taken, last = self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
-            yield from map(ImageResult.from_proto, taken)
-
-    def detect(
-        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
-    ) -> list[ImageResult]:
-        """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = self.push(images, names, request_id, defer_answer=True)
-        return _whole(batch_id, list(self.results(batch_id)), len(images))
 
     def cancel(self) -> None:
         """Abandon the call now: waiters get CANCELLED; results it did not receive stay their
@@ -163,22 +135,12 @@ class LocalSession:
             self._cond.notify_all()
         self._sock.close()
 
-    def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
-        """``ready()``'s value once it has one (under the lock); meanwhile this thread reads the socket,
-        unless another one does."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while (value := ready()) is None:
-                if self._book.error is not None:
-                    raise self._book.error
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s")
-                if self._reading:
-                    self._cond.wait(left)
-                    continue
-                self._read(left)
-            return value
+    def _until_news(self, left: float | None) -> None:
+        """Read the socket, unless another thread does: then wait for it to say what it read."""
+        if self._reading:
+            self._cond.wait(left)
+        else:
+            self._read(left)
 
     def _read(self, timeout: float | None) -> None:
         """Receive what the server sent (waiting up to ``timeout``) and take it in; holds the lock
@@ -242,14 +204,6 @@ class LocalSession:
                 self._book.fail(InferError(status_code(code), details))
             else:
                 self._book.fail(InferError(grpc.StatusCode.CANCELLED, _ENDED))
-
-    def __enter__(self) -> LocalSession:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 __all__ = ["LocalSession"]

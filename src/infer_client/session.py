@@ -1,6 +1,7 @@
 """Sessions: pushes and results on one ``Session`` stream, the client's fast path.
 
-Used by ``InferClient.detect``/``session()`` (``Session``: a reader thread) and by
+Used by ``InferClient.detect``/``session()`` (``Session``: a reader thread; ``local.LocalSession``
+on the server's local socket shares ``BlockingSession`` with it) and by
 ``AsyncInferClient.detect``/``session()`` (``AsyncSession``: a reader task), in the client
 application's process. Against ``push`` + ``pull`` a session saves two RPCs per batch and sends
 a burst of results per message instead of one message per image; on a busy same-host data path
@@ -25,10 +26,11 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
+from infer_client._batch_files import BatchFiles
 from infer_client._protocol import (
     ImageSource,
     InferError,
@@ -127,7 +129,85 @@ def _not_ours(batch_id: str) -> ValueError:
     return ValueError(f"batch {batch_id!r} was not pushed on this session (or its results were read)")
 
 
-class Session:
+class BlockingSession:
+    """What the two blocking session kinds share (``Session`` on gRPC, ``local.LocalSession`` on the
+    server's local socket): reading a batch's results from the book, ``detect``, ``with``. A
+    subclass has ``_cond`` (guarding ``_book``), ``_timeout``, ``push``, ``close`` and ``_wait``."""
+
+    _cond: threading.Condition
+    _book: SessionBook
+    _timeout: float | None
+    _transport: str
+    _files: BatchFiles
+
+    def push(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
+        *, defer_answer: bool = False,
+    ) -> str:  # fmt: skip
+        raise NotImplementedError
+
+    def close(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
+
+    def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
+        """``ready()``'s value once it has one (under the lock), or the book's error, or DEADLINE_EXCEEDED."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (value := ready()) is None:
+                if self._book.error is not None:
+                    raise self._book.error
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s")
+                self._until_news(left)
+            return value
+
+    def _until_news(self, left: float | None) -> None:
+        """Under the lock: return once the book may have changed (or ``left`` seconds passed)."""
+        raise NotImplementedError
+
+    @property
+    def broken(self) -> bool:
+        with self._cond:
+            return self._book.error is not None
+
+    def _booked(self, images: Sequence[ImageSource], names: Sequence[str] | None, request_id: str | None,
+                defer_answer: bool) -> tuple[int, infer_pb2.SessionRequest]:  # fmt: skip
+        """A push's request, written (its batch file) and booked under a new tag."""
+        prepared = prepare_push(images, names, request_id, self._transport, self._files)
+        with self._cond:
+            if self._book.error is not None:
+                self._files.discard(prepared.owned_path)
+                raise self._book.error
+            return self._book.request(prepared, defer_answer)
+
+    def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
+        """The batch's results in completion order as they arrive; ends after its last one."""
+        with self._cond:
+            if not self._book.owes(batch_id):
+                raise _not_ours(batch_id)
+        last = False
+        while not last:
+            taken, last = self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
+            yield from map(ImageResult.from_proto, taken)
+
+    def detect(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
+    ) -> list[ImageResult]:
+        """Push one batch and wait for all its results; ordered by index like ``images``."""
+        batch_id = self.push(images, names, request_id, defer_answer=True)
+        return _whole(batch_id, list(self.results(batch_id)), len(images))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Session(BlockingSession):
     """One ``Session`` stream of a blocking client; threads may share it. Close it (or ``with``).
 
     ``push`` returns a batch id once the server admitted the batch (``InferError`` otherwise);
@@ -149,41 +229,14 @@ class Session:
         self._reader = threading.Thread(target=self._read, name="infer-session-reader", daemon=True)
         self._reader.start()
 
-    @property
-    def broken(self) -> bool:
-        with self._cond:
-            return self._book.error is not None
-
     def push(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
         *, defer_answer: bool = False,
     ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
-        prepared = prepare_push(images, names, request_id, self._transport, self._files)
-        with self._cond:
-            if self._book.error is not None:
-                self._files.discard(prepared.owned_path)
-                raise self._book.error
-            tag, request = self._book.request(prepared, defer_answer)
+        tag, request = self._booked(images, names, request_id, defer_answer)
         self._requests.put(request)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
-
-    def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
-        """The batch's results in completion order as they arrive; ends after its last one."""
-        with self._cond:
-            if not self._book.owes(batch_id):
-                raise _not_ours(batch_id)
-        last = False
-        while not last:
-            taken, last = self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
-            yield from map(ImageResult.from_proto, taken)
-
-    def detect(
-        self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
-    ) -> list[ImageResult]:
-        """Push one batch and wait for all its results; ordered by index like ``images``."""
-        batch_id = self.push(images, names, request_id, defer_answer=True)
-        return _whole(batch_id, list(self.results(batch_id)), len(images))
 
     def cancel(self) -> None:
         """Abandon the stream now: waiters get CANCELLED; results it did not receive stay their
@@ -198,17 +251,8 @@ class Session:
             self._call.cancel()
             self._reader.join(timeout)
 
-    def _wait(self, ready: Callable[[], T | None], timeout: float | None) -> T:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while (value := ready()) is None:
-                if self._book.error is not None:
-                    raise self._book.error
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:g}s")
-                self._cond.wait(left)
-            return value
+    def _until_news(self, left: float | None) -> None:
+        self._cond.wait(left)  # the reader thread notifies
 
     def _read(self) -> None:
         error = InferError(grpc.StatusCode.CANCELLED, _ENDED)
@@ -227,15 +271,6 @@ class Session:
             with self._cond:
                 self._book.fail(error)
                 self._cond.notify_all()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
 
 class AsyncSession:
     """One ``Session`` stream of an asyncio client (``AsyncInferClient.session()``); same surface."""
@@ -340,4 +375,4 @@ class AsyncSession:
         await self.close()
 
 
-__all__ = ["AsyncSession", "Session", "SessionBook"]
+__all__ = ["AsyncSession", "BlockingSession", "Session", "SessionBook"]

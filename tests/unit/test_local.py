@@ -64,6 +64,13 @@ class Client:
                 pass
         return True
 
+    async def hang(self) -> None:
+        """Call 1: ``Probe.hang``, until it wrote its first message (it then waits to be cancelled)."""
+        await self.start(1, "/test.Probe/Hang")
+        await self.expect(Kind.WANT)
+        self.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+        assert await self.expect(Kind.MESSAGE) == b"first"
+
     async def unary(self, method: str, request: bytes, metadata: Any = (), call: int = 1) -> tuple[int, str, bytes]:
         await self.start(call, method, metadata)
         if (got := await self.receive())[1] == Kind.END:  # answered without reading (no such method)
@@ -205,10 +212,7 @@ def test_a_dropped_connection_cancels_its_calls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with local_front(tmp_path, probe.handlers()) as (front, connect):
             client = await connect()
-            await client.start(1, "/test.Probe/Hang")
-            await client.expect(Kind.WANT)
-            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
-            assert await client.expect(Kind.MESSAGE) == b"first"
+            await client.hang()
             client.send(frame(1, Kind.ACK))  # a front process's frame: not a client's
             await asyncio.wait_for(probe.cancelled.wait(), 5)
             await asyncio.wait_for(client.closed_by_server(), 5)
@@ -224,10 +228,7 @@ def test_a_client_that_goes_away_cancels_its_calls(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with local_front(tmp_path, probe.handlers()) as (_, connect):
             client = await connect()
-            await client.start(1, "/test.Probe/Hang")
-            await client.expect(Kind.WANT)
-            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
-            assert await client.expect(Kind.MESSAGE) == b"first"
+            await client.hang()
             client.writer.close()
             await asyncio.wait_for(probe.cancelled.wait(), 5)
 
@@ -278,10 +279,7 @@ def test_stopping_refuses_new_calls_ends_open_ones_after_the_grace_and_removes_t
         await front.start()
         holder = Client(*await asyncio.open_unix_connection(str(front.path)))
         late = Client(*await asyncio.open_unix_connection(str(front.path)))
-        await holder.start(1, "/test.Probe/Hang")
-        await holder.expect(Kind.WANT)
-        holder.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
-        await holder.expect(Kind.MESSAGE)
+        await holder.hang()
         stopping = asyncio.ensure_future(front.stop(0.5))
         while not front.stopping:
             await asyncio.sleep(0)
@@ -381,10 +379,7 @@ def test_a_cancel_after_the_half_close_cancels_that_call_alone(tmp_path: Path) -
     async def scenario() -> tuple[int, str, bytes]:
         async with local_front(tmp_path, probe.handlers()) as (_, connect):
             client = await connect()
-            await client.start(1, "/test.Probe/Hang")
-            await client.expect(Kind.WANT)
-            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
-            assert await client.expect(Kind.MESSAGE) == b"first"
+            await client.hang()
             client.send(frame(1, Kind.CANCEL))
             await asyncio.wait_for(probe.cancelled.wait(), 5)
             return await client.unary("/test.Probe/Echo", b"still here", call=2)
