@@ -34,6 +34,7 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
+from infer_client.local import AsyncLocalStub
 from infer_client.results import ImageResult
 from infer_client.session import AsyncSession
 from infer_proto import infer_pb2_grpc
@@ -52,8 +53,12 @@ class AsyncInferClient:
         transport: Transport = "auto",
         timeout: float | None = 120.0,
         credentials: Credentials | None = None,
+        local_socket: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``local_socket``: the server's ``--local-socket``; sessions (and ``detect``) then run over it,
+        without gRPC (``infer_client.local``); the other calls go to ``target``."""
         self.target = target
+        self.local_socket = local_socket
         self.shm_dir = os.fspath(shm_dir)
         self.transport = resolve_transport(transport, target, self.shm_dir)
         self.timeout = timeout
@@ -104,8 +109,10 @@ class AsyncInferClient:
         return self._pushed.files.inline_fallbacks
 
     def session(self) -> AsyncSession:
-        """A new ``AsyncSession`` stream (pushes and results on one RPC); ``await close()`` it."""
-        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
+        """A new ``AsyncSession`` stream (pushes and results on one RPC; on the local socket if the
+        client has one); ``await close()`` it."""
+        stub = AsyncLocalStub(self.local_socket) if self.local_socket is not None else self._stub
+        return AsyncSession(stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

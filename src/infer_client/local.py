@@ -1,7 +1,8 @@
 """Sessions over the server's local socket (``--local-socket``): the Session call without gRPC.
 
-Used by ``InferClient`` when it is given ``local_socket`` (``session()`` and ``detect``), in the
-client application's process. The client connects to the server's Unix-domain socket and speaks
+Used by ``InferClient`` when it is given ``local_socket`` (``session()`` and ``detect``:
+``LocalSession``), and by ``AsyncInferClient`` (its ``AsyncSession`` over ``AsyncLocalCall``), in
+the client application's process. The client connects to the server's Unix-domain socket and speaks
 ``infer_proto.framing``'s frames itself: ``START`` (the Session method and the credentials'
 metadata), each push as a ``MESSAGE`` while the server's window allows it (each ``WANT`` grants
 its payload's number of bytes; a push may be sent while fewer bytes were sent than granted, so a
@@ -16,12 +17,13 @@ guarantees as ``session.Session`` (it shares ``BlockingSession`` and ``SessionBo
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -206,4 +208,110 @@ class LocalSession(BlockingSession):
                 self._book.fail(InferError(grpc.StatusCode.CANCELLED, _ENDED))
 
 
-__all__ = ["LocalSession"]
+class LocalCallError(grpc.RpcError):
+    """A local call's failure, as ``grpc.aio`` raises one: ``code()`` and ``details()``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+class AsyncLocalCall:
+    """The Session call on the local socket, shaped as ``session.AsyncSession`` uses a grpc.aio
+    stream-stream call: ``write`` (waiting for the window), ``done_writing``, ``cancel`` and the
+    replies by ``async for`` (which also takes in the window's grants). ``AsyncSession`` writes one
+    message at a time and always reads, so the window is taken and spent in order."""
+
+    def __init__(self, path: str | os.PathLike[str], metadata: Metadata) -> None:
+        self._window = 0
+        self._news = asyncio.Event()  # a grant, or the end of the call
+        self._error: LocalCallError | None = None  # writes fail with it once the call is over
+        self._connected = asyncio.ensure_future(self._connect(path, metadata))
+
+    @staticmethod
+    async def _connect(path: str | os.PathLike[str], metadata: Metadata
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # fmt: skip
+        try:
+            reader, writer = await asyncio.open_unix_connection(os.fspath(path))
+        except OSError as exc:
+            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
+        writer.write(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
+        return reader, writer
+
+    async def write(self, request: infer_pb2.SessionRequest) -> None:
+        _, writer = await self._connected
+        message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
+        while self._window <= 0 and self._error is None:
+            self._news.clear()
+            await self._news.wait()
+        if self._error is not None:
+            raise self._error
+        self._window -= len(message)
+        await self._send(writer, message)
+
+    async def done_writing(self) -> None:
+        _, writer = await self._connected
+        if self._error is None:
+            self._error = LocalCallError(grpc.StatusCode.CANCELLED, "the session is closed")
+            await self._send(writer, frame(_CALL, Kind.HALF_CLOSE))
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+        try:
+            writer.write(data)
+            await writer.drain()
+        except OSError as exc:
+            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}") from None
+
+    def cancel(self) -> None:
+        if not self._connected.done():
+            self._connected.cancel()
+        elif not self._connected.cancelled() and self._connected.exception() is None:
+            self._connected.result()[1].transport.abort()
+
+    def __aiter__(self) -> AsyncIterator[infer_pb2.SessionReply]:
+        return self._replies()
+
+    async def _replies(self) -> AsyncIterator[infer_pb2.SessionReply]:
+        try:
+            reader, _ = await self._connected
+            while True:
+                call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
+                if length > MAX_RECEIVE_BYTES or call != _CALL:
+                    raise LocalCallError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
+                payload = await reader.readexactly(length)
+                if kind == Kind.WANT:
+                    self._window += int(payload)
+                    self._news.set()
+                elif kind == Kind.MESSAGE:
+                    yield infer_pb2.SessionReply.FromString(payload)
+                elif kind == Kind.END:
+                    code, details = decode_end(payload)
+                    if code:
+                        raise LocalCallError(status_code(code), details)
+                    return
+        except (asyncio.IncompleteReadError, OSError) as exc:
+            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc!r}") from None
+        finally:
+            self._error = self._error or LocalCallError(grpc.StatusCode.CANCELLED, _ENDED)
+            self._news.set()
+            self.cancel()
+
+
+class AsyncLocalStub:
+    """What ``AsyncSession`` asks of a stub (``Session(metadata=...)``), for the local socket."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self._path = path
+
+    def Session(self, metadata: Metadata = None) -> AsyncLocalCall:  # noqa: N802 - the stub's method name
+        return AsyncLocalCall(self._path, metadata)
+
+
+__all__ = ["AsyncLocalCall", "AsyncLocalStub", "LocalCallError", "LocalSession"]

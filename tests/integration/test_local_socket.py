@@ -8,6 +8,7 @@ client sees when the server goes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import grpc
 import pytest
 
 from engines.scenes import Scene
-from infer_client import InferError, LocalSession
+from infer_client import AsyncInferClient, InferError, LocalSession
 from tests.integration.conftest import RunningServer, running_server
 
 
@@ -96,3 +97,25 @@ def test_the_command_line_client_pushes_on_the_local_socket(local_server: Runnin
     assert cli.returncode == 0, err
     assert json.loads(out)["status"]["name"] == "OK"
     assert f'"peer":"local:pid={cli.pid},' in local_server.log_path.read_text()  # it came by the local socket
+
+
+def test_an_asyncio_client_runs_its_sessions_on_the_local_socket(local_server: RunningServer,
+                                                                 scenes: list[Scene]) -> None:  # fmt: skip
+    async def main() -> tuple[list[bool], set[int], InferError]:
+        async with AsyncInferClient(local_server.address, shm_dir=local_server.shm_dir,
+                                    local_socket=local_server.local_socket) as client:  # fmt: skip
+            detected = [r.ok for r in await client.detect([s.jpeg for s in scenes[:2]])]
+            session = client.session()
+            ids = await asyncio.gather(*(session.push([s.jpeg]) for s in scenes[2:5]))
+            indexes = {r.index for batch_id in ids async for r in session.results(batch_id)}
+            await session.close()
+            with pytest.raises(InferError) as closed:
+                await session.push([scenes[5].jpeg])
+            return detected, indexes, closed.value
+
+    ours = f'"peer":"local:pid={os.getpid()},'
+    before = local_server.log_path.read_text().count(ours)
+    detected, indexes, closed = asyncio.run(asyncio.wait_for(main(), 60))
+    assert detected == [True, True] and indexes == {0}
+    assert closed.code == grpc.StatusCode.CANCELLED
+    assert local_server.log_path.read_text().count(ours) == before + 4  # every push came by the local socket
