@@ -126,7 +126,7 @@ class ServerProcess:
     address: str = ""
     monitor: MemoryMonitor | None = None
     worker_pids: list[int] = field(default_factory=list)
-    local_socket: Path | None = None  # the product's --local-socket, beside its shared directory
+    local_socket: Path | None = None  # the product's --local-socket, in a directory of its own
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the front (main process and its gRPC front processes, if any) and
