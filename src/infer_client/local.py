@@ -24,7 +24,6 @@ import struct
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TypeVar
 
 import grpc
 
@@ -34,7 +33,6 @@ from infer_client.session import _ENDED, BlockingSession, Metadata, SessionBook,
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
 
-T = TypeVar("T")
 SESSION = "/infer.v1.InferenceService/Session"
 _CALL = 1  # the one call of this connection
 _RECEIVE_CHUNK = 64 * 1024
@@ -43,6 +41,17 @@ _RECEIVE_SLICE_S = 0.25
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+
+
+def _unexpected(call: int, length: int) -> str | None:
+    """Why a frame the server sent cannot be taken in (a call not ours, or too long), or None."""
+    return f"a frame of {length} bytes for call {call}" if length > MAX_RECEIVE_BYTES or call != _CALL else None
+
+
+def _ended_with(payload: bytes) -> InferError | None:
+    """An ``END``'s status as an error; None if the call ended OK."""
+    code, details = decode_end(payload)
+    return InferError(status_code(code), details) if code else None
 
 
 class LocalSession(BlockingSession):
@@ -185,8 +194,8 @@ class LocalSession(BlockingSession):
         buffer, offset, frames = self._received, 0, []
         while len(buffer) - offset >= HEADER.size:
             call, kind, length = HEADER.unpack_from(buffer, offset)
-            if length > MAX_RECEIVE_BYTES or call != _CALL:
-                raise ValueError(f"a frame of {length} bytes for call {call}")
+            if reason := _unexpected(call, length):
+                raise ValueError(reason)
             if len(buffer) - offset - HEADER.size < length:
                 break
             frames.append((kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])))
@@ -200,12 +209,8 @@ class LocalSession(BlockingSession):
         elif kind == Kind.MESSAGE:
             self._book.absorb(infer_pb2.SessionReply.FromString(payload))
         elif kind == Kind.END:
-            code, details = decode_end(payload)
             self._ended = True
-            if code:
-                self._book.fail(InferError(status_code(code), details))
-            else:
-                self._book.fail(InferError(grpc.StatusCode.CANCELLED, _ENDED))
+            self._book.fail(_ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))
 
 
 class LocalCallError(grpc.RpcError):
@@ -283,8 +288,8 @@ class AsyncLocalCall:
             reader, _ = await self._connected
             while True:
                 call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if length > MAX_RECEIVE_BYTES or call != _CALL:
-                    raise LocalCallError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
+                if reason := _unexpected(call, length):
+                    raise LocalCallError(grpc.StatusCode.INTERNAL, reason)
                 payload = await reader.readexactly(length)
                 if kind == Kind.WANT:
                     self._window += int(payload)
@@ -292,9 +297,8 @@ class AsyncLocalCall:
                 elif kind == Kind.MESSAGE:
                     yield infer_pb2.SessionReply.FromString(payload)
                 elif kind == Kind.END:
-                    code, details = decode_end(payload)
-                    if code:
-                        raise LocalCallError(status_code(code), details)
+                    if error := _ended_with(payload):
+                        raise LocalCallError(error.code, error.message)
                     return
         except (asyncio.IncompleteReadError, OSError) as exc:
             raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc!r}") from None

@@ -23,6 +23,7 @@ import enum
 import json
 import struct
 from collections.abc import Iterable
+from typing import Any
 
 HEADER = struct.Struct("<QBI")  # call id (never reused on a link), kind, payload length
 LINK = 0  # the call id of a front process's link frames
@@ -45,15 +46,17 @@ def frame(call: int, kind: Kind, payload: bytes = b"") -> bytes:
     return HEADER.pack(call, kind, len(payload)) + payload
 
 
-def encode_call_start(method: str, metadata: Iterable[tuple[str, str | bytes]]) -> bytes:
-    """A client's ``START``: the method and the metadata (``-bin`` values in base64)."""
+def encode_call_start(method: str, metadata: Iterable[tuple[str, str | bytes]], **fields: Any) -> bytes:
+    """A call's ``START``: the method and the metadata (``-bin`` values in base64), and what else a
+    front process adds (``relay.link.encode_start``: the client's peer and auth context)."""
     pairs = [(key, base64.b64encode(value).decode() if isinstance(value, bytes) else value) for key, value in metadata]
-    return json.dumps({"method": method, "metadata": pairs}).encode()
+    return json.dumps({"method": method, "metadata": pairs, **fields}).encode()
 
 
-def decode_call_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...]]:
-    """``encode_call_start``'s inverse, for a payload nobody vouches for: ``ValueError`` if malformed.
-    Any other field is ignored (the server finds the peer itself)."""
+def decode_call_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...], dict[str, Any]]:
+    """``encode_call_start``'s inverse, strict enough for a payload nobody vouches for (a local
+    socket's client): method, metadata and the whole start (whose other fields only a front
+    process's link may be believed about); ``ValueError`` if malformed."""
     try:
         start = json.loads(payload)
         method, pairs = start["method"], start.get("metadata", [])
@@ -67,7 +70,7 @@ def decode_call_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes
     except (KeyError, TypeError, AttributeError, RecursionError, binascii.Error, json.JSONDecodeError,
             UnicodeDecodeError) as exc:  # fmt: skip
         raise ValueError(f"a malformed start: {exc!r}") from None
-    return method, tuple(metadata)
+    return method, tuple(metadata), start
 
 
 def encode_end(code: int, details: str) -> bytes:

@@ -195,7 +195,7 @@ class LocalCalls(LinkedCalls):
         self._front = front
         self._last_id = 0  # call ids only grow: an id is never reused on a connection
         self._ended_calls: collections.OrderedDict[int, _EndedCall] = collections.OrderedDict()
-        self.active = time.monotonic()  # the last frame, or the last call's end
+        self.active = time.monotonic()  # the last call's start or end
         self.refused = False  # one connection too many: closed as it opens
 
     def _call(self, call_id: int) -> LocalCall | _EndedCall | None:
@@ -220,7 +220,6 @@ class LocalCalls(LinkedCalls):
 
     def on_frame(self, call_id: int, kind: int, payload: bytes) -> None:
         """A frame ``admit`` let in."""
-        self.active = time.monotonic()
         if kind == Kind.START:
             self._start(call_id, payload)
             return
@@ -239,9 +238,9 @@ class LocalCalls(LinkedCalls):
             call.task.cancel()
 
     def _start(self, call_id: int, payload: bytes) -> None:
-        self._last_id = call_id
+        self._last_id, self.active = call_id, time.monotonic()
         try:
-            method, metadata = decode_call_start(payload)
+            method, metadata, _ = decode_call_start(payload)  # a peer it names is not believed
         except ValueError as exc:
             self.link.drop(f"{self.peer}: {exc}")
             return

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
 
-from infer_proto.framing import HEADER, Kind
+from infer_proto.framing import HEADER, Kind, decode_call_start, encode_call_start
 
 log = logging.getLogger(__name__)
 
@@ -117,26 +116,16 @@ class Link(asyncio.Protocol):
             self._on_lost()
 
 
-def _text(value: str | bytes) -> str:
-    return base64.b64encode(value).decode() if isinstance(value, bytes) else value
-
-
 def encode_start(method: str, metadata: Iterable[tuple[str, str | bytes]], peer: str,
                  auth_context: Mapping[str, Iterable[bytes]]) -> bytes:  # fmt: skip
-    """A call's start: binary metadata (``-bin`` keys) and the auth context's values in base64."""
-    return json.dumps({
-        "method": method,
-        "metadata": [(key, _text(value)) for key, value in metadata],
-        "peer": peer,
-        "auth": {key: [_text(value) for value in values] for key, values in auth_context.items()},
-    }).encode()  # fmt: skip
+    """A relayed call's start: a client's start, with the client's peer and its auth context's
+    values (in base64)."""
+    auth = {key: [base64.b64encode(value).decode() for value in values] for key, values in auth_context.items()}
+    return encode_call_start(method, metadata, peer=peer, auth=auth)
 
 
 def decode_start(payload: bytes) -> tuple[str, tuple[tuple[str, str | bytes], ...], str, dict[str, list[bytes]]]:
     """``encode_start``'s inverse: method, metadata, peer, auth context."""
-    start = json.loads(payload)
-    metadata = tuple(
-        (key, base64.b64decode(value) if key.endswith("-bin") else value) for key, value in start["metadata"]
-    )
+    method, metadata, start = decode_call_start(payload)
     auth = {key: [base64.b64decode(value) for value in values] for key, values in start["auth"].items()}
-    return start["method"], metadata, start["peer"], auth
+    return method, metadata, start["peer"], auth
