@@ -245,7 +245,11 @@ def test_inline_data_is_staged_owner_only_and_released(handoff: Handoff, root: P
     assert [(r.offset, r.size) for r in batch.images] == [(0, 3), (3, 5)]
     assert not [p for p in os.listdir(root / ".server") if p.endswith(".tmp")]
     handoff.release(batch)
-    assert os.listdir(root / ".server") == []
+    again = handoff.materialize(handoff.plan("", b"ij", [2], []))
+    assert again.path == batch.path and Path(again.path).read_bytes() == b"ij", "kept, rewritten (on tmpfs)"
+    handoff.release(again)
+    handoff.remove_staging_dir()
+    assert not (root / ".server").exists()
 
 
 def test_inline_size_mismatch(handoff: Handoff) -> None:

@@ -1,5 +1,6 @@
 """The staging tiers' bookkeeping: a staged batch moved to disk keeps its bytes and frees the tmpfs,
-and the per-tier accounting is recounted from what the front holds."""
+the per-tier accounting is recounted from what the front holds, and released files on tmpfs are
+rewritten for later batches (spares), bounded, never while over the mark."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from infer_server.front.handoff import STAGE_ON_LOOP_BYTES, Handoff, HandoffLimits
+from infer_server.front.staging import SPARE_BYTES, SPARE_FILES
 from infer_server.messages import ImageRef
+from tests.helpers import on_small_tmpfs
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1 << 20, max_name_bytes=64, max_path_bytes=256)
 
@@ -111,3 +114,88 @@ def test_staged_files_get_distinct_names_from_any_thread(tiers: tuple[Handoff, P
     assert len({s.path for s in staged}) == 200 and len(os.listdir(staging)) == 200
     for s in staged:
         handoff.release(s)
+
+
+def test_a_released_staging_file_is_rewritten_to_exactly_the_next_batch(tiers: tuple[Handoff, Path, Path]) -> None:
+    """Its pages are reused: the same file, holding exactly the new bytes (cut when smaller, grown
+    when larger), nothing of the batch before it."""
+    handoff, staging, _ = tiers
+    handoff.spill_at = 1.0
+    first = handoff.stage_on_loop(b"a" * 3000, (ImageRef(0, 0, 3000),))
+    assert first is not None
+    handoff.release(first)
+    assert os.listdir(staging) == [os.path.basename(first.path)] and handoff.staged_bytes == [0, 0]
+    for data in (b"b" * 1000, os.urandom(5000)):
+        again = handoff.stage_on_loop(data, (ImageRef(0, 0, len(data)),))
+        assert again is not None and (again.path, again.file.ino) == (first.path, first.file.ino)
+        assert again.file.size == len(data) == os.fstat(again.file.fd).st_size
+        assert os.pread(again.file.fd, 10_000, 0) == data
+        assert handoff.staged_bytes == [len(data), 0]
+        handoff.release(again)
+    handoff.release(again)  # a second release of the same batch: the spare stays
+    assert len(os.listdir(staging)) == 1
+
+
+def test_spares_are_few_and_small(tiers: tuple[Handoff, Path, Path]) -> None:
+    handoff, staging, _ = tiers
+    handoff.spill_at = 1.0
+    batches = [handoff.stage_inline(b"c" * 100, (ImageRef(0, 0, 100),)) for _ in range(SPARE_FILES + 3)]
+    large = handoff.stage_inline(b"d" * (SPARE_BYTES + 1), (ImageRef(0, 0, SPARE_BYTES + 1),))
+    for batch in [*batches, large]:
+        handoff.release(batch)
+    assert len(os.listdir(staging)) == SPARE_FILES, "the rest deleted, the large one too"
+    fds = len(os.listdir("/proc/self/fd"))
+    handoff.remove_staging_dir()
+    assert len(os.listdir("/proc/self/fd")) <= fds - SPARE_FILES and not staging.exists()
+
+
+def test_no_spare_is_kept_over_the_mark(tiers: tuple[Handoff, Path, Path]) -> None:
+    """Spilling frees the tmpfs: a file released while it is over --spill-at is deleted."""
+    handoff, staging, _ = tiers
+    handoff.spill_at = 1.0
+    batch = handoff.stage_inline(b"e" * 100, (ImageRef(0, 0, 100),))
+    handoff.spill_at = 0.0
+    handoff.release(batch)
+    assert os.listdir(staging) == []
+
+
+def test_the_orphan_sweep_leaves_spares_alone(tiers: tuple[Handoff, Path, Path]) -> None:
+    handoff, staging, _ = tiers
+    handoff.spill_at = 1.0
+    batch = handoff.stage_inline(b"f" * 100, (ImageRef(0, 0, 100),))
+    handoff.release(batch)
+    os.utime(batch.path, (0, 0))  # old enough for any sweep
+    assert handoff.sweep(1.0) == 0 and os.listdir(staging) == [os.path.basename(batch.path)]
+    again = handoff.stage_inline(b"g" * 100, (ImageRef(0, 0, 100),))
+    assert again.path == batch.path
+
+
+_SPARE_ON_FULL_TMPFS = """
+from infer_server.front.errors import Overloaded
+from infer_server.front.handoff import Handoff, HandoffLimits
+from infer_server.messages import ImageRef
+shm = sys.argv[1]
+handoff = Handoff(shm + "/root", shm + "/staging", HandoffLimits(8, 4 << 20, 64, 256))
+handoff.prepare_dirs()
+handoff.release(handoff.stage_inline(b"a" * 1000, (ImageRef(0, 0, 1000),)))
+with open(shm + "/filler", "wb", buffering=0) as f:  # someone else fills the file system
+    try:
+        while True:
+            f.write(b"f" * 4096)
+    except OSError:
+        pass
+try:
+    handoff.stage_inline(b"b" * 800_000, (ImageRef(0, 0, 800_000),))
+except Overloaded as exc:
+    print("overloaded", exc)
+print("left", os.listdir(shm + "/staging"), handoff.staged_bytes)
+"""
+
+
+def test_a_spare_that_cannot_grow_is_dropped_and_the_push_told_to_retry(tmp_path: Path) -> None:
+    """Out of space rewriting a spare: no half-written file stays, and the push is answered
+    RESOURCE_EXHAUSTED (retry later) as for a fresh file."""
+    done = on_small_tmpfs(tmp_path, "import os, sys\n" + _SPARE_ON_FULL_TMPFS, "size=2m")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "overloaded the server's shared directory is full; retry later" in done.stdout, done.stdout
+    assert "left [] [0]" in done.stdout, done.stdout

@@ -17,7 +17,8 @@ descriptor, which the front keeps until the batch is done: the workers read thro
 path. The shared directory must belong to the server's user and, if others may write to it, have
 the sticky bit. Inline data is written into the server's own staging directory (0600, temp name +
 rename, only through descriptors the server holds) so the pipeline reads both kinds the same way;
-those files go when the batch completes, and ``front.upkeep`` removes what a crashed run left.
+those files go when the batch completes (or are kept to be rewritten: ``front.staging``'s spares),
+and ``front.upkeep`` removes what a crashed run left.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
 
-_DIR_FLAGS = DIR_FLAGS
 STAGE_ON_LOOP_BYTES = 1 << 20  # inline data up to this is staged on the loop when staging is on tmpfs (a copy)
 # O_NONBLOCK: opening a FIFO for reading would otherwise block until a writer shows up.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -105,8 +105,7 @@ class Handoff:
     def __init__(
         self, root: Path, staging: Path, limits: HandoffLimits, spill: Path | None = None, spill_at: float = 0.8
     ) -> None:
-        self._root = Path(root)
-        self.limits = limits
+        self._root, self.limits = Path(root), limits
         self._real_root = ""
         # Where inline batches are staged: the staging directory, then (over ``spill_at`` of its file
         # system in use, or out of space there) the spill directory on disk. Every server-side
@@ -118,8 +117,7 @@ class Handoff:
         self.staged_bytes = [0] * len(self.tiers)  # bytes staged now, per tier
         self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
         self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
-        self._root_dev = -1
-        self.in_memory = False  # the shared directory is on tmpfs/ramfs (see the module docstring)
+        self._root_dev, self.in_memory = -1, False  # in_memory: the shared directory is on tmpfs/ramfs
         self._batch_fds: dict[int, BatchFile] = {}  # validated batch files, open until their batch is done
         self._lock = threading.Lock()
 
@@ -155,8 +153,7 @@ class Handoff:
         if path and too_long(path, self.limits.max_path_bytes):  # before anything reads the path
             raise InvalidBatch(f"path is longer than {self.limits.max_path_bytes} bytes")
         self._check_count(len(sizes), names)  # len() first: the sizes list itself may be huge
-        refs = []
-        offset = 0  # Python ints: no overflow however large the uint64 sizes are
+        refs, offset = [], 0  # Python ints: no overflow however large the uint64 sizes are
         for index, size in enumerate(sizes):
             if size <= 0:
                 raise InvalidBatch(f"image {index} has size 0")
@@ -280,14 +277,14 @@ class Handoff:
     def _open_beneath_root(self, parts: list[str]) -> int:
         """Open ``parts`` from a descriptor of the root, never following a symlink on the way."""
         try:
-            dir_fd = os.open(self._real_root, _DIR_FLAGS)
+            dir_fd = os.open(self._real_root, DIR_FLAGS)
         except OSError as exc:
             raise _busy(exc) or exc from None
         try:
             for i, part in enumerate(parts):
                 last = i == len(parts) - 1
                 try:
-                    fd = os.open(part, _FILE_FLAGS if last else _DIR_FLAGS, dir_fd=dir_fd)
+                    fd = os.open(part, _FILE_FLAGS if last else DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as exc:
                     raise self._open_error(exc, part, dir_fd) from None
                 os.close(dir_fd)
@@ -367,20 +364,23 @@ class Handoff:
         missed release or a failed unlink left in the running sums); returns the old sums."""
         with self._lock:
             true = [0] * len(self.tiers)
-            for batch in self._batch_fds.values():
-                if batch.staged:
-                    true[batch.tier] += batch.file.size
+            for batch in (held for held in self._batch_fds.values() if held.staged):
+                true[batch.tier] += batch.file.size
             old, self.staged_bytes = self.staged_bytes, true
         return old
 
     def release(self, batch: BatchFile) -> None:
-        """The batch is done: close its descriptor (once), delete the server's staging copy (never a client's file)."""
+        """The batch is done (once): close its descriptor and delete the server's staging copy (never
+        a client's file), or keep the copy as a spare for the next inline batch (``front.staging``)."""
         with self._lock:  # this batch's own descriptor, never a number since reused by another
-            if self._batch_fds.get(batch.file.fd) is batch:
-                del self._batch_fds[batch.file.fd]
-                os.close(batch.file.fd)
-                if batch.staged:
-                    self.staged_bytes[batch.tier] -= batch.file.size
+            if self._batch_fds.get(batch.file.fd) is not batch:
+                return
+            del self._batch_fds[batch.file.fd]
+            if batch.staged:
+                self.staged_bytes[batch.tier] -= batch.file.size
+                if not self.over_mark() and self.tiers[batch.tier].keep(batch.path, batch.file.fd, batch.file.size):
+                    return
+            os.close(batch.file.fd)
         if batch.staged:  # outside the lock: a delete on disk must not hold up the loop's staging
             self.tiers[batch.tier].unlink(batch.path)
 

@@ -8,6 +8,14 @@ Nothing here trusts a path. The directory is opened once (``O_DIRECTORY|O_NOFOLL
 server's and 0700, and is locked (``flock``) so that no second server uses it; every create,
 rename, list and delete goes through the descriptors held from ``open`` to ``remove``. Files are
 written under a temporary name and renamed; what a killed server left is cleared at ``open``.
+
+Spare files. On a memory file system, a new file's pages are allocated as it is written and freed
+when it is deleted, which costs more than the copy itself (docs/performance.md). So a released file
+of at most ``SPARE_BYTES`` is kept open (``keep``, up to ``SPARE_FILES`` of them) and the next
+``stage`` rewrites it in place: its pages are reused, and it is cut to the new data's size. A file
+is released only once every image of its batch was answered, and a worker answers a chunk only
+after reading it, so no worker reads a file that is being rewritten. No file is kept while the
+staging directory is over ``--spill-at`` (``Handoff.release``): freeing it is what spilling is for.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # The names ``stage`` gives its files (and their temporary names): a sweep touches nothing else.
 _OURS = re.compile(r"\.?[0-9a-f]{32}\.(batch|tmp)")
+SPARE_FILES = 16  # released files kept for reuse, per directory on a memory file system
+SPARE_BYTES = 1 << 20  # the largest file kept
 
 
 class StagingDir:
@@ -46,6 +56,9 @@ class StagingDir:
         # File names: this run's random prefix, then a count (unique without a syscall per file;
         # a count's next() is atomic, and staging runs in threads).
         self._prefix, self._count = os.urandom(8).hex(), itertools.count()
+        self._spares: list[tuple[str, int]] = []  # released files kept open for reuse: (path, descriptor)
+        self._spare_lock = threading.Lock()
+        self._removing = False  # ``remove`` took the spares: keep no more
 
     def open(self, shared_root: str) -> None:
         """Create (0700) or open the directory and refuse one the server cannot trust
@@ -82,7 +95,9 @@ class StagingDir:
         """Write ``data`` (bytes, or ``(fd, size)``: that many bytes of another open file) to a
         fresh 0600 file (temporary name, then rename), both relative to the directory's descriptor;
         returns its path, its open descriptor and its stat. ``OSError`` (ENOSPC among them) leaves
-        nothing behind."""
+        nothing behind. Bytes go into a spare file if there is one (rewritten, then cut to size)."""
+        if isinstance(data, bytes) and (spare := self._take_spare()) is not None:
+            return self._rewrite(*spare, data)
         name = f"{self._prefix}{next(self._count):016x}"
         tmp, final = f".{name}.tmp", f"{name}.batch"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -104,6 +119,32 @@ class StagingDir:
             raise
         return os.path.join(self.real, final), fd, st
 
+    def keep(self, path: str, fd: int, size: int) -> bool:
+        """Keep a released file of this directory (and its open ``fd``) for ``stage`` to reuse: True
+        if kept, else the caller closes and deletes it (a disk, a file too large, spares enough)."""
+        with self._spare_lock:
+            if not self.in_memory or size > SPARE_BYTES or len(self._spares) >= SPARE_FILES or self._removing:
+                return False
+            self._spares.append((path, fd))
+            return True
+
+    def _take_spare(self) -> tuple[str, int] | None:
+        with self._spare_lock:
+            return self._spares.pop() if self._spares else None
+
+    def _rewrite(self, path: str, fd: int, data: bytes) -> tuple[str, int, os.stat_result]:
+        """A spare file made exactly ``data``; on failure (ENOSPC growing it) it is dropped."""
+        try:
+            view, done = memoryview(data), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+            os.ftruncate(fd, len(view))
+            return path, fd, os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            self.unlink(path)
+            raise
+
     def unlink(self, path: str) -> None:
         """Delete one of this directory's files (by its name, through the held descriptor, which
         ``remove`` cannot close meanwhile: any thread may call this)."""
@@ -113,10 +154,12 @@ class StagingDir:
                     os.unlink(os.path.basename(path), dir_fd=self.fd)
 
     def sweep(self, ttl_s: float, keep: Collection[str] = ()) -> int:
-        """Remove files older than ``ttl_s`` (by mtime) that are not in ``keep``."""
+        """Remove files older than ``ttl_s`` (by mtime) that are not in ``keep`` (nor spares)."""
         import time
 
         now = time.time()
+        with self._spare_lock:
+            keep = {*keep, *(path for path, _ in self._spares)} if ttl_s > 0 else keep
         removed = 0
         with os.scandir(self.fd) as entries:
             for entry in entries:
@@ -147,6 +190,10 @@ class StagingDir:
     def _remove(self) -> None:
         if self.fd < 0:
             return
+        with self._spare_lock:
+            spares, self._spares, self._removing = self._spares, [], True
+        for _, fd in spares:
+            os.close(fd)
         self.sweep(0.0)
         mine = os.fstat(self.fd)
         with contextlib.suppress(OSError):
