@@ -15,8 +15,9 @@ benchmark — on one point, and reports every round's B/A ratio and the means::
 
 A revision is anything ``git rev-parse`` takes; ``WORKTREE`` (the working tree with its uncommitted
 changes) compares the current files. Both revisions must have ``benchmarks/fps.py``. With
-``--oip WAY`` the point is one way in of ``benchmarks.oip`` instead (tritonclient's, or this
-server's client): this tree's benchmark and clients drive each revision's server.
+``--oip WAY`` the point is one way in of ``benchmarks.oip`` instead: this tree's benchmark drives
+each revision's server, with tritonclient's clients or, for the v1 ways (``v1-local`` too), that
+revision's own client library.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def main(
     a_args: Annotated[str, typer.Option(help="More benchmarks.fps options for A, e.g. '--tokens'.")] = "",
     b_args: Annotated[str, typer.Option(help="More benchmarks.fps options for B.")] = "",
     oip: Annotated[str, typer.Option(help="Measure this way in of benchmarks.oip (oip-shm, oip-inline, v1-inline, "
-                                     "v1-tmpfs) instead; --a-args/--b-args then go to benchmarks.oip.")] = "",
+                                     "v1-tmpfs, v1-local, v1-local-inline) instead; --a-args/--b-args then go to "
+                                     "benchmarks.oip.")] = "",
 ) -> None:
     """Alternate A and B on one point; print each round's B/A and the means."""
     if pipeline not in ("null", "full"):

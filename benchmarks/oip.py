@@ -16,6 +16,7 @@ these ways.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import select
 import statistics
@@ -30,6 +31,10 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks import servers
+
+# The code the v1 clients run: the server's own, wherever it is imported from (``benchmarks.ab``
+# puts a revision's ``src`` first on PYTHONPATH, so both sides of an A/B are that revision's).
+_CODE = Path(importlib.util.find_spec("infer_client").origin).parents[1]  # type: ignore[arg-type,union-attr]
 
 HERE = Path(__file__).resolve().parent
 TRITON_PYTHON = servers.REPO_ROOT / ".venv-triton" / "bin" / "python"
@@ -46,7 +51,7 @@ def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: flo
     else:
         cmd = [str(TRITON_PYTHON), str(HERE / "oip_clients" / "triton_load.py"), server.address, way.split("-")[1],
                str(seconds), str(batch), *images]  # fmt: skip
-    env = {"PYTHONPATH": str(servers.REPO_ROOT / "src"), **(env or {})}
+    env = {"PYTHONPATH": str(_CODE), **(env or {})}
     return [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             for _ in range(clients)]  # fmt: skip
 

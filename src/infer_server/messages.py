@@ -8,10 +8,11 @@ the worker opens the front's descriptor of the file and reads each image's bytes
 ``pread``.
 
 To a worker: ``WorkerOptions`` as a process argument at spawn; then in its inbox a ``WorkItem`` per
-chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`` or ``WorkerFailed`` once,
-then one ``ItemDone`` per chunk. Shared memory: each worker's ``current`` value (a
+chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`` or
+``WorkerFailed`` once, then one ``ItemDone`` per chunk (the chunks a worker ran together: a tuple
+of them, one message). Shared memory: each worker's ``current`` value (a
 ``multiprocessing.RawValue('q')``) holds the id of the chunk it took last; the supervisor reads it
-when the worker dies to know which chunk was running.
+when the worker dies to know which chunk was running. Pipes carry messages pickled by ``dumps``.
 
 Everything here must stay picklable with the standard library only (spawn context), and nothing a
 client sent is ever unpickled: the front builds these records from validated request fields.
@@ -24,12 +25,16 @@ name by field name (docs/performance.md has the measurement).
 from __future__ import annotations
 
 import enum
+import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 _T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 STOP = None  # the stop marker in a worker's inbox
 # The stages a worker times, in order: the keys of ``ImageOutcome.timings_ms`` besides ``queue``.
@@ -310,3 +315,16 @@ def _item_done(worker: int, item_id: int, rows: tuple[tuple[int, tuple[Any, ...]
     for outcome, (code, _) in zip(outcomes, rows, strict=True):
         outcome.__dict__["code"] = _CODES[code]
     return ItemDone(worker, item_id, tuple(outcomes))
+
+
+def dumps(message: Any) -> bytes:
+    """``message`` pickled for a pipe: what ``Connection.send`` writes, without the
+    ``ForkingPickler`` it makes per message (a copy of its reducer table each time, for file
+    descriptors and sockets, which nothing here holds): half the cost of a chunk's message.
+    ``Connection.recv`` reads it back."""
+    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
+
+def send(conn: Connection, message: Any) -> None:
+    """``conn.send(message)``, pickled by ``dumps``."""
+    conn.send_bytes(dumps(message))

@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -66,14 +67,21 @@ def serve(pipeline: Any, items: list[WorkItem], gathering: tuple[int, float] | N
     worker.gathering = gathering
     thread = threading.Thread(target=worker.serve, args=(inbox, multiprocessing.Event()), daemon=True)
     thread.start()
-    done = [parent.recv()] if after_first else []
+    done = received(parent) if after_first else []
     for item in later:
         pool_end.send(item)
-    done += [parent.recv() for _ in range(len(items) + len(later) - len(done))]
+    while len(done) < len(items) + len(later):
+        done += received(parent)
     pool_end.send(STOP)
     thread.join(30)
     assert not thread.is_alive() and not parent.poll()
     return done
+
+
+def received(parent: Connection) -> list[ItemDone]:
+    """The next message's ItemDones: a group's come as one tuple."""
+    message = parent.recv()
+    return list(message) if isinstance(message, tuple) else [message]
 
 
 def answers(done: list[ItemDone]) -> dict[str, tuple[Any, ...]]:
@@ -94,6 +102,20 @@ def test_waiting_chunks_run_as_one_batch_and_answer_as_alone(pipeline: VisionPip
     broken = answers(grouped)["client-1"]
     assert broken[2] == Code.INVALID_ARGUMENT and broken[3].startswith("image 0: "), "its own index in the message"
     assert {o.batch_images for m in grouped for o in m.outcomes if o.code == Code.OK} == {4}
+
+
+def test_a_group_is_answered_in_one_message(pipeline: VisionPipeline, shm: Path) -> None:
+    inbox, pool_end = multiprocessing.Pipe(duplex=False)
+    parent, child = multiprocessing.Pipe(duplex=False)
+    for item in chunks(shm, [BLOBS[0]] * 3):
+        pool_end.send(item)
+    pool_end.send(STOP)
+    worker = StageWorker(3, pipeline, child, reader=reader())
+    worker.gathering = (8, 0.0)
+    worker.serve(inbox, multiprocessing.Event())
+    message = parent.recv()
+    assert isinstance(message, tuple) and [done.item_id for done in message] == [1, 2, 3]
+    assert not parent.poll(), "one write for the group"
 
 
 def test_a_group_holds_one_route_and_at_most_a_batch(pipeline: VisionPipeline, shm: Path) -> None:

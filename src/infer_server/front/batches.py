@@ -35,8 +35,8 @@ import asyncio
 import heapq
 import itertools
 import logging
+import os
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -173,7 +173,7 @@ class BatchRegistry:
         self.inflight_images += n
         self.inflight_bytes += total_bytes
         self._idle.clear()
-        batch = Batch(uuid.uuid4().hex, request_id, images, total_bytes, deadline, owner)
+        batch = Batch(os.urandom(16).hex(), request_id, images, total_bytes, deadline, owner)
         future = asyncio.get_running_loop().create_future()
         reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
         if request_id:

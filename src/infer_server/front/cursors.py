@@ -76,7 +76,8 @@ class Cursor:
             await self._wake.wait()
             return True
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)  # Event.wait returns at once if set meanwhile
+            async with asyncio.timeout(timeout):  # a timer on this task: no task of its own (wait_for's)
+                await self._wake.wait()
         except TimeoutError:
             return False
         return True

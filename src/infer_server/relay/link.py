@@ -65,17 +65,18 @@ class Link(asyncio.Protocol):
         buffer = self._received
         buffer += data
         offset, size = 0, len(buffer)
-        while size - offset >= HEADER.size and not self.dropped:
-            call, kind, length = HEADER.unpack_from(buffer, offset)
-            if not (offset == 0 and self._head_admitted) and (reason := self.admit(call, kind, length)):
-                self.drop(reason)
-                return
-            end = offset + HEADER.size + length
-            if end > size:
-                break
-            payload = bytes(buffer[offset + HEADER.size : end])
-            offset = end
-            self._on_frame(call, kind, payload)
+        with memoryview(buffer) as view:  # a payload is copied once (a bytearray's slice is a copy too)
+            while size - offset >= HEADER.size and not self.dropped:
+                call, kind, length = HEADER.unpack_from(buffer, offset)
+                if not (offset == 0 and self._head_admitted) and (reason := self.admit(call, kind, length)):
+                    self.drop(reason)
+                    return
+                end = offset + HEADER.size + length
+                if end > size:
+                    break
+                payload = bytes(view[offset + HEADER.size : end])
+                offset = end
+                self._on_frame(call, kind, payload)
         if offset:
             del buffer[:offset]
         self._head_admitted = len(buffer) >= HEADER.size  # an incomplete frame waits there, admitted

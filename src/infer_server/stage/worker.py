@@ -10,7 +10,8 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 * per group of ``WorkItem``s from the worker's own inbox (one chunk, or with dynamic batching the
   chunks waiting together that fit in one batch: ``stage.gather``): the last one's id goes into
   the shared ``current`` value (what the pool reads if this worker dies), the pipeline runs once on
-  all their images, then one ``ItemDone`` per chunk carries an ``ImageOutcome`` per image. Work
+  all their images, then one ``ItemDone`` per chunk carries an ``ImageOutcome`` per image (a
+  group's, as a tuple in one message: one write and one wake-up of the pool per group). Work
   dequeued after its deadline is answered DEADLINE_EXCEEDED without running. A failure of the
   pipeline itself (not of an image: those are per-image outcomes) answers the chunks INTERNAL,
   unless it left the pipeline unusable (an allocation failed): then the worker exits with
@@ -62,6 +63,7 @@ from infer_server.messages import (
     WorkerOptions,
     WorkerReady,
     WorkItem,
+    send,
 )
 from infer_server.stage.gather import Gatherer, Group
 from infer_server.stage.reader import ChunkReader
@@ -148,11 +150,11 @@ class StageWorker:
         return self.handle_group([item])
 
     def handle_group(self, items: list[WorkItem]) -> bool:
-        """Answer every image of ``items`` (one ``ItemDone`` per chunk), or return False, answering
-        nothing, when the pipeline is left unusable (``_unusable``): this worker must then exit, and
-        the pool retries the chunks' images one by one on a fresh one. Any other failure of the
-        pipeline answers the images of the chunk it failed on INTERNAL (a group that fails runs
-        again chunk by chunk), as a worker that goes on can."""
+        """Answer every image of ``items`` (one ``ItemDone`` per chunk, all in one message), or
+        return False, answering nothing, when the pipeline is left unusable (``_unusable``): this
+        worker must then exit, and the pool retries the chunks' images one by one on a fresh one.
+        Any other failure of the pipeline answers the images of the chunk it failed on INTERNAL (a
+        group that fails runs again chunk by chunk), as a worker that goes on can."""
         if self.current is not None:
             self.current.value = items[-1].item_id  # the pool counts every chunk up to it as started
         taken = time.monotonic()
@@ -164,8 +166,8 @@ class StageWorker:
         if ran is None:
             return False
         readable, answered = ran
-        for item in items:
-            self.results.send(ItemDone(self.worker_id, item.item_id, tuple(outcomes[item.item_id].values())))
+        done = [ItemDone(self.worker_id, item.item_id, tuple(outcomes[item.item_id].values())) for item in items]
+        send(self.results, done[0] if len(done) == 1 else tuple(done))
         self.budget.answered(time.monotonic() - taken)
         if items[0].route == ROUTE_SHADOW and self.candidate is not None and readable:
             self._shadow(readable, answered)

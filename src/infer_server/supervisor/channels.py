@@ -17,10 +17,9 @@ import multiprocessing
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from infer_server.messages import ImageOutcome, WorkItem
+from infer_server.messages import ImageOutcome, WorkItem, dumps
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +74,12 @@ class Inbox:
     def put(self, item: WorkItem | None) -> bool:
         """Send ``item`` (or the stop marker); True if it went without its images' names.
         BrokenPipeError if the worker is gone."""
-        frame = ForkingPickler.dumps(item)
+        frame = dumps(item)
         nameless = len(frame) > self.limit and item is not None
         if nameless:
             assert item is not None
             refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
-            frame = ForkingPickler.dumps(dataclasses.replace(item, images=refs))
+            frame = dumps(dataclasses.replace(item, images=refs))
         self.conn.send_bytes(frame)
         return nameless
 

@@ -12,10 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef, WorkItem
+from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem
+
+log = logging.getLogger(__name__)
 
 CRASHED = "worker crashed while processing this image"
 PIPELINE_FAILED = "the pipeline failed on this image (out of memory?)"
@@ -89,6 +92,15 @@ class ChunkLedger:
         if not chunk.remaining:
             del self._chunks[item_id]
         return outcome
+
+    def answered(self, chunk: Chunk | None, done: ItemDone) -> list[ImageOutcome | None]:
+        """``resolve`` of every outcome of ``done``, its worker's answer to ``chunk``; images it left
+        open (a worker bug) are answered INTERNAL, never left open."""
+        deliveries = [self.resolve(outcome) for outcome in done.outcomes]
+        if chunk is not None and self.is_open(chunk):
+            log.error("worker %d finished chunk %d with images unanswered", done.worker, done.item_id)
+            deliveries += self.fail(chunk, Code.INTERNAL, "pipeline error")
+        return deliveries
 
     def fail(self, chunk: Chunk, code: Code, message: str) -> list[ImageOutcome | None]:
         """Answer every open image of ``chunk`` with ``code`` and ``image N: message``."""

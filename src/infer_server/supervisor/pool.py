@@ -272,7 +272,7 @@ class PipelinePool:
                 worker.drained.set()
                 return
             try:
-                self._handle(worker, message)
+                self._handle(worker, (message,) if isinstance(message, ItemDone) else message)
             except Exception:  # a bug here must not silence every worker
                 log.exception("could not handle %r from worker %d", message, worker.slot)
             if not conn.poll():
@@ -282,12 +282,9 @@ class PipelinePool:
         deliveries: list[ImageOutcome | None] = []
         shadow: ShadowDone | None = None
         with self._cond:
-            if isinstance(message, ItemDone):
-                deliveries += [self._ledger.resolve(outcome) for outcome in message.outcomes]
-                chunk = worker.held.pop(message.item_id, None)
-                if chunk is not None and self._ledger.is_open(chunk):  # a worker bug; never leave it open
-                    log.error("worker %d finished chunk %d with images unanswered", worker.slot, message.item_id)
-                    deliveries += self._ledger.fail(chunk, Code.INTERNAL, "pipeline error")
+            if isinstance(message, tuple):  # a group's chunks, each one's ItemDone
+                for done in message:
+                    deliveries += self._ledger.answered(worker.held.pop(done.item_id, None), done)
                 self._dispatch()
             elif isinstance(message, WorkerReady):
                 worker.ready, worker.report = True, message
