@@ -144,6 +144,7 @@ def _inline_size(images: Sequence[ImageSource]) -> int:
 class PreparedPush:
     request: infer_pb2.PushDataRequest
     owned_path: str | None  # the tmpfs batch file this client wrote, if any
+    blobs: list[bytes] | None = None  # inline images not put into ``request`` (``embed=False``)
 
 
 def _names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
@@ -160,8 +161,10 @@ def prepare_push(
     request_id: str | None,
     transport: str,
     files: BatchFiles,
+    embed: bool = True,
 ) -> PreparedPush:
-    """Build a PushDataRequest; for tmpfs, write the batch file first (blocking)."""
+    """Build a PushDataRequest; for tmpfs, write the batch file first (blocking). Inline images go
+    into its ``data``, or with ``embed=False`` into ``blobs``, for a caller that sends them itself."""
     if not images:
         raise ValueError("a batch needs at least one image")
     request = infer_pb2.PushDataRequest(names=_names(images, names), request_id=request_id or "")
@@ -180,6 +183,8 @@ def prepare_push(
             return PreparedPush(request, path)
     blobs = [img if isinstance(img, bytes) else Path(img).read_bytes() for img in images]
     request.sizes.extend(len(b) for b in blobs)
+    if not embed:
+        return PreparedPush(request, None, blobs)
     request.data = b"".join(blobs)
     return PreparedPush(request, None)
 

@@ -171,15 +171,18 @@ class BlockingSession:
         with self._cond:
             return self._book.error is not None
 
-    def _booked(self, images: Sequence[ImageSource], names: Sequence[str] | None, request_id: str | None,
-                defer_answer: bool) -> tuple[int, infer_pb2.SessionRequest]:  # fmt: skip
-        """A push's request, written (its batch file) and booked under a new tag."""
-        prepared = prepare_push(images, names, request_id, self._transport, self._files)
+    def _booked(
+        self, images: Sequence[ImageSource], names: Sequence[str] | None, request_id: str | None,
+        defer_answer: bool, embed: bool = True,
+    ) -> tuple[int, infer_pb2.SessionRequest, list[bytes] | None]:  # fmt: skip
+        """A push's request, written (its batch file) and booked under a new tag; the inline images
+        not in it (``prepare_push``'s ``embed=False``)."""
+        prepared = prepare_push(images, names, request_id, self._transport, self._files, embed)
         with self._cond:
             if self._book.error is not None:
                 self._files.discard(prepared.owned_path)
                 raise self._book.error
-            return self._book.request(prepared, defer_answer)
+            return *self._book.request(prepared, defer_answer), prepared.blobs
 
     def results(self, batch_id: str, timeout: float | None = None) -> Iterator[ImageResult]:
         """The batch's results in completion order as they arrive; ends after its last one."""
@@ -234,7 +237,7 @@ class Session(BlockingSession):
         *, defer_answer: bool = False,
     ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
-        tag, request = self._booked(images, names, request_id, defer_answer)
+        tag, request, _ = self._booked(images, names, request_id, defer_answer)
         self._requests.put(request)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
 

@@ -27,6 +27,8 @@ import pytest
 from infer_client import InferError, LocalSession
 from infer_client._batch_files import BatchFiles
 from infer_client._protocol import PushedBatches
+from infer_client.local import message_parts
+from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_call_start, decode_end, encode_call_start, frame
 from infer_server.front.listen import replace_leftover_socket
 from infer_server.front.local import WINDOW, LocalCall, LocalCalls, LocalFront, LocalLink
@@ -556,3 +558,19 @@ def test_closing_a_session_does_not_wait_for_a_push_held_by_the_window(tmp_path:
         session.push([b"y"])
     listener.close()
     serving.join(10)
+
+
+@pytest.mark.parametrize("blobs", [[b"a" * 300, b"b" * 70_000], [b"c"] * 600, []], ids=["two", "many", "tmpfs"])
+def test_a_push_sent_in_parts_is_the_message_with_its_data(blobs: list[bytes]) -> None:
+    """The client sends an inline push's images as they are (no copy into one buffer): the server
+    parses exactly the request with ``data`` set."""
+    push = infer_pb2.PushDataRequest(names=["n"] * len(blobs), sizes=[len(b) for b in blobs], request_id="r")
+    request = infer_pb2.SessionRequest(tag=7, defer_answer=True, push=push)
+    parts = message_parts(request, blobs)
+    payload = b"".join(parts[1:])
+    assert HEADER.unpack(parts[0]) == (1, Kind.MESSAGE, len(payload))
+    whole = infer_pb2.SessionRequest()
+    whole.CopyFrom(request)
+    whole.push.data = b"".join(blobs)
+    assert infer_pb2.SessionRequest.FromString(payload) == whole
+    assert len(parts) <= 512 + 3
