@@ -104,6 +104,8 @@ def test_compose_file_is_valid() -> None:
     ).stdout
     services = json.loads(rendered)["services"]
     assert services["app"]["depends_on"]["server"]["condition"] == "service_healthy"
+    socket = services["server"]["environment"]["INFER_LOCAL_SOCKET"]
+    assert f"--local-socket {socket}" in " ".join(services["app"]["command"]) and socket.startswith("/shared/")
     assert {services[s]["user"] for s in services} == {f"{UID}:{UID}"}
     devices = services["server-gpu"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
@@ -128,6 +130,13 @@ def test_chart_renders_and_validates_strictly(values: tuple[str, ...], kubernete
     text = manifests.read_text()
     assert text.count(f"runAsUser: {UID}") == 1 and "medium: Memory" in text and "appProtocol: grpc" in text
     assert ("nvidia.com/gpu: 1" in text) == ("values-gpu.yaml" in values)
+    words = " ".join(text.split())
+    assert 'name: INFER_LOCAL_SOCKET value: "/shared/local.sock"' in words, "the sidecar's socket"
+    assert "--local-socket /shared/local.sock" in words
+
+
+def test_the_local_socket_can_be_turned_off() -> None:
+    assert "INFER_LOCAL_SOCKET" not in render_chart("values.yaml", sets=("server.localSocket=",))
 
 
 def test_the_validator_catches_a_mistake(tmp_path: Path) -> None:
@@ -174,7 +183,8 @@ def test_server_and_client_containers_answer_like_the_host(
     scenes.chmod(0o755)
     files = sorted(p.name for p in scenes.glob("*.jpg"))
     name = f"infer-test-{uuid.uuid4().hex[:8]}"
-    podman("run", "-d", "--name", name, "-v", f"{shared}:/shared", image, "--workers", "1", "--batch-size", "4")
+    podman("run", "-d", "--name", name, "-v", f"{shared}:/shared", "-e", "INFER_LOCAL_SOCKET=/shared/local.sock",
+           image, "--workers", "1", "--batch-size", "4")  # fmt: skip
     try:
         deadline = time.monotonic() + 240
         while podman("healthcheck", "run", name, check=False).returncode != 0:
@@ -184,7 +194,8 @@ def test_server_and_client_containers_answer_like_the_host(
         client = podman(
             "run", "--rm", "--network", f"container:{name}", "-v", f"{shared}:/shared", "-v", f"{scenes}:/scenes:ro",
             "--entrypoint", "infer-client", image, "detect", "--json", "--server", "127.0.0.1:8001",
-            "--shm-dir", "/shared/infer", "--transport", "tmpfs", *(f"/scenes/{f}" for f in files),
+            "--shm-dir", "/shared/infer", "--transport", "tmpfs", "--local-socket", "/shared/local.sock",
+            *(f"/scenes/{f}" for f in files),
         )  # fmt: skip
         in_container = [comparable(json.loads(line)) for line in client.stdout.splitlines()]
         podman("stop", "--time", "60", name)
@@ -194,7 +205,9 @@ def test_server_and_client_containers_answer_like_the_host(
         podman("rm", "-f", name, check=False)
     assert state["ExitCode"] == 0, logs[-3000:]
     assert '"event":"draining"' in logs and '"event":"stopped"' in logs
-    assert list(shared.iterdir()) == [shared / "infer"] and list((shared / "infer").iterdir()) == []
+    assert '"peer":"local:pid=' in logs, "the client container's session came by the local socket"
+    assert list(shared.iterdir()) == [shared / "infer"], "the socket is gone with the server"
+    assert list((shared / "infer").iterdir()) == []
     with running_server(model_repo_dir, workers=1) as host, InferClient(host.address, shm_dir=host.shm_dir) as c:
         on_host = [comparable(r.to_dict()) for r in c.detect([str(scenes / f) for f in files])]
     assert len(in_container) == len(files) and all(r["status"]["code"] == 0 for r in in_container)

@@ -53,6 +53,11 @@ def main() -> None:
     """Client of the inference server."""
 
 
+LocalSocketOpt = Annotated[
+    Path | None, typer.Option(help="The server's --local-socket: batches go there, without gRPC.")
+]
+
+
 def _transport(value: str) -> Transport:
     if value not in ("auto", "tmpfs", "inline"):
         raise typer.BadParameter("transport must be auto, tmpfs or inline")
@@ -68,9 +73,7 @@ def detect(
     transport: TransportOpt = "auto",
     shm_dir: ShmOpt = Path(DEFAULT_SHM_DIR),
     timeout: TimeoutOpt = 120.0,
-    local_socket: Annotated[
-        Path | None, typer.Option(help="The server's --local-socket: the batch goes there, without gRPC.")
-    ] = None,
+    local_socket: LocalSocketOpt = None,
 ) -> None:
     """Detect objects and attributes in IMAGES (one batch)."""
     err = Console(stderr=True)
@@ -122,6 +125,7 @@ def batch(
     transport: TransportOpt = "auto",
     shm_dir: ShmOpt = Path(DEFAULT_SHM_DIR),
     timeout: TimeoutOpt = 300.0,
+    local_socket: LocalSocketOpt = None,
 ) -> None:
     """Run every image under DIRECTORY through the server; write results to --out."""
     files = sorted(p for p in directory.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
@@ -132,7 +136,7 @@ def batch(
     started = time.perf_counter()
     with out.open("w") as sink:
         failed, rpc_failed = asyncio.run(
-            _run_batches(chunks, server, _transport(transport), shm_dir, timeout, max_in_flight, sink)
+            _run_batches(chunks, server, _transport(transport), shm_dir, timeout, max_in_flight, sink, local_socket)
         )
     elapsed = time.perf_counter() - started
     typer.echo(f"{len(files)} images, {failed} failed, {len(files) / elapsed:.1f} images/s -> {out}", err=True)
@@ -147,6 +151,7 @@ async def _run_batches(
     timeout: float,
     max_in_flight: int,
     sink: TextIO,
+    local_socket: Path | None = None,
 ) -> tuple[int, bool]:
     slots = asyncio.Semaphore(max_in_flight)
     failed = 0
@@ -173,8 +178,9 @@ async def _run_batches(
 
     credentials = Credentials.from_env()
     async with AsyncInferClient(
-        server, shm_dir=shm_dir, transport=transport, timeout=timeout, credentials=credentials
-    ) as client:
+        server, shm_dir=shm_dir, transport=transport, timeout=timeout, credentials=credentials,
+        local_socket=local_socket,
+    ) as client:  # fmt: skip
         await client.wait_ready(timeout=timeout)
         tasks = []
         for paths in chunks:

@@ -83,19 +83,23 @@ def test_a_client_sees_unavailable_when_the_server_is_gone(model_repo_dir: Path,
 
 
 
+@pytest.mark.parametrize("command", ["detect", "batch"])
 def test_the_command_line_client_pushes_on_the_local_socket(local_server: RunningServer, scenes: list[Scene],
-                                                            tmp_path: Path) -> None:  # fmt: skip
-    image = tmp_path / "scene.jpg"
+                                                            tmp_path: Path, command: str) -> None:  # fmt: skip
+    image = tmp_path / "in" / "scene.jpg"
+    image.parent.mkdir()
     image.write_bytes(scenes[0].jpeg)
+    out_file = tmp_path / "results.jsonl"
+    what = [str(image), "--json"] if command == "detect" else [str(image.parent), "--out", str(out_file)]
     cli = subprocess.Popen(
-        [str(Path(sys.executable).with_name("infer-client")), "detect", str(image), "--json",
+        [str(Path(sys.executable).with_name("infer-client")), command, *what,
          "--server", local_server.address, "--shm-dir", str(local_server.shm_dir),
          "--local-socket", str(local_server.local_socket)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     out, err = cli.communicate(timeout=60)
     assert cli.returncode == 0, err
-    assert json.loads(out)["status"]["name"] == "OK"
+    assert json.loads(out if command == "detect" else out_file.read_text())["status"]["name"] == "OK"
     assert f'"peer":"local:pid={cli.pid},' in local_server.log_path.read_text()  # it came by the local socket
 
 

@@ -32,9 +32,12 @@ def push(peer: str, identity: str, request: infer_pb2.PushDataRequest, verdict: 
         return
     sizes = request.sizes
     declared = sum(sizes) if len(sizes) <= 4096 else None  # a refused push may list millions
+    # Every read of ``data`` copies it: an admitted inline push holds exactly its declared bytes.
+    inline = not request.path and (verdict != "refused" or bool(request.data))
+    size = len(request.data) if inline and verdict == "refused" else declared
     fields: dict[str, Any] = {
-        "event": "push", "peer": peer, "identity": identity, "transport": "inline" if request.data else "tmpfs",
-        "images": len(sizes), "bytes": len(request.data) if request.data else declared,
+        "event": "push", "peer": peer, "identity": identity, "transport": "inline" if inline else "tmpfs",
+        "images": len(sizes), "bytes": size,
         "request_id": bool(request.request_id), "verdict": verdict, "batch_id": batch_id or None,
     }  # fmt: skip
     if verdict == "refused":
