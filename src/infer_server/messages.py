@@ -74,13 +74,16 @@ class FileRef:
     A worker reads it through the front's descriptor (``/proc/<server pid>/fd/<fd>``), never by
     ``path``, so nothing swapped in at the path after validation (a FIFO, a symlinked directory) is
     ever opened; it still checks device, inode and size on what it opened, which also refuses a
-    descriptor number the front has since reused for another file."""
+    descriptor number the front has since reused for another file, and a staged copy's ``tag``."""
 
     path: str  # for logs and the staging janitor; never opened by a worker
     dev: int
     ino: int
     size: int
     fd: int  # the front's descriptor of the file
+    # A staged copy's first bytes, unique to this staging of it (``front.staging``): a file rewritten
+    # for a later batch fails the check of a chunk of an earlier one still in a worker's hands.
+    tag: bytes = b""
 
 
 @dataclass(frozen=True)

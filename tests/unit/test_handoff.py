@@ -16,6 +16,7 @@ import pytest
 from infer_server.front.directories import filesystem_type
 from infer_server.front.errors import InvalidBatch, PermissionDeniedError
 from infer_server.front.handoff import BatchFile, Handoff, HandoffLimits
+from infer_server.front.staging import TAG
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1000, max_name_bytes=16, max_path_bytes=200)
 
@@ -240,13 +241,15 @@ def test_inline_data_is_staged_owner_only_and_released(handoff: Handoff, root: P
     batch = handoff.materialize(handoff.plan("", data, [3, 5], []))
     assert batch.staged and Path(batch.path).parent == root / ".server"
     st = os.stat(batch.path)
-    assert st.st_mode & 0o777 == 0o600 and (st.st_dev, st.st_ino, st.st_size) == (batch.file.dev, batch.file.ino, 8)
-    assert Path(batch.path).read_bytes() == data
-    assert [(r.offset, r.size) for r in batch.images] == [(0, 3), (3, 5)]
+    size = TAG + 8  # the staging's tag, then the data
+    assert st.st_mode & 0o777 == 0o600 and (st.st_dev, st.st_ino, st.st_size) == (batch.file.dev, batch.file.ino, size)
+    assert Path(batch.path).read_bytes() == batch.file.tag + data and len(batch.file.tag) == TAG
+    assert [(r.offset, r.size) for r in batch.images] == [(TAG, 3), (TAG + 3, 5)]
     assert not [p for p in os.listdir(root / ".server") if p.endswith(".tmp")]
     handoff.release(batch)
     again = handoff.materialize(handoff.plan("", b"ij", [2], []))
-    assert again.path == batch.path and Path(again.path).read_bytes() == b"ij", "kept, rewritten (on tmpfs)"
+    assert again.path == batch.path and Path(again.path).read_bytes() == again.file.tag + b"ij", "kept, rewritten"
+    assert again.file.tag != batch.file.tag
     handoff.release(again)
     handoff.remove_staging_dir()
     assert not (root / ".server").exists()
@@ -328,7 +331,7 @@ def test_staging_sweeps_and_removes_only_the_servers_own_files(shm: Path) -> Non
     tier = StagingDir(spill, "spill directory")
     tier.open(str(shm / "root"))
     assert sorted(p.name for p in spill.iterdir()) == ["notes.txt"]
-    _, fd, _ = tier.stage(b"12345")
+    _, fd, _, _ = tier.stage(b"12345")
     os.close(fd)
     tier.remove()
     assert sorted(p.name for p in spill.iterdir()) == ["notes.txt"], "the directory stays: it is not empty"

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from infer_server.front.handoff import STAGE_ON_LOOP_BYTES, Handoff, HandoffLimits
-from infer_server.front.staging import SPARE_BYTES, SPARE_FILES
-from infer_server.messages import ImageRef
+from infer_server.front.staging import SPARE_BYTES, SPARE_FILES, TAG
+from infer_server.messages import ImageRef, WorkItem
+from infer_server.stage.reader import ChunkReader
 from tests.helpers import on_small_tmpfs
 
 LIMITS = HandoffLimits(max_images=8, max_bytes=1 << 20, max_name_bytes=64, max_path_bytes=256)
@@ -37,15 +38,16 @@ def test_a_demoted_batch_has_the_same_bytes_on_disk_and_leaves_the_tmpfs(tiers: 
     images = (ImageRef(0, 0, 100_000), ImageRef(1, 100_000, 200_000))
     handoff.spill_at = 1.0  # not over the mark: staged in tmpfs
     staged = handoff.stage_inline(data, images)
-    assert staged.tier == 0 and handoff.staged_bytes == [300_000, 0]
+    size = TAG + 300_000
+    assert staged.tier == 0 and handoff.staged_bytes == [size, 0]
     handoff.spill_at = 0.0
     assert handoff.over_mark()
     moved = handoff.demote(staged)
-    assert moved.tier == 1 and moved.images == images and Path(moved.path).parent == spill
-    assert os.pread(moved.file.fd, len(data) + 1, 0) == data
-    assert handoff.staged_bytes == [300_000, 300_000], "both held until the swap"
+    assert moved.tier == 1 and moved.images == staged.images and Path(moved.path).parent == spill
+    assert os.pread(moved.file.fd, size + 1, 0) == staged.file.tag + data and moved.file.tag == staged.file.tag
+    assert handoff.staged_bytes == [size, size], "both held until the swap"
     handoff.release(staged)
-    assert os.listdir(staging) == [] and handoff.staged_bytes == [0, 300_000]
+    assert os.listdir(staging) == [] and handoff.staged_bytes == [0, size]
     handoff.release(moved)
     assert os.listdir(spill) == [] and handoff.staged_bytes == [0, 0]
 
@@ -54,8 +56,8 @@ def test_the_accounting_is_recounted_from_the_files_held(tiers: tuple[Handoff, P
     handoff, _, _ = tiers
     handoff.stage_inline(b"x" * 1000, (ImageRef(0, 0, 1000),))
     handoff.staged_bytes[1] += 12345  # a sum gone wrong
-    assert handoff.recount() == [0, 13345]
-    assert handoff.staged_bytes == [0, 1000], "spill_at 0: staged on disk"
+    assert handoff.recount() == [0, TAG + 13345]
+    assert handoff.staged_bytes == [0, TAG + 1000], "spill_at 0: staged on disk"
 
 
 def test_no_spill_directory_no_demotion(tmp_path: Path) -> None:
@@ -92,7 +94,7 @@ def test_small_inline_data_is_staged_on_the_loop_only_where_that_cannot_wait(
     assert handoff.stage_on_loop(b"x" * (STAGE_ON_LOOP_BYTES + 1), image) is None
     handoff.spill_at = 0.0  # over the mark: the next copy goes to disk, which may wait
     assert handoff.stage_on_loop(b"x" * 1000, image) is None
-    assert handoff.staged_bytes == [1000, 0], "only the first was staged"
+    assert handoff.staged_bytes == [TAG + 1000, 0], "only the first was staged"
 
 
 def test_staging_on_disk_is_never_done_on_the_loop(tmp_path: Path) -> None:
@@ -128,9 +130,9 @@ def test_a_released_staging_file_is_rewritten_to_exactly_the_next_batch(tiers: t
     for data in (b"b" * 1000, os.urandom(5000)):
         again = handoff.stage_on_loop(data, (ImageRef(0, 0, len(data)),))
         assert again is not None and (again.path, again.file.ino) == (first.path, first.file.ino)
-        assert again.file.size == len(data) == os.fstat(again.file.fd).st_size
-        assert os.pread(again.file.fd, 10_000, 0) == data
-        assert handoff.staged_bytes == [len(data), 0]
+        assert again.file.size == TAG + len(data) == os.fstat(again.file.fd).st_size
+        assert os.pread(again.file.fd, 10_000, 0) == again.file.tag + data and again.file.tag != first.file.tag
+        assert handoff.staged_bytes == [TAG + len(data), 0]
         handoff.release(again)
     handoff.release(again)  # a second release of the same batch: the spare stays
     assert len(os.listdir(staging)) == 1
@@ -150,13 +152,29 @@ def test_spares_are_few_and_small(tiers: tuple[Handoff, Path, Path]) -> None:
 
 
 def test_no_spare_is_kept_over_the_mark(tiers: tuple[Handoff, Path, Path]) -> None:
-    """Spilling frees the tmpfs: a file released while it is over --spill-at is deleted."""
+    """Spilling frees the tmpfs: a file released while it is over --spill-at is deleted, and the
+    spares kept before go when upkeep finds it over the mark."""
     handoff, staging, _ = tiers
     handoff.spill_at = 1.0
-    batch = handoff.stage_inline(b"e" * 100, (ImageRef(0, 0, 100),))
+    kept, batch = (handoff.stage_inline(b"e" * 100, (ImageRef(0, 0, 100),)) for _ in range(2))
+    handoff.release(kept)
     handoff.spill_at = 0.0
     handoff.release(batch)
-    assert os.listdir(staging) == []
+    assert os.listdir(staging) == [os.path.basename(kept.path)] and handoff.tiers[0].spares == 1
+    handoff.tiers[0].drop_spares()  # what upkeep does while staging is over the mark
+    assert os.listdir(staging) == [] and handoff.tiers[0].spares == 0
+
+
+def test_without_a_spill_directory_no_spare_is_kept_over_the_mark() -> None:
+    shm = Path(tempfile.mkdtemp(prefix="infer-tiers-", dir="/dev/shm"))
+    try:
+        handoff = Handoff(shm / "root", shm / "root" / ".server", LIMITS, spill_at=0.0)
+        handoff.prepare_dirs()
+        handoff.release(handoff.stage_inline(b"e" * 100, (ImageRef(0, 0, 100),)))
+        assert os.listdir(shm / "root" / ".server") == []
+        handoff.remove_staging_dir()
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
 
 
 def test_the_orphan_sweep_leaves_spares_alone(tiers: tuple[Handoff, Path, Path]) -> None:
@@ -199,3 +217,22 @@ def test_a_spare_that_cannot_grow_is_dropped_and_the_push_told_to_retry(tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     assert "overloaded the server's shared directory is full; retry later" in done.stdout, done.stdout
     assert "left [] [0]" in done.stdout, done.stdout
+
+
+def test_a_chunk_of_a_released_batch_never_reads_the_next_batch_in_its_file(tiers: tuple[Handoff, Path, Path]) -> None:
+    """A batch the registry answered overdue is released while a worker may still hold one of its
+    chunks; its file, rewritten for the next inline batch (same descriptor, inode and size), is
+    refused by the worker's check, not read as that chunk's image."""
+    handoff, _, _ = tiers
+    handoff.spill_at = 1.0
+    first = handoff.stage_on_loop(b"A" * 4096, (ImageRef(0, 0, 4096),))
+    assert first is not None
+    stale = WorkItem(1, "first", first.file, first.images, deadline=1e12)
+    assert ChunkReader(owner=os.getpid()).read(stale)[0] == b"A" * 4096
+    handoff.release(first)
+    second = handoff.stage_on_loop(b"B" * 4096, (ImageRef(0, 0, 4096),))
+    assert second is not None and (second.file.fd, second.file.ino, second.file.size) == (
+        first.file.fd, first.file.ino, first.file.size)
+    assert ChunkReader(owner=os.getpid()).read(stale) == ["image 0: batch data changed after it was accepted"]
+    fresh = WorkItem(2, "second", second.file, second.images, deadline=1e12)
+    assert ChunkReader(owner=os.getpid()).read(fresh)[0] == b"B" * 4096

@@ -31,10 +31,11 @@ def push(peer: str, identity: str, request: infer_pb2.PushDataRequest, verdict: 
     if not log.isEnabledFor(logging.INFO):
         return
     sizes = request.sizes
-    declared = sum(sizes) if len(sizes) <= 4096 else None  # a refused push may list millions
-    # Every read of ``data`` copies it: an admitted inline push holds exactly its declared bytes.
-    inline = not request.path and (verdict != "refused" or bool(request.data))
-    size = len(request.data) if inline and verdict == "refused" else declared
+    if verdict == "refused":  # anything may be in it (even millions of sizes): what it holds
+        inline = bool(request.data)
+        size = len(request.data) if inline else sum(sizes) if len(sizes) <= 4096 else None
+    else:  # admitted: its sizes were checked and add up to its data (every read of which copies it)
+        inline, size = not request.path, sum(sizes)
     fields: dict[str, Any] = {
         "event": "push", "peer": peer, "identity": identity, "transport": "inline" if inline else "tmpfs",
         "images": len(sizes), "bytes": size,

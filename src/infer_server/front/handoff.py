@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 
 from infer_server.front.directories import DIR_FLAGS, check_shared_root, filesystem_type, open_dir
 from infer_server.front.errors import InvalidBatch, Overloaded, PermissionDeniedError
-from infer_server.front.staging import StagingDir
+from infer_server.front.staging import StagingDir, after
 from infer_server.messages import FileRef, ImageRef
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class BatchFile:
 
     file: FileRef
     images: tuple[ImageRef, ...]
-    staged: bool  # the server's own copy of inline data, deleted when the batch completes
+    staged: bool  # the server's own copy of inline data: deleted (or kept as a spare) when the batch completes
     tier: int = 0  # of a staged copy: 0 the staging directory, 1 the spill directory
 
     @property
@@ -330,12 +330,12 @@ class Handoff:
         return None
 
     def _stage_into(self, number: int, data: bytes, images: tuple[ImageRef, ...]) -> BatchFile:
-        path, fd, st = self.tiers[number].stage(data)
+        path, fd, st, tag = self.tiers[number].stage(data)
         with self._lock:
             self.staged_bytes[number] += st.st_size
             self.spills += number > 0
-        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
-        return self._held(BatchFile(file, images, staged=True, tier=number))
+        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd, tag)  # the images follow the tag
+        return self._held(BatchFile(file, after(tag, images), staged=True, tier=number))
 
     def over_mark(self) -> bool:
         """The staging directory's file system is over ``spill_at`` and there is a disk tier."""
@@ -351,12 +351,12 @@ class Handoff:
                 raise FileNotFoundError(f"batch file {batch.path} was released")
             source = os.dup(batch.file.fd)
         try:
-            path, fd, st = self.tiers[spill].stage((source, batch.file.size))
+            path, fd, st, _ = self.tiers[spill].stage((source, batch.file.size))
         finally:
             os.close(source)
         with self._lock:
             self.staged_bytes[spill] += st.st_size
-        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd)
+        file = FileRef(path, st.st_dev, st.st_ino, st.st_size, fd, batch.file.tag)  # copied with the file
         return self._held(BatchFile(file, batch.images, staged=True, tier=spill))
 
     def recount(self) -> list[int]:
@@ -378,7 +378,7 @@ class Handoff:
             del self._batch_fds[batch.file.fd]
             if batch.staged:
                 self.staged_bytes[batch.tier] -= batch.file.size
-                if not self.over_mark() and self.tiers[batch.tier].keep(batch.path, batch.file.fd, batch.file.size):
+                if self.tiers[batch.tier].keep(batch.path, batch.file.fd, batch.file.size, self.spill_at):
                     return
             os.close(batch.file.fd)
         if batch.staged:  # outside the lock: a delete on disk must not hold up the loop's staging

@@ -341,8 +341,9 @@ class InferenceServer:
             raise Unavailable("the pipeline is not accepting batches; retry later") from None
 
     def _on_finished(self, batch: Batch) -> None:
-        """Every image answered: the file's descriptor closes and a staging copy goes — at once on a
-        memory file system (before any stream sends the last result), else in a thread."""
+        """Every image answered: the file's descriptor closes and a staging copy goes (or becomes a
+        spare, ``front.staging``) — at once on a memory file system (before any stream sends the
+        last result), else in a thread."""
         if self.cache is not None:
             self.cache.forget(batch.batch_id, list(batch.images))  # answered without a worker (deadline)
         if batch.file is None:

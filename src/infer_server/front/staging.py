@@ -13,9 +13,12 @@ Spare files. On a memory file system, a new file's pages are allocated as it is 
 when it is deleted, which costs more than the copy itself (docs/performance.md). So a released file
 of at most ``SPARE_BYTES`` is kept open (``keep``, up to ``SPARE_FILES`` of them) and the next
 ``stage`` rewrites it in place: its pages are reused, and it is cut to the new data's size. A file
-is released only once every image of its batch was answered, and a worker answers a chunk only
-after reading it, so no worker reads a file that is being rewritten. No file is kept while the
-staging directory is over ``--spill-at`` (``Handoff.release``): freeing it is what spilling is for.
+is released once every image of its batch was answered, which a worker does only after reading its
+chunk, or the registry does for a batch overdue (a chunk may then still be in a worker's hands).
+So every staging of a file starts with a tag of its own (``TAG`` bytes, before the images) that
+the ``FileRef`` carries and the worker checks: a chunk of an earlier batch never reads a later
+one's bytes. No file is kept while the staging directory is over ``--spill-at``
+(``Handoff.release``): freeing it is what spilling is for.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from collections.abc import Collection
 from pathlib import Path
 
 from infer_server.front.directories import DIR_FLAGS, filesystem_type, open_dir
+from infer_server.messages import ImageRef
 
 log = logging.getLogger(__name__)
 
 # The names ``stage`` gives its files (and their temporary names): a sweep touches nothing else.
 _OURS = re.compile(r"\.?[0-9a-f]{32}\.(batch|tmp)")
+TAG = 8  # bytes of a staged file's tag (a count), before its data
 SPARE_FILES = 16  # released files kept for reuse, per directory on a memory file system
 SPARE_BYTES = 1 << 20  # the largest file kept
 
@@ -56,6 +61,7 @@ class StagingDir:
         # File names: this run's random prefix, then a count (unique without a syscall per file;
         # a count's next() is atomic, and staging runs in threads).
         self._prefix, self._count = os.urandom(8).hex(), itertools.count()
+        self._tags = itertools.count(1)  # next() is atomic: staging runs in threads
         self._spares: list[tuple[str, int]] = []  # released files kept open for reuse: (path, descriptor)
         self._spare_lock = threading.Lock()
         self._removing = False  # ``remove`` took the spares: keep no more
@@ -91,13 +97,15 @@ class StagingDir:
         if left:
             log.info("removed %d files an earlier server left behind in the %s", left, self.what)
 
-    def stage(self, data: bytes | tuple[int, int]) -> tuple[str, int, os.stat_result]:
-        """Write ``data`` (bytes, or ``(fd, size)``: that many bytes of another open file) to a
-        fresh 0600 file (temporary name, then rename), both relative to the directory's descriptor;
-        returns its path, its open descriptor and its stat. ``OSError`` (ENOSPC among them) leaves
-        nothing behind. Bytes go into a spare file if there is one (rewritten, then cut to size)."""
+    def stage(self, data: bytes | tuple[int, int]) -> tuple[str, int, os.stat_result, bytes]:
+        """Write ``data`` (bytes, after a new tag; or ``(fd, size)``: that many bytes of another open
+        file, its tag included) to a fresh 0600 file (temporary name, then rename), both relative to
+        the directory's descriptor; returns its path, its open descriptor, its stat and the tag
+        (b"" for a copy). ``OSError`` (ENOSPC among them) leaves nothing behind. Bytes go into a
+        spare file if there is one (rewritten, then cut to size)."""
+        tag = next(self._tags).to_bytes(TAG, "little") if isinstance(data, bytes) else b""
         if isinstance(data, bytes) and (spare := self._take_spare()) is not None:
-            return self._rewrite(*spare, data)
+            return (*self._rewrite(*spare, tag, data), tag)
         name = f"{self._prefix}{next(self._count):016x}"
         tmp, final = f".{name}.tmp", f"{name}.batch"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -106,9 +114,7 @@ class StagingDir:
             if isinstance(data, tuple):
                 _copy(data[0], fd, data[1])
             else:
-                view, done = memoryview(data), 0
-                while done < len(view):
-                    done += os.write(fd, view[done:])
+                _write_at_start(fd, tag, data)
             st = os.fstat(fd)
             # No fsync: a crash loses the batch anyway.
             os.rename(tmp, final, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -117,28 +123,45 @@ class StagingDir:
                 os.unlink(tmp, dir_fd=self.fd)
             os.close(fd)
             raise
-        return os.path.join(self.real, final), fd, st
+        return os.path.join(self.real, final), fd, st, tag
 
-    def keep(self, path: str, fd: int, size: int) -> bool:
+    def keep(self, path: str, fd: int, size: int, below: float = 1.0) -> bool:
         """Keep a released file of this directory (and its open ``fd``) for ``stage`` to reuse: True
-        if kept, else the caller closes and deletes it (a disk, a file too large, spares enough)."""
+        if kept, else the caller closes and deletes it (a disk, a file too large, spares enough, or
+        the file system over ``below`` in use)."""
+        if not self.in_memory or size > SPARE_BYTES or self._removing:
+            return False
+        try:
+            if self.used() > below:
+                return False
+        except OSError:  # removed meanwhile
+            return False
         with self._spare_lock:
-            if not self.in_memory or size > SPARE_BYTES or len(self._spares) >= SPARE_FILES or self._removing:
+            if len(self._spares) >= SPARE_FILES or self._removing:
                 return False
             self._spares.append((path, fd))
             return True
+
+    @property
+    def spares(self) -> int:
+        return len(self._spares)
+
+    def drop_spares(self) -> None:
+        """Close and delete every spare (its file system filled up: ``front.upkeep``)."""
+        with self._spare_lock:
+            spares, self._spares = self._spares, []
+        for path, fd in spares:
+            os.close(fd)
+            self.unlink(path)
 
     def _take_spare(self) -> tuple[str, int] | None:
         with self._spare_lock:
             return self._spares.pop() if self._spares else None
 
-    def _rewrite(self, path: str, fd: int, data: bytes) -> tuple[str, int, os.stat_result]:
-        """A spare file made exactly ``data``; on failure (ENOSPC growing it) it is dropped."""
+    def _rewrite(self, path: str, fd: int, tag: bytes, data: bytes) -> tuple[str, int, os.stat_result]:
+        """A spare file made exactly ``tag`` and ``data``; on failure (ENOSPC growing it) it is dropped."""
         try:
-            view, done = memoryview(data), 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], done)
-            os.ftruncate(fd, len(view))
+            os.ftruncate(fd, _write_at_start(fd, tag, data))
             return path, fd, os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -205,6 +228,20 @@ class StagingDir:
         self.fd = self._parent_fd = -1
 
 
+def _write_at_start(fd: int, *parts: bytes) -> int:
+    """Write ``parts`` back to back from the start of ``fd`` (no copy into one buffer); their size."""
+    views = [memoryview(part) for part in parts if part]
+    total, done = sum(len(view) for view in views), 0
+    while views:
+        written = os.pwritev(fd, views, done)
+        done += written
+        while views and written >= len(views[0]):
+            written -= len(views.pop(0))
+        if views:
+            views[0] = views[0][written:]
+    return total
+
+
 def _copy(src: int, dst: int, size: int) -> None:
     """``size`` bytes from the start of ``src`` to ``dst``, in the kernel (``sendfile``): a staged
     batch moving to another tier is never read into the process. A short source is an error."""
@@ -214,3 +251,8 @@ def _copy(src: int, dst: int, size: int) -> None:
         if sent == 0:
             raise OSError(errno.EIO, f"staged file ended after {offset} of {size} bytes")
         offset += sent
+
+
+def after(tag: bytes, images: tuple[ImageRef, ...]) -> tuple[ImageRef, ...]:
+    """``images`` of data staged after ``tag``: each offset moved past it."""
+    return tuple(ImageRef(r.index, r.offset + len(tag), r.size, r.name) for r in images) if tag else images

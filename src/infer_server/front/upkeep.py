@@ -58,8 +58,12 @@ class Upkeep:
             await asyncio.sleep(self.interval_s)
 
     async def once(self) -> None:
-        """One pass: cache key, demotion, accounting, and (when due) the orphan sweep."""
+        """One pass: cache key, spares dropped or demotion while staging is over the mark, accounting,
+        and (when due) the orphan sweep."""
         self.server.follow_models()
+        staging = self.handoff.tiers[0]
+        if staging.spares and staging.used() > self.handoff.spill_at:
+            staging.drop_spares()  # the tmpfs is filling: the spares' pages go back first
         if self.handoff.over_mark():
             moved = await self.demote()
             if moved:

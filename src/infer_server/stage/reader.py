@@ -2,10 +2,10 @@
 checked to be the file the front validated, each image's bytes once, into private memory.
 
 The batch file is opened as ``/proc/<server pid>/fd/<fd>`` (non-blocking), never by its path, and
-must be the regular file (same device, inode and size) the front validated: nothing swapped in at
-the path after validation is ever opened. ``pread`` rather than ``mmap``: a client truncating its
-file while a worker reads a shared mapping would kill the worker with SIGBUS, whereas a short read
-is just a per-image error; both copy each byte exactly once.
+must be the regular file (same device, inode and size, and a staged copy's tag) the front
+validated: nothing swapped in at the path after validation is ever opened. ``pread`` rather than
+``mmap``: a client truncating its file while a worker reads a shared mapping would kill the worker
+with SIGBUS, whereas a short read is just a per-image error; both copy each byte exactly once.
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class ChunkReader:
             not stat.S_ISREG(st.st_mode)
             or (st.st_dev, st.st_ino) != (item.file.dev, item.file.ino)
             or st.st_size != item.file.size
+            or (item.file.tag and os.pread(fd, len(item.file.tag), 0) != item.file.tag)
         ):
             os.close(fd)
             return None, [f"image {ref.index}: batch data changed after it was accepted" for ref in item.images]
