@@ -38,6 +38,8 @@ _CALL = 1  # the one call of this connection
 _PUSH = infer_pb2.SessionRequest.DESCRIPTOR.fields_by_name["push"].number
 _DATA = infer_pb2.PushDataRequest.DESCRIPTOR.fields_by_name["data"].number
 _MAX_PARTS = 512  # of one sendmsg (the kernel takes up to IOV_MAX, 1024)
+_RECEIVE_CHUNK = 64 * 1024
+_RECEIVE_SLICE_S = 0.25
 
 
 def message_parts(request: infer_pb2.SessionRequest, blobs: Sequence[bytes] | None) -> list[bytes]:
@@ -65,8 +67,6 @@ def _key(field: int, length: int) -> bytes:
             value >>= 7
         out.append(value)
     return bytes(out)
-_RECEIVE_CHUNK = 64 * 1024
-_RECEIVE_SLICE_S = 0.25
 
 
 def _timeval(seconds: float) -> bytes:
