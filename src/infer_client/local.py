@@ -122,12 +122,13 @@ class LocalSession(BlockingSession):
         """Hand over a batch (paths or encoded bytes); returns its batch id once admitted."""
         tag, request, blobs = self._booked(images, names, request_id, defer_answer, embed=False)
         message = message_parts(request, blobs)
+        size = sum(map(len, message))
         with self._sending:  # window taken and message sent in one order: the server counts them so
             if self._closing:
                 self._break(InferError(grpc.StatusCode.CANCELLED, "the session is closed"))
                 raise self._book.error  # type: ignore[misc]
             try:
-                self._wait(lambda: self._take_window(sum(map(len, message))), self._timeout)
+                self._wait(lambda: self._take_window(size), self._timeout)
             except InferError as exc:  # the server reads no more pushes: the stream is of no use
                 self._break(exc)
                 raise

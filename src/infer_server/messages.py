@@ -9,8 +9,8 @@ the worker opens the front's descriptor of the file and reads each image's bytes
 
 To a worker: ``WorkerOptions`` as a process argument at spawn; then in its inbox a ``WorkItem`` per
 chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`` or
-``WorkerFailed`` once, then one ``ItemDone`` per chunk (the chunks a worker ran together: a tuple
-of them, one message). Shared memory: each worker's ``current`` value (a
+``WorkerFailed`` once, then one ``ItemDone`` per chunk, in one message (a tuple) for the chunks
+it ran together. Shared memory: each worker's ``current`` value (a
 ``multiprocessing.RawValue('q')``) holds the id of the chunk it took last; the supervisor reads it
 when the worker dies to know which chunk was running. Pipes carry messages pickled by ``dumps``.
 

@@ -79,9 +79,8 @@ def serve(pipeline: Any, items: list[WorkItem], gathering: tuple[int, float] | N
 
 
 def received(parent: Connection) -> list[ItemDone]:
-    """The next message's ItemDones: a group's come as one tuple."""
-    message = parent.recv()
-    return list(message) if isinstance(message, tuple) else [message]
+    """The next message's ItemDones (a group's come as one tuple)."""
+    return list(parent.recv())
 
 
 def answers(done: list[ItemDone]) -> dict[str, tuple[Any, ...]]:

@@ -138,7 +138,7 @@ def run_item(pipeline: VisionPipeline, item: WorkItem, current: Any = None) -> l
     """The worker's one message for ``item``: its outcomes."""
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child, current, reader()).handle(item)
-    done = parent.recv()
+    (done,) = parent.recv()
     assert not parent.poll(), "one message per item"
     assert isinstance(done, ItemDone) and done.worker == 3 and done.item_id == item.item_id
     return list(done.outcomes)
@@ -229,7 +229,7 @@ def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
     messages = []
     while parent.poll():
         messages.append(parent.recv())
-    assert [(type(m).__name__, len(m.outcomes)) for m in messages] == [("ItemDone", 1)]
+    assert [[(type(d).__name__, len(d.outcomes)) for d in m] for m in messages] == [[("ItemDone", 1)]]
 
 
 def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, shm: Path) -> None:
@@ -238,7 +238,8 @@ def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, sh
     pool_end.close()
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child, reader=reader()).serve(inbox, multiprocessing.Event())
-    assert isinstance(parent.recv(), ItemDone) and not parent.poll()
+    (done,) = parent.recv()
+    assert isinstance(done, ItemDone) and not parent.poll()
 
 
 def test_the_resident_size_is_read_afresh_from_the_held_file() -> None:

@@ -10,8 +10,8 @@ process per worker slot; ``run_worker`` is the process target. Protocol, all rec
 * per group of ``WorkItem``s from the worker's own inbox (one chunk, or with dynamic batching the
   chunks waiting together that fit in one batch: ``stage.gather``): the last one's id goes into
   the shared ``current`` value (what the pool reads if this worker dies), the pipeline runs once on
-  all their images, then one ``ItemDone`` per chunk carries an ``ImageOutcome`` per image (a
-  group's, as a tuple in one message: one write and one wake-up of the pool per group). Work
+  all their images, then one ``ItemDone`` per chunk carries an ``ImageOutcome`` per image, the
+  group's in one message (a tuple: one write and one wake-up of the pool per group). Work
   dequeued after its deadline is answered DEADLINE_EXCEEDED without running. A failure of the
   pipeline itself (not of an image: those are per-image outcomes) answers the chunks INTERNAL,
   unless it left the pipeline unusable (an allocation failed): then the worker exits with
@@ -166,8 +166,7 @@ class StageWorker:
         if ran is None:
             return False
         readable, answered = ran
-        done = [ItemDone(self.worker_id, item.item_id, tuple(outcomes[item.item_id].values())) for item in items]
-        send(self.results, done[0] if len(done) == 1 else tuple(done))
+        send(self.results, tuple(ItemDone(self.worker_id, i, tuple(outcomes[i].values())) for i in outcomes))
         self.budget.answered(time.monotonic() - taken)
         if items[0].route == ROUTE_SHADOW and self.candidate is not None and readable:
             self._shadow(readable, answered)

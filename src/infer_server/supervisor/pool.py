@@ -12,10 +12,10 @@ pool writes into directly and without ever blocking (``channels.Inbox``), and ho
 images at most (one running, one waiting) in ``CREDIT`` chunks at most (``GATHER_CREDIT`` with
 dynamic batching, ``stage.gather``), so the pool knows which chunks each worker holds. A worker
 writes the id of the last chunk it takes into its shared ``current`` value and answers through its
-own result pipe with one ``ItemDone`` per chunk, carrying every image's outcome. A pipe per worker, not one shared
-queue: a worker SIGKILLed while writing to a shared ``multiprocessing.Queue`` would leave its lock
-held (and a half-written message) for every other worker; a private pipe just reaches EOF and is
-discarded.
+own result pipe with one ``ItemDone`` per chunk, carrying every image's outcome (a tuple of them
+per group of chunks it ran together). A pipe per worker, not one shared queue: a worker SIGKILLed
+while writing to a shared ``multiprocessing.Queue`` would leave its lock held (and a half-written
+message) for every other worker; a private pipe just reaches EOF and is discarded.
 
 Threads, and the loop. The server's asyncio loop reads every result pipe (``add_reader``), records
 which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
@@ -63,7 +63,6 @@ from infer_server.messages import (
     FileRef,
     ImageOutcome,
     ImageRef,
-    ItemDone,
     ShadowDone,
     WorkerFailed,
     WorkerOptions,
@@ -272,7 +271,7 @@ class PipelinePool:
                 worker.drained.set()
                 return
             try:
-                self._handle(worker, (message,) if isinstance(message, ItemDone) else message)
+                self._handle(worker, message)
             except Exception:  # a bug here must not silence every worker
                 log.exception("could not handle %r from worker %d", message, worker.slot)
             if not conn.poll():
@@ -282,7 +281,7 @@ class PipelinePool:
         deliveries: list[ImageOutcome | None] = []
         shadow: ShadowDone | None = None
         with self._cond:
-            if isinstance(message, tuple):  # a group's chunks, each one's ItemDone
+            if isinstance(message, tuple):  # the ItemDone of each chunk a worker ran together
                 for done in message:
                     deliveries += self._ledger.answered(worker.held.pop(done.item_id, None), done)
                 self._dispatch()
