@@ -10,7 +10,12 @@ saw per batch, from the server's ``infer_batch_images`` histogram). Then, on the
 one client alone (unloaded latency) and an open-loop point at half the peak rate (latency under
 load, counted from the scheduled time).
 
+``--pin-workers`` runs both servers with their workers pinned (``infer-server serve --pin-workers``);
+``--compare pinning`` instead compares two batching servers, workers pinned and not (the unloaded
+and half-load points then run on the pinned one).
+
     .venv/bin/python -m benchmarks.batching --rounds 3 --json bench-out/batching.json
+    .venv/bin/python -m benchmarks.batching --compare pinning --local-socket --rounds 4
 """
 
 from __future__ import annotations
@@ -77,15 +82,21 @@ def scaling(sizes: tuple[int, ...] = (1, 2, 4, 8), repeats: int = 7, device: str
         return pool.apply(_scaling, (sizes, repeats, device))
 
 
+# What each comparison runs: two servers, (name, their flags); the first one is the product's
+# configuration under test (its rate is the peak; the latency points run on it).
+ARMS = {
+    "batching": (("batching", ("--dynamic-batching",)), ("single", ("--no-dynamic-batching",))),
+    "pinning": (("pinned", ("--dynamic-batching", "--pin-workers")), ("unpinned", ("--dynamic-batching",))),
+}
+
+
 @contextlib.contextmanager
-def _server(batching: bool, delay_us: int, workers: int, batch_size: int) -> Iterator[tuple[Any, int]]:
+def _server(name: str, flags: tuple[str, ...], delay_us: int, workers: int, batch_size: int
+            ) -> Iterator[tuple[Any, int]]:  # fmt: skip
     port = servers.free_port()
-    extra = ["--dynamic-batching" if batching else "--no-dynamic-batching", "--max-queue-delay-us", str(delay_us),
-             "--metrics-port", str(port)]  # fmt: skip
-    servers.GRPC_SERVER_ARGS[:] = extra
+    servers.GRPC_SERVER_ARGS[:] = [*flags, "--max-queue-delay-us", str(delay_us), "--metrics-port", str(port)]
     try:
-        with servers.grpc_server(MODELS, workers=workers, batch_size=batch_size,
-                                 label="batching" if batching else "single") as server:  # fmt: skip
+        with servers.grpc_server(MODELS, workers=workers, batch_size=batch_size, label=name) as server:
             yield server, port
     finally:
         servers.GRPC_SERVER_ARGS[:] = []
@@ -127,8 +138,11 @@ def main(
     scaling_only: Annotated[bool, typer.Option(help="Only the pipeline's batch-size scaling, no servers.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
     local_socket: Annotated[bool, typer.Option(help="The clients' sessions on the server's local socket.")] = False,
+    compare: Annotated[str, typer.Option(help="batching (with and without) or pinning (workers pinned or not).")]
+    = "batching",
+    pin_workers: Annotated[bool, typer.Option(help="Both servers with --pin-workers (--compare batching).")] = False,
 ) -> None:
-    """Single-image requests from many clients, with and without dynamic batching."""
+    """Single-image requests from many clients, with and without dynamic batching (or pinning)."""
     curve = scaling(device=device)
     for size, row in curve.items():
         print(f"pipeline on {size} image(s): {row['per_image_ms']:.1f} ms per image (detector "
@@ -136,36 +150,45 @@ def main(
               f"{row.get('attributes_ms', 0):.1f})")  # fmt: skip
     if scaling_only:
         return
+    if compare not in ARMS:
+        raise typer.BadParameter(f"--compare: one of {', '.join(ARMS)}")
+    pin = ("--pin-workers",) if pin_workers and compare == "batching" else ()
+    arms = [(name, (*flags, *pin)) for name, flags in ARMS[compare]]
+    (first, _), (second, _) = arms
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         workload = make_workload(16, 1, Path(tmp))
-        on = stack.enter_context(_server(True, delay_us, workers, batch_size))
-        off = stack.enter_context(_server(False, delay_us, workers, batch_size))
+        started = {name: stack.enter_context(_server(name, flags, delay_us, workers, batch_size))
+                   for name, flags in arms}  # fmt: skip
         rows = []
         for n in range(rounds):
-            order = [("batching", on), ("single", off)][:: 1 if n % 2 == 0 else -1]
+            order = list(started.items())[:: 1 if n % 2 == 0 else -1]
             row = {name: _point(workload, srv, port, clients, local=local_socket) for name, (srv, port) in order}
-            row["ratio"] = row["batching"]["fps"] / row["single"]["fps"]
+            row["ratio"] = row[first]["fps"] / row[second]["fps"]
             rows.append(row)
             print(f"round {n + 1}: " + ", ".join(
                 f"{name} {row[name]['fps']:.1f} img/s (p99 {row[name]['image_p99_ms']:.0f} ms, "
                 f"{row[name]['cpu_ms_per_image']:.1f} ms CPU/img, {row[name]['mean_batch_images']:.1f} img/batch, "
                 f"{row[name]['ratio_to_bound']:.2f} x its CPU-time bound)"
-                for name in ("batching", "single")) + f", ratio {row['ratio']:.2f}")  # fmt: skip
-        peak = statistics.median(r["batching"]["fps"] for r in rows)
-        unloaded = _point(workload, *on, clients=1, local=local_socket)
-        half = _point(workload, *on, clients=clients, rate=peak / 2, local=local_socket)
-    summary = {
+                for name in (first, second)) + f", ratio {row['ratio']:.2f}")  # fmt: skip
+        peak = statistics.median(r[first]["fps"] for r in rows)
+        unloaded = _point(workload, *started[first], clients=1, local=local_socket)
+        half = _point(workload, *started[first], clients=clients, rate=peak / 2, local=local_socket)
+    summary: dict[str, Any] = {
         "median_ratio": statistics.median(r["ratio"] for r in rows),
-        "median_ratio_to_bound": statistics.median(r["batching"]["ratio_to_bound"] for r in rows),
+        "median_ratio_to_bound": {name: statistics.median(r[name]["ratio_to_bound"] for r in rows)
+                                  for name in (first, second)},  # fmt: skip
         "unloaded_p99_ms": unloaded["image_p99_ms"], "half_load_p99_ms": half["image_p99_ms"],
         "half_load_fps": half["fps"], "half_load_mean_batch_images": half["mean_batch_images"],
     }  # fmt: skip
-    print(f"median ratio batching / single: {summary['median_ratio']:.2f}; p99 unloaded {unloaded['image_p99_ms']:.0f} "
-          f"ms, at half load ({half['fps']:.1f} img/s) {half['image_p99_ms']:.0f} ms")  # fmt: skip
+    print(f"median ratio {first} / {second}: {summary['median_ratio']:.2f}; of the CPU-time bound: "
+          + ", ".join(f"{k} {v:.3f}" for k, v in summary["median_ratio_to_bound"].items())
+          + f"; p99 unloaded {unloaded['image_p99_ms']:.0f} ms, at half load ({half['fps']:.1f} img/s) "
+          f"{half['image_p99_ms']:.0f} ms")  # fmt: skip
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"scaling": curve, "rounds": rows, "unloaded": unloaded, "half_load": half, "summary": summary,
-               "clients": clients, "delay_us": delay_us, "workers": workers, "batch_size": batch_size}  # fmt: skip
+               "clients": clients, "delay_us": delay_us, "workers": workers, "batch_size": batch_size,
+               "compare": compare, "arms": dict(arms), "local_socket": local_socket}  # fmt: skip
         json_out.write_text(json.dumps(doc, indent=1))
 
 

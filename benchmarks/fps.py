@@ -454,10 +454,13 @@ def main(
     tokens: Annotated[
         bool, typer.Option(help="Serve with a tokens file; every client call carries a bearer token.")
     ] = False,
+    pin_workers: Annotated[bool, typer.Option(help="Serve with --pin-workers (each worker on its own CPU).")] = False,
 ) -> None:
     """Measure images/s, latency, bounds and transports of the inference server."""
     if tokens:
         _use_tokens()
+    if pin_workers:
+        servers.GRPC_SERVER_ARGS.append("--pin-workers")
     transports = tuple(transport or TRANSPORTS)
     if config not in CONFIGS or not set(transports) <= set(TRANSPORTS):
         raise typer.BadParameter(f"--config is one of {CONFIGS}; --transport of {TRANSPORTS}")

@@ -113,6 +113,9 @@ class WorkerOptions:
     # full waiting up to this long after its oldest chunk was submitted.
     dynamic_batching: bool = True
     max_queue_delay_us: int = 0
+    # The CPUs the workers are pinned to (``--pin-workers``): worker N gets ``intra_op_threads`` of
+    # them in turn from the N-th share on (``stage.worker.pin_cpus``). Empty: not pinned.
+    cpus: tuple[int, ...] = ()
 
 
 # The exit code of a worker that retired on purpose after a chunk because its resident memory passed

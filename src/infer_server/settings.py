@@ -93,6 +93,12 @@ class ServerSettings(BaseSettings):
         "full waits for more chunks (Triton's max_queue_delay_microseconds). 0: run what is waiting, no wait.",
     )  # fmt: skip
     intra_op_threads: int = Field(default=1, ge=1, le=64, description="Threads per model in each worker.")
+    pin_workers: bool = Field(
+        default=False,
+        description="Pin each stage worker, with its libraries' threads, to its own --intra-op-threads CPUs of "
+        "the server's CPU set, in turn: a worker never migrates, and its hand-offs to the decoder's threads stay "
+        "on its core. Only where those CPUs are this server's alone (docs/workers.md).",
+    )  # fmt: skip
     max_attempts: int = Field(
         default=2, ge=1, le=5, description="Attempts per image when workers die under it (2: retried once)."
     )
@@ -349,4 +355,5 @@ class ServerSettings(BaseSettings):
             shadow_budget=self.shadow_budget,
             dynamic_batching=self.dynamic_batching,
             max_queue_delay_us=self.max_queue_delay_us,
+            cpus=tuple(sorted(os.sched_getaffinity(0))) if self.pin_workers else (),
         )

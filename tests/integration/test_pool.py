@@ -304,3 +304,37 @@ def test_start_and_stop_refuse_to_block_the_loop_that_reads_the_workers(model_re
             pool.stop()
 
     asyncio.run(main())
+
+
+def thread_cpus(pid: int) -> set[frozenset[int]]:
+    """The CPU sets of every thread of process ``pid``."""
+    return {frozenset(os.sched_getaffinity(int(tid))) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_pinned_workers_run_every_thread_on_their_own_cpu_and_so_does_a_replacement(
+    model_repo_dir: Path, shm: Path
+) -> None:
+    """``--pin-workers``: worker N and every thread its libraries started (the decoder's) on CPU N of
+    the server's set, in turn; a worker that dies is replaced on its slot's CPU, and answers."""
+    cpus = sorted(os.sched_getaffinity(0))
+    h = Harness(model_repo_dir, workers=2, batch_size=2, pin_workers=True)
+    try:
+        want = {f"infer-worker-{n}": {frozenset({cpus[n % len(cpus)]})} for n in range(2)}
+        workers = h.workers()
+        assert {name: thread_cpus(p.pid) for name, p in workers.items()} == want
+        assert all(len(os.listdir(f"/proc/{p.pid}/task")) > 2 for p in workers.values()), "library threads too"
+        os.kill(workers["infer-worker-1"].pid, signal.SIGKILL)
+        h.collector.wait(lambda: h.collector.health[-2:] == [False, True])
+        assert {name: thread_cpus(p.pid) for name, p in h.workers().items()} == want
+        submit(h.pool, shm / "after", "after", JPEGS[:4])
+        assert {o.code for o in h.collector.wait_all("after", 4)} == {Code.OK}
+    finally:
+        h.stop_and_check(drain=True)
+
+
+def test_unpinned_workers_may_run_on_every_cpu_of_the_server(model_repo_dir: Path) -> None:
+    h = Harness(model_repo_dir, workers=1, null_model=True)
+    try:
+        assert thread_cpus(h.workers()["infer-worker-0"].pid) == {frozenset(os.sched_getaffinity(0))}
+    finally:
+        h.stop_and_check(drain=True)

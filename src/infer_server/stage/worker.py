@@ -96,6 +96,25 @@ def limit_threads(threads: int) -> None:
         os.environ[var] = str(threads)
 
 
+def pin_cpus(worker_id: int, cpus: tuple[int, ...], threads: int) -> set[int]:
+    """Worker ``worker_id``'s share of ``cpus``: ``threads`` of them, in turn (worker 0 the first), round and round."""
+    return {cpus[(worker_id * threads + k) % len(cpus)] for k in range(threads)}
+
+
+def _pin(worker_id: int, options: WorkerOptions) -> None:
+    """``--pin-workers``: this process on its share of ``options.cpus``, first thing, so that every
+    thread a library starts later (the decoder's, the engines') stays there too."""
+    if not options.cpus:
+        return
+    share = pin_cpus(worker_id, options.cpus, options.intra_op_threads)
+    try:
+        os.sched_setaffinity(0, share)
+    except OSError as exc:  # the server's CPU set shrank since it started: run unpinned, say so
+        log.warning("worker %d: cannot pin to CPUs %s (%s): running unpinned", worker_id, sorted(share), exc)
+        return
+    log.info("worker %d: pinned to CPUs %s", worker_id, sorted(share))
+
+
 def _exit_with_parent() -> None:
     parent = multiprocessing.parent_process()
     if parent is None:
@@ -354,6 +373,7 @@ def run_worker(
         level=options.log_level,
         format=f"%(asctime)s worker-{worker_id} %(levelname)s %(name)s: %(message)s",
     )
+    _pin(worker_id, options)
     _exit_with_parent()
     try:
         pipeline, candidate, ready = _set_up(worker_id, repo_dir, options)
