@@ -85,7 +85,8 @@ def _point(tree: Path, pipeline: str, transport: str, concurrency: int, extra: l
         runs = json.loads(Path(out.name).read_text())["runs"]
     # The closed-loop point at this concurrency (a run with the models also measures paced points).
     (run,) = [r for r in runs if r["mode"] == "closed" and not r["round_index"] and r["concurrency"] == concurrency]
-    return {"fps": run["fps"], **{f"cpu_{k}": v for k, v in run["cpu_ms_per_image"].items()}}
+    bound = {"ratio_to_bound": run["ratio_to_bound"]} if run.get("ratio_to_bound") else {}  # with the models
+    return {"fps": run["fps"], **bound, **{f"cpu_{k}": v for k, v in run["cpu_ms_per_image"].items()}}
 
 
 def _oip_point(tree: Path, way: str, concurrency: int, extra: list[str]) -> dict[str, float]:
@@ -131,7 +132,9 @@ def main(
                 else:
                     results[label].append(_point(tree, pipeline, transport, concurrency, extra))
             ra, rb = results["A"][-1], results["B"][-1]
-            print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}")
+            bounds = (f"  of the CPU-time bound: A {ra['ratio_to_bound']:.3f} B {rb['ratio_to_bound']:.3f}"
+                      if "ratio_to_bound" in ra and "ratio_to_bound" in rb else "")  # fmt: skip
+            print(f"round {n}: A {ra['fps']:7.0f}  B {rb['fps']:7.0f} img/s  B/A {rb['fps'] / ra['fps']:.2f}{bounds}")
     for label, revision in (("A", f"{a} {a_args}".strip()), ("B", f"{b} {b_args}".strip())):
         runs = results[label]
         cpu = {k: statistics.mean(r[k] for r in runs) for k in runs[0] if k.startswith("cpu_")}
