@@ -1,4 +1,4 @@
-"""Dynamic batching, measured: many clients pushing one image per request to the server with the
+"""Dynamic batching, measured: many clients pushing one image per request (``--images``) to the server with the
 models, with dynamic batching (``--max-queue-delay-us`` as given) and without, interleaved in one
 run.
 
@@ -16,6 +16,7 @@ and half-load points then run on the pinned one).
 
     .venv/bin/python -m benchmarks.batching --rounds 3 --json bench-out/batching.json
     .venv/bin/python -m benchmarks.batching --compare pinning --local-socket --rounds 4
+    .venv/bin/python -m benchmarks.batching --compare pinning --clients 4 --images 8 --rounds 4
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ def _point(workload: Workload, server: Any, port: int, clients: int, rate: float
 
 def main(
     rounds: Annotated[int, typer.Option(help="Rounds; each runs both servers once.")] = 3,
-    clients: Annotated[int, typer.Option(help="Client processes, one image per request each.")] = 16,
+    clients: Annotated[int, typer.Option(help="Client processes.")] = 16,
+    images: Annotated[int, typer.Option(help="Images per request.")] = 1,
     delay_us: Annotated[int, typer.Option(help="--max-queue-delay-us of the batching server.")] = 0,
     workers: Annotated[int, typer.Option(help="Stage workers of each server.")] = 2,
     batch_size: Annotated[int, typer.Option(help="--batch-size of each server.")] = 8,
@@ -156,7 +158,7 @@ def main(
     arms = [(name, (*flags, *pin)) for name, flags in ARMS[compare]]
     (first, _), (second, _) = arms
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        workload = make_workload(16, 1, Path(tmp))
+        workload = make_workload(16, images, Path(tmp))
         started = {name: stack.enter_context(_server(name, flags, delay_us, workers, batch_size))
                    for name, flags in arms}  # fmt: skip
         rows = []
@@ -187,7 +189,7 @@ def main(
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         doc = {"scaling": curve, "rounds": rows, "unloaded": unloaded, "half_load": half, "summary": summary,
-               "clients": clients, "delay_us": delay_us, "workers": workers, "batch_size": batch_size,
+               "clients": clients, "images": images, "delay_us": delay_us, "workers": workers, "batch_size": batch_size,
                "compare": compare, "arms": dict(arms), "local_socket": local_socket}  # fmt: skip
         json_out.write_text(json.dumps(doc, indent=1))
 
