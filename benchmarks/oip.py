@@ -134,12 +134,14 @@ def main(
     ways: Annotated[str, typer.Option(help="The ways in, comma-separated (v1-tmpfs is always measured: "
                                       "the ratios are to it).")] = ",".join(WAYS),
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    server_arg: Annotated[list[str] | None, typer.Option(help="A flag for the server, e.g. --server-arg=--pin-workers "
+                                                         "(repeatable).")] = None,
 ) -> None:
     """Measure the ways in (by default all four) on one null-model server."""
     chosen = ["v1-tmpfs", *(w for w in ways.split(",") if w and w != "v1-tmpfs")]
     if set(chosen) - set(WAYS):
         raise typer.BadParameter(f"the ways are {', '.join(WAYS)}")
-    with tempfile.TemporaryDirectory() as tmp, null_server(batch) as server:
+    with tempfile.TemporaryDirectory() as tmp, null_server(batch, *(server_arg or ())) as server:
         images = servers.scene_files(Path(tmp))
         interleaved(chosen, rounds, lambda way: _measure(way, server, clients, seconds, batch, images), json_out,
                     clients=clients, batch=batch)  # fmt: skip
