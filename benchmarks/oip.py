@@ -85,10 +85,14 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
 
 
 def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
-             images: list[str], env: dict[str, str] | None = None) -> dict[str, float]:  # fmt: skip
+             images: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     answered, before, after = run_clients(way, server, clients, seconds, batch, images, env)
-    return {"fps": answered / seconds, "server_cpu_ms_per_image": 1e3 * (sum(after) - sum(before))
-            / max(1, answered)}  # fmt: skip
+    per_image = [1e3 * (a - b) / max(1, answered) for a, b in zip(after, before, strict=True)]
+    # By role: the main process (tritonserver itself), gRPC front processes, the workers (Triton's
+    # Python stubs).
+    roles = dict(zip(("main", "fronts", "workers"), per_image, strict=True))
+    return {"fps": answered / seconds, "server_cpu_ms_per_image": sum(per_image),
+            "server_cpu_ms_per_image_by_role": roles}
 
 
 @contextlib.contextmanager
@@ -107,7 +111,7 @@ def null_server(batch: int, *extra: str, label: str = "oip") -> Iterator[servers
                 server.shm_dir = None
 
 
-def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[str, float]],
+def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[str, Any]],
                 json_out: Path | None, **doc: Any) -> None:  # fmt: skip
     """``rounds`` rounds of every way (the order rotating), each way's ratio to ``v1-tmpfs`` of its
     round, printed; the medians; everything in ``json_out`` with ``doc``."""
