@@ -53,9 +53,9 @@ class Collector:
         self.threads: set[str] = set()  # where the callbacks ran
         self._cond = threading.Condition()
 
-    def on_outcome(self, outcome: ImageOutcome) -> None:
+    def on_outcomes(self, outcomes: list[ImageOutcome]) -> None:
         with self._cond:
-            self.outcomes.append(outcome)
+            self.outcomes += outcomes
             self.threads.add(threading.current_thread().name)
             self._cond.notify_all()
 
@@ -138,7 +138,7 @@ class Harness:
         self.pool = PipelinePool(
             repo, worker_options(**settings), workers=workers, max_attempts=max_attempts,
             max_chunk_seconds=max_chunk_seconds, loop=self.loop.loop,
-            on_outcome=self.collector.on_outcome, on_health=self.collector.on_health,
+            on_outcomes=self.collector.on_outcomes, on_health=self.collector.on_health,
         )  # fmt: skip
         self.pool.start(timeout=WAIT_S)
         self.collector.wait(lambda: self.collector.health == [True])  # reported on the loop
@@ -282,7 +282,7 @@ def test_a_broken_repository_fails_start_with_the_workers_message(model_repo_dir
             (tmp_path / config.parent.name / "model.onnx").symlink_to(config.parent / "model.onnx")
     others, loop = set(all_workers()), LoopThread()
     pool = PipelinePool(
-        tmp_path, worker_options(), workers=2, max_attempts=2, loop=loop.loop, on_outcome=lambda o: None
+        tmp_path, worker_options(), workers=2, max_attempts=2, loop=loop.loop, on_outcomes=lambda o: None
     )
     try:
         with pytest.raises(PipelineError, match=r"worker \d failed to start: ValueError: .*missing model\.onnx"):
@@ -296,7 +296,7 @@ def test_start_and_stop_refuse_to_block_the_loop_that_reads_the_workers(model_re
     async def main() -> None:
         pool = PipelinePool(
             model_repo_dir, worker_options(null_model=True), workers=1, max_attempts=2,
-            loop=asyncio.get_running_loop(), on_outcome=lambda o: None,
+            loop=asyncio.get_running_loop(), on_outcomes=lambda o: None,
         )  # fmt: skip
         with pytest.raises(PipelineError, match="off the loop"):
             pool.start()  # it would wait for READY messages only this loop can read

@@ -8,45 +8,70 @@ from prometheus_client.parser import text_string_to_metric_families
 from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics
 from infer_server.messages import Code, ImageOutcome
 
+MODELS = (("detector", "3"), ("color", "1"))
 OUTCOMES = [
-    ImageOutcome("b", 0, "a", timings_ms=(("read", 0.4), ("decode", 12.0), ("queue", 1.0))),
-    ImageOutcome("b", 1, "b", timings_ms=(("read", 1.0), ("decode", 6000.0))),  # read on a bound; decode past the last
-    ImageOutcome("b", 2, "c", code=Code.DATA_LOSS, message="image 2: batch data was truncated"),
+    ImageOutcome("b", 0, "a", timings_ms=(("read", 0.4), ("decode", 12.0), ("queue", 1.0)), models=MODELS,
+                 batch_images=3),  # fmt: skip
+    # read on a bucket's bound, decode and batch_images past the last bound
+    ImageOutcome("b", 1, "b", timings_ms=(("read", 1.0), ("decode", 6000.0)), batch_images=300),
+    ImageOutcome("b", 2, "c", code=Code.DATA_LOSS, message="image 2: batch data was truncated", batch_images=8),
+    ImageOutcome("c", 0, "d", timings_ms=(("queue", 0.5), ("detector", 30.0), ("attributes", 2.5)), models=MODELS[:1]),
 ]
+FAMILIES = {"infer_batches", "infer_images_admitted", "infer_images", "infer_stage_seconds", "infer_batch_images",
+            "infer_model_inference_success", "infer_model_queue_seconds", "infer_model_compute_seconds"}  # fmt: skip
 
 
 def samples(registry: CollectorRegistry, names: set[str]) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
     text = generate_latest(registry).decode()
     return {
-        (s.name, tuple(sorted(s.labels.items())), s.value)
+        (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
         for family in text_string_to_metric_families(text)
         if family.name in names
         for s in family.samples
+        if not s.name.endswith("_created")
     }
+
+
+def reference_scrape() -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    """What prometheus_client's own Counter and Histogram show for OUTCOMES."""
+    r = CollectorRegistry()
+    Counter("infer_batches", "", registry=r).inc(2)
+    Counter("infer_images_admitted", "", registry=r).inc(4)
+    images = Counter("infer_images", "", ["code"], registry=r)
+    stages = Histogram("infer_stage_seconds", "", ["stage"], buckets=_STAGE_BUCKETS, registry=r)
+    batch_images = Histogram("infer_batch_images", "", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+    success, queue, compute = (Counter(name, "", ["model", "version"], registry=r) for name in (
+        "infer_model_inference_success", "infer_model_queue_seconds", "infer_model_compute_seconds"))  # fmt: skip
+    for code in Code:
+        images.labels(code.name)
+    for outcome in OUTCOMES:
+        images.labels(Code(outcome.code).name).inc()
+        if outcome.batch_images:
+            batch_images.observe(outcome.batch_images)
+        for stage, ms in outcome.timings_ms:
+            stages.labels(stage).observe(ms / 1000.0)
+        timings = dict(outcome.timings_ms)
+        for model in outcome.models:
+            success.labels(*model).inc()
+            queue.labels(*model).inc(timings.get("queue", 0.0) / 1000.0)
+            compute.labels(*model).inc(sum(v for k, v in timings.items() if k not in ("queue", "read")) / 1000.0)
+    return samples(r, FAMILIES)
 
 
 def test_a_scrape_shows_what_prometheus_own_counter_and_histogram_would() -> None:
     metrics = ServerMetrics(lambda: 7)
     metrics.batch_accepted(3)
-    for outcome in OUTCOMES:
-        metrics.image_done(outcome)
+    metrics.batch_accepted(1)
+    metrics.images_done(OUTCOMES[:1])
+    metrics.images_done(OUTCOMES[1:])
 
-    reference = CollectorRegistry()
-    images = Counter("infer_images", "Images answered, by status code", ["code"], registry=reference)
-    stages = Histogram("infer_stage_seconds", "", ["stage"], buckets=_STAGE_BUCKETS, registry=reference)
-    for code in Code:
-        images.labels(code.name)
-    for outcome in OUTCOMES:
-        images.labels(Code(outcome.code).name).inc()
-        for stage, ms in outcome.timings_ms:
-            stages.labels(stage).observe(ms / 1000.0)
-
-    families = {"infer_images", "infer_stage_seconds"}
-    got, want = samples(metrics.registry, families), samples(reference, families)
-    assert {s for s in got if not s[0].endswith("_created")} == {s for s in want if not s[0].endswith("_created")}
-    assert ("infer_images_total", (("code", "OK"),), 2.0) in got
+    got = samples(metrics.registry, FAMILIES)
+    assert got == reference_scrape()
+    assert ("infer_images_total", (("code", "OK"),), 3.0) in got
     assert ("infer_stage_seconds_bucket", (("le", "0.001"), ("stage", "read")), 2.0) in got
     assert ("infer_stage_seconds_bucket", (("le", "5.0"), ("stage", "decode")), 1.0) in got
     assert ("infer_stage_seconds_bucket", (("le", "+Inf"), ("stage", "decode")), 2.0) in got
+    assert ("infer_batch_images_bucket", (("le", "256.0"),), 2.0) in got
+    assert ("infer_model_inference_success_total", (("model", "detector"), ("version", "3")), 2.0) in got
     text = generate_latest(metrics.registry).decode()
-    assert "infer_inflight_images 7.0" in text and "infer_batches_total 1.0" in text
+    assert "infer_inflight_images 7.0" in text and "infer_batches_total 2.0" in text

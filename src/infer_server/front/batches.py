@@ -232,26 +232,30 @@ class BatchRegistry:
         reservation.ready.set_exception(exc)
         reservation.ready.exception()  # retrieved: only concurrent retries care about it
 
-    def record(self, outcome: ImageOutcome) -> None:
-        """Store one image's terminal record (called once per image by the pool, via the loop)."""
-        batch = self._batches.get(outcome.batch_id)
-        if batch is None or batch.finished_at is not None:
-            log.debug("outcome for unknown or finished batch %s dropped", outcome.batch_id)
-            return
-        if outcome.index in batch.answered or not 0 <= outcome.index < batch.size:
-            log.warning("duplicate outcome for image %d of batch %s dropped", outcome.index, batch.batch_id)
-            return
-        batch.answered.add(outcome.index)
-        heapq.heappush(batch.ready, (next(self._seq), outcome))
-        batch.notify()
-        if len(batch.answered) == batch.size:
-            self._finish(batch)
+    def record(self, *outcomes: ImageOutcome) -> None:
+        """Store images' terminal records (the pool hands each over once, in bursts, on the loop);
+        the streams on each batch that got one are woken once."""
+        got: dict[str, Batch] = {}
+        for outcome in outcomes:
+            batch = self._batches.get(outcome.batch_id)
+            if batch is None or batch.finished_at is not None:
+                log.debug("outcome for unknown or finished batch %s dropped", outcome.batch_id)
+                continue
+            if outcome.index in batch.answered or not 0 <= outcome.index < batch.size:
+                log.warning("duplicate outcome for image %d of batch %s dropped", outcome.index, batch.batch_id)
+                continue
+            batch.answered.add(outcome.index)
+            heapq.heappush(batch.ready, (next(self._seq), outcome))
+            got[batch.batch_id] = batch
+            if len(batch.answered) == batch.size:
+                self._finish(batch)
+        for batch in got.values():
+            batch.notify()
 
     def fail_unanswered(self, batch: Batch, code: Code, message: str) -> None:
         """Answer every image not answered yet with ``code`` (pool refused the batch, or overdue)."""
-        for ref in batch.images:
-            if ref.index not in batch.answered:
-                self.record(ImageOutcome.failed(batch.batch_id, ref, code, message))
+        self.record(*(ImageOutcome.failed(batch.batch_id, ref, code, message)
+                      for ref in batch.images if ref.index not in batch.answered))  # fmt: skip
 
     def subscribe(self, batch_ids: Iterable[str], owner: str = ANONYMOUS) -> PullCursor:
         """A delivery cursor over the given batches of ``owner``; ``UnknownBatch`` if any id is

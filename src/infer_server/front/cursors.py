@@ -84,10 +84,12 @@ class Cursor:
 
     def ack(self, outcomes: Iterable[ImageOutcome]) -> None:
         """The outcomes were written to the stream: delivered, never handed out again."""
+        acked: dict[str, Batch] = {}
         for outcome in outcomes:
-            batch = self._batches[outcome.batch_id]
+            batch = acked[outcome.batch_id] = self._batches[outcome.batch_id]
             del batch.leases[outcome.index]
             batch.delivered += 1
+        for batch in acked.values():
             batch.notify()  # other streams on this batch may now be able to end
 
     def nack(self, outcomes: Iterable[ImageOutcome]) -> None:

@@ -208,7 +208,7 @@ class InferenceServer:
             max_attempts=s.max_attempts,
             max_chunk_seconds=s.max_chunk_seconds,
             loop=loop,
-            on_outcome=self._on_outcome,
+            on_outcomes=self._on_outcomes,
             on_health=self._on_health,
             on_shadow=self.control.on_shadow,
         )
@@ -293,8 +293,8 @@ class InferenceServer:
             raise
         self.registry.activate(reservation, file)
         self.metrics.batch_accepted(batch.size)
-        for outcome in hits:  # answered now; the batch may even be complete
-            self._on_outcome(outcome)
+        if hits:  # answered now; the batch may even be complete
+            self._on_outcomes(hits)
         return batch, True
 
     async def _consult_cache(
@@ -353,13 +353,17 @@ class InferenceServer:
         else:
             self.handoff.release(batch.file)
 
-    def _on_outcome(self, outcome: ImageOutcome) -> None:
-        """The pool, on the loop: one image answered (exactly once)."""
-        self.metrics.image_done(outcome)
-        self.drift.observe(outcome)
-        if self.cache is not None and not outcome.cached:
-            self.cache.store(outcome)
-        self.registry.record(outcome)
+    def _on_outcomes(self, outcomes: list[ImageOutcome]) -> None:
+        """The pool, on the loop: images answered (each exactly once). They are recorded whatever
+        befalls the counting before: a result is never lost to a metric."""
+        try:
+            self.metrics.images_done(outcomes)
+            for outcome in outcomes:
+                self.drift.observe(outcome)
+                if self.cache is not None and not outcome.cached:
+                    self.cache.store(outcome)
+        finally:
+            self.registry.record(*outcomes)
 
     def _on_health(self, healthy: bool) -> None:
         """The pool, on the loop: a worker died (False) or every worker is back (True)."""

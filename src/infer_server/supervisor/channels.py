@@ -109,8 +109,8 @@ class LoopHandoff:
     """Calls made from the pool's threads, run on the loop: outcomes in bursts (one wake-up of the
     loop takes every outcome queued since), anything else one call at a time."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None]) -> None:
-        self._loop, self._on_outcome = loop, on_outcome
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_outcomes: Callable[[list[ImageOutcome]], None]) -> None:
+        self._loop, self._on_outcomes = loop, on_outcomes
         self._queued: list[ImageOutcome] = []
         self._lock = threading.Lock()
         self._scheduled = False
@@ -146,8 +146,7 @@ class LoopHandoff:
         self._run(outcomes)
 
     def _run(self, outcomes: list[ImageOutcome]) -> None:
-        for outcome in outcomes:
-            try:
-                self._on_outcome(outcome)
-            except Exception:
-                log.exception("on_outcome failed for image %d of batch %s", outcome.index, outcome.batch_id)
+        try:
+            self._on_outcomes(outcomes)
+        except Exception:
+            log.exception("on_outcomes failed for %d images", len(outcomes))

@@ -18,9 +18,9 @@ while writing to a shared ``multiprocessing.Queue`` would leave its lock held (a
 message) for every other worker; a private pipe just reaches EOF and is discarded.
 
 Threads, and the loop. The server's asyncio loop reads every result pipe (``add_reader``), records
-which images are answered and calls ``on_outcome`` — exactly once per submitted image: an outcome
-for an image already answered (a dead worker's late result, a retry's second answer) is dropped.
-``on_outcome`` and ``on_health`` always run on that loop: outcomes the pool makes up in its own
+which images are answered and calls ``on_outcomes`` with them — exactly once per submitted image:
+an outcome for an image already answered (a dead worker's late result, a retry's second answer) is
+dropped. ``on_outcomes`` and ``on_health`` always run on that loop: outcomes the pool makes up in its own
 threads (deadline, crash, shutdown) are handed over in bursts, one wake-up of the loop per burst.
 ``start`` and ``stop`` wait for the workers, whose messages only the loop can read, so they must be
 called off the loop (the front runs them in an executor thread). One *watcher* thread waits on the
@@ -92,11 +92,12 @@ class PipelineError(RuntimeError):
 
 
 class PipelinePool:
-    """The stage workers of one server. ``on_outcome`` and ``on_health`` run on ``loop``."""
+    """The stage workers of one server. ``on_outcomes`` and ``on_health`` run on ``loop``."""
 
     def __init__(
         self, repo_dir: Path, options: WorkerOptions, *, workers: int, max_attempts: int,
-        max_chunk_seconds: float = 60.0, loop: asyncio.AbstractEventLoop, on_outcome: Callable[[ImageOutcome], None],
+        max_chunk_seconds: float = 60.0, loop: asyncio.AbstractEventLoop,
+        on_outcomes: Callable[[list[ImageOutcome]], None],
         on_health: Callable[[bool], None] | None = None, on_shadow: Callable[[ShadowDone], None] | None = None,
     ) -> None:  # fmt: skip
         if workers < 1 or options.batch_size < 1 or max_attempts < 1:
@@ -107,7 +108,7 @@ class PipelinePool:
         self._max_chunk_s = max_chunk_seconds
         self._on_health, self._on_shadow = on_health, on_shadow
         self._loop = loop
-        self._to_loop = LoopHandoff(loop, on_outcome)
+        self._to_loop = LoopHandoff(loop, on_outcomes)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
         self._cond = threading.Condition()  # guards everything below and the ledger
@@ -231,7 +232,7 @@ class PipelinePool:
                 log.debug("worker %d is gone; chunk %d waits for its replacement", worker.slot, chunk.item.item_id)
 
     def _deliver(self, outcomes: Sequence[ImageOutcome | None]) -> None:
-        """Hand answered images to ``on_outcome`` on the loop (outside the lock: it may call back)."""
+        """Hand answered images to ``on_outcomes`` on the loop (outside the lock: it may call back)."""
         if outcomes:
             with self._cond:
                 self._cond.notify_all()  # stop(drain=True) waits for the ledger to empty
