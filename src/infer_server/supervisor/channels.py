@@ -14,6 +14,9 @@ import dataclasses
 import fcntl
 import logging
 import multiprocessing
+import os
+import pickle
+import struct
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -25,6 +28,8 @@ log = logging.getLogger(__name__)
 
 INBOX_BYTES = 1 << 20  # asked for each worker's inbox pipe (pipe-max-size, 1 MiB by default, allows it)
 _PAGE = 4096
+READ_BYTES = 1 << 18  # taken from a result pipe per read: hundreds of messages
+_LENGTH, _LONG_LENGTH = struct.Struct("!i"), struct.Struct("!Q")  # Connection.send_bytes's framing
 
 
 class Inbox:
@@ -85,6 +90,53 @@ class Inbox:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class ResultReader:
+    """The loop's end of a worker's result pipe: every whole message it holds, from one
+    non-blocking read. The worker writes with ``Connection.send_bytes`` (a 4-byte length, or -1
+    and an 8-byte one, then the pickle); ``Connection.recv`` would read each message in two system
+    calls, and ``Connection.poll`` builds a selector to tell whether another one follows."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        os.set_blocking(conn.fileno(), False)  # the worker's end stays blocking: its own description
+        self._partial = b""  # the start of a message the next read completes
+
+    def read(self) -> tuple[list[Any], bool]:
+        """The messages the pipe holds now (maybe none), and whether it ended: the worker closed it
+        or died (a message it left cut short is dropped), or a message would not unpickle."""
+        try:
+            data = os.read(self.conn.fileno(), READ_BYTES)
+        except BlockingIOError:  # woken for nothing: another reader took it, or a spurious wake-up
+            return [], False
+        except OSError:
+            return [], True
+        if not data:
+            return [], True
+        if self._partial:
+            data = self._partial + data
+        messages: list[Any] = []
+        offset, size = 0, len(data)
+        with memoryview(data) as view:
+            while size - offset >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(data, offset)
+                start = offset + _LENGTH.size
+                if length == -1:
+                    if size - start < _LONG_LENGTH.size:
+                        break
+                    (length,) = _LONG_LENGTH.unpack_from(data, start)
+                    start += _LONG_LENGTH.size
+                if size - start < length:
+                    break
+                try:
+                    messages.append(pickle.loads(view[start : start + length]))
+                except Exception:
+                    log.exception("a message of %d bytes from a worker would not unpickle", length)
+                    return messages, True
+                offset = start + length
+        self._partial = data[offset:]
+        return messages, False
 
 
 class Wakeup:

@@ -68,7 +68,7 @@ from infer_server.messages import (
     WorkerOptions,
     WorkerReady,
 )
-from infer_server.supervisor.channels import Inbox, LoopHandoff, Wakeup
+from infer_server.supervisor.channels import Inbox, LoopHandoff, ResultReader, Wakeup
 from infer_server.supervisor.ledger import ChunkLedger
 from infer_server.supervisor.processes import (
     MAX_WAIT,
@@ -84,7 +84,6 @@ from infer_server.supervisor.rollout import roll
 log = logging.getLogger(__name__)
 
 CREDIT, GATHER_CREDIT = 2, 16  # chunks a worker may hold; with dynamic batching, small ones waiting make a batch
-_MAX_BURST = 64  # messages the loop takes from one worker's pipe before looking at the others
 
 
 class PipelineError(RuntimeError):
@@ -111,6 +110,7 @@ class PipelinePool:
         self._to_loop = LoopHandoff(loop, on_outcomes)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
+        self._halted = False  # the stop event was set (read on every dispatch)
         self._cond = threading.Condition()  # guards everything below and the ledger
         self._ledger = ChunkLedger(options.batch_size, max_attempts)
         self._slots: list[WorkerProcess | None] = [None] * workers
@@ -194,6 +194,7 @@ class PipelinePool:
             self._stopping = True
             while drain and self._ledger.open_images and time.monotonic() < deadline:
                 self._cond.wait(min(MAX_WAIT, deadline - time.monotonic()))
+            self._halted = True
             self._stop_event.set()  # jumps the queue: a worker checks it before each chunk
             workers = [w for w in self._slots if w is not None]
         end_processes(workers, deadline)
@@ -218,12 +219,12 @@ class PipelinePool:
 
     def _dispatch(self) -> None:
         """Hand pending chunks to READY workers with free credit, least loaded first (locked)."""
-        while self._ledger.pending and not self._stop_event.is_set():
+        while self._ledger.pending and not self._halted:  # the stop event's own check takes a lock
             size = len(self._ledger.pending[0].item.images)
             free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, size)]
             if not free:
                 return
-            worker = min(free, key=lambda w: w.held_images)
+            worker = free[0] if len(free) == 1 else min(free, key=lambda w: w.held_images)
             chunk = self._ledger.pending.popleft()
             worker.held[chunk.item.item_id] = chunk
             try:
@@ -255,28 +256,24 @@ class PipelinePool:
     def _read(self, worker: WorkerProcess, conn: Any) -> None:
         """On the loop: read ``conn`` whenever it has data (``_drain`` unregisters it at EOF)."""
         if not conn.closed:
-            self._loop.add_reader(conn.fileno(), self._drain, worker, conn)
+            self._loop.add_reader(conn.fileno(), self._drain, worker, ResultReader(conn))
 
-    def _drain(self, worker: WorkerProcess, conn: Any) -> None:
-        """Handle what ``conn`` holds now: a chunk's outcomes arrive back to back, so they are taken
-        in one go instead of one ``wait()`` over every pipe per message (bounded, so that one busy
-        worker cannot starve the others). Runs on the loop."""
+    def _drain(self, worker: WorkerProcess, reader: ResultReader) -> None:
+        """Handle every message ``reader``'s pipe holds now (a chunk's outcomes arrive back to back:
+        they are taken in one read). Runs on the loop."""
+        conn = reader.conn
         if conn.closed:  # stop() closed it after this call was queued
             return
-        for _ in range(_MAX_BURST):
-            try:
-                message = conn.recv()
-            except Exception:  # EOF, or a message cut short by the worker's death
-                self._loop.remove_reader(conn.fileno())
-                conn.close()
-                worker.drained.set()
-                return
+        messages, ended = reader.read()
+        for message in messages:
             try:
                 self._handle(worker, message)
             except Exception:  # a bug here must not silence every worker
                 log.exception("could not handle %r from worker %d", message, worker.slot)
-            if not conn.poll():
-                return
+        if ended:  # EOF, or a message garbled by the worker's death
+            self._loop.remove_reader(conn.fileno())
+            conn.close()
+            worker.drained.set()
 
     def _handle(self, worker: WorkerProcess, message: Any) -> None:
         deliveries: list[ImageOutcome | None] = []
