@@ -18,6 +18,7 @@ from infer_server.messages import (
     ImageRef,
     ItemDone,
     WorkItem,
+    replaced,
 )
 
 
@@ -49,3 +50,16 @@ def test_item_done_round_trips_every_code_and_detections() -> None:
     assert [o.code for o in back.outcomes] == list(Code)  # type: ignore[attr-defined]
     assert all(type(o.code) is Code for o in back.outcomes)  # type: ignore[attr-defined]
     assert through_pipe(ItemDone(1, 2)) == ItemDone(1, 2)
+
+
+def test_replaced_is_dataclasses_replace_and_refuses_a_field_the_record_lacks() -> None:
+    outcome = ImageOutcome("b", 1, "n", worker=3, timings_ms=(("read", 0.5),))
+    changed = replaced(outcome, index=5, models=(("detector", "1"),), batch_images=8)
+    assert changed == dataclasses.replace(outcome, index=5, models=(("detector", "1"),), batch_images=8)
+    assert hash(changed) == hash(dataclasses.replace(outcome, index=5, models=(("detector", "1"),), batch_images=8))
+    assert outcome.index == 1 and outcome.models == ()  # the original is untouched
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        changed.index = 2  # type: ignore[misc]
+    with pytest.raises(TypeError, match="no field"):
+        replaced(outcome, indx=5)
+    assert replaced(ImageRef(0, 10, 5, "a"), index=3) == ImageRef(3, 10, 5, "a")

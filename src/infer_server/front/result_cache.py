@@ -23,7 +23,6 @@ entry's size is an estimate of what it holds).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import heapq
 import itertools
@@ -33,7 +32,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from infer_server.messages import Code, ImageOutcome, ImageRef
+from infer_server.messages import Code, ImageOutcome, ImageRef, replaced
 
 if TYPE_CHECKING:
     from infer_server.front.handoff import BatchFile
@@ -184,8 +183,8 @@ class ResultCache:
                 misses.append(ref)
                 self._pending[(batch_id, ref.index)] = key
             else:
-                hits.append(dataclasses.replace(stored, batch_id=batch_id, index=ref.index, name=ref.name,
-                                                timings_ms=(), worker=-1, cached=True))  # fmt: skip
+                hits.append(replaced(stored, batch_id=batch_id, index=ref.index, name=ref.name,
+                                     timings_ms=(), worker=-1, cached=True))  # fmt: skip
         return hits, misses
 
     def forget(self, batch_id: str, refs: list[ImageRef]) -> None:

@@ -26,11 +26,10 @@ up to it as started (it sends them in order, the worker takes them in order).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import time
 from typing import TYPE_CHECKING
 
-from infer_server.messages import STOP, Code, ImageOutcome, ImageRef, WorkItem
+from infer_server.messages import STOP, Code, ImageOutcome, ImageRef, WorkItem, replaced
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -101,7 +100,7 @@ class Group:
         if self.single:
             return ref
         self._owners.append((item, ref))
-        return dataclasses.replace(ref, index=len(self._owners) - 1)
+        return replaced(ref, index=len(self._owners) - 1)
 
     def back(self, outcome: ImageOutcome, queue_ms: dict[int, float]) -> tuple[WorkItem, ImageOutcome]:
         """``outcome`` of the pipeline under its own chunk; an OK one of a group gets its chunk's
@@ -115,6 +114,6 @@ class Group:
         timings = outcome.timings_ms
         if outcome.code == Code.OK and item.item_id in queue_ms:
             timings = (*timings, ("queue", queue_ms[item.item_id]))
-        return item, dataclasses.replace(
+        return item, replaced(
             outcome, batch_id=item.batch_id, index=ref.index, name=ref.name, message=message, timings_ms=timings
         )

@@ -36,7 +36,6 @@ runs on that copy.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import multiprocessing
@@ -63,6 +62,7 @@ from infer_server.messages import (
     WorkerOptions,
     WorkerReady,
     WorkItem,
+    replaced,
     send,
 )
 from infer_server.stage.gather import Gatherer, Group
@@ -264,8 +264,8 @@ class StageWorker:
         for outcome in pipeline.process(group.batch_id, readable, read_ms, single_queue):
             if digests or models or together > 1:
                 kept = models if outcome.code == Code.OK else ()
-                outcome = dataclasses.replace(outcome, digest=digests.get(outcome.index, b""), models=kept,
-                                              batch_images=together)  # fmt: skip
+                digest = digests.get(outcome.index, b"")
+                outcome = replaced(outcome, digest=digest, models=kept, batch_images=together)
             answered.append(outcome)
             item, mine = group.back(outcome, queue_ms)
             outcomes[item.item_id][mine.index] = mine
