@@ -26,6 +26,8 @@ up to it as started (it sends them in order, the worker takes them in order).
 from __future__ import annotations
 
 import collections
+import math
+import select
 import time
 from typing import TYPE_CHECKING
 
@@ -42,6 +44,9 @@ class Gatherer:
         self.inbox, self.batch_size, self.max_delay_s, self.enabled = inbox, batch_size, max_delay_s, enabled
         self.stopped = False  # the stop marker came, or the pool closed the inbox
         self._waiting: collections.deque[WorkItem] = collections.deque()  # received, not yet grouped
+        # Whether the inbox holds a chunk yet: one poll() call (Connection.poll builds a selector per call).
+        self._readable = select.poll()
+        self._readable.register(inbox.fileno(), select.POLLIN)
 
     def next_group(self) -> list[WorkItem]:
         """The next chunks to run as one batch; blocks until there is one; empty once stopped."""
@@ -73,7 +78,7 @@ class Gatherer:
     def _receive(self, timeout: float | None) -> WorkItem | None:
         """The inbox's next chunk, or None: none came within ``timeout`` (None: wait for one), or
         the stop marker or the inbox's end came (``stopped``)."""
-        if self.stopped or (timeout is not None and not self.inbox.poll(timeout)):
+        if self.stopped or (timeout is not None and not self._readable.poll(math.ceil(timeout * 1000))):
             return None
         try:
             item = self.inbox.recv()
