@@ -29,6 +29,12 @@ def _frozen_map(items: dict[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(items)
 
 
+def _as_dict(entries: Mapping[str, Any]) -> dict[str, Any]:
+    """A protobuf map as a dict. ``dict(entries)`` goes through ``Mapping``'s Python ``keys()``
+    and ``__iter__`` for a map container: twice the cost of indexing it key by key."""
+    return {key: entries[key] for key in entries}
+
+
 T = TypeVar("T")
 _new = object.__new__
 
@@ -128,14 +134,14 @@ class ImageResult:
 
     @classmethod
     def from_proto(cls, msg: infer_pb2.ImageResult) -> ImageResult:
-        status = msg.status
+        status, timings, versions = msg.status, msg.timings_ms, msg.model_versions
         return _built(cls, {
             "batch_id": msg.batch_id, "index": msg.index, "name": msg.name,
             "code": status_code(status.code), "message": status.message,
             "width": msg.width, "height": msg.height,
             "detections": tuple(map(Detection.from_proto, msg.detections)) if msg.detections else (),
-            "timings_ms": _frozen_map(dict(msg.timings_ms)), "worker": msg.worker, "cached": msg.cached,
-            "model_versions": _frozen_map(dict(msg.model_versions)),
+            "timings_ms": _frozen_map(_as_dict(timings)), "worker": msg.worker, "cached": msg.cached,
+            "model_versions": _frozen_map(_as_dict(versions) if versions else {}),
         })  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
