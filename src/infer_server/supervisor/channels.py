@@ -108,7 +108,7 @@ class ResultReader:
         or died (a message it left cut short is dropped), or a message would not unpickle."""
         try:
             data = os.read(self.conn.fileno(), READ_BYTES)
-        except BlockingIOError:  # woken for nothing: another reader took it, or a spurious wake-up
+        except BlockingIOError:  # a spurious wake-up: nothing to read yet
             return [], False
         except OSError:
             return [], True

@@ -224,7 +224,7 @@ class PipelinePool:
             free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, size)]
             if not free:
                 return
-            worker = free[0] if len(free) == 1 else min(free, key=lambda w: w.held_images)
+            worker = min(free, key=lambda w: w.held_images)
             chunk = self._ledger.pending.popleft()
             worker.held[chunk.item.item_id] = chunk
             try:
