@@ -96,14 +96,16 @@ def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: flo
 
 
 @contextlib.contextmanager
-def null_server(batch: int, *extra: str, label: str = "oip") -> Iterator[servers.ServerProcess]:
+def null_server(batch: int, *extra: str, label: str = "oip", wrapper: Sequence[str] = ()
+                ) -> Iterator[servers.ServerProcess]:  # fmt: skip
     """A null-model server whose shared directory is ``/dev/shm`` itself (tritonclient and
-    perf_analyzer make their regions there with ``shm_open``), its staging directory a fresh one."""
+    perf_analyzer make their regions there with ``shm_open``), its staging directory a fresh one;
+    ``wrapper``: as ``servers.launched``'s."""
     with tempfile.TemporaryDirectory(dir="/dev/shm") as staging:
         args = ["infer_server", "serve", "--null-model", "--models", str(servers.REPO_ROOT / "engines" / "models"),
                 "--host", "127.0.0.1", "--port", "0", "--workers", "2", "--batch-size", str(batch),
                 "--log-level", "WARNING", "--shm-dir", "/dev/shm", "--staging-dir", f"{staging}/s", *extra]  # fmt: skip
-        with servers.launched("grpc", args, shm=False, label=label, local_socket=True) as server:
+        with servers.launched("grpc", args, shm=False, label=label, local_socket=True, wrapper=wrapper) as server:
             server.shm_dir = Path("/dev/shm")
             try:
                 yield server

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import enum
 import pickle
-from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
+
+from infer_server.records import fast_init, rebuilder
 
 _T = TypeVar("_T")
 
@@ -57,6 +58,7 @@ class Code(enum.IntEnum):
     DATA_LOSS = 15
 
 
+@fast_init
 @dataclass(frozen=True)
 class ImageRef:
     """One image inside a batch file: its index in the batch and its byte range."""
@@ -67,6 +69,7 @@ class ImageRef:
     name: str = ""
 
 
+@fast_init
 @dataclass(frozen=True)
 class FileRef:
     """A batch file the front validated and holds open until its batch is done.
@@ -127,6 +130,7 @@ RETIRED_EXIT = 75
 FAILED_EXIT = 70
 
 
+@fast_init
 @dataclass(frozen=True)
 class WorkItem:
     """A chunk of one batch (at most the pipeline's batch size) handed to a stage worker.
@@ -177,6 +181,7 @@ class DetectionRecord:
     attributes: tuple[AttributeRecord, ...] = ()
 
 
+@fast_init
 @dataclass(frozen=True)
 class ImageOutcome:
     """The terminal record for one image: detections, or a per-image error (code != OK).
@@ -226,6 +231,7 @@ class WorkerFailed:
     message: str
 
 
+@fast_init
 @dataclass(frozen=True)
 class ItemDone:
     """Every image of ``item_id`` answered: its ImageOutcomes, one per image, in one message.
@@ -280,18 +286,6 @@ class ShadowDone:
     skipped: bool = False
 
 
-def _built(cls: type[_T], names: tuple[str, ...], rows: Iterable[tuple[Any, ...]]) -> list[_T]:
-    """Instances of the frozen dataclass ``cls``, one per row of the fields ``names``, without
-    ``__init__`` (which sets each field through ``object.__setattr__``; the records here have no
-    ``__post_init__``). One loop for all rows: a call per record would cost as much again."""
-    new, built = object.__new__, []
-    for row in rows:
-        obj = new(cls)
-        obj.__dict__.update(zip(names, row, strict=True))
-        built.append(obj)
-    return built
-
-
 def replaced(record: _T, **changes: Any) -> _T:
     """``dataclasses.replace`` for the frozen records here, without ``__init__``: a copy of
     ``record``'s fields with ``changes`` over them (none of the records has a ``__post_init__``).
@@ -321,18 +315,20 @@ def _outcome_row(outcome: ImageOutcome) -> tuple[int, tuple[Any, ...]]:
     return int(outcome.code), _OUTCOME_ROW(outcome)
 
 
+_rebuild_item = rebuilder(WorkItem, _WORK_ITEM_FIELDS)
+_rebuild_refs = rebuilder(ImageRef, _REF_FIELDS)
+_rebuild_outcomes = rebuilder(ImageOutcome, _OUTCOME_FIELDS, ("code", _CODES))
+
+
 def _work_item(row: tuple[Any, ...], file: tuple[Any, ...], refs: tuple[tuple[Any, ...], ...]) -> WorkItem:
-    (item,) = _built(WorkItem, _WORK_ITEM_FIELDS, (row,))
+    (item,) = _rebuild_item((row,))
     item.__dict__["file"] = FileRef(*file)
-    item.__dict__["images"] = tuple(_built(ImageRef, _REF_FIELDS, refs))
+    item.__dict__["images"] = tuple(_rebuild_refs(refs))
     return item
 
 
 def _item_done(worker: int, item_id: int, rows: tuple[tuple[int, tuple[Any, ...]], ...]) -> ItemDone:
-    outcomes = _built(ImageOutcome, _OUTCOME_FIELDS, [row for _, row in rows])
-    for outcome, (code, _) in zip(outcomes, rows, strict=True):
-        outcome.__dict__["code"] = _CODES[code]
-    return ItemDone(worker, item_id, tuple(outcomes))
+    return ItemDone(worker, item_id, tuple(_rebuild_outcomes(rows)))
 
 
 def dumps(message: Any) -> bytes:

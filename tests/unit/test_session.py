@@ -13,7 +13,8 @@ import pytest
 from infer_proto import infer_pb2
 from infer_server.front import session as session_module
 from infer_server.front.batches import Batch, BatchRegistry
-from infer_server.front.errors import InvalidBatch
+from infer_server.front.cursors import SessionCursor
+from infer_server.front.errors import InvalidBatch, Unavailable
 from infer_server.front.handoff import BatchFile
 from infer_server.front.session import SessionProtocol
 from infer_server.messages import Code, FileRef, ImageOutcome, ImageRef
@@ -200,7 +201,6 @@ def test_a_wake_up_that_comes_as_an_idle_session_starts_waiting_is_not_lost() ->
     """Finding: an idle Session waited with ``asyncio.wait_for(cursor.wait(), ...)``, whose task
     cleared the wake-up one loop iteration later; a result recorded in between was never sent and
     its client's ``detect`` waited for good (4 clients on the tmpfs path lost one in thousands)."""
-    from infer_server.front.cursors import SessionCursor
 
     async def scenario() -> bool:
         cursor = SessionCursor()
@@ -216,3 +216,55 @@ def test_a_wake_up_that_comes_as_an_idle_session_starts_waiting_is_not_lost() ->
             return False
 
     assert run(scenario()), "the wake-up was lost"
+
+
+def test_a_session_ends_once_idle_for_its_timeout_and_not_while_it_is_used() -> None:
+    """One timer per stream watches the idle waits (``SessionProtocol._check_idle``): a session
+    used more often than its timeout goes on however long it lives, and one left idle ends
+    UNAVAILABLE once idle for the timeout, counted from its last reply."""
+    idle_s = 0.3
+
+    async def main() -> tuple[float, float]:
+        server, stream = Server(), FakeStream()
+        protocol = SessionProtocol(stream, server.push, server.registry.open_session(), idle_timeout_s=idle_s)
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(protocol.run())
+        start = last_reply = loop.time()
+        for tag in range(3):  # a push every two thirds of the timeout: each lands while the timer runs
+            await asyncio.sleep(2 * idle_s / 3)
+            assert not task.done(), f"ended after {loop.time() - start:.2f} s while in use"
+            stream.push(tag, f"p{tag}")
+            await stream.until_written(2 * tag + 1)  # its answer
+            server.answer(f"p{tag}", 0)
+            await stream.until_written(2 * tag + 2)  # its result and the batch's completion
+            last_reply = loop.time()
+        with pytest.raises(Unavailable, match="idle"):
+            await task
+        return loop.time() - start, loop.time() - last_reply
+
+    lived, idle = run(main())
+    assert lived > 2 * idle_s
+    assert idle_s - 0.01 <= idle < idle_s + 2.0, idle
+
+
+def test_the_idle_timer_waits_for_the_wait_under_way_to_last_the_timeout() -> None:
+    """The timer fires at the end of the timeout counted from the idle wait it was started for; a
+    later wait that has not lasted the timeout yet is not ended, and the timer runs again for it."""
+
+    async def main() -> None:
+        protocol = SessionProtocol(FakeStream(), Server().push, SessionCursor(), idle_timeout_s=10.0)
+        loop = asyncio.get_running_loop()
+        protocol._idle_since = loop.time() - 4.0  # waiting idle for 4 s of the 10
+        protocol._check_idle()
+        assert not protocol._timed_out
+        assert protocol._idle_timer is not None
+        assert protocol._idle_timer.when() == pytest.approx(protocol._idle_since + 10.0)
+        protocol._idle_timer.cancel()
+        protocol._idle_since = loop.time() - 10.0  # for the whole timeout
+        protocol._check_idle()
+        assert protocol._timed_out and protocol._idle_timer is None
+        protocol._idle_since = None  # busy: no timer until the next idle wait
+        protocol._check_idle()
+        assert protocol._idle_timer is None
+
+    run(main())

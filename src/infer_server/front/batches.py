@@ -66,10 +66,10 @@ class Batch:
     finished_at: float | None = None
     expired: bool = False
     subscribers: set[asyncio.Event] = field(default_factory=set)
+    size: int = field(init=False)  # len(images), read several times per image answered
 
-    @property
-    def size(self) -> int:
-        return len(self.images)
+    def __post_init__(self) -> None:
+        self.size = len(self.images)
 
     @property
     def done(self) -> bool:

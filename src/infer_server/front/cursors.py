@@ -22,12 +22,15 @@ import asyncio
 import collections
 import heapq
 from collections.abc import Iterable, Sequence
+from operator import itemgetter
 from typing import TYPE_CHECKING, Self
 
 from infer_server.messages import ImageOutcome
 
 if TYPE_CHECKING:
     from infer_server.front.batches import Batch
+
+_SEQ = itemgetter(0)  # a ready entry's completion sequence number
 
 
 class Cursor:
@@ -45,11 +48,11 @@ class Cursor:
         """Hand out the completed outcomes not handed out yet (at most ``limit``), earliest first."""
         ready = [b for b in self._batches.values() if b.ready and not b.expired]
         taken: list[tuple[int, ImageOutcome]] = []
-        if limit is None:
+        if limit is None or sum(len(b.ready) for b in ready) <= limit:  # all of them: one sort
             for batch in ready:
                 taken += batch.ready
                 batch.ready = []
-            taken.sort(key=lambda entry: entry[0])
+            taken.sort(key=_SEQ)
         else:
             while ready and len(taken) < limit:
                 batch = min(ready, key=lambda b: b.ready[0][0])
@@ -60,9 +63,8 @@ class Cursor:
             self._batches[outcome.batch_id].leases[outcome.index] = seq
         return [outcome for _, outcome in taken]
 
-    async def wait(self, timeout: float | None = None) -> bool:
-        """Until something may have changed: an outcome recorded, a batch added, sealed, poked;
-        False if ``timeout`` passed first.
+    async def wait(self) -> None:
+        """Until something may have changed: an outcome recorded, a batch added, sealed, poked.
 
         Callers check their condition, then await this, with no await in between: the event is
         cleared at once, before anything else can run, so no wake-up is lost. Finding: a Session
@@ -72,15 +74,7 @@ class Cursor:
         batches as fast as they could lost one in a few thousand).
         """
         self._wake.clear()
-        if timeout is None:
-            await self._wake.wait()
-            return True
-        try:
-            async with asyncio.timeout(timeout):  # a timer on this task: no task of its own (wait_for's)
-                await self._wake.wait()
-        except TimeoutError:
-            return False
-        return True
+        await self._wake.wait()
 
     def ack(self, outcomes: Iterable[ImageOutcome]) -> None:
         """The outcomes were written to the stream: delivered, never handed out again."""
@@ -176,10 +170,12 @@ class SessionCursor(Cursor):
 
     def completions(self, taken: Sequence[ImageOutcome]) -> list[str]:
         """Batches of which nothing is left to deliver once ``taken`` (just handed out) is written."""
-        mine = collections.Counter(outcome.batch_id for outcome in taken)
+        mine: dict[str, int] = {}
+        for outcome in taken:
+            mine[outcome.batch_id] = mine.get(outcome.batch_id, 0) + 1
         return [
             b.batch_id for b in self._batches.values()
-            if b.expired or (not b.ready and b.delivered + mine[b.batch_id] == b.size)
+            if b.expired or (not b.ready and b.delivered + mine.get(b.batch_id, 0) == b.size)
         ]  # fmt: skip
 
     def release(self, batch_ids: Iterable[str]) -> None:

@@ -75,10 +75,13 @@ class DriftMonitor:
         self._counts = {name: collections.Counter() for name in self.references}
         self.scores = {}
 
-    def observe(self, outcome: ImageOutcome) -> None:
-        """One answered image (on the loop, for every image: a few dictionary updates)."""
-        if not self.enabled:
-            return
+    def observe(self, *outcomes: ImageOutcome) -> None:
+        """Answered images (on the loop, for every image: a few dictionary updates)."""
+        if self.enabled:
+            for outcome in outcomes:
+                self._observe(outcome)
+
+    def _observe(self, outcome: ImageOutcome) -> None:
         entry = []
         for name, values in observe(outcome).items():
             reference = self.references.get(name)

@@ -358,10 +358,11 @@ class InferenceServer:
         befalls the counting before: a result is never lost to a metric."""
         try:
             self.metrics.images_done(outcomes)
-            for outcome in outcomes:
-                self.drift.observe(outcome)
-                if self.cache is not None and not outcome.cached:
-                    self.cache.store(outcome)
+            self.drift.observe(*outcomes)
+            if self.cache is not None:
+                for outcome in outcomes:
+                    if not outcome.cached:
+                        self.cache.store(outcome)
         finally:
             self.registry.record(*outcomes)
 

@@ -51,20 +51,27 @@ class Stream(Protocol):
 
 
 def outcome_to_proto(
-    outcome: ImageOutcome, make: Callable[..., infer_pb2.ImageResult] = infer_pb2.ImageResult
+    outcome: ImageOutcome, make: Callable[[], infer_pb2.ImageResult] = infer_pb2.ImageResult
 ) -> infer_pb2.ImageResult:
     """The wire form of one image's terminal record (worker codes are gRPC codes already).
 
     ``make`` builds the message: ``ImageResult`` by default, or a reply's ``results.add``, which
-    builds it in place instead of copying it into the reply.
+    builds it in place instead of copying it into the reply. Fields are set one by one, those at
+    their default not at all: keyword arguments cost a dictionary and a lookup per field.
     """
-    result = make(
-        batch_id=outcome.batch_id, index=outcome.index, name=outcome.name, width=outcome.width,
-        height=outcome.height, worker=outcome.worker, cached=outcome.cached,
-    )  # fmt: skip
-    result.status.code = int(outcome.code)  # sets status even when OK, as it always was
+    result = make()
+    result.batch_id = outcome.batch_id
+    if outcome.index:
+        result.index = outcome.index
+    if outcome.name:
+        result.name = outcome.name
+    result.width, result.height, result.worker = outcome.width, outcome.height, outcome.worker
+    if outcome.cached:
+        result.cached = True
+    status = result.status
+    status.code = int(outcome.code)  # sets status even when OK, as it always was
     if outcome.message:
-        result.status.message = outcome.message
+        status.message = outcome.message
     timings = result.timings_ms
     for stage, ms in outcome.timings_ms:  # a map's update() is a Python loop of its own, slower
         timings[stage] = ms
@@ -93,7 +100,7 @@ async def write_outcomes(stream: Stream, cursor: Cursor, outcomes: list[ImageOut
 
 
 class SessionProtocol:
-    """One Session stream: ``await SessionProtocol(stream, push, cursor).run()``."""
+    """One Session stream: ``await SessionProtocol(stream, push, cursor).run()``, made on the loop."""
 
     def __init__(
         self, stream: Stream, push: Callable[[infer_pb2.PushDataRequest], Awaitable[Batch]], cursor: SessionCursor,
@@ -106,6 +113,10 @@ class SessionProtocol:
         self._deferred: dict[str, list[infer_pb2.PushAnswer]] = {}  # by batch id, until it has results
         self._owed = 0  # answers queued or deferred, not written yet
         self._room = asyncio.Event()  # answers were written: a reader held back by the bound goes on
+        self._idle_since: float | None = None  # loop time the writer began waiting with nothing owed
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timed_out = False
+        self._loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
         """Serve the stream until the client half-closed and everything it pushed was delivered."""
@@ -120,18 +131,44 @@ class SessionProtocol:
                         return
                 await self._wait()
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
 
     async def _wait(self) -> None:
         """Until something may have changed; with nothing owed for ``idle_timeout_s``, end the
-        stream (UNAVAILABLE: the client opens a new one when it has work again)."""
+        stream (UNAVAILABLE: the client opens a new one when it has work again). One timer per
+        stream watches the idle waits (``_check_idle``); a timeout per wait made and cancelled a
+        timer, and its context manager, on every push."""
         if not self._idle or self._idle_timeout_s is None:
             await self._cursor.wait()
             return
-        if not await self._cursor.wait(self._idle_timeout_s) and self._idle:
-            raise Unavailable(f"session idle for {self._idle_timeout_s:g} s; open a new one")
+        self._idle_since = since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(since + self._idle_timeout_s, self._check_idle)
+        try:
+            await self._cursor.wait()
+        finally:
+            self._idle_since = None
+        if self._timed_out:
+            self._timed_out = False
+            if self._idle:
+                raise Unavailable(f"session idle for {self._idle_timeout_s:g} s; open a new one")
+
+    def _check_idle(self) -> None:
+        """The idle timer: end the wait that has lasted ``idle_timeout_s``, or wait for the current
+        one to; none while the stream is busy (its next idle wait starts the timer again)."""
+        self._idle_timer = None
+        if self._idle_since is None or self._idle_timeout_s is None:
+            return
+        due = self._idle_since + self._idle_timeout_s
+        if self._loop.time() >= due:
+            self._timed_out = True
+            self._cursor.poke()
+        else:
+            self._idle_timer = self._loop.call_at(due, self._check_idle)
 
     @property
     def _idle(self) -> bool:
