@@ -1,4 +1,6 @@
-"""Generates the gRPC stubs from proto/ into src/infer_proto/ whenever the package is built.
+"""Generates the gRPC stubs from proto/ into src/infer_proto/ whenever the package is built, and
+compiles the server's one C extension, ``infer_server._wire`` (a C compiler and Python's headers
+are needed to install the server; the client library is pure Python).
 
 Stubs are never committed: a wheel build and an editable install (`pip install -e .`) both run
 ``build_py`` first, which calls ``grpc_tools.protoc`` on ``proto/infer.proto`` (this server's API)
@@ -8,7 +10,7 @@ path ``infer_proto=proto`` makes the generated code import ``from infer_proto im
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).parent.resolve()
@@ -39,4 +41,7 @@ class BuildPyWithStubs(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithStubs})
+setup(
+    cmdclass={"build_py": BuildPyWithStubs},
+    ext_modules=[Extension("infer_server._wire", ["src/infer_server/_wire.c"], extra_compile_args=["-O2", "-Wall"])],
+)

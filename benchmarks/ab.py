@@ -52,6 +52,8 @@ def _stubs(tree: Path) -> None:
     args += ["infer_proto/inference.proto"] if (tree / "proto" / "inference.proto").exists() else []
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed in {tree}")
+    if list((tree / "src" / "infer_server").glob("*.c")):  # its C extension, built in place as `pip -e` does
+        subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tree, check=True)
 
 
 @contextmanager

@@ -50,13 +50,11 @@ class FakeStream:
         self.requests_read += 1
         return request
 
-    async def write(self, message: infer_pb2.SessionReply) -> None:
+    async def write(self, message: bytes) -> None:
         await self.writes_open.wait()
         if self.fail_writes:
             raise ConnectionResetError("the client went away")
-        reply = infer_pb2.SessionReply()
-        reply.CopyFrom(message)
-        self.replies.append(reply)
+        self.replies.append(infer_pb2.SessionReply.FromString(message))
         self.wrote.set()
 
     async def until_written(self, n: int) -> None:

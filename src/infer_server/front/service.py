@@ -34,7 +34,7 @@ from infer_server.front import audit
 from infer_server.front.errors import InvalidBatch, Overloaded, Unauthenticated, Unreadable, rpc_boundary
 from infer_server.front.gate import CALLER
 from infer_server.front.identity import Identity
-from infer_server.front.session import SessionProtocol, outcome_to_proto, write_outcomes
+from infer_server.front.session import SessionProtocol, outcome_to_proto, reply_bytes, write_outcomes
 
 if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
@@ -125,7 +125,7 @@ class InferenceServicer:
                     self.PullResult, reader(infer_pb2.PullResultRequest, limit), infer_pb2.ImageResult.SerializeToString
                 ),
                 "Session": grpc.stream_stream_rpc_method_handler(
-                    self.Session, reader(infer_pb2.SessionRequest, limit), infer_pb2.SessionReply.SerializeToString
+                    self.Session, reader(infer_pb2.SessionRequest, limit), reply_bytes
                 ),
             },
         )

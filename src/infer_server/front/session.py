@@ -30,6 +30,7 @@ import grpc
 import grpc.aio
 
 from infer_proto import infer_pb2
+from infer_server._wire import image_results
 from infer_server.front.batches import Batch
 from infer_server.front.cursors import Cursor, SessionCursor
 from infer_server.front.errors import Unavailable, Unreadable, status_for
@@ -42,8 +43,19 @@ MAX_PENDING_ANSWERS = 256
 MAX_RESULTS_PER_REPLY = 256
 
 
+# SessionReply.results: a reply is written as bytes, its results encoded by ``image_results`` (C)
+# straight from the records and appended to the rest, which protobuf serializes.
+_RESULTS_FIELD = infer_pb2.SessionReply.DESCRIPTOR.fields_by_name["results"].number
+
+
+def reply_bytes(reply: bytes) -> bytes:
+    """The Session method's response serializer: ``SessionProtocol`` writes serialized replies."""
+    return reply
+
+
 class Stream(Protocol):
-    """The two calls of a bidirectional stream the protocol uses (``grpc.aio.ServicerContext``)."""
+    """The two calls of a bidirectional stream the protocol uses (``grpc.aio.ServicerContext``);
+    ``write`` takes a serialized ``SessionReply`` (the method serializes with ``reply_bytes``)."""
 
     async def read(self) -> Any: ...
 
@@ -218,9 +230,9 @@ class SessionProtocol:
             self._undefer({*(o.batch_id for o in outcomes), *completed})
         if not (self._answers or outcomes or completed):
             return False
-        reply = infer_pb2.SessionReply(answers=self._answers, completed=completed)
-        for outcome in outcomes:
-            outcome_to_proto(outcome, reply.results.add)
+        reply = infer_pb2.SessionReply(answers=self._answers, completed=completed).SerializeToString()
+        if outcomes:
+            reply += image_results(outcomes, _RESULTS_FIELD)  # the rest of the reply: its results
         self._owed -= len(self._answers)
         self._answers.clear()
         await write_outcomes(self._stream, cursor, outcomes, reply)
