@@ -1,4 +1,5 @@
-"""The records between the front and the workers survive the pipe exactly (compact pickled form)."""
+"""The records between the front and the workers survive the pipe exactly: marshalled rows for the
+two that cross per chunk, pickles for the rest, and what ``Connection.send`` pickles reads too."""
 
 from __future__ import annotations
 
@@ -17,7 +18,10 @@ from infer_server.messages import (
     ImageOutcome,
     ImageRef,
     ItemDone,
+    WorkerReady,
     WorkItem,
+    dumps,
+    loads,
     replaced,
 )
 
@@ -35,6 +39,25 @@ def test_a_work_item_round_trips_with_its_images() -> None:
     assert all(type(ref) is ImageRef for ref in back.images)  # type: ignore[attr-defined]
     with pytest.raises(dataclasses.FrozenInstanceError):
         back.attempt = 3  # type: ignore[attr-defined]
+
+
+def test_the_per_chunk_records_go_as_marshalled_rows_and_the_rest_as_pickles() -> None:
+    file = FileRef("/dev/shm/infer/x.batch", 45, 123, 800, 17)
+    item = WorkItem(7, "b" * 32, file, (ImageRef(0, 0, 100, "é"),), 99.5, route=2)
+    plain = ImageOutcome("b", 0, "", width=4, timings_ms=(("read", 0.1),), digest=b"\x00\xff", models=(("m", "1"),),
+                         input_stats=(0.5, 0.25), worker=2)  # fmt: skip
+    detected = replaced(plain, detections=(DetectionRecord(1, "car", 0.5, Box(0.0, 0.0, 1.0, 1.0)),))
+    answers = (ItemDone(1, 2, (plain,)), ItemDone(1, 3, (replaced(plain, index=1, code=Code.NOT_FOUND),)))
+    for message, kind in ((item, b"W"), (answers, b"D"), ((ItemDone(1, 2, (detected,)),), b"\x80"),
+                          (WorkerReady(1, 2), b"\x80"), (None, b"\x80")):  # fmt: skip
+        data = dumps(message)
+        assert data[:1] == kind
+        back = loads(memoryview(data))  # the result reader hands a view of its buffer
+        assert back == message
+    assert type(loads(dumps(answers))[1].outcomes[0].code) is Code
+    assert loads(ForkingPickler.dumps(WorkerReady(1, 2)).tobytes()) == WorkerReady(1, 2)  # Connection.send's
+    with pytest.raises(ValueError):  # garbage after a marshal kind byte
+        loads(b"W\xff\x00")
 
 
 def test_item_done_round_trips_every_code_and_detections() -> None:

@@ -31,7 +31,7 @@ import select
 import time
 from typing import TYPE_CHECKING
 
-from infer_server.messages import STOP, Code, ImageOutcome, ImageRef, WorkItem, replaced
+from infer_server.messages import STOP, Code, ImageOutcome, ImageRef, WorkItem, loads, replaced
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -81,7 +81,7 @@ class Gatherer:
         if self.stopped or (timeout is not None and not self._readable.poll(math.ceil(timeout * 1000))):
             return None
         try:
-            item = self.inbox.recv()
+            item = loads(self.inbox.recv_bytes())
         except EOFError:  # the pool closed the inbox: as good as the stop marker
             item = STOP
         if item is STOP:

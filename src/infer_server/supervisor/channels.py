@@ -15,14 +15,13 @@ import fcntl
 import logging
 import multiprocessing
 import os
-import pickle
 import struct
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from infer_server.messages import ImageOutcome, WorkItem, dumps
+from infer_server.messages import ImageOutcome, WorkItem, dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ class ResultReader:
 
     def read(self) -> tuple[list[Any], bool]:
         """The messages the pipe holds now (maybe none), and whether it ended: the worker closed it
-        or died (a message it left cut short is dropped), or a message would not unpickle."""
+        or died (a message it left cut short is dropped), or a message would not decode."""
         try:
             data = os.read(self.conn.fileno(), READ_BYTES)
         except BlockingIOError:  # a spurious wake-up: nothing to read yet
@@ -130,9 +129,9 @@ class ResultReader:
                 if size - start < length:
                     break
                 try:
-                    messages.append(pickle.loads(view[start : start + length]))
+                    messages.append(loads(view[start : start + length]))
                 except Exception:
-                    log.exception("a message of %d bytes from a worker would not unpickle", length)
+                    log.exception("a message of %d bytes from a worker would not decode", length)
                     return messages, True
                 offset = start + length
         self._partial = data[offset:]
