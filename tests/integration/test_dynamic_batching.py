@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from infer_server.messages import STOP, Code, ImageRef, ItemDone, WorkItem
+from infer_server.messages import STOP, Code, ImageRef, ItemDone, WorkItem, loads
 from infer_server.stage.pipeline import VisionPipeline
 from infer_server.stage.worker import StageWorker
 from infer_server.supervisor.channels import Inbox
@@ -80,7 +80,7 @@ def serve(pipeline: Any, items: list[WorkItem], gathering: tuple[int, float] | N
 
 def received(parent: Connection) -> list[ItemDone]:
     """The next message's ItemDones (a group's come as one tuple)."""
-    return list(parent.recv())
+    return list(loads(parent.recv_bytes()))
 
 
 def answers(done: list[ItemDone]) -> dict[str, tuple[Any, ...]]:
@@ -112,7 +112,7 @@ def test_a_group_is_answered_in_one_message(pipeline: VisionPipeline, shm: Path)
     worker = StageWorker(3, pipeline, child, reader=reader())
     worker.gathering = (8, 0.0)
     worker.serve(inbox, multiprocessing.Event())
-    message = parent.recv()
+    message = loads(parent.recv_bytes())
     assert isinstance(message, tuple) and [done.item_id for done in message] == [1, 2, 3]
     assert not parent.poll(), "one write for the group"
 
@@ -162,15 +162,18 @@ def test_credit_is_counted_in_images() -> None:
     worker = WorkerProcess(0, None, inbox, None, None, ready=True)  # type: ignore[arg-type]
     for item_id in range(1, 16):
         item = WorkItem(item_id, "b", None, (ImageRef(0, 0, 1),), 0.0)  # type: ignore[arg-type]
-        worker.held[item_id] = Chunk(item, {0})
+        worker.hold(Chunk(item, {0}))
     assert worker.has_credit(batch_size=8, images=1), "15 single images: room for one more"
-    worker.held[16] = Chunk(dataclasses.replace(item, item_id=16), {0})
+    worker.hold(Chunk(dataclasses.replace(item, item_id=16), {0}))
     assert not worker.has_credit(batch_size=8, images=1), "as many chunks as its inbox takes"
+    assert all(worker.release(item_id) is not None for item_id in range(1, 17))
+    assert worker.held == {} and worker.held_images == 0
     eight = WorkItem(99, "b", None, tuple(ImageRef(i, 0, 1) for i in range(8)), 0.0)  # type: ignore[arg-type]
-    worker.held = {1: Chunk(eight, set(range(8)))}
+    worker.hold(Chunk(eight, set(range(8))))
     assert worker.has_credit(batch_size=8, images=8), "one batch running, one waiting"
-    worker.held[2] = Chunk(eight, set(range(8)))
+    worker.hold(Chunk(dataclasses.replace(eight, item_id=100), set(range(8))))
     assert not worker.has_credit(batch_size=8, images=1), "two batches held: not one image more"
+    assert worker.release(5) is None and worker.held_images == 16, "a chunk it does not hold changes nothing"
     inbox.close()
     reader_end.close()
 

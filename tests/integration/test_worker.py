@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from engines.scenes import generate_scene
-from infer_server.messages import FAILED_EXIT, STOP, Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem
+from infer_server.messages import FAILED_EXIT, STOP, Code, FileRef, ImageOutcome, ImageRef, ItemDone, WorkItem, loads
 from infer_server.stage.pipeline import VisionPipeline
 from infer_server.stage.worker import ChunkReader, StageWorker
 from tests.helpers import worker_options
@@ -138,7 +138,7 @@ def run_item(pipeline: VisionPipeline, item: WorkItem, current: Any = None) -> l
     """The worker's one message for ``item``: its outcomes."""
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child, current, reader()).handle(item)
-    (done,) = parent.recv()
+    (done,) = loads(parent.recv_bytes())
     assert not parent.poll(), "one message per item"
     assert isinstance(done, ItemDone) and done.worker == 3 and done.item_id == item.item_id
     return list(done.outcomes)
@@ -228,7 +228,7 @@ def test_serve_stops_at_the_marker(pipeline: VisionPipeline, shm: Path) -> None:
     assert inbox.recv().batch_id == "never", "nothing after the stop marker is taken"
     messages = []
     while parent.poll():
-        messages.append(parent.recv())
+        messages.append(loads(parent.recv_bytes()))
     assert [[(type(d).__name__, len(d.outcomes)) for d in m] for m in messages] == [[("ItemDone", 1)]]
 
 
@@ -238,7 +238,7 @@ def test_serve_stops_when_the_pool_closes_the_inbox(pipeline: VisionPipeline, sh
     pool_end.close()
     parent, child = multiprocessing.Pipe(duplex=False)
     StageWorker(3, pipeline, child, reader=reader()).serve(inbox, multiprocessing.Event())
-    (done,) = parent.recv()
+    (done,) = loads(parent.recv_bytes())
     assert isinstance(done, ItemDone) and not parent.poll()
 
 

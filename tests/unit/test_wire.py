@@ -51,7 +51,8 @@ def random_outcome(rng: random.Random) -> ImageOutcome:
                          for _ in range(rng.randrange(5))),  # fmt: skip
         worker=rng.choice((-1, 0, 1, 7, 2**31 - 1, -(2**31))),
         cached=rng.random() < 0.3,
-        models=tuple((rng.choice(("detector", "color", "")), rng.choice(("1", "2", ""))) for _ in range(rng.randrange(3))),
+        models=tuple((rng.choice(("detector", "color", "")), rng.choice(("1", "2", "")))
+                     for _ in range(rng.randrange(3))),
     )  # fmt: skip
 
 

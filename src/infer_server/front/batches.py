@@ -85,7 +85,7 @@ class Batch:
 class Reservation:
     batch: Batch
     is_new: bool  # False: a retry of an earlier request_id; await ``ready`` and reuse its id
-    ready: asyncio.Future[Batch]
+    ready: asyncio.Future[Batch] | None  # None without a request_id: no retry can wait for it
     fingerprint: bytes = b""  # of the request the request_id was first used with
 
 
@@ -174,7 +174,8 @@ class BatchRegistry:
         self.inflight_bytes += total_bytes
         self._idle.clear()
         batch = Batch(os.urandom(16).hex(), request_id, images, total_bytes, deadline, owner)
-        future = asyncio.get_running_loop().create_future()
+        # Only a retry under the same request_id waits for the batch to be accepted.
+        future = asyncio.get_running_loop().create_future() if request_id else None
         reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
         if request_id:
             self._requests[key] = reservation
@@ -219,7 +220,8 @@ class BatchRegistry:
         batch = reservation.batch
         batch.file = file
         self._batches[batch.batch_id] = batch
-        reservation.ready.set_result(batch)
+        if reservation.ready is not None:
+            reservation.ready.set_result(batch)
 
     def abandon(self, reservation: Reservation, exc: BaseException) -> None:
         """The batch failed validation: undo admission and the request_id binding."""
@@ -229,8 +231,9 @@ class BatchRegistry:
             self._requests.pop((batch.owner, batch.request_id), None)
         if not isinstance(exc, Exception):  # cancelled: a waiting retry should try again, not vanish
             exc = Unavailable("an earlier attempt of this request was cancelled; retry")
-        reservation.ready.set_exception(exc)
-        reservation.ready.exception()  # retrieved: only concurrent retries care about it
+        if reservation.ready is not None:
+            reservation.ready.set_exception(exc)
+            reservation.ready.exception()  # retrieved: only concurrent retries care about it
 
     def record(self, *outcomes: ImageOutcome) -> None:
         """Store images' terminal records (the pool hands each over once, in bursts, on the loop);

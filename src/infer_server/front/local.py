@@ -130,10 +130,14 @@ class LocalLink(Link):
     def admit(self, call: int, kind: int, length: int) -> str | None:
         return super().admit(call, kind, length) or self._calls.admit(call, kind, length)
 
-    def send(self, call: int, kind: Kind, payload: bytes = b"") -> None:
-        super().send(call, kind, payload)
-        if kind == Kind.MESSAGE and not self.closed and not self.dropped:
+    def send(self, call: int, kind: Kind, payload: bytes = b"", now: bool = False) -> None:
+        """A response message goes out at once, with what was queued before it: the socket takes
+        it now (or it waits over the high water mark), so the handler's ``write`` is acknowledged
+        before it awaits and goes on in the same turn of the loop, not two turns later."""
+        message = kind == Kind.MESSAGE and not self.closed and not self.dropped
+        if message:
             self._sent.append(call)
+        super().send(call, kind, payload, now=now or message)
 
     def _flush(self) -> None:
         super()._flush()
@@ -199,7 +203,8 @@ class LocalCalls(LinkedCalls):
         self.refused = False  # one connection too many: closed as it opens
 
     def _call(self, call_id: int) -> LocalCall | _EndedCall | None:
-        return cast(LocalCall | None, self._calls.get(call_id)) or self._ended_calls.get(call_id)
+        call: LocalCall | None = self._calls.get(call_id)  # type: ignore[assignment]  # call_class
+        return call or self._ended_calls.get(call_id)
 
     def admit(self, call_id: int, kind: int, length: int) -> str | None:
         """Why a frame may not come (see ``LocalLink``), from its header alone; None if it may."""

@@ -153,8 +153,13 @@ class RelayedCall:
         await written
 
     def _send(self, message: Any, written: asyncio.Future[None] | None) -> None:
-        self._link.send(self.call_id, Kind.MESSAGE, self.serialize(message) if self.serialize else message)
-        self._writes.append(written)
+        payload = self.serialize(message) if self.serialize else message
+        self._writes.append(written)  # first: the link may acknowledge the write as it sends (local)
+        try:
+            self._link.send(self.call_id, Kind.MESSAGE, payload)
+        except BaseException:
+            self._writes.pop()
+            raise
 
     def acked(self) -> None:
         written = self._writes.popleft() if self._writes else None

@@ -280,8 +280,8 @@ class InferenceServer:
             request_id, plan.images, plan.total_bytes, deadline, fingerprint, owner=caller.name
         )
         if not reservation.is_new:
-            # Shielded: a retry giving up must not cancel the first request's future.
-            return await asyncio.shield(reservation.ready), False
+            # Shielded: a retry giving up must not cancel the first request's future (a retry's is set).
+            return await asyncio.shield(reservation.ready), False  # type: ignore[arg-type]
         batch = reservation.batch
         try:
             file = opened or await self.materialize(plan, caller.file_owners)

@@ -81,21 +81,24 @@ class Link(asyncio.Protocol):
             del buffer[:offset]
         self._head_admitted = len(buffer) >= HEADER.size  # an incomplete frame waits there, admitted
 
-    def send(self, call: int, kind: Kind, payload: bytes = b"") -> None:
-        """Queue one frame; every frame queued in this turn of the loop goes out in one write."""
+    def send(self, call: int, kind: Kind, payload: bytes = b"", now: bool = False) -> None:
+        """Queue one frame; every frame queued in this turn of the loop goes out in one write, or
+        (``now``) every frame queued so far goes out with this one at once."""
         if self.closed or self.dropped:
             return
         self._outgoing.append(HEADER.pack(call, kind, len(payload)))
         if payload:
             self._outgoing.append(payload)
-        if not self._flush_scheduled:
+        if now:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
         frames, self._outgoing = self._outgoing, []
-        if self._transport is not None and not self.closed and not self.dropped:
+        if frames and self._transport is not None and not self.closed and not self.dropped:
             self._transport.write(b"".join(frames))
 
     def drop(self, reason: str) -> None:

@@ -94,8 +94,9 @@ class Inbox:
 class ResultReader:
     """The loop's end of a worker's result pipe: every whole message it holds, from one
     non-blocking read. The worker writes with ``Connection.send_bytes`` (a 4-byte length, or -1
-    and an 8-byte one, then the pickle); ``Connection.recv`` would read each message in two system
-    calls, and ``Connection.poll`` builds a selector to tell whether another one follows."""
+    and an 8-byte one, then what ``messages.dumps`` made); ``Connection.recv`` would read each
+    message in two system calls, and ``Connection.poll`` builds a selector to tell whether another
+    one follows."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn

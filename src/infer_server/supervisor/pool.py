@@ -51,6 +51,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import operator
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -84,6 +85,7 @@ from infer_server.supervisor.rollout import roll
 log = logging.getLogger(__name__)
 
 CREDIT, GATHER_CREDIT = 2, 16  # chunks a worker may hold; with dynamic batching, small ones waiting make a batch
+_HELD_IMAGES = operator.attrgetter("held_images")  # dispatch's key: the least loaded worker
 
 
 class PipelineError(RuntimeError):
@@ -224,9 +226,9 @@ class PipelinePool:
             free = [w for w in self._slots if w is not None and w.has_credit(self._ledger.batch_size, size)]
             if not free:
                 return
-            worker = min(free, key=lambda w: w.held_images)
+            worker = min(free, key=_HELD_IMAGES)
             chunk = self._ledger.pending.popleft()
-            worker.held[chunk.item.item_id] = chunk
+            worker.hold(chunk)
             try:
                 chunk.nameless = worker.inbox.put(chunk.item)  # never blocks (see channels.Inbox)
             except OSError:  # the worker died: the watcher hands its chunks back, this one too
@@ -281,7 +283,7 @@ class PipelinePool:
         with self._cond:
             if isinstance(message, tuple):  # the ItemDone of each chunk a worker ran together
                 for done in message:
-                    deliveries += self._ledger.answered(worker.held.pop(done.item_id, None), done)
+                    deliveries += self._ledger.answered(worker.release(done.item_id), done)
                 self._dispatch()
             elif isinstance(message, WorkerReady):
                 worker.ready, worker.report = True, message

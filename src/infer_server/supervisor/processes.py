@@ -47,14 +47,23 @@ class WorkerProcess:
     options: Any = None  # the WorkerOptions it was spawned with
     report: WorkerReady | None = None  # what it loaded and saw, once READY
     retiring: bool = False  # takes no more chunks and stops after those it holds (a model change)
+    held_images: int = 0  # the images of the chunks in ``held`` (``hold`` and ``release`` keep it)
 
     @property
     def models(self) -> tuple[tuple[str, str], ...]:
         return self.report.models if self.report is not None else ()
 
-    @property
-    def held_images(self) -> int:
-        return sum(len(chunk.item.images) for chunk in self.held.values())
+    def hold(self, chunk: Chunk) -> None:
+        """``chunk`` was handed to this worker."""
+        self.held[chunk.item.item_id] = chunk
+        self.held_images += len(chunk.item.images)
+
+    def release(self, item_id: int) -> Chunk | None:
+        """The chunk ``item_id`` was answered: no longer held (None if it was not)."""
+        chunk = self.held.pop(item_id, None)
+        if chunk is not None:
+            self.held_images -= len(chunk.item.images)
+        return chunk
 
     def has_credit(self, batch_size: int, images: int) -> bool:
         """It takes a chunk of ``images`` images: a READY worker taking chunks, holding fewer chunks
