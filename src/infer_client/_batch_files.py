@@ -73,25 +73,28 @@ class _BatchFile:
     def mapped(self) -> bool:
         return self.fd is not None
 
-    def still_ours(self) -> bool:
-        """The path still names this file, private and linked nowhere else (checked on the path:
-        it is the path the server opens)."""
+    def size_if_ours(self) -> int | None:
+        """The file's size if the path still names this file, private and linked nowhere else
+        (checked on the path: it is the path the server opens), else None."""
         try:
             st = os.stat(self.path, follow_symlinks=False)
         except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_nlink == 1 and not st.st_mode & 0o077
+            return None
+        ours = (st.st_dev, st.st_ino) == (self.dev, self.ino) and st.st_nlink == 1 and not st.st_mode & 0o077
+        return st.st_size if ours else None
 
-    def rewrite(self, blobs: Sequence[bytes]) -> bool:
+    def rewrite(self, blobs: Sequence[bytes], size: int) -> bool:
         """Make the file exactly ``blobs``, back to back; False (nothing written) if the path no
-        longer opens this file."""
+        longer opens this file. ``size``: the file's size now (``size_if_ours``)."""
         total = sum(len(b) for b in blobs)
         if self.fd is None:
             return self._write_through(blobs, total)
         if self.map is None or len(self.map) < total:
             self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
+            size = -1  # the mapping's length now
         assert self.map is not None
-        os.ftruncate(self.fd, total)  # before the copy: the mapping past the end of the file is not backed
+        if size != total:  # before the copy: the mapping past the end of the file is not backed
+            os.ftruncate(self.fd, total)
         if total > self.allocated:
             # Pages a copy would fault in: a full file system must fail here with ENOSPC, not
             # kill the process with SIGBUS in the middle of the copy.
@@ -179,7 +182,8 @@ class BatchFiles:
                     self._free.append(file)
                 raise
             try:
-                rewritten = file.still_ours() and file.rewrite(blobs)
+                size = file.size_if_ours()
+                rewritten = size is not None and file.rewrite(blobs, size)
             except BaseException:
                 self._delete(file)
                 raise

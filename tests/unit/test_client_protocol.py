@@ -138,7 +138,7 @@ def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: P
     files = BatchFiles(shm, keep=2)
     big = bytes(range(256)) * 6000  # 1.5 MB: past the first mapping of the file
     path, _ = files.write([b"A" * 3000])
-    for batch in ([b"B" * 10, b"C" * 20], [big, b"D"], [b""], [b"E"], [big, big]):
+    for batch in ([b"B" * 10, b"C" * 20], [big, b"D"], [b""], [b"E"], [b"G"], [big, big], [b"H" * 30], [b"I" * 30]):
         files.recycle(path)
         again, sizes = files.write(batch)
         assert again == path and sizes == [len(b) for b in batch]
