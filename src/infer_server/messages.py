@@ -12,14 +12,16 @@ chunk and ``STOP`` at the end. From a worker, on its result pipe: ``WorkerReady`
 ``WorkerFailed`` once, then one ``ItemDone`` per chunk, in one message (a tuple) for the chunks
 it ran together. Shared memory: each worker's ``current`` value (a
 ``multiprocessing.RawValue('q')``) holds the id of the chunk it took last; the supervisor reads it
-when the worker dies to know which chunk was running. Pipes carry messages pickled by ``dumps``.
+when the worker dies to know which chunk was running. Pipes carry messages written by ``dumps``
+and read by ``loads``.
 
 Everything here must stay picklable with the standard library only (spawn context), and nothing a
 client sent is ever unpickled: the front builds these records from validated request fields.
 
-The two records that cross for every chunk, ``WorkItem`` and ``ItemDone``, pickle as rows of plain
-values rebuilt by one function call per message (``__reduce__``), not as dataclasses rebuilt field
-name by field name (docs/performance.md has the measurement).
+The two records that cross for every chunk, ``WorkItem`` and ``ItemDone``, cross as rows of plain
+values (``marshal``led; pickled when an answer holds detections, through ``__reduce__``) rebuilt
+in one call per message (``records.rebuilder``), not as dataclasses rebuilt field name by field
+name (docs/performance.md and docs/workers.md have the measurements).
 """
 
 from __future__ import annotations
@@ -338,8 +340,9 @@ _WORK, _DONE = b"W", b"D"  # the first byte of a marshalled WorkItem, ItemDone t
 def dumps(message: Any) -> bytes:
     """``message`` as it crosses a pipe; ``loads`` reads it back. A ``WorkItem``, and a worker's
     answer (a tuple of ``ItemDone``) without detections, go as their rows of plain values
-    ``marshal``led behind a byte that says which: a fifth of pickle's cost each way (pickle
-    frames, memoizes and looks the rebuilding function up by name; marshal writes the values).
+    ``marshal``led behind a byte that says which: the encoding a fifth of pickle's cost each way
+    (pickle frames, memoizes and looks the rebuilding function up by name; marshal writes the
+    values), the whole message about two thirds.
     Anything else is pickled (detections are records, which marshal does not take), without the
     ``ForkingPickler`` that ``Connection.send`` makes per message (a copy of its reducer table
     each time, for descriptors and sockets, which nothing here holds)."""

@@ -221,7 +221,9 @@ class ServerMetrics:
                 series = stages.get(stage)
                 if series is None:
                     series = stages[stage] = _Series(len(_STAGE_BUCKETS))
-                series.observe(ms / 1000.0, _STAGE_BUCKETS)
+                seconds = ms / 1000.0
+                series.counts[bisect_left(_STAGE_BUCKETS, seconds)] += 1  # _Series.observe, inlined: per timing
+                series.sum += seconds
                 if stage == "queue":
                     queue_ms = ms
                 elif stage != "read":
