@@ -4,11 +4,13 @@
  * ImageResult (proto/infer.proto), each a length-delimited field `field` of the enclosing message:
  * with field 2, bytes that are SessionReply.results and may be appended to the rest of a
  * serialized SessionReply. The same bytes, parsed, equal what front.session.outcome_to_proto
- * builds with protobuf (tests/unit/test_wire.py holds the two together): scalars at their default
- * are left out (proto3), `status` is always present, a detection's `box` too, map entries carry
- * their key and value, floats are IEEE single precision rounded to nearest. A value protobuf
- * would refuse (a negative or too large unsigned, an int32 out of range, a string that is not
- * text) raises here too.
+ * builds with protobuf for the records the server makes (str, int, float, Code, tuples;
+ * tests/unit/test_wire.py holds the two together): scalars at their default are left out
+ * (proto3), `status` is always present, a detection's `box` too, map entries carry their key and
+ * value, floats are IEEE single precision rounded to nearest. A value protobuf would refuse (a
+ * negative or too large unsigned, an int32 out of range, a string that is not text) raises here
+ * too; some values of the wrong type that protobuf would take (bytes for a string, a map entry
+ * as a list) are refused here, and a bool is taken for an integer.
  *
  * Why C: building the results with protobuf's Python API (a message per image, a call per field)
  * and serializing them was the largest single piece of the main process's work per answered
@@ -158,9 +160,10 @@ static int put_map(Buf *b, PyObject *obj, int attr, int field, int float_values)
     if (seq == NULL) return -1;
     int failed = 0;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++) {
-        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *pair = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));  /* held: see image_results */
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
             PyErr_SetString(PyExc_TypeError, "a map entry must be a (key, value) tuple");
+            Py_DECREF(pair);
             failed = 1;
             break;
         }
@@ -169,9 +172,20 @@ static int put_map(Buf *b, PyObject *obj, int attr, int field, int float_values)
                  (float_values ? put_float(b, 2, PyTuple_GET_ITEM(pair, 1), 1)
                                : put_str(b, 2, PyTuple_GET_ITEM(pair, 1), 1)) ||
                  close_field(b, start);
+        Py_DECREF(pair);
     }
     Py_DECREF(seq);
     return failed ? -1 : 0;
+}
+
+/* Item `i` of the sequence `seq` (from PySequence_Fast), written by `put` while a reference to
+ * it is held: for a list, PySequence_Fast lends the list's own items, and the attribute getters
+ * and __float__ that `put` may call are Python code that could empty the list meanwhile. */
+static int put_item(Buf *b, PyObject *seq, Py_ssize_t i, int (*put)(Buf *, PyObject *)) {
+    PyObject *item = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));
+    int failed = put(b, item);
+    Py_DECREF(item);
+    return failed;
 }
 
 static int put_box(Buf *b, PyObject *detection) {
@@ -211,7 +225,7 @@ static int put_detection(Buf *b, PyObject *detection) {
     if (seq == NULL) return -1;
     int failed = 0;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++)
-        failed = put_attribute(b, PySequence_Fast_GET_ITEM(seq, i));
+        failed = put_item(b, seq, i, put_attribute);
     Py_DECREF(seq);
     return failed ? -1 : close_field(b, start);
 }
@@ -238,7 +252,7 @@ static int put_result(Buf *b, PyObject *outcome) {
     if (seq == NULL) return -1;
     int failed = 0;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++)
-        failed = put_detection(b, PySequence_Fast_GET_ITEM(seq, i));
+        failed = put_item(b, seq, i, put_detection);
     Py_DECREF(seq);
     if (failed || put_map(b, outcome, TIMINGS, 8, 1)) return -1;
     PUT_ATTR(put_int32, b, outcome, WORKER, 9, 0);
@@ -268,7 +282,7 @@ static PyObject *image_results(PyObject *module, PyObject *const *args, Py_ssize
     int failed = 0;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++) {
         Py_ssize_t start = open_field(&b, (int)field);
-        failed = start < 0 || put_result(&b, PySequence_Fast_GET_ITEM(seq, i)) || close_field(&b, start);
+        failed = start < 0 || put_item(&b, seq, i, put_result) || close_field(&b, start);
     }
     Py_DECREF(seq);
     PyObject *out = failed ? NULL : PyBytes_FromStringAndSize(b.data ? b.data : "", b.len);
