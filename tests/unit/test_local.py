@@ -300,43 +300,57 @@ def test_the_socket_is_private_and_nothing_but_a_leftover_socket_is_replaced(tmp
     assert (tmp_path / "local.sock").read_text() == "not a socket"
 
 
+class FakeCalls:
+    """What a ``LocalLink`` reports to: the calls whose writes it acknowledged."""
+
+    def __init__(self) -> None:
+        self.acked: list[int] = []
+        self.peer, self.refused = "", False
+
+    def written(self, call_id: int) -> None:
+        self.acked.append(call_id)
+
+    def on_frame(self, *frame: Any) -> None: ...
+
+    def lost(self) -> None: ...
+
+
+class FakeTransport(asyncio.Transport):
+    """A transport that keeps what it was given, closing when the test says."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__({"socket": sock})
+        self.unsent, self.reading, self.closing = 0, True, False
+
+    def write(self, data: Any) -> None:
+        self.unsent += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+def fake_link(calls: FakeCalls) -> tuple[LocalLink, FakeTransport]:
+    link = LocalLink(calls, 100, stall_s=60)  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    transport = FakeTransport(ours)
+    with ours, theirs:
+        link.connection_made(transport)
+    return link, transport
+
+
 def test_a_response_counts_as_written_only_once_the_socket_took_it() -> None:
-    class Calls:
-        def __init__(self) -> None:
-            self.acked: list[int] = []
-            self.peer, self.refused = "", False
-
-        def written(self, call_id: int) -> None:
-            self.acked.append(call_id)
-
-        def on_frame(self, *frame: Any) -> None: ...
-
-        def lost(self) -> None: ...
-
-    class Transport(asyncio.Transport):
-        def __init__(self, sock: socket.socket) -> None:
-            super().__init__({"socket": sock})
-            self.unsent, self.reading = 0, True
-
-        def write(self, data: Any) -> None:
-            self.unsent += len(data)
-
-        def get_write_buffer_size(self) -> int:
-            return self.unsent
-
-        def pause_reading(self) -> None:
-            self.reading = False
-
-        def resume_reading(self) -> None:
-            self.reading = True
-
     async def scenario() -> list[tuple[list[int], bool]]:
-        calls = Calls()
-        link = LocalLink(calls, 100, stall_s=60)  # type: ignore[arg-type]
-        ours, theirs = socket.socketpair()
-        transport = Transport(ours)
-        with ours, theirs:
-            link.connection_made(transport)
+        calls = FakeCalls()
+        link, transport = fake_link(calls)
         assert calls.peer == f"local:pid={os.getpid()},uid={os.getuid()}"
         seen = []
         link.pause_writing()  # the client stopped reading: the socket's buffer is over its high water mark
@@ -356,6 +370,65 @@ def test_a_response_counts_as_written_only_once_the_socket_took_it() -> None:
         return seen
 
     assert run(scenario()) == [([], True), ([], False), ([1, 3], True), ([1, 3, 2], True)]
+
+
+def test_a_response_to_a_client_that_went_away_is_not_counted_as_written() -> None:
+    """Finding (review): a response is acknowledged as it is sent on the local socket. When the
+    client's end fails or ends, the transport is closing and drops what it is given, and
+    ``connection_lost`` (which cancels the calls, whose results then go back) comes a callback
+    later: a write in between was acknowledged, its results counted as delivered and lost."""
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        calls = FakeCalls()
+        link, transport = fake_link(calls)
+        link.send(1, Kind.MESSAGE, b"a")
+        open_acks = list(calls.acked)
+        transport.closing = True  # the client's end broke; connection_lost is on its way
+        link.send(1, Kind.MESSAGE, b"b")
+        link.send(2, Kind.MESSAGE, b"c")
+        await asyncio.sleep(0)
+        link.connection_lost(None)
+        return open_acks, calls.acked
+
+    assert run(scenario()) == ([1], [1])
+
+
+def test_a_stream_writing_a_backlog_lets_the_loop_run_meanwhile(tmp_path: Path) -> None:
+    """Finding (review): a local response is acknowledged as it is sent, so a stream with many
+    results ready (PullResult, a Session's backlog) wrote them all in one step of its task while
+    nothing else on the loop ran: 20,000 messages held it for 100 ms. It yields every few."""
+    count, ticks = 160, [0]
+    seen: list[int] = []
+
+    async def many(request: bytes, context: Any) -> None:
+        start = ticks[0]
+        for _ in range(count):
+            await context.write(b"r")
+        seen.append(ticks[0] - start)
+
+    async def ticker() -> None:
+        while True:
+            ticks[0] += 1
+            await asyncio.sleep(0)
+
+    handlers = Handlers()
+    handlers.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Many", {
+        "Many": grpc.unary_stream_rpc_method_handler(many)}),))  # fmt: skip
+
+    async def scenario() -> int:
+        async with local_front(tmp_path, handlers) as (_, connect):
+            client = await connect()
+            await client.start(1, "/test.Many/Many")
+            await client.expect(Kind.WANT)
+            running = asyncio.ensure_future(ticker())
+            client.send(frame(1, Kind.MESSAGE, b"x"), frame(1, Kind.HALF_CLOSE))
+            for _ in range(count):
+                assert await client.expect(Kind.MESSAGE) == b"r"
+            await client.expect(Kind.END)
+            running.cancel()
+            return seen[0]
+
+    assert run(scenario()) >= count // 16 - 1, "the loop ran other tasks while the stream wrote"
 
 
 def test_a_start_from_a_client_is_parsed_strictly() -> None:
@@ -495,6 +568,9 @@ def test_a_closed_connection_its_client_never_reads_is_dropped_after_the_stall_t
         def write(self, data: Any) -> None: ...
 
         def close(self) -> None: ...  # unsent bytes: nothing happens until the client reads them
+
+        def is_closing(self) -> bool:
+            return False
 
         def abort(self) -> None:
             self.aborted.set()

@@ -141,8 +141,10 @@ class LocalLink(Link):
 
     def _flush(self) -> None:
         super()._flush()
-        if self.closed or self.dropped or self._transport is None:
-            self._sent.clear()  # never written: the calls are being cancelled
+        if self.closed or self.dropped or self._transport is None or self._transport.is_closing():
+            # Never written: the calls are being cancelled. A transport closing (the client's end
+            # failed or ended) drops writes before ``connection_lost`` comes, a callback later.
+            self._sent.clear()
             return
         self._unacked += self._sent
         self._sent = []

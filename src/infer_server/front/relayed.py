@@ -67,6 +67,9 @@ class Handlers:
         return found
 
 
+_YIELD_EVERY = 16  # writes acknowledged at once (local socket) in a row before one yields to the loop
+
+
 class CallDetails(grpc.HandlerCallDetails):
     """What the gate and the generic handlers read of a call before it is served."""
 
@@ -89,6 +92,7 @@ class RelayedCall:
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # requests asked for; None: the client's end
         self._asked = self._ended = False
         self._writes: collections.deque[asyncio.Future[None] | None] = collections.deque()  # awaiting ACK
+        self._unyielded = 0  # writes acknowledged as they were sent, since the last yield
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self.details.invocation_metadata
@@ -147,9 +151,16 @@ class RelayedCall:
         self._inbox.put_nowait(raw)
 
     async def write(self, message: Any) -> None:
-        """Returns once the front process wrote the message to the client's stream."""
+        """Returns once the front process wrote the message to the client's stream. The local
+        socket may say so as it sends: such a write does not yield to the loop, so every
+        ``_YIELD_EVERY``-th one still does, and a stream with a backlog cannot hold the loop."""
         written = asyncio.get_running_loop().create_future()
         self._send(message, written)
+        if written.done():
+            self._unyielded += 1
+            if self._unyielded >= _YIELD_EVERY:
+                self._unyielded = 0
+                await asyncio.sleep(0)
         await written
 
     def _send(self, message: Any, written: asyncio.Future[None] | None) -> None:
