@@ -266,3 +266,28 @@ def test_the_idle_timer_waits_for_the_wait_under_way_to_last_the_timeout() -> No
         assert protocol._idle_timer is None
 
     run(main())
+
+
+def test_results_a_reply_could_not_be_made_of_go_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outcomes taken for a reply that failed to encode are put back, not left leased to a stream
+    that ended: a later stream (here a PullResult cursor) still gets them."""
+
+    def broken(outcomes: Any, field: int) -> bytes:
+        raise ValueError("a value protobuf would refuse")
+
+    async def main() -> list[int]:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(1, "p", images=2, defer=True)
+        await settle()
+        monkeypatch.setattr(session_module, "image_results", broken)
+        server.answer("p", 0)
+        with pytest.raises(ValueError):
+            await task
+        monkeypatch.undo()
+        pull = server.registry.subscribe([server.batches["p"].batch_id])
+        server.answer("p", 1)
+        return sorted(outcome.index for outcome in pull.take())
+
+    assert run(main()) == [0, 1]

@@ -230,9 +230,13 @@ class SessionProtocol:
             self._undefer({*(o.batch_id for o in outcomes), *completed})
         if not (self._answers or outcomes or completed):
             return False
-        reply = infer_pb2.SessionReply(answers=self._answers, completed=completed).SerializeToString()
-        if outcomes:
-            reply += image_results(outcomes, _RESULTS_FIELD)  # the rest of the reply: its results
+        try:
+            reply = infer_pb2.SessionReply(answers=self._answers, completed=completed).SerializeToString()
+            if outcomes:
+                reply += image_results(outcomes, _RESULTS_FIELD)  # the rest of the reply: its results
+        except BaseException:
+            cursor.nack(outcomes)  # not handed out after all: another stream may take them
+            raise
         self._owed -= len(self._answers)
         self._answers.clear()
         await write_outcomes(self._stream, cursor, outcomes, reply)
