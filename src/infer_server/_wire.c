@@ -151,33 +151,6 @@ static PyObject *box_names[4];
         if (failed_) return -1;                                          \
     } while (0)
 
-/* Each (key, value) pair of the sequence attribute `attr` of `obj` as a map entry of `field`. */
-static int put_map(Buf *b, PyObject *obj, int attr, int field, int float_values) {
-    PyObject *pairs = PyObject_GetAttr(obj, names[attr]);
-    if (pairs == NULL) return -1;
-    PyObject *seq = PySequence_Fast(pairs, "a map's entries must be a sequence of pairs");
-    Py_DECREF(pairs);
-    if (seq == NULL) return -1;
-    int failed = 0;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++) {
-        PyObject *pair = Py_NewRef(PySequence_Fast_GET_ITEM(seq, i));  /* held: see image_results */
-        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "a map entry must be a (key, value) tuple");
-            Py_DECREF(pair);
-            failed = 1;
-            break;
-        }
-        Py_ssize_t start = open_field(b, field);
-        failed = start < 0 || put_str(b, 1, PyTuple_GET_ITEM(pair, 0), 1) ||
-                 (float_values ? put_float(b, 2, PyTuple_GET_ITEM(pair, 1), 1)
-                               : put_str(b, 2, PyTuple_GET_ITEM(pair, 1), 1)) ||
-                 close_field(b, start);
-        Py_DECREF(pair);
-    }
-    Py_DECREF(seq);
-    return failed ? -1 : 0;
-}
-
 /* Item `i` of the sequence `seq` (from PySequence_Fast), written by `put` while a reference to
  * it is held: for a list, PySequence_Fast lends the list's own items, and the attribute getters
  * and __float__ that `put` may call are Python code that could empty the list meanwhile. */
@@ -187,6 +160,37 @@ static int put_item(Buf *b, PyObject *seq, Py_ssize_t i, int (*put)(Buf *, PyObj
     Py_DECREF(item);
     return failed;
 }
+
+/* Each item of the sequence attribute `attr` of `obj` (a repeated message field), written by `put`. */
+static int put_each(Buf *b, PyObject *obj, int attr, int (*put)(Buf *, PyObject *)) {
+    PyObject *items = PyObject_GetAttr(obj, names[attr]);
+    if (items == NULL) return -1;
+    PyObject *seq = PySequence_Fast(items, "a repeated field must be a sequence");
+    Py_DECREF(items);
+    if (seq == NULL) return -1;
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++)
+        failed = put_item(b, seq, i, put);
+    Py_DECREF(seq);
+    return failed ? -1 : 0;
+}
+
+/* A (key, value) tuple as an entry of the map field `field`: key 1 and value 2, both always. */
+static int put_entry(Buf *b, PyObject *pair, int field, int float_value) {
+    if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "a map entry must be a (key, value) tuple");
+        return -1;
+    }
+    Py_ssize_t start = open_field(b, field);
+    if (start < 0 || put_str(b, 1, PyTuple_GET_ITEM(pair, 0), 1)) return -1;
+    if (float_value ? put_float(b, 2, PyTuple_GET_ITEM(pair, 1), 1) : put_str(b, 2, PyTuple_GET_ITEM(pair, 1), 1))
+        return -1;
+    return close_field(b, start);
+}
+
+static int put_timing(Buf *b, PyObject *pair) { return put_entry(b, pair, 8, 1); }  /* timings_ms */
+
+static int put_version(Buf *b, PyObject *pair) { return put_entry(b, pair, 11, 0); }  /* model_versions */
 
 static int put_box(Buf *b, PyObject *detection) {
     PyObject *box = PyObject_GetAttr(detection, names[BOX]);
@@ -217,17 +221,8 @@ static int put_detection(Buf *b, PyObject *detection) {
     PUT_ATTR(put_uint32, b, detection, CLASS_ID, 1);
     PUT_ATTR(put_str, b, detection, LABEL, 2, 0);
     PUT_ATTR(put_float, b, detection, SCORE, 3, 0);
-    if (put_box(b, detection)) return -1;
-    PyObject *attributes = PyObject_GetAttr(detection, names[ATTRIBUTES]);
-    if (attributes == NULL) return -1;
-    PyObject *seq = PySequence_Fast(attributes, "attributes must be a sequence");
-    Py_DECREF(attributes);
-    if (seq == NULL) return -1;
-    int failed = 0;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++)
-        failed = put_item(b, seq, i, put_attribute);
-    Py_DECREF(seq);
-    return failed ? -1 : close_field(b, start);
+    if (put_box(b, detection) || put_each(b, detection, ATTRIBUTES, put_attribute)) return -1;
+    return close_field(b, start);
 }
 
 static int put_status(Buf *b, PyObject *outcome) {
@@ -245,23 +240,14 @@ static int put_result(Buf *b, PyObject *outcome) {
     if (put_status(b, outcome)) return -1;
     PUT_ATTR(put_uint32, b, outcome, WIDTH, 5);
     PUT_ATTR(put_uint32, b, outcome, HEIGHT, 6);
-    PyObject *detections = PyObject_GetAttr(outcome, names[DETECTIONS]);
-    if (detections == NULL) return -1;
-    PyObject *seq = PySequence_Fast(detections, "detections must be a sequence");
-    Py_DECREF(detections);
-    if (seq == NULL) return -1;
-    int failed = 0;
-    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq) && !failed; i++)
-        failed = put_item(b, seq, i, put_detection);
-    Py_DECREF(seq);
-    if (failed || put_map(b, outcome, TIMINGS, 8, 1)) return -1;
+    if (put_each(b, outcome, DETECTIONS, put_detection) || put_each(b, outcome, TIMINGS, put_timing)) return -1;
     PUT_ATTR(put_int32, b, outcome, WORKER, 9, 0);
     PyObject *cached = PyObject_GetAttr(outcome, names[CACHED]);
     if (cached == NULL) return -1;
     int truth = PyObject_IsTrue(cached);
     Py_DECREF(cached);
     if (truth < 0 || (truth && (put_tag(b, 10, VARINT) || put_varint(b, 1)))) return -1;
-    return put_map(b, outcome, MODELS, 11, 0);
+    return put_each(b, outcome, MODELS, put_version);
 }
 
 static PyObject *image_results(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
