@@ -13,11 +13,13 @@ else the machine does, so two revisions compare by running this twice:
     .venv/bin/python -m benchmarks.instructions --clients 4 --images 8
     PYTHONPATH=<other tree>/src .venv/bin/python -m benchmarks.instructions   # another revision
 
-Under callgrind the main process runs about fifty times slower, so the clients always have their
-next push waiting: each wake-up of the loop finds more work than on a real box, and the count per
-push is the work per push more than the loop's overhead per wake-up. It prints the C functions
-that take most, inclusive (what runs the Python code is ``_PyEval_EvalFrameDefault``; callgrind
-does not see Python functions). Needs valgrind (Debian's ``valgrind`` package).
+(A revision with the C extension needs it built in its tree first: ``python setup.py build_ext
+--inplace`` there.) Under callgrind the main process runs about fifty times slower, so the clients
+always have their next push waiting: each wake-up of the loop finds more work than on a real box,
+and the count per push is the work per push more than the loop's overhead per wake-up. It prints
+the C functions that take most, by their own instructions and with what they call (what runs
+the Python code is ``_PyEval_EvalFrameDefault``; callgrind does not see Python functions).
+Needs valgrind (Debian's ``valgrind`` package).
 """
 
 from __future__ import annotations

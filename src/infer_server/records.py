@@ -2,8 +2,8 @@
 
 A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (its own
 ``__setattr__`` refuses): three to four times the cost of a plain one. The server's main process
-makes a dozen frozen records per push (an ``ImageRef`` per image, the batch's ``FileRef``,
-``WorkItem``, ``BatchFile``, ...) and remakes every ``ImageOutcome`` a worker sends back, so both
+makes frozen records for every push (an ``ImageRef`` per image, the batch's ``FileRef`` and
+``WorkItem``) and remakes every ``ImageOutcome`` a worker sends back, so both
 ways are generated here once per class, as ``dataclasses`` generates ``__init__``: the values go
 straight into the new instance's ``__dict__``. The instances are the same dataclass instances as
 before, frozen as before (docs/performance.md has the measurement).
