@@ -316,14 +316,21 @@ class FakeCalls:
 
 
 class FakeTransport(asyncio.Transport):
-    """A transport that keeps what it was given, closing when the test says."""
+    """A transport that keeps what it was given (its client reads none of it), closing when the
+    test says."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__({"socket": sock})
         self.unsent, self.reading, self.closing = 0, True, False
+        self.aborted = asyncio.Event()
 
     def write(self, data: Any) -> None:
         self.unsent += len(data)
+
+    def close(self) -> None: ...  # unsent bytes: nothing happens until the client reads them
+
+    def abort(self) -> None:
+        self.aborted.set()
 
     def get_write_buffer_size(self) -> int:
         return self.unsent
@@ -338,8 +345,8 @@ class FakeTransport(asyncio.Transport):
         return self.closing
 
 
-def fake_link(calls: FakeCalls) -> tuple[LocalLink, FakeTransport]:
-    link = LocalLink(calls, 100, stall_s=60)  # type: ignore[arg-type]
+def fake_link(calls: FakeCalls, stall_s: float = 60.0) -> tuple[LocalLink, FakeTransport]:
+    link = LocalLink(calls, 100, stall_s=stall_s)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     transport = FakeTransport(ours)
     with ours, theirs:
@@ -560,36 +567,10 @@ def test_an_ended_call_keeps_no_request_message(tmp_path: Path, monkeypatch: pyt
 
 
 def test_a_closed_connection_its_client_never_reads_is_dropped_after_the_stall_time() -> None:
-    class Transport(asyncio.Transport):
-        def __init__(self, sock: socket.socket) -> None:
-            super().__init__({"socket": sock})
-            self.aborted = asyncio.Event()
-
-        def write(self, data: Any) -> None: ...
-
-        def close(self) -> None: ...  # unsent bytes: nothing happens until the client reads them
-
-        def is_closing(self) -> bool:
-            return False
-
-        def abort(self) -> None:
-            self.aborted.set()
-
-    class Calls:
-        peer, refused = "", False
-
-        def on_frame(self, *frame: Any) -> None: ...
-
-        def lost(self) -> None: ...
-
     async def scenario() -> None:
-        link = LocalLink(Calls(), 100, stall_s=0.05)  # type: ignore[arg-type]
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            transport = Transport(ours)
-            link.connection_made(transport)
-            link.close()
-            await asyncio.wait_for(transport.aborted.wait(), 5)
+        link, transport = fake_link(FakeCalls(), stall_s=0.05)
+        link.close()
+        await asyncio.wait_for(transport.aborted.wait(), 5)
 
     run(scenario())
 

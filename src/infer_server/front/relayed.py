@@ -92,7 +92,7 @@ class RelayedCall:
         self._inbox: asyncio.Queue[bytes | None] = asyncio.Queue()  # requests asked for; None: the client's end
         self._asked = self._ended = False
         self._writes: collections.deque[asyncio.Future[None] | None] = collections.deque()  # awaiting ACK
-        self._unyielded = 0  # writes acknowledged as they were sent, since the last yield
+        self._unyielded = 0  # writes acknowledged as they were sent, since the last forced yield
 
     def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return self.details.invocation_metadata
