@@ -101,13 +101,24 @@ def main(
                         client.detect(batch)
                 pid = str(server.process.pid)
                 _callgrind("--instr=on", pid)
-                threads = [threading.Thread(target=lambda c=c: [c.detect(batch) for _ in range(pushes)]) for c in pool]
+                failures: list[BaseException] = []
+
+                def push(client: InferClient) -> None:
+                    try:
+                        for _ in range(pushes):
+                            client.detect(batch)
+                    except BaseException as exc:  # a count over fewer pushes than it divides by is wrong
+                        failures.append(exc)
+
+                threads = [threading.Thread(target=push, args=(c,)) for c in pool]
                 for t in threads:
                     t.start()
                 for t in threads:
                     t.join()
                 _callgrind("--instr=off", pid)
                 _callgrind("--dump", pid)
+                if failures:
+                    raise failures[0]
             finally:
                 for client in pool:
                     client.close()
