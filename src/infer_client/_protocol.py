@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,31 @@ class InferError(Exception):
         code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+
+# Between health watches that failed UNAVAILABLE while a client waits for the server to be ready.
+_READY_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def ready_retry_delay(exc: grpc.RpcError, attempt: int, deadline: float, timeout: float) -> float:
+    """How long ``wait_ready`` waits before watching the server's health again after watch number
+    ``attempt`` failed with ``exc``; raises the error it ends with instead.
+
+    UNAVAILABLE is "not ready yet", not an answer: the watch went out on a connection that was dying
+    (the server or one of its front processes restarting; gRPC reuses a connection whose close it has
+    not read yet, ``wait_for_ready`` or not), so the wait goes on until ``deadline``
+    (``time.monotonic()``). Any other error ends it.
+    """
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    delay = _READY_RETRY_S[min(attempt, len(_READY_RETRY_S) - 1)]
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or (
+        code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay >= deadline
+    ):
+        last = "" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f" (last: {InferError.from_rpc(exc)})"
+        raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server not ready within {timeout:g}s{last}")
+    if code != grpc.StatusCode.UNAVAILABLE:
+        raise InferError.from_rpc(exc)
+    return delay
 
 
 def is_local_target(target: str) -> bool:

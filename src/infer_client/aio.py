@@ -12,7 +12,9 @@ runs in a thread so the loop never blocks on file I/O. Example::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
@@ -32,6 +34,7 @@ from infer_client._protocol import (
     open_channel,
     prepare_push,
     pull_request,
+    ready_retry_delay,
     resolve_transport,
 )
 from infer_client.local import AsyncLocalStub
@@ -134,19 +137,25 @@ class AsyncInferClient:
         return reply.status == _SERVING
 
     async def wait_ready(self, timeout: float = 60.0) -> None:
-        """Wait until the server reports SERVING (health Watch) or raise InferError."""
-        call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
-        try:
-            async for reply in call:
-                if reply.status == _SERVING:
-                    return
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise InferError(exc.code(), f"server not ready within {timeout:g}s") from None
-            raise InferError.from_rpc(exc) from None
-        finally:
-            call.cancel()
-        raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+        """Wait until the server reports SERVING (health Watch) or raise InferError; a watch that
+        fails UNAVAILABLE is started again until ``timeout``, as ``InferClient.wait_ready`` does."""
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            call = self._health.Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 0.0),
+                wait_for_ready=True,
+            )  # fmt: skip
+            try:
+                async for reply in call:
+                    if reply.status == _SERVING:
+                        return
+            except grpc.RpcError as exc:
+                delay = ready_retry_delay(exc, attempt, deadline, timeout)
+            else:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
 
     async def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""

@@ -11,8 +11,10 @@ Requests are built by ``_protocol`` (shared with the asyncio client in ``aio.py`
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 
@@ -32,6 +34,7 @@ from infer_client._protocol import (
     open_channel,
     prepare_push,
     pull_request,
+    ready_retry_delay,
     resolve_transport,
 )
 from infer_client.local import LocalSession
@@ -147,19 +150,27 @@ class InferClient:
         return reply.status == _SERVING
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until the server reports SERVING (health Watch, no polling) or raise InferError."""
-        stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=timeout, wait_for_ready=True)
-        try:
-            for reply in stream:
-                if reply.status == _SERVING:
+        """Block until the server reports SERVING (health Watch, no polling) or raise InferError.
+
+        A watch that fails UNAVAILABLE (its connection died: the server, or a front process of it,
+        restarting) is started again until ``timeout`` (``_protocol.ready_retry_delay``).
+        """
+        deadline = time.monotonic() + timeout
+        for attempt in itertools.count():
+            stream = self._health.Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 0.0),
+                wait_for_ready=True,
+            )  # fmt: skip
+            try:
+                if any(reply.status == _SERVING for reply in stream):
                     return
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise InferError(exc.code(), f"server not ready within {timeout:g}s") from None
-            raise InferError.from_rpc(exc) from None
-        finally:
-            stream.cancel()
-        raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+            except grpc.RpcError as exc:
+                delay = ready_retry_delay(exc, attempt, deadline, timeout)
+            else:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+            finally:
+                stream.cancel()
+            time.sleep(delay)
 
     def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""

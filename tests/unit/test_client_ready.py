@@ -1,0 +1,93 @@
+"""``wait_ready`` waits through a health watch that fails UNAVAILABLE (a connection that died under it,
+as when the server's front processes restart) and ends on any other error or at its timeout.
+
+The server here is a real gRPC health service whose first watches fail as a dying connection's do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from infer_client import AsyncInferClient, InferClient, InferError
+
+
+class FailingHealth(health_pb2_grpc.HealthServicer):
+    """Fails the first ``failures`` watches with ``code``, then reports SERVING."""
+
+    def __init__(self, failures: int, code: grpc.StatusCode) -> None:
+        self.failures, self.code = failures, code
+        self.watches = 0
+        self._lock = threading.Lock()
+
+    def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Iterator[object]:  # noqa: N802
+        with self._lock:
+            self.watches += 1
+            failing = self.watches <= self.failures
+        if failing:
+            context.abort(self.code, "Stream removed (Socket closed)")
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[str, list[FailingHealth]]]:
+    """A server whose health servicer the test sets by appending to the returned list."""
+    servicers: list[FailingHealth] = []
+
+    class Delegate(health_pb2_grpc.HealthServicer):
+        def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext) -> Iterator[object]:  # noqa: N802
+            return servicers[0].Watch(request, context)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    health_pb2_grpc.add_HealthServicer_to_server(Delegate(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", servicers
+    server.stop(0)
+
+
+def test_a_watch_that_fails_unavailable_is_watched_again(health_server: tuple[str, list[FailingHealth]]) -> None:
+    address, servicers = health_server
+    servicers.append(FailingHealth(failures=2, code=grpc.StatusCode.UNAVAILABLE))
+    with InferClient(address, transport="inline") as client:
+        client.wait_ready(timeout=30)
+    assert servicers[0].watches == 3
+
+
+def test_the_asyncio_client_watches_again_too(health_server: tuple[str, list[FailingHealth]]) -> None:
+    address, servicers = health_server
+    servicers.append(FailingHealth(failures=2, code=grpc.StatusCode.UNAVAILABLE))
+
+    async def wait() -> None:
+        async with AsyncInferClient(address, transport="inline") as client:
+            await client.wait_ready(timeout=30)
+
+    asyncio.run(wait())
+    assert servicers[0].watches == 3
+
+
+def test_any_other_error_ends_the_wait_at_once(health_server: tuple[str, list[FailingHealth]]) -> None:
+    address, servicers = health_server
+    servicers.append(FailingHealth(failures=1, code=grpc.StatusCode.PERMISSION_DENIED))
+    with InferClient(address, transport="inline") as client, pytest.raises(InferError) as raised:
+        client.wait_ready(timeout=30)
+    assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+    assert servicers[0].watches == 1
+
+
+def test_a_server_that_stays_unavailable_ends_the_wait_at_its_timeout(
+    health_server: tuple[str, list[FailingHealth]],
+) -> None:
+    address, servicers = health_server
+    servicers.append(FailingHealth(failures=10**6, code=grpc.StatusCode.UNAVAILABLE))
+    with InferClient(address, transport="inline") as client, pytest.raises(InferError) as raised:
+        client.wait_ready(timeout=0.5)
+    assert raised.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "not ready within 0.5s" in raised.value.message and "UNAVAILABLE" in raised.value.message
+    assert 2 <= servicers[0].watches <= 6  # watched again, with a pause between watches
