@@ -141,17 +141,20 @@ def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, 
             row[way] = oip._measure(way, server, clients, seconds, batch, images, env)
         rows.append(row)
         print(f"  {clients} x {batch}, round {n + 1}: " + ", ".join(
-            f"{w} {row[w]['fps']:.0f} img/s ({row[w]['server_cpu_ms_per_image']:.2f} ms)" for w in ways))  # fmt: skip
+            f"{w} {row[w]['fps']:.0f} img/s ({row[w]['server_cpu_ms_per_image']:.2f} ms, "
+            f"{row[w]['machine_idle']:.0%} idle)" for w in ways))  # fmt: skip
     ratios = {name: statistics.median(r[a]["fps"] / r[b]["fps"] for r in rows) for name, (a, b) in PAIRS.items()}
     cpu = {way: statistics.median(r[way]["server_cpu_ms_per_image"] for r in rows) for way in ways}
     by_role = {way: {role: statistics.median(r[way]["server_cpu_ms_per_image_by_role"][role] for r in rows)
                      for role in ("main", "workers")} for way in ways}  # fmt: skip
+    idle = {way: statistics.median(r[way]["machine_idle"] for r in rows) for way in ways}
     print(f"  {clients} x {batch}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
           + "; server CPU ms/img " + ", ".join(f"{w} {v:.2f}" for w, v in cpu.items())
           + "; of it, main process / workers (Triton: tritonserver / its Python stubs) "
-          + ", ".join(f"{w} {v['main']:.3f}/{v['workers']:.3f}" for w, v in by_role.items()))  # fmt: skip
+          + ", ".join(f"{w} {v['main']:.3f}/{v['workers']:.3f}" for w, v in by_role.items())
+          + "; the machine's cores idle " + ", ".join(f"{w} {v:.0%}" for w, v in idle.items()))  # fmt: skip
     return {"clients": clients, "batch": batch, "rounds": rows, "median_ratio": ratios, "median_cpu_ms": cpu,
-            "median_cpu_ms_by_role": by_role}  # fmt: skip
+            "median_cpu_ms_by_role": by_role, "median_machine_idle": idle}  # fmt: skip
 
 
 def main(

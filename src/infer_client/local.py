@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import struct
 import threading
@@ -40,6 +41,7 @@ _DATA = infer_pb2.PushDataRequest.DESCRIPTOR.fields_by_name["data"].number
 _MAX_PARTS = 512  # of one sendmsg (the kernel takes up to IOV_MAX, 1024)
 _RECEIVE_CHUNK = 64 * 1024
 _RECEIVE_SLICE_S = 0.25
+_RECEIVE_SLICE_MS = int(_RECEIVE_SLICE_S * 1000)
 
 
 def message_parts(request: infer_pb2.SessionRequest, blobs: Sequence[bytes] | None) -> list[bytes]:
@@ -111,6 +113,8 @@ class LocalSession(BlockingSession):
             if timeout is not None:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
             self._sock.sendall(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
+            self._readable = select.poll()  # see _receive
+            self._readable.register(self._sock, select.POLLIN)
         except OSError as exc:
             self._sock.close()
             raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
@@ -215,6 +219,12 @@ class LocalSession(BlockingSession):
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (frames := self._frames()):
             try:
+                # Waiting in poll, not in recv: a Unix socket wakes a thread blocked in recv whenever
+                # the server reads what this client sent (its buffer space wakes writers and readers
+                # alike), a wake-up and two context switches per push for nothing; poll asks for
+                # data only.
+                if not self._readable.poll(_RECEIVE_SLICE_MS):
+                    raise BlockingIOError
                 chunk = self._sock.recv(_RECEIVE_CHUNK)
             except BlockingIOError:  # a slice passed
                 if deadline is not None and time.monotonic() >= deadline:

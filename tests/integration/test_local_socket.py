@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,27 @@ def test_sessions_and_grpc_calls_share_the_batches(local_server: RunningServer, 
         # The same request_id through gRPC is the same batch (its results were delivered already).
         assert client.push(images, request_id="local-then-grpc") == batch_id
         assert [r.ok for r in client.detect(images[:1])] == [True]
+
+
+def _voluntary_switches() -> int:
+    """How often the calling thread gave up its CPU to wait (the kernel's count)."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+
+def test_a_push_wakes_its_waiting_thread_once(local_server: RunningServer, scenes: list[Scene]) -> None:
+    """A thread blocked in ``recv`` on a Unix socket is woken whenever the other end reads what it
+    sent (buffer space wakes readers and writers alike): the server's read of each push woke the
+    client for nothing, two waits per push instead of one."""
+    images = [s.jpeg for s in scenes[:1]]
+    with local_server.client() as client, client.session() as session:
+        for _ in range(20):  # the connection and the server's caches warm
+            session.detect(images)
+        pushes, before = 200, _voluntary_switches()
+        for _ in range(pushes):
+            assert [r.ok for r in session.detect(images)] == [True]
+        per_push = (_voluntary_switches() - before) / pushes
+    assert per_push < 1.5, f"{per_push:.2f} waits per push"
 
 
 def test_the_server_names_the_caller_by_the_kernels_word(local_server: RunningServer, scenes: list[Scene]) -> None:
