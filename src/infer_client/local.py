@@ -18,6 +18,7 @@ guarantees as ``session.Session`` (it shares ``BlockingSession`` and ``SessionBo
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import select
 import socket
@@ -215,20 +216,25 @@ class LocalSession(BlockingSession):
         self._cond.notify_all()
 
     def _receive(self, timeout: float | None) -> list[tuple[int, bytes]]:
-        """The complete frames received, at least one unless ``timeout`` passed (then none)."""
+        """The complete frames received, at least one unless ``timeout`` passed (then none).
+
+        It waits in ``poll``, not in ``recv``: a Unix socket wakes a thread blocked in ``recv``
+        whenever the server reads what this client sent (buffer space wakes the socket's readers and
+        writers alike), a wake-up and two context switches per push for nothing; ``poll`` asks for
+        data only (``tests/integration/test_local_socket.py`` counts the waits). It wakes at least
+        every slice, so a socket another thread closed ends the wait.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (frames := self._frames()):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return []
+            wait_ms = _RECEIVE_SLICE_MS if left is None else min(_RECEIVE_SLICE_MS, math.ceil(left * 1000))
+            if not self._readable.poll(wait_ms):
+                continue
             try:
-                # Waiting in poll, not in recv: a Unix socket wakes a thread blocked in recv whenever
-                # the server reads what this client sent (its buffer space wakes writers and readers
-                # alike), a wake-up and two context switches per push for nothing; poll asks for
-                # data only.
-                if not self._readable.poll(_RECEIVE_SLICE_MS):
-                    raise BlockingIOError
                 chunk = self._sock.recv(_RECEIVE_CHUNK)
-            except BlockingIOError:  # a slice passed
-                if deadline is not None and time.monotonic() >= deadline:
-                    return []
+            except BlockingIOError:  # nothing to read after all (SO_RCVTIMEO)
                 continue
             if not chunk:
                 raise ConnectionError("the server closed the local socket")
