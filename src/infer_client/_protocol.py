@@ -61,25 +61,33 @@ class InferError(Exception):
 _READY_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
-def ready_retry_delay(exc: grpc.RpcError, attempt: int, deadline: float, timeout: float) -> float:
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    return (exc.code() if hasattr(exc, "code") else None) or grpc.StatusCode.UNKNOWN
+
+
+def ready_retry_delay(
+    exc: grpc.RpcError, attempt: int, deadline: float | None, timeout: float | None, last: grpc.RpcError | None
+) -> float:
     """How long ``wait_ready`` waits before watching the server's health again after watch number
-    ``attempt`` failed with ``exc``; raises the error it ends with instead.
+    ``attempt`` failed with ``exc`` (``last``: the failure before it); raises the error it ends
+    with instead.
 
     UNAVAILABLE is "not ready yet", not an answer: the watch went out on a connection that was dying
     (the server or one of its front processes restarting; gRPC reuses a connection whose close it has
     not read yet, ``wait_for_ready`` or not), so the wait goes on until ``deadline``
-    (``time.monotonic()``). Any other error ends it.
+    (``time.monotonic()``; None: for good). Any other error ends it.
     """
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    delay = _READY_RETRY_S[min(attempt, len(_READY_RETRY_S) - 1)]
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED or (
-        code == grpc.StatusCode.UNAVAILABLE and time.monotonic() + delay >= deadline
-    ):
-        last = "" if code == grpc.StatusCode.DEADLINE_EXCEEDED else f" (last: {InferError.from_rpc(exc)})"
-        raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server not ready within {timeout:g}s{last}")
-    if code != grpc.StatusCode.UNAVAILABLE:
+    code, left = _code(exc), None if deadline is None else deadline - time.monotonic()
+    unavailable = code == grpc.StatusCode.UNAVAILABLE
+    out_of_time = code == grpc.StatusCode.DEADLINE_EXCEEDED or (unavailable and left is not None and left <= 0)
+    if out_of_time and timeout is not None:
+        why = next((e for e in (exc, last) if e is not None and _code(e) == grpc.StatusCode.UNAVAILABLE), None)
+        after = "" if why is None else f" (last: {InferError.from_rpc(why)})"
+        raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server not ready within {timeout:g}s{after}")
+    if not unavailable:
         raise InferError.from_rpc(exc)
-    return delay
+    delay = _READY_RETRY_S[min(attempt, len(_READY_RETRY_S) - 1)]
+    return delay if left is None else min(delay, left)
 
 
 def is_local_target(target: str) -> bool:

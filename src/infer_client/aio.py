@@ -136,26 +136,27 @@ class AsyncInferClient:
             raise InferError.from_rpc(exc) from None
         return reply.status == _SERVING
 
-    async def wait_ready(self, timeout: float = 60.0) -> None:
+    async def wait_ready(self, timeout: float | None = 60.0) -> None:
         """Wait until the server reports SERVING (health Watch) or raise InferError; a watch that
         fails UNAVAILABLE is started again until ``timeout``, as ``InferClient.wait_ready`` does."""
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: grpc.RpcError | None = None
         for attempt in itertools.count():
-            call = self._health.Watch(
-                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 0.0),
-                wait_for_ready=True,
-            )  # fmt: skip
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=left, wait_for_ready=True)
+            failed: grpc.RpcError | None = None
             try:
                 async for reply in call:
                     if reply.status == _SERVING:
                         return
             except grpc.RpcError as exc:
-                delay = ready_retry_delay(exc, attempt, deadline, timeout)
-            else:
-                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+                failed = exc
             finally:
                 call.cancel()
-            await asyncio.sleep(delay)
+            if failed is None:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+            await asyncio.sleep(ready_retry_delay(failed, attempt, deadline, timeout, last))
+            last = failed
 
     async def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""

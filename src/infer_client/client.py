@@ -149,28 +149,29 @@ class InferClient:
             raise InferError.from_rpc(exc) from None
         return reply.status == _SERVING
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float | None = 60.0) -> None:
         """Block until the server reports SERVING (health Watch, no polling) or raise InferError.
 
         A watch that fails UNAVAILABLE (its connection died: the server, or a front process of it,
-        restarting) is started again until ``timeout`` (``_protocol.ready_retry_delay``).
+        restarting) is started again until ``timeout`` (None: for good; ``_protocol.ready_retry_delay``).
         """
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: grpc.RpcError | None = None
         for attempt in itertools.count():
-            stream = self._health.Watch(
-                health_pb2.HealthCheckRequest(service=""), timeout=max(deadline - time.monotonic(), 0.0),
-                wait_for_ready=True,
-            )  # fmt: skip
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=left, wait_for_ready=True)
+            failed: grpc.RpcError | None = None
             try:
                 if any(reply.status == _SERVING for reply in stream):
                     return
             except grpc.RpcError as exc:
-                delay = ready_retry_delay(exc, attempt, deadline, timeout)
-            else:
-                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+                failed = exc
             finally:
                 stream.cancel()
-            time.sleep(delay)
+            if failed is None:
+                raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
+            time.sleep(ready_retry_delay(failed, attempt, deadline, timeout, last))
+            last = failed
 
     def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""

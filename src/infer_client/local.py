@@ -18,6 +18,7 @@ guarantees as ``session.Session`` (it shares ``BlockingSession`` and ``SessionBo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import select
@@ -184,6 +185,8 @@ class LocalSession(BlockingSession):
         with self._cond:
             self._book.fail(error)
             self._cond.notify_all()
+        with contextlib.suppress(OSError):  # wakes a thread waiting in poll (closing does not)
+            self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
 
     def _until_news(self, left: float | None) -> None:
@@ -221,11 +224,13 @@ class LocalSession(BlockingSession):
         It waits in ``poll``, not in ``recv``: a Unix socket wakes a thread blocked in ``recv``
         whenever the server reads what this client sent (buffer space wakes the socket's readers and
         writers alike), a wake-up and two context switches per push for nothing; ``poll`` asks for
-        data only (``tests/integration/test_local_socket.py`` counts the waits). It wakes at least
-        every slice, so a socket another thread closed ends the wait.
+        data only (``tests/integration/test_local_socket.py`` counts the waits). A thread that
+        breaks the session shuts the socket down, which ends the wait at once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while not (frames := self._frames()):
+            if self._sock.fileno() < 0:  # closed by another thread: its number may be another file's now
+                raise ConnectionError("the local socket was closed")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return []

@@ -617,6 +617,54 @@ def test_closing_a_session_does_not_wait_for_a_push_held_by_the_window(tmp_path:
     serving.join(10)
 
 
+def test_a_thread_waiting_on_a_cancelled_session_ends_even_if_its_descriptor_is_reused(tmp_path: Path) -> None:
+    """``cancel`` closes the socket while another thread waits for it to be readable. Closing does
+    not wake that wait, and the socket's number may name another file at once: the waiter must
+    neither sleep on that file nor wait out its timeout (here none)."""
+    path = str(tmp_path / "server.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(1)
+    pushed = threading.Event()
+
+    def server() -> None:  # grants a window, takes the push, answers nothing
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(frame(1, Kind.WANT, b"100000"))
+            while conn.recv(65536):
+                pushed.set()
+
+    serving = threading.Thread(target=server, daemon=True)
+    serving.start()
+    session = LocalSession(path, "inline", PushedBatches(BatchFiles(str(tmp_path))), timeout=None)
+    number = session._sock.fileno()
+    errors: list[InferError] = []
+
+    def push() -> None:
+        try:
+            session.push([b"x" * 10])  # waits for its answer, which never comes
+        except InferError as exc:
+            errors.append(exc)
+
+    pusher = threading.Thread(target=push, daemon=True)
+    pusher.start()
+    assert pushed.wait(10)
+    session.cancel()
+    quiet, other = os.pipe()  # a file that is never readable, under the socket's old number
+    try:
+        if quiet != number:  # (the lowest free number, which the socket's often is)
+            os.dup2(quiet, number)
+        pusher.join(10)
+        assert not pusher.is_alive(), "the waiting thread slept on a file that is no longer its socket"
+    finally:
+        for fd in {number, quiet, other}:
+            os.close(fd)
+    assert [e.code for e in errors] == [grpc.StatusCode.CANCELLED]
+    listener.close()
+    serving.join(10)
+
+
 @pytest.mark.parametrize("blobs", [[b"a" * 300, b"b" * 70_000], [b"c"] * 600, []], ids=["two", "many", "tmpfs"])
 def test_a_push_sent_in_parts_is_the_message_with_its_data(blobs: list[bytes]) -> None:
     """The client sends an inline push's images as they are (no copy into one buffer): the server
