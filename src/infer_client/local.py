@@ -108,8 +108,9 @@ class LocalSession(BlockingSession):
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(os.fspath(path))
-            # Blocking from now on, with the kernel's timeouts: a receive wakes every slice to look at
-            # its waiter's deadline; a send that stalls for the whole timeout fails the session.
+            # Blocking from now on, with the kernel's timeouts: a receive (made once poll saw data,
+            # see _receive) waits a slice at most; a send that stalls for the whole timeout fails the
+            # session.
             self._sock.settimeout(None)
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_RECEIVE_SLICE_S))
             if timeout is not None:
