@@ -71,6 +71,10 @@ def test_a_deferred_answer_comes_with_the_first_results_and_a_refusal_at_once(
     outside.write_bytes(scenes[0].jpeg)
     jpeg = scenes[0].jpeg
     with server.client() as client:
+        # Both workers are given another batch first, so the first result of push 1 cannot come
+        # before the server has read and refused push 2 (with the workers idle that was a race,
+        # lost now and then on a loaded machine).
+        filler = client.push([s.jpeg for s in scenes[:8]] * 2)
         stub = infer_pb2_grpc.InferenceServiceStub(client._channel)
         requests = iter(
             [
@@ -83,6 +87,7 @@ def test_a_deferred_answer_comes_with_the_first_results_and_a_refusal_at_once(
             ]
         )
         replies = list(stub.Session(requests, timeout=60))
+        assert len(list(client.pull(filler, timeout=120))) == 16
     assert [a.tag for a in replies[0].answers] == [2] and not replies[0].results, "the refusal goes first"
     assert replies[0].answers[0].status.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     (answer,) = [a for r in replies for a in r.answers if a.tag == 1]
