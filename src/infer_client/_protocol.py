@@ -52,42 +52,50 @@ class InferError(Exception):
 
     @classmethod
     def from_rpc(cls, exc: grpc.RpcError) -> InferError:
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
-
-
-# Between health watches that failed UNAVAILABLE while a client waits for the server to be ready.
-_READY_RETRY_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+        return cls(_code(exc), details or "")
 
 
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
     return (exc.code() if hasattr(exc, "code") else None) or grpc.StatusCode.UNKNOWN
 
 
-def ready_retry_delay(
-    exc: grpc.RpcError, attempt: int, deadline: float | None, timeout: float | None, last: grpc.RpcError | None
-) -> float:
-    """How long ``wait_ready`` waits before watching the server's health again after watch number
-    ``attempt`` failed with ``exc`` (``last``: the failure before it); raises the error it ends
-    with instead.
+class ReadyWait:
+    """One ``wait_ready``: how long each health watch may take, and what a failed one means.
 
     UNAVAILABLE is "not ready yet", not an answer: the watch went out on a connection that was dying
     (the server or one of its front processes restarting; gRPC reuses a connection whose close it has
-    not read yet, ``wait_for_ready`` or not), so the wait goes on until ``deadline``
-    (``time.monotonic()``; None: for good). Any other error ends it.
+    not read yet, ``wait_for_ready`` or not), so the wait goes on, with pauses growing from 0.05 to
+    1 s, until ``timeout`` (None: for good). Any other error ends it.
     """
-    code, left = _code(exc), None if deadline is None else deadline - time.monotonic()
-    unavailable = code == grpc.StatusCode.UNAVAILABLE
-    out_of_time = code == grpc.StatusCode.DEADLINE_EXCEEDED or (unavailable and left is not None and left <= 0)
-    if out_of_time and timeout is not None:
-        why = next((e for e in (exc, last) if e is not None and _code(e) == grpc.StatusCode.UNAVAILABLE), None)
-        after = "" if why is None else f" (last: {InferError.from_rpc(why)})"
-        raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server not ready within {timeout:g}s{after}")
-    if not unavailable:
-        raise InferError.from_rpc(exc)
-    delay = _READY_RETRY_S[min(attempt, len(_READY_RETRY_S) - 1)]
-    return delay if left is None else min(delay, left)
+
+    _PAUSES_S = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._failures = 0
+        self._last: grpc.RpcError | None = None  # the last watch that failed UNAVAILABLE
+
+    def left(self) -> float | None:
+        """The next watch's timeout: what is left of the wait (None: no deadline)."""
+        return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
+    def pause_after(self, exc: grpc.RpcError) -> float:
+        """How long to wait before the next watch after one failed with ``exc``; raises the error
+        the wait ends with instead (outside gRPC's own: the caller raises nothing in its except)."""
+        code, left = _code(exc), self.left()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self._last = exc
+        out_of_time = code == grpc.StatusCode.DEADLINE_EXCEEDED or (code == grpc.StatusCode.UNAVAILABLE and left == 0)
+        if out_of_time and self.timeout is not None:
+            after = "" if self._last is None else f" (last: {InferError.from_rpc(self._last)})"
+            raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"server not ready within {self.timeout:g}s{after}")
+        if code != grpc.StatusCode.UNAVAILABLE:
+            raise InferError.from_rpc(exc)
+        pause = self._PAUSES_S[min(self._failures, len(self._PAUSES_S) - 1)]
+        self._failures += 1
+        return pause if left is None else min(pause, left)
 
 
 def is_local_target(target: str) -> bool:

@@ -12,9 +12,7 @@ runs in a thread so the loop never blocks on file I/O. Example::
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import time
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 
@@ -30,11 +28,11 @@ from infer_client._protocol import (
     ImageSource,
     InferError,
     PushedBatches,
+    ReadyWait,
     Transport,
     open_channel,
     prepare_push,
     pull_request,
-    ready_retry_delay,
     resolve_transport,
 )
 from infer_client.local import AsyncLocalStub
@@ -139,11 +137,9 @@ class AsyncInferClient:
     async def wait_ready(self, timeout: float | None = 60.0) -> None:
         """Wait until the server reports SERVING (health Watch) or raise InferError; a watch that
         fails UNAVAILABLE is started again until ``timeout``, as ``InferClient.wait_ready`` does."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: grpc.RpcError | None = None
-        for attempt in itertools.count():
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            call = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=left, wait_for_ready=True)
+        waiting, request = ReadyWait(timeout), health_pb2.HealthCheckRequest(service="")
+        while True:
+            call = self._health.Watch(request, timeout=waiting.left(), wait_for_ready=True)
             failed: grpc.RpcError | None = None
             try:
                 async for reply in call:
@@ -155,8 +151,7 @@ class AsyncInferClient:
                 call.cancel()
             if failed is None:
                 raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
-            await asyncio.sleep(ready_retry_delay(failed, attempt, deadline, timeout, last))
-            last = failed
+            await asyncio.sleep(waiting.pause_after(failed))
 
     async def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""

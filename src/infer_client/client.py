@@ -11,7 +11,6 @@ Requests are built by ``_protocol`` (shared with the asyncio client in ``aio.py`
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -30,11 +29,11 @@ from infer_client._protocol import (
     ImageSource,
     InferError,
     PushedBatches,
+    ReadyWait,
     Transport,
     open_channel,
     prepare_push,
     pull_request,
-    ready_retry_delay,
     resolve_transport,
 )
 from infer_client.local import LocalSession
@@ -153,13 +152,11 @@ class InferClient:
         """Block until the server reports SERVING (health Watch, no polling) or raise InferError.
 
         A watch that fails UNAVAILABLE (its connection died: the server, or a front process of it,
-        restarting) is started again until ``timeout`` (None: for good; ``_protocol.ready_retry_delay``).
+        restarting) is started again until ``timeout`` (None: for good; ``_protocol.ReadyWait``).
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        last: grpc.RpcError | None = None
-        for attempt in itertools.count():
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            stream = self._health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=left, wait_for_ready=True)
+        waiting, request = ReadyWait(timeout), health_pb2.HealthCheckRequest(service="")
+        while True:
+            stream = self._health.Watch(request, timeout=waiting.left(), wait_for_ready=True)
             failed: grpc.RpcError | None = None
             try:
                 if any(reply.status == _SERVING for reply in stream):
@@ -170,8 +167,7 @@ class InferClient:
                 stream.cancel()
             if failed is None:
                 raise InferError(grpc.StatusCode.UNAVAILABLE, "health stream ended before the server was ready")
-            time.sleep(ready_retry_delay(failed, attempt, deadline, timeout, last))
-            last = failed
+            time.sleep(waiting.pause_after(failed))
 
     def close(self) -> None:
         """End the session, remove the tmpfs files this client still owns and close the channel."""
