@@ -76,6 +76,25 @@ def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
         assert reader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
 
 
+def test_a_file_cut_short_during_the_read_fails_only_the_images_it_lost(
+    shm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The owner truncates its file after the worker checked its size: the images still whole are
+    read, each image past the cut fails alone (never a crash, never stale bytes)."""
+    item = write_batch(shm / "batch", BLOBS)
+    a, b, c = item.images
+    real = os.preadv
+
+    def cut_first(fd: int, buffers: Any, offset: int) -> int:
+        os.truncate(shm / "batch", b.offset + 3)  # image 1 is cut, image 2 is gone
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", cut_first)
+    got = reader().read(item)
+    assert got[0] == BLOBS[0]
+    assert got[1:] == ["image 1: batch data was truncated", "image 2: batch data was truncated"]
+
+
 def test_one_reader_reuses_its_buffer_and_grows_it(shm: Path) -> None:
     one = reader()
     small = write_batch(shm / "small", BLOBS[1:2])
