@@ -9,10 +9,13 @@ unmodified (``.venv-triton``), with inline bytes and with Triton's system shared
 server's are its own client library over tmpfs and inline bytes, on gRPC and on the server's local
 socket (``--local-socket``: the Session without gRPC) (``oip_clients/``).
 
-Per workload (client processes × images per request) and round (the order rotates): images/s and
+Per workload (client processes × images per request) and round: images/s and
 the server's CPU per image (the process and its children: front and workers, tritonserver and its
 Python stubs) for each way in, and the ratios the targets are written in: tmpfs ÷ Triton's system
-shared memory, inline ÷ Triton's bytes (each on gRPC and on the local socket).
+shared memory, inline ÷ Triton's bytes (each on gRPC and on the local socket). Each Triton way runs
+between the two of ours it is compared with (``ORDER``), the order reversed every other round: the
+VM's speed drifts by up to 1.5× within minutes, and a ratio of two neighbours, each first in half
+the rounds, carries the least of that drift.
 
     make bench-peers        # = .venv/bin/python -m benchmarks.peers --json bench-out/peers.json
 """
@@ -43,6 +46,8 @@ PEERS_VENV = servers.REPO_ROOT / ".venv-peers"
 MODEL = Path(__file__).resolve().parent / "triton_peer" / "model.py"
 OURS = ("v1-local", "v1-tmpfs", "v1-local-inline", "v1-inline")  # oip.py's ways: ours, then Triton's
 TRITON = ("oip-shm", "oip-inline")
+# Every way next to what it is compared with (PAIRS), run forwards and backwards in turn.
+ORDER = ("v1-local", "oip-shm", "v1-tmpfs", "v1-local-inline", "oip-inline", "v1-inline")
 PAIRS = {"local socket / Triton shm": ("v1-local", "oip-shm"), "tmpfs / Triton shm": ("v1-tmpfs", "oip-shm"),
          "local inline / Triton bytes": ("v1-local-inline", "oip-inline"),
          "inline / Triton bytes": ("v1-inline", "oip-inline")}  # fmt: skip
@@ -133,10 +138,11 @@ def triton(*, null_model: bool, models: Path, workers: int, batch: int) -> Itera
 def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, theirs: Any,
               images: list[str]) -> dict[str, Any]:  # fmt: skip
     ways = [*OURS, *TRITON]
+    assert sorted(ORDER) == sorted(ways), "ORDER runs every way once"
     rows = []
     for n in range(rounds):
         row = {}
-        for way in ways[n % len(ways) :] + ways[: n % len(ways)]:
+        for way in ORDER if n % 2 == 0 else ORDER[::-1]:
             server, env = (ours, None) if way in OURS else (theirs, {"TRITON_LOAD_BATCHED": "1"})
             row[way] = oip._measure(way, server, clients, seconds, batch, images, env)
         rows.append(row)
