@@ -76,6 +76,26 @@ def test_any_layout_of_ranges_reads_the_same(shm: Path) -> None:
         assert reader().read(chunk) == [whole[r.offset : r.offset + r.size] for r in refs], name
 
 
+def test_images_back_to_back_are_read_by_one_system_call(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk as clients write it (each image after the one before) costs one ``preadv``; any
+    other layout, one per image."""
+    item = write_batch(shm / "batch", BLOBS)
+    a, b, c = item.images
+    calls: list[int] = []
+    real = os.preadv
+
+    def counted(fd: int, buffers: Any, offset: int) -> int:
+        calls.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    assert reader().read(item) == BLOBS
+    assert calls == [0], "the whole chunk in one read"
+    calls.clear()
+    assert reader().read(WorkItem(1, "b", item.file, (c, a), item.deadline)) == [BLOBS[2], BLOBS[0]]
+    assert calls == [c.offset, 0]
+
+
 def test_a_file_cut_short_during_the_read_fails_only_the_images_it_lost(
     shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
