@@ -96,6 +96,13 @@ def test_images_back_to_back_are_read_by_one_system_call(shm: Path, monkeypatch:
     assert calls == [c.offset, 0]
 
 
+def test_a_chunk_of_more_images_than_one_system_call_takes_is_read_too(shm: Path) -> None:
+    """``preadv`` takes at most IOV_MAX (1024) buffers: a longer chunk is read image by image."""
+    blobs = [bytes([i % 251]) * 3 for i in range(os.sysconf("SC_IOV_MAX") + 10)]
+    item = write_batch(shm / "batch", blobs)
+    assert reader().read(item) == blobs
+
+
 def test_a_file_cut_short_during_the_read_fails_only_the_images_it_lost(
     shm: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

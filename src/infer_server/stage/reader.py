@@ -19,6 +19,8 @@ from typing import Any
 
 from infer_server.messages import ImageRef, WorkItem
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # buffers one preadv takes (1024 on Linux; a chunk holds at most 256 images)
+
 
 class ChunkReader:
     """Reads a chunk's images into one private buffer that is reused from chunk to chunk.
@@ -55,7 +57,7 @@ class ChunkReader:
                 if fd is None:
                     out.append(list(inside))  # the reasons
                     continue
-                if len(inside) > 1 and all(inside) and _back_to_back(item.images):
+                if 1 < len(inside) <= _IOV_MAX and all(inside) and _back_to_back(item.images):
                     views = []
                     for ref in item.images:
                         views.append(view[pos : pos + ref.size])
