@@ -59,11 +59,13 @@ def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: flo
 
 def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
                 images: list[str], env: dict[str, str] | None = None, idle: list[float] | None = None,
-                ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:  # fmt: skip
+                waits: list[float] | None = None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:  # fmt: skip
     """Start ``clients`` load clients of ``way``, wait until every one is up (it sent a first
     request), let them all go at once for ``seconds``; the images answered, and the server's CPU
-    seconds by role (``ServerProcess.cpu_by_role``) before and after. ``idle`` gets the share of
-    the machine's cores left idle from the go to the last client's end appended."""
+    seconds by role (``ServerProcess.cpu_by_role``) before and after. From the go to the last
+    client's end: ``idle`` gets the share of the machine's cores left idle appended, ``waits`` the
+    seconds the server's main process (its threads together) was ready to run but waited for a
+    core, per second."""
     procs = _clients(way, server, clients, seconds, batch, images, env)
     try:
         deadline = time.monotonic() + 120
@@ -73,15 +75,18 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
             if not ready or p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"a {way} load client did not start within 120 s")
         before = server.cpu_by_role()
+        waited = servers.runnable_wait_seconds(server.process.pid)
         busy, start = servers.machine_busy_seconds(), time.monotonic()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()  # (communicate closes it)
         answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+        elapsed = time.monotonic() - start
         if idle is not None:
-            cores = (time.monotonic() - start) * (os.cpu_count() or 1)
-            idle.append(max(0.0, 1.0 - (servers.machine_busy_seconds() - busy) / cores))
+            idle.append(max(0.0, 1.0 - (servers.machine_busy_seconds() - busy) / (elapsed * (os.cpu_count() or 1))))
+        if waits is not None:
+            waits.append((servers.runnable_wait_seconds(server.process.pid) - waited) / elapsed)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -93,13 +98,14 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
 def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
              images: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
     idle: list[float] = []
-    answered, before, after = run_clients(way, server, clients, seconds, batch, images, env, idle)
+    waits: list[float] = []
+    answered, before, after = run_clients(way, server, clients, seconds, batch, images, env, idle, waits)
     per_image = [1e3 * (a - b) / max(1, answered) for a, b in zip(after, before, strict=True)]
     # By role: the main process (tritonserver itself), gRPC front processes, the workers (Triton's
     # Python stubs).
     roles = dict(zip(("main", "fronts", "workers"), per_image, strict=True))
     return {"fps": answered / seconds, "server_cpu_ms_per_image": sum(per_image),
-            "server_cpu_ms_per_image_by_role": roles, "machine_idle": idle[0]}
+            "server_cpu_ms_per_image_by_role": roles, "machine_idle": idle[0], "main_waiting": waits[0]}
 
 
 @contextlib.contextmanager

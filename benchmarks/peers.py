@@ -11,7 +11,9 @@ socket (``--local-socket``: the Session without gRPC) (``oip_clients/``).
 
 Per workload (client processes × images per request) and round: images/s and
 the server's CPU per image (the process and its children: front and workers, tritonserver and its
-Python stubs) for each way in, and the ratios the targets are written in: tmpfs ÷ Triton's system
+Python stubs) for each way in, the share of the machine's cores left idle, how long the server's
+main process (its threads together) was ready to run but waited for a core (the kernel's
+``schedstat``), and the ratios the targets are written in: tmpfs ÷ Triton's system
 shared memory, inline ÷ Triton's bytes (each on gRPC and on the local socket). Each Triton way runs
 between the two of ours it is compared with (``ORDER``), the order reversed every other round: the
 VM's speed drifts by up to 1.5× within minutes, and a ratio of two neighbours, each first in half
@@ -154,13 +156,16 @@ def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, 
     by_role = {way: {role: statistics.median(r[way]["server_cpu_ms_per_image_by_role"][role] for r in rows)
                      for role in ("main", "workers")} for way in ways}  # fmt: skip
     idle = {way: statistics.median(r[way]["machine_idle"] for r in rows) for way in ways}
+    waiting = {way: statistics.median(r[way]["main_waiting"] for r in rows) for way in ways}
     print(f"  {clients} x {batch}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
           + "; server CPU ms/img " + ", ".join(f"{w} {v:.2f}" for w, v in cpu.items())
           + "; of it, main process / workers (Triton: tritonserver / its Python stubs) "
           + ", ".join(f"{w} {v['main']:.3f}/{v['workers']:.3f}" for w, v in by_role.items())
-          + "; the machine's cores idle " + ", ".join(f"{w} {v:.0%}" for w, v in idle.items()))  # fmt: skip
+          + "; the machine's cores idle " + ", ".join(f"{w} {v:.0%}" for w, v in idle.items())
+          + "; the main process (tritonserver) ready but waiting for a core, thread-seconds per second "
+          + ", ".join(f"{w} {v:.2f}" for w, v in waiting.items()))  # fmt: skip
     return {"clients": clients, "batch": batch, "rounds": rows, "median_ratio": ratios, "median_cpu_ms": cpu,
-            "median_cpu_ms_by_role": by_role, "median_machine_idle": idle}  # fmt: skip
+            "median_cpu_ms_by_role": by_role, "median_machine_idle": idle, "median_main_waiting": waiting}  # fmt: skip
 
 
 def main(

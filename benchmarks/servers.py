@@ -54,6 +54,17 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
+def runnable_wait_seconds(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have spent ready to run but waiting for a CPU so far
+    (the kernel's ``schedstat``, summed over the threads alive now; 0 once it is gone)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):  # a thread that ended meanwhile
+                total += int(Path(f"/proc/{pid}/task/{task}/schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()
