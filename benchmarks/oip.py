@@ -58,14 +58,14 @@ def _clients(way: str, server: servers.ServerProcess, clients: int, seconds: flo
 
 
 def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
-                images: list[str], env: dict[str, str] | None = None, idle: list[float] | None = None,
-                waits: list[float] | None = None) -> tuple[int, tuple[float, ...], tuple[float, ...]]:  # fmt: skip
+                images: list[str], env: dict[str, str] | None = None, during: dict[str, float] | None = None,
+                ) -> tuple[int, tuple[float, ...], tuple[float, ...]]:  # fmt: skip
     """Start ``clients`` load clients of ``way``, wait until every one is up (it sent a first
     request), let them all go at once for ``seconds``; the images answered, and the server's CPU
-    seconds by role (``ServerProcess.cpu_by_role``) before and after. From the go to the last
-    client's end: ``idle`` gets the share of the machine's cores left idle appended, ``waits`` the
-    seconds the server's main process (its threads together) was ready to run but waited for a
-    core, per second."""
+    seconds by role (``ServerProcess.cpu_by_role``) before and after. ``during`` gets, from the go
+    to the last client's end, ``machine_idle``: the share of the machine's cores left idle, and
+    ``main_waiting``: the seconds the server's main process (its threads together) was ready to
+    run but waited for a core, per second."""
     procs = _clients(way, server, clients, seconds, batch, images, env)
     try:
         deadline = time.monotonic() + 120
@@ -83,10 +83,10 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
             p.stdin.flush()  # (communicate closes it)
         answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
         elapsed = time.monotonic() - start
-        if idle is not None:
-            idle.append(max(0.0, 1.0 - (servers.machine_busy_seconds() - busy) / (elapsed * (os.cpu_count() or 1))))
-        if waits is not None:
-            waits.append((servers.runnable_wait_seconds(server.process.pid) - waited) / elapsed)
+        if during is not None:
+            cores = elapsed * (os.cpu_count() or 1)
+            during["machine_idle"] = max(0.0, 1.0 - (servers.machine_busy_seconds() - busy) / cores)
+            during["main_waiting"] = (servers.runnable_wait_seconds(server.process.pid) - waited) / elapsed
     finally:
         for p in procs:
             if p.poll() is None:
@@ -97,15 +97,14 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
 
 def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: float, batch: int,
              images: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
-    idle: list[float] = []
-    waits: list[float] = []
-    answered, before, after = run_clients(way, server, clients, seconds, batch, images, env, idle, waits)
+    during: dict[str, float] = {}
+    answered, before, after = run_clients(way, server, clients, seconds, batch, images, env, during)
     per_image = [1e3 * (a - b) / max(1, answered) for a, b in zip(after, before, strict=True)]
     # By role: the main process (tritonserver itself), gRPC front processes, the workers (Triton's
     # Python stubs).
     roles = dict(zip(("main", "fronts", "workers"), per_image, strict=True))
     return {"fps": answered / seconds, "server_cpu_ms_per_image": sum(per_image),
-            "server_cpu_ms_per_image_by_role": roles, "machine_idle": idle[0], "main_waiting": waits[0]}
+            "server_cpu_ms_per_image_by_role": roles, **during}
 
 
 @contextlib.contextmanager
