@@ -65,7 +65,8 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
     seconds by role (``ServerProcess.cpu_by_role``) before and after. ``during`` gets, from the go
     to the last client's end, ``machine_idle``: the share of the machine's cores left idle, and
     ``main_waiting``: the seconds the server's main process (its threads together) was ready to
-    run but waited for a core, per second."""
+    run but waited for a core, per second, and ``clients_cpu``: the CPU seconds the clients spent
+    (each measures its own, from the go)."""
     procs = _clients(way, server, clients, seconds, batch, images, env)
     try:
         deadline = time.monotonic() + 120
@@ -81,12 +82,14 @@ def run_clients(way: str, server: servers.ServerProcess, clients: int, seconds: 
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()  # (communicate closes it)
-        answered = sum(int(p.communicate(timeout=seconds + 120)[0].strip() or 0) for p in procs)
+        said = [(p.communicate(timeout=seconds + 120)[0].split() or ["0", "0"]) for p in procs]
         elapsed = time.monotonic() - start
+        answered = sum(int(done) for done, _ in said)
         if during is not None:
             cores = elapsed * (os.cpu_count() or 1)
             during["machine_idle"] = max(0.0, 1.0 - (servers.machine_busy_seconds() - busy) / cores)
             during["main_waiting"] = (servers.runnable_wait_seconds(server.process.pid) - waited) / elapsed
+            during["clients_cpu"] = sum(float(cpu) for _, cpu in said)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -103,8 +106,9 @@ def _measure(way: str, server: servers.ServerProcess, clients: int, seconds: flo
     # By role: the main process (tritonserver itself), gRPC front processes, the workers (Triton's
     # Python stubs).
     roles = dict(zip(("main", "fronts", "workers"), per_image, strict=True))
+    clients_ms = 1e3 * during.pop("clients_cpu") / max(1, answered)
     return {"fps": answered / seconds, "server_cpu_ms_per_image": sum(per_image),
-            "server_cpu_ms_per_image_by_role": roles, **during}
+            "server_cpu_ms_per_image_by_role": roles, "clients_cpu_ms_per_image": clients_ms, **during}
 
 
 @contextlib.contextmanager

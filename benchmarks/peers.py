@@ -13,11 +13,12 @@ Per workload (client processes × images per request) and round: images/s and
 the server's CPU per image (the process and its children: front and workers, tritonserver and its
 Python stubs) for each way in, the share of the machine's cores left idle, how long the server's
 main process (its threads together) was ready to run but waited for a core (the kernel's
-``schedstat``), and the ratios the targets are written in: tmpfs ÷ Triton's system
-shared memory, inline ÷ Triton's bytes (each on gRPC and on the local socket). Each Triton way runs
-between the two of ours it is compared with (``ORDER``), the order reversed every other round: the
-VM's speed drifts by up to 1.5× within minutes, and a ratio of two neighbours, each first in half
-the rounds, carries the least of that drift.
+``schedstat``), the clients' CPU per image (each client measures its own), and the ratios the
+targets are written in: tmpfs ÷ Triton's system shared memory, inline ÷ Triton's bytes (each on
+gRPC and on the local socket). Each Triton way runs between the two of ours it is compared with
+(``ORDER``), the order reversed every other round: the VM's speed drifts by up to 1.5× within
+minutes, and a ratio of two neighbours, each first in half the rounds, carries the least of that
+drift.
 
     make bench-peers        # = .venv/bin/python -m benchmarks.peers --json bench-out/peers.json
 """
@@ -157,15 +158,18 @@ def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, 
                      for role in ("main", "workers")} for way in ways}  # fmt: skip
     idle = {way: statistics.median(r[way]["machine_idle"] for r in rows) for way in ways}
     waiting = {way: statistics.median(r[way]["main_waiting"] for r in rows) for way in ways}
+    clients_cpu = {way: statistics.median(r[way]["clients_cpu_ms_per_image"] for r in rows) for way in ways}
     print(f"  {clients} x {batch}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items())
           + "; server CPU ms/img " + ", ".join(f"{w} {v:.2f}" for w, v in cpu.items())
           + "; of it, main process / workers (Triton: tritonserver / its Python stubs) "
           + ", ".join(f"{w} {v['main']:.3f}/{v['workers']:.3f}" for w, v in by_role.items())
           + "; the machine's cores idle " + ", ".join(f"{w} {v:.0%}" for w, v in idle.items())
           + "; the main process (tritonserver) ready but waiting for a core, thread-seconds per second "
-          + ", ".join(f"{w} {v:.2f}" for w, v in waiting.items()))  # fmt: skip
+          + ", ".join(f"{w} {v:.2f}" for w, v in waiting.items())
+          + "; the clients' CPU ms/img " + ", ".join(f"{w} {v:.3f}" for w, v in clients_cpu.items()))  # fmt: skip
     return {"clients": clients, "batch": batch, "rounds": rows, "median_ratio": ratios, "median_cpu_ms": cpu,
-            "median_cpu_ms_by_role": by_role, "median_machine_idle": idle, "median_main_waiting": waiting}  # fmt: skip
+            "median_cpu_ms_by_role": by_role, "median_machine_idle": idle, "median_main_waiting": waiting,
+            "median_clients_cpu_ms": clients_cpu}  # fmt: skip
 
 
 def main(
@@ -176,18 +180,22 @@ def main(
     workers: Annotated[int, typer.Option(help="Workers of this server = instances of Triton's model.")] = 2,
     batch: Annotated[int, typer.Option(help="--batch-size = Triton's max_batch_size.")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+    server_arg: Annotated[list[str] | None, typer.Option(help="A flag for this server, e.g. "
+                                                         "--server-arg=--realtime-priority=1 (repeatable).")] = None,
 ) -> None:
     """This server and Triton, same pipeline, same workloads, interleaved."""
     models = servers.REPO_ROOT / "engines" / "models"
     shapes = [tuple(int(x) for x in w.split("x")) for w in workloads.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         images = servers.scene_files(Path(tmp))
-        with (servers.grpc_server(models, workers=workers, batch_size=batch, null_model=not full) as ours,
+        with (servers.grpc_server(models, workers=workers, batch_size=batch, null_model=not full,
+                                  extra=server_arg or ()) as ours,
               triton(null_model=not full, models=models, workers=workers, batch=batch) as theirs):  # fmt: skip
             results = [_workload(c, b, rounds, seconds, ours, theirs, images) for c, b in shapes]
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"workloads": results, "null_model": not full, "workers": workers, "batch": batch}
+        doc = {"workloads": results, "null_model": not full, "workers": workers, "batch": batch,
+               "server_args": server_arg or []}
         json_out.write_text(json.dumps(doc, indent=1))
 
 

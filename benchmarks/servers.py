@@ -246,14 +246,17 @@ GRPC_SERVER_ARGS: list[str] = []
 
 
 def grpc_server(
-    models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "grpc"
-) -> contextlib.AbstractContextManager[ServerProcess]:
-    """The product: ``python -m infer_server serve --port 0`` on ``models``, with a local socket."""
+    models: Path, *, workers: int, batch_size: int, null_model: bool = False, label: str = "grpc",
+    extra: Sequence[str] = (),
+) -> contextlib.AbstractContextManager[ServerProcess]:  # fmt: skip
+    """The product: ``python -m infer_server serve --port 0`` on ``models``, with a local socket;
+    ``extra``: more of its flags."""
     args = [
         *("infer_server", "serve", "--models", str(models), "--host", "127.0.0.1", "--port", "0"),
         *("--workers", str(workers), "--batch-size", str(batch_size), "--log-level", "WARNING"),
         *(("--null-model",) if null_model else ()),
         *GRPC_SERVER_ARGS,
+        *extra,
     ]
     return launched("grpc", args, shm=True, label=label, local_socket=True)
 

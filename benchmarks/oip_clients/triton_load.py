@@ -1,7 +1,7 @@
 """One load client written with tritonclient (run with .venv-triton's python by benchmarks/oip.py):
 requests of ``batch`` images to ``pipeline`` for ``seconds``, inline or through system shared memory;
-prints how many images were answered. Like ``v1_load.py``: one request first, ``ready``, then it
-waits for a line on its standard input.
+prints how many images were answered and the CPU seconds it spent from the go. Like ``v1_load.py``:
+one request first, ``ready``, then it waits for a line on its standard input.
 
     python triton_load.py HOST:PORT inline|shm SECONDS BATCH IMAGE...
 
@@ -36,7 +36,7 @@ def main() -> None:
         key = f"/oip-bench-{os.getpid()}"
         region = shm.create_shared_memory_region(key[1:], key, size)
         client.register_system_shared_memory(key[1:], key, size)
-    done, end, n, warm = 0, 0.0, 0, True
+    done, end, n, warm, cpu = 0, 0.0, 0, True, 0.0
     try:
         while warm or time.monotonic() < end:
             tensor = grpcclient.InferInput("IMAGES", shape, "BYTES")
@@ -51,15 +51,16 @@ def main() -> None:
                 print("ready", flush=True)
                 if sys.stdin.readline().strip() != "go":  # the benchmark gave up on the run
                     return
-                end = time.monotonic() + seconds
+                end, cpu = time.monotonic() + seconds, time.process_time()
                 continue
             done += int((result.as_numpy("STATUS") == 0).sum())
             n += 1
+        cpu = time.process_time() - cpu
     finally:
         if region is not None:
             client.unregister_system_shared_memory(key[1:])
             shm.destroy_shared_memory_region(region)
-    print(done)
+    print(done, cpu)
 
 
 if __name__ == "__main__":

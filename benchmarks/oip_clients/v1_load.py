@@ -1,5 +1,6 @@
 """One load client of infer.v1 (the server's own client library), the same workload as
-``triton_load.py``: requests of ``batch`` images for ``seconds``; prints how many were answered.
+``triton_load.py``: requests of ``batch`` images for ``seconds``; prints how many were answered and
+the CPU seconds it spent from the go (its threads together).
 It sends one request first (its connection, its Session), prints ``ready``, and starts when a line
 arrives on its standard input (``benchmarks.oip.run_clients``: every client starts together, once
 all are up, so no client's start-up counts).
@@ -30,11 +31,13 @@ def main() -> None:
         print("ready", flush=True)
         if sys.stdin.readline().strip() != "go":  # the benchmark gave up on the run
             return
+        cpu = time.process_time()
         done, n, end = 0, 0, time.monotonic() + seconds
         while time.monotonic() < end:
             done += sum(r.ok for r in client.detect([images[(n + k) % len(images)] for k in range(batch)]))
             n += batch
-    print(done)
+        cpu = time.process_time() - cpu
+    print(done, cpu)
 
 
 if __name__ == "__main__":
