@@ -133,9 +133,16 @@ def health(
 
 async def _serve(settings: ServerSettings) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
+    from infer_server.front.realtime import run_realtime
     from infer_server.front.server import InferenceServer
     from infer_server.supervisor.pool import PipelineError
 
+    if settings.realtime_priority:
+        try:  # before anything is started: a refusal costs nothing to undo
+            run_realtime(settings.realtime_priority)
+        except RuntimeError as exc:
+            log.error("cannot start: %s", exc)
+            return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -81,6 +81,13 @@ class ServerSettings(BaseSettings):
         description="gRPC front processes: each serves the port (SO_REUSEPORT) and relays its calls to the main "
         "process, so gRPC's per-message work uses that many cores; 0: the main process speaks gRPC itself.",
     )  # fmt: skip
+    realtime_priority: int = Field(
+        default=0, ge=0, le=99,
+        description="Run the main process's event loop (admission, hand-offs, results, replies) at SCHED_FIFO "
+        "priority N: it then runs as soon as it has work instead of queueing behind the processes it wakes. Its "
+        "workers and other threads stay at the normal policy. Needs CAP_SYS_NICE or RLIMIT_RTPRIO >= N, else the "
+        "server does not start; 0: the normal policy (docs/performance.md).",
+    )  # fmt: skip
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")
     dynamic_batching: bool = Field(
         default=True,

@@ -1,0 +1,72 @@
+"""The main process's event loop at SCHED_FIFO (``--realtime-priority``) against the normal policy,
+and both against Triton's system shared memory, in one run, interleaved.
+
+Three servers run side by side (the null model: the data path alone): this server as it starts by
+default, the same with ``--realtime-priority 1``, and ``tritonserver`` with the peer model of
+``benchmarks.peers``. Each round measures the three in turn (their order reversed every other
+round), with this server's clients on the local socket (``v1-local``) and Triton's on system shared
+memory (``oip-shm``). Per round: images/s, the server's and the clients' CPU per image, the cores
+left idle and how long each server's main process waited for a core; then the ratios per round
+and their medians. Needs root or an ``RLIMIT_RTPRIO`` of 1 (``ulimit -r``) and ``.venv-peers``.
+
+    python -m benchmarks.realtime --clients 4 --images 8 --rounds 10 --json bench-out/realtime-4x8.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks import oip, peers, servers
+
+WAYS = ("normal", "triton", "realtime")  # the order of a round; every other round backwards
+
+
+def main(
+    clients: Annotated[int, typer.Option(help="Client processes.")] = 4,
+    images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    rounds: Annotated[int, typer.Option(help="Rounds; each measures the three servers once.")] = 10,
+    seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 5.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """This server at the normal policy and at SCHED_FIFO, and Triton, interleaved."""
+    models = servers.REPO_ROOT / "engines" / "models"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        paths = servers.scene_files(Path(tmp))
+        running = {
+            "normal": stack.enter_context(servers.grpc_server(models, workers=2, batch_size=8, null_model=True)),
+            "realtime": stack.enter_context(servers.grpc_server(
+                models, workers=2, batch_size=8, null_model=True, extra=["--realtime-priority", "1"])),
+            "triton": stack.enter_context(peers.triton(null_model=True, models=models, workers=2, batch=8)),
+        }  # fmt: skip
+        for n in range(rounds):
+            row = {}
+            for name in WAYS if n % 2 == 0 else WAYS[::-1]:
+                way, env = ("oip-shm", {"TRITON_LOAD_BATCHED": "1"}) if name == "triton" else ("v1-local", None)
+                row[name] = oip._measure(way, running[name], clients, seconds, images, paths, env)
+            rows.append(row)
+            print(f"round {n + 1}: " + ", ".join(
+                f"{name} {row[name]['fps']:.0f} img/s (server {row[name]['server_cpu_ms_per_image']:.3f}, clients "
+                f"{row[name]['clients_cpu_ms_per_image']:.3f} ms/img, {row[name]['machine_idle']:.0%} idle, main "
+                f"waiting {row[name]['main_waiting']:.2f})" for name in WAYS), flush=True)  # fmt: skip
+    pairs = {"realtime / triton": ("realtime", "triton"), "normal / triton": ("normal", "triton"),
+             "realtime / normal": ("realtime", "normal")}  # fmt: skip
+    ratios = {k: [r[a]["fps"] / r[b]["fps"] for r in rows] for k, (a, b) in pairs.items()}
+    for k, v in ratios.items():
+        print(f"{k}: median {statistics.median(v):.2f} (rounds " + " ".join(f"{x:.2f}" for x in v) + ")")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"clients": clients, "images": images, "rounds": rows, "ratios": ratios,
+               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}  # fmt: skip
+        json_out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)
