@@ -93,6 +93,14 @@ def serve(settings: ServerSettings) -> None:
     for old, new in _RENAMED_ENV.items():
         if old in os.environ:
             log.warning("%s is no longer read: set %s (or its flag) instead", old, new)
+    if settings.realtime_priority:  # this thread runs the loop; a refusal ends it before gRPC is even loaded
+        from infer_server.front.realtime import run_realtime
+
+        try:
+            run_realtime(settings.realtime_priority)
+        except RuntimeError as exc:
+            log.error("cannot start: %s", exc)
+            raise typer.Exit(1) from None
     if prefer_epoll_io():  # before grpc is imported (in _serve)
         log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
     raise typer.Exit(asyncio.run(_serve(settings)))
@@ -133,16 +141,9 @@ def health(
 
 async def _serve(settings: ServerSettings) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
-    from infer_server.front.realtime import run_realtime
     from infer_server.front.server import InferenceServer
     from infer_server.supervisor.pool import PipelineError
 
-    if settings.realtime_priority:
-        try:  # before anything is started: a refusal costs nothing to undo
-            run_realtime(settings.realtime_priority)
-        except RuntimeError as exc:
-            log.error("cannot start: %s", exc)
-            return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
