@@ -101,6 +101,8 @@ def serve(settings: ServerSettings) -> None:
         except RuntimeError as exc:
             log.error("cannot start: %s", exc)
             raise typer.Exit(1) from None
+        log.info("event loop at SCHED_FIFO priority %d (its workers and other threads at the normal policy)",
+                 settings.realtime_priority)
     if prefer_epoll_io():  # before grpc is imported (in _serve)
         log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
     raise typer.Exit(asyncio.run(_serve(settings)))

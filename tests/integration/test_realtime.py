@@ -30,6 +30,7 @@ def test_the_main_process_serves_realtime_and_its_workers_do_not(model_repo_dir:
         with server.client() as client:
             results = client.detect([generate_scene(seed).jpeg for seed in (41, 42)])
         assert [r.code for r in results] == [grpc.StatusCode.OK] * 2
+        assert "event loop at SCHED_FIFO priority 1" in server.log()
 
 
 def test_a_server_the_kernel_refuses_realtime_does_not_start(model_repo_dir: Path) -> None:
