@@ -49,6 +49,8 @@ PEERS_VENV = servers.REPO_ROOT / ".venv-peers"
 MODEL = Path(__file__).resolve().parent / "triton_peer" / "model.py"
 OURS = ("v1-local", "v1-tmpfs", "v1-local-inline", "v1-inline")  # oip.py's ways: ours, then Triton's
 TRITON = ("oip-shm", "oip-inline")
+# Triton's load clients send [BATCH, 1]: the peer model has Triton's batch dimension (max_batch_size).
+TRITON_CLIENT_ENV = {"TRITON_LOAD_BATCHED": "1"}
 # Every way next to what it is compared with (PAIRS), run forwards and backwards in turn.
 ORDER = ("v1-local", "oip-shm", "v1-tmpfs", "v1-local-inline", "oip-inline", "v1-inline")
 PAIRS = {"local socket / Triton shm": ("v1-local", "oip-shm"), "tmpfs / Triton shm": ("v1-tmpfs", "oip-shm"),
@@ -146,7 +148,7 @@ def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, 
     for n in range(rounds):
         row = {}
         for way in ORDER if n % 2 == 0 else ORDER[::-1]:
-            server, env = (ours, None) if way in OURS else (theirs, {"TRITON_LOAD_BATCHED": "1"})
+            server, env = (ours, None) if way in OURS else (theirs, TRITON_CLIENT_ENV)
             row[way] = oip._measure(way, server, clients, seconds, batch, images, env)
         rows.append(row)
         print(f"  {clients} x {batch}, round {n + 1}: " + ", ".join(

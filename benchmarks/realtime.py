@@ -49,7 +49,7 @@ def main(
         for n in range(rounds):
             row = {}
             for name in WAYS if n % 2 == 0 else WAYS[::-1]:
-                way, env = ("oip-shm", {"TRITON_LOAD_BATCHED": "1"}) if name == "triton" else ("v1-local", None)
+                way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
                 row[name] = oip._measure(way, running[name], clients, seconds, images, paths, env)
             rows.append(row)
             print(f"round {n + 1}: " + ", ".join(

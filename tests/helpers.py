@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,21 @@ def on_small_tmpfs(tmp_path: Path, script: str, options: str = "size=2m") -> sub
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()[:200]}")
     return done
+
+
+def without_realtime(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` where the kernel refuses it ``SCHED_FIFO``: an ``RLIMIT_RTPRIO`` of 0 and, for
+    root, no ``CAP_SYS_NICE`` (through setpriv; the test is skipped where it is missing)."""
+    wrapper: list[str] = []
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("needs setpriv (util-linux), to run as root without CAP_SYS_NICE")
+        wrapper = [setpriv, "--inh-caps=-all", "--bounding-set=-sys_nice"]
+    return subprocess.run(
+        [*wrapper, *cmd], capture_output=True, text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)), **kwargs,
+    )  # fmt: skip
 
 
 MODELS = Path(__file__).resolve().parent.parent / "engines" / "models"

@@ -4,9 +4,7 @@ normal policy; where the kernel refuses, the server does not start, and says why
 from __future__ import annotations
 
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -15,6 +13,7 @@ import grpc
 import pytest
 
 from engines.scenes import generate_scene
+from tests.helpers import without_realtime
 from tests.integration.conftest import running_server
 
 
@@ -34,20 +33,13 @@ def test_the_main_process_serves_realtime_and_its_workers_do_not(model_repo_dir:
 
 
 def test_a_server_the_kernel_refuses_realtime_does_not_start(model_repo_dir: Path) -> None:
-    wrapper: list[str] = []
-    if os.geteuid() == 0:  # root has CAP_SYS_NICE: the server runs without it
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("needs setpriv (util-linux), to run as root without CAP_SYS_NICE")
-        wrapper = [setpriv, "--inh-caps=-all", "--bounding-set=-sys_nice"]
     shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
     try:
-        done = subprocess.run(
-            [*wrapper, sys.executable, "-m", "infer_server", "serve", "--null-model",
-             "--models", str(model_repo_dir), "--port", "0", "--shm-dir", str(shm_dir), "--realtime-priority", "1"],
-            capture_output=True, text=True, env=env, timeout=120,
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)),  # nor by its limit
+        done = without_realtime(
+            [sys.executable, "-m", "infer_server", "serve", "--null-model", "--models", str(model_repo_dir),
+             "--port", "0", "--shm-dir", str(shm_dir), "--realtime-priority", "1"],
+            env=env, timeout=120,
         )  # fmt: skip
     finally:
         shutil.rmtree(shm_dir, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from infer_server.settings import ServerSettings
+from tests.helpers import without_realtime
 
 _PRIVILEGED = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_RTPRIO)[0] >= 1
 
@@ -37,9 +37,7 @@ _REPORT = textwrap.dedent("""
 """)
 
 _REFUSED = textwrap.dedent("""
-    import resource
     from infer_server.front.realtime import run_realtime
-    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
     try:
         run_realtime(1)
     except RuntimeError as exc:
@@ -49,8 +47,8 @@ _REFUSED = textwrap.dedent("""
 """)
 
 
-def _python(code: str, *wrapper: str) -> str:
-    done = subprocess.run([*wrapper, sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -64,13 +62,9 @@ def test_the_thread_runs_realtime_and_what_it_starts_runs_at_the_normal_policy()
 
 
 def test_a_refusal_says_what_the_kernel_needs() -> None:
-    wrapper: tuple[str, ...] = ()
-    if os.geteuid() == 0:  # root has CAP_SYS_NICE: the child runs without it
-        setpriv = shutil.which("setpriv")
-        if setpriv is None:
-            pytest.skip("needs setpriv (util-linux), to run as root without CAP_SYS_NICE")
-        wrapper = (setpriv, "--inh-caps=-all", "--bounding-set=-sys_nice")
-    said = _python(_REFUSED, *wrapper)
+    done = without_realtime([sys.executable, "-c", _REFUSED], timeout=60)
+    assert done.returncode == 0, done.stderr
+    said = done.stdout.strip()
     assert said.startswith("--realtime-priority 1: the kernel refused SCHED_FIFO"), said
     assert "CAP_SYS_NICE" in said and "RLIMIT_RTPRIO of at least 1" in said and "this process has 0" in said
 
