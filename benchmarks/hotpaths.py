@@ -10,6 +10,9 @@ push can show; these time the code alone, median of thousands of runs:
 - ``worker``: a stage worker's ``handle_group`` of one chunk of ``K`` images with the null
   pipeline: the read (through ``/proc/<pid>/fd``), the header checks, the outcomes, the pickled
   answer written to a pipe (drained by a thread).
+- ``client``: the client library's rewrite of its batch file (``BatchFiles.write``) with ``K``
+  scenes, two compositions alternating as the load clients' batches do (``images[(n + k) % 16]``),
+  so the file shrinks and grows by turns.
 
     .venv/bin/python -m benchmarks.hotpaths --images 8
     PYTHONPATH=<other tree>/src .venv/bin/python -m benchmarks.hotpaths   # another revision's code
@@ -31,6 +34,7 @@ from typing import Annotated, Any
 import typer
 
 from benchmarks import servers
+from infer_client._batch_files import BatchFiles
 from infer_proto import infer_pb2
 from infer_server.front.batches import BatchRegistry
 from infer_server.front.handoff import BatchFile
@@ -120,6 +124,25 @@ def _worker(images: int, runs: int) -> float:
             os.close(fd)
 
 
+def _client(images: int, runs: int) -> float:
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        scenes = [Path(p).read_bytes() for p in servers.scene_files(Path(tmp))]
+        batches = [[scenes[(n + k) % len(scenes)] for k in range(images)] for n in (0, images)]
+        files = BatchFiles(tmp, keep=1)
+
+        def one() -> float:  # a shrink and a growth: half of it per batch
+            start = time.perf_counter()
+            for batch in batches:
+                path, _ = files.write(batch)
+                files.recycle(path)
+            return (time.perf_counter() - start) / 2
+
+        try:
+            return _median_us(one, runs)
+        finally:
+            files.remove_all()
+
+
 def _drain(conn: Any) -> None:
     while True:
         try:
@@ -135,7 +158,9 @@ def main(
     """Median time of each path for one push of ``images`` images, and per image."""
     front = asyncio.run(_front(images, runs))
     worker = _worker(images, runs)
-    for name, us in (("front: a worker's answer to the reply's bytes", front), ("worker: one chunk", worker)):
+    client = _client(images, runs)
+    for name, us in (("front: a worker's answer to the reply's bytes", front), ("worker: one chunk", worker),
+                     ("client: its batch file rewritten, two sizes by turns", client)):  # fmt: skip
         print(f"{name}: {us:.1f} µs per push of {images}, {us / images:.2f} µs per image")
 
 

@@ -85,26 +85,40 @@ class _BatchFile:
 
     def rewrite(self, blobs: Sequence[bytes], size: int) -> bool:
         """Make the file exactly ``blobs``, back to back; False (nothing written) if the path no
-        longer opens this file. ``size``: the file's size now (``size_if_ours``)."""
+        longer opens this file. ``size``: the file's size now (``size_if_ours``).
+
+        What lies on pages the file has already is written through the mapping; from where they
+        end, the rest is written with ``pwritev``, which allocates the pages a larger batch needs
+        and extends the file. Allocating them up front (``posix_fallocate``) and copying into the
+        mapping cost twice as much: the kernel zeroes each new page, then the copy faults each one
+        in (docs/grpc-front.md). And a full file system fails the write with ENOSPC, where a copy
+        into an unbacked page of the mapping would kill the process with SIGBUS."""
         total = sum(len(b) for b in blobs)
         if self.fd is None:
             return self._write_through(blobs, total)
         if self.map is None or len(self.map) < total:
-            self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
-            size = -1  # the mapping's length now
+            size = self._map(-(-max(total, 1) // _MAP_STEP) * _MAP_STEP)  # an empty batch too
         assert self.map is not None
-        if size != total:  # before the copy: the mapping past the end of the file is not backed
+        if size > total:  # cut back first: the pages past the new end are freed
             os.ftruncate(self.fd, total)
-        if total > self.allocated:
-            # Pages a copy would fault in: a full file system must fail here with ENOSPC, not
-            # kill the process with SIGBUS in the middle of the copy.
-            os.posix_fallocate(self.fd, self.allocated, total - self.allocated)
-        self.allocated = total
-        offset, mapped = 0, self.map
+            size = total
+        mapped_end = min(self.allocated, size)  # within the file, on pages that exist: a copy cannot fault
+        offset, mapped, rest = 0, self.map, []
         for blob in blobs:
             end = offset + len(blob)
-            mapped[offset:end] = blob
+            if end <= mapped_end:
+                mapped[offset:end] = blob
+            elif offset < mapped_end:
+                view = memoryview(blob)
+                mapped[offset:mapped_end] = view[: mapped_end - offset]
+                rest.append(view[mapped_end - offset :])
+            else:
+                rest.append(blob)
             offset = end
+        if rest and (written := os.pwritev(self.fd, rest, mapped_end)) != total - mapped_end:
+            # A short write to a file system is one that ran out of room: the same as ENOSPC.
+            raise OSError(errno.ENOSPC, f"short write to the batch file: {mapped_end + written} of {total} bytes")
+        self.allocated = total
         return True
 
     def _write_through(self, blobs: Sequence[bytes], total: int) -> bool:
@@ -126,14 +140,16 @@ class _BatchFile:
             raise OSError(errno.ENOSPC, f"short write to the batch file: {written} of {total} bytes")
         return True
 
-    def _map(self, length: int) -> None:
+    def _map(self, length: int) -> int:
+        """Map the file ``length`` bytes long (its size now; ``rewrite`` cuts it back)."""
         assert self.fd is not None
         if self.map is not None:
             self.map.close()
             self.map = None
-        os.ftruncate(self.fd, length)  # mmap maps no more than the file holds; rewrite() cuts it back
+        os.ftruncate(self.fd, length)  # mmap maps no more than the file holds
         self.allocated = min(self.allocated, length)
         self.map = mmap.mmap(self.fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return length
 
     def close(self) -> None:
         if self.map is not None:

@@ -138,7 +138,9 @@ def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: P
     files = BatchFiles(shm, keep=2)
     big = bytes(range(256)) * 6000  # 1.5 MB: past the first mapping of the file
     path, _ = files.write([b"A" * 3000])
-    for batch in ([b"B" * 10, b"C" * 20], [big, b"D"], [b""], [b"E"], [b"G"], [big, big], [b"H" * 30], [b"I" * 30]):
+    pages = ([b"J" * 5000], [b"K" * 4000, b"L" * 5000], [b"M" * 4096], [b"N" * 3, b"O" * 12286])  # across page ends
+    for batch in ([b"B" * 10, b"C" * 20], [big, b"D"], [b""], [b"E"], [b"G"], [big, big], [b"H" * 30], [b"I" * 30],
+                  *pages, [big], *pages):  # fmt: skip
         files.recycle(path)
         again, sizes = files.write(batch)
         assert again == path and sizes == [len(b) for b in batch]
