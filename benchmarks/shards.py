@@ -1,0 +1,112 @@
+"""One server against the same workers split over independent servers (shards), and both against
+Triton's system shared memory, in one run, interleaved: what sharding the main process would buy.
+
+The server's main process is one thread; at 4 clients × 8 images on 2 cores it leaves 10–17% of
+the cores idle while the push's chain (client → main → worker → main → client) waits on it
+(docs/performance.md). Here ``--shards K`` servers, each with ``--workers / K`` workers and its own
+local socket, take ``--clients / K`` clients each, all at once: the same number of workers and
+clients as the one server, but K main processes, so that K chains run independently. This
+server does not shard itself yet (docs/front-scaling.md, "Shards"): the shards are separate
+``serve`` processes, with the null model (the data path alone).
+
+Per round and way (``one``, ``shards``, ``triton``; the order reversed every other round):
+images/s, the share of the machine's cores left idle and the machine's CPU per image (everything
+that ran: servers and clients). Then the ratios per round and their medians.
+
+    python -m benchmarks.shards --clients 4 --images 8 --rounds 6 --json bench-out/shards-4x8.json
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from benchmarks import oip, peers, servers
+
+WAYS = ("one", "triton", "shards")  # the order of a round; every other round backwards
+
+
+def _cpu_stat() -> tuple[int, int]:
+    """(idle, total) clock ticks of every core of the machine so far (``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return fields[3], sum(fields)
+
+
+def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, seconds: float, images: int,
+              paths: list[str], env: dict[str, str] | None) -> dict[str, float]:  # fmt: skip
+    """``clients`` load clients split evenly over ``running``, every server's at once: images/s,
+    the cores left idle and the machine's CPU per image (ms) over the run."""
+    answered = [0] * len(running)
+
+    def drive(k: int) -> None:
+        answered[k] = oip.run_clients(way, running[k], clients // len(running), seconds, images, paths, env)[0]
+
+    threads = [threading.Thread(target=drive, args=(k,)) for k in range(len(running))]
+    (idle0, total0), start = _cpu_stat(), time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (idle1, total1), elapsed = _cpu_stat(), time.monotonic() - start
+    busy_s = ((total1 - total0) - (idle1 - idle0)) / servers.CLK_TCK
+    done = max(sum(answered), 1)
+    return {"fps": sum(answered) / seconds, "machine_idle": (idle1 - idle0) / max(total1 - total0, 1),
+            "machine_cpu_ms_per_image": 1e3 * busy_s / done, "elapsed_s": elapsed}  # fmt: skip
+
+
+def main(
+    clients: Annotated[int, typer.Option(help="Client processes in all.")] = 4,
+    images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    workers: Annotated[int, typer.Option(help="Workers in all (= instances of Triton's model).")] = 2,
+    shards: Annotated[int, typer.Option(help="Servers the workers and clients are split over.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Rounds; each measures the three ways once.")] = 6,
+    seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 8.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
+) -> None:
+    """One server, the same split over shards, and Triton, interleaved."""
+    if workers % shards or clients % shards:
+        raise typer.BadParameter("--workers and --clients must split evenly over --shards")
+    models = servers.REPO_ROOT / "engines" / "models"
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        paths = servers.scene_files(Path(tmp))
+        running = {
+            "one": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=images,
+                                                            null_model=True))],
+            "shards": [stack.enter_context(servers.grpc_server(models, workers=workers // shards, batch_size=images,
+                                                               null_model=True)) for _ in range(shards)],
+            "triton": [stack.enter_context(peers.triton(null_model=True, models=models, workers=workers,
+                                                        batch=images))],
+        }  # fmt: skip
+        for n in range(rounds):
+            row = {}
+            for name in WAYS if n % 2 == 0 else WAYS[::-1]:
+                way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
+                row[name] = _together(way, running[name], clients, seconds, images, paths, env)
+            rows.append(row)
+            print(f"round {n + 1}: " + ", ".join(
+                f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, machine "
+                f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS), flush=True)  # fmt: skip
+    pairs = {"shards / triton": ("shards", "triton"), "one / triton": ("one", "triton"),
+             "shards / one": ("shards", "one")}  # fmt: skip
+    ratios = {k: [r[a]["fps"] / r[b]["fps"] for r in rows] for k, (a, b) in pairs.items()}
+    for k, v in ratios.items():
+        print(f"{k}: median {statistics.median(v):.2f} (rounds " + " ".join(f"{x:.2f}" for x in v) + ")")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"clients": clients, "images": images, "workers": workers, "shards": shards, "rounds": rows,
+               "ratios": ratios, "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}  # fmt: skip
+        json_out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    typer.run(main)
