@@ -103,7 +103,8 @@ class _BatchFile:
             os.ftruncate(self.fd, total)
             size = total
         mapped_end = min(self.allocated, size)  # within the file, on pages that exist: a copy cannot fault
-        offset, mapped, rest = 0, self.map, []
+        offset, mapped = 0, self.map
+        rest: list[bytes | memoryview] = []  # what goes past mapped_end, by pwritev
         for blob in blobs:
             end = offset + len(blob)
             if end <= mapped_end:
@@ -115,9 +116,7 @@ class _BatchFile:
             else:
                 rest.append(blob)
             offset = end
-        if rest and (written := os.pwritev(self.fd, rest, mapped_end)) != total - mapped_end:
-            # A short write to a file system is one that ran out of room: the same as ENOSPC.
-            raise OSError(errno.ENOSPC, f"short write to the batch file: {mapped_end + written} of {total} bytes")
+        _write_all(self.fd, rest, mapped_end)
         self.allocated = total
         return True
 
@@ -131,13 +130,10 @@ class _BatchFile:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (self.dev, self.ino):
                 return False
-            written = os.pwritev(fd, blobs, 0)
+            _write_all(fd, blobs, 0)
             os.ftruncate(fd, total)
         finally:
             os.close(fd)
-        if written != total:
-            # A short write to a file system is one that ran out of room: the same as ENOSPC.
-            raise OSError(errno.ENOSPC, f"short write to the batch file: {written} of {total} bytes")
         return True
 
     def _map(self, length: int) -> int:
@@ -158,6 +154,21 @@ class _BatchFile:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+_IOV_PARTS = 512  # buffers per pwritev: the kernel takes at most IOV_MAX (1024), a batch may hold more
+
+
+def _write_all(fd: int, blobs: Sequence[bytes | memoryview], offset: int) -> None:
+    """Write ``blobs`` back to back at ``offset``; ENOSPC for a short write (a file system that ran
+    out of room writes what fits)."""
+    for start in range(0, len(blobs), _IOV_PARTS):
+        part = blobs[start : start + _IOV_PARTS]
+        want = sum(len(b) for b in part)
+        written = os.pwritev(fd, part, offset)
+        offset += written
+        if written != want:
+            raise OSError(errno.ENOSPC, f"short write to the batch file: it ends at {offset} bytes")
 
 
 class BatchFiles:

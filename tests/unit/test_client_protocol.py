@@ -153,6 +153,22 @@ def test_a_reused_batch_file_takes_any_size_and_leaves_no_descriptor_open(shm: P
     assert os.listdir(shm) == [] and len(os.listdir("/proc/self/fd")) == fds
 
 
+def test_a_batch_of_more_images_than_one_write_takes_is_written_whole(shm: Path) -> None:
+    """pwritev takes at most IOV_MAX (1024) buffers: a larger batch is written in several."""
+    many = [bytes([i % 251]) * (1 + i % 7) for i in range(2500)]
+    files = BatchFiles(shm, keep=1)
+    first, _ = files.write([b"A"])
+    files.recycle(first)
+    grown, sizes = files.write(many)  # mapped: all of it past the one page the file had
+    assert grown == first and Path(grown).read_bytes() == b"".join(many) and sizes == [len(b) for b in many]
+    others = [files.write([b"B"])[0] for _ in range(3)]  # new files: the last two hold no descriptor
+    for path in reversed(others):
+        files.recycle(path)  # the first one back is kept free (keep=1), the others deleted
+    unmapped, _ = files.write(many)  # rewritten through a descriptor opened for it
+    assert unmapped == others[2] and Path(unmapped).read_bytes() == b"".join(many)
+    files.remove_all()
+
+
 def test_batch_files_hold_a_bounded_number_of_descriptors(shm: Path) -> None:
     fds = len(os.listdir("/proc/self/fd"))
     files = BatchFiles(shm, keep=1)  # at most 2 files hold a descriptor
