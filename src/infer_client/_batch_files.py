@@ -65,7 +65,7 @@ class _BatchFile:
         self.path, self.dev, self.ino = path, st.st_dev, st.st_ino
         self.fd: int | None = fd
         self.map: mmap.mmap | None = None
-        self.allocated = st.st_size  # every page below this exists: written, or allocated up front
+        self.allocated = st.st_size  # every byte below this was written: its page exists
         if not keep_open:
             self.close()
 
@@ -160,15 +160,20 @@ _IOV_PARTS = 512  # buffers per pwritev: the kernel takes at most IOV_MAX (1024)
 
 
 def _write_all(fd: int, blobs: Sequence[bytes | memoryview], offset: int) -> None:
-    """Write ``blobs`` back to back at ``offset``; ENOSPC for a short write (a file system that ran
-    out of room writes what fits)."""
-    for start in range(0, len(blobs), _IOV_PARTS):
-        part = blobs[start : start + _IOV_PARTS]
-        want = sum(len(b) for b in part)
-        written = os.pwritev(fd, part, offset)
+    """Write ``blobs`` back to back at ``offset``, in as many ``pwritev`` calls as it takes: one
+    takes at most ``_IOV_PARTS`` buffers here and writes at most about 2 GiB (Linux's limit per
+    call). A file system that runs out of room writes what fits, then raises ENOSPC (or EDQUOT)."""
+    views, k = [memoryview(b) for b in blobs if len(b)], 0
+    while k < len(views):
+        written = os.pwritev(fd, views[k : k + _IOV_PARTS], offset)
+        if written == 0:  # no room and no error: the same as ENOSPC
+            raise OSError(errno.ENOSPC, f"no room to write the batch file past {offset} bytes")
         offset += written
-        if written != want:
-            raise OSError(errno.ENOSPC, f"short write to the batch file: it ends at {offset} bytes")
+        while k < len(views) and written >= len(views[k]):
+            written -= len(views[k])
+            k += 1
+        if written:  # a short write: on from the first byte not written
+            views[k] = views[k][written:]
 
 
 class BatchFiles:
@@ -181,8 +186,8 @@ class BatchFiles:
     with ``pwritev``, so descriptors stay bounded however many batches wait: two per mapped file
     (CPython's ``mmap`` keeps a duplicate), at most ``4 * keep``. The mapping is a client's own
     file, 0600: only a process of the same user that truncates it during a copy could make the
-    copy fault (SIGBUS); pages a copy needs are allocated before it, so a full file system is an
-    ``OSError``. A file is reused only
+    copy fault (SIGBUS); a copy goes only to pages that exist, the rest is written, so a full file
+    system is an ``OSError``. A file is reused only
     after every result of its batch arrived (the server has read every one of its images and holds
     no work on it); after a failed or abandoned push it is deleted instead (``discard``), since the
     server may still read it. Thread-safe.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from infer_client import _batch_files
 from infer_client._protocol import (
     INLINE_FALLBACK_BYTES,
     BatchFiles,
@@ -159,13 +161,64 @@ def test_a_batch_of_more_images_than_one_write_takes_is_written_whole(shm: Path)
     files = BatchFiles(shm, keep=1)
     first, _ = files.write([b"A"])
     files.recycle(first)
-    grown, sizes = files.write(many)  # mapped: all of it past the one page the file had
+    grown, sizes = files.write(many)  # mapped: its first byte copied, the rest written
     assert grown == first and Path(grown).read_bytes() == b"".join(many) and sizes == [len(b) for b in many]
     others = [files.write([b"B"])[0] for _ in range(3)]  # new files: the last two hold no descriptor
     for path in reversed(others):
         files.recycle(path)  # the first one back is kept free (keep=1), the others deleted
     unmapped, _ = files.write(many)  # rewritten through a descriptor opened for it
     assert unmapped == others[2] and Path(unmapped).read_bytes() == b"".join(many)
+    files.remove_all()
+
+
+class _CheckedMap(mmap.mmap):
+    """A mapping that fails a copy into it past the file's end or into a page the file does not
+    have (a hole): either is SIGBUS on a full tmpfs, where a test cannot safely go."""
+
+    def __new__(cls, fd: int, length: int, *args: int) -> _CheckedMap:
+        mapped = super().__new__(cls, fd, length, *args)
+        mapped.fd = fd
+        return mapped
+
+    def __setitem__(self, key, value) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(key, slice) and key.stop > key.start:
+            assert key.stop <= os.fstat(self.fd).st_size, ("a copy past the end", key, os.fstat(self.fd).st_size)
+            for page in range(key.start // mmap.PAGESIZE * mmap.PAGESIZE, key.stop, mmap.PAGESIZE):
+                assert os.lseek(self.fd, page, os.SEEK_DATA) == page, ("a copy into a hole", key, page)
+        super().__setitem__(key, value)
+
+
+def test_a_batch_file_is_copied_into_only_where_it_has_pages(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mmap, "mmap", _CheckedMap)
+    files = BatchFiles(shm, keep=1)
+    path, _ = files.write([b"A" * 100])
+    big = bytes(range(256)) * 5000  # 1.28 MB: past the first mapping
+    for batch in ([b"B" * 5000], [b"C" * 4000, b"D" * 9000], [b"E" * 3], [big], [b"F" * 4096, b""], [big, big],
+                  [b"G" * 12289], [b""], [b"H" * 8191, b"I" * 2]):  # fmt: skip
+        files.recycle(path)
+        again, _ = files.write(batch)
+        assert again == path and Path(path).read_bytes() == b"".join(batch)
+    files.remove_all()
+
+
+def test_a_short_write_carries_on_from_where_it_stopped(shm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux writes at most about 2 GiB per call, without an error: the rest follows."""
+    pwritev = os.pwritev
+
+    def at_most_1000_bytes(fd: int, buffers: list[memoryview], offset: int) -> int:
+        taken, room = [], 1000
+        for buffer in buffers:
+            taken.append(buffer[:room])
+            room -= len(taken[-1])
+        return pwritev(fd, [t for t in taken if len(t)], offset)
+
+    monkeypatch.setattr(_batch_files.os, "pwritev", at_most_1000_bytes)
+    files = BatchFiles(shm, keep=1)
+    path, _ = files.write([b"A"])
+    files.recycle(path)
+    batch = [bytes([i]) * (300 + 97 * i) for i in range(40)]
+    again, _ = files.write(batch)
+    assert again == path and Path(path).read_bytes() == b"".join(batch)
     files.remove_all()
 
 
