@@ -148,6 +148,19 @@ def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[
         json_out.write_text(json.dumps({"rounds": rows, "median_ratio": summary, **doc}, indent=1))
 
 
+def pair_ratios(rows: Sequence[dict[str, dict[str, Any]]], pairs: dict[str, tuple[str, str]], json_out: Path | None,
+                **doc: Any) -> None:  # fmt: skip
+    """Each pair's images/s ratio per round (``pairs``: name → (way, way it is divided by)) and
+    their medians, printed; with ``json_out``, written there with the rounds and ``doc``."""
+    ratios = {k: [r[a]["fps"] / r[b]["fps"] for r in rows] for k, (a, b) in pairs.items()}
+    for k, v in ratios.items():
+        print(f"{k}: median {statistics.median(v):.2f} (rounds " + " ".join(f"{x:.2f}" for x in v) + ")")
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        summary = {k: statistics.median(v) for k, v in ratios.items()}
+        json_out.write_text(json.dumps({**doc, "rounds": rows, "ratios": ratios, "median_ratio": summary}, indent=1))
+
+
 def main(
     rounds: Annotated[int, typer.Option(help="Rounds; each runs every way once.")] = 3,
     seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,

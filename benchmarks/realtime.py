@@ -15,8 +15,6 @@ and their medians. Needs root or an ``RLIMIT_RTPRIO`` of 1 (``ulimit -r``) and `
 from __future__ import annotations
 
 import contextlib
-import json
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,14 +56,7 @@ def main(
                 f"waiting {row[name]['main_waiting']:.2f})" for name in WAYS), flush=True)  # fmt: skip
     pairs = {"realtime / triton": ("realtime", "triton"), "normal / triton": ("normal", "triton"),
              "realtime / normal": ("realtime", "normal")}  # fmt: skip
-    ratios = {k: [r[a]["fps"] / r[b]["fps"] for r in rows] for k, (a, b) in pairs.items()}
-    for k, v in ratios.items():
-        print(f"{k}: median {statistics.median(v):.2f} (rounds " + " ".join(f"{x:.2f}" for x in v) + ")")
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"clients": clients, "images": images, "rounds": rows, "ratios": ratios,
-               "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}  # fmt: skip
-        json_out.write_text(json.dumps(doc, indent=1))
+    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ that ran: servers and clients). Then the ratios per round and their medians.
 from __future__ import annotations
 
 import contextlib
-import json
-import statistics
 import tempfile
 import threading
 import time
@@ -98,14 +96,7 @@ def main(
                 f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS), flush=True)  # fmt: skip
     pairs = {"shards / triton": ("shards", "triton"), "one / triton": ("one", "triton"),
              "shards / one": ("shards", "one")}  # fmt: skip
-    ratios = {k: [r[a]["fps"] / r[b]["fps"] for r in rows] for k, (a, b) in pairs.items()}
-    for k, v in ratios.items():
-        print(f"{k}: median {statistics.median(v):.2f} (rounds " + " ".join(f"{x:.2f}" for x in v) + ")")
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"clients": clients, "images": images, "workers": workers, "shards": shards, "rounds": rows,
-               "ratios": ratios, "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}  # fmt: skip
-        json_out.write_text(json.dumps(doc, indent=1))
+    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards)
 
 
 if __name__ == "__main__":
