@@ -148,6 +148,18 @@ def interleaved(ways: Sequence[str], rounds: int, measure: Callable[[str], dict[
         json_out.write_text(json.dumps({"rounds": rows, "median_ratio": summary, **doc}, indent=1))
 
 
+def back_and_forth(order: Sequence[str], rounds: int, measure: Callable[[str], dict[str, Any]],
+                   line: Callable[[int, dict[str, Any]], str]) -> list[dict[str, Any]]:  # fmt: skip
+    """``rounds`` rounds of every way in ``order``, the order reversed every other round (a drift
+    of the VM's speed then weighs on every way alike); each round's ``line(n, row)`` printed."""
+    rows = []
+    for n in range(rounds):
+        row = {way: measure(way) for way in (order if n % 2 == 0 else order[::-1])}
+        rows.append(row)
+        print(line(n, row), flush=True)
+    return rows
+
+
 def pair_ratios(rows: Sequence[dict[str, dict[str, Any]]], pairs: dict[str, tuple[str, str]], json_out: Path | None,
                 **doc: Any) -> None:  # fmt: skip
     """Each pair's images/s ratio per round (``pairs``: name → (way, way it is divided by)) and

@@ -144,16 +144,17 @@ def _workload(clients: int, batch: int, rounds: int, seconds: float, ours: Any, 
               images: list[str]) -> dict[str, Any]:  # fmt: skip
     ways = [*OURS, *TRITON]
     assert sorted(ORDER) == sorted(ways), "ORDER runs every way once"
-    rows = []
-    for n in range(rounds):
-        row = {}
-        for way in ORDER if n % 2 == 0 else ORDER[::-1]:
-            server, env = (ours, None) if way in OURS else (theirs, TRITON_CLIENT_ENV)
-            row[way] = oip._measure(way, server, clients, seconds, batch, images, env)
-        rows.append(row)
-        print(f"  {clients} x {batch}, round {n + 1}: " + ", ".join(
+
+    def measure(way: str) -> dict[str, Any]:
+        server, env = (ours, None) if way in OURS else (theirs, TRITON_CLIENT_ENV)
+        return oip._measure(way, server, clients, seconds, batch, images, env)
+
+    def line(n: int, row: dict[str, Any]) -> str:
+        return f"  {clients} x {batch}, round {n + 1}: " + ", ".join(
             f"{w} {row[w]['fps']:.0f} img/s ({row[w]['server_cpu_ms_per_image']:.2f} ms, "
-            f"{row[w]['machine_idle']:.0%} idle)" for w in ways))  # fmt: skip
+            f"{row[w]['machine_idle']:.0%} idle)" for w in ways)  # fmt: skip
+
+    rows = oip.back_and_forth(ORDER, rounds, measure, line)
     ratios = {name: statistics.median(r[a]["fps"] / r[b]["fps"] for r in rows) for name, (a, b) in PAIRS.items()}
     cpu = {way: statistics.median(r[way]["server_cpu_ms_per_image"] for r in rows) for way in ways}
     by_role = {way: {role: statistics.median(r[way]["server_cpu_ms_per_image_by_role"][role] for r in rows)

@@ -35,7 +35,6 @@ def main(
 ) -> None:
     """This server at the normal policy and at SCHED_FIFO, and Triton, interleaved."""
     models = servers.REPO_ROOT / "engines" / "models"
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         paths = servers.scene_files(Path(tmp))
         running = {
@@ -44,16 +43,15 @@ def main(
                 models, workers=2, batch_size=8, null_model=True, extra=["--realtime-priority", "1"])),
             "triton": stack.enter_context(peers.triton(null_model=True, models=models, workers=2, batch=8)),
         }  # fmt: skip
-        for n in range(rounds):
-            row = {}
-            for name in WAYS if n % 2 == 0 else WAYS[::-1]:
-                way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
-                row[name] = oip._measure(way, running[name], clients, seconds, images, paths, env)
-            rows.append(row)
-            print(f"round {n + 1}: " + ", ".join(
-                f"{name} {row[name]['fps']:.0f} img/s (server {row[name]['server_cpu_ms_per_image']:.3f}, clients "
-                f"{row[name]['clients_cpu_ms_per_image']:.3f} ms/img, {row[name]['machine_idle']:.0%} idle, main "
-                f"waiting {row[name]['main_waiting']:.2f})" for name in WAYS), flush=True)  # fmt: skip
+
+        def measure(name: str) -> dict[str, Any]:
+            way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
+            return oip._measure(way, running[name], clients, seconds, images, paths, env)
+
+        rows = oip.back_and_forth(WAYS, rounds, measure, lambda n, row: f"round {n + 1}: " + ", ".join(
+            f"{name} {row[name]['fps']:.0f} img/s (server {row[name]['server_cpu_ms_per_image']:.3f}, clients "
+            f"{row[name]['clients_cpu_ms_per_image']:.3f} ms/img, {row[name]['machine_idle']:.0%} idle, main "
+            f"waiting {row[name]['main_waiting']:.2f})" for name in WAYS))  # fmt: skip
     pairs = {"realtime / triton": ("realtime", "triton"), "normal / triton": ("normal", "triton"),
              "realtime / normal": ("realtime", "normal")}  # fmt: skip
     oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images)

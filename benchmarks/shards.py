@@ -19,6 +19,7 @@ that ran: servers and clients). Then the ratios per round and their medians.
 from __future__ import annotations
 
 import contextlib
+import os
 import tempfile
 import threading
 import time
@@ -33,12 +34,6 @@ from benchmarks import oip, peers, servers
 WAYS = ("one", "triton", "shards")  # the order of a round; every other round backwards
 
 
-def _cpu_stat() -> tuple[int, int]:
-    """(idle, total) clock ticks of every core of the machine so far (``/proc/stat``)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return fields[3], sum(fields)
-
-
 def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, seconds: float, images: int,
               paths: list[str], env: dict[str, str] | None) -> dict[str, float]:  # fmt: skip
     """``clients`` load clients split evenly over ``running``, every server's at once: images/s,
@@ -49,16 +44,15 @@ def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, 
         answered[k] = oip.run_clients(way, running[k], clients // len(running), seconds, images, paths, env)[0]
 
     threads = [threading.Thread(target=drive, args=(k,)) for k in range(len(running))]
-    (idle0, total0), start = _cpu_stat(), time.monotonic()
+    busy, start = servers.machine_busy_seconds(), time.monotonic()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    (idle1, total1), elapsed = _cpu_stat(), time.monotonic() - start
-    busy_s = ((total1 - total0) - (idle1 - idle0)) / servers.CLK_TCK
-    done = max(sum(answered), 1)
-    return {"fps": sum(answered) / seconds, "machine_idle": (idle1 - idle0) / max(total1 - total0, 1),
-            "machine_cpu_ms_per_image": 1e3 * busy_s / done, "elapsed_s": elapsed}  # fmt: skip
+    busy, elapsed = servers.machine_busy_seconds() - busy, time.monotonic() - start
+    idle = max(0.0, 1.0 - busy / (elapsed * (os.cpu_count() or 1)))
+    return {"fps": sum(answered) / seconds, "machine_idle": idle,
+            "machine_cpu_ms_per_image": 1e3 * busy / max(sum(answered), 1), "elapsed_s": elapsed}  # fmt: skip
 
 
 def main(
@@ -74,7 +68,6 @@ def main(
     if workers % shards or clients % shards:
         raise typer.BadParameter("--workers and --clients must split evenly over --shards")
     models = servers.REPO_ROOT / "engines" / "models"
-    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         paths = servers.scene_files(Path(tmp))
         running = {
@@ -85,15 +78,14 @@ def main(
             "triton": [stack.enter_context(peers.triton(null_model=True, models=models, workers=workers,
                                                         batch=images))],
         }  # fmt: skip
-        for n in range(rounds):
-            row = {}
-            for name in WAYS if n % 2 == 0 else WAYS[::-1]:
-                way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
-                row[name] = _together(way, running[name], clients, seconds, images, paths, env)
-            rows.append(row)
-            print(f"round {n + 1}: " + ", ".join(
-                f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, machine "
-                f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS), flush=True)  # fmt: skip
+
+        def measure(name: str) -> dict[str, Any]:
+            way, env = ("oip-shm", peers.TRITON_CLIENT_ENV) if name == "triton" else ("v1-local", None)
+            return _together(way, running[name], clients, seconds, images, paths, env)
+
+        rows = oip.back_and_forth(WAYS, rounds, measure, lambda n, row: f"round {n + 1}: " + ", ".join(
+            f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, machine "
+            f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS))  # fmt: skip
     pairs = {"shards / triton": ("shards", "triton"), "one / triton": ("one", "triton"),
              "shards / one": ("shards", "one")}  # fmt: skip
     oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards)
