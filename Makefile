@@ -59,11 +59,12 @@ $(PERF_VENV)/.installed: requirements/perf.txt
 
 ## test: the whole suite (unit, integration with a real server; gpu tests skip without a GPU), then the
 ## integration tests again with the server's gRPC in two front processes (--fronts 2), and again with
-## every session on the server's local socket (--local-socket)
+## every session on the server's local socket, the server in two shards where it has two workers
+## (--local-socket --shards 2)
 test: $(STAMP) $(TRITON_VENV)/.installed $(PERF_VENV)/.installed
 	$(BIN)/python -m pytest
 	$(BIN)/python -m pytest -m integration --fronts 2
-	$(BIN)/python -m pytest -m integration --local-socket
+	$(BIN)/python -m pytest -m integration --local-socket --shards 2
 
 ## image-test: build the CPU image and run it beside a client container; validate Dockerfiles, compose and the
 ## chart (installs podman, the validators and a Debian base image where missing; ~10 min, root)

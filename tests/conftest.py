@@ -27,6 +27,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--local-socket", action="store_true", default=False,
         help="give every integration test's server a --local-socket, and run its clients' sessions (detect) on it",
     )  # fmt: skip
+    parser.addoption(
+        "--shards", type=int, default=1,
+        help="with --local-socket: start every integration test's server with this many shards (its --shards)",
+    )  # fmt: skip
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

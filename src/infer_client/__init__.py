@@ -17,10 +17,12 @@ from infer_client.client import InferClient
 from infer_client.local import LocalSession
 from infer_client.models import DriftReport, ModelAdmin, ModelInfo
 from infer_client.results import Attribute, Box, Detection, ImageResult
+from infer_client.routed import AsyncRoutedSession, RoutedSession
 from infer_client.session import AsyncSession, Session
 
 __all__ = [
     "AsyncInferClient",
+    "AsyncRoutedSession",
     "AsyncSession",
     "Attribute",
     "Box",
@@ -34,6 +36,7 @@ __all__ = [
     "LocalSession",
     "ModelAdmin",
     "ModelInfo",
+    "RoutedSession",
     "Session",
     "Transport",
 ]

@@ -35,8 +35,8 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
-from infer_client.local import AsyncLocalStub
 from infer_client.results import ImageResult
+from infer_client.routed import AsyncRoutedSession
 from infer_client.session import AsyncSession
 from infer_proto import infer_pb2_grpc
 
@@ -69,7 +69,7 @@ class AsyncInferClient:
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
-        self._session: AsyncSession | None = None
+        self._session: AsyncSession | AsyncRoutedSession | None = None
 
     async def push(
         self,
@@ -109,11 +109,12 @@ class AsyncInferClient:
         """Pushes sent inline because the shared tmpfs was full (said once in the log)."""
         return self._pushed.files.inline_fallbacks
 
-    def session(self) -> AsyncSession:
+    def session(self) -> AsyncSession | AsyncRoutedSession:
         """A new ``AsyncSession`` stream (pushes and results on one RPC; on the local socket if the
-        client has one); ``await close()`` it."""
-        stub = AsyncLocalStub(self.local_socket) if self.local_socket is not None else self._stub
-        return AsyncSession(stub, self.transport, self._pushed, self.timeout, self._metadata)
+        client has one, routed among the server's shards); ``await close()`` it."""
+        if self.local_socket is not None:
+            return AsyncRoutedSession(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
+        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

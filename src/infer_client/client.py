@@ -39,6 +39,7 @@ from infer_client._protocol import (
 from infer_client.local import LocalSession
 from infer_client.models import ModelAdmin
 from infer_client.results import ImageResult
+from infer_client.routed import RoutedSession, local_session
 from infer_client.session import Session
 from infer_proto import infer_pb2_grpc
 
@@ -78,7 +79,7 @@ class InferClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
-        self._session: Session | LocalSession | None = None
+        self._session: Session | LocalSession | RoutedSession | None = None
         self._session_lock = threading.Lock()
 
     def push(
@@ -120,11 +121,11 @@ class InferClient:
         """Pushes sent inline because the shared tmpfs was full (said once in the log)."""
         return self._pushed.files.inline_fallbacks
 
-    def session(self) -> Session | LocalSession:
+    def session(self) -> Session | LocalSession | RoutedSession:
         """A new ``Session`` stream (pushes and results on one RPC; on the local socket if the client
         has one); close it, or use ``with``."""
         if self.local_socket is not None:
-            return LocalSession(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
+            return local_session(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     def detect(

@@ -104,6 +104,7 @@ class LocalSession(BlockingSession):
         self._window = 0  # request bytes the server granted and this session did not send yet
         self._ended = self._closing = False  # END received; HALF_CLOSE sent
         self._received = bytearray()
+        self._shards: infer_pb2.Shards | None = None  # the server's first reply says
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.settimeout(timeout)
@@ -141,6 +142,10 @@ class LocalSession(BlockingSession):
                 raise
             self._send(message)
         return _accepted(self._wait(lambda: self._book.answer(tag), self._timeout))
+
+    def shards(self) -> infer_pb2.Shards:
+        """How the server is divided (``--shards``): the first thing it says on a new session."""
+        return self._wait(lambda: self._shards, self._timeout)
 
     def cancel(self) -> None:
         """Abandon the call now: waiters get CANCELLED; results it did not receive stay their
@@ -264,7 +269,10 @@ class LocalSession(BlockingSession):
         if kind == Kind.WANT:
             self._window += int(payload)
         elif kind == Kind.MESSAGE:
-            self._book.absorb(infer_pb2.SessionReply.FromString(payload))
+            reply = infer_pb2.SessionReply.FromString(payload)
+            if reply.HasField("shards"):
+                self._shards = reply.shards
+            self._book.absorb(reply)
         elif kind == Kind.END:
             self._ended = True
             self._book.fail(_ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))

@@ -95,8 +95,9 @@ class SessionBook:
             self._complete.discard(batch_id)
         return taken, last
 
-    def owes(self, batch_id: str) -> bool:
-        return batch_id in self._results
+    def owes(self, batch_id: str | None = None) -> bool:
+        """Whether results of ``batch_id`` (or of any batch) may still be read here."""
+        return batch_id in self._results if batch_id is not None else bool(self._results)
 
     def fail(self, error: InferError) -> None:
         """The stream ended: every wait from now on raises ``error``; unanswered files go."""
@@ -170,6 +171,11 @@ class BlockingSession:
     def broken(self) -> bool:
         with self._cond:
             return self._book.error is not None
+
+    def owes(self, batch_id: str | None = None) -> bool:
+        """Whether results of ``batch_id`` (or of any batch) may still be read on this session."""
+        with self._cond:
+            return self._book.owes(batch_id)
 
     def _booked(
         self, images: Sequence[ImageSource], names: Sequence[str] | None, request_id: str | None,
@@ -285,6 +291,7 @@ class AsyncSession:
         self._changed = asyncio.Event()  # set on every reply: waiters re-check the book
         self._writing = asyncio.Lock()
         self._book = SessionBook(pushed)
+        self._shards: infer_pb2.Shards | None = None  # a local socket's first reply says
         self._call = stub.Session(metadata=metadata)
         self._reader = asyncio.ensure_future(self._read())
 
@@ -327,6 +334,14 @@ class AsyncSession:
         batch_id = await self.push(images, names, request_id, defer_answer=True)
         return _whole(batch_id, [r async for r in self.results(batch_id)], len(images))
 
+    async def shards(self) -> infer_pb2.Shards:
+        """How the server is divided (``--shards``): the first thing it says on the local socket."""
+        return await self._wait(lambda: self._shards, self._timeout)
+
+    def owes(self, batch_id: str | None = None) -> bool:
+        """Whether results of ``batch_id`` (or of any batch) may still be read on this session."""
+        return self._book.owes(batch_id)
+
     async def close(self, timeout: float = 5.0) -> None:
         """Stop pushing; wait (bounded) for results still owed, then end the stream."""
         if not self._reader.done():
@@ -357,6 +372,8 @@ class AsyncSession:
         error = self._ended()
         try:
             async for reply in self._call:
+                if reply.HasField("shards"):
+                    self._shards = reply.shards
                 self._book.absorb(reply)
                 self._changed.set()
         except grpc.RpcError as exc:

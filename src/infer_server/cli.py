@@ -85,6 +85,18 @@ _RENAMED_ENV = {"INFER_SERVER_PLAN_CACHE": "INFER_PLAN_CACHE_DIR", "INFER_SERVER
 
 def serve(settings: ServerSettings) -> None:
     """Serve InferenceService, health and reflection until SIGTERM/SIGINT."""
+    _prepare(settings)
+    raise typer.Exit(asyncio.run(_serve(settings)))
+
+
+def serve_shard(settings: ServerSettings) -> None:
+    """One shard of a server the main process runs (``front.shards``): until SIGTERM/SIGINT or stdin ends."""
+    _prepare(settings)
+    sys.exit(asyncio.run(_serve(settings)))
+
+
+def _prepare(settings: ServerSettings) -> None:
+    """Logging, and what must be set before gRPC is loaded."""
     logging.basicConfig(
         level=settings.log_level,
         stream=sys.stderr,
@@ -105,7 +117,6 @@ def serve(settings: ServerSettings) -> None:
                  settings.realtime_priority)
     if prefer_epoll_io():  # before grpc is imported (in _serve)
         log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
-    raise typer.Exit(asyncio.run(_serve(settings)))
 
 
 app.command(name="serve")(_settings_command(serve))
@@ -141,6 +152,12 @@ def health(
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
+def _stop_at_end_of_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    if not os.read(0, 4096):
+        loop.remove_reader(0)
+        stop.set()
+
+
 async def _serve(settings: ServerSettings) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
@@ -150,6 +167,8 @@ async def _serve(settings: ServerSettings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if settings.shard_index:  # a shard: its main process holds the other end of stdin while it runs
+        loop.add_reader(0, _stop_at_end_of_stdin, loop, stop)
     server = InferenceServer(settings)
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be

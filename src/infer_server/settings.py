@@ -81,6 +81,15 @@ class ServerSettings(BaseSettings):
         description="gRPC front processes: each serves the port (SO_REUSEPORT) and relays its calls to the main "
         "process, so gRPC's per-message work uses that many cores; 0: the main process speaks gRPC itself.",
     )  # fmt: skip
+    shards: int = Field(
+        default=1, ge=1, le=16,
+        description="Data planes: processes that each admit, hand off and answer their own share of the local "
+        "socket's clients (<local-socket>, <local-socket>.1, ...) with their share of the workers and budgets; the "
+        "client library routes. Needs --local-socket; about one per core (docs/front-scaling.md, Shards).",
+    )  # fmt: skip
+    shard_index: int = Field(
+        default=0, ge=0, le=15, description="Which shard this process is: set by the server for those it starts."
+    )
     realtime_priority: int = Field(
         default=0, ge=0, le=99,
         description="Run the main process's event loop (admission, hand-offs, results, replies) at SCHED_FIFO "
@@ -321,6 +330,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("callers on a Unix socket have no client certificate: give them tokens (--tokens-file)")
         if self.local_socket is not None and self.local_socket == self.unix_socket:
             raise ValueError("--local-socket and --unix-socket are two sockets: give them two paths")
+        if self.shards > 1 and self.local_socket is None:
+            raise ValueError("--shards needs --local-socket (the shards' clients reach them there)")
         return self
 
     def owner_uids(self) -> frozenset[int]:

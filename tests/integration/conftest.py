@@ -30,13 +30,15 @@ STARTUP_TIMEOUT_S = 240.0  # two workers load three models each on a busy 2-core
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    global FRONTS, LOCAL
+    global FRONTS, LOCAL, SHARDS
     FRONTS = config.getoption("--fronts", 0) or 0
     LOCAL = bool(config.getoption("--local-socket", False))
+    SHARDS = config.getoption("--shards", 1) or 1
 
 
 FRONTS = 0  # every server the tests start: gRPC in the main process, or in this many front processes
 LOCAL = False  # every server the tests start has a local socket, and the fixture's clients use it
+SHARDS = 1  # with LOCAL: every server the tests start has this many shards
 
 
 @dataclass
@@ -81,6 +83,8 @@ def running_server(
     local_socket = Path(f"{log_path}.sock") if wants_local else None
     if local_socket is not None:
         cmd += ["--local-socket", str(local_socket)]
+        if SHARDS > 1 and "--shards" not in args and workers >= SHARDS:
+            cmd += ["--shards", str(SHARDS)]
     with log_path.open("w") as log:
         process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     server = RunningServer(process, "", shm_dir, log_path, credentials, local_socket)

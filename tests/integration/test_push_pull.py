@@ -40,8 +40,11 @@ def test_multi_image_batch(server: RunningServer, scenes: list[Scene], transport
     assert [r.name for r in results] == [f"s{i}.jpg" for i in range(6)]
     assert len({r.batch_id for r in results}) == 1
     # The client deleted its batch file once the results were in; the server left nothing staged
-    # but the spare files it rewrites for later inline batches.
-    assert os.listdir(server.shm_dir) == [".server"] and spares_only(server.shm_dir / ".server")
+    # but the spare files it rewrites for later inline batches (with --shards, each shard in its own
+    # staging directory beside the main process's).
+    staging = sorted(os.listdir(server.shm_dir))
+    assert staging[0] == ".server" and all(name.startswith(".server.shard-") for name in staging[1:])
+    assert all(spares_only(server.shm_dir / name) for name in staging)
 
 
 def test_image_paths_and_auto_transport(server: RunningServer, scenes: list[Scene], tmp_path: Path) -> None:

@@ -32,22 +32,40 @@ repeats by (batch id, index). A stream ends when every image of its batches has 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import itertools
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from infer_proto import infer_pb2
+from infer_proto.shards import batch_shard, new_batch_id
 from infer_server.front.cursors import PullCursor, SessionCursor
-from infer_server.front.errors import Conflict, Overloaded, Unavailable, UnknownBatch
+from infer_server.front.errors import Conflict, Overloaded, Refused, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
 from infer_server.front.identity import ANONYMOUS
 from infer_server.messages import Code, ImageOutcome, ImageRef
 
 log = logging.getLogger(__name__)
+
+
+def request_fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
+    """What makes a push the same push: its image sizes and names.
+
+    Not the path, nor whether the bytes come inline or in a file: a client library that retries
+    writes the same images into a new batch file, or sends them inline when the shared tmpfs is
+    full. Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
+    request_id reused by mistake for another request."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
+    for part in (*map(str, request.sizes), *request.names):
+        encoded = part.encode("utf-8", "surrogatepass")
+        digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two lists run together
+        digest.update(encoded)
+    return digest.digest()
 
 
 @dataclass(eq=False)
@@ -130,7 +148,10 @@ class BatchRegistry:
         quota: Quota | None = None,
         on_finished: Callable[[Batch], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
+        """``shard``: this registry's shard and the server's number of them (``--shards``): its
+        batch ids name it, and an id that names another one is refused, not unknown."""
         self.max_inflight_images = max_inflight_images
         self.max_inflight_bytes = max_inflight_bytes
         self.quota = quota or Quota(max_inflight_images, max_inflight_bytes, max_retained_batches)
@@ -139,6 +160,7 @@ class BatchRegistry:
         self._max_retained = max_retained_batches
         self._on_finished = on_finished
         self._clock = clock
+        self.shard, self.shards = shard
         self._batches: dict[str, Batch] = {}  # active and finished, visible to PullResult
         self._requests: dict[tuple[str, str], Reservation] = {}  # (owner, request_id) -> first reservation
         self._finished: OrderedDict[str, Batch] = OrderedDict()  # in finish order, for expiry
@@ -173,7 +195,7 @@ class BatchRegistry:
         self.inflight_images += n
         self.inflight_bytes += total_bytes
         self._idle.clear()
-        batch = Batch(os.urandom(16).hex(), request_id, images, total_bytes, deadline, owner)
+        batch = Batch(new_batch_id(self.shard, self.shards), request_id, images, total_bytes, deadline, owner)
         # Only a retry under the same request_id waits for the batch to be accepted.
         future = asyncio.get_running_loop().create_future() if request_id else None
         reservation = Reservation(batch, is_new=True, ready=future, fingerprint=fingerprint)
@@ -266,6 +288,9 @@ class BatchRegistry:
         batches = []
         for batch_id in dict.fromkeys(batch_ids):  # de-duplicated, order kept
             batch = self._batches.get(batch_id)
+            if batch is None and batch_shard(batch_id, self.shards) not in (self.shard, None):
+                raise Refused(f"batch {batch_id[:64]!r} is shard {batch_shard(batch_id, self.shards)}'s: pull it "
+                              "on that shard's local socket (the client library does so when given it)")
             if batch is None or batch.owner != owner:
                 raise UnknownBatch(f"unknown or expired batch id {batch_id[:64]!r}")
             batches.append(batch)

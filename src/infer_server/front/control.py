@@ -112,6 +112,9 @@ class ModelControl:
             raise PermissionDeniedError("model control is off on this server (--model-control none)")
         if identity.name not in self.callers:
             raise PermissionDeniedError(f"caller {identity.name!r} may not change models (--control-callers)")
+        if self.server.settings.shards > 1:  # each shard has its own workers; a change reaching one would split them
+            raise Refused("models do not change by call on a server of several shards (--shards) yet: change the "
+                          "repository and let --repository-poll-s, which every shard follows, move them")
 
     # --------------------------------------------------------------------------------- state
     def serving(self) -> dict[str, str]:

@@ -212,10 +212,11 @@ class Front(Protocol):
 
 
 class Fronts:
-    """The gRPC front and the local socket, started and stopped together."""
+    """The gRPC front (none in a shard other than the main process) and the local socket, started
+    and stopped together."""
 
     def __init__(
-        self, grpc_front: Front, path: Path, handlers: Handlers, gate: Gates, settings: ServerSettings
+        self, grpc_front: Front | None, path: Path, handlers: Handlers, gate: Gates, settings: ServerSettings
     ) -> None:
         self._grpc = grpc_front
         s = settings  # no pings here: a client that reads nothing for as long as either would end it is gone
@@ -224,25 +225,29 @@ class Fronts:
                                  idle_s=s.stream_idle_timeout_s, stall_s=stall_s)  # fmt: skip
 
     async def start(self) -> int:
-        port = await self._grpc.start()
+        port = await self._grpc.start() if self._grpc is not None else 0
         try:
             await self._local.start()
         except BaseException:
-            await self._grpc.stop(0)
+            if self._grpc is not None:
+                await self._grpc.stop(0)
             raise
         return port
 
     async def stop(self, grace: float) -> None:
-        await asyncio.gather(self._grpc.stop(grace), self._local.stop(grace))
+        await asyncio.gather(self._local.stop(grace), *([self._grpc.stop(grace)] if self._grpc is not None else []))
 
 
 def make_front(settings: ServerSettings, handlers: Handlers, gate: Gates, on_exit: Callable[[], None]) -> Front:
     """The fronts the settings ask for: gRPC in this process or in front processes, and the local socket."""
-    grpc_front: Front
-    if settings.fronts:
+    grpc_front: Front | None
+    if settings.shard_index:  # a shard the main process started: gRPC is the main process's
+        grpc_front = None
+    elif settings.fronts:
         grpc_front = FrontProcesses(settings, handlers, gate, on_exit)
     else:
         grpc_front = InProcessFront(settings, handlers, gate)
     if settings.local_socket is None:
+        assert grpc_front is not None  # shards need the local socket (the settings' validation)
         return grpc_front
     return Fronts(grpc_front, settings.local_socket, handlers, gate, settings)

@@ -7,7 +7,9 @@ by the local socket (``front.local``) for its path.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import resource
 import socket
 import stat
 from pathlib import Path
@@ -16,6 +18,8 @@ import grpc
 import grpc.aio
 
 from infer_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
 
 
 def channel_options(s: ServerSettings) -> list[tuple[str, int]]:
@@ -116,3 +120,15 @@ def _listen_unix(server: grpc.aio.Server, path: Path) -> None:
         os.umask(old)
     if bound == 0:
         raise RuntimeError(f"could not listen on the Unix socket {path}")
+
+
+def raise_descriptor_limit(needed: int) -> None:
+    """The front holds every in-flight batch's file open: lift the soft limit on descriptors to the
+    hard one if it is lower than ``needed``, and say so if even the hard one is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = hard if hard == resource.RLIM_INFINITY else max(soft, min(hard, needed))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("only %d file descriptors allowed (ulimit -n), %d wanted: lower --max-inflight-images "
+                    "or raise the hard limit", soft, needed)  # fmt: skip

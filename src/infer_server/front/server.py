@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
+import itertools
 import logging
-import resource
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -30,22 +29,25 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from infer_proto import infer_pb2
+from infer_proto.shards import request_shard
 from infer_server.front import audit
-from infer_server.front.batches import Batch, BatchRegistry, Quota
+from infer_server.front.batches import Batch, BatchRegistry, Quota, request_fingerprint
 from infer_server.front.control import ModelControl
 from infer_server.front.control_service import CONTROL_SERVICE, ModelControlServicer
 from infer_server.front.drift import DriftMonitor
-from infer_server.front.errors import InvalidBatch, ServerError, Unavailable
+from infer_server.front.errors import InvalidBatch, Refused, ServerError, Unavailable
 from infer_server.front.fronts import Front, make_front
 from infer_server.front.gate import Gate
 from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
 from infer_server.front.identity import Authenticator, Identity, load_tokens
+from infer_server.front.listen import raise_descriptor_limit
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.oip import OIP_SERVICE, OpenInferenceServicer
 from infer_server.front.regions import Regions
 from infer_server.front.relayed import Handlers
 from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
+from infer_server.front.shards import ShardProcesses, shard_settings
 from infer_server.front.upkeep import Upkeep
 from infer_server.messages import ImageOutcome, ImageRef
 from infer_server.settings import ServerSettings
@@ -58,39 +60,13 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _INTERNAL = grpc.StatusCode.INTERNAL
 
 
-def _fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
-    """What makes a push the same push: its image sizes and names.
-
-    Not the path, nor whether the bytes come inline or in a file: a client library that retries
-    writes the same images into a new batch file, or sends them inline when the shared tmpfs is
-    full. Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
-    request_id reused by mistake for another request."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
-    for part in (*map(str, request.sizes), *request.names):
-        encoded = part.encode("utf-8", "surrogatepass")
-        digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two lists run together
-        digest.update(encoded)
-    return digest.digest()
-
-
-def _raise_descriptor_limit(needed: int) -> None:
-    """The front holds every in-flight batch's file open: lift the soft limit on descriptors to the
-    hard one if it is lower than ``needed``, and say so if even the hard one is."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        soft = hard if hard == resource.RLIM_INFINITY else max(soft, min(hard, needed))
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        log.warning("only %d file descriptors allowed (ulimit -n), %d wanted: lower --max-inflight-images "
-                    "or raise the hard limit", soft, needed)  # fmt: skip
-
-
 class InferenceServer:
     """One server: gRPC front, batch registry, tmpfs handoff and the stage-worker pool."""
 
     def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
+        """``settings``: the whole server's; a shard (``--shards``) serves its share of them."""
+        self._whole = settings
+        settings = self.settings = shard_settings(settings)
         self.handoff = Handoff(
             settings.shm_dir,
             settings.staging,
@@ -112,6 +88,7 @@ class InferenceServer:
             max_retained_batches=settings.max_retained_batches,
             quota=quota,
             on_finished=self._on_finished,
+            shard=(settings.shard_index, settings.shards),
         )
         self.authenticator = Authenticator(None, False, settings.owner_uids())
         self.metrics = ServerMetrics(lambda: self.registry.inflight_images)
@@ -129,6 +106,9 @@ class InferenceServer:
         self.accepting = False
         self.port = 0
         self.pool: PipelinePool | None = None
+        self._pool_healthy = True
+        self._suggestions = itertools.count()  # shards_reply
+        self._shards: ShardProcesses | None = None  # shards 1 … K−1, when this process is shard 0 of several
         self._health = health.aio.HealthServicer()
         self._front: Front | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -144,7 +124,7 @@ class InferenceServer:
             raise RuntimeError(f"cannot read the tokens file {s.tokens_file}: {exc}") from None
         self.authenticator = Authenticator(tokens, s.tls_client_ca is not None, owners)
         self.handoff.prepare_dirs()
-        _raise_descriptor_limit(s.max_inflight_images + 256)  # a held file per batch in flight, at most
+        raise_descriptor_limit(s.max_inflight_images + 256)  # a held file per batch in flight, at most
         for service in ("", SERVICE_NAME):
             await self._health.set(service, _NOT_SERVING)
         gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
@@ -153,8 +133,13 @@ class InferenceServer:
         try:
             self.port = await front.start()
             self._front = front
+            if s.shards > 1 and not s.shard_index:
+                self._shards = ShardProcesses(self._whole, lambda: self._spawn(self._set_health(self._pool_healthy)))
+                await self._shards.start()
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
         except BaseException:
+            if self._shards is not None:
+                await self._shards.stop()
             await front.stop(0)
             self.handoff.remove_staging_dir()
             raise
@@ -174,6 +159,13 @@ class InferenceServer:
                       local_socket=str(s.local_socket or "") or None, tls=s.tls_cert is not None, callers=callers,
                       workers=s.workers, device=s.device)  # fmt: skip
         return self.port
+
+    def shards_reply(self) -> bytes:
+        """A Session's first reply on the local socket: the shards; shard 0 suggests each in turn."""
+        s = self.settings
+        suggested = next(self._suggestions) % s.shards if not s.shard_index else s.shard_index
+        shards = infer_pb2.Shards(count=s.shards, index=s.shard_index, suggested=suggested)
+        return infer_pb2.SessionReply(shards=shards).SerializeToString()
 
     def _handlers(self) -> Handlers:
         """Every service's handlers: inference, model control, the Open Inference Protocol,
@@ -223,6 +215,7 @@ class InferenceServer:
         s = self.settings
         self.accepting = False
         audit.control("draining", inflight_images=self.registry.inflight_images)
+        shards = asyncio.ensure_future(self._shards.stop()) if self._shards is not None else None
         await self._health.enter_graceful_shutdown()
         if not await self.registry.wait_idle(s.drain_timeout_s):
             log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
@@ -236,6 +229,8 @@ class InferenceServer:
             )
         # The pool's last outcomes may have finished batches whose release runs in a thread.
         await asyncio.gather(*self._background, return_exceptions=True)
+        if shards is not None:
+            await shards
         self.regions.close()
         self.handoff.remove_staging_dir()
         self.metrics.close()
@@ -252,7 +247,7 @@ class InferenceServer:
         memory region's, ``front.regions``); the request then gives its path and sizes only."""
         caller = identity or self.authenticator.anonymous
         try:
-            batch, first = await self._admit(request, caller, opened)
+            batch, first = await self._admit(request, caller, peer, opened)
         except BaseException as exc:
             if opened is not None:
                 self.handoff.release(opened)  # never admitted (a no-op if its submit released it)
@@ -265,17 +260,20 @@ class InferenceServer:
         return batch
 
     async def _admit(
-        self, request: infer_pb2.PushDataRequest, caller: Identity, opened: BatchFile | None = None
+        self, request: infer_pb2.PushDataRequest, caller: Identity, peer: str, opened: BatchFile | None = None
     ) -> tuple[Batch, bool]:
         """The push's batch, and whether this request made it (False: a retry of its request_id)."""
         if not self.accepting:
             raise Unavailable("the server is not accepting batches (starting or draining)")
-        request_id = request.request_id
-        if request_id and too_long(request_id, self.settings.max_request_id_bytes):
-            raise InvalidBatch(f"request_id is longer than {self.settings.max_request_id_bytes} bytes")
+        request_id, s = request.request_id, self.settings
+        if request_id and too_long(request_id, s.max_request_id_bytes):
+            raise InvalidBatch(f"request_id is longer than {s.max_request_id_bytes} bytes")
+        if request_id and peer.startswith("local:") and (home := request_shard(request_id, s.shards)) != s.shard_index:
+            raise Refused(f"request_id {request_id!r} is shard {home}'s (--shards {s.shards}): push it on that "
+                          "shard's local socket, where a retry finds it (the client library does so)")
         plan = self.handoff.plan(request.path, request.data, request.sizes, request.names)
         deadline = time.monotonic() + self.settings.batch_deadline_s
-        fingerprint = _fingerprint(request) if request_id else b""
+        fingerprint = request_fingerprint(request) if request_id else b""
         reservation = self.registry.reserve(
             request_id, plan.images, plan.total_bytes, deadline, fingerprint, owner=caller.name
         )
@@ -368,6 +366,7 @@ class InferenceServer:
 
     def _on_health(self, healthy: bool) -> None:
         """The pool, on the loop: a worker died (False) or every worker is back (True)."""
+        self._pool_healthy = healthy
         if healthy:
             self.follow_models()  # a replacement may have loaded other models
         self._spawn(self._set_health(healthy))
@@ -383,7 +382,8 @@ class InferenceServer:
         self.drift.use(self.pool.report.profile, self.pool.models[0] if self.pool.models else ("", ""))
 
     async def _set_health(self, healthy: bool) -> None:
-        status = _SERVING if healthy and self.accepting else _NOT_SERVING
+        every_shard = self._shards is None or self._shards.serving
+        status = _SERVING if healthy and self.accepting and every_shard else _NOT_SERVING
         self.metrics.health(status == _SERVING)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)

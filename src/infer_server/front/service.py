@@ -163,4 +163,6 @@ class InferenceServicer:
         with self.streams.open(identity.name), self._server.registry.open_session() as cursor:
             push = functools.partial(self._server.push, peer=context.peer(), identity=identity)
             idle = self._server.settings.stream_idle_timeout_s
+            if context.peer().startswith("local:"):  # the client routes among shards: it learns them first
+                await context.write(self._server.shards_reply())
             await SessionProtocol(context, push, cursor, idle_timeout_s=idle).run()

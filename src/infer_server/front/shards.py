@@ -1,0 +1,206 @@
+"""Shards (``--shards K``): the server as K data planes, one process each, on one host.
+
+One main process is one chain of work per push (client → main → worker → main → client) with the
+one-threaded main process in it twice; on a small host the scheduler leaves a core idle while the
+chain waits on it (docs/front-scaling.md, "Shards"). K shards are K such chains side by side. Each
+is a whole server minus what only one process may hold: its own admission and batch registry, its
+own workers (``--workers`` split over the shards, one at least each), its own staging directory and result cache,
+and its own local socket, ``<local-socket>`` for shard 0 and ``<local-socket>.k`` for shard k.
+The budgets (images and bytes in flight, per caller and per server, batches retained, the cache)
+are divided among them: K shards never hold more than one server would (a shard's in-flight
+images are at least ``--max-batch-images``, so each can take the largest batch).
+
+Shard 0 is the main process: it alone serves gRPC (and its front processes), the metrics port and
+health, and it supervises the others (``ShardProcesses``): it starts them (``python -m
+infer_server.front.shards``, the settings as JSON on stdin), waits until each serves, starts one
+that exits again (health is NOT_SERVING until it serves), and stops them when it drains. A shard
+whose main process goes away sees its stdin close and drains too.
+
+Routing is the client library's (``infer_client.local``): the first Session reply on a local
+socket says how many shards there are and which one the client should use; batch ids and request
+ids name their shard (``infer_proto.shards``), and a shard refuses a push over the local socket
+whose request id is another shard's, so that a client that does not route cannot push one request
+twice. What is not there yet: gRPC reaches shard 0 only (its batches, and its request ids: a
+request id is one shard's per transport), and models change by the repository poll only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from infer_proto.shards import shard_socket
+from infer_server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+_READY_TIMEOUT_MARGIN_S = 30.0  # beyond --startup-timeout-s, for the interpreter and gRPC to load
+_RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0)  # between restarts of a shard that keeps dying
+
+
+def _share(total: int, shards: int, least: int = 1) -> int:
+    return max(least, total // shards)
+
+
+def shard_settings(settings: ServerSettings) -> ServerSettings:
+    """The settings of shard ``settings.shard_index``: its workers, budgets, socket and directories."""
+    k, index = settings.shards, settings.shard_index
+    if k == 1:
+        return settings
+    s = settings
+    assert s.local_socket is not None  # the settings' validation
+    per_caller = {
+        name: None if value is None else _share(value, k)
+        for name, value in (("max_inflight_images_per_identity", s.max_inflight_images_per_identity),
+                            ("max_inflight_bytes_per_identity", s.max_inflight_bytes_per_identity))
+    }  # fmt: skip
+    update: dict[str, object] = {
+        "workers": max(1, s.workers // k + (1 if index < s.workers % k else 0)),  # each shard one at least
+        "max_inflight_images": _share(s.max_inflight_images, k, s.max_batch_images),
+        "max_inflight_bytes": _share(s.max_inflight_bytes, k),
+        "max_retained_batches": _share(s.max_retained_batches, k),
+        "max_retained_batches_per_identity": _share(s.max_retained_batches_per_identity, k),
+        "result_cache_entries": s.result_cache_entries // k if s.result_cache_entries else 0,
+        "result_cache_mib": _share(s.result_cache_mib, k),
+        **per_caller,
+    }
+    if index:  # what only the main process holds: gRPC, its sockets, the metrics port
+        update |= {
+            "local_socket": Path(shard_socket(s.local_socket, index)),
+            "staging_dir": _beside(s.staging, index),
+            "spill_dir": _beside(s.spill_dir, index) if s.spill_dir else None,
+            "unix_socket": None,
+            "fronts": 0,
+            "metrics_port": None,
+        }
+    return s.model_copy(update=update)
+
+
+def _beside(directory: Path, index: int) -> Path:
+    """A shard's own directory next to the main process's (never inside it: its sweeps stay its own)."""
+    return directory.with_name(f"{directory.name}.shard-{index}")
+
+
+class ShardProcesses:
+    """Shards 1 … K−1 of the main process's server: started, kept running, stopped."""
+
+    def __init__(self, settings: ServerSettings, on_change: Callable[[], None]) -> None:
+        self._settings, self._on_change = settings, on_change
+        self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._watchers: dict[int, asyncio.Task[None]] = {}
+        self._readers: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    @property
+    def serving(self) -> bool:
+        """Every shard runs (each was serving once started; one being started again is missing)."""
+        return len(self._processes) == self._settings.shards - 1
+
+    async def start(self) -> None:
+        """Start every shard and wait until each serves; one that does not fails the start (and
+        stops those that did)."""
+        indices = range(1, self._settings.shards)
+        started = await asyncio.gather(*(self._start_one(k) for k in indices), return_exceptions=True)
+        for index, process in zip(indices, started, strict=True):
+            if not isinstance(process, BaseException):
+                self._serving(index, process)
+        if failed := [error for error in started if isinstance(error, BaseException)]:
+            await self.stop()
+            raise failed[0]
+
+    async def _start_one(self, index: int) -> asyncio.subprocess.Process:
+        config = self._settings.model_copy(update={"shard_index": index}).model_dump_json().encode()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "infer_server.front.shards", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdin is not None and process.stdout is not None
+        process.stdin.write(config + b"\n")  # the pipe stays open: its end tells the shard the server is gone
+        try:
+            line = await asyncio.wait_for(
+                process.stdout.readline(), self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
+            )
+            if not line.startswith(b"listening"):
+                raise RuntimeError(f"shard {index} did not start (exit status {await process.wait()})")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            raise
+        log.info(
+            "shard %d (pid %d) serves %s", index, process.pid, shard_socket(self._settings.local_socket or "", index)
+        )
+        return process
+
+    def _serving(self, index: int, process: asyncio.subprocess.Process) -> None:
+        self._processes[index] = process
+        self._watchers[index] = asyncio.ensure_future(self._watch(index, process))
+        assert process.stdout is not None  # read to its end, or a shard (or its workers) writing there would block
+        self._readers.add(reader := asyncio.ensure_future(_log_lines(index, process.stdout)))
+        reader.add_done_callback(self._readers.discard)
+        self._on_change()
+
+    async def _watch(self, index: int, process: asyncio.subprocess.Process) -> None:
+        """Wait for the shard to exit; unless the server stops, start it again (backing off)."""
+        code = await process.wait()
+        if self._stopping:
+            return
+        del self._processes[index]
+        self._on_change()
+        log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
+        for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                started = await self._start_one(index)
+            except (OSError, RuntimeError, TimeoutError) as exc:
+                log.error("shard %d did not start again: %s", index, exc)
+                continue
+            self._serving(index, started)
+            return
+
+    async def stop(self) -> None:
+        """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
+        self._stopping = True
+        for task in [*self._watchers.values(), *self._readers]:
+            task.cancel()
+        s = self._settings
+        bound = s.drain_timeout_s + s.stop_grace_s + 15.0
+        for process in self._processes.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        for index, process in self._processes.items():
+            try:
+                await asyncio.wait_for(process.wait(), bound)
+            except TimeoutError:
+                log.warning("shard %d (pid %d) did not stop: killing it", index, process.pid)
+                process.kill()
+                await process.wait()
+            if process.stdin is not None:
+                process.stdin.close()
+        self._processes.clear()
+
+
+async def _log_lines(index: int, stdout: asyncio.StreamReader) -> None:
+    """What a shard's process (or one of its workers) writes on stdout after its first line."""
+    async for line in stdout:
+        log.info("shard %d said: %s", index, line.decode(errors="replace").rstrip())
+
+
+def main() -> None:
+    """A shard's process: its settings on stdin (one JSON line), served until SIGTERM or stdin ends."""
+    from infer_server.cli import serve_shard
+
+    settings = ServerSettings.model_validate_json(sys.stdin.buffer.readline())
+    serve_shard(settings)
+
+
+if __name__ == "__main__":
+    main()

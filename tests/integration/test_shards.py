@@ -1,0 +1,195 @@
+"""A server of two shards (``--shards 2``): two data planes, each with its own local socket.
+
+The client library routes (``infer_client.routed``): these tests use it and, where the server must
+defend a rule a client could break, the plain one-socket ``LocalSession`` against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from benchmarks.procs import descendants, exit_waiters, read_address, still_running
+from benchmarks.servers import cmdline
+from engines.scenes import Scene
+from infer_client import AsyncInferClient, InferError, LocalSession, RoutedSession
+from infer_client._protocol import BatchFiles, PushedBatches
+from infer_proto.shards import request_shard
+from tests.helpers import MODELS, versioned_repository
+from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
+
+
+@pytest.fixture(scope="module")
+def sharded(model_repo_dir: Path) -> Iterator[RunningServer]:
+    folder = Path(tempfile.mkdtemp(prefix="infer-shards-"))
+    path = folder / "local.sock"
+    args = ("--null-model", "--local-socket", str(path), "--shards", "2")
+    with running_server(model_repo_dir, *args, workers=2) as srv:
+        srv.local_socket = path
+        yield srv
+    assert not Path(f"{path}.1").exists(), "shard 1's socket outlived the server"
+    folder.rmdir()
+
+
+def _request_id(shard: int, stem: str) -> str:
+    """A request id that belongs to ``shard`` of two."""
+    return next(f"{stem}-{n}" for n in range(100) if request_shard(f"{stem}-{n}", 2) == shard)
+
+
+def _shard_pids(server: RunningServer) -> list[int]:
+    return [pid for pid in descendants(server.process.pid) if b"infer_server.front.shards" in cmdline(pid)]
+
+
+def test_sessions_spread_over_the_shards_and_each_batch_is_its_shards(
+    sharded: RunningServer, scenes: list[Scene]
+) -> None:
+    images = [s.jpeg for s in scenes[:3]]
+    with sharded.client() as client, client.session() as first, client.session() as second:
+        assert isinstance(first, RoutedSession) and isinstance(second, RoutedSession)
+        assert {first.home, second.home} == {0, 1}  # shard 0 suggests each in turn
+        for session in (first, second):
+            batch_id = session.push(images)
+            assert batch_id.startswith(str(session.home))
+            assert sorted(r.index for r in session.results(batch_id)) == [0, 1, 2]
+            assert [r.index for r in session.detect(images[:2])] == [0, 1]
+    assert len(_shard_pids(sharded)) == 1
+
+
+def test_a_request_id_is_one_batch_whichever_session_repeats_it(sharded: RunningServer, scenes: list[Scene]) -> None:
+    images = [s.jpeg for s in scenes[:2]]
+    with sharded.client() as client, client.session() as first, client.session() as second:
+        for shard in (0, 1):
+            request_id = _request_id(shard, "repeat")
+            batch_id = first.push(images, request_id=request_id)
+            assert batch_id.startswith(str(shard))  # the id's shard, not the session's own
+            assert sorted(r.index for r in first.results(batch_id)) == [0, 1]
+            assert second.push(images, request_id=request_id) == batch_id  # no second batch
+
+
+def test_a_push_on_the_wrong_shards_socket_is_refused(sharded: RunningServer, scenes: list[Scene]) -> None:
+    """A client that does not route could otherwise push one request twice, once on each shard."""
+    assert sharded.local_socket is not None
+    for shard, path in ((0, f"{sharded.local_socket}.1"), (1, str(sharded.local_socket))):
+        request_id = _request_id(shard, "elsewhere")
+        pushed = PushedBatches(BatchFiles(str(sharded.shm_dir)))
+        with LocalSession(path, "inline", pushed, 30.0) as session, pytest.raises(InferError) as refused:
+            session.push([scenes[0].jpeg], request_id=request_id)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"shard {shard}'s" in refused.value.message
+
+
+def test_grpc_says_which_shard_holds_a_batch(sharded: RunningServer, scenes: list[Scene]) -> None:
+    with sharded.client() as client, client.session() as session:
+        batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "pull"))
+        with pytest.raises(InferError) as refused:
+            list(client.pull(batch_id, timeout=10))
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "shard 1's" in refused.value.message
+        assert len(list(session.results(batch_id))) == 1
+        with pytest.raises(InferError) as refused:
+            client.models.load("color", "1")
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--shards" in refused.value.message
+
+
+def test_the_asyncio_client_routes_too(sharded: RunningServer, scenes: list[Scene]) -> None:
+    images = [s.jpeg for s in scenes[:2]]
+
+    async def run() -> None:
+        aio = AsyncInferClient(sharded.address, shm_dir=sharded.shm_dir, local_socket=sharded.local_socket)
+        async with aio, aio.session() as session:
+            for shard in (0, 1):
+                request_id = _request_id(shard, "async")
+                batch_id = await session.push(images, request_id=request_id)
+                assert batch_id.startswith(str(shard))
+                assert sorted([r.index async for r in session.results(batch_id)]) == [0, 1]
+                assert await session.push(images, request_id=request_id) == batch_id
+            assert [r.index for r in await session.detect(images)] == [0, 1]
+
+    asyncio.run(run())
+
+
+def _statuses(channel: grpc.Channel) -> Iterator[int]:
+    for reply in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120):
+        yield reply.status
+
+
+def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningServer, scenes: list[Scene]) -> None:
+    (shard,) = _shard_pids(sharded)
+    workers = exit_waiters(descendants(shard))
+    with grpc.insecure_channel(sharded.address) as channel:
+        statuses = _statuses(channel)
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(shard, signal.SIGKILL)
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+    assert still_running(workers, timeout=20) == [], "the killed shard's workers outlived it"
+    (replacement,) = _shard_pids(sharded)
+    assert replacement != shard
+    with sharded.client() as client, client.session() as session:
+        batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "after-kill"))
+        assert batch_id.startswith("1") and len(list(session.results(batch_id))) == 1
+    assert "shard 1 (pid" in sharded.log_path.read_text()
+
+
+def test_shards_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:
+    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
+           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "2",
+           "--local-socket", str(tmp_path / "local.sock"), "--shards", "2"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+    with (tmp_path / "server.log").open("w") as log:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        read_address(process, STARTUP_TIMEOUT_S)
+        children = descendants(process.pid)
+        assert any(b"infer_server.front.shards" in cmdline(pid) for pid in children)
+        waiters = exit_waiters(children)
+        process.kill()  # no drain, no goodbye: the shard sees its stdin close
+        process.wait()
+        assert still_running(waiters, timeout=30) == []
+        assert not (tmp_path / "local.sock.1").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)
+
+
+def test_every_shard_follows_a_polled_repository(tmp_path: Path, scenes: list[Scene]) -> None:
+    repo = versioned_repository(tmp_path, (1,), {"latest": 1})
+    path = tmp_path / "local.sock"
+    args = ("--repository-poll-s", "0.2", "--local-socket", str(path), "--shards", "2")
+    with running_server(repo, *args, workers=2) as server:
+        server.local_socket = path
+        with server.client() as client, client.session() as first, client.session() as second:
+            assert {first.home, second.home} == {0, 1}
+            assert {s.detect([scenes[0].jpeg])[0].model_versions["color"] for s in (first, second)} == {"1"}
+            (repo / "color" / "2").mkdir()
+            (repo / "color" / "2" / "model.onnx").symlink_to(MODELS / "color" / "model.onnx")
+            for session in (first, second):  # each answer is a wait: the poll moves each shard's workers
+                versions = (session.detect([scenes[0].jpeg])[0].model_versions["color"] for _ in range(2000))
+                assert "2" in versions, f"shard {session.home} did not move to version 2"
+
+
+def test_a_shard_that_cannot_start_fails_the_start(model_repo_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "local.sock.1").write_text("not a socket")  # shard 1 refuses to replace it
+    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
+           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "3",
+           "--local-socket", str(tmp_path / "local.sock"), "--shards", "3"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=STARTUP_TIMEOUT_S)
+    finally:
+        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)
+    assert done.returncode == 1 and "listening" not in done.stdout
+    assert "cannot start: shard 1 did not start" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.sock.1"]  # shard 2 started, and stopped

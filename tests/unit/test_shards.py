@@ -1,0 +1,80 @@
+"""Shards (``--shards``): what an id says about its shard, what each shard is given, and the
+registry's answer for another shard's batch."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from infer_proto.shards import batch_shard, new_batch_id, request_shard, shard_socket
+from infer_server.front.batches import BatchRegistry
+from infer_server.front.errors import Refused, UnknownBatch
+from infer_server.front.shards import shard_settings
+from infer_server.messages import ImageRef
+from infer_server.settings import ServerSettings
+
+
+def test_a_request_id_belongs_to_one_shard_the_same_on_every_side() -> None:
+    assert request_shard("camera-7/frame-1", 1) == 0
+    assert request_shard("a", 2) == 0xE8B7BE43 % 2  # crc32: the client library computes the same
+    shards = {request_shard(f"frame-{n}", 4) for n in range(64)}
+    assert shards == {0, 1, 2, 3}
+
+
+def test_a_batch_id_names_its_shard() -> None:
+    for shard in range(16):
+        batch_id = new_batch_id(shard, 16)
+        assert len(batch_id) == 32 and int(batch_id, 16) >= 0
+        assert batch_shard(batch_id, 16) == shard
+    assert batch_shard(new_batch_id(3, 4), 2) is None  # names no shard of two: unknown, as any id
+    assert batch_shard("not-hex", 2) is None and batch_shard("", 2) is None
+    assert batch_shard("f" * 32, 1) == 0
+    assert len({new_batch_id(0, 1)[0] for _ in range(200)}) > 1  # one shard: random throughout
+
+
+def test_each_shard_gets_its_share_and_its_own_socket_and_directories(tmp_path: Path) -> None:
+    whole = ServerSettings(
+        shm_dir=tmp_path / "shm", local_socket=tmp_path / "local.sock", shards=2, workers=3, metrics_port=9100,
+        max_inflight_images=1000, max_inflight_bytes=1001, max_inflight_images_per_identity=300,
+        max_batch_images=600, result_cache_entries=10, unix_socket=tmp_path / "grpc.sock",
+    )  # fmt: skip
+    main = shard_settings(whole)
+    other = shard_settings(whole.model_copy(update={"shard_index": 1}))
+    assert (main.workers, other.workers) == (2, 1)
+    assert main.max_inflight_images == other.max_inflight_images == 600  # never below the largest batch
+    assert (other.max_inflight_bytes, other.max_inflight_images_per_identity) == (500, 150)
+    assert (other.result_cache_entries, other.result_cache_mib) == (5, 32)
+    assert other.max_inflight_bytes_per_identity is None  # unset stays unset (then the server's own)
+    assert (main.local_socket, main.unix_socket, main.metrics_port) == (whole.local_socket, whole.unix_socket, 9100)
+    assert other.local_socket == Path(shard_socket(tmp_path / "local.sock", 1)) == tmp_path / "local.sock.1"
+    assert (other.unix_socket, other.metrics_port, other.fronts) == (None, None, 0)
+    assert other.staging == tmp_path / "shm" / ".server.shard-1" and main.staging == whole.staging
+    assert shard_settings(ServerSettings()) == ServerSettings()  # one shard: the settings as given
+
+
+def test_shards_need_the_local_socket_and_have_a_worker_each(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="--shards needs --local-socket"):
+        ServerSettings(shards=2)
+    whole = ServerSettings(shards=3, workers=2, local_socket=tmp_path / "local.sock")
+    shares = [shard_settings(whole.model_copy(update={"shard_index": k})) for k in range(3)]
+    assert [share.workers for share in shares] == [1, 1, 1]
+    for share in shares:  # a share is valid settings too (front processes validate what they are sent)
+        assert ServerSettings.model_validate_json(share.model_dump_json()) == share
+
+
+def test_another_shards_batch_is_refused_with_where_it_is_not_unknown() -> None:
+    async def run() -> None:
+        registry = BatchRegistry(max_inflight_images=8, max_inflight_bytes=100, result_ttl_s=60, shard=(1, 2))
+        reservation = registry.reserve("", (ImageRef(0, 0, 10, "a"),), 10, deadline=1e12)
+        assert batch_shard(reservation.batch.batch_id, 2) == 1
+        with pytest.raises(Refused, match="shard 0's"):
+            registry.subscribe([new_batch_id(0, 2)])
+        with pytest.raises(UnknownBatch):
+            registry.subscribe([new_batch_id(1, 2)])  # its own shard's, unknown: NOT_FOUND as ever
+        with pytest.raises(UnknownBatch):
+            registry.subscribe([new_batch_id(5, 8)])  # names no shard of two
+
+    asyncio.run(run())
