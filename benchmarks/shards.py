@@ -1,17 +1,18 @@
-"""One server against the same workers split over independent servers (shards), and both against
-Triton's system shared memory, in one run, interleaved: what sharding the main process would buy.
+"""One server against the same server in shards (``--shards K``), against the same workers split
+over independent servers, and all three against Triton's system shared memory, in one run,
+interleaved: what sharding the main process buys.
 
 The server's main process is one thread; at 4 clients × 8 images on 2 cores it leaves 10–17% of
 the cores idle while the push's chain (client → main → worker → main → client) waits on it
-(docs/performance.md). Here ``--shards K`` servers, each with ``--workers / K`` workers and its own
-local socket, take ``--clients / K`` clients each, all at once: the same number of workers and
-clients as the one server, but K main processes, so that K chains run independently. This
-server does not shard itself yet (docs/front-scaling.md, "Shards"): the shards are separate
-``serve`` processes, with the null model (the data path alone).
+(docs/performance.md). ``--shards K`` makes the server K data planes (docs/front-scaling.md,
+"Shards"): the same number of workers and clients, but K main processes, so that K chains run
+independently, the client library spreading its sessions over them. ``split`` is what it stands
+against: K independent ``serve`` processes, each with ``--workers / K`` workers and its own local
+socket, taking ``--clients / K`` clients each (no routing at all). Null model: the data path alone.
 
-Per round and way (``one``, ``shards``, ``triton``; the order reversed every other round):
-images/s, the share of the machine's cores left idle and the machine's CPU per image (everything
-that ran: servers and clients). Then the ratios per round and their medians.
+Per round and way (``one``, ``triton``, ``sharded``, ``split``; the order reversed every other
+round): images/s, the share of the machine's cores left idle and the machine's CPU per image
+(everything that ran: servers and clients). Then the ratios per round and their medians.
 
     python -m benchmarks.shards --clients 4 --images 8 --rounds 6 --json bench-out/shards-4x8.json
 """
@@ -31,7 +32,7 @@ import typer
 
 from benchmarks import oip, peers, servers
 
-WAYS = ("one", "triton", "shards")  # the order of a round; every other round backwards
+WAYS = ("one", "triton", "sharded", "split")  # the order of a round; every other round backwards
 
 
 def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, seconds: float, images: int,
@@ -59,12 +60,12 @@ def main(
     clients: Annotated[int, typer.Option(help="Client processes in all.")] = 4,
     images: Annotated[int, typer.Option(help="Images per request.")] = 8,
     workers: Annotated[int, typer.Option(help="Workers in all (= instances of Triton's model).")] = 2,
-    shards: Annotated[int, typer.Option(help="Servers the workers and clients are split over.")] = 2,
+    shards: Annotated[int, typer.Option(help="Shards of the sharded server; servers of the split one.")] = 2,
     rounds: Annotated[int, typer.Option(help="Rounds; each measures the three ways once.")] = 6,
     seconds: Annotated[float, typer.Option(help="Seconds per measurement.")] = 8.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the results here.")] = None,
 ) -> None:
-    """One server, the same split over shards, and Triton, interleaved."""
+    """One server, the same in shards, split over servers, and Triton, interleaved."""
     if workers % shards or clients % shards:
         raise typer.BadParameter("--workers and --clients must split evenly over --shards")
     models = servers.REPO_ROOT / "engines" / "models"
@@ -73,8 +74,10 @@ def main(
         running = {
             "one": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=images,
                                                             null_model=True))],
-            "shards": [stack.enter_context(servers.grpc_server(models, workers=workers // shards, batch_size=images,
-                                                               null_model=True)) for _ in range(shards)],
+            "sharded": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=images,
+                                                                null_model=True, extra=("--shards", str(shards))))],
+            "split": [stack.enter_context(servers.grpc_server(models, workers=workers // shards, batch_size=images,
+                                                              null_model=True)) for _ in range(shards)],
             "triton": [stack.enter_context(peers.triton(null_model=True, models=models, workers=workers,
                                                         batch=images))],
         }  # fmt: skip
@@ -86,8 +89,8 @@ def main(
         rows = oip.back_and_forth(WAYS, rounds, measure, lambda n, row: f"round {n + 1}: " + ", ".join(
             f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, machine "
             f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS))  # fmt: skip
-    pairs = {"shards / triton": ("shards", "triton"), "one / triton": ("one", "triton"),
-             "shards / one": ("shards", "one")}  # fmt: skip
+    pairs = {"sharded / triton": ("sharded", "triton"), "one / triton": ("one", "triton"),
+             "sharded / one": ("sharded", "one"), "sharded / split": ("sharded", "split")}  # fmt: skip
     oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards)
 
 

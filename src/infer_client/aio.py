@@ -35,6 +35,7 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
+from infer_client.local_pull import pull_shards_async, shard_count
 from infer_client.results import ImageResult
 from infer_client.routed import AsyncRoutedSession
 from infer_client.session import AsyncSession
@@ -70,6 +71,7 @@ class AsyncInferClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: AsyncSession | AsyncRoutedSession | None = None
+        self._shard_count: int | None = None  # of the server behind local_socket, once asked
 
     async def push(
         self,
@@ -92,9 +94,15 @@ class AsyncInferClient:
 
     async def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> AsyncIterator[ImageResult]:
         """Results of the batches in completion order; ends when every image was answered."""
-        call = self._stub.PullResult(
-            pull_request(batch_ids), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        request = pull_request(batch_ids)
+        if self.local_socket is not None and (shards := await self._shards()) > 1:  # each on its shard's socket
+            pulled = pull_shards_async(self.local_socket, request.batch_ids, shards, self._metadata,
+                                       timeout or self.timeout)  # fmt: skip
+            async for msg in pulled:
+                if self._pushed.accept(msg.batch_id, msg.index):
+                    yield ImageResult.from_proto(msg)
+            return
+        call = self._stub.PullResult(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             async for msg in call:
                 if self._pushed.accept(msg.batch_id, msg.index):
@@ -103,6 +111,14 @@ class AsyncInferClient:
             raise InferError.from_rpc(exc) from None
         finally:
             call.cancel()
+
+    async def _shards(self) -> int:
+        """The number of shards of the server behind ``local_socket`` (asked once)."""
+        if self._shard_count is None:
+            assert self.local_socket is not None
+            args = (self.local_socket, self._pushed, self.timeout, self._metadata)
+            self._shard_count = await asyncio.to_thread(shard_count, *args)
+        return self._shard_count
 
     @property
     def inline_fallbacks(self) -> int:

@@ -37,6 +37,7 @@ from infer_client._protocol import (
     resolve_transport,
 )
 from infer_client.local import LocalSession
+from infer_client.local_pull import pull_shards, shard_count
 from infer_client.models import ModelAdmin
 from infer_client.results import ImageResult
 from infer_client.routed import RoutedSession, local_session
@@ -80,6 +81,7 @@ class InferClient:
         self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: Session | LocalSession | RoutedSession | None = None
+        self._shard_count: int | None = None  # of the server behind local_socket, once asked
         self._session_lock = threading.Lock()
 
     def push(
@@ -104,9 +106,12 @@ class InferClient:
         Results the server sent but this iterator did not yield yet (you stopped early) are gone;
         results the server had not sent yet stay available to a later ``pull``.
         """
-        call = self._stub.PullResult(
-            pull_request(batch_ids), timeout=timeout or self.timeout, metadata=self._metadata
-        )
+        request = pull_request(batch_ids)
+        if self.local_socket is not None and (shards := self._shards()) > 1:  # each batch on its shard's socket
+            pulled = pull_shards(self.local_socket, request.batch_ids, shards, self._metadata, timeout or self.timeout)
+            yield from (ImageResult.from_proto(m) for m in pulled if self._pushed.accept(m.batch_id, m.index))
+            return
+        call = self._stub.PullResult(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:
             for msg in call:
                 if self._pushed.accept(msg.batch_id, msg.index):
@@ -115,6 +120,13 @@ class InferClient:
             raise InferError.from_rpc(exc) from None
         finally:
             call.cancel()  # no-op when the stream ended; frees it when the caller stopped early
+
+    def _shards(self) -> int:
+        """The number of shards of the server behind ``local_socket`` (asked once)."""
+        if self._shard_count is None:
+            assert self.local_socket is not None
+            self._shard_count = shard_count(self.local_socket, self._pushed, self.timeout, self._metadata)
+        return self._shard_count
 
     @property
     def inline_fallbacks(self) -> int:

@@ -100,10 +100,8 @@ class RoutedSession:
 
     @property
     def broken(self) -> bool:
-        """The home shard's session failed (a push now opens it again)."""
-        with self._lock:
-            session = self._current.get(self.home)
-        return session is not None and session.broken
+        """Closed: a shard's session that fails is opened again by the next push that needs it."""
+        return self._closed
 
     def cancel(self) -> None:
         """Abandon every shard's call now (see ``LocalSession.cancel``)."""
@@ -148,10 +146,13 @@ class AsyncRoutedSession:
         self._closed = False
 
     async def _session(self, request_id: str | None) -> AsyncSession:
-        if self._first is not None:  # the first push: ask (a failed answer leaves it to the next push)
-            self._shards = await self._first.shards()
-            self._current = {self._shards.index: self._first}
-            self._first = None
+        if (first := self._first) is not None:  # the first push: ask (a failed answer leaves it to the next)
+            if first.broken:  # it ended before it said: ask on a new one
+                first = self._first = self._current[0] = self._open(0)
+                self._sessions.append(first)
+            shards = await first.shards()
+            if self._first is first:  # not taken in by a push that asked at the same time
+                self._shards, self._current, self._first = shards, {shards.index: first}, None
         count = self._shards.count
         shard = request_shard(request_id, count) if request_id else self._shards.suggested
         if self._closed:
@@ -170,8 +171,8 @@ class AsyncRoutedSession:
 
     @property
     def broken(self) -> bool:
-        session = self._current.get(self.home)
-        return session is not None and session.broken
+        """Closed: a shard's session that fails is opened again by the next push that needs it."""
+        return self._closed
 
     async def push(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,

@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import sys
 import types
 import typing
@@ -73,7 +74,11 @@ def _settings_command(run: Callable[[ServerSettings], None]) -> Callable[..., No
             raise typer.Exit(2) from None
         run(settings)
 
-    params = [_option(name, field) for name, field in ServerSettings.model_fields.items()]
+    params = [
+        _option(name, field)
+        for name, field in ServerSettings.model_fields.items()
+        if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("internal"))
+    ]
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     command.__doc__ = run.__doc__
     return command
@@ -85,14 +90,18 @@ _RENAMED_ENV = {"INFER_SERVER_PLAN_CACHE": "INFER_PLAN_CACHE_DIR", "INFER_SERVER
 
 def serve(settings: ServerSettings) -> None:
     """Serve InferenceService, health and reflection until SIGTERM/SIGINT."""
+    if settings.shard_index:  # from the environment: only the server starts shards
+        typer.echo("invalid settings: INFER_SHARD_INDEX is set by the server for the shards it starts", err=True)
+        raise typer.Exit(2)
     _prepare(settings)
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
-def serve_shard(settings: ServerSettings) -> None:
-    """One shard of a server the main process runs (``front.shards``): until SIGTERM/SIGINT or stdin ends."""
+def serve_shard(settings: ServerSettings, link: socket.socket) -> None:
+    """One shard of a server the main process runs (``front.shards``): until SIGTERM/SIGINT or
+    ``link``, its socket to the main process, ends; ``ready`` goes down it once it serves."""
     _prepare(settings)
-    sys.exit(asyncio.run(_serve(settings)))
+    sys.exit(asyncio.run(_serve(settings, link)))
 
 
 def _prepare(settings: ServerSettings) -> None:
@@ -113,8 +122,10 @@ def _prepare(settings: ServerSettings) -> None:
         except RuntimeError as exc:
             log.error("cannot start: %s", exc)
             raise typer.Exit(1) from None
-        log.info("event loop at SCHED_FIFO priority %d (its workers and other threads at the normal policy)",
-                 settings.realtime_priority)
+        log.info(
+            "event loop at SCHED_FIFO priority %d (its workers and other threads at the normal policy)",
+            settings.realtime_priority,
+        )
     if prefer_epoll_io():  # before grpc is imported (in _serve)
         log.info("gRPC I/O: epoll path (GRPC_EXPERIMENTS=%s; set GRPC_EXPERIMENTS to choose)", EPOLL_IO)
 
@@ -152,13 +163,13 @@ def health(
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
-def _stop_at_end_of_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    if not os.read(0, 4096):
-        loop.remove_reader(0)
+def _stop_at_end(loop: asyncio.AbstractEventLoop, link: socket.socket, stop: asyncio.Event) -> None:
+    if not link.recv(4096):
+        loop.remove_reader(link.fileno())
         stop.set()
 
 
-async def _serve(settings: ServerSettings) -> int:
+async def _serve(settings: ServerSettings, link: socket.socket | None = None) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
     from infer_server.supervisor.pool import PipelineError
@@ -167,8 +178,8 @@ async def _serve(settings: ServerSettings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if settings.shard_index:  # a shard: its main process holds the other end of stdin while it runs
-        loop.add_reader(0, _stop_at_end_of_stdin, loop, stop)
+    if link is not None:  # a shard: its main process holds the link's other end while it runs
+        loop.add_reader(link.fileno(), _stop_at_end, loop, link, stop)
     server = InferenceServer(settings)
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be
@@ -181,7 +192,10 @@ async def _serve(settings: ServerSettings) -> int:
         log.error("cannot start: %s", exc)
         return 1
     if not stop.is_set():
-        print(f"listening on {settings.host}:{port}", flush=True)
+        if link is None:
+            print(f"listening on {settings.host}:{port}", flush=True)
+        else:
+            link.sendall(b"ready\n")
         await stop.wait()
     log.info("signal received: draining")
     await server.stop()

@@ -88,8 +88,9 @@ class ServerSettings(BaseSettings):
         "client library routes. Needs --local-socket; about one per core (docs/front-scaling.md, Shards).",
     )  # fmt: skip
     shard_index: int = Field(
-        default=0, ge=0, le=15, description="Which shard this process is: set by the server for those it starts."
-    )
+        default=0, ge=0, le=15, description="Which shard this process is: set by the server for those it starts.",
+        json_schema_extra={"internal": True},
+    )  # fmt: skip
     realtime_priority: int = Field(
         default=0, ge=0, le=99,
         description="Run the main process's event loop (admission, hand-offs, results, replies) at SCHED_FIFO "
@@ -330,6 +331,8 @@ class ServerSettings(BaseSettings):
             raise ValueError("callers on a Unix socket have no client certificate: give them tokens (--tokens-file)")
         if self.local_socket is not None and self.local_socket == self.unix_socket:
             raise ValueError("--local-socket and --unix-socket are two sockets: give them two paths")
+        if self.shard_index >= self.shards:
+            raise ValueError("shard_index is the server's own, below shards")
         if self.shards > 1 and self.local_socket is None:
             raise ValueError("--shards needs --local-socket (the shards' clients reach them there)")
         return self

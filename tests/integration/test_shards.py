@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,9 @@ from benchmarks.servers import cmdline
 from engines.scenes import Scene
 from infer_client import AsyncInferClient, InferError, LocalSession, RoutedSession
 from infer_client._protocol import BatchFiles, PushedBatches
-from infer_proto.shards import request_shard
+from infer_proto import infer_pb2, infer_pb2_grpc
+from infer_proto.framing import HEADER, Kind, encode_call_start, frame
+from infer_proto.shards import request_shard, shard_socket
 from tests.helpers import MODELS, versioned_repository
 from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
 
@@ -89,15 +92,57 @@ def test_a_push_on_the_wrong_shards_socket_is_refused(sharded: RunningServer, sc
 
 
 def test_grpc_says_which_shard_holds_a_batch(sharded: RunningServer, scenes: list[Scene]) -> None:
-    with sharded.client() as client, client.session() as session:
+    with sharded.client(local_socket=None) as grpc_only, sharded.client() as client, client.session() as session:
         batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "pull"))
         with pytest.raises(InferError) as refused:
-            list(client.pull(batch_id, timeout=10))
+            list(grpc_only.pull(batch_id, timeout=10))
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "shard 1's" in refused.value.message
         assert len(list(session.results(batch_id))) == 1
         with pytest.raises(InferError) as refused:
             client.models.load("color", "1")
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--shards" in refused.value.message
+
+
+def _push_data(path: str, images: list[bytes], request_id: str) -> str:
+    """PushData on a shard's local socket, by its frames: a batch no stream is reading."""
+    request = infer_pb2.PushDataRequest(data=b"".join(images), sizes=[len(i) for i in images], request_id=request_id)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(frame(1, Kind.START, encode_call_start("/infer.v1.InferenceService/PushData", ())))
+        replies, received = [], b""
+        while not replies or replies[-1][0] != Kind.END:
+            received += sock.recv(65536)
+            while len(received) >= HEADER.size and len(received) >= HEADER.size + HEADER.unpack_from(received)[2]:
+                _, kind, length = HEADER.unpack_from(received)
+                replies.append((kind, received[HEADER.size : HEADER.size + length]))
+                received = received[HEADER.size + length :]
+                if kind == Kind.WANT:
+                    sock.sendall(frame(1, Kind.MESSAGE, request.SerializeToString()) + frame(1, Kind.HALF_CLOSE))
+    (reply,) = [payload for kind, payload in replies if kind == Kind.MESSAGE]
+    return infer_pb2.PushDataReply.FromString(reply).batch_id
+
+
+def test_a_pull_reads_each_batch_on_its_shards_socket(sharded: RunningServer, scenes: list[Scene]) -> None:
+    assert sharded.local_socket is not None
+    images = [s.jpeg for s in scenes[:3]]
+
+    def pushed(stem: str) -> list[str]:  # one batch on each shard, nobody reading its results yet
+        return [_push_data(shard_socket(sharded.local_socket, k), images, _request_id(k, stem)) for k in (0, 1)]
+
+    batch_ids = pushed("unread")
+    assert [b[0] for b in batch_ids] == ["0", "1"]
+    with sharded.client() as client:
+        results = list(client.pull(batch_ids, timeout=60))  # one pull: a call on each shard's socket
+    assert sorted((r.batch_id, r.index) for r in results) == sorted((b, i) for b in batch_ids for i in range(3))
+
+    async def pull_on_the_loop(batch_ids: list[str]) -> list[tuple[str, int]]:
+        aio = AsyncInferClient(sharded.address, shm_dir=sharded.shm_dir, local_socket=sharded.local_socket)
+        async with aio:
+            return [(r.batch_id, r.index) async for r in aio.pull(batch_ids, timeout=60)]
+
+    batch_ids = pushed("unread-aio")
+    assert sorted(asyncio.run(pull_on_the_loop(batch_ids))) == sorted((b, i) for b in batch_ids for i in range(3))
 
 
 def test_the_asyncio_client_routes_too(sharded: RunningServer, scenes: list[Scene]) -> None:
@@ -193,3 +238,19 @@ def test_a_shard_that_cannot_start_fails_the_start(model_repo_dir: Path, tmp_pat
     assert done.returncode == 1 and "listening" not in done.stdout
     assert "cannot start: shard 1 did not start" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local.sock.1"]  # shard 2 started, and stopped
+
+
+def test_no_shard_takes_a_path_into_another_shards_staging(sharded: RunningServer, scenes: list[Scene]) -> None:
+    """Each shard stages inline pushes (other callers' bytes) in a directory of its own; the main
+    process must refuse a path into shard 1's as it refuses one into its own."""
+    with sharded.client(transport="inline") as client, client.session() as session:
+        batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "staged"))
+        assert len(list(session.results(batch_id))) == 1
+    staging = sharded.shm_dir / ".server.shard-1"
+    staged = [path for path in staging.iterdir() if path.is_file()]  # the spare its staged copy became
+    assert staged, "shard 1 kept no spare to try"
+    with grpc.insecure_channel(sharded.address) as channel, pytest.raises(grpc.RpcError) as refused:
+        request = infer_pb2.PushDataRequest(path=str(staged[0]), sizes=[staged[0].stat().st_size])
+        infer_pb2_grpc.InferenceServiceStub(channel).PushData(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert refused.value.details() == "path points into the server's own directory"

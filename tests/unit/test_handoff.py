@@ -120,6 +120,26 @@ def test_intermediate_symlink_is_refused_inside_and_out(handoff: Handoff, root: 
     assert "outside" in refused(PermissionDeniedError, push, handoff, "escape/b.bin", [5])
 
 
+def test_another_shards_staging_directory_is_off_limits_too(root: Path) -> None:
+    """With --shards, each shard stages into a directory of its own: a client must not push
+    another shard's staged (other callers') bytes through this one."""
+    shards = [Handoff(root, root / ".server", LIMITS, others=[root / ".server.shard-1"]),
+              Handoff(root, root / ".server.shard-1", LIMITS, others=[root / ".server"])]  # fmt: skip
+    for handoff in shards:
+        handoff.prepare_dirs()
+    for handoff, other in ((shards[0], shards[1]), (shards[1], shards[0])):
+        staged = other.stage_inline(b"12345", other.plan("", b"12345", [5], []).images)
+        assert refused(PermissionDeniedError, push, handoff, staged.path, [5]) == _OWN_DIRECTORY
+        relative = os.path.relpath(staged.path, root)
+        assert refused(PermissionDeniedError, push, handoff, relative, [5]) == _OWN_DIRECTORY
+        (root / f"to-{id(other)}").symlink_to(Path(staged.path).parent)
+        via_link = f"to-{id(other)}/{os.path.basename(staged.path)}"
+        assert refused(PermissionDeniedError, push, handoff, via_link, [5]) == _OWN_DIRECTORY
+
+
+_OWN_DIRECTORY = "path points into the server's own directory"
+
+
 def test_a_symlink_into_staging_is_refused_with_that_reason(handoff: Handoff, root: Path) -> None:
     staged = handoff.stage_inline(b"12345", handoff.plan("", b"12345", [5], []).images)
     (root / "to-staging").symlink_to(root / ".server")

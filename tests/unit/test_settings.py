@@ -45,8 +45,9 @@ def test_every_setting_is_a_flag_of_serve() -> None:
 
     serve = typer.main.get_command(app).commands["serve"]  # type: ignore[attr-defined]
     flags = {opt for param in serve.params for opt in (*param.opts, *param.secondary_opts)}
-    for name in ServerSettings.model_fields:
-        assert "--" + name.replace("_", "-") in flags, name
+    for name, field in ServerSettings.model_fields.items():
+        internal = isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("internal")
+        assert ("--" + name.replace("_", "-") in flags) != bool(internal), name
     assert {"--models", "--batch-deadline", "--result-ttl", "--null-model", "--no-null-model"} <= flags
 
 

@@ -39,15 +39,19 @@ def test_each_shard_gets_its_share_and_its_own_socket_and_directories(tmp_path: 
     whole = ServerSettings(
         shm_dir=tmp_path / "shm", local_socket=tmp_path / "local.sock", shards=2, workers=3, metrics_port=9100,
         max_inflight_images=1000, max_inflight_bytes=1001, max_inflight_images_per_identity=300,
-        max_batch_images=600, result_cache_entries=10, unix_socket=tmp_path / "grpc.sock",
+        max_batch_images=600, max_batch_bytes=300, result_cache_entries=10, unix_socket=tmp_path / "grpc.sock",
+        max_inflight_bytes_per_identity=200,
     )  # fmt: skip
     main = shard_settings(whole)
     other = shard_settings(whole.model_copy(update={"shard_index": 1}))
     assert (main.workers, other.workers) == (2, 1)
     assert main.max_inflight_images == other.max_inflight_images == 600  # never below the largest batch
-    assert (other.max_inflight_bytes, other.max_inflight_images_per_identity) == (500, 150)
+    # At least one largest batch (600), unless the whole server allows less (300 per caller).
+    assert (other.max_inflight_bytes, other.max_inflight_images_per_identity) == (500, 300)
     assert (other.result_cache_entries, other.result_cache_mib) == (5, 32)
-    assert other.max_inflight_bytes_per_identity is None  # unset stays unset (then the server's own)
+    assert other.max_inflight_bytes_per_identity == 200  # never above what the whole server allows
+    assert shard_settings(whole.model_copy(update={"max_inflight_bytes_per_identity": None, "shard_index": 1})
+                          ).max_inflight_bytes_per_identity is None  # unset stays unset (then the shard's own)
     assert (main.local_socket, main.unix_socket, main.metrics_port) == (whole.local_socket, whole.unix_socket, 9100)
     assert other.local_socket == Path(shard_socket(tmp_path / "local.sock", 1)) == tmp_path / "local.sock.1"
     assert (other.unix_socket, other.metrics_port, other.fronts) == (None, None, 0)

@@ -8,17 +8,18 @@ syscalls cost less than the hop to a thread). Nothing here trusts a path: see
 docs/architecture.md "Security of the handoff".
 
 A client path must name a file beneath the shared directory, outside the server's staging
-directory. It is opened one component at a time from a descriptor of the root with ``O_NOFOLLOW``
-and no ``..`` (RESOLVE_BENEATH by hand), so no symlink is crossed even if the tree changes between
-the check and the open; a path that cannot be placed lexically, or meets a symlink, is resolved on
-real paths (``os.path.commonpath``) to tell why it is refused. Every property (regular file, one
-link, same file system, not writable by group/others, size == sum(sizes)) is read from the open
-descriptor, which the front keeps until the batch is done: the workers read through it, never by
-path. The shared directory must belong to the server's user and, if others may write to it, have
-the sticky bit. Inline data is written into the server's own staging directory (0600, temp name +
-rename, only through descriptors the server holds) so the pipeline reads both kinds the same way;
-those files go when the batch completes (or are kept to be rewritten: ``front.staging``'s spares),
-and ``front.upkeep`` removes what a crashed run left.
+directories (every shard's, with ``--shards``). It is opened one component at a time from a
+descriptor of the root with ``O_NOFOLLOW`` and no ``..`` (RESOLVE_BENEATH by hand), so no symlink
+is crossed even if the tree changes between the check and the open; a path that cannot be placed
+lexically, or meets a symlink, is resolved on real paths (``os.path.commonpath``) to tell why it
+is refused. Every property (regular file, one link, same file system, not writable by
+group/others, size == sum(sizes)) is read from the open descriptor, which the front keeps until
+the batch is done: the workers read through it, never by path. The shared directory must belong
+to the server's user and, if others may write to it, have the sticky bit. Inline data is written
+into the server's own staging directory (0600, temp name + rename, only through descriptors the
+server holds) so the pipeline reads both kinds the same way; those files go when the batch
+completes (or are kept to be rewritten: ``front.staging``'s spares), and ``front.upkeep`` removes
+what a crashed run left.
 """
 
 from __future__ import annotations
@@ -103,20 +104,20 @@ class Handoff:
     """Validation and staging for one shared directory (``root``) and its staging directory."""
 
     def __init__(
-        self, root: Path, staging: Path, limits: HandoffLimits, spill: Path | None = None, spill_at: float = 0.8
-    ) -> None:
-        self._root, self.limits = Path(root), limits
+        self, root: Path, staging: Path, limits: HandoffLimits, spill: Path | None = None, spill_at: float = 0.8,
+        others: Sequence[Path] = (),  # the other shards' staging directories (--shards): closed to clients too
+    ) -> None:  # fmt: skip
+        self._root, self.limits, self._others = Path(root), limits, others
         self._real_root = ""
         # Where inline batches are staged: the staging directory, then (over ``spill_at`` of its file
         # system in use, or out of space there) the spill directory on disk. Every server-side
         # create, list and delete goes through their held descriptors (``front.staging``).
         self.tiers = [StagingDir(staging)] + ([StagingDir(spill, "spill directory")] if spill else [])
         self.spill_at = spill_at
-        self.spills = 0  # inline batches staged in the spill directory
-        self.demotions = 0  # staged batches moved there later (``front.upkeep``)
+        self.spills = self.demotions = 0  # inline batches staged in the spill directory; staged ones moved there
         self.staged_bytes = [0] * len(self.tiers)  # bytes staged now, per tier
         self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
-        self._staging_parts: list[str] | None = None  # staging's components beneath the root, if there
+        self._staging_parts: list[list[str]] = []  # of each staging directory beneath the root
         self._root_dev, self.in_memory = -1, False  # in_memory: the shared directory is on tmpfs/ramfs
         self._batch_fds: dict[int, BatchFile] = {}  # validated batch files, open until their batch is done
         self._lock = threading.Lock()
@@ -136,11 +137,11 @@ class Handoff:
                 raise RuntimeError(f"{tier.what} {tier.path} must be outside the shared directory")
         for tier in self.tiers:
             tier.open(self._real_root)
-        staging = self.tiers[0].real
         self._bases = tuple(dict.fromkeys((os.path.normpath(self._root), self._real_root)))
-        if os.path.commonpath([self._real_root, staging]) == self._real_root:
-            rel = os.path.relpath(staging, self._real_root)
-            self._staging_parts = [] if rel == "." else rel.split(os.sep)  # []: staging is the root itself
+        self._staging_real: list[str] = [self.tiers[0].real, *map(os.path.realpath, self._others)]
+        beneath = [d for d in self._staging_real if os.path.commonpath([self._real_root, d]) == self._real_root]
+        for rel in (os.path.relpath(d, self._real_root) for d in beneath):
+            self._staging_parts.append([] if rel == "." else rel.split(os.sep))  # []: the root itself
         self._root_dev = os.stat(self._real_root).st_dev
         self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
 
@@ -246,8 +247,7 @@ class Handoff:
         for base in self._bases:
             if lexical.startswith(base) and lexical[len(base) : len(base) + 1] == "/":
                 parts = lexical[len(base) + 1 :].split("/")
-                staging = self._staging_parts
-                if staging is not None and parts[: len(staging)] == staging:
+                if any(parts[: len(staging)] == staging for staging in self._staging_parts):
                     raise PermissionDeniedError(_STAGING)
                 return parts
         return self._confine(path)
@@ -264,7 +264,7 @@ class Handoff:
         real = os.path.realpath(lexical)
         if os.path.commonpath([self._real_root, real]) != self._real_root or real == self._real_root:
             raise PermissionDeniedError(_OUTSIDE)
-        if os.path.commonpath([self.tiers[0].real, real]) == self.tiers[0].real:
+        if any(os.path.commonpath([staging, real]) == staging for staging in self._staging_real):
             raise PermissionDeniedError(_STAGING)
         # Components to walk from the root: relative to the configured or the real root name.
         for base in (os.path.normpath(self._root), self._real_root):

@@ -47,7 +47,7 @@ from infer_server.front.regions import Regions
 from infer_server.front.relayed import Handlers
 from infer_server.front.result_cache import ResultCache
 from infer_server.front.service import SERVICE_NAME, InferenceServicer
-from infer_server.front.shards import ShardProcesses, shard_settings
+from infer_server.front.shards import ShardProcesses, shard_settings, staging_dirs
 from infer_server.front.upkeep import Upkeep
 from infer_server.messages import ImageOutcome, ImageRef
 from infer_server.settings import ServerSettings
@@ -67,14 +67,14 @@ class InferenceServer:
         """``settings``: the whole server's; a shard (``--shards``) serves its share of them."""
         self._whole = settings
         settings = self.settings = shard_settings(settings)
+        limits = HandoffLimits(
+            settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
+        )
         self.handoff = Handoff(
-            settings.shm_dir,
-            settings.staging,
-            HandoffLimits(
-                settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
-            ),
+            settings.shm_dir, settings.staging, limits,
             spill=settings.spill_dir,
             spill_at=settings.spill_at,
+            others=[d for d in staging_dirs(self._whole) if d != settings.staging],
         )
         quota = Quota(
             settings.max_inflight_images_per_identity or settings.max_inflight_images,

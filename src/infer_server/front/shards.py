@@ -7,14 +7,15 @@ is a whole server minus what only one process may hold: its own admission and ba
 own workers (``--workers`` split over the shards, one at least each), its own staging directory and result cache,
 and its own local socket, ``<local-socket>`` for shard 0 and ``<local-socket>.k`` for shard k.
 The budgets (images and bytes in flight, per caller and per server, batches retained, the cache)
-are divided among them: K shards never hold more than one server would (a shard's in-flight
-images are at least ``--max-batch-images``, so each can take the largest batch).
+are divided among them: K shards never hold more than one server would, except that a shard's
+in-flight images and bytes (its own and per caller) are at least one largest batch's
+(``--max-batch-images``, ``--max-batch-bytes``), so that each can take any batch the server could.
 
 Shard 0 is the main process: it alone serves gRPC (and its front processes), the metrics port and
 health, and it supervises the others (``ShardProcesses``): it starts them (``python -m
-infer_server.front.shards``, the settings as JSON on stdin), waits until each serves, starts one
-that exits again (health is NOT_SERVING until it serves), and stops them when it drains. A shard
-whose main process goes away sees its stdin close and drains too.
+infer_server.front.shards``, linked by a socket pair), waits until each serves, starts one that
+exits again (health is NOT_SERVING until it serves), and stops them when it drains. A shard whose
+main process goes away sees its link close and drains too.
 
 Routing is the client library's (``infer_client.local``): the first Session reply on a local
 socket says how many shards there are and which one the client should use; batch ids and request
@@ -31,6 +32,7 @@ import contextlib
 import itertools
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +47,10 @@ _RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0)  # between restarts of a shard that kee
 
 
 def _share(total: int, shards: int, least: int = 1) -> int:
-    return max(least, total // shards)
+    """A shard's part of a budget: ``total // shards``, but never below ``least`` (what one batch
+    may need, so that a shard can take the largest batch the whole server could) unless the total
+    itself is."""
+    return max(min(least, total), total // shards)
 
 
 def shard_settings(settings: ServerSettings) -> ServerSettings:
@@ -55,15 +60,16 @@ def shard_settings(settings: ServerSettings) -> ServerSettings:
         return settings
     s = settings
     assert s.local_socket is not None  # the settings' validation
+    images, size = s.max_batch_images, s.max_batch_bytes  # what one batch may need
     per_caller = {
-        name: None if value is None else _share(value, k)
-        for name, value in (("max_inflight_images_per_identity", s.max_inflight_images_per_identity),
-                            ("max_inflight_bytes_per_identity", s.max_inflight_bytes_per_identity))
+        name: None if value is None else _share(value, k, least)
+        for name, value, least in (("max_inflight_images_per_identity", s.max_inflight_images_per_identity, images),
+                                   ("max_inflight_bytes_per_identity", s.max_inflight_bytes_per_identity, size))
     }  # fmt: skip
     update: dict[str, object] = {
         "workers": max(1, s.workers // k + (1 if index < s.workers % k else 0)),  # each shard one at least
-        "max_inflight_images": _share(s.max_inflight_images, k, s.max_batch_images),
-        "max_inflight_bytes": _share(s.max_inflight_bytes, k),
+        "max_inflight_images": _share(s.max_inflight_images, k, images),
+        "max_inflight_bytes": _share(s.max_inflight_bytes, k, size),
         "max_retained_batches": _share(s.max_retained_batches, k),
         "max_retained_batches_per_identity": _share(s.max_retained_batches_per_identity, k),
         "result_cache_entries": s.result_cache_entries // k if s.result_cache_entries else 0,
@@ -82,19 +88,29 @@ def shard_settings(settings: ServerSettings) -> ServerSettings:
     return s.model_copy(update=update)
 
 
+def staging_dirs(settings: ServerSettings) -> list[Path]:
+    """Every shard's staging directory (``settings`` are the whole server's)."""
+    return [settings.staging, *(_beside(settings.staging, k) for k in range(1, settings.shards))]
+
+
 def _beside(directory: Path, index: int) -> Path:
     """A shard's own directory next to the main process's (never inside it: its sweeps stay its own)."""
     return directory.with_name(f"{directory.name}.shard-{index}")
 
 
 class ShardProcesses:
-    """Shards 1 … K−1 of the main process's server: started, kept running, stopped."""
+    """Shards 1 … K−1 of the main process's server: started, kept running, stopped.
+
+    Each is linked to this process by a socket pair it inherits (as front processes are): the
+    settings go down it, ``ready`` comes back once the shard serves, and its end tells the shard
+    that this process is gone. Nothing else is shared: a shard's workers inherit neither end, so
+    the shard's exit alone is what ``wait`` waits for."""
 
     def __init__(self, settings: ServerSettings, on_change: Callable[[], None]) -> None:
         self._settings, self._on_change = settings, on_change
         self._processes: dict[int, asyncio.subprocess.Process] = {}
+        self._links: dict[int, asyncio.StreamWriter] = {}
         self._watchers: dict[int, asyncio.Task[None]] = {}
-        self._readers: set[asyncio.Task[None]] = set()
         self._stopping = False
 
     @property
@@ -109,41 +125,38 @@ class ShardProcesses:
         started = await asyncio.gather(*(self._start_one(k) for k in indices), return_exceptions=True)
         for index, process in zip(indices, started, strict=True):
             if not isinstance(process, BaseException):
-                self._serving(index, process)
+                self._serving(index, *process)
         if failed := [error for error in started if isinstance(error, BaseException)]:
             await self.stop()
             raise failed[0]
 
-    async def _start_one(self, index: int) -> asyncio.subprocess.Process:
+    async def _start_one(self, index: int) -> tuple[asyncio.subprocess.Process, asyncio.StreamWriter]:
         config = self._settings.model_copy(update={"shard_index": index}).model_dump_json().encode()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "infer_server.front.shards", stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert process.stdin is not None and process.stdout is not None
-        process.stdin.write(config + b"\n")  # the pipe stays open: its end tells the shard the server is gone
-        try:
-            line = await asyncio.wait_for(
-                process.stdout.readline(), self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            fd = theirs.fileno()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "infer_server.front.shards", str(fd), pass_fds=(fd,)
             )
-            if not line.startswith(b"listening"):
+            reader, link = await asyncio.open_unix_connection(sock=ours.dup())
+        try:
+            link.write(config + b"\n")
+            bound = self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
+            if await asyncio.wait_for(reader.readline(), bound) != b"ready\n":  # b"": it exited
                 raise RuntimeError(f"shard {index} did not start (exit status {await process.wait()})")
         except BaseException:
+            link.close()
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
             raise
-        log.info(
-            "shard %d (pid %d) serves %s", index, process.pid, shard_socket(self._settings.local_socket or "", index)
-        )
-        return process
+        log.info("shard %d (pid %d) serves %s", index, process.pid,
+                 shard_socket(self._settings.local_socket or "", index))  # fmt: skip
+        return process, link
 
-    def _serving(self, index: int, process: asyncio.subprocess.Process) -> None:
-        self._processes[index] = process
+    def _serving(self, index: int, process: asyncio.subprocess.Process, link: asyncio.StreamWriter) -> None:
+        self._processes[index], self._links[index] = process, link
         self._watchers[index] = asyncio.ensure_future(self._watch(index, process))
-        assert process.stdout is not None  # read to its end, or a shard (or its workers) writing there would block
-        self._readers.add(reader := asyncio.ensure_future(_log_lines(index, process.stdout)))
-        reader.add_done_callback(self._readers.discard)
         self._on_change()
 
     async def _watch(self, index: int, process: asyncio.subprocess.Process) -> None:
@@ -152,6 +165,7 @@ class ShardProcesses:
         if self._stopping:
             return
         del self._processes[index]
+        self._links.pop(index).close()
         self._on_change()
         log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
         for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
@@ -163,43 +177,52 @@ class ShardProcesses:
             except (OSError, RuntimeError, TimeoutError) as exc:
                 log.error("shard %d did not start again: %s", index, exc)
                 continue
-            self._serving(index, started)
+            if self._stopping:  # the stop came as it started: stop() no longer sees it
+                started[0].kill()
+                started[1].close()
+                await started[0].wait()
+                return
+            self._serving(index, *started)
             return
 
     async def stop(self) -> None:
         """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
         self._stopping = True
-        for task in [*self._watchers.values(), *self._readers]:
+        watchers = list(self._watchers.values())
+        for task in watchers:
             task.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)  # a shard half-started again is killed
         s = self._settings
         bound = s.drain_timeout_s + s.stop_grace_s + 15.0
-        for process in self._processes.values():
+        processes = dict(self._processes)
+        for process in processes.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
-        for index, process in self._processes.items():
+        for index, process in processes.items():
             try:
                 await asyncio.wait_for(process.wait(), bound)
             except TimeoutError:
                 log.warning("shard %d (pid %d) did not stop: killing it", index, process.pid)
                 process.kill()
                 await process.wait()
-            if process.stdin is not None:
-                process.stdin.close()
+        for link in self._links.values():
+            link.close()
         self._processes.clear()
-
-
-async def _log_lines(index: int, stdout: asyncio.StreamReader) -> None:
-    """What a shard's process (or one of its workers) writes on stdout after its first line."""
-    async for line in stdout:
-        log.info("shard %d said: %s", index, line.decode(errors="replace").rstrip())
+        self._links.clear()
 
 
 def main() -> None:
-    """A shard's process: its settings on stdin (one JSON line), served until SIGTERM or stdin ends."""
+    """A shard's process: its link to the main process is the descriptor named by its argument;
+    its settings come first on it (one JSON line). Served until SIGTERM/SIGINT or the link ends."""
     from infer_server.cli import serve_shard
 
-    settings = ServerSettings.model_validate_json(sys.stdin.buffer.readline())
-    serve_shard(settings)
+    link = socket.socket(fileno=int(sys.argv[1]))
+    config = bytearray()
+    while not config.endswith(b"\n"):
+        if not (chunk := link.recv(65536)):
+            sys.exit(1)  # the main process went away before it said what to serve
+        config += chunk
+    serve_shard(ServerSettings.model_validate_json(config), link)
 
 
 if __name__ == "__main__":
