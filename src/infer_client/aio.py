@@ -12,6 +12,7 @@ runs in a thread so the loop never blocks on file I/O. Example::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -96,11 +97,16 @@ class AsyncInferClient:
         """Results of the batches in completion order; ends when every image was answered."""
         request = pull_request(batch_ids)
         if self.local_socket is not None and (shards := await self._shards()) > 1:  # each on its shard's socket
-            pulled = pull_shards_async(self.local_socket, request.batch_ids, shards, self._metadata,
-                                       timeout or self.timeout)  # fmt: skip
-            async for msg in pulled:
-                if self._pushed.accept(msg.batch_id, msg.index):
-                    yield ImageResult.from_proto(msg)
+            args = (self.local_socket, request.batch_ids, shards, self._metadata, timeout or self.timeout)
+            try:
+                async with contextlib.aclosing(pull_shards_async(*args)) as pulled:
+                    async for msg in pulled:
+                        if self._pushed.accept(msg.batch_id, msg.index):
+                            yield ImageResult.from_proto(msg)
+            except InferError as exc:
+                if exc.code == grpc.StatusCode.UNAVAILABLE:  # the server may have come back otherwise divided
+                    self._shard_count = None
+                raise
             return
         call = self._stub.PullResult(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:

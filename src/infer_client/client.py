@@ -109,7 +109,14 @@ class InferClient:
         request = pull_request(batch_ids)
         if self.local_socket is not None and (shards := self._shards()) > 1:  # each batch on its shard's socket
             pulled = pull_shards(self.local_socket, request.batch_ids, shards, self._metadata, timeout or self.timeout)
-            yield from (ImageResult.from_proto(m) for m in pulled if self._pushed.accept(m.batch_id, m.index))
+            try:
+                yield from (ImageResult.from_proto(m) for m in pulled if self._pushed.accept(m.batch_id, m.index))
+            except InferError as exc:
+                if exc.code == grpc.StatusCode.UNAVAILABLE:  # the server may have come back otherwise divided
+                    self._shard_count = None
+                raise
+            finally:
+                pulled.close()
             return
         call = self._stub.PullResult(request, timeout=timeout or self.timeout, metadata=self._metadata)
         try:

@@ -3,8 +3,12 @@
 A shard's batches are its own: gRPC reaches shard 0 only, which refuses another shard's batch id
 with where it is. So ``InferClient.pull`` (and ``AsyncInferClient.pull``), given the server's
 local socket, pulls each batch on the socket of the shard its id names (``infer_proto.shards``):
-one call per shard, read together with ``select`` by the calling thread (no thread of its own;
-on the event loop for the asyncio client), results yielded in the order they arrive.
+one call per shard, read together (``poll`` in the calling thread, or tasks on the event loop),
+results yielded in the order they arrive.
+
+The server counts a result delivered once its socket took it, so nothing a call received is
+dropped: a call that ends with an error (an expired batch id on one shard) ends the pull with that
+error only after every result received before it, and every other shard's call, were read out.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
 
 import grpc
 
@@ -30,6 +34,7 @@ from infer_proto.shards import batch_shard, shard_socket
 PULL = "/infer.v1.InferenceService/PullResult"
 _CALL = 1
 _CHUNK = 64 * 1024
+_QUEUED = 256  # results the asyncio pull holds unread: beyond them its sockets are not read
 
 
 def shard_count(path: str | os.PathLike[str], pushed: PushedBatches, timeout: float | None, metadata: Metadata) -> int:
@@ -41,164 +46,190 @@ def shard_count(path: str | os.PathLike[str], pushed: PushedBatches, timeout: fl
         probe.cancel()
 
 
-class _Pull:
-    """One PullResult call on one shard's socket: the request goes once the server asks for it."""
-
-    def __init__(self, path: str, request: bytes, metadata: Metadata, timeout: float | None) -> None:
-        self._request = frame(_CALL, Kind.MESSAGE, request) + frame(_CALL, Kind.HALF_CLOSE)
-        self._received = bytearray()
-        self.ended = False
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-            self.sock.sendall(frame(_CALL, Kind.START, encode_call_start(PULL, metadata or ())))
-        except OSError as exc:
-            self.sock.close()
-            raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def take(self) -> list[infer_pb2.ImageResult]:
-        """What one receive brought (the socket is readable); sets ``ended`` at the call's end."""
-        try:
-            chunk = self.sock.recv(_CHUNK)
-        except BlockingIOError:  # on the event loop: nothing after all
-            return []
-        except OSError as exc:
-            raise InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}") from None
-        try:
-            if not chunk:
-                raise ConnectionError("the server closed the local socket")
-            self._received += chunk
-            return [result for kind, payload in self._frames() if (result := self._took(kind, payload)) is not None]
-        except OSError as exc:  # a closed connection, or the request's send
-            raise InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}") from None
-
-    def _took(self, kind: int, payload: bytes) -> infer_pb2.ImageResult | None:
-        if kind == Kind.WANT and self._request:
-            self.sock.sendall(self._request)
-            self._request = b""
-        elif kind == Kind.MESSAGE:
-            return infer_pb2.ImageResult.FromString(payload)
-        elif kind == Kind.END:
-            self.ended = True
-            code, details = decode_end(payload)
-            if code:
-                raise InferError(status_code(code), details)
-        return None
-
-    def _frames(self) -> Iterator[tuple[int, bytes]]:
-        buffer, offset = self._received, 0
-        while len(buffer) - offset >= HEADER.size:
-            call, kind, length = HEADER.unpack_from(buffer, offset)
-            if call != _CALL or length > MAX_RECEIVE_BYTES:
-                raise InferError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
-            if len(buffer) - offset - HEADER.size < length:
-                break
-            yield kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
-            offset += HEADER.size + length
-        del buffer[:offset]
-
-
-def _calls(
-    path: str | os.PathLike[str], batch_ids: Sequence[str], shards: int, metadata: Metadata, timeout: float | None
-) -> list[_Pull]:
-    """One call per shard named by ``batch_ids``; an id naming no shard goes to shard 0, which
-    answers NOT_FOUND as for any unknown id."""
+def _requests(batch_ids: Sequence[str], shards: int) -> dict[int, bytes]:
+    """Each shard's PullResult request; an id naming no shard goes to shard 0, which answers
+    NOT_FOUND as for any unknown id."""
     by_shard: dict[int, list[str]] = {}
     for batch_id in batch_ids:
         by_shard.setdefault(batch_shard(batch_id, shards) or 0, []).append(batch_id)
-    calls: list[_Pull] = []
-    try:
-        for shard, ids in by_shard.items():
-            request = infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString()
-            calls.append(_Pull(shard_socket(path, shard), request, metadata, timeout))
-    except InferError:
-        _close(calls)
-        raise
-    return calls
+    return {shard: infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString() for shard, ids in by_shard.items()}
 
 
-def _close(calls: list[_Pull]) -> None:
-    for call in calls:
-        with contextlib.suppress(OSError):
-            call.sock.close()
+def _start(metadata: Metadata) -> bytes:
+    return frame(_CALL, Kind.START, encode_call_start(PULL, metadata or ()))
+
+
+def _sent(request: bytes) -> bytes:
+    """The request and the half-close: what a call sends once the server asks (``WANT``)."""
+    return frame(_CALL, Kind.MESSAGE, request) + frame(_CALL, Kind.HALF_CLOSE)
+
+
+def _ended(payload: bytes) -> InferError | None:
+    code, details = decode_end(payload)
+    return InferError(status_code(code), details) if code else None
+
+
+def _failed(exc: BaseException) -> InferError:
+    if isinstance(exc, InferError):
+        return exc
+    if isinstance(exc, OSError | asyncio.IncompleteReadError):
+        return InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc!r}")
+    return InferError(grpc.StatusCode.INTERNAL, f"a malformed reply on the local socket: {exc!r}")
 
 
 def _expired(timeout: float | None) -> InferError:
     return InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end of the pull within {timeout:g}s")
 
 
+class _Pull:
+    """One PullResult call on one shard's socket, read when ``poll`` says so (``pull_shards``)."""
+
+    def __init__(self, path: str, request: bytes, metadata: Metadata, timeout: float | None) -> None:
+        self._request = _sent(request)
+        self._received = bytearray()
+        self.ended = False
+        self.error: InferError | None = None  # how the call ended, once its results were taken
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self.sock.sendall(_start(metadata))
+        except OSError as exc:
+            self.sock.close()
+            raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
+
+    def take(self) -> list[infer_pb2.ImageResult]:
+        """The results one receive completed; at the call's end (or its failure), ``ended`` and
+        ``error`` are set and what came before is still returned."""
+        results: list[infer_pb2.ImageResult] = []
+        try:
+            chunk = self.sock.recv(_CHUNK)
+            if not chunk:
+                raise ConnectionError("the server closed the local socket")
+            self._received += chunk
+            for kind, payload in self._frames():
+                if kind == Kind.WANT and self._request:
+                    self.sock.sendall(self._request)
+                    self._request = b""
+                elif kind == Kind.MESSAGE:
+                    results.append(infer_pb2.ImageResult.FromString(payload))
+                elif kind == Kind.END:
+                    self.ended, self.error = True, _ended(payload)
+                    break
+        except Exception as exc:  # noqa: BLE001 - a failure ends this call, after what it brought
+            self.ended, self.error = True, _failed(exc)
+        return results
+
+    def _frames(self) -> Iterator[tuple[int, bytes]]:
+        buffer, offset = self._received, 0
+        try:
+            while len(buffer) - offset >= HEADER.size:
+                call, kind, length = HEADER.unpack_from(buffer, offset)
+                if call != _CALL or length > MAX_RECEIVE_BYTES:
+                    raise InferError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
+                if len(buffer) - offset - HEADER.size < length:
+                    break
+                yield kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
+                offset += HEADER.size + length
+        finally:
+            del buffer[:offset]
+
+
 def pull_shards(
     path: str | os.PathLike[str], batch_ids: Sequence[str], shards: int, metadata: Metadata, timeout: float | None
-) -> Iterator[infer_pb2.ImageResult]:
+) -> Generator[infer_pb2.ImageResult, None, None]:
     """The results of ``batch_ids``, each pulled on its shard's local socket, as they arrive;
     ``timeout`` bounds the whole pull (DEADLINE_EXCEEDED), as gRPC's deadline does."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    calls = _calls(path, batch_ids, shards, metadata, timeout)
+    calls: dict[int, _Pull] = {}
     try:
-        while open_calls := [call for call in calls if not call.ended]:
+        for shard, request in _requests(batch_ids, shards).items():
+            call = _Pull(shard_socket(path, shard), request, metadata, timeout)
+            calls[call.sock.fileno()] = call
+        readable = select.poll()  # not select(): a client holding many files has descriptors past 1023
+        for fd in calls:
+            readable.register(fd, select.POLLIN)
+        while any(not call.ended for call in calls.values()):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise _expired(timeout)
-            for call in select.select(open_calls, [], [], left)[0]:
-                yield from call.take()
+            for fd, _ in readable.poll(None if left is None else max(1, int(left * 1000))):
+                yield from calls[fd].take()
+                if calls[fd].ended:
+                    readable.unregister(fd)
+        if errors := [call.error for call in calls.values() if call.error is not None]:
+            raise errors[0]
     finally:
-        _close(calls)
+        for call in calls.values():
+            with contextlib.suppress(OSError):
+                call.sock.close()
 
 
-class _Arrivals:
-    """What the event loop read from the calls' sockets, in order (``pull_shards_async``)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float | None) -> None:
-        self._loop, self._timeout = loop, timeout
-        self._deadline = None if timeout is None else loop.time() + timeout
-        self.queue: asyncio.Queue[infer_pb2.ImageResult | _Pull | InferError] = asyncio.Queue()
-
-    def readable(self, call: _Pull) -> None:
-        try:
-            for result in call.take():
-                self.queue.put_nowait(result)
-        except InferError as exc:
-            call.ended = True
-            self.queue.put_nowait(exc)
-        if call.ended:
-            self._loop.remove_reader(call.fileno())
-            self.queue.put_nowait(call)  # the call's end, after what it brought
-
-    async def next(self) -> infer_pb2.ImageResult | _Pull:
-        left = None if self._deadline is None else self._deadline - self._loop.time()
-        try:
-            item = await asyncio.wait_for(self.queue.get(), left)
-        except TimeoutError:
-            raise _expired(self._timeout) from None
-        if isinstance(item, InferError):
-            raise item
-        return item
+async def _pull_one(
+    path: str, request: bytes, metadata: Metadata, out: asyncio.Queue[infer_pb2.ImageResult | InferError | None]
+) -> None:
+    """One shard's call on the event loop: its results into ``out``, then how it ended (an error,
+    or None). ``out`` is bounded: while it is full the socket is not read, and the server waits."""
+    ended: InferError | None = None
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(_start(metadata))
+        pending = _sent(request)
+        while True:
+            call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
+            if call != _CALL or length > MAX_RECEIVE_BYTES:
+                raise InferError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
+            payload = await reader.readexactly(length)
+            if kind == Kind.WANT and pending:
+                writer.write(pending)
+                await writer.drain()
+                pending = b""
+            elif kind == Kind.MESSAGE:
+                await out.put(infer_pb2.ImageResult.FromString(payload))
+            elif kind == Kind.END:
+                ended = _ended(payload)
+                break
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a failure ends this call, after what it brought
+        ended = _failed(exc)
+    finally:
+        if writer is not None:
+            writer.close()
+    await out.put(ended)
 
 
 async def pull_shards_async(
     path: str | os.PathLike[str], batch_ids: Sequence[str], shards: int, metadata: Metadata, timeout: float | None
-) -> AsyncIterator[infer_pb2.ImageResult]:
-    """``pull_shards`` on the event loop: each shard's socket read when the loop sees it readable."""
+) -> AsyncGenerator[infer_pb2.ImageResult, None]:
+    """``pull_shards`` on the event loop: one task per shard's call."""
     loop = asyncio.get_running_loop()
-    arrivals = _Arrivals(loop, timeout)
-    calls = _calls(path, batch_ids, shards, metadata, timeout)
+    deadline = None if timeout is None else loop.time() + timeout
+    out: asyncio.Queue[infer_pb2.ImageResult | InferError | None] = asyncio.Queue(_QUEUED)
+    requests = _requests(batch_ids, shards)
+    tasks = [asyncio.ensure_future(_pull_one(shard_socket(path, k), r, metadata, out)) for k, r in requests.items()]
+    errors: list[InferError] = []
     try:
-        for call in calls:
-            call.sock.setblocking(False)
-            loop.add_reader(call.fileno(), arrivals.readable, call)
-        ended = 0
-        while ended < len(calls):
-            item = await arrivals.next()
-            if isinstance(item, _Pull):
-                ended += 1
-            else:
+        for _ in tasks:  # each call puts its results, then one end
+            while (item := await _next(out, deadline, loop, timeout)) is not None:
+                if isinstance(item, InferError):
+                    errors.append(item)
+                    break
                 yield item
+        if errors:
+            raise errors[0]
     finally:
-        for call in calls:
-            if call.sock.fileno() >= 0:
-                loop.remove_reader(call.fileno())
-        _close(calls)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _next(
+    out: asyncio.Queue[infer_pb2.ImageResult | InferError | None], deadline: float | None,
+    loop: asyncio.AbstractEventLoop, timeout: float | None,
+) -> infer_pb2.ImageResult | InferError | None:  # fmt: skip
+    try:
+        return await asyncio.wait_for(out.get(), None if deadline is None else deadline - loop.time())
+    except TimeoutError:
+        raise _expired(timeout) from None

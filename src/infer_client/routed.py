@@ -60,7 +60,7 @@ class RoutedSession:
         self._lock = threading.Lock()
         self._current = {shards.index: first}  # by shard: the session new pushes go to
         self._sessions = [first]  # every session opened: a broken one may still hold results
-        self._closed = False
+        self._closed = self._unreachable = False
 
     def _session(self, shard: int) -> LocalSession:
         """The shard's session: opened (again, if its last one broke) when needed."""
@@ -71,7 +71,11 @@ class RoutedSession:
             if session is None or session.broken:
                 # A broken session is kept only while it holds results not read yet.
                 self._sessions = [s for s in self._sessions if not s.broken or s.owes()]
-                session = self._current[shard] = self._open(shard)
+                try:
+                    session = self._current[shard] = self._open(shard)
+                except InferError:  # the server may have come back otherwise divided: ask it again
+                    self._unreachable = True
+                    raise
                 self._sessions.append(session)
             return session
 
@@ -100,8 +104,9 @@ class RoutedSession:
 
     @property
     def broken(self) -> bool:
-        """Closed: a shard's session that fails is opened again by the next push that needs it."""
-        return self._closed
+        """Closed, or a shard's socket could not be reached (the shards may have changed: a new
+        session asks). A shard's session that fails is opened again by the next push needing it."""
+        return self._closed or self._unreachable
 
     def cancel(self) -> None:
         """Abandon every shard's call now (see ``LocalSession.cancel``)."""
@@ -143,7 +148,7 @@ class AsyncRoutedSession:
         self._shards = infer_pb2.Shards(count=1)
         self._current = {0: first}
         self._sessions = [first]
-        self._closed = False
+        self._closed = self._unreachable = False
 
     async def _session(self, request_id: str | None) -> AsyncSession:
         if (first := self._first) is not None:  # the first push: ask (a failed answer leaves it to the next)
@@ -171,8 +176,8 @@ class AsyncRoutedSession:
 
     @property
     def broken(self) -> bool:
-        """Closed: a shard's session that fails is opened again by the next push that needs it."""
-        return self._closed
+        """Closed, or a shard was unreachable (see ``RoutedSession.broken``)."""
+        return self._closed or self._unreachable
 
     async def push(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None,
@@ -180,7 +185,11 @@ class AsyncRoutedSession:
     ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes) to its shard; returns its batch id once admitted."""
         session = await self._session(request_id)
-        return await session.push(images, names, request_id, defer_answer=defer_answer)
+        try:
+            return await session.push(images, names, request_id, defer_answer=defer_answer)
+        except InferError as exc:
+            self._unreachable = self._unreachable or exc.code == grpc.StatusCode.UNAVAILABLE
+            raise
 
     async def results(self, batch_id: str, timeout: float | None = None) -> AsyncIterator[ImageResult]:
         """The batch's results in completion order as they arrive; ends after its last one."""

@@ -281,6 +281,7 @@ class Session(BlockingSession):
                 self._book.fail(error)
                 self._cond.notify_all()
 
+
 class AsyncSession:
     """One ``Session`` stream of an asyncio client (``AsyncInferClient.session()``); same surface."""
 

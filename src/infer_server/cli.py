@@ -172,6 +172,7 @@ def _stop_at_end(loop: asyncio.AbstractEventLoop, link: socket.socket, stop: asy
 async def _serve(settings: ServerSettings, link: socket.socket | None = None) -> int:
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
+    from infer_server.front.shards import remove_leftovers
     from infer_server.supervisor.pool import PipelineError
 
     loop = asyncio.get_running_loop()
@@ -180,6 +181,8 @@ async def _serve(settings: ServerSettings, link: socket.socket | None = None) ->
         loop.add_signal_handler(sig, stop.set)
     if link is not None:  # a shard: its main process holds the link's other end while it runs
         loop.add_reader(link.fileno(), _stop_at_end, loop, link, stop)
+    if link is None:  # the main process: what shards of an earlier run left
+        remove_leftovers(settings)
     server = InferenceServer(settings)
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be
@@ -195,7 +198,10 @@ async def _serve(settings: ServerSettings, link: socket.socket | None = None) ->
         if link is None:
             print(f"listening on {settings.host}:{port}", flush=True)
         else:
-            link.sendall(b"ready\n")
+            try:
+                link.sendall(b"ready\n")
+            except OSError:  # the main process is gone already: drain
+                stop.set()
         await stop.wait()
     log.info("signal received: draining")
     await server.stop()

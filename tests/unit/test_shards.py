@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from infer_proto.shards import batch_shard, new_batch_id, request_shard, shard_socket
 from infer_server.front.batches import BatchRegistry
 from infer_server.front.errors import Refused, UnknownBatch
-from infer_server.front.shards import shard_settings
+from infer_server.front.shards import remove_leftovers, shard_settings
 from infer_server.messages import ImageRef
 from infer_server.settings import ServerSettings
 
@@ -82,3 +82,21 @@ def test_another_shards_batch_is_refused_with_where_it_is_not_unknown() -> None:
             registry.subscribe([new_batch_id(5, 8)])  # names no shard of two
 
     asyncio.run(run())
+
+
+def test_staging_directories_of_shards_an_earlier_run_had_are_removed(tmp_path: Path) -> None:
+    """A shard that crashed left other callers' staged bytes; a run with fewer shards never sweeps
+    that directory, so the main process removes it as it starts (its own user's directories only)."""
+    shm = tmp_path / "shm"
+    for name in (".server.shard-1", ".server.shard-3", ".server.shard-x", "other.shard-7"):
+        (shm / name).mkdir(parents=True)
+        (shm / name / "staged.batch").write_bytes(b"someone's image")
+    (tmp_path / "elsewhere").mkdir()
+    (shm / ".server.shard-5").symlink_to(tmp_path / "elsewhere")
+    whole = ServerSettings(shm_dir=shm, local_socket=tmp_path / "local.sock", shards=2)
+    remove_leftovers(whole)
+    assert sorted(p.name for p in shm.iterdir()) == [".server.shard-1", ".server.shard-5", ".server.shard-x",
+                                                     "other.shard-7"]  # fmt: skip
+    assert (tmp_path / "elsewhere").is_dir()
+    remove_leftovers(whole.model_copy(update={"shards": 1, "local_socket": None}))
+    assert not (shm / ".server.shard-1").exists()

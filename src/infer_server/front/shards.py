@@ -31,8 +31,11 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import shutil
 import signal
 import socket
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +96,26 @@ def staging_dirs(settings: ServerSettings) -> list[Path]:
     return [settings.staging, *(_beside(settings.staging, k) for k in range(1, settings.shards))]
 
 
+def remove_leftovers(settings: ServerSettings) -> None:
+    """Staging (and spill) directories of shards an earlier run had and this one has not
+    (``<staging>.shard-k``, k ≥ K): what a shard staged there before a crash is other callers'
+    bytes, and no shard of this run sweeps it. Only real directories of this user go."""
+    for directory in (d for d in (settings.staging, settings.spill_dir) if d is not None):
+        try:
+            names = os.listdir(directory.parent)
+        except OSError:
+            continue
+        for name in names:
+            number = name.removeprefix(f"{directory.name}.shard-")
+            if number == name or not number.isdigit() or int(number) < settings.shards:
+                continue
+            with contextlib.suppress(OSError):
+                found = os.lstat(directory.parent / name)
+                if stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
+                    shutil.rmtree(directory.parent / name)
+                    log.info("removed %s, the staging directory of a shard an earlier run had", name)
+
+
 def _beside(directory: Path, index: int) -> Path:
     """A shard's own directory next to the main process's (never inside it: its sweeps stay its own)."""
     return directory.with_name(f"{directory.name}.shard-{index}")
@@ -142,7 +165,11 @@ class ShardProcesses:
         try:
             link.write(config + b"\n")
             bound = self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
-            if await asyncio.wait_for(reader.readline(), bound) != b"ready\n":  # b"": it exited
+            try:
+                said = await asyncio.wait_for(reader.readline(), bound)
+            except TimeoutError:
+                raise RuntimeError(f"shard {index} did not start within {bound:g} s") from None
+            if said != b"ready\n":  # b"": it exited
                 raise RuntimeError(f"shard {index} did not start (exit status {await process.wait()})")
         except BaseException:
             link.close()
