@@ -118,6 +118,25 @@ def running_server(
         log_path.unlink()
 
 
+@contextlib.contextmanager
+def bare_server(models: Path, log: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """``serve`` with the null model on a fresh shared directory, without the fixture's waits and
+    checks: for tests that kill the server, or make it fail, on purpose. Its log goes to ``log``."""
+    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
+    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(models), "--null-model",
+           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), *args]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
+    with log.open("w") as out:
+        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, env=env)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def server(model_repo_dir: Path) -> Iterator[RunningServer]:
     with running_server(model_repo_dir) as srv:

@@ -26,7 +26,7 @@ from benchmarks.procs import descendants, exit_waiters, read_address, still_runn
 from benchmarks.servers import cmdline, free_port
 from engines.scenes import Scene
 from infer_client import InferClient
-from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
+from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, bare_server, running_server
 
 
 def front_pids(server_pid: int) -> list[int]:
@@ -144,14 +144,7 @@ def test_a_stop_signal_to_the_whole_process_group_leaves_the_drain_to_the_main_p
 
 
 def test_front_processes_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:
-    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
-    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
-           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "1",
-           "--fronts", "2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
-    with (tmp_path / "server.log").open("w") as log:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
+    with bare_server(model_repo_dir, tmp_path / "server.log", "--workers", "1", "--fronts", "2") as process:
         read_address(process, STARTUP_TIMEOUT_S)
         children = descendants(process.pid)
         assert len(front_pids(process.pid)) == 2
@@ -159,7 +152,3 @@ def test_front_processes_exit_with_the_main_process(model_repo_dir: Path, tmp_pa
         process.kill()  # no drain, no goodbye: the front processes see their link close
         process.wait()
         assert still_running(waiters, timeout=20) == []
-    finally:
-        if process.poll() is None:
-            process.kill()
-        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)

@@ -10,8 +10,6 @@ import asyncio
 import os
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +27,7 @@ from infer_proto import infer_pb2, infer_pb2_grpc
 from infer_proto.framing import HEADER, Kind, encode_call_start, frame
 from infer_proto.shards import request_shard, shard_socket
 from tests.helpers import MODELS, versioned_repository
-from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, running_server
+from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, bare_server, running_server
 
 # Its servers have their own local socket and shards: the suite's --local-socket pass would repeat it.
 pytestmark = pytest.mark.skipif("config.getoption('--local-socket')", reason="the same servers as without the option")
@@ -189,14 +187,8 @@ def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningSe
 
 
 def test_shards_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path) -> None:
-    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
-    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
-           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "2",
-           "--local-socket", str(tmp_path / "local.sock"), "--shards", "2"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
-    with (tmp_path / "server.log").open("w") as log:
-        process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
-    try:
+    args = ("--workers", "2", "--local-socket", str(tmp_path / "local.sock"), "--shards", "2")
+    with bare_server(model_repo_dir, tmp_path / "server.log", *args) as process:
         read_address(process, STARTUP_TIMEOUT_S)
         children = descendants(process.pid)
         assert any(b"infer_server.front.shards" in cmdline(pid) for pid in children)
@@ -205,10 +197,6 @@ def test_shards_exit_with_the_main_process(model_repo_dir: Path, tmp_path: Path)
         process.wait()
         assert still_running(waiters, timeout=30) == []
         assert not (tmp_path / "local.sock.1").exists()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)
 
 
 def test_every_shard_follows_a_polled_repository(tmp_path: Path, scenes: list[Scene]) -> None:
@@ -229,18 +217,12 @@ def test_every_shard_follows_a_polled_repository(tmp_path: Path, scenes: list[Sc
 
 def test_a_shard_that_cannot_start_fails_the_start(model_repo_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "local.sock.1").write_text("not a socket")  # shard 1 refuses to replace it
-    shm_dir = Path(tempfile.mkdtemp(prefix="infer-it-", dir="/dev/shm"))
-    cmd = [sys.executable, "-m", "infer_server", "serve", "--models", str(model_repo_dir), "--null-model",
-           "--host", "127.0.0.1", "--port", "0", "--shm-dir", str(shm_dir), "--workers", "3",
-           "--local-socket", str(tmp_path / "local.sock"), "--shards", "3"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFER_")}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=STARTUP_TIMEOUT_S)
-    finally:
-        subprocess.run(["rm", "-rf", str(shm_dir)], check=False)
-    assert done.returncode == 1 and "listening" not in done.stdout
-    assert "cannot start: shard 1 did not start" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.sock.1"]  # shard 2 started, and stopped
+    args = ("--workers", "3", "--local-socket", str(tmp_path / "local.sock"), "--shards", "3")
+    with bare_server(model_repo_dir, tmp_path / "server.log", *args) as process:
+        assert process.wait(timeout=STARTUP_TIMEOUT_S) == 1
+        assert process.stdout is not None and "listening" not in process.stdout.read()
+    assert "cannot start: shard 1 did not start" in (tmp_path / "server.log").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["local.sock.1", "server.log"]  # shard 2 went too
 
 
 def test_no_shard_takes_a_path_into_another_shards_staging(sharded: RunningServer, scenes: list[Scene]) -> None:
