@@ -4,6 +4,8 @@ registry's answer for another shard's batch."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 from pathlib import Path
 
 import pytest
@@ -93,10 +95,16 @@ def test_staging_directories_of_shards_an_earlier_run_had_are_removed(tmp_path: 
         (shm / name / "staged.batch").write_bytes(b"someone's image")
     (tmp_path / "elsewhere").mkdir()
     (shm / ".server.shard-5").symlink_to(tmp_path / "elsewhere")
+    (shm / ".server.shard-4").mkdir()
+    held = os.open(shm / ".server.shard-4", os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a running shard (of a server started before this one) holds it
     whole = ServerSettings(shm_dir=shm, local_socket=tmp_path / "local.sock", shards=2)
-    remove_leftovers(whole)
-    assert sorted(p.name for p in shm.iterdir()) == [".server.shard-1", ".server.shard-5", ".server.shard-x",
-                                                     "other.shard-7"]  # fmt: skip
+    try:
+        remove_leftovers(whole)
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in shm.iterdir()) == [".server.shard-1", ".server.shard-4", ".server.shard-5",
+                                                     ".server.shard-x", "other.shard-7"]  # fmt: skip
     assert (tmp_path / "elsewhere").is_dir()
     remove_leftovers(whole.model_copy(update={"shards": 1, "local_socket": None}))
     assert not (shm / ".server.shard-1").exists()

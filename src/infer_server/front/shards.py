@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
 import shutil
 import signal
 import socket
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -99,7 +99,9 @@ def staging_dirs(settings: ServerSettings) -> list[Path]:
 def remove_leftovers(settings: ServerSettings) -> None:
     """Staging (and spill) directories of shards an earlier run had and this one has not
     (``<staging>.shard-k``, k ≥ K): what a shard staged there before a crash is other callers'
-    bytes, and no shard of this run sweeps it. Only real directories of this user go."""
+    bytes, and no shard of this run sweeps it. Only real directories of this user go, and none
+    that a running shard holds (its ``flock``: a second server started by mistake on the same
+    directories takes nothing from the first)."""
     for directory in (d for d in (settings.staging, settings.spill_dir) if d is not None):
         try:
             names = os.listdir(directory.parent)
@@ -107,13 +109,25 @@ def remove_leftovers(settings: ServerSettings) -> None:
             continue
         for name in names:
             number = name.removeprefix(f"{directory.name}.shard-")
-            if number == name or not number.isdigit() or int(number) < settings.shards:
-                continue
-            with contextlib.suppress(OSError):
-                found = os.lstat(directory.parent / name)
-                if stat.S_ISDIR(found.st_mode) and found.st_uid == os.geteuid():
-                    shutil.rmtree(directory.parent / name)
-                    log.info("removed %s, the staging directory of a shard an earlier run had", name)
+            if number != name and number.isdigit() and int(number) >= settings.shards:
+                _remove_unheld(directory.parent / name)
+
+
+def _remove_unheld(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # gone, or not a directory (a symlink is not followed)
+    try:
+        if os.fstat(fd).st_uid != os.geteuid():
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a shard serves from it
+        shutil.rmtree(path)
+        log.info("removed %s, the staging directory of a shard an earlier run had", path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _beside(directory: Path, index: int) -> Path:
