@@ -184,8 +184,8 @@ class AsyncRoutedSession:
         *, defer_answer: bool = False,
     ) -> str:  # fmt: skip
         """Hand over a batch (paths or encoded bytes) to its shard; returns its batch id once admitted."""
-        session = await self._session(request_id)
         try:
+            session = await self._session(request_id)
             return await session.push(images, names, request_id, defer_answer=defer_answer)
         except InferError as exc:
             self._unreachable = self._unreachable or exc.code == grpc.StatusCode.UNAVAILABLE

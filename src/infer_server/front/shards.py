@@ -183,8 +183,9 @@ class ShardProcesses:
                 said = await asyncio.wait_for(reader.readline(), bound)
             except TimeoutError:
                 raise RuntimeError(f"shard {index} did not start within {bound:g} s") from None
-            if said != b"ready\n":  # b"": it exited
-                raise RuntimeError(f"shard {index} did not start (exit status {await process.wait()})")
+            if said != b"ready\n":  # b"": it is exiting (its end of the link closes with it)
+                code = await asyncio.wait_for(process.wait(), _READY_TIMEOUT_MARGIN_S)
+                raise RuntimeError(f"shard {index} did not start (exit status {code})")
         except BaseException:
             link.close()
             with contextlib.suppress(ProcessLookupError):
