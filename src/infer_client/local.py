@@ -1,7 +1,7 @@
 """Sessions over the server's local socket (``--local-socket``): the Session call without gRPC.
 
 Used by ``InferClient`` when it is given ``local_socket`` (``session()`` and ``detect``:
-``LocalSession``), and by ``AsyncInferClient`` (its ``AsyncSession`` over ``AsyncLocalCall``), in
+``LocalSession``), and by ``AsyncInferClient`` (its ``AsyncSession`` over ``local_async.AsyncLocalCall``), in
 the client application's process. The client connects to the server's Unix-domain socket and speaks
 ``infer_proto.framing``'s frames itself: ``START`` (the Session method and the credentials'
 metadata), each push as a ``MESSAGE`` while the server's window allows it (each ``WANT`` grants
@@ -17,7 +17,6 @@ guarantees as ``session.Session`` (it shares ``BlockingSession`` and ``SessionBo
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import os
@@ -26,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import grpc
 
@@ -73,6 +72,19 @@ def _key(field: int, length: int) -> bytes:
     return bytes(out)
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a Unix socket: the kernel's word (SO_PEERCRED)."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+
+
+def _served_by(sock: socket.socket, uid: int | None) -> int:
+    """The serving uid, checked against ``uid`` (a shard's socket must be served by shard 0's user:
+    not by another user who bound the path while the shard was starting again)."""
+    if uid is not None and (found := peer_uid(sock)) != uid:
+        raise ConnectionRefusedError(f"it is served by uid {found}, not the server's uid {uid}")
+    return peer_uid(sock)
+
+
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
@@ -94,8 +106,9 @@ class LocalSession(BlockingSession):
 
     def __init__(
         self, path: str | os.PathLike[str], transport: str, pushed: PushedBatches, timeout: float | None,
-        metadata: Metadata = None,
+        metadata: Metadata = None, server_uid: int | None = None,
     ) -> None:  # fmt: skip
+        """``server_uid``: the uid the server must run as (checked before anything is sent)."""
         self._transport, self._files, self._timeout = transport, pushed.files, timeout
         self._cond = threading.Condition()
         self._sending = threading.RLock()
@@ -109,6 +122,7 @@ class LocalSession(BlockingSession):
         try:
             self._sock.settimeout(timeout)
             self._sock.connect(os.fspath(path))
+            self.server_uid = _served_by(self._sock, server_uid)
             # Blocking from now on, with the kernel's timeouts: a receive (made once poll saw data,
             # see _receive) waits a slice at most; a send that stalls for the whole timeout fails the
             # session.
@@ -278,109 +292,4 @@ class LocalSession(BlockingSession):
             self._book.fail(_ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))
 
 
-class LocalCallError(grpc.RpcError):
-    """A local call's failure, as ``grpc.aio`` raises one: ``code()`` and ``details()``."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code, self._details = code, details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-
-class AsyncLocalCall:
-    """The Session call on the local socket, shaped as ``session.AsyncSession`` uses a grpc.aio
-    stream-stream call: ``write`` (waiting for the window), ``done_writing``, ``cancel`` and the
-    replies by ``async for`` (which also takes in the window's grants). ``AsyncSession`` writes one
-    message at a time and always reads, so the window is taken and spent in order."""
-
-    def __init__(self, path: str | os.PathLike[str], metadata: Metadata) -> None:
-        self._window = 0
-        self._news = asyncio.Event()  # a grant, or the end of the call
-        self._error: LocalCallError | None = None  # writes fail with it once the call is over
-        self._connected = asyncio.ensure_future(self._connect(path, metadata))
-
-    @staticmethod
-    async def _connect(path: str | os.PathLike[str], metadata: Metadata
-                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # fmt: skip
-        try:
-            reader, writer = await asyncio.open_unix_connection(os.fspath(path))
-        except OSError as exc:
-            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
-        writer.write(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
-        return reader, writer
-
-    async def write(self, request: infer_pb2.SessionRequest) -> None:
-        _, writer = await self._connected
-        message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
-        while self._window <= 0 and self._error is None:
-            self._news.clear()
-            await self._news.wait()
-        if self._error is not None:
-            raise self._error
-        self._window -= len(message)
-        await self._send(writer, message)
-
-    async def done_writing(self) -> None:
-        _, writer = await self._connected
-        if self._error is None:
-            self._error = LocalCallError(grpc.StatusCode.CANCELLED, "the session is closed")
-            await self._send(writer, frame(_CALL, Kind.HALF_CLOSE))
-
-    @staticmethod
-    async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-        try:
-            writer.write(data)
-            await writer.drain()
-        except OSError as exc:
-            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc}") from None
-
-    def cancel(self) -> None:
-        if not self._connected.done():
-            self._connected.cancel()
-        elif not self._connected.cancelled() and self._connected.exception() is None:
-            self._connected.result()[1].transport.abort()
-
-    def __aiter__(self) -> AsyncIterator[infer_pb2.SessionReply]:
-        return self._replies()
-
-    async def _replies(self) -> AsyncIterator[infer_pb2.SessionReply]:
-        try:
-            reader, _ = await self._connected
-            while True:
-                call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if reason := _unexpected(call, length):
-                    raise LocalCallError(grpc.StatusCode.INTERNAL, reason)
-                payload = await reader.readexactly(length)
-                if kind == Kind.WANT:
-                    self._window += int(payload)
-                    self._news.set()
-                elif kind == Kind.MESSAGE:
-                    yield infer_pb2.SessionReply.FromString(payload)
-                elif kind == Kind.END:
-                    if error := _ended_with(payload):
-                        raise LocalCallError(error.code, error.message)
-                    return
-        except (asyncio.IncompleteReadError, OSError) as exc:
-            raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc!r}") from None
-        finally:
-            self._error = self._error or LocalCallError(grpc.StatusCode.CANCELLED, _ENDED)
-            self._news.set()
-            self.cancel()
-
-
-class AsyncLocalStub:
-    """What ``AsyncSession`` asks of a stub (``Session(metadata=...)``), for the local socket."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self._path = path
-
-    def Session(self, metadata: Metadata = None) -> AsyncLocalCall:  # noqa: N802 - the stub's method name
-        return AsyncLocalCall(self._path, metadata)
-
-
-__all__ = ["AsyncLocalCall", "AsyncLocalStub", "LocalCallError", "LocalSession"]
+__all__ = ["LocalSession", "message_parts", "peer_uid"]

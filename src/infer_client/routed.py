@@ -26,7 +26,8 @@ from typing import Self
 import grpc
 
 from infer_client._protocol import ImageSource, InferError, PushedBatches
-from infer_client.local import AsyncLocalStub, LocalSession
+from infer_client.local import LocalSession
+from infer_client.local_async import AsyncLocalStub
 from infer_client.results import ImageResult
 from infer_client.session import AsyncSession, Metadata, _not_ours, _whole
 from infer_proto import infer_pb2
@@ -55,7 +56,8 @@ class RoutedSession:
         self, path: str | os.PathLike[str], transport: str, pushed: PushedBatches, timeout: float | None,
         metadata: Metadata, shards: infer_pb2.Shards, first: LocalSession,
     ) -> None:  # fmt: skip
-        self._open = lambda shard: LocalSession(shard_socket(path, shard), transport, pushed, timeout, metadata)
+        uid = first.server_uid  # every shard's socket must be served by shard 0's user
+        self._open = lambda shard: LocalSession(shard_socket(path, shard), transport, pushed, timeout, metadata, uid)
         self.count, self.home = shards.count, shards.suggested
         self._lock = threading.Lock()
         self._current = {shards.index: first}  # by shard: the session new pushes go to
@@ -141,8 +143,11 @@ class AsyncRoutedSession:
         self, path: str | os.PathLike[str], transport: str, pushed: PushedBatches, timeout: float | None,
         metadata: Metadata,
     ) -> None:  # fmt: skip
-        self._open = lambda shard: AsyncSession(AsyncLocalStub(shard_socket(path, shard)), transport, pushed, timeout,
-                                                metadata)  # fmt: skip
+        self._zero = AsyncLocalStub(path)  # its first call's server: the uid every shard's must have
+        self._open = lambda shard: AsyncSession(
+            self._zero if shard == 0 else AsyncLocalStub(shard_socket(path, shard), self._zero.server_uid),
+            transport, pushed, timeout, metadata,
+        )  # fmt: skip
         first = self._open(0)
         self._first: AsyncSession | None = first  # until the shards are known
         self._shards = infer_pb2.Shards(count=1)
