@@ -144,7 +144,9 @@ class InferClient:
         """A new ``Session`` stream (pushes and results on one RPC; on the local socket if the client
         has one); close it, or use ``with``."""
         if self.local_socket is not None:
-            return local_session(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
+            session = local_session(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
+            self._shard_count = session.count if isinstance(session, RoutedSession) else 1  # what pull asks
+            return session
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 
     def detect(

@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import grpc
 
@@ -36,7 +36,7 @@ from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
 
 SESSION = "/infer.v1.InferenceService/Session"
-_CALL = 1  # the one call of this connection
+CALL = 1  # the one call of this connection
 _PUSH = infer_pb2.SessionRequest.DESCRIPTOR.fields_by_name["push"].number
 _DATA = infer_pb2.PushDataRequest.DESCRIPTOR.fields_by_name["data"].number
 _MAX_PARTS = 512  # of one sendmsg (the kernel takes up to IOV_MAX, 1024)
@@ -53,12 +53,12 @@ def message_parts(request: infer_pb2.SessionRequest, blobs: Sequence[bytes] | No
     data goes in a second ``push`` holding only it."""
     head = request.SerializeToString()
     if not blobs:
-        return [HEADER.pack(_CALL, Kind.MESSAGE, len(head)), head]
+        return [HEADER.pack(CALL, Kind.MESSAGE, len(head)), head]
     size = sum(map(len, blobs))
     data = _key(_DATA, size)
     push = _key(_PUSH, len(data) + size) + data
     images = list(blobs) if len(blobs) < _MAX_PARTS else [b"".join(blobs)]
-    return [HEADER.pack(_CALL, Kind.MESSAGE, len(head) + len(push) + size), head, push, *images]
+    return [HEADER.pack(CALL, Kind.MESSAGE, len(head) + len(push) + size), head, push, *images]
 
 
 def _key(field: int, length: int) -> bytes:
@@ -80,21 +80,44 @@ def peer_uid(sock: socket.socket) -> int:
 def _served_by(sock: socket.socket, uid: int | None) -> int:
     """The serving uid, checked against ``uid`` (a shard's socket must be served by shard 0's user:
     not by another user who bound the path while the shard was starting again)."""
-    if uid is not None and (found := peer_uid(sock)) != uid:
+    found = peer_uid(sock)
+    if uid is not None and found != uid:
         raise ConnectionRefusedError(f"it is served by uid {found}, not the server's uid {uid}")
-    return peer_uid(sock)
+    return found
 
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
 
 
-def _unexpected(call: int, length: int) -> str | None:
+def start_frame(method: str, metadata: Metadata) -> bytes:
+    """The ``START`` of this connection's one call: the method and the credentials' metadata."""
+    return frame(CALL, Kind.START, encode_call_start(method, metadata or ()))
+
+
+def unexpected(call: int, length: int) -> str | None:
     """Why a frame the server sent cannot be taken in (a call not ours, or too long), or None."""
-    return f"a frame of {length} bytes for call {call}" if length > MAX_RECEIVE_BYTES or call != _CALL else None
+    return f"a frame of {length} bytes for call {call}" if length > MAX_RECEIVE_BYTES or call != CALL else None
 
 
-def _ended_with(payload: bytes) -> InferError | None:
+def read_frames(buffer: bytearray) -> Iterator[tuple[int, bytes]]:
+    """The complete frames at the start of ``buffer`` (kind, payload), each removed from it once
+    read; ``ValueError`` at one the server may not send (``unexpected``)."""
+    offset = 0
+    try:
+        while len(buffer) - offset >= HEADER.size:
+            call, kind, length = HEADER.unpack_from(buffer, offset)
+            if reason := unexpected(call, length):
+                raise ValueError(reason)
+            if len(buffer) - offset - HEADER.size < length:
+                break
+            yield kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
+            offset += HEADER.size + length
+    finally:
+        del buffer[:offset]
+
+
+def ended_with(payload: bytes) -> InferError | None:
     """An ``END``'s status as an error; None if the call ended OK."""
     code, details = decode_end(payload)
     return InferError(status_code(code), details) if code else None
@@ -130,7 +153,7 @@ class LocalSession(BlockingSession):
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(_RECEIVE_SLICE_S))
             if timeout is not None:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(timeout))
-            self._sock.sendall(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
+            self._sock.sendall(start_frame(SESSION, metadata))
             self._readable = select.poll()  # see _receive
             self._readable.register(self._sock, select.POLLIN)
         except OSError as exc:
@@ -173,7 +196,7 @@ class LocalSession(BlockingSession):
                 return
             try:
                 self._closing = True
-                self._send(frame(_CALL, Kind.HALF_CLOSE))
+                self._send(frame(CALL, Kind.HALF_CLOSE))
             finally:
                 self._sending.release()
             self._wait(lambda: True if self._ended else None, timeout)
@@ -248,7 +271,7 @@ class LocalSession(BlockingSession):
         breaks the session shuts the socket down, which ends the wait at once.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not (frames := self._frames()):
+        while not (frames := list(read_frames(self._received))):
             if self._sock.fileno() < 0:  # closed by another thread: its number may be another file's now
                 raise ConnectionError("the local socket was closed")
             left = None if deadline is None else deadline - time.monotonic()
@@ -266,19 +289,6 @@ class LocalSession(BlockingSession):
             self._received += chunk
         return frames
 
-    def _frames(self) -> list[tuple[int, bytes]]:
-        buffer, offset, frames = self._received, 0, []
-        while len(buffer) - offset >= HEADER.size:
-            call, kind, length = HEADER.unpack_from(buffer, offset)
-            if reason := _unexpected(call, length):
-                raise ValueError(reason)
-            if len(buffer) - offset - HEADER.size < length:
-                break
-            frames.append((kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])))
-            offset += HEADER.size + length
-        del buffer[:offset]
-        return frames
-
     def _take(self, kind: int, payload: bytes) -> None:
         if kind == Kind.WANT:
             self._window += int(payload)
@@ -289,7 +299,7 @@ class LocalSession(BlockingSession):
             self._book.absorb(reply)
         elif kind == Kind.END:
             self._ended = True
-            self._book.fail(_ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))
+            self._book.fail(ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))
 
 
 __all__ = ["LocalSession", "message_parts", "peer_uid"]

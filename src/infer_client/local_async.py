@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from infer_client.local import _CALL, SESSION, _ended_with, _served_by, _unexpected
+from infer_client.local import CALL, SESSION, _served_by, ended_with, start_frame, unexpected
 from infer_client.session import _ENDED, Metadata
 from infer_proto import infer_pb2
-from infer_proto.framing import HEADER, Kind, encode_call_start, frame
+from infer_proto.framing import HEADER, Kind, frame
 
 
 class LocalCallError(grpc.RpcError):
@@ -59,12 +59,12 @@ class AsyncLocalCall:
             raise LocalCallError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
         if stub is not None:
             stub.server_uid = uid
-        writer.write(frame(_CALL, Kind.START, encode_call_start(SESSION, metadata or ())))
+        writer.write(start_frame(SESSION, metadata))
         return reader, writer
 
     async def write(self, request: infer_pb2.SessionRequest) -> None:
         _, writer = await self._connected
-        message = frame(_CALL, Kind.MESSAGE, request.SerializeToString())
+        message = frame(CALL, Kind.MESSAGE, request.SerializeToString())
         while self._window <= 0 and self._error is None:
             self._news.clear()
             await self._news.wait()
@@ -77,7 +77,7 @@ class AsyncLocalCall:
         _, writer = await self._connected
         if self._error is None:
             self._error = LocalCallError(grpc.StatusCode.CANCELLED, "the session is closed")
-            await self._send(writer, frame(_CALL, Kind.HALF_CLOSE))
+            await self._send(writer, frame(CALL, Kind.HALF_CLOSE))
 
     @staticmethod
     async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -101,7 +101,7 @@ class AsyncLocalCall:
             reader, _ = await self._connected
             while True:
                 call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-                if reason := _unexpected(call, length):
+                if reason := unexpected(call, length):
                     raise LocalCallError(grpc.StatusCode.INTERNAL, reason)
                 payload = await reader.readexactly(length)
                 if kind == Kind.WANT:
@@ -110,7 +110,7 @@ class AsyncLocalCall:
                 elif kind == Kind.MESSAGE:
                     yield infer_pb2.SessionReply.FromString(payload)
                 elif kind == Kind.END:
-                    if error := _ended_with(payload):
+                    if error := ended_with(payload):
                         raise LocalCallError(error.code, error.message)
                     return
         except (asyncio.IncompleteReadError, OSError) as exc:

@@ -19,20 +19,18 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncGenerator, Generator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Generator, Sequence
 
 import grpc
 
-from infer_client._protocol import MAX_RECEIVE_BYTES, InferError, PushedBatches
-from infer_client.local import LocalSession
-from infer_client.results import status_code
+from infer_client._protocol import InferError, PushedBatches
+from infer_client.local import CALL, LocalSession, ended_with, read_frames, start_frame, unexpected
 from infer_client.session import Metadata
 from infer_proto import infer_pb2
-from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
+from infer_proto.framing import HEADER, Kind, frame
 from infer_proto.shards import batch_shard, shard_socket
 
 PULL = "/infer.v1.InferenceService/PullResult"
-_CALL = 1
 _CHUNK = 64 * 1024
 _QUEUED = 256  # results the asyncio pull holds unread: beyond them its sockets are not read
 
@@ -55,18 +53,9 @@ def _requests(batch_ids: Sequence[str], shards: int) -> dict[int, bytes]:
     return {shard: infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString() for shard, ids in by_shard.items()}
 
 
-def _start(metadata: Metadata) -> bytes:
-    return frame(_CALL, Kind.START, encode_call_start(PULL, metadata or ()))
-
-
 def _sent(request: bytes) -> bytes:
     """The request and the half-close: what a call sends once the server asks (``WANT``)."""
-    return frame(_CALL, Kind.MESSAGE, request) + frame(_CALL, Kind.HALF_CLOSE)
-
-
-def _ended(payload: bytes) -> InferError | None:
-    code, details = decode_end(payload)
-    return InferError(status_code(code), details) if code else None
+    return frame(CALL, Kind.MESSAGE, request) + frame(CALL, Kind.HALF_CLOSE)
 
 
 def _failed(exc: BaseException) -> InferError:
@@ -93,7 +82,7 @@ class _Pull:
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
-            self.sock.sendall(_start(metadata))
+            self.sock.sendall(start_frame(PULL, metadata))
         except OSError as exc:
             self.sock.close()
             raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
@@ -107,32 +96,18 @@ class _Pull:
             if not chunk:
                 raise ConnectionError("the server closed the local socket")
             self._received += chunk
-            for kind, payload in self._frames():
+            for kind, payload in read_frames(self._received):
                 if kind == Kind.WANT and self._request:
                     self.sock.sendall(self._request)
                     self._request = b""
                 elif kind == Kind.MESSAGE:
                     results.append(infer_pb2.ImageResult.FromString(payload))
                 elif kind == Kind.END:
-                    self.ended, self.error = True, _ended(payload)
+                    self.ended, self.error = True, ended_with(payload)
                     break
         except Exception as exc:  # noqa: BLE001 - a failure ends this call, after what it brought
             self.ended, self.error = True, _failed(exc)
         return results
-
-    def _frames(self) -> Iterator[tuple[int, bytes]]:
-        buffer, offset = self._received, 0
-        try:
-            while len(buffer) - offset >= HEADER.size:
-                call, kind, length = HEADER.unpack_from(buffer, offset)
-                if call != _CALL or length > MAX_RECEIVE_BYTES:
-                    raise InferError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
-                if len(buffer) - offset - HEADER.size < length:
-                    break
-                yield kind, bytes(buffer[offset + HEADER.size : offset + HEADER.size + length])
-                offset += HEADER.size + length
-        finally:
-            del buffer[:offset]
 
 
 def pull_shards(
@@ -174,12 +149,12 @@ async def _pull_one(
     writer: asyncio.StreamWriter | None = None
     try:
         reader, writer = await asyncio.open_unix_connection(path)
-        writer.write(_start(metadata))
+        writer.write(start_frame(PULL, metadata))
         pending = _sent(request)
         while True:
             call, kind, length = HEADER.unpack(await reader.readexactly(HEADER.size))
-            if call != _CALL or length > MAX_RECEIVE_BYTES:
-                raise InferError(grpc.StatusCode.INTERNAL, f"a frame of {length} bytes for call {call}")
+            if reason := unexpected(call, length):
+                raise ValueError(reason)
             payload = await reader.readexactly(length)
             if kind == Kind.WANT and pending:
                 writer.write(pending)
@@ -188,7 +163,7 @@ async def _pull_one(
             elif kind == Kind.MESSAGE:
                 await out.put(infer_pb2.ImageResult.FromString(payload))
             elif kind == Kind.END:
-                ended = _ended(payload)
+                ended = ended_with(payload)
                 break
     except asyncio.CancelledError:
         raise

@@ -181,7 +181,7 @@ async def _serve(settings: ServerSettings, link: socket.socket | None = None) ->
         loop.add_signal_handler(sig, stop.set)
     if link is not None:  # a shard: its main process holds the link's other end while it runs
         loop.add_reader(link.fileno(), _stop_at_end, loop, link, stop)
-    if link is None:  # the main process: what shards of an earlier run left
+    else:  # the main process: what shards of an earlier run left
         remove_leftovers(settings)
     server = InferenceServer(settings)
     try:

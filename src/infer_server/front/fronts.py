@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import socket
 import sys
@@ -28,6 +27,7 @@ import grpc
 import grpc.aio
 
 from infer_proto.framing import LINK, Kind
+from infer_server.front.children import start_again, wait_or_kill
 from infer_server.front.listen import OwnedSocket, channel_options, listen
 from infer_server.front.local import LocalFront
 from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
@@ -169,15 +169,9 @@ class FrontProcesses:
             code = await process.wait()
             self._on_exit()
             log.warning("front process %d (pid %d) exited with %s: starting it again", index, process.pid, code)
-            for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
-                await asyncio.sleep(delay)
-                if self._stopping:
-                    return
-                try:
-                    await self._start_one(index)
-                    break
-                except (OSError, RuntimeError, TimeoutError) as exc:
-                    log.error("front process %d did not start again: %s", index, exc)
+            if not await start_again(lambda: self._start_one(index), _RESTART_DELAYS_S, lambda: self._stopping,
+                                     f"front process {index}"):  # fmt: skip
+                return
         finally:
             del self._restarts[index]
         self._if_gone(index)
@@ -192,12 +186,7 @@ class FrontProcesses:
         for calls in self._links.values():
             calls.link.send(LINK, Kind.STOP, repr(grace).encode())
         for process in self._processes.values():
-            try:
-                await asyncio.wait_for(process.wait(), grace + 5.0)
-            except TimeoutError:
-                log.warning("front process (pid %d) did not stop: killing it", process.pid)
-                process.kill()
-                await process.wait()
+            await wait_or_kill(process, grace + 5.0, "front process")
         for calls in self._links.values():
             calls.link.close()
         for sock in self._held:

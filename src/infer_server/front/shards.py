@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from infer_proto.shards import shard_socket
+from infer_server.front.children import start_again, wait_or_kill
 from infer_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -210,22 +210,17 @@ class ShardProcesses:
         self._links.pop(index).close()
         self._on_change()
         log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
-        for delay in itertools.chain(_RESTART_DELAYS_S, itertools.repeat(_RESTART_DELAYS_S[-1])):
-            await asyncio.sleep(delay)
-            if self._stopping:
-                return
-            try:
-                started = await self._start_one(index)
-            except (OSError, RuntimeError, TimeoutError) as exc:
-                log.error("shard %d did not start again: %s", index, exc)
-                continue
-            if self._stopping:  # the stop came as it started: stop() no longer sees it
-                started[0].kill()
-                started[1].close()
-                await started[0].wait()
-                return
-            self._serving(index, *started)
+        again = await start_again(lambda: self._start_one(index), _RESTART_DELAYS_S, lambda: self._stopping,
+                                  f"shard {index}")  # fmt: skip
+        if again is None:
             return
+        started, link = again[0]
+        if self._stopping:  # the stop came as it started: stop() no longer sees it
+            started.kill()
+            link.close()
+            await started.wait()
+            return
+        self._serving(index, started, link)
 
     async def stop(self) -> None:
         """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
@@ -241,12 +236,7 @@ class ShardProcesses:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
         for index, process in processes.items():
-            try:
-                await asyncio.wait_for(process.wait(), bound)
-            except TimeoutError:
-                log.warning("shard %d (pid %d) did not stop: killing it", index, process.pid)
-                process.kill()
-                await process.wait()
+            await wait_or_kill(process, bound, f"shard {index}")
         for link in self._links.values():
             link.close()
         self._processes.clear()
