@@ -30,6 +30,9 @@ from pydantic.fields import FieldInfo
 from infer_proto.grpc_io import EPOLL_IO, prefer_epoll_io
 from infer_server.settings import ServerSettings
 
+if typing.TYPE_CHECKING:
+    from infer_server.front.choices import ModelState
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="gRPC inference server with tmpfs handoff.")
 log = logging.getLogger("infer_server")
 
@@ -97,11 +100,12 @@ def serve(settings: ServerSettings) -> None:
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
-def serve_shard(settings: ServerSettings, link: socket.socket) -> None:
-    """One shard of a server the main process runs (``front.shards``): until SIGTERM/SIGINT or
-    ``link``, its socket to the main process, ends; ``ready`` goes down it once it serves."""
+def serve_shard(settings: ServerSettings, link: socket.socket, models: ModelState | None) -> None:
+    """One shard of a server the main process runs (``front.shards``), serving ``models`` (None:
+    what the repository's version policies pick) until SIGTERM/SIGINT or ``link``, its socket to
+    the main process, ends; ``ready`` goes down it once it serves, model changes come up it."""
     _prepare(settings)
-    sys.exit(asyncio.run(_serve(settings, link)))
+    sys.exit(asyncio.run(_serve(settings, (link, models))))
 
 
 def _prepare(settings: ServerSettings) -> None:
@@ -163,15 +167,11 @@ def health(
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
-def _stop_at_end(loop: asyncio.AbstractEventLoop, link: socket.socket, stop: asyncio.Event) -> None:
-    if not link.recv(4096):
-        loop.remove_reader(link.fileno())
-        stop.set()
-
-
-async def _serve(settings: ServerSettings, link: socket.socket | None = None) -> int:
+async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelState | None] | None = None) -> int:
+    """The main process (``shard`` None) or a shard (its link to the main process, its models)."""
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
+    from infer_server.front.shard_link import answer_main
     from infer_server.front.shards import remove_leftovers
     from infer_server.supervisor.pool import PipelineError
 
@@ -179,11 +179,12 @@ async def _serve(settings: ServerSettings, link: socket.socket | None = None) ->
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if link is not None:  # a shard: its main process holds the link's other end while it runs
-        loop.add_reader(link.fileno(), _stop_at_end, loop, link, stop)
-    else:  # the main process: what shards of an earlier run left
+    if shard is None:  # the main process: what shards of an earlier run left
         remove_leftovers(settings)
+    else:  # its main process holds the link's other end while it runs
+        reader, link = await asyncio.open_unix_connection(sock=shard[0])
     server = InferenceServer(settings)
+    server.control.adopt(shard[1] if shard else None)
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be
         # interrupted half-way without leaving workers behind, and it is bounded by its timeout.
@@ -195,13 +196,12 @@ async def _serve(settings: ServerSettings, link: socket.socket | None = None) ->
         log.error("cannot start: %s", exc)
         return 1
     if not stop.is_set():
-        if link is None:
+        if shard is None:
             print(f"listening on {settings.host}:{port}", flush=True)
-        else:
-            try:
-                link.sendall(b"ready\n")
-            except OSError:  # the main process is gone already: drain
-                stop.set()
+        else:  # a main process gone already ends the link at once: the shard drains
+            link.write(b"ready\n")
+            following = asyncio.ensure_future(answer_main(reader, link, server))
+            following.add_done_callback(lambda _: stop.set())
         await stop.wait()
     log.info("signal received: draining")
     await server.stop()

@@ -42,8 +42,7 @@ def server(repo: Path) -> Iterator[RunningServer]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         METRICS_PORT.append(s.getsockname()[1])
-    # One shard, whatever pytest's --shards says: a server of several does not change models by call.
-    args = ("--shadow-budget", "1.0", "--metrics-port", str(METRICS_PORT[0]), "--shards", "1")
+    args = ("--shadow-budget", "1.0", "--metrics-port", str(METRICS_PORT[0]))
     with running_server(repo, *args, workers=2) as srv:
         yield srv
 
@@ -289,7 +288,8 @@ def test_a_change_whose_call_is_cancelled_is_still_made_and_recorded(server: Run
 def test_a_change_an_old_worker_does_not_make_way_for_is_made_and_said_so(model_repo_dir: Path) -> None:
     """Finding: a timed-out change left its extra worker serving for good, on options the caller
     was told were refused."""
-    args = ("--null-model", "--reload-timeout-s", "5", "--shards", "1")  # a change by call: one shard
+    # Two workers of one pool, whatever pytest's --shards says (with one worker per shard, both go).
+    args = ("--null-model", "--reload-timeout-s", "5", "--shards", "1")
     with running_server(model_repo_dir, *args, workers=2) as server:
         old = server.worker_pids()
         for pid in old:

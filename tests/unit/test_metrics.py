@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics
+from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics, _Merged
 from infer_server.messages import Code, ImageOutcome
 
 MODELS = (("detector", "3"), ("color", "1"))
@@ -75,3 +75,23 @@ def test_a_scrape_shows_what_prometheus_own_counter_and_histogram_would() -> Non
     assert ("infer_model_inference_success_total", (("model", "detector"), ("version", "3")), 2.0) in got
     text = generate_latest(metrics.registry).decode()
     assert "infer_inflight_images 7.0" in text and "infer_batches_total 2.0" in text
+
+
+def test_a_scrape_of_several_shards_is_one_servers_sums() -> None:
+    """Two shards that each answered OUTCOMES once show what one server that answered them twice
+    would; what is the whole server's (health flips) is the main process's alone, counted once."""
+    main, shard, once_twice = ServerMetrics(lambda: 2), ServerMetrics(lambda: 5), ServerMetrics(lambda: 7)
+    for metrics, rounds in ((main, 1), (shard, 1), (once_twice, 2)):
+        for _ in range(rounds):
+            metrics.batch_accepted(4)
+            metrics.images_done(OUTCOMES)
+        metrics.health(True)
+    shard.health(False)  # the shard's own flips are not the server's
+    merged = CollectorRegistry(auto_describe=False)
+    merged.register(_Merged(main.registry, shard.export))
+    assert samples(merged, FAMILIES) == samples(once_twice.registry, FAMILIES)
+    text = generate_latest(merged).decode()
+    assert "infer_inflight_images 7.0" in text  # 2 + 5
+    assert 'infer_health_changes_total{status="SERVING"} 1.0' in text and "NOT_SERVING" not in text
+    created = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "infer_batches_created"]
+    assert len(created) == 1 and created[0].value == main._counts.created, "when counting began: the main process's"

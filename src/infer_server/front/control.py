@@ -10,6 +10,11 @@ from what the workers report (``PipelinePool.report``, ``PipelinePool.models``).
 Who may change models: ``--model-control explicit`` (the default) and a caller named in
 ``--control-callers``; every change leaves an audit line. ``--repository-poll-s`` reads the
 repository again whenever its files change (names, sizes and times of every file under it).
+
+On a server of several shards (``--shards``) the main process's ``ModelControl`` decides for all:
+a change moves its own workers, then each shard's (``ShardProcesses.follow``) to the versions its
+workers loaded; a shard that refuses puts every other back, so the call is refused as a whole.
+A shard's own ``ModelControl`` only follows (``follow``), and does not poll the repository.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import os
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from infer_server.front import audit
+from infer_server.front.choices import Choices, ModelState
 from infer_server.front.errors import (
     Busy,
     Incomplete,
@@ -35,7 +40,7 @@ from infer_server.front.errors import (
     UnknownModel,
 )
 from infer_server.front.identity import Identity
-from infer_server.messages import ROUTE_CANARY, ROUTE_SHADOW, ROUTE_STABLE, Agreement, ShadowDone
+from infer_server.messages import ROUTE_CANARY, ROUTE_SHADOW, ROUTE_STABLE, Agreement, ShadowDone, WorkerOptions
 from infer_server.supervisor.rollout import ReloadIncomplete, ReloadRefused
 
 if TYPE_CHECKING:
@@ -63,24 +68,6 @@ def repository_fingerprint(root: str) -> tuple[tuple[str, int, int], ...]:
     return tuple(seen)
 
 
-@dataclass
-class Choices:
-    """What operators chose: versions pinned, attribute models unloaded, and the candidate under
-    trial (model, version) with its shares of batches (canary answers, shadow runs beside)."""
-
-    pins: dict[str, str] = field(default_factory=dict)
-    unloaded: set[str] = field(default_factory=set)
-    trial: tuple[str, str] | None = None
-    canary: float = 0.0
-    shadow: float = 0.0
-
-    def copy(self) -> Choices:
-        return dataclasses.replace(self, pins=dict(self.pins), unloaded=set(self.unloaded))
-
-    def end_trial(self) -> None:
-        self.trial, self.canary, self.shadow = None, 0.0, 0.0
-
-
 class ModelControl:
     """The operator's model choices for one server, and the changes that apply them."""
 
@@ -97,6 +84,7 @@ class ModelControl:
         self.errors: dict[str, str] = {}  # model → why its last change was refused
         self._lock = asyncio.Lock()  # one change at a time (the pool refuses a second anyway)
         self._changes: set[asyncio.Future[None]] = set()  # running on even if their caller went
+        self._adopted: ModelState | None = None  # a shard's models at start (``adopt``)
 
     @property
     def pool(self) -> PipelinePool:
@@ -112,9 +100,6 @@ class ModelControl:
             raise PermissionDeniedError("model control is off on this server (--model-control none)")
         if identity.name not in self.callers:
             raise PermissionDeniedError(f"caller {identity.name!r} may not change models (--control-callers)")
-        if self.server.settings.shards > 1:  # each shard has its own workers; a change reaching one would split them
-            raise Refused("models do not change by call on a server of several shards (--shards) yet: change the "
-                          "repository and let --repository-poll-s, which every shard follows, move them")
 
     # --------------------------------------------------------------------------------- state
     def serving(self) -> dict[str, str]:
@@ -135,6 +120,17 @@ class ModelControl:
         else:
             self.agreement.add(done.agreement)
         self.server.metrics.shadow_done(done, self.chosen.trial)
+
+    async def shadow_seen(self) -> tuple[Agreement, int]:
+        """What the trial's shadow runs found, in this process and every other shard: the
+        agreement and the runs skipped."""
+        agreement, skipped = Agreement(), self.shadow_skipped
+        agreement.add(self.agreement)
+        if self.server.shards is not None:
+            theirs, their_skipped = await self.server.shards.shadow()
+            agreement.add(theirs)
+            skipped += their_skipped
+        return agreement, skipped
 
     def catalog(self) -> list[tuple[str, str, tuple[str, ...]]]:
         """The models the workers reported, with the version directories on disk now (added since
@@ -262,18 +258,15 @@ class ModelControl:
                 self.pool.options, pins=tuple(sorted({**kept, **chosen.pins}.items())),
                 unloaded=tuple(sorted(chosen.unloaded)), candidate=(chosen.trial,) if chosen.trial else (),
             )  # fmt: skip
-            incomplete = ""
             if options != self.pool.options or reread:
                 audit.control(f"model {action} started", model=name or None, caller=who, **details)
-                try:
-                    await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
-                except ReloadRefused as exc:
-                    why = self._redacted(str(exc))
-                    self.errors[name or "*"] = why
-                    audit.control(f"model {action} refused", model=name or None, caller=who, reason=why, **details)
-                    raise Refused(f"{action} of {name or 'the repository'} refused: {why}") from None
-                except ReloadIncomplete as exc:
-                    incomplete = f"{exc}; it serves the old models until its chunks are done"
+            try:
+                incomplete = await self._move(options, chosen, reread)
+            except ReloadRefused as exc:
+                why = self._redacted(str(exc))
+                self.errors[name or "*"] = why
+                audit.control(f"model {action} refused", model=name or None, caller=who, reason=why, **details)
+                raise Refused(f"{action} of {name or 'the repository'} refused: {why}") from None
             self._commit(chosen, before, name)
             if incomplete:
                 self.errors[name or "*"] = incomplete
@@ -281,6 +274,55 @@ class ModelControl:
                           incomplete=incomplete or None, **details)  # fmt: skip
             if incomplete:
                 raise Incomplete(f"{action} of {name or 'the repository'} is made, but {incomplete}")
+
+    async def _move(self, options: WorkerOptions, chosen: Choices, reread: bool) -> str:
+        """Move this process's workers to ``options`` (when what they load changes, or ``reread``),
+        then every other shard's to what they loaded: '' or why the change is not complete yet.
+        ``ReloadRefused``: nothing changed, here or in any shard (one that refused puts the others
+        and this process back)."""
+        old, incomplete = self.pool.options, []
+        if options != old or reread:
+            try:
+                await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
+            except ReloadIncomplete as exc:
+                incomplete.append(f"{exc}; it serves the old models until its chunks are done")
+        if (shards := self.server.shards) is None:
+            return "; ".join(incomplete)
+        try:
+            state, previous = ModelState.of(self.pool.options, chosen, reread), ModelState.of(old, self.chosen, reread)
+            incomplete += await shards.follow(state, previous)
+        except ReloadRefused:
+            if self.pool.options != old:
+                try:
+                    await asyncio.to_thread(self.pool.reload, old, self.timeout_s)
+                except (ReloadRefused, ReloadIncomplete) as exc:
+                    log.error("the main process's workers could not go back to the models before the change: %s", exc)
+            raise
+        return "; ".join(incomplete)
+
+    async def follow(self, state: ModelState) -> None:
+        """A shard: serve what the main process's workers serve now (``front.shards``).
+        ``ReloadRefused``: nothing changed; ``ReloadIncomplete``: made, a worker is slow to go."""
+        async with self._lock:
+            before, options = self.serving(), state.options(self.pool.options)
+            try:
+                if options != self.pool.options or state.reread:
+                    await asyncio.to_thread(self.pool.reload, options, self.timeout_s)
+            except ReloadIncomplete:
+                self._commit(state.choices(), before, "")
+                raise
+            self._commit(state.choices(), before, "")
+
+    def first_options(self, options: WorkerOptions) -> WorkerOptions:
+        """What the workers start with: ``options``, with the models a shard started again is told
+        to serve (``adopt``)."""
+        return options if self._adopted is None else self._adopted.options(options)
+
+    def adopt(self, state: ModelState | None) -> None:
+        """A shard started again serves the main process's models from its first worker on."""
+        self._adopted = state
+        if state is not None:
+            self.chosen = state.choices()
 
     def _commit(self, chosen: Choices, before: dict[str, str], name: str) -> None:
         """The workers now run ``chosen``: remember it, and what each changed model served before."""

@@ -29,7 +29,8 @@ async def status(control: ModelControl, operator: bool) -> infer_pb2.ListModelsR
     """Every model's state, as each call answers; why changes were refused only for an operator
     (a worker's reason may name places on the host)."""
     catalog = await asyncio.to_thread(control.catalog)  # lists the repository's directories
-    serving, chosen, agreement = control.serving(), control.chosen, control.agreement
+    serving, chosen = control.serving(), control.chosen
+    agreement, skipped = await control.shadow_seen()
     reply = infer_pb2.ListModelsReply()
     for name, kind, versions in catalog:
         model = reply.models.add(
@@ -39,7 +40,7 @@ async def status(control: ModelControl, operator: bool) -> infer_pb2.ListModelsR
         )  # fmt: skip
         if chosen.trial is not None and chosen.trial[0] == name:
             model.candidate, model.canary_share, model.shadow_share = chosen.trial[1], chosen.canary, chosen.shadow
-            model.shadow_images, model.shadow_skipped = agreement.images, control.shadow_skipped
+            model.shadow_images, model.shadow_skipped = agreement.images, skipped
             model.shadow_detection_agreement = agreement.detection_agreement
             model.shadow_attribute_agreement = agreement.attribute_agreement
     return reply

@@ -7,6 +7,7 @@ exporter only runs when a metrics port is configured.
 
 from __future__ import annotations
 
+import logging
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -15,9 +16,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
 from infer_server.messages import Code, ImageOutcome, ShadowDone
+
+log = logging.getLogger(__name__)
 
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
@@ -174,6 +178,46 @@ class _ImageCounts(Collector):
         return family
 
 
+# Families that are the whole server's, not each shard's: the main process's alone are exported.
+# The health flips and front processes are the main process's; every shard serves the same models and
+# trial shares (``front.choices``); the drift watch is each shard's window, shard 0's is the one shown.
+_SERVER_WIDE = frozenset(
+    {"infer_health_changes", "infer_front_process_exits", "infer_model_version", "infer_trial_share",
+     "infer_drift_psi", "infer_drift_flag", "infer_drift_window_images"}
+)  # fmt: skip
+
+
+class _Merged(Collector):
+    """A server of several shards, scraped: this process's families with every other shard's added
+    to them, sample by sample (counters, histograms and gauges such as images in flight are sums
+    over the shards), except the families that are the whole server's (``_SERVER_WIDE``)."""
+
+    def __init__(self, own: CollectorRegistry, others: Callable[[], list[list[Any]]]) -> None:
+        self._own, self._others = own, others
+
+    def collect(self) -> Iterator[Metric]:
+        families = {family.name: family for family in self._own.collect()}
+        try:
+            others = self._others()
+        except Exception as exc:  # noqa: BLE001 - a scrape answers with what it has
+            log.warning("the other shards' metrics are left out of this scrape: %r", exc)
+            others = []
+        for name, kind, doc, samples in others:
+            if name in _SERVER_WIDE:
+                continue
+            family = families.get(name)
+            if family is None:
+                family = families[name] = Metric(name, doc, kind)
+            index = {(s.name, tuple(sorted(s.labels.items()))): n for n, s in enumerate(family.samples)}
+            for sample, labels, value in samples:
+                n = index.get((sample, tuple(sorted(labels.items()))))
+                if n is None:
+                    family.samples.append(Sample(sample, labels, value))
+                elif not sample.endswith("_created"):  # when counting began: this process's
+                    family.samples[n] = family.samples[n]._replace(value=family.samples[n].value + value)
+        yield from families.values()
+
+
 class ServerMetrics:
     def __init__(self, inflight_images: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
@@ -263,8 +307,22 @@ class ServerMetrics:
         """Export the result cache's counters (an ``LRUKCache``: hits, misses, evictions, size)."""
         self.registry.register(_CacheCollector(cache))
 
-    def serve(self, port: int, host: str) -> None:
-        result = start_http_server(port, addr=host, registry=self.registry)
+    def export(self) -> list[list[Any]]:
+        """Every family as plain values, ``[name, type, help, [[sample, labels, value], ...]]``:
+        what a shard sends the main process for its scrape (``front.shard_link``)."""
+        return [
+            [f.name, f.type, f.documentation, [[s.name, s.labels, s.value] for s in f.samples]]
+            for f in self.registry.collect()
+        ]
+
+    def serve(self, port: int, host: str, shards: Any = None) -> None:
+        """The exporter on ``port``; with ``shards`` (``front.shards.ShardProcesses``) every scrape
+        adds the other shards' families to this process's (``_Merged``)."""
+        registry = self.registry
+        if shards is not None:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(_Merged(self.registry, shards.families))
+        result = start_http_server(port, addr=host, registry=registry)
         self._http = result[0] if isinstance(result, tuple) else None
 
     def close(self) -> None:

@@ -108,7 +108,7 @@ class InferenceServer:
         self.pool: PipelinePool | None = None
         self._pool_healthy = True
         self._suggestions = itertools.count()  # shards_reply
-        self._shards: ShardProcesses | None = None  # shards 1 … K−1, when this process is shard 0 of several
+        self.shards: ShardProcesses | None = None  # shards 1 … K−1, when this process is shard 0 of several
         self._health = health.aio.HealthServicer()
         self._front: Front | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -134,12 +134,12 @@ class InferenceServer:
             self.port = await front.start()
             self._front = front
             if s.shards > 1 and not s.shard_index:
-                self._shards = ShardProcesses(self._whole, lambda: self._spawn(self._set_health(self._pool_healthy)))
-                await self._shards.start()
+                self.shards = ShardProcesses(self._whole, lambda: self._spawn(self._set_health(self._pool_healthy)))
+                await self.shards.start()
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
         except BaseException:
-            if self._shards is not None:
-                await self._shards.stop()
+            if self.shards is not None:
+                await self.shards.stop()
             await front.stop(0)
             self.handoff.remove_staging_dir()
             raise
@@ -148,7 +148,7 @@ class InferenceServer:
         await self._set_health(True)
         self._start_background_tasks()
         if s.metrics_port is not None:
-            self.metrics.serve(s.metrics_port, s.host)
+            self.metrics.serve(s.metrics_port, s.host, self.shards)
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
         callers = self.authenticator.mode
@@ -185,7 +185,7 @@ class InferenceServer:
         s = self.settings
         self._spawn(Upkeep(self).run())
         self._spawn(self._housekeeping())
-        if s.repository_poll_s:
+        if s.repository_poll_s and not s.shard_index:  # the main process moves every shard
             self._spawn(self.control.poll(s.repository_poll_s))
         if s.drift_window:
             self._spawn(self.drift.run(s.drift_interval_s))
@@ -195,7 +195,7 @@ class InferenceServer:
         s = self.settings
         pool = PipelinePool(
             s.models_dir,
-            s.worker_options(),
+            self.control.first_options(s.worker_options()),
             workers=s.workers,
             max_attempts=s.max_attempts,
             max_chunk_seconds=s.max_chunk_seconds,
@@ -215,7 +215,7 @@ class InferenceServer:
         s = self.settings
         self.accepting = False
         audit.control("draining", inflight_images=self.registry.inflight_images)
-        shards = asyncio.ensure_future(self._shards.stop()) if self._shards is not None else None
+        shards = asyncio.ensure_future(self.shards.stop()) if self.shards is not None else None
         await self._health.enter_graceful_shutdown()
         if not await self.registry.wait_idle(s.drain_timeout_s):
             log.warning("drain timed out with %d images in flight", self.registry.inflight_images)
@@ -382,7 +382,7 @@ class InferenceServer:
         self.drift.use(self.pool.report.profile, self.pool.models[0] if self.pool.models else ("", ""))
 
     async def _set_health(self, healthy: bool) -> None:
-        every_shard = self._shards is None or self._shards.serving
+        every_shard = self.shards is None or self.shards.serving
         status = _SERVING if healthy and self.accepting and every_shard else _NOT_SERVING
         self.metrics.health(status == _SERVING)
         for service in ("", SERVICE_NAME):

@@ -13,16 +13,20 @@ in-flight images and bytes (its own and per caller) are at least one largest bat
 
 Shard 0 is the main process: it alone serves gRPC (and its front processes), the metrics port and
 health, and it supervises the others (``ShardProcesses``): it starts them (``python -m
-infer_server.front.shards``, linked by a socket pair), waits until each serves, starts one that
-exits again (health is NOT_SERVING until it serves), and stops them when it drains. A shard whose
-main process goes away sees its link close and drains too.
+infer_server.front.shards``, linked by a socket pair: ``front.shard_link``), waits until each
+serves, starts one that exits again (health is NOT_SERVING until it serves), and stops them when
+it drains. A shard whose main process goes away sees its link close and drains too. It alone
+decides which models serve: a change (by call, or the repository poll) moves its own workers and
+then each shard's in turn to the versions its workers loaded, and a shard started again is told
+them before its first worker starts (``front.choices.ModelState``). A scrape of its metrics port
+adds the other shards' metrics to its own; ``ListModels`` sums every shard's shadow runs.
 
 Routing is the client library's (``infer_client.local``): the first Session reply on a local
 socket says how many shards there are and which one the client should use; batch ids and request
 ids name their shard (``infer_proto.shards``), and a shard refuses a push over the local socket
 whose request id is another shard's, so that a client that does not route cannot push one request
 twice. What is not there yet: gRPC reaches shard 0 only (its batches, and its request ids: a
-request id is one shard's per transport), and models change by the repository poll only.
+request id is one shard's per transport).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import shutil
@@ -38,15 +43,21 @@ import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from infer_proto.shards import shard_socket
 from infer_server.front.children import start_again, wait_or_kill
+from infer_server.front.choices import ModelState
+from infer_server.front.shard_link import ShardGone, ShardLink
+from infer_server.messages import Agreement
 from infer_server.settings import ServerSettings
+from infer_server.supervisor.rollout import ReloadRefused
 
 log = logging.getLogger(__name__)
 
 _READY_TIMEOUT_MARGIN_S = 30.0  # beyond --startup-timeout-s, for the interpreter and gRPC to load
 _RESTART_DELAYS_S = (0.5, 1.0, 2.0, 5.0)  # between restarts of a shard that keeps dying
+_ASK_TIMEOUT_S = 5.0  # for a shard's metrics or shadow counts (a shard that takes longer is left out)
 
 
 def _share(total: int, shards: int, least: int = 1) -> int:
@@ -146,7 +157,10 @@ class ShardProcesses:
     def __init__(self, settings: ServerSettings, on_change: Callable[[], None]) -> None:
         self._settings, self._on_change = settings, on_change
         self._processes: dict[int, asyncio.subprocess.Process] = {}
-        self._links: dict[int, asyncio.StreamWriter] = {}
+        self._links: dict[int, ShardLink] = {}
+        self.models: ModelState | None = None  # what every shard serves, once a change was made
+        self._models_lock = asyncio.Lock()  # a change, or a shard being started again with the models
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
 
@@ -158,6 +172,7 @@ class ShardProcesses:
     async def start(self) -> None:
         """Start every shard and wait until each serves; one that does not fails the start (and
         stops those that did)."""
+        self._loop = asyncio.get_running_loop()
         indices = range(1, self._settings.shards)
         started = await asyncio.gather(*(self._start_one(k) for k in indices), return_exceptions=True)
         for index, process in zip(indices, started, strict=True):
@@ -167,8 +182,10 @@ class ShardProcesses:
             await self.stop()
             raise failed[0]
 
-    async def _start_one(self, index: int) -> tuple[asyncio.subprocess.Process, asyncio.StreamWriter]:
-        config = self._settings.model_copy(update={"shard_index": index}).model_dump_json().encode()
+    async def _start_one(self, index: int) -> tuple[asyncio.subprocess.Process, ShardLink]:
+        settings = self._settings.model_copy(update={"shard_index": index}).model_dump(mode="json")
+        models = None if self.models is None else self.models.to_json()
+        config = json.dumps({"settings": settings, "models": models}).encode()
         ours, theirs = socket.socketpair()
         with ours, theirs:
             fd = theirs.fileno()
@@ -194,9 +211,9 @@ class ShardProcesses:
             raise
         log.info("shard %d (pid %d) serves %s", index, process.pid,
                  shard_socket(self._settings.local_socket or "", index))  # fmt: skip
-        return process, link
+        return process, ShardLink(reader, link)
 
-    def _serving(self, index: int, process: asyncio.subprocess.Process, link: asyncio.StreamWriter) -> None:
+    def _serving(self, index: int, process: asyncio.subprocess.Process, link: ShardLink) -> None:
         self._processes[index], self._links[index] = process, link
         self._watchers[index] = asyncio.ensure_future(self._watch(index, process))
         self._on_change()
@@ -210,17 +227,82 @@ class ShardProcesses:
         self._links.pop(index).close()
         self._on_change()
         log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
-        again = await start_again(lambda: self._start_one(index), _RESTART_DELAYS_S, lambda: self._stopping,
-                                  f"shard {index}")  # fmt: skip
-        if again is None:
-            return
-        started, link = again[0]
-        if self._stopping:  # the stop came as it started: stop() no longer sees it
-            started.kill()
-            link.close()
-            await started.wait()
-            return
-        self._serving(index, started, link)
+        await start_again(lambda: self._start_again(index), _RESTART_DELAYS_S, lambda: self._stopping,
+                          f"shard {index}")  # fmt: skip
+
+    async def _start_again(self, index: int) -> None:
+        """Start shard ``index`` again with the models every other shard serves (no change is made
+        meanwhile: it waits, and then reaches this shard too)."""
+        async with self._models_lock:
+            started, link = await self._start_one(index)
+            if self._stopping:  # the stop came as it started: stop() no longer sees it
+                started.kill()
+                link.close()
+                await started.wait()
+                return
+            self._serving(index, started, link)
+
+    async def follow(self, state: ModelState, previous: ModelState) -> list[str]:
+        """Every shard, one after another, moves from ``previous`` to ``state`` (the main process's
+        workers moved first): why the change is not complete yet in some, if so. ``ReloadRefused``
+        if one refused: those that moved go back to ``previous``, and the refusal names the shard.
+        A shard that exits meanwhile is started again with what the change ends in."""
+        async with self._models_lock:
+            moved: list[int] = []
+            incomplete: list[str] = []
+            for index in sorted(self._processes):
+                try:
+                    if said := await self._ask(index, state):
+                        incomplete.append(f"shard {index}: {said}")
+                except ReloadRefused as exc:
+                    for done in moved:
+                        try:
+                            await self._ask(done, previous)
+                        except ReloadRefused as again:
+                            log.error("shard %d could not go back to the models before the change: %s", done, again)
+                    raise ReloadRefused(f"shard {index}: {exc}") from None
+                moved.append(index)
+            self.models = state
+            return incomplete
+
+    async def _ask(self, index: int, state: ModelState) -> str:
+        """Shard ``index`` moves to ``state``: '' or why it is incomplete; ``ReloadRefused`` with its
+        reason. A shard that exits, or does not answer in time (it is killed), is started again."""
+        bound = 2 * self._settings.reload_timeout_s + _READY_TIMEOUT_MARGIN_S
+        try:
+            answer = await self._links[index].ask({"models": state.to_json()}, bound)
+        except TimeoutError:
+            log.error("shard %d did not answer a model change within %g s: killing it", index, bound)
+            with contextlib.suppress(ProcessLookupError, KeyError):
+                self._processes[index].kill()
+            return ""
+        except (ShardGone, KeyError):
+            return ""  # it exited since the change began: it is started again with the change's models
+        if "refused" in answer:
+            raise ReloadRefused(str(answer["refused"]))
+        return str(answer.get("incomplete", ""))
+
+    async def _everyone(self, question: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every serving shard's answer to ``question`` (one being started again has none)."""
+        links = list(self._links.values())
+        answers = await asyncio.gather(*(link.ask(question, _ASK_TIMEOUT_S) for link in links), return_exceptions=True)
+        return [answer for answer in answers if isinstance(answer, dict)]
+
+    async def shadow(self) -> tuple[Agreement, int]:
+        """What every shard's shadow runs found: their agreement and the runs skipped, summed."""
+        agreement, skipped = Agreement(), 0
+        for answer in await self._everyone({"shadow": None}):
+            agreement.add(Agreement(**answer["agreement"]))
+            skipped += int(answer["skipped"])
+        return agreement, skipped
+
+    def families(self) -> list[list[Any]]:
+        """Every serving shard's metric families (``ServerMetrics.export``), for a scrape: called
+        from the metrics server's thread, never the loop."""
+        if self._loop is None:
+            return []
+        ask = asyncio.run_coroutine_threadsafe(self._everyone({"metrics": None}), self._loop)
+        return [family for answer in ask.result(_ASK_TIMEOUT_S + 1.0) for family in answer["families"]]
 
     async def stop(self) -> None:
         """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
@@ -245,7 +327,8 @@ class ShardProcesses:
 
 def main() -> None:
     """A shard's process: its link to the main process is the descriptor named by its argument;
-    its settings come first on it (one JSON line). Served until SIGTERM/SIGINT or the link ends."""
+    its settings (and the models to serve, if a change was made before it started) come first on
+    it, as one JSON line. Served until SIGTERM/SIGINT or the link ends."""
     from infer_server.cli import serve_shard
 
     link = socket.socket(fileno=int(sys.argv[1]))
@@ -254,7 +337,9 @@ def main() -> None:
         if not (chunk := link.recv(65536)):
             sys.exit(1)  # the main process went away before it said what to serve
         config += chunk
-    serve_shard(ServerSettings.model_validate_json(config), link)
+    start = json.loads(config)
+    models = None if start["models"] is None else ModelState.from_json(start["models"])
+    serve_shard(ServerSettings.model_validate(start["settings"]), link, models)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,116 @@
+"""The link between the main process of a server of several shards (``--shards``) and each shard.
+
+A socket pair the shard inherits (``front.shards``). The main process writes the shard's settings
+first (one JSON line), the shard answers ``ready`` once it serves; from then on the main process
+asks and the shard answers, one JSON object per line, each answer carrying its question's ``id``
+(answers may come in any order: a model change takes seconds, a scrape must not wait for it):
+
+- ``{"models": ModelState}``: move the workers there (``ModelControl.follow``); answered ``{}``,
+  ``{"incomplete": why}`` or ``{"refused": why}``;
+- ``{"metrics": null}``: the shard's metric families, for the main process's scrape to merge;
+- ``{"shadow": null}``: what the shard's shadow runs found (``ListModels`` sums every shard's).
+
+The link's end tells either side that the other is gone: a shard drains, the main process starts
+the shard again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from infer_server.front.choices import ModelState
+from infer_server.supervisor.rollout import ReloadIncomplete, ReloadRefused
+
+if TYPE_CHECKING:
+    from infer_server.front.server import InferenceServer
+
+log = logging.getLogger(__name__)
+
+
+class ShardGone(ConnectionError):
+    """The shard's end of the link closed (it exited, or is exiting)."""
+
+
+class ShardLink:
+    """The main process's end of one shard's link, once the shard serves: questions, answered in
+    any order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader, self._writer = reader, writer
+        self._ids = itertools.count()
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._closed = False
+        self._reading = asyncio.ensure_future(self._read())
+
+    async def ask(self, question: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The shard's answer to ``question``; ``ShardGone``, or ``TimeoutError`` past ``timeout``."""
+        if self._closed:
+            raise ShardGone("the shard is gone")
+        number = next(self._ids)
+        answer = self._pending[number] = asyncio.get_running_loop().create_future()
+        try:
+            self._writer.write(json.dumps({"id": number, **question}).encode() + b"\n")
+            return await asyncio.wait_for(answer, timeout)
+        finally:
+            self._pending.pop(number, None)
+
+    async def _read(self) -> None:
+        try:
+            while line := await self._reader.readline():
+                answer = json.loads(line)
+                waiting = self._pending.get(answer.pop("id", None))
+                if waiting is not None and not waiting.done():
+                    waiting.set_result(answer)
+        except (OSError, ValueError) as exc:
+            log.warning("a shard's link broke: %s", exc)
+        finally:
+            self._closed = True
+            for waiting in self._pending.values():
+                if not waiting.done():
+                    waiting.set_exception(ShardGone("the shard is gone"))
+
+    def close(self) -> None:
+        self._closed = True
+        self._writer.close()
+        self._reading.cancel()
+
+
+async def answer_main(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: InferenceServer) -> None:
+    """A shard's end of its link, once it serves: answer each question (a task each); returns when
+    the link ends (the main process is gone)."""
+    answering: set[asyncio.Task[None]] = set()
+    while line := await reader.readline():
+        try:
+            question = json.loads(line)
+        except ValueError:
+            log.error("a malformed question from the main process: %r", line[:200])
+            continue
+        task = asyncio.ensure_future(_answer(question, writer, server))
+        answering.add(task)
+        task.add_done_callback(answering.discard)
+    for task in answering:
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.gather(*answering, return_exceptions=True)
+
+
+async def _answer(question: dict[str, Any], writer: asyncio.StreamWriter, server: InferenceServer) -> None:
+    answer: dict[str, Any] = {"id": question.get("id")}
+    if "models" in question:
+        try:
+            await server.control.follow(ModelState.from_json(question["models"]))
+        except ReloadIncomplete as exc:
+            answer["incomplete"] = f"{exc}; it serves the old models until its chunks are done"
+        except (ReloadRefused, ValueError) as exc:
+            answer["refused"] = str(exc)
+    elif "metrics" in question:
+        answer["families"] = server.metrics.export()
+    elif "shadow" in question:
+        control = server.control
+        answer |= {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}
+    writer.write(json.dumps(answer).encode() + b"\n")
