@@ -171,7 +171,7 @@ async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelStat
     """The main process (``shard`` None) or a shard (its link to the main process, its models)."""
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
-    from infer_server.front.shard_link import answer_main
+    from infer_server.front.shard_link import LINE_LIMIT, answer_main
     from infer_server.front.shards import remove_leftovers
     from infer_server.supervisor.pool import PipelineError
 
@@ -182,7 +182,7 @@ async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelStat
     if shard is None:  # the main process: what shards of an earlier run left
         remove_leftovers(settings)
     else:  # its main process holds the link's other end while it runs
-        reader, link = await asyncio.open_unix_connection(sock=shard[0])
+        reader, link = await asyncio.open_unix_connection(sock=shard[0], limit=LINE_LIMIT)
     server = InferenceServer(settings)
     server.control.adopt(shard[1] if shard else None)
     try:

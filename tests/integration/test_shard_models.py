@@ -22,6 +22,10 @@ from benchmarks.procs import descendants
 from benchmarks.servers import cmdline
 from engines.scenes import generate_scene
 from infer_client import InferClient, InferError, RoutedSession
+from infer_client.local import CALL, ended_with, read_frames, start_frame
+from infer_proto import infer_pb2
+from infer_proto.framing import Kind, frame
+from infer_proto.shards import shard_socket
 from tests.helpers import MODELS, OpenWatch, versioned_repository
 from tests.integration.conftest import RunningServer, running_server
 
@@ -113,6 +117,8 @@ def test_a_change_by_call_moves_every_shard_before_it_answers(server: RunningSer
 def test_a_shard_started_again_serves_the_models_chosen_before(server: RunningServer) -> None:
     with server.client() as client:
         client.models.load("color", "2")
+        _colors(client)  # images answered by each shard
+    answered = _metrics()['infer_images_total{code="OK"}']
     (shard,) = [pid for pid in descendants(server.process.pid) if b"infer_server.front.shards" in cmdline(pid)]
     with grpc.insecure_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=120)
@@ -124,6 +130,8 @@ def test_a_shard_started_again_serves_the_models_chosen_before(server: RunningSe
     with server.client() as client:
         # Its version policy alone would choose 1: it was told what the others serve.
         assert _colors(client) == {0: {"2"}, 1: {"2"}}
+    # The shard counts from 0 again; what it had counted before is kept: no counter goes down.
+    assert _metrics()['infer_images_total{code="OK"}'] == answered + 2 * len(JPEGS)
 
 
 def test_a_change_one_shard_refuses_leaves_every_shard_where_it_was(server: RunningServer, repo: Path) -> None:
@@ -175,3 +183,34 @@ def test_shadow_runs_and_metrics_count_every_shards_images(server: RunningServer
     # Shadow runs follow the answers: the scrape, after the listing, may have seen one more.
     assert color.shadow_images <= exported['infer_shadow_images_total{model="color",version="1"}'] <= answered
     assert exported['infer_model_version{model="color",role="serving",version="2"}'] == 1, "once, not per shard"
+
+
+def _unary(path: str, method: str, request: bytes) -> InferError | None:
+    """One unary call on a local socket, by its frames: how it ended (None: OK)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(60)
+        sock.connect(path)
+        sock.sendall(start_frame(method, ()))
+        buffer, frames = bytearray(), []
+        while not frames or frames[-1][0] != Kind.END:
+            buffer += sock.recv(65536)
+            for kind, payload in read_frames(buffer):
+                frames.append((kind, payload))
+                if kind == Kind.WANT:
+                    sock.sendall(frame(CALL, Kind.MESSAGE, request) + frame(CALL, Kind.HALF_CLOSE))
+    return ended_with(frames[-1][1])
+
+
+def test_a_shard_refuses_a_change_made_on_its_own_socket(server: RunningServer) -> None:
+    """Only the main process changes models: a change made in one shard alone would split them."""
+    assert server.local_socket is not None
+    request = infer_pb2.LoadModelRequest(name="color", version="1").SerializeToString()
+    with server.client() as client:
+        client.models.load("color", "2")
+        refused = _unary(shard_socket(server.local_socket, 1), "/infer.v1.ModelControlService/LoadModel", request)
+        assert refused is not None and refused.code == grpc.StatusCode.FAILED_PRECONDITION, refused
+        assert "main process" in refused.message
+        assert _colors(client) == {0: {"2"}, 1: {"2"}}
+        # The main process's own socket takes it, for every shard.
+        assert _unary(str(server.local_socket), "/infer.v1.ModelControlService/LoadModel", request) is None
+        assert _colors(client) == {0: {"1"}, 1: {"1"}}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics, _Merged
+from infer_server.front.metrics import _STAGE_BUCKETS, ServerMetrics, _Merged, carried
 from infer_server.messages import Code, ImageOutcome
 
 MODELS = (("detector", "3"), ("color", "1"))
@@ -95,3 +95,26 @@ def test_a_scrape_of_several_shards_is_one_servers_sums() -> None:
     assert 'infer_health_changes_total{status="SERVING"} 1.0' in text and "NOT_SERVING" not in text
     created = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "infer_batches_created"]
     assert len(created) == 1 and created[0].value == main._counts.created, "when counting began: the main process's"
+
+
+def test_what_a_shard_counted_before_it_was_started_again_is_carried() -> None:
+    """A shard started again counts from 0: what its earlier runs counted (counters and histograms,
+    not gauges nor when counting began) is added, so that the server's counters never go down."""
+    first, second = ServerMetrics(lambda: 3), ServerMetrics(lambda: 4)
+    for metrics in (first, second):
+        metrics.batch_accepted(4)
+        metrics.images_done(OUTCOMES)
+    kept = carried(first.export() + second.export())
+    names = {name for name, *_ in kept}
+    assert "infer_inflight_images" not in names and "infer_batches" in names
+    assert all(not sample.endswith("_created") for *_, samples in kept for sample, _, _ in samples)
+    batches = [value for name, _, _, samples in kept if name == "infer_batches" for _, _, value in samples]
+    assert batches == [2.0]
+    merged = CollectorRegistry(auto_describe=False)
+    now = ServerMetrics(lambda: 0)  # the main process, counting nothing yet
+    merged.register(_Merged(now.registry, lambda: kept))
+    twice = ServerMetrics(lambda: 0)
+    for _ in range(2):
+        twice.batch_accepted(4)
+        twice.images_done(OUTCOMES)
+    assert samples(merged, FAMILIES) == samples(twice.registry, FAMILIES)

@@ -100,6 +100,9 @@ class ModelControl:
             raise PermissionDeniedError("model control is off on this server (--model-control none)")
         if identity.name not in self.callers:
             raise PermissionDeniedError(f"caller {identity.name!r} may not change models (--control-callers)")
+        if self.server.settings.shard_index:  # a change made here alone would split the shards
+            raise Refused("this is one shard of a server (--shards): change models on its main process, which "
+                          "moves every shard (gRPC, or the local socket without the shard's suffix)")
 
     # --------------------------------------------------------------------------------- state
     def serving(self) -> dict[str, str]:
@@ -291,14 +294,24 @@ class ModelControl:
         try:
             state, previous = ModelState.of(self.pool.options, chosen, reread), ModelState.of(old, self.chosen, reread)
             incomplete += await shards.follow(state, previous)
-        except ReloadRefused:
+        except ReloadRefused as exc:
             if self.pool.options != old:
                 try:
                     await asyncio.to_thread(self.pool.reload, old, self.timeout_s)
-                except (ReloadRefused, ReloadIncomplete) as exc:
-                    log.error("the main process's workers could not go back to the models before the change: %s", exc)
+                except (ReloadRefused, ReloadIncomplete) as back:
+                    log.error("the main process's workers could not go back to the models before the change: %s", back)
+                    raise ReloadRefused(f"{exc}; and the main process's workers could not go back: {back}") from None
             raise
         return "; ".join(incomplete)
+
+    async def align_shards(self) -> None:
+        """As the server starts: every shard serves the versions this process's workers loaded
+        (each read the repository on its own as it started; a version that landed meanwhile
+        could split them), and a shard started again is told them."""
+        if (shards := self.server.shards) is not None:
+            state = ModelState.of(self.pool.options, self.chosen)
+            if incomplete := await shards.follow(state, state):
+                log.warning("the shards are moving to the main process's models: %s", "; ".join(incomplete))
 
     async def follow(self, state: ModelState) -> None:
         """A shard: serve what the main process's workers serve now (``front.shards``).

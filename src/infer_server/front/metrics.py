@@ -7,6 +7,7 @@ exporter only runs when a metrics port is configured.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from bisect import bisect_left
@@ -216,6 +217,22 @@ class _Merged(Collector):
                 elif not sample.endswith("_created"):  # when counting began: this process's
                     family.samples[n] = family.samples[n]._replace(value=family.samples[n].value + value)
         yield from families.values()
+
+
+def carried(families: list[list[Any]]) -> list[list[Any]]:
+    """What exported ``families`` counted (counters, histograms, summaries; their ``_created``
+    samples left out), each sample summed over the families of one name: what a shard's earlier
+    runs add to its counts, so that a shard started again (counting from 0) takes nothing away."""
+    kept: dict[str, tuple[str, str, dict[tuple[str, str], list[Any]]]] = {}
+    for name, kind, doc, samples in families:
+        if kind not in ("counter", "histogram", "summary"):
+            continue
+        summed = kept.setdefault(name, (kind, doc, {}))[2]
+        for sample, labels, value in samples:
+            if not sample.endswith("_created"):
+                key = (sample, json.dumps(labels, sort_keys=True))
+                summed.setdefault(key, [sample, labels, 0.0])[2] += value
+    return [[name, kind, doc, list(summed.values())] for name, (kind, doc, summed) in kept.items()]
 
 
 class ServerMetrics:

@@ -1,7 +1,7 @@
 """The server's main process: the gRPC front's lifecycle and what every push goes through.
 
-``infer_server.cli`` creates one :class:`InferenceServer` on an asyncio event loop; the integration
-tests start that command as a subprocess. The RPC handlers (``front.service``) call ``push``;
+``infer_server.cli`` creates one :class:`InferenceServer` on an asyncio event loop (the tests start
+that command as a subprocess). The RPC handlers (``front.service``) call ``push``;
 everything a request touches lives on the loop (``BatchRegistry``) or in a thread for filesystem
 work (``Handoff``); the stage workers are separate processes owned by the supervisor
 (``PipelinePool``), whose outcome and health callbacks run on the same loop.
@@ -137,6 +137,7 @@ class InferenceServer:
                 self.shards = ShardProcesses(self._whole, lambda: self._spawn(self._set_health(self._pool_healthy)))
                 await self.shards.start()
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
+            await self.control.align_shards()
         except BaseException:
             if self.shards is not None:
                 await self.shards.stop()
@@ -151,8 +152,7 @@ class InferenceServer:
             self.metrics.serve(s.metrics_port, s.host, self.shards)
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
-        callers = self.authenticator.mode
-        also = "".join(f" and {path}" for path in (s.unix_socket, s.local_socket) if path)
+        callers, also = self.authenticator.mode, "".join(f" and {p}" for p in (s.unix_socket, s.local_socket) if p)
         log.info("serving on %s:%d%s with %d workers (%s); callers: %s", s.host, self.port, also, s.workers,
                  s.device, callers)  # fmt: skip
         audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# A line of the link (an answer carries a shard's metric families: ~0.5 KB per model version seen).
+LINE_LIMIT = 64 << 20
+
+
 class ShardGone(ConnectionError):
     """The shard's end of the link closed (it exited, or is exiting)."""
 
@@ -66,8 +70,9 @@ class ShardLink:
                 waiting = self._pending.get(answer.pop("id", None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
-        except (OSError, ValueError) as exc:
-            log.warning("a shard's link broke: %s", exc)
+        except (OSError, ValueError, AttributeError) as exc:  # AttributeError: an answer not an object
+            log.error("a shard's link broke (%r): closing it, so that the shard drains and is started again", exc)
+            self._writer.close()
         finally:
             self._closed = True
             for waiting in self._pending.values():
@@ -100,17 +105,21 @@ async def answer_main(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 
 async def _answer(question: dict[str, Any], writer: asyncio.StreamWriter, server: InferenceServer) -> None:
+    """Every question gets an answer, whatever goes wrong: the main process waits for it."""
     answer: dict[str, Any] = {"id": question.get("id")}
-    if "models" in question:
-        try:
-            await server.control.follow(ModelState.from_json(question["models"]))
-        except ReloadIncomplete as exc:
-            answer["incomplete"] = f"{exc}; it serves the old models until its chunks are done"
-        except (ReloadRefused, ValueError) as exc:
-            answer["refused"] = str(exc)
-    elif "metrics" in question:
-        answer["families"] = server.metrics.export()
-    elif "shadow" in question:
-        control = server.control
-        answer |= {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}
+    try:
+        if "models" in question:
+            try:
+                await server.control.follow(ModelState.from_json(question["models"]))
+            except ReloadIncomplete as exc:
+                answer["incomplete"] = f"{exc}; it serves the old models until its chunks are done"
+        elif "metrics" in question:
+            answer["families"] = server.metrics.export()
+        elif "shadow" in question:
+            control = server.control
+            answer |= {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}
+    except Exception as exc:  # noqa: BLE001 - ReloadRefused, or anything else: said, not swallowed
+        if not isinstance(exc, ReloadRefused):
+            log.exception("the main process's question %.200r failed", question)
+        answer["refused"] = str(exc) or repr(exc)
     writer.write(json.dumps(answer).encode() + b"\n")

@@ -48,7 +48,8 @@ from typing import Any
 from infer_proto.shards import shard_socket
 from infer_server.front.children import start_again, wait_or_kill
 from infer_server.front.choices import ModelState
-from infer_server.front.shard_link import ShardGone, ShardLink
+from infer_server.front.metrics import carried
+from infer_server.front.shard_link import LINE_LIMIT, ShardGone, ShardLink
 from infer_server.messages import Agreement
 from infer_server.settings import ServerSettings
 from infer_server.supervisor.rollout import ReloadRefused
@@ -161,6 +162,8 @@ class ShardProcesses:
         self.models: ModelState | None = None  # what every shard serves, once a change was made
         self._models_lock = asyncio.Lock()  # a change, or a shard being started again with the models
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._scraped: dict[int, list[list[Any]]] = {}  # each shard's metric families as last scraped
+        self._carried: dict[int, list[list[Any]]] = {}  # what its runs before the last start counted
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
 
@@ -192,7 +195,7 @@ class ShardProcesses:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "infer_server.front.shards", str(fd), pass_fds=(fd,)
             )
-            reader, link = await asyncio.open_unix_connection(sock=ours.dup())
+            reader, link = await asyncio.open_unix_connection(sock=ours.dup(), limit=LINE_LIMIT)
         try:
             link.write(config + b"\n")
             bound = self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
@@ -225,6 +228,7 @@ class ShardProcesses:
             return
         del self._processes[index]
         self._links.pop(index).close()
+        self._carried[index] = carried([*self._carried.get(index, []), *self._scraped.pop(index, [])])
         self._on_change()
         log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
         await start_again(lambda: self._start_again(index), _RESTART_DELAYS_S, lambda: self._stopping,
@@ -282,27 +286,35 @@ class ShardProcesses:
             raise ReloadRefused(str(answer["refused"]))
         return str(answer.get("incomplete", ""))
 
-    async def _everyone(self, question: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every serving shard's answer to ``question`` (one being started again has none)."""
-        links = list(self._links.values())
-        answers = await asyncio.gather(*(link.ask(question, _ASK_TIMEOUT_S) for link in links), return_exceptions=True)
-        return [answer for answer in answers if isinstance(answer, dict)]
+    async def _everyone(self, question: dict[str, Any]) -> dict[int, dict[str, Any]]:
+        """Every serving shard's answer to ``question``, by shard (one being started again, or
+        not answering in time, has none)."""
+        links = list(self._links.items())
+        answers = await asyncio.gather(*(link.ask(question, _ASK_TIMEOUT_S) for _, link in links),
+                                       return_exceptions=True)  # fmt: skip
+        return {index: answer for (index, _), answer in zip(links, answers, strict=True) if isinstance(answer, dict)}
 
     async def shadow(self) -> tuple[Agreement, int]:
         """What every shard's shadow runs found: their agreement and the runs skipped, summed."""
         agreement, skipped = Agreement(), 0
-        for answer in await self._everyone({"shadow": None}):
+        for answer in (await self._everyone({"shadow": None})).values():
             agreement.add(Agreement(**answer["agreement"]))
             skipped += int(answer["skipped"])
         return agreement, skipped
 
     def families(self) -> list[list[Any]]:
-        """Every serving shard's metric families (``ServerMetrics.export``), for a scrape: called
-        from the metrics server's thread, never the loop."""
+        """Every other shard's metric families (``ServerMetrics.export``), for a scrape: called
+        from the metrics server's thread, never the loop. So that a counter never goes down, a
+        shard that does not answer counts with its last answer, and one started again with what
+        its earlier runs had counted (``carried``)."""
         if self._loop is None:
             return []
-        ask = asyncio.run_coroutine_threadsafe(self._everyone({"metrics": None}), self._loop)
-        return [family for answer in ask.result(_ASK_TIMEOUT_S + 1.0) for family in answer["families"]]
+        return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(_ASK_TIMEOUT_S + 1.0)
+
+    async def _scrape(self) -> list[list[Any]]:
+        for index, answer in (await self._everyone({"metrics": None})).items():
+            self._scraped[index] = answer["families"]
+        return [family for part in (self._scraped, self._carried) for families in part.values() for family in families]
 
     async def stop(self) -> None:
         """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
