@@ -36,7 +36,7 @@ from infer_client._protocol import (
     pull_request,
     resolve_transport,
 )
-from infer_client.local_pull import pull_shards_async, shard_count
+from infer_client.local_pull import pull_shards_async, push_on_shard, shard_count
 from infer_client.results import ImageResult
 from infer_client.routed import AsyncRoutedSession
 from infer_client.session import AsyncSession
@@ -72,7 +72,7 @@ class AsyncInferClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: AsyncSession | AsyncRoutedSession | None = None
-        self._shard_count: int | None = None  # of the server behind local_socket, once asked
+        self._shard_count: tuple[int, int] | None = None  # of the server behind local_socket, once asked
 
     async def push(
         self,
@@ -80,24 +80,30 @@ class AsyncInferClient:
         names: Sequence[str] | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
+        """Hand over a batch (paths or encoded bytes); returns its batch id at once (with a
+        ``request_id``, on the id's shard: ``InferClient.push``)."""
         prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self._pushed.files)
         try:
-            reply = await self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
+            if request_id and self.local_socket is not None and (sharding := await self._shards())[0] > 1:
+                args = (self.local_socket, prepared.request, sharding, self._metadata, self.timeout)
+                batch_id = await asyncio.to_thread(push_on_shard, *args)
+            else:
+                reply = await self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
+                batch_id = reply.batch_id
         except grpc.RpcError as exc:
             self._pushed.files.discard(prepared.owned_path)
             raise InferError.from_rpc(exc) from None
-        except asyncio.CancelledError:
+        except (InferError, asyncio.CancelledError):
             self._pushed.files.discard(prepared.owned_path)  # whether or not the server took it, nobody will pull it
             raise
-        self._pushed.add(reply.batch_id, prepared.owned_path, len(images))
-        return reply.batch_id
+        self._pushed.add(batch_id, prepared.owned_path, len(images))
+        return batch_id
 
     async def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> AsyncIterator[ImageResult]:
         """Results of the batches in completion order; ends when every image was answered."""
         request = pull_request(batch_ids)
-        if self.local_socket is not None and (shards := await self._shards()) > 1:  # each on its shard's socket
-            args = (self.local_socket, request.batch_ids, shards, self._metadata, timeout or self.timeout)
+        if self.local_socket is not None and (sharding := await self._shards())[0] > 1:  # each on its shard's socket
+            args = (self.local_socket, request.batch_ids, sharding, self._metadata, timeout or self.timeout)
             try:
                 async with contextlib.aclosing(pull_shards_async(*args)) as pulled:
                     async for msg in pulled:
@@ -118,8 +124,8 @@ class AsyncInferClient:
         finally:
             call.cancel()
 
-    async def _shards(self) -> int:
-        """The number of shards of the server behind ``local_socket`` (asked once)."""
+    async def _shards(self) -> tuple[int, int]:
+        """The number of shards of the server behind ``local_socket`` and its uid (asked once)."""
         if self._shard_count is None:
             assert self.local_socket is not None
             args = (self.local_socket, self._pushed, self.timeout, self._metadata)

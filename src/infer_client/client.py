@@ -37,7 +37,7 @@ from infer_client._protocol import (
     resolve_transport,
 )
 from infer_client.local import LocalSession
-from infer_client.local_pull import pull_shards, shard_count
+from infer_client.local_pull import pull_shards, push_on_shard, shard_count
 from infer_client.models import ModelAdmin
 from infer_client.results import ImageResult
 from infer_client.routed import RoutedSession, local_session
@@ -81,7 +81,7 @@ class InferClient:
         self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: Session | LocalSession | RoutedSession | None = None
-        self._shard_count: int | None = None  # of the server behind local_socket, once asked
+        self._shard_count: tuple[int, int] | None = None  # of the server behind local_socket, once asked
         self._session_lock = threading.Lock()
 
     def push(
@@ -90,15 +90,24 @@ class InferClient:
         names: Sequence[str] | None = None,
         request_id: str | None = None,
     ) -> str:
-        """Hand over a batch (paths or encoded bytes); returns its batch id at once."""
+        """Hand over a batch (paths or encoded bytes); returns its batch id at once.
+
+        With a ``request_id`` and a local socket to a server of several shards, the push goes to
+        the id's shard on its socket, as a session's would (``local_pull.push_on_shard``)."""
         prepared = prepare_push(images, names, request_id, self.transport, self._pushed.files)
         try:
-            reply = self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
+            if request_id and self.local_socket is not None and (sharding := self._shards())[0] > 1:
+                batch_id = push_on_shard(self.local_socket, prepared.request, sharding, self._metadata, self.timeout)
+            else:
+                batch_id = self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata).batch_id
         except grpc.RpcError as exc:
             self._pushed.files.discard(prepared.owned_path)
             raise InferError.from_rpc(exc) from None
-        self._pushed.add(reply.batch_id, prepared.owned_path, len(images))
-        return reply.batch_id
+        except InferError:
+            self._pushed.files.discard(prepared.owned_path)
+            raise
+        self._pushed.add(batch_id, prepared.owned_path, len(images))
+        return batch_id
 
     def pull(self, batch_ids: str | Sequence[str], timeout: float | None = None) -> Iterator[ImageResult]:
         """Results of the batches in completion order; ends when every image was answered.
@@ -107,8 +116,9 @@ class InferClient:
         results the server had not sent yet stay available to a later ``pull``.
         """
         request = pull_request(batch_ids)
-        if self.local_socket is not None and (shards := self._shards()) > 1:  # each batch on its shard's socket
-            pulled = pull_shards(self.local_socket, request.batch_ids, shards, self._metadata, timeout or self.timeout)
+        if self.local_socket is not None and (sharding := self._shards())[0] > 1:  # each batch on its shard's socket
+            args = (self.local_socket, request.batch_ids, sharding, self._metadata, timeout or self.timeout)
+            pulled = pull_shards(*args)
             try:
                 yield from (ImageResult.from_proto(m) for m in pulled if self._pushed.accept(m.batch_id, m.index))
             except InferError as exc:
@@ -128,8 +138,8 @@ class InferClient:
         finally:
             call.cancel()  # no-op when the stream ended; frees it when the caller stopped early
 
-    def _shards(self) -> int:
-        """The number of shards of the server behind ``local_socket`` (asked once)."""
+    def _shards(self) -> tuple[int, int]:
+        """The number of shards of the server behind ``local_socket`` and its uid (asked once)."""
         if self._shard_count is None:
             assert self.local_socket is not None
             self._shard_count = shard_count(self.local_socket, self._pushed, self.timeout, self._metadata)
@@ -145,7 +155,8 @@ class InferClient:
         has one); close it, or use ``with``."""
         if self.local_socket is not None:
             session = local_session(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
-            self._shard_count = session.count if isinstance(session, RoutedSession) else 1  # what pull asks
+            if isinstance(session, RoutedSession):  # what pull asks
+                self._shard_count = session.count, session.server_uid
             return session
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 

@@ -1,4 +1,5 @@
-"""``PullResult`` on the local sockets of a server of several shards (``--shards``).
+"""``PullResult``, and ``PushData`` with a request id, on the local sockets of a server of
+several shards (``--shards``).
 
 A shard's batches are its own: gRPC reaches shard 0 only, which refuses another shard's batch id
 with where it is. So ``InferClient.pull`` (and ``AsyncInferClient.pull``), given the server's
@@ -9,6 +10,14 @@ results yielded in the order they arrive.
 The server counts a result delivered once its socket took it, so nothing a call received is
 dropped: a call that ends with an error (an expired batch id on one shard) ends the pull with that
 error only after every result received before it, and every other shard's call, were read out.
+
+A request id is one shard's (``request_shard``): ``InferClient.push`` with one, given the local
+socket, pushes on that shard's socket (``push_on_shard``), where a session's push with the same id
+goes too, so that a push repeated either way is one batch (over gRPC it would be shard 0's).
+
+Every socket but the first must be served by the user that serves the first (``SO_PEERCRED``,
+checked before anything is sent): another user who binds ``PATH.k`` while shard k is being
+started again gets no start, no token and no batch ids.
 """
 
 from __future__ import annotations
@@ -19,27 +28,32 @@ import os
 import select
 import socket
 import time
-from collections.abc import AsyncGenerator, Generator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Sequence
+from typing import Any
 
 import grpc
 
 from infer_client._protocol import InferError, PushedBatches
-from infer_client.local import CALL, LocalSession, ended_with, read_frames, start_frame, unexpected
+from infer_client.local import CALL, LocalSession, _served_by, ended_with, read_frames, start_frame, unexpected
 from infer_client.session import Metadata
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, frame
-from infer_proto.shards import batch_shard, shard_socket
+from infer_proto.shards import batch_shard, request_shard, shard_socket
 
 PULL = "/infer.v1.InferenceService/PullResult"
+PUSH = "/infer.v1.InferenceService/PushData"
 _CHUNK = 64 * 1024
 _QUEUED = 256  # results the asyncio pull holds unread: beyond them its sockets are not read
 
 
-def shard_count(path: str | os.PathLike[str], pushed: PushedBatches, timeout: float | None, metadata: Metadata) -> int:
-    """How many shards the server on local socket ``path`` has (a Session's first reply says)."""
+def shard_count(
+    path: str | os.PathLike[str], pushed: PushedBatches, timeout: float | None, metadata: Metadata
+) -> tuple[int, int]:
+    """How many shards the server on local socket ``path`` has (a Session's first reply says), and
+    the uid it runs as (every shard's socket must be served by it)."""
     probe = LocalSession(path, "inline", pushed, timeout, metadata)
     try:
-        return probe.shards().count
+        return probe.shards().count, probe.server_uid
     finally:
         probe.cancel()
 
@@ -71,10 +85,14 @@ def _expired(timeout: float | None) -> InferError:
 
 
 class _Pull:
-    """One PullResult call on one shard's socket, read when ``poll`` says so (``pull_shards``)."""
+    """One PullResult call on one shard's socket, read when ``poll`` says so (``pull_shards``); or
+    another call whose replies ``parse`` reads (``push_on_shard``)."""
 
-    def __init__(self, path: str, request: bytes, metadata: Metadata, timeout: float | None) -> None:
-        self._request = _sent(request)
+    def __init__(
+        self, path: str, request: bytes, metadata: Metadata, timeout: float | None, uid: int, method: str = "",
+        parse: Callable[[bytes], Any] = infer_pb2.ImageResult.FromString,
+    ) -> None:  # fmt: skip
+        self._request, self._parse = _sent(request), parse
         self._received = bytearray()
         self.ended = False
         self.error: InferError | None = None  # how the call ended, once its results were taken
@@ -82,15 +100,16 @@ class _Pull:
         try:
             self.sock.settimeout(timeout)
             self.sock.connect(path)
-            self.sock.sendall(start_frame(PULL, metadata))
+            _served_by(self.sock, uid)  # before anything is sent: no start, no token to another user
+            self.sock.sendall(start_frame(method or PULL, metadata))
         except OSError as exc:
             self.sock.close()
             raise InferError(grpc.StatusCode.UNAVAILABLE, f"cannot reach the local socket {path}: {exc}") from None
 
-    def take(self) -> list[infer_pb2.ImageResult]:
+    def take(self) -> list[Any]:
         """The results one receive completed; at the call's end (or its failure), ``ended`` and
         ``error`` are set and what came before is still returned."""
-        results: list[infer_pb2.ImageResult] = []
+        results: list[Any] = []
         try:
             chunk = self.sock.recv(_CHUNK)
             if not chunk:
@@ -101,7 +120,7 @@ class _Pull:
                     self.sock.sendall(self._request)
                     self._request = b""
                 elif kind == Kind.MESSAGE:
-                    results.append(infer_pb2.ImageResult.FromString(payload))
+                    results.append(self._parse(payload))
                 elif kind == Kind.END:
                     self.ended, self.error = True, ended_with(payload)
                     break
@@ -110,16 +129,40 @@ class _Pull:
         return results
 
 
+def push_on_shard(
+    path: str | os.PathLike[str], request: infer_pb2.PushDataRequest, sharding: tuple[int, int], metadata: Metadata,
+    timeout: float | None,
+) -> str:  # fmt: skip
+    """``PushData`` of ``request`` (which has a request id) on the socket of the shard its id names:
+    the batch id (``InferError`` as gRPC's call would raise it)."""
+    shard = request_shard(request.request_id, sharding[0])
+    call = _Pull(shard_socket(path, shard), request.SerializeToString(), metadata, timeout, sharding[1], PUSH,
+                 infer_pb2.PushDataReply.FromString)  # fmt: skip
+    try:
+        replies = []
+        while not call.ended:
+            replies += call.take()
+    finally:
+        call.sock.close()
+    if call.error is not None:
+        raise call.error
+    if len(replies) != 1:
+        raise InferError(grpc.StatusCode.INTERNAL, f"{len(replies)} replies to a push on the local socket")
+    return str(replies[0].batch_id)
+
+
 def pull_shards(
-    path: str | os.PathLike[str], batch_ids: Sequence[str], shards: int, metadata: Metadata, timeout: float | None
-) -> Generator[infer_pb2.ImageResult, None, None]:
+    path: str | os.PathLike[str], batch_ids: Sequence[str], sharding: tuple[int, int], metadata: Metadata,
+    timeout: float | None,
+) -> Generator[infer_pb2.ImageResult, None, None]:  # fmt: skip
     """The results of ``batch_ids``, each pulled on its shard's local socket, as they arrive;
-    ``timeout`` bounds the whole pull (DEADLINE_EXCEEDED), as gRPC's deadline does."""
+    ``sharding``: the shards and the uid that serves them (``shard_count``); ``timeout`` bounds
+    the whole pull (DEADLINE_EXCEEDED), as gRPC's deadline does."""
     deadline = None if timeout is None else time.monotonic() + timeout
     calls: dict[int, _Pull] = {}
     try:
-        for shard, request in _requests(batch_ids, shards).items():
-            call = _Pull(shard_socket(path, shard), request, metadata, timeout)
+        for shard, request in _requests(batch_ids, sharding[0]).items():
+            call = _Pull(shard_socket(path, shard), request, metadata, timeout, sharding[1])
             calls[call.sock.fileno()] = call
         readable = select.poll()  # not select(): a client holding many files has descriptors past 1023
         for fd in calls:
@@ -140,15 +183,17 @@ def pull_shards(
                 call.sock.close()
 
 
-async def _pull_one(
-    path: str, request: bytes, metadata: Metadata, out: asyncio.Queue[infer_pb2.ImageResult | InferError | None]
-) -> None:
+Results = asyncio.Queue[infer_pb2.ImageResult | InferError | None]  # a pull's results, then each call's end
+
+
+async def _pull_one(path: str, request: bytes, metadata: Metadata, uid: int, out: Results) -> None:
     """One shard's call on the event loop: its results into ``out``, then how it ended (an error,
     or None). ``out`` is bounded: while it is full the socket is not read, and the server waits."""
     ended: InferError | None = None
     writer: asyncio.StreamWriter | None = None
     try:
         reader, writer = await asyncio.open_unix_connection(path)
+        _served_by(writer.get_extra_info("socket"), uid)  # before anything is sent
         writer.write(start_frame(PULL, metadata))
         pending = _sent(request)
         while True:
@@ -176,14 +221,16 @@ async def _pull_one(
 
 
 async def pull_shards_async(
-    path: str | os.PathLike[str], batch_ids: Sequence[str], shards: int, metadata: Metadata, timeout: float | None
-) -> AsyncGenerator[infer_pb2.ImageResult, None]:
+    path: str | os.PathLike[str], batch_ids: Sequence[str], sharding: tuple[int, int], metadata: Metadata,
+    timeout: float | None,
+) -> AsyncGenerator[infer_pb2.ImageResult, None]:  # fmt: skip
     """``pull_shards`` on the event loop: one task per shard's call."""
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    out: asyncio.Queue[infer_pb2.ImageResult | InferError | None] = asyncio.Queue(_QUEUED)
-    requests = _requests(batch_ids, shards)
-    tasks = [asyncio.ensure_future(_pull_one(shard_socket(path, k), r, metadata, out)) for k, r in requests.items()]
+    out: Results = asyncio.Queue(_QUEUED)
+    requests, uid = _requests(batch_ids, sharding[0]), sharding[1]
+    tasks = [asyncio.ensure_future(_pull_one(shard_socket(path, k), r, metadata, uid, out))
+             for k, r in requests.items()]  # fmt: skip
     errors: list[InferError] = []
     try:
         for _ in tasks:  # each call puts its results, then one end
@@ -201,7 +248,7 @@ async def pull_shards_async(
 
 
 async def _next(
-    out: asyncio.Queue[infer_pb2.ImageResult | InferError | None], deadline: float | None,
+    out: Results, deadline: float | None,
     loop: asyncio.AbstractEventLoop, timeout: float | None,
 ) -> infer_pb2.ImageResult | InferError | None:  # fmt: skip
     try:

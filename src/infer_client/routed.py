@@ -56,7 +56,7 @@ class RoutedSession:
         self, path: str | os.PathLike[str], transport: str, pushed: PushedBatches, timeout: float | None,
         metadata: Metadata, shards: infer_pb2.Shards, first: LocalSession,
     ) -> None:  # fmt: skip
-        uid = first.server_uid  # every shard's socket must be served by shard 0's user
+        uid = self.server_uid = first.server_uid  # every shard's socket must be served by shard 0's user
         self._open = lambda shard: LocalSession(shard_socket(path, shard), transport, pushed, timeout, metadata, uid)
         self.count, self.home = shards.count, shards.suggested
         self._lock = threading.Lock()

@@ -236,3 +236,25 @@ def test_no_shard_takes_a_path_into_another_shards_staging(sharded: RunningServe
         infer_pb2_grpc.InferenceServiceStub(channel).PushData(request, timeout=10)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert refused.value.details() == "path points into the server's own directory"
+
+
+def test_a_push_with_a_request_id_goes_to_the_ids_shard_as_a_sessions_would(
+    sharded: RunningServer, scenes: list[Scene]
+) -> None:
+    """``InferClient.push`` (and the asyncio client's) with a request id, given the local socket: on
+    the id's shard, so that the same id pushed on a session finds the same batch (over gRPC it
+    would be shard 0's, and run twice)."""
+    images = [s.jpeg for s in scenes[:2]]
+    request_id = _request_id(1, "unary")
+    with sharded.client() as client:
+        batch_id = client.push(images, request_id=request_id)
+        assert batch_id.startswith("1") and client.push(images, request_id=request_id) == batch_id
+        with client.session() as session:  # the repeat takes the batch's results on its stream
+            assert session.push(images, request_id=request_id) == batch_id
+            assert sorted(r.index for r in session.results(batch_id)) == [0, 1]
+
+    async def push_on_the_loop() -> str:
+        async with AsyncInferClient(sharded.address, shm_dir=sharded.shm_dir, local_socket=sharded.local_socket) as aio:
+            return await aio.push(images, request_id=request_id)
+
+    assert asyncio.run(push_on_the_loop()) == batch_id

@@ -4,6 +4,7 @@ scripted shards: each a real Unix socket whose server thread speaks the frames a
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -87,14 +88,14 @@ def _pull_all(path: str, asynchronous: bool) -> tuple[list[tuple[str, int]], Inf
     got: list[tuple[str, int]] = []
     if not asynchronous:
         try:
-            got.extend((r.batch_id, r.index) for r in pull_shards(path, [B0, B1], 2, None, 10))
+            got.extend((r.batch_id, r.index) for r in pull_shards(path, [B0, B1], (2, os.geteuid()), None, 10))
         except InferError as exc:
             return got, exc
         return got, None
 
     async def run() -> InferError | None:
         try:
-            async for r in pull_shards_async(path, [B0, B1], 2, None, 10):
+            async for r in pull_shards_async(path, [B0, B1], (2, os.geteuid()), None, 10):
                 got.append((r.batch_id, r.index))
         except InferError as exc:
             return exc
@@ -138,5 +139,5 @@ def test_no_end_within_the_timeout_is_deadline_exceeded(tmp_path: Path) -> None:
         listener.bind(str(path))
         listener.listen()  # accepted by the kernel, never answered
         with pytest.raises(InferError) as expired:
-            list(pull_shards(str(path), [B0], 2, None, 0.2))
+            list(pull_shards(str(path), [B0], (2, os.geteuid()), None, 0.2))
         assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED

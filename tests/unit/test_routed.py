@@ -18,6 +18,7 @@ import pytest
 
 from infer_client import InferError
 from infer_client._protocol import BatchFiles, PushedBatches
+from infer_client.local_pull import pull_shards, pull_shards_async
 from infer_client.routed import AsyncRoutedSession, RoutedSession, local_session
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, frame
@@ -112,3 +113,24 @@ def test_the_asyncio_session_refuses_it_too(folder: Path) -> None:
     assert refused.code == grpc.StatusCode.UNAVAILABLE and "served by uid 65534" in refused.message
     _told_nothing(impostor)
     zero.join(10)
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_pull_does_not_ask_another_users_shard_socket(folder: Path, asynchronous: bool) -> None:
+    """A pull of shard 1's batch (its id's first digit) must not send its start (the token, the
+    batch ids) to a socket another user bound at ``PATH.1``."""
+    path = str(folder / "local.sock")
+    impostor, token = _impostor(f"{path}.1"), [("authorization", "Bearer secret")]
+    batch_id = "1" + "0" * 31
+
+    async def pull_on_the_loop() -> None:
+        async for _ in pull_shards_async(path, [batch_id], (2, os.geteuid()), token, 10):
+            pass
+
+    with pytest.raises(InferError) as refused:
+        if asynchronous:
+            asyncio.run(pull_on_the_loop())
+        else:
+            list(pull_shards(path, [batch_id], (2, os.geteuid()), token, 10))
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "served by uid 65534" in refused.value.message
+    _told_nothing(impostor)
