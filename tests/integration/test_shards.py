@@ -258,3 +258,17 @@ def test_a_push_with_a_request_id_goes_to_the_ids_shard_as_a_sessions_would(
             return await aio.push(images, request_id=request_id)
 
     assert asyncio.run(push_on_the_loop()) == batch_id
+
+
+def test_a_dead_worker_of_a_shard_is_the_servers_health(sharded: RunningServer) -> None:
+    """The server is NOT_SERVING while a shard's worker is being replaced, as it is for one of the
+    main process's own."""
+    (shard,) = _shard_pids(sharded)
+    (worker,) = [pid for pid in descendants(shard) if b"spawn_main" in cmdline(pid)]
+    with grpc.insecure_channel(sharded.address) as channel:
+        statuses = _statuses(channel)
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(worker, signal.SIGKILL)
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+    assert _shard_pids(sharded) == [shard], "the shard itself lives on"

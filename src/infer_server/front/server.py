@@ -1,16 +1,15 @@
 """The server's main process: the gRPC front's lifecycle and what every push goes through.
 
-``infer_server.cli`` creates one :class:`InferenceServer` on an asyncio event loop (the tests start
-that command as a subprocess). The RPC handlers (``front.service``) call ``push``;
-everything a request touches lives on the loop (``BatchRegistry``) or in a thread for filesystem
-work (``Handoff``); the stage workers are separate processes owned by the supervisor
-(``PipelinePool``), whose outcome and health callbacks run on the same loop.
+``infer_server.cli`` creates one :class:`InferenceServer` on an asyncio event loop. The RPC
+handlers (``front.service``) call ``push``; what a request touches lives on the loop
+(``BatchRegistry``) or in a thread for filesystem work (``Handoff``); the stage workers are
+processes owned by the supervisor (``PipelinePool``), whose callbacks run on the same loop.
 
 Lifecycle: ``start()`` binds the port and serves health NOT_SERVING while the pool spawns its
-workers (spawn context, so the gRPC objects already created are never forked) and waits for every
-one to load its models; then SERVING. ``stop()`` turns health NOT_SERVING, refuses new batches
-(UNAVAILABLE), lets in-flight batches finish within ``drain_timeout_s``, stops the gRPC server
-with a grace period for open streams, stops the pool, and removes the server's staging directory.
+workers (spawn context: the gRPC objects are never forked) and waits for each to load its models;
+then SERVING. ``stop()`` turns health NOT_SERVING, refuses new batches (UNAVAILABLE), lets batches
+in flight finish within ``drain_timeout_s``, stops gRPC with a grace period for open streams, stops
+the pool, and removes the server's staging directory.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -109,6 +108,7 @@ class InferenceServer:
         self._pool_healthy = True
         self._suggestions = itertools.count()  # shards_reply
         self.shards: ShardProcesses | None = None  # shards 1 … K−1, when this process is shard 0 of several
+        self.on_status: Callable[[bool], None] | None = None  # a shard: tells the main process its health
         self._health = health.aio.HealthServicer()
         self._front: Front | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -211,9 +211,7 @@ class InferenceServer:
         """Drain and stop; safe to call twice."""
         if self._stopped or self._front is None:
             return
-        self._stopped = True
-        s = self.settings
-        self.accepting = False
+        self._stopped, self.accepting, s = True, False, self.settings
         audit.control("draining", inflight_images=self.registry.inflight_images)
         shards = asyncio.ensure_future(self.shards.stop()) if self.shards is not None else None
         await self._health.enter_graceful_shutdown()
@@ -224,9 +222,7 @@ class InferenceServer:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         if self.pool is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(self.pool.stop, timeout=10.0, drain=True)
-            )
+            await asyncio.to_thread(functools.partial(self.pool.stop, timeout=10.0, drain=True))
         # The pool's last outcomes may have finished batches whose release runs in a thread.
         await asyncio.gather(*self._background, return_exceptions=True)
         if shards is not None:
@@ -385,6 +381,8 @@ class InferenceServer:
         every_shard = self.shards is None or self.shards.serving
         status = _SERVING if healthy and self.accepting and every_shard else _NOT_SERVING
         self.metrics.health(status == _SERVING)
+        if self.on_status is not None:
+            self.on_status(status == _SERVING)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
 

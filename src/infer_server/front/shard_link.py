@@ -10,6 +10,10 @@ asks and the shard answers, one JSON object per line, each answer carrying its q
 - ``{"metrics": null}``: the shard's metric families, for the main process's scrape to merge;
 - ``{"shadow": null}``: what the shard's shadow runs found (``ListModels`` sums every shard's).
 
+Unasked, the shard says ``{"health": true|false}`` (no id) once it serves and whenever its health
+changes: a shard whose worker died makes the server NOT_SERVING, as a worker of the main process
+does.
+
 The link's end tells either side that the other is gone: a shard drains, the main process starts
 the shard again.
 """
@@ -21,6 +25,7 @@ import contextlib
 import itertools
 import json
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from infer_server.front.choices import ModelState
@@ -44,8 +49,10 @@ class ShardLink:
     """The main process's end of one shard's link, once the shard serves: questions, answered in
     any order."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader, self._writer = reader, writer
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, on_health: Callable[[bool], None]
+    ) -> None:
+        self._reader, self._writer, self._on_health = reader, writer, on_health
         self._ids = itertools.count()
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._closed = False
@@ -67,10 +74,13 @@ class ShardLink:
         try:
             while line := await self._reader.readline():
                 answer = json.loads(line)
+                if "id" not in answer:  # news: the shard's health changed
+                    self._on_health(bool(answer["health"]))
+                    continue
                 waiting = self._pending.get(answer.pop("id", None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
-        except (OSError, ValueError, AttributeError) as exc:  # AttributeError: an answer not an object
+        except (OSError, ValueError, AttributeError, KeyError) as exc:  # AttributeError: an answer not an object
             log.error("a shard's link broke (%r): closing it, so that the shard drains and is started again", exc)
             self._writer.close()
         finally:
@@ -86,8 +96,16 @@ class ShardLink:
 
 
 async def answer_main(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: InferenceServer) -> None:
-    """A shard's end of its link, once it serves: answer each question (a task each); returns when
-    the link ends (the main process is gone)."""
+    """A shard's end of its link, once it serves: answer each question (a task each), and say
+    ``{"health": serving}`` now and whenever its health changes (a worker died, or every one is
+    back), so that the server's health counts the shard's workers; returns when the link ends (the
+    main process is gone)."""
+
+    def say(serving: bool) -> None:
+        writer.write(json.dumps({"health": serving}).encode() + b"\n")
+
+    server.on_status = say
+    say(server.accepting and server.pool is not None and server.pool.healthy)
     answering: set[asyncio.Task[None]] = set()
     while line := await reader.readline():
         try:

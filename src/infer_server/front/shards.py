@@ -162,6 +162,7 @@ class ShardProcesses:
         self.models: ModelState | None = None  # what every shard serves, once a change was made
         self._models_lock = asyncio.Lock()  # a change, or a shard being started again with the models
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pools: dict[int, bool] = {}  # what each running shard last said of its health
         self._scraped: dict[int, list[list[Any]]] = {}  # each shard's metric families as last scraped
         self._carried: dict[int, list[list[Any]]] = {}  # what its runs before the last start counted
         self._watchers: dict[int, asyncio.Task[None]] = {}
@@ -169,8 +170,15 @@ class ShardProcesses:
 
     @property
     def serving(self) -> bool:
-        """Every shard runs (each was serving once started; one being started again is missing)."""
-        return len(self._processes) == self._settings.shards - 1
+        """Every shard runs (one being started again is missing) and says it serves (every one of
+        its workers is ready)."""
+        return len(self._processes) == self._settings.shards - 1 and all(self._pools.values())
+
+    def _health(self, index: int, serving: bool) -> None:
+        """Shard ``index`` says whether it serves (``front.shard_link``)."""
+        if self._pools.get(index) != serving:
+            self._pools[index] = serving
+            self._on_change()
 
     async def start(self) -> None:
         """Start every shard and wait until each serves; one that does not fails the start (and
@@ -214,7 +222,7 @@ class ShardProcesses:
             raise
         log.info("shard %d (pid %d) serves %s", index, process.pid,
                  shard_socket(self._settings.local_socket or "", index))  # fmt: skip
-        return process, ShardLink(reader, link)
+        return process, ShardLink(reader, link, lambda serving: self._health(index, serving))
 
     def _serving(self, index: int, process: asyncio.subprocess.Process, link: ShardLink) -> None:
         self._processes[index], self._links[index] = process, link
@@ -228,6 +236,7 @@ class ShardProcesses:
             return
         del self._processes[index]
         self._links.pop(index).close()
+        self._pools.pop(index, None)
         self._carried[index] = carried([*self._carried.get(index, []), *self._scraped.pop(index, [])])
         self._on_change()
         log.warning("shard %d (pid %d) exited with %s: starting it again", index, process.pid, code)
