@@ -48,7 +48,9 @@ def _color_config() -> dict:  # type: ignore[type-arg]
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Color versions 1 and 2 on disk, the version policy choosing 1 (so that 2 serves only when an
     operator pins it)."""
-    return versioned_repository(tmp_path_factory.mktemp("shard-models"), (1, 2), {"specific": ["1"]})
+    root = versioned_repository(tmp_path_factory.mktemp("shard-models"), (1, 2), {"specific": ["1"]})
+    (root / "detector" / "profile.json").symlink_to(MODELS / "detector" / "profile.json")  # the drift watch's
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run
         s.bind(("127.0.0.1", 0))
         METRICS_PORT.append(s.getsockname()[1])
     args = ("--local-socket", str(path), "--shards", "2", "--shadow-budget", "1.0")
-    args += ("--metrics-port", str(METRICS_PORT[0]))
+    args += ("--metrics-port", str(METRICS_PORT[0]), "--drift-interval-s", "0.2", "--drift-min-images", "6")
     with running_server(repo, *args, workers=2) as srv:
         srv.local_socket = path
         yield srv
@@ -214,3 +216,19 @@ def test_a_shard_refuses_a_change_made_on_its_own_socket(server: RunningServer) 
         # The main process's own socket takes it, for every shard.
         assert _unary(str(server.local_socket), "/infer.v1.ModelControlService/LoadModel", request) is None
         assert _colors(client) == {0: {"1"}, 1: {"1"}}
+
+
+def test_the_drift_watch_judges_every_shards_images(server: RunningServer) -> None:
+    """Images answered by shard 1 alone reach the server's drift window (``GetDrift``)."""
+    with server.client() as client:
+        before = client.models.drift().window_images
+        home = next(s for s in _sessions(client) if s.home == 1 or s.close())
+        with home:
+            answered = sum(len(home.detect(JPEGS)) for _ in range(3))
+            for _ in range(300):  # each answer is a wait: the window is judged every 0.2 s
+                report = client.models.drift()
+                if report.window_images >= before + answered:
+                    break
+                home.detect(JPEGS[:1])
+    assert report.enabled and report.window_images >= before + answered, (before, report)
+    assert report.statistics, "judged: the union holds more than --drift-min-images"

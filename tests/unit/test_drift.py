@@ -91,6 +91,24 @@ def test_another_profile_starts_a_fresh_window_and_no_profile_no_watch() -> None
     assert not monitor.enabled and monitor.images == 0
 
 
+def test_the_main_process_judges_every_shards_window() -> None:
+    """A shard that saw only dark images flags the server, though the main process's own window
+    is in line; a shard binned for another detector version is left out."""
+    profile = json.dumps(build_profile([image(100.0 + (i % 20)) for i in range(200)], "unit"))
+    main, shard, stale = (DriftMonitor(window=50, threshold=0.25, min_images=60) for _ in range(3))
+    for monitor, version in ((main, "1"), (shard, "1"), (stale, "0")):
+        monitor.use(profile, ("detector", version))
+    for i in range(30):
+        main.observe(image(100.0 + (i % 20)))
+        shard.observe(image(30.0))
+        stale.observe(image(100.0 + (i % 20)))
+    main.evaluate([stale.export()])
+    assert main.images == 30 and not main.scores, "too few images with the stale shard's left out"
+    exported = json.loads(json.dumps(shard.export()))  # as it crosses the link
+    main.evaluate([exported, stale.export()])
+    assert main.images == 60 and main.scores["brightness"].flagged
+
+
 def test_the_shipped_detector_has_a_profile() -> None:
     shipped = load_profile((ENGINES / "detector" / "profile.json").read_text())
     assert {"brightness", "contrast", "confidence", "class", "detections", "attribute:color"} <= set(shipped)

@@ -11,6 +11,10 @@ computed; one over ``--drift-threshold`` (0.25) flags the statistic. A flag that
 is logged and leaves an audit line; scores and flags are Prometheus gauges and the control API's
 ``GetDrift``. A model change that brings another profile starts a fresh window.
 
+On a server of several shards (``--shards``) each shard keeps its own window of the images its
+workers answered; the main process judges their union (up to K windows: the shards' bin counts
+on the same reference, asked on their links at each evaluation), and only it logs and flags.
+
 ``docs/model-lifecycle.md`` has the false-alarm rate on held-out scenes of the training
 distribution and the delay on shifted streams, measured by ``benchmarks/drift.py``.
 """
@@ -20,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from infer_server.front import audit
 from infer_server.messages import ImageOutcome
@@ -47,6 +53,7 @@ class DriftMonitor:
         self.scores: dict[str, Score] = {}
         self._images: collections.deque[list[tuple[str, list[str]]]] = collections.deque()
         self._counts: dict[str, collections.Counter[str]] = {}
+        self._others = 0  # images in the other shards' windows, at the last evaluation
 
     @property
     def enabled(self) -> bool:
@@ -54,7 +61,8 @@ class DriftMonitor:
 
     @property
     def images(self) -> int:
-        return len(self._images)
+        """Images in the window judged: this process's, and the other shards' at the last evaluation."""
+        return len(self._images) + self._others
 
     @property
     def flagged(self) -> bool:
@@ -73,7 +81,12 @@ class DriftMonitor:
             self.references, self.source = {}, ""
         self._images.clear()
         self._counts = {name: collections.Counter() for name in self.references}
-        self.scores = {}
+        self.scores, self._others = {}, 0
+
+    def export(self) -> dict[str, Any]:
+        """This window's bin counts, with the detector they were binned for (``front.shard_link``)."""
+        counts = {name: {k: n for k, n in c.items() if n > 0} for name, c in self._counts.items()}
+        return {"model": list(self.model), "images": len(self._images), "counts": counts}
 
     def observe(self, *outcomes: ImageOutcome) -> None:
         """Answered images (on the loop, for every image: a few dictionary updates)."""
@@ -96,12 +109,19 @@ class DriftMonitor:
             for name, bins in self._images.popleft():
                 self._counts[name].subtract(bins)
 
-    def evaluate(self) -> None:
-        """Score every statistic against the reference; log and audit a flag that turns."""
-        if not self.enabled or len(self._images) < self.min_images:
+    def evaluate(self, others: Sequence[dict[str, Any]] = ()) -> None:
+        """Score every statistic against the reference, over this window and ``others`` (the other
+        shards' ``export``; those binned for another detector version are left out); log and
+        audit a flag that turns."""
+        others = [o for o in others if tuple(o["model"]) == self.model]
+        self._others = sum(int(o["images"]) for o in others)
+        if not self.enabled or self.images < self.min_images:
             return
         for name, reference in self.references.items():
-            counts = {k: n for k, n in self._counts[name].items() if n > 0}
+            total = collections.Counter({k: n for k, n in self._counts[name].items() if n > 0})
+            for other in others:
+                total.update(other["counts"].get(name, {}))
+            counts = dict(total)
             if not counts:
                 continue
             score = Score(reference.psi(counts))
@@ -111,14 +131,15 @@ class DriftMonitor:
             if score.flagged != (was.flagged if was else False):
                 turned = "drifted" if score.flagged else "back in line"
                 log.warning("drift: %s %s (PSI %.3f, threshold %.2f, over the last %d images)",
-                            name, turned, score.psi, self.threshold, len(self._images))  # fmt: skip
+                            name, turned, score.psi, self.threshold, self.images)  # fmt: skip
                 audit.control("drift", statistic=name, psi=round(score.psi, 4), flagged=score.flagged,
                               model=self.model[0], version=self.model[1])  # fmt: skip
 
-    async def run(self, interval_s: float) -> None:
+    async def run(self, interval_s: float, others: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None) -> None:
+        """Evaluate every ``interval_s``, with the other shards' windows if ``others`` asks them."""
         while True:
             await asyncio.sleep(interval_s)
-            self.evaluate()
+            self.evaluate(await others() if others is not None else ())
 
 
 def _source(profile_text: str) -> str:

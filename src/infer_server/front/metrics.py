@@ -181,7 +181,7 @@ class _ImageCounts(Collector):
 
 # Families that are the whole server's, not each shard's: the main process's alone are exported.
 # The health flips and front processes are the main process's; every shard serves the same models and
-# trial shares (``front.choices``); the drift watch is each shard's window, shard 0's is the one shown.
+# trial shares (``front.choices``); the main process judges the drift of every shard's window.
 _SERVER_WIDE = frozenset(
     {"infer_health_changes", "infer_front_process_exits", "infer_model_version", "infer_trial_share",
      "infer_drift_psi", "infer_drift_flag", "infer_drift_window_images"}

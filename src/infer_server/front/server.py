@@ -187,8 +187,8 @@ class InferenceServer:
         self._spawn(self._housekeeping())
         if s.repository_poll_s and not s.shard_index:  # the main process moves every shard
             self._spawn(self.control.poll(s.repository_poll_s))
-        if s.drift_window:
-            self._spawn(self.drift.run(s.drift_interval_s))
+        if s.drift_window and not s.shard_index:  # the main process judges every shard's window
+            self._spawn(self.drift.run(s.drift_interval_s, self.shards.drift if self.shards else None))
 
     def _start_pool(self, loop: asyncio.AbstractEventLoop) -> PipelinePool:
         """Blocking (a thread): spawn the workers and wait until each loaded its models."""

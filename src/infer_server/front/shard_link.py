@@ -8,7 +8,9 @@ asks and the shard answers, one JSON object per line, each answer carrying its q
 - ``{"models": ModelState}``: move the workers there (``ModelControl.follow``); answered ``{}``,
   ``{"incomplete": why}`` or ``{"refused": why}``;
 - ``{"metrics": null}``: the shard's metric families, for the main process's scrape to merge;
-- ``{"shadow": null}``: what the shard's shadow runs found (``ListModels`` sums every shard's).
+- ``{"shadow": null}``: what the shard's shadow runs found (``ListModels`` sums every shard's);
+- ``{"drift": null}``: the shard's drift window (``DriftMonitor.export``), which the main
+  process judges with its own.
 
 Unasked, the shard says ``{"health": true|false}`` (no id) once it serves and whenever its health
 changes: a shard whose worker died makes the server NOT_SERVING, as a worker of the main process
@@ -133,6 +135,8 @@ async def _answer(question: dict[str, Any], writer: asyncio.StreamWriter, server
                 answer["incomplete"] = f"{exc}; it serves the old models until its chunks are done"
         elif "metrics" in question:
             answer["families"] = server.metrics.export()
+        elif "drift" in question:
+            answer["drift"] = server.drift.export()
         elif "shadow" in question:
             control = server.control
             answer |= {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}

@@ -311,6 +311,10 @@ class ShardProcesses:
             skipped += int(answer["skipped"])
         return agreement, skipped
 
+    async def drift(self) -> list[dict[str, Any]]:
+        """Every serving shard's drift window (``DriftMonitor.export``)."""
+        return [answer["drift"] for answer in (await self._everyone({"drift": None})).values()]
+
     def families(self) -> list[list[Any]]:
         """Every other shard's metric families (``ServerMetrics.export``), for a scrape: called
         from the metrics server's thread, never the loop. So that a counter never goes down, a
