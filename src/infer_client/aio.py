@@ -83,18 +83,28 @@ class AsyncInferClient:
         """Hand over a batch (paths or encoded bytes); returns its batch id at once (with a
         ``request_id``, on the id's shard: ``InferClient.push``)."""
         prepared = await asyncio.to_thread(prepare_push, images, names, request_id, self.transport, self._pushed.files)
+        pushing: asyncio.Future[str] | None = None  # the push on a shard's socket, in a thread
+
+        def discard(*_: object) -> None:
+            self._pushed.files.discard(prepared.owned_path)  # whether or not the server took it, nobody will pull it
+
         try:
             if request_id and self.local_socket is not None and (sharding := await self._shards())[0] > 1:
                 args = (self.local_socket, prepared.request, sharding, self._metadata, self.timeout)
-                batch_id = await asyncio.to_thread(push_on_shard, *args)
+                pushing = asyncio.ensure_future(asyncio.to_thread(push_on_shard, *args))
+                batch_id = await asyncio.shield(pushing)
             else:
                 reply = await self._stub.PushData(prepared.request, timeout=self.timeout, metadata=self._metadata)
                 batch_id = reply.batch_id
         except grpc.RpcError as exc:
-            self._pushed.files.discard(prepared.owned_path)
+            discard()
             raise InferError.from_rpc(exc) from None
         except (InferError, asyncio.CancelledError):
-            self._pushed.files.discard(prepared.owned_path)  # whether or not the server took it, nobody will pull it
+            if pushing is not None and not pushing.done():  # the thread still sends it: its file goes after
+                pushing.add_done_callback(lambda done: done.cancelled() or done.exception() or True)
+                pushing.add_done_callback(discard)
+            else:
+                discard()
             raise
         self._pushed.add(batch_id, prepared.owned_path, len(images))
         return batch_id

@@ -155,8 +155,8 @@ class InferClient:
         has one); close it, or use ``with``."""
         if self.local_socket is not None:
             session = local_session(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
-            if isinstance(session, RoutedSession):  # what pull asks
-                self._shard_count = session.count, session.server_uid
+            count = session.count if isinstance(session, RoutedSession) else 1
+            self._shard_count = count, session.server_uid  # what pull and push ask
             return session
         return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
 

@@ -204,6 +204,8 @@ async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelStat
             following.add_done_callback(lambda _: stop.set())
         await stop.wait()
     log.info("signal received: draining")
+    if server.on_status is not None:  # a shard: the server is not whole while it drains
+        server.on_status(False)
     await server.stop()
     return 0
 

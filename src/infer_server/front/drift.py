@@ -139,7 +139,10 @@ class DriftMonitor:
         """Evaluate every ``interval_s``, with the other shards' windows if ``others`` asks them."""
         while True:
             await asyncio.sleep(interval_s)
-            self.evaluate(await others() if others is not None else ())
+            try:
+                self.evaluate(await others() if others is not None else ())
+            except (KeyError, TypeError, ValueError) as exc:  # a malformed window from a shard: the next pass
+                log.error("the drift watch could not judge this pass: %r", exc)
 
 
 def _source(profile_text: str) -> str:

@@ -102,8 +102,7 @@ class InferenceServer:
         self.control = ModelControl(self)
         self.regions = Regions(self.handoff, settings.write_owners())  # the Open Inference Protocol's shm
         self.metrics.watch_models(self.control)
-        self.accepting = False
-        self.port = 0
+        self.accepting, self.port = False, 0
         self.pool: PipelinePool | None = None
         self._pool_healthy = True
         self._suggestions = itertools.count()  # shards_reply
@@ -139,6 +138,8 @@ class InferenceServer:
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
             await self.control.align_shards()
         except BaseException:
+            if self.pool is not None:  # started, and then a shard refused its models
+                await asyncio.to_thread(self.pool.stop, 5.0, False)
             if self.shards is not None:
                 await self.shards.stop()
             await front.stop(0)

@@ -82,10 +82,14 @@ class ShardLink:
                 waiting = self._pending.get(answer.pop("id", None))
                 if waiting is not None and not waiting.done():
                     waiting.set_result(answer)
-        except (OSError, ValueError, AttributeError, KeyError) as exc:  # AttributeError: an answer not an object
+        except asyncio.CancelledError:
+            raise  # close()
+        except Exception as exc:  # noqa: BLE001 - a line that is no answer: the link cannot be trusted
             log.error("a shard's link broke (%r): closing it, so that the shard drains and is started again", exc)
             self._writer.close()
         finally:
+            if not self._closed:  # it ended by itself: the shard no longer serves (it drains, or is gone)
+                self._on_health(False)
             self._closed = True
             for waiting in self._pending.values():
                 if not waiting.done():
@@ -139,7 +143,7 @@ async def _answer(question: dict[str, Any], writer: asyncio.StreamWriter, server
             answer["drift"] = server.drift.export()
         elif "shadow" in question:
             control = server.control
-            answer |= {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}
+            answer["shadow"] = {"agreement": vars(control.agreement), "skipped": control.shadow_skipped}
     except Exception as exc:  # noqa: BLE001 - ReloadRefused, or anything else: said, not swallowed
         if not isinstance(exc, ReloadRefused):
             log.exception("the main process's question %.200r failed", question)

@@ -295,25 +295,30 @@ class ShardProcesses:
             raise ReloadRefused(str(answer["refused"]))
         return str(answer.get("incomplete", ""))
 
-    async def _everyone(self, question: dict[str, Any]) -> dict[int, dict[str, Any]]:
-        """Every serving shard's answer to ``question``, by shard (one being started again, or
-        not answering in time, has none)."""
+    async def _everyone(self, question: str, key: str) -> dict[int, Any]:
+        """Every serving shard's answer to ``question`` (its ``key``), by shard. None from a shard
+        being started again, one that did not answer in time or refused (``{"refused": why}``), or
+        one that exited while the others were asked (an answer of its last run is no longer its)."""
         links = list(self._links.items())
-        answers = await asyncio.gather(*(link.ask(question, _ASK_TIMEOUT_S) for _, link in links),
+        answers = await asyncio.gather(*(link.ask({question: None}, _ASK_TIMEOUT_S) for _, link in links),
                                        return_exceptions=True)  # fmt: skip
-        return {index: answer for (index, _), answer in zip(links, answers, strict=True) if isinstance(answer, dict)}
+        return {
+            index: answer[key]
+            for (index, link), answer in zip(links, answers, strict=True)
+            if isinstance(answer, dict) and key in answer and self._links.get(index) is link
+        }
 
     async def shadow(self) -> tuple[Agreement, int]:
         """What every shard's shadow runs found: their agreement and the runs skipped, summed."""
         agreement, skipped = Agreement(), 0
-        for answer in (await self._everyone({"shadow": None})).values():
+        for answer in (await self._everyone("shadow", "shadow")).values():
             agreement.add(Agreement(**answer["agreement"]))
             skipped += int(answer["skipped"])
         return agreement, skipped
 
     async def drift(self) -> list[dict[str, Any]]:
         """Every serving shard's drift window (``DriftMonitor.export``)."""
-        return [answer["drift"] for answer in (await self._everyone({"drift": None})).values()]
+        return list((await self._everyone("drift", "drift")).values())
 
     def families(self) -> list[list[Any]]:
         """Every other shard's metric families (``ServerMetrics.export``), for a scrape: called
@@ -325,8 +330,7 @@ class ShardProcesses:
         return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(_ASK_TIMEOUT_S + 1.0)
 
     async def _scrape(self) -> list[list[Any]]:
-        for index, answer in (await self._everyone({"metrics": None})).items():
-            self._scraped[index] = answer["families"]
+        self._scraped |= await self._everyone("metrics", "families")
         return [family for part in (self._scraped, self._carried) for families in part.values() for family in families]
 
     async def stop(self) -> None:
