@@ -165,15 +165,20 @@ def _statuses(channel: grpc.Channel) -> Iterator[int]:
         yield reply.status
 
 
+def _killed_while_health_says_so(server: RunningServer, pid: int) -> None:
+    """Kill ``pid``: the server's health goes NOT_SERVING, then SERVING again once it is replaced."""
+    with grpc.insecure_channel(server.address) as channel:
+        statuses = _statuses(channel)
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(pid, signal.SIGKILL)
+        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningServer, scenes: list[Scene]) -> None:
     (shard,) = _shard_pids(sharded)
     workers = exit_waiters(descendants(shard))
-    with grpc.insecure_channel(sharded.address) as channel:
-        statuses = _statuses(channel)
-        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
-        os.kill(shard, signal.SIGKILL)
-        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+    _killed_while_health_says_so(sharded, shard)
     assert still_running(workers, timeout=20) == [], "the killed shard's workers outlived it"
     (replacement,) = _shard_pids(sharded)
     assert replacement != shard
@@ -265,10 +270,5 @@ def test_a_dead_worker_of_a_shard_is_the_servers_health(sharded: RunningServer) 
     main process's own."""
     (shard,) = _shard_pids(sharded)
     (worker,) = [pid for pid in descendants(shard) if b"spawn_main" in cmdline(pid)]
-    with grpc.insecure_channel(sharded.address) as channel:
-        statuses = _statuses(channel)
-        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
-        os.kill(worker, signal.SIGKILL)
-        assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
+    _killed_while_health_says_so(sharded, worker)
     assert _shard_pids(sharded) == [shard], "the shard itself lives on"
