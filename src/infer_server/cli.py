@@ -113,7 +113,7 @@ def _prepare(settings: ServerSettings) -> None:
     logging.basicConfig(
         level=settings.log_level,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{settings.log_mark}: %(message)s",
     )
     for old, new in _RENAMED_ENV.items():
         if old in os.environ:

@@ -349,6 +349,11 @@ class ServerSettings(BaseSettings):
         assert self.staging_dir is not None
         return self.staging_dir
 
+    @property
+    def log_mark(self) -> str:
+        """What marks this process's log lines (and its workers') as one shard's, where there are several."""
+        return f"[shard {self.shard_index}]" if self.shards > 1 else ""
+
     def write_owners(self) -> frozenset[int]:
         """The uids of ``region_write_owners`` (or its default)."""
         if self.region_write_owners is not None:
@@ -371,6 +376,7 @@ class ServerSettings(BaseSettings):
             null_model=self.null_model,
             plan_cache_dir=str(self.plan_cache_dir) if self.plan_cache_dir else None,
             log_level=self.log_level,
+            log_mark=self.log_mark,
             memory_mib=self.worker_memory_mib or None,
             digest_images=self.result_cache_entries > 0,
             shadow_budget=self.shadow_budget,

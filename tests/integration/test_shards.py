@@ -69,6 +69,14 @@ def test_sessions_spread_over_the_shards_and_each_batch_is_its_shards(
     assert len(_shard_pids(sharded)) == 1
 
 
+def test_each_shards_log_lines_say_whose_they_are(sharded: RunningServer) -> None:
+    serving = [line for line in sharded.log_path.read_text().splitlines() if ": serving on " in line]
+    assert len(serving) == 2
+    main, other = sorted(serving, key=lambda line: "[shard 1]" in line)
+    assert "infer_server.front.server[shard 0]: serving on 127.0.0.1:" in main
+    assert f"infer_server.front.server[shard 1]: serving on {sharded.local_socket}.1 with 1 workers" in other
+
+
 def test_a_request_id_is_one_batch_whichever_session_repeats_it(sharded: RunningServer, scenes: list[Scene]) -> None:
     images = [s.jpeg for s in scenes[:2]]
     with sharded.client() as client, client.session() as first, client.session() as second:

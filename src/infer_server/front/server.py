@@ -153,10 +153,10 @@ class InferenceServer:
             self.metrics.serve(s.metrics_port, s.host, self.shards)
         if s.null_model:
             log.warning("null model: images are read and header-checked only; results carry no detections")
-        callers, also = self.authenticator.mode, "".join(f" and {p}" for p in (s.unix_socket, s.local_socket) if p)
-        log.info("serving on %s:%d%s with %d workers (%s); callers: %s", s.host, self.port, also, s.workers,
-                 s.device, callers)  # fmt: skip
-        audit.control("started", host=s.host, port=self.port, unix_socket=str(s.unix_socket or "") or None,
+        callers, sockets = self.authenticator.mode, [str(p) for p in (s.unix_socket, s.local_socket) if p]
+        where = " and ".join(sockets if s.shard_index else [f"{s.host}:{self.port}", *sockets])  # a shard: no gRPC
+        log.info("serving on %s with %d workers (%s); callers: %s", where, s.workers, s.device, callers)
+        audit.control("started", host=s.host, port=self.port or None, unix_socket=str(s.unix_socket or "") or None,
                       local_socket=str(s.local_socket or "") or None, tls=s.tls_cert is not None, callers=callers,
                       workers=s.workers, device=s.device)  # fmt: skip
         return self.port
