@@ -75,13 +75,15 @@ def _sent(request: bytes) -> bytes:
 def _failed(exc: BaseException) -> InferError:
     if isinstance(exc, InferError):
         return exc
+    if isinstance(exc, TimeoutError):  # the socket's timeout: what is left of the call's
+        return InferError(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the local socket within the timeout")
     if isinstance(exc, OSError | asyncio.IncompleteReadError):
         return InferError(grpc.StatusCode.UNAVAILABLE, f"the local socket failed: {exc!r}")
     return InferError(grpc.StatusCode.INTERNAL, f"a malformed reply on the local socket: {exc!r}")
 
 
-def _expired(timeout: float | None) -> InferError:
-    return InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end of the pull within {timeout:g}s")
+def _expired(timeout: float | None, call: str = "pull") -> InferError:
+    return InferError(grpc.StatusCode.DEADLINE_EXCEEDED, f"no end of the {call} within {timeout:g}s")
 
 
 class _Pull:
@@ -134,13 +136,19 @@ def push_on_shard(
     timeout: float | None,
 ) -> str:  # fmt: skip
     """``PushData`` of ``request`` (which has a request id) on the socket of the shard its id names:
-    the batch id (``InferError`` as gRPC's call would raise it)."""
+    the batch id (``InferError`` as gRPC's call would raise it; ``timeout`` bounds the whole call,
+    DEADLINE_EXCEEDED, however the answer trickles in)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     shard = request_shard(request.request_id, sharding[0])
     call = _Pull(shard_socket(path, shard), request.SerializeToString(), metadata, timeout, sharding[1], PUSH,
                  infer_pb2.PushDataReply.FromString)  # fmt: skip
     try:
         replies = []
         while not call.ended:
+            if deadline is not None:
+                if (left := deadline - time.monotonic()) <= 0:
+                    raise _expired(timeout, "push")
+                call.sock.settimeout(left)
             replies += call.take()
     finally:
         call.sock.close()

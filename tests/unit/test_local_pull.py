@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from infer_client import InferError
-from infer_client.local_pull import pull_shards, pull_shards_async
+from infer_client.local_pull import pull_shards, pull_shards_async, push_on_shard
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, encode_end, frame
 
@@ -141,3 +141,31 @@ def test_no_end_within_the_timeout_is_deadline_exceeded(tmp_path: Path) -> None:
         with pytest.raises(InferError) as expired:
             list(pull_shards(str(path), [B0], (2, os.geteuid()), None, 0.2))
         assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_a_push_whose_answer_trickles_past_its_timeout_is_deadline_exceeded(tmp_path: Path) -> None:
+    """The timeout bounds the whole push, as gRPC's deadline does, not each receive: a shard that
+    keeps sending frames that are no answer (a WANT every 50 ms) does not hold the caller past it."""
+    path, stop = tmp_path / "local.sock", threading.Event()
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(path))
+        listener.listen()
+
+        def trickle() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                for _ in range(100):  # 5 s, then it hangs up (UNAVAILABLE, where the timeout is not kept)
+                    if stop.wait(0.05):  # the scripted shard's pace
+                        return
+                    conn.sendall(frame(1, Kind.WANT, b"1"))
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        request = infer_pb2.PushDataRequest(request_id="r", data=b"x", sizes=[1])
+        try:
+            with pytest.raises(InferError) as expired:
+                push_on_shard(str(path), request, (1, os.geteuid()), None, 0.3)
+        finally:
+            stop.set()
+            thread.join(10)
+    assert expired.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
