@@ -35,11 +35,13 @@ async def _answering(answers: dict[str, dict[str, object]], reader: asyncio.Stre
 
 
 def test_a_refused_question_is_no_answer_and_a_scrape_keeps_the_last_one(tmp_path: Path) -> None:
-    """A shard that refuses a scrape (its export failed) must not take its counts out of the sum."""
+    """A shard that refuses a scrape (its export failed) must not take its counts out of the sum;
+    its gauges then say nothing (what it had in flight at its last answer is not in flight now)."""
 
     async def run() -> None:
         health: list[bool] = []
-        families = [["infer_batches", "counter", "", [["infer_batches_total", {}, 3.0]]]]
+        counter = ["infer_batches", "counter", "", [["infer_batches_total", {}, 3.0]]]
+        families = [counter, ["infer_inflight_images", "gauge", "", [["infer_inflight_images", {}, 8.0]]]]
         answers: dict[str, dict[str, object]] = {"metrics": {"families": families}}
         link, shard = await _linked(lambda r, w: _answering(answers, r, w), health)
         shards = ShardProcesses(ServerSettings(local_socket=tmp_path / "s", shards=2, workers=2), lambda: None)
@@ -47,7 +49,9 @@ def test_a_refused_question_is_no_answer_and_a_scrape_keeps_the_last_one(tmp_pat
         assert await shards._scrape() == families
         answers["metrics"] = {"refused": "the export failed"}
         assert await shards._everyone("metrics", "families") == {}  # no KeyError
-        assert await shards._scrape() == families, "its last answer counts"
+        assert await shards._scrape() == [counter], "its last counts count, its last gauges do not"
+        answers["metrics"] = {"families": families}
+        assert await shards._scrape() == families
         assert health == [True]
         link.close()
         shard.cancel()

@@ -323,15 +323,18 @@ class ShardProcesses:
     def families(self) -> list[list[Any]]:
         """Every other shard's metric families (``ServerMetrics.export``), for a scrape: called
         from the metrics server's thread, never the loop. So that a counter never goes down, a
-        shard that does not answer counts with its last answer, and one started again with what
-        its earlier runs had counted (``carried``)."""
+        shard that does not answer counts with its last answer's counts (not its gauges), and one
+        started again with what its earlier runs had counted (``carried``)."""
         if self._loop is None:
             return []
         return asyncio.run_coroutine_threadsafe(self._scrape(), self._loop).result(_ASK_TIMEOUT_S + 1.0)
 
     async def _scrape(self) -> list[list[Any]]:
-        self._scraped |= await self._everyone("metrics", "families")
-        return [family for part in (self._scraped, self._carried) for families in part.values() for family in families]
+        answered = await self._everyone("metrics", "families")
+        self._scraped |= answered
+        # One that did not answer: its last counts, not its last gauges (what was in flight then is not now).
+        parts = [families if k in answered else carried(families) for k, families in self._scraped.items()]
+        return [family for families in (*parts, *self._carried.values()) for family in families]
 
     async def stop(self) -> None:
         """Every shard drains (as this process does: SIGTERM) and exits; one that does not is killed."""
