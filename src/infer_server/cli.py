@@ -100,12 +100,13 @@ def serve(settings: ServerSettings) -> None:
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
-def serve_shard(settings: ServerSettings, link: socket.socket, models: ModelState | None) -> None:
+def serve_shard(settings: ServerSettings, link: socket.socket, models: ModelState | None, relay: socket.socket) -> None:
     """One shard of a server the main process runs (``front.shards``), serving ``models`` (None:
     what the repository's version policies pick) until SIGTERM/SIGINT or ``link``, its socket to
-    the main process, ends; ``ready`` goes down it once it serves, model changes come up it."""
+    the main process, ends; ``ready`` goes down it once it serves, model changes come up it. The
+    gRPC calls the main process hands it come on ``relay`` (``front.shard_relay``)."""
     _prepare(settings)
-    sys.exit(asyncio.run(_serve(settings, (link, models))))
+    sys.exit(asyncio.run(_serve(settings, (link, models, relay))))
 
 
 def _prepare(settings: ServerSettings) -> None:
@@ -167,8 +168,10 @@ def health(
     raise typer.Exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
-async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelState | None] | None = None) -> int:
-    """The main process (``shard`` None) or a shard (its link to the main process, its models)."""
+async def _serve(
+    settings: ServerSettings, shard: tuple[socket.socket, ModelState | None, socket.socket] | None = None
+) -> int:
+    """The main process (``shard`` None) or a shard (its link to the main process, its models, its relay)."""
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server.front.server import InferenceServer
     from infer_server.front.shard_link import LINE_LIMIT, answer_main
@@ -188,7 +191,7 @@ async def _serve(settings: ServerSettings, shard: tuple[socket.socket, ModelStat
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be
         # interrupted half-way without leaving workers behind, and it is bounded by its timeout.
-        port = await server.start()
+        port = await server.start(shard[2] if shard else None)
     except PipelineError as exc:
         log.error("the pipeline failed to start: %s", exc)
         return 1

@@ -25,7 +25,7 @@ from infer_client import AsyncInferClient, InferError, LocalSession, RoutedSessi
 from infer_client._protocol import BatchFiles, PushedBatches
 from infer_proto import infer_pb2, infer_pb2_grpc
 from infer_proto.framing import HEADER, Kind, encode_call_start, frame
-from infer_proto.shards import request_shard, shard_socket
+from infer_proto.shards import batch_shard, request_shard, shard_socket
 from tests.helpers import MODELS, versioned_repository
 from tests.integration.conftest import STARTUP_TIMEOUT_S, RunningServer, bare_server, running_server
 
@@ -100,13 +100,19 @@ def test_a_push_on_the_wrong_shards_socket_is_refused(sharded: RunningServer, sc
         assert f"shard {shard}'s" in refused.value.message
 
 
-def test_grpc_says_which_shard_holds_a_batch(sharded: RunningServer, scenes: list[Scene]) -> None:
-    with sharded.client(local_socket=None) as grpc_only, sharded.client() as client, client.session() as session:
-        batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "pull"))
-        with pytest.raises(InferError) as refused:
-            list(grpc_only.pull(batch_id, timeout=10))
-        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and "shard 1's" in refused.value.message
-        assert len(list(session.results(batch_id))) == 1
+def test_grpc_reaches_every_shard(sharded: RunningServer, scenes: list[Scene]) -> None:
+    """Only the main process serves gRPC: it hands a push without a request id to each shard in
+    turn, and a pull reads each batch on its shard, whichever transport pushed it."""
+    assert sharded.local_socket is not None
+    images = [s.jpeg for s in scenes[:2]]
+    with sharded.client(local_socket=None) as grpc_only:
+        pushed = [grpc_only.push(images) for _ in range(4)]
+        assert sorted(batch_shard(b, 2) for b in pushed) == [0, 0, 1, 1]
+        assert batch_shard(grpc_only.push(images, request_id="on-grpc"), 2) == 0, "a request id is shard 0's on gRPC"
+        unread = _push_data(f"{sharded.local_socket}.1", images, _request_id(1, "for-grpc"))  # on shard 1's socket
+        results = list(grpc_only.pull([*pushed, unread], timeout=30))
+    assert sorted((r.batch_id, r.index) for r in results) == sorted((b, i) for b in (*pushed, unread) for i in (0, 1))
+    assert all(r.ok for r in results)
 
 
 def _push_data(path: str, images: list[bytes], request_id: str) -> str:

@@ -31,6 +31,7 @@ from infer_server.front.children import start_again, wait_or_kill
 from infer_server.front.listen import OwnedSocket, channel_options, listen
 from infer_server.front.local import LocalFront
 from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
+from infer_server.front.shard_relay import FromMain
 from infer_server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -227,11 +228,13 @@ class Fronts:
         await asyncio.gather(self._local.stop(grace), *([self._grpc.stop(grace)] if self._grpc is not None else []))
 
 
-def make_front(settings: ServerSettings, handlers: Handlers, gate: Gates, on_exit: Callable[[], None]) -> Front:
-    """The fronts the settings ask for: gRPC in this process or in front processes, and the local socket."""
+def make_front(settings: ServerSettings, handlers: Handlers, gate: Gates, on_exit: Callable[[], None],
+               relay: socket.socket | None = None) -> Front:  # fmt: skip
+    """The fronts the settings ask for: gRPC in this process or in front processes, and the local
+    socket; in a shard, the gRPC calls the main process relays over ``relay`` (``front.shard_relay``)."""
     grpc_front: Front | None
     if settings.shard_index:  # a shard the main process started: gRPC is the main process's
-        grpc_front = None
+        grpc_front = None if relay is None else FromMain(relay, handlers, gate, settings.max_concurrent_rpcs)
     elif settings.fronts:
         grpc_front = FrontProcesses(settings, handlers, gate, on_exit)
     else:

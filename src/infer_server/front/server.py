@@ -18,6 +18,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -113,8 +114,8 @@ class InferenceServer:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopped = False
 
-    async def start(self) -> int:
-        """Bind, serve NOT_SERVING, start the workers, then SERVING; returns the bound port."""
+    async def start(self, relay: socket.socket | None = None) -> int:
+        """Bind, serve NOT_SERVING, start the workers, then SERVING: the port (a shard's gRPC: ``relay``)."""
         s = self.settings
         owners = s.owner_uids()
         try:
@@ -128,7 +129,7 @@ class InferenceServer:
             await self._health.set(service, _NOT_SERVING)
         gate = (Gate(self),) if tokens else ()  # nothing to decide before a request is read otherwise
         handlers = self._handlers()
-        front = make_front(s, handlers, gate, self.metrics.front_exits.inc)
+        front = make_front(s, handlers, gate, self.metrics.front_exits.inc, relay)
         try:
             self.port = await front.start()
             self._front = front

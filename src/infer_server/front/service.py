@@ -19,10 +19,11 @@ RESOURCE_EXHAUSTED ("retry later", which it is not) or an INTERNAL that ends the
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -40,6 +41,14 @@ if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
 
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_PUSH, _PULL = f"/{SERVICE_NAME}/PushData", f"/{SERVICE_NAME}/PullResult"  # relayed to other shards
+
+
+def _collect(into: list[bytes]) -> Callable[[bytes], Awaitable[None]]:
+    async def write(payload: bytes) -> None:
+        into.append(payload)
+
+    return write
 
 
 def _leading_tag(raw: bytes) -> int:
@@ -143,19 +152,48 @@ class InferenceServicer:
     @rpc_boundary
     async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
         identity = self.identify(context, "PushData")
-        batch = await self._server.push(readable(request), context.peer(), identity)
+        request = readable(request)
+        shards = self._server.shards  # of a server of several: a push without a request id goes to each in turn
+        if shards is not None and not request.request_id and (shard := shards.relays.turn()) is not None:
+            replies: list[bytes] = []
+            await shard.call(_PUSH, context, request.SerializeToString(), _collect(replies))
+            return infer_pb2.PushDataReply.FromString(replies[0])
+        batch = await self._server.push(request, context.peer(), identity)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
 
     @rpc_boundary
     async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self.identify(context, "PullResult")
         request = readable(request)
-        with (
-            self.streams.open(identity.name),
-            self._server.registry.subscribe(request.batch_ids, identity.name) as cursor,
-        ):
+        shards = self._server.shards
+        here, away = shards.relays.split(request.batch_ids) if shards is not None else (request.batch_ids, {})
+        with self.streams.open(identity.name):
+            if not away:
+                await self._pull(here, identity, context)
+                return
+            writing = asyncio.Lock()  # one write at a time, from every part
+
+            async def write(payload: bytes) -> None:
+                async with writing:
+                    await context.write(infer_pb2.ImageResult.FromString(payload))
+
+            parts = [shard.call(_PULL, context, infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString(), write)
+                     for shard, ids in away.items()]  # fmt: skip
+            # Every part runs to its end, so that what each has sent is delivered before an error ends the call.
+            ended = await asyncio.gather(*parts, *([self._pull(here, identity, context, writing)] if here else []),
+                                         return_exceptions=True)  # fmt: skip
+            if errors := [error for error in ended if isinstance(error, BaseException)]:
+                raise errors[0]
+
+    async def _pull(
+        self, batch_ids: Any, identity: Identity, context: grpc.aio.ServicerContext, writing: Any = None
+    ) -> None:
+        """This process's batches of a pull, each result written (under ``writing``, a lock, when
+        other shards' results share the stream) and then acknowledged."""
+        with self._server.registry.subscribe(batch_ids, identity.name) as cursor:
             while (outcome := await cursor.next()) is not None:
-                await write_outcomes(context, cursor, [outcome], outcome_to_proto(outcome))
+                async with writing or contextlib.nullcontext():
+                    await write_outcomes(context, cursor, [outcome], outcome_to_proto(outcome))
 
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:

@@ -50,6 +50,7 @@ from infer_server.front.children import start_again, wait_or_kill
 from infer_server.front.choices import ModelState
 from infer_server.front.metrics import carried
 from infer_server.front.shard_link import LINE_LIMIT, ShardGone, ShardLink
+from infer_server.front.shard_relay import Relays, ToShard
 from infer_server.messages import Agreement
 from infer_server.settings import ServerSettings
 from infer_server.supervisor.rollout import ReloadRefused
@@ -159,6 +160,7 @@ class ShardProcesses:
         self._settings, self._on_change = settings, on_change
         self._processes: dict[int, asyncio.subprocess.Process] = {}
         self._links: dict[int, ShardLink] = {}
+        self.relays = Relays(settings.shards)  # the gRPC calls handed to each shard (front.shard_relay)
         self.models: ModelState | None = None  # what every shard serves, once a change was made
         self._models_lock = asyncio.Lock()  # a change, or a shard being started again with the models
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,17 +195,19 @@ class ShardProcesses:
             await self.stop()
             raise failed[0]
 
-    async def _start_one(self, index: int) -> tuple[asyncio.subprocess.Process, ShardLink]:
+    async def _start_one(self, index: int) -> tuple[asyncio.subprocess.Process, ShardLink, ToShard]:
         settings = self._settings.model_copy(update={"shard_index": index}).model_dump(mode="json")
         models = None if self.models is None else self.models.to_json()
         config = json.dumps({"settings": settings, "models": models}).encode()
-        ours, theirs = socket.socketpair()
-        with ours, theirs:
-            fd = theirs.fileno()
+        (ours, theirs), (relay_ours, relay_theirs) = socket.socketpair(), socket.socketpair()
+        relay = ToShard(index)
+        with ours, theirs, relay_ours, relay_theirs:
+            fds = (theirs.fileno(), relay_theirs.fileno())
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "infer_server.front.shards", str(fd), pass_fds=(fd,)
+                sys.executable, "-m", "infer_server.front.shards", *map(str, fds), pass_fds=fds
             )
             reader, link = await asyncio.open_unix_connection(sock=ours.dup(), limit=LINE_LIMIT)
+            await relay.connect(relay_ours.dup())
         try:
             link.write(config + b"\n")
             bound = self._settings.startup_timeout_s + _READY_TIMEOUT_MARGIN_S
@@ -216,16 +220,17 @@ class ShardProcesses:
                 raise RuntimeError(f"shard {index} did not start (exit status {code})")
         except BaseException:
             link.close()
+            relay.close()
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
             raise
         log.info("shard %d (pid %d) serves %s", index, process.pid,
                  shard_socket(self._settings.local_socket or "", index))  # fmt: skip
-        return process, ShardLink(reader, link, lambda serving: self._health(index, serving))
+        return process, ShardLink(reader, link, lambda serving: self._health(index, serving)), relay
 
-    def _serving(self, index: int, process: asyncio.subprocess.Process, link: ShardLink) -> None:
-        self._processes[index], self._links[index] = process, link
+    def _serving(self, index: int, process: asyncio.subprocess.Process, link: ShardLink, relay: ToShard) -> None:
+        self._processes[index], self._links[index], self.relays[index] = process, link, relay
         self._watchers[index] = asyncio.ensure_future(self._watch(index, process))
         self._on_change()
 
@@ -236,6 +241,7 @@ class ShardProcesses:
             return
         del self._processes[index]
         self._links.pop(index).close()
+        self.relays.pop(index).close()
         self._pools.pop(index, None)
         self._carried[index] = carried([*self._carried.get(index, []), *self._scraped.pop(index, [])])
         self._on_change()
@@ -247,13 +253,14 @@ class ShardProcesses:
         """Start shard ``index`` again with the models every other shard serves (no change is made
         meanwhile: it waits, and then reaches this shard too)."""
         async with self._models_lock:
-            started, link = await self._start_one(index)
+            started, link, relay = await self._start_one(index)
             if self._stopping:  # the stop came as it started: stop() no longer sees it
                 started.kill()
                 link.close()
+                relay.close()
                 await started.wait()
                 return
-            self._serving(index, started, link)
+            self._serving(index, started, link, relay)
 
     async def follow(self, state: ModelState, previous: ModelState) -> list[str]:
         """Every shard, one after another, moves from ``previous`` to ``state`` (the main process's
@@ -353,17 +360,21 @@ class ShardProcesses:
             await wait_or_kill(process, bound, f"shard {index}")
         for link in self._links.values():
             link.close()
+        for relay in self.relays.values():
+            relay.close()
         self._processes.clear()
         self._links.clear()
+        self.relays.clear()
 
 
 def main() -> None:
-    """A shard's process: its link to the main process is the descriptor named by its argument;
-    its settings (and the models to serve, if a change was made before it started) come first on
-    it, as one JSON line. Served until SIGTERM/SIGINT or the link ends."""
+    """A shard's process: its link to the main process is the descriptor named by its first
+    argument, the main process's gRPC relay the second (``front.shard_relay``); its settings (and
+    the models to serve, if a change was made before it started) come first on the link, as one
+    JSON line. Served until SIGTERM/SIGINT or the link ends."""
     from infer_server.cli import serve_shard
 
-    link = socket.socket(fileno=int(sys.argv[1]))
+    link, relay = socket.socket(fileno=int(sys.argv[1])), socket.socket(fileno=int(sys.argv[2]))
     config = bytearray()
     while not config.endswith(b"\n"):
         if not (chunk := link.recv(65536)):
@@ -371,7 +382,7 @@ def main() -> None:
         config += chunk
     start = json.loads(config)
     models = None if start["models"] is None else ModelState.from_json(start["models"])
-    serve_shard(ServerSettings.model_validate(start["settings"]), link, models)
+    serve_shard(ServerSettings.model_validate(start["settings"]), link, models, relay)
 
 
 if __name__ == "__main__":

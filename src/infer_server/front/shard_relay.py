@@ -1,0 +1,152 @@
+"""gRPC calls the main process hands to another shard (``--shards``), and the shard's end of them.
+
+Only the main process (shard 0) serves gRPC. So that a gRPC client reaches every shard's workers
+and batches, the main process relays calls to shard k over a socket pair the shard inherits, in
+``relay.link``'s frames, as a front process relays calls to the main process: ``PushData`` without
+a request id goes to the shards in turn (``ShardProcesses.turn``), and ``PullResult`` reads each
+batch on its shard (``service``). A push with a request id stays the main process's, as every
+gRPC push with one was before: a request id is shard 0's on gRPC, on every call.
+
+The shard runs a relayed call through its own gate and handlers (``FromMain``: the calls of a
+front process's link, ``front.relayed``). The main process writes each response to its client and
+only then acknowledges it (``ToShard.call``), so a result counts as delivered in the shard's
+registry only once the client's stream took it, as without shards; a client that goes away
+cancels the shard's handler, and what it had not acknowledged goes back to the shard's registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from infer_proto.framing import Kind, decode_end, encode_end
+from infer_proto.shards import batch_shard
+from infer_server.front.errors import ServerError
+from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
+from infer_server.relay.link import Link, encode_start
+
+Gates = Sequence[grpc.aio.ServerInterceptor]
+
+
+class Relayed(ServerError):
+    """A relayed call that a shard ended with an error: its status, as the shard gave it."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+class ToShard:
+    """The main process's end of one shard's relay link: calls started here, answered there."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.link = Link(self._on_frame, self._lost)
+        self._calls: dict[int, asyncio.Queue[tuple[int, bytes]]] = {}
+        self._ids = itertools.count(1)
+
+    async def connect(self, sock: socket.socket) -> None:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self.link, sock)
+
+    async def call(self, method: str, context: Any, request: bytes, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Run ``method`` on the shard with ``request`` (its only message) and the call's metadata,
+        peer and TLS auth context; ``write`` each response (serialized), acknowledged once it
+        returns. A call the shard ends with an error raises ``Relayed``; one whose task is
+        cancelled (the client went away) is cancelled on the shard."""
+        if self.link.closed:
+            raise Relayed(grpc.StatusCode.UNAVAILABLE, f"shard {self.index} is being started again; retry")
+        call_id = next(self._ids)
+        events = self._calls[call_id] = asyncio.Queue()
+        start = encode_start(method, context.invocation_metadata() or (), context.peer(), context.auth_context() or {})
+        self.link.send(call_id, Kind.START, start)
+        ended, sent = False, False
+        try:
+            while True:
+                kind, payload = await events.get()
+                if kind == Kind.WANT:  # the request, then (should it ask again) the end of the client's
+                    self.link.send(call_id, Kind.HALF_CLOSE if sent else Kind.MESSAGE, b"" if sent else request)
+                    sent = True
+                elif kind == Kind.MESSAGE:
+                    await write(payload)
+                    self.link.send(call_id, Kind.ACK)
+                elif kind == Kind.END:
+                    ended = True
+                    code, details = decode_end(payload)
+                    if code:
+                        raise Relayed(_CODES.get(code, grpc.StatusCode.UNKNOWN), details)
+                    return
+        finally:
+            del self._calls[call_id]
+            if not ended:
+                self.link.send(call_id, Kind.CANCEL)
+
+    def _on_frame(self, call_id: int, kind: int, payload: bytes) -> None:
+        events = self._calls.get(call_id)
+        if events is not None:
+            events.put_nowait((kind, payload))
+
+    def _lost(self) -> None:
+        gone = encode_end(grpc.StatusCode.UNAVAILABLE.value[0], f"shard {self.index} exited; retry")
+        for events in self._calls.values():
+            events.put_nowait((Kind.END, gone))
+
+    def close(self) -> None:
+        self.link.close()
+
+
+class Relays(dict[int, ToShard]):
+    """Each running shard's relay (this process's own and a shard being started again have none),
+    and where the main process's gRPC calls go."""
+
+    def __init__(self, shards: int) -> None:
+        super().__init__()
+        self.shards = shards
+        self._turns = itertools.count()
+
+    def turn(self) -> ToShard | None:
+        """Where the next gRPC push without a request id goes: each shard in turn (None: here)."""
+        return self.get(next(self._turns) % self.shards)
+
+    def split(self, batch_ids: Sequence[str]) -> tuple[list[str], dict[ToShard, list[str]]]:
+        """The batch ids this process holds (or that name no running shard: it answers them), and the
+        others by the relay of the shard that holds them (an id names its shard, ``batch_shard``)."""
+        here: list[str] = []
+        away: dict[ToShard, list[str]] = {}
+        for batch_id in batch_ids:
+            relay = self.get(batch_shard(batch_id, self.shards) or 0)
+            (here if relay is None else away.setdefault(relay, [])).append(batch_id)
+        return here, away
+
+
+class FromMain:
+    """A shard's gRPC front: the calls the main process relays to it, over the inherited ``sock``,
+    served by this shard's gate and handlers (``start`` answers 0: the shard has no port)."""
+
+    def __init__(self, sock: socket.socket, handlers: Handlers, gate: Gates, max_calls: int) -> None:
+        self._sock = sock
+        self._calls = RelayedCalls(handlers, gate, CallBudget(max_calls), lambda: None)
+        self._calls.ready.set_result(0)  # nothing to wait for: the main process is there already
+
+    async def start(self) -> int:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: self._calls.link, self._sock)
+        return 0
+
+    async def stop(self, grace: float) -> None:
+        """Calls still open may end within ``grace``; then they are cancelled."""
+        tasks = self._calls.tasks()
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        self._calls.cancel_all()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._calls.link.close()
