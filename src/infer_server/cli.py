@@ -114,7 +114,7 @@ def _prepare(settings: ServerSettings) -> None:
     logging.basicConfig(
         level=settings.log_level,
         stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s %(name)s{settings.log_mark}: %(message)s",
+        format=f"%(asctime)s {settings.log_mark}%(levelname)s %(name)s: %(message)s",
     )
     for old, new in _RENAMED_ENV.items():
         if old in os.environ:

@@ -104,7 +104,7 @@ class WorkerOptions:
     null_model: bool  # read + header check only, no decode or model (benchmarks the data path)
     plan_cache_dir: str | None  # TensorRT plans (device gpu); None: the backend's default
     log_level: str
-    log_mark: str = ""  # after the worker's name in its log lines: its shard's, where there are several
+    log_mark: str = ""  # before the level in its log lines: its shard's, where there are several
     memory_mib: int | None = None  # resident memory after which the worker retires (RETIRED_EXIT)
     digest_images: bool = False  # hash what was read into each outcome (the front caches results)
     # The operator's model choices (the control API): model name → version served instead of the

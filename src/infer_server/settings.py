@@ -351,8 +351,9 @@ class ServerSettings(BaseSettings):
 
     @property
     def log_mark(self) -> str:
-        """What marks this process's log lines (and its workers') as one shard's, where there are several."""
-        return f"[shard {self.shard_index}]" if self.shards > 1 else ""
+        """What marks this process's log lines (and its workers') as one shard's, where there are
+        several: before the level, so that what follows (``infer_server.audit: {...}``) reads as ever."""
+        return f"[shard {self.shard_index}] " if self.shards > 1 else ""
 
     def write_owners(self) -> frozenset[int]:
         """The uids of ``region_write_owners`` (or its default)."""

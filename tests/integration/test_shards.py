@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -73,8 +73,8 @@ def test_each_shards_log_lines_say_whose_they_are(sharded: RunningServer) -> Non
     serving = [line for line in sharded.log_path.read_text().splitlines() if ": serving on " in line]
     assert len(serving) == 2
     main, other = sorted(serving, key=lambda line: "[shard 1]" in line)
-    assert "infer_server.front.server[shard 0]: serving on 127.0.0.1:" in main
-    assert f"infer_server.front.server[shard 1]: serving on {sharded.local_socket}.1 with 1 workers" in other
+    assert " [shard 0] INFO infer_server.front.server: serving on 127.0.0.1:" in main
+    assert f" [shard 1] INFO infer_server.front.server: serving on {sharded.local_socket}.1 with 1 workers" in other
 
 
 def test_a_request_id_is_one_batch_whichever_session_repeats_it(sharded: RunningServer, scenes: list[Scene]) -> None:
@@ -108,11 +108,30 @@ def test_grpc_reaches_every_shard(sharded: RunningServer, scenes: list[Scene]) -
     with sharded.client(local_socket=None) as grpc_only:
         pushed = [grpc_only.push(images) for _ in range(4)]
         assert sorted(batch_shard(b, 2) for b in pushed) == [0, 0, 1, 1]
-        assert batch_shard(grpc_only.push(images, request_id="on-grpc"), 2) == 0, "a request id is shard 0's on gRPC"
         unread = _push_data(f"{sharded.local_socket}.1", images, _request_id(1, "for-grpc"))  # on shard 1's socket
         results = list(grpc_only.pull([*pushed, unread], timeout=30))
     assert sorted((r.batch_id, r.index) for r in results) == sorted((b, i) for b in (*pushed, unread) for i in (0, 1))
     assert all(r.ok for r in results)
+
+
+def test_a_grpc_session_spreads_and_a_request_id_is_one_batch_on_every_transport(
+    sharded: RunningServer, scenes: list[Scene]
+) -> None:
+    """A gRPC Session's pushes go to their shards too: without a request id each in turn, with one
+    to the id's shard, where a client on the local socket pushes it: one id, one batch."""
+    images = [s.jpeg for s in scenes[:3]]
+    with sharded.client(local_socket=None) as grpc_only, grpc_only.session() as session:
+        answered = [session.detect(images) for _ in range(4)]
+        assert sorted(batch_shard(r[0].batch_id, 2) for r in answered) == [0, 0, 1, 1]
+        assert all(len(r) == 3 and all(x.ok for x in r) for r in answered)
+        ids = [_request_id(k, "both-ways") for k in (0, 1)]
+        by_grpc = [session.push(images, request_id=i) for i in ids]
+        assert [batch_shard(b, 2) for b in by_grpc] == [0, 1]
+        assert {r.batch_id for b in by_grpc for r in session.results(b, timeout=30)} == set(by_grpc)
+        by_unary = grpc_only.push(images, request_id=ids[1])
+    with sharded.client() as local, local.session() as on_socket:
+        by_socket = [on_socket.push(images, request_id=i) for i in ids]
+    assert by_socket == by_grpc and by_unary == by_grpc[1]
 
 
 def _push_data(path: str, images: list[bytes], request_id: str) -> str:
@@ -179,20 +198,34 @@ def _statuses(channel: grpc.Channel) -> Iterator[int]:
         yield reply.status
 
 
-def _killed_while_health_says_so(server: RunningServer, pid: int) -> None:
-    """Kill ``pid``: the server's health goes NOT_SERVING, then SERVING again once it is replaced."""
+def _killed_while_health_says_so(
+    server: RunningServer, pid: int, meanwhile: Callable[[], None] = lambda: None
+) -> None:
+    """Kill ``pid``: the server's health goes NOT_SERVING (then ``meanwhile`` runs), then SERVING
+    again once it is replaced."""
     with grpc.insecure_channel(server.address) as channel:
         statuses = _statuses(channel)
         assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
         os.kill(pid, signal.SIGKILL)
         assert next(statuses) == health_pb2.HealthCheckResponse.NOT_SERVING
+        meanwhile()
         assert next(statuses) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningServer, scenes: list[Scene]) -> None:
     (shard,) = _shard_pids(sharded)
     workers = exit_waiters(descendants(shard))
-    _killed_while_health_says_so(sharded, shard)
+
+    def on_grpc_meanwhile() -> None:  # shard 1's request ids and batches wait for it, on gRPC too
+        with sharded.client(local_socket=None) as grpc_only:
+            with pytest.raises(InferError) as refused:
+                grpc_only.push([scenes[0].jpeg], request_id=_request_id(1, "meanwhile"))
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "shard 1" in refused.value.message
+            with pytest.raises(InferError) as where:
+                list(grpc_only.pull("1" + "0" * 31, timeout=10))
+            assert where.value.code == grpc.StatusCode.FAILED_PRECONDITION and "shard 1's" in where.value.message
+
+    _killed_while_health_says_so(sharded, shard, on_grpc_meanwhile)
     assert still_running(workers, timeout=20) == [], "the killed shard's workers outlived it"
     (replacement,) = _shard_pids(sharded)
     assert replacement != shard

@@ -60,7 +60,8 @@ def test_each_shard_gets_its_share_and_its_own_socket_and_directories(tmp_path: 
     assert other.staging == tmp_path / "shm" / ".server.shard-1" and main.staging == whole.staging
     assert shard_settings(ServerSettings()) == ServerSettings()  # one shard: the settings as given
     # Every shard's log lines, and its workers', say whose they are; one shard's need not.
-    assert (main.log_mark, other.worker_options().log_mark, ServerSettings().log_mark) == ("[shard 0]", "[shard 1]", "")
+    marks = (main.log_mark, other.worker_options().log_mark, ServerSettings().log_mark)
+    assert marks == ("[shard 0] ", "[shard 1] ", "")
 
 
 def test_shards_need_the_local_socket_and_have_a_worker_each(tmp_path: Path) -> None:

@@ -36,12 +36,13 @@ from infer_server.front.errors import InvalidBatch, Overloaded, Unauthenticated,
 from infer_server.front.gate import CALLER
 from infer_server.front.identity import Identity
 from infer_server.front.session import SessionProtocol, outcome_to_proto, reply_bytes, write_outcomes
+from infer_server.front.shard_relay import PULL, PUSH
+from infer_server.front.spread_session import SpreadSession
 
 if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
 
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
-_PUSH, _PULL = f"/{SERVICE_NAME}/PushData", f"/{SERVICE_NAME}/PullResult"  # relayed to other shards
 
 
 def _collect(into: list[bytes]) -> Callable[[bytes], Awaitable[None]]:
@@ -153,10 +154,10 @@ class InferenceServicer:
     async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
         identity = self.identify(context, "PushData")
         request = readable(request)
-        shards = self._server.shards  # of a server of several: a push without a request id goes to each in turn
-        if shards is not None and not request.request_id and (shard := shards.relays.turn()) is not None:
+        shards = self._server.shards  # of a server of several: each push on its shard (Relays.place)
+        if shards is not None and (shard := shards.relays.place(request.request_id)) is not None:
             replies: list[bytes] = []
-            await shard.call(_PUSH, context, request.SerializeToString(), _collect(replies))
+            await shard.call(PUSH, context, request.SerializeToString(), _collect(replies))
             return infer_pb2.PushDataReply.FromString(replies[0])
         batch = await self._server.push(request, context.peer(), identity)
         return infer_pb2.PushDataReply(batch_id=batch.batch_id, image_count=batch.size)
@@ -167,7 +168,8 @@ class InferenceServicer:
         request = readable(request)
         shards = self._server.shards
         here, away = shards.relays.split(request.batch_ids) if shards is not None else (request.batch_ids, {})
-        with self.streams.open(identity.name):
+        # A call the main process relayed here counted its stream there (shard_relay.CallFromMain).
+        with contextlib.nullcontext() if getattr(context, "from_main", False) else self.streams.open(identity.name):
             if not away:
                 await self._pull(here, identity, context)
                 return
@@ -177,7 +179,7 @@ class InferenceServicer:
                 async with writing:
                     await context.write(infer_pb2.ImageResult.FromString(payload))
 
-            parts = [shard.call(_PULL, context, infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString(), write)
+            parts = [shard.call(PULL, context, infer_pb2.PullResultRequest(batch_ids=ids).SerializeToString(), write)
                      for shard, ids in away.items()]  # fmt: skip
             # Every part runs to its end, so that what each has sent is delivered before an error ends the call.
             ended = await asyncio.gather(*parts, *([self._pull(here, identity, context, writing)] if here else []),
@@ -198,9 +200,14 @@ class InferenceServicer:
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self.identify(context, "Session")
+        idle = self._server.settings.stream_idle_timeout_s
+        local = context.peer().startswith("local:")
+        if self._server.shards is not None and not local:  # a gRPC client: the server routes its pushes
+            with self.streams.open(identity.name):
+                await SpreadSession(context, self._server, identity, idle).run()
+            return
         with self.streams.open(identity.name), self._server.registry.open_session() as cursor:
             push = functools.partial(self._server.push, peer=context.peer(), identity=identity)
-            idle = self._server.settings.stream_idle_timeout_s
-            if context.peer().startswith("local:"):  # the client routes among shards: it learns them first
+            if local:  # the client routes among shards: it learns them first
                 await context.write(self._server.shards_reply())
             await SessionProtocol(context, push, cursor, idle_timeout_s=idle).run()

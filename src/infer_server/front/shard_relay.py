@@ -2,10 +2,11 @@
 
 Only the main process (shard 0) serves gRPC. So that a gRPC client reaches every shard's workers
 and batches, the main process relays calls to shard k over a socket pair the shard inherits, in
-``relay.link``'s frames, as a front process relays calls to the main process: ``PushData`` without
-a request id goes to the shards in turn (``ShardProcesses.turn``), and ``PullResult`` reads each
-batch on its shard (``service``). A push with a request id stays the main process's, as every
-gRPC push with one was before: a request id is shard 0's on gRPC, on every call.
+``relay.link``'s frames, as a front process relays calls to the main process: a push goes to its
+shard (``Relays.place``: with a request id, the shard that owns the id, as on the local socket, so
+one id is one batch on every transport; without one, each shard in turn), whether it comes as a
+``PushData`` or in a ``Session`` (``front.spread_session``), and ``PullResult`` reads each batch on
+its shard (``front.service``).
 
 The shard runs a relayed call through its own gate and handlers (``FromMain``: the calls of a
 front process's link, ``front.relayed``). The main process writes each response to its client and
@@ -27,9 +28,9 @@ import grpc
 import grpc.aio
 
 from infer_proto.framing import Kind, decode_end, encode_end
-from infer_proto.shards import batch_shard
-from infer_server.front.errors import ServerError
-from infer_server.front.relayed import CallBudget, Handlers, RelayedCalls
+from infer_proto.shards import batch_shard, request_shard
+from infer_server.front.errors import ServerError, Unavailable
+from infer_server.front.relayed import CallBudget, Handlers, RelayedCall, RelayedCalls
 from infer_server.relay.link import Link, encode_start
 
 Gates = Sequence[grpc.aio.ServerInterceptor]
@@ -44,6 +45,7 @@ class Relayed(ServerError):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+PUSH, PULL = "/infer.v1.InferenceService/PushData", "/infer.v1.InferenceService/PullResult"  # relayed methods
 
 
 class ToShard:
@@ -113,9 +115,16 @@ class Relays(dict[int, ToShard]):
         self.shards = shards
         self._turns = itertools.count()
 
-    def turn(self) -> ToShard | None:
-        """Where the next gRPC push without a request id goes: each shard in turn (None: here)."""
-        return self.get(next(self._turns) % self.shards)
+    def place(self, request_id: str) -> ToShard | None:
+        """Where a gRPC push goes (None: here): with a request id, to the shard that owns it (where
+        the local socket's clients push it too: one id, one batch, whatever the transport), refused
+        UNAVAILABLE while that shard is being started again; without one, to each shard in turn."""
+        if not request_id:
+            return self.get(next(self._turns) % self.shards)
+        owner = request_shard(request_id, self.shards)
+        if owner and owner not in self:
+            raise Unavailable(f"shard {owner}, which holds this request id's batch, is being started again; retry")
+        return self.get(owner)
 
     def split(self, batch_ids: Sequence[str]) -> tuple[list[str], dict[ToShard, list[str]]]:
         """The batch ids this process holds (or that name no running shard: it answers them), and the
@@ -128,13 +137,27 @@ class Relays(dict[int, ToShard]):
         return here, away
 
 
+DELIVERIES_PER_SESSION = 16  # another shard's batches a gRPC Session reads at once (front.spread_session)
+
+
+class CallFromMain(RelayedCall):
+    """A call the main process relayed: it counted the client's stream against the stream quotas
+    already (``service.InferenceServicer``), and bounds how many it relays."""
+
+    from_main = True
+
+
 class FromMain:
     """A shard's gRPC front: the calls the main process relays to it, over the inherited ``sock``,
-    served by this shard's gate and handlers (``start`` answers 0: the shard has no port)."""
+    served by this shard's gate and handlers (``start`` answers 0: the shard has no port). At
+    most the main process's own ``max_concurrent_rpcs`` calls, each a Session reading up to
+    ``DELIVERIES_PER_SESSION`` batches here, are open at once."""
 
     def __init__(self, sock: socket.socket, handlers: Handlers, gate: Gates, max_calls: int) -> None:
         self._sock = sock
-        self._calls = RelayedCalls(handlers, gate, CallBudget(max_calls), lambda: None)
+        budget = CallBudget(max_calls * (1 + DELIVERIES_PER_SESSION))
+        self._calls = RelayedCalls(handlers, gate, budget, lambda: None)
+        self._calls.call_class = CallFromMain
         self._calls.ready.set_result(0)  # nothing to wait for: the main process is there already
 
     async def start(self) -> int:

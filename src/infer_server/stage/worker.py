@@ -371,7 +371,7 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         level=options.log_level,
-        format=f"%(asctime)s worker-{worker_id}{options.log_mark} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s worker-{worker_id} {options.log_mark}%(levelname)s %(name)s: %(message)s",
     )
     _pin(worker_id, options)
     _exit_with_parent()
