@@ -12,8 +12,10 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 
+from infer_proto import infer_pb2
 from infer_server.front.relayed import Handlers
 from infer_server.front.shard_relay import FromMain, Relayed, ToShard
+from infer_server.front.spread_session import answers_and_completions
 
 T = TypeVar("T")
 _METHOD = "/test.Numbers/Count"
@@ -153,3 +155,15 @@ def test_a_shard_that_exits_ends_its_calls_unavailable() -> None:
         return ended.value
 
     assert run(scenario()).code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_forwarded_reply_is_read_for_its_answers_and_completions_only() -> None:
+    """What the main process counts of a sub-session's reply it forwards (``spread_session``):
+    the answers and completed ids, its results skipped unread, in a reply as protobuf writes it."""
+    results = [infer_pb2.ImageResult(batch_id="b1", index=i, name="x" * 300) for i in range(3)]
+    answers = [infer_pb2.PushAnswer(tag=7, batch_id="b1", image_count=3),
+               infer_pb2.PushAnswer(tag=8, status=infer_pb2.Status(code=3, message="no"))]  # fmt: skip
+    reply = infer_pb2.SessionReply(answers=answers, results=results, completed=["b0", "b1"]).SerializeToString()
+    got, completed = answers_and_completions(reply)
+    assert got == answers and completed == ["b0", "b1"]
+    assert answers_and_completions(b"") == ([], [])

@@ -86,12 +86,6 @@ class Cursor:
         for batch in acked.values():
             batch.notify()  # other streams on this batch may now be able to end
 
-    def is_last(self, outcome: ImageOutcome) -> bool:
-        """``outcome``, handed out, is all its batch has left to deliver: nothing else is ready or
-        handed out, and every other image was delivered."""
-        batch = self._batches[outcome.batch_id]
-        return not batch.ready and batch.leases.keys() <= {outcome.index} and batch.delivered + 1 == batch.size
-
     def nack(self, outcomes: Iterable[ImageOutcome]) -> None:
         """The stream could not send the outcomes: put them back, ahead of later completions."""
         for outcome in outcomes:

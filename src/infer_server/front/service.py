@@ -200,13 +200,17 @@ class InferenceServicer:
     @rpc_boundary
     async def Session(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self.identify(context, "Session")
-        idle = self._server.settings.stream_idle_timeout_s
+        from_main = getattr(context, "from_main", False)  # a sub-session of the main process's (spread_session)
+        idle = None if from_main else self._server.settings.stream_idle_timeout_s
         local = context.peer().startswith("local:")
         if self._server.shards is not None and not local:  # a gRPC client: the server routes its pushes
             with self.streams.open(identity.name):
                 await SpreadSession(context, self._server, identity, idle).run()
             return
-        with self.streams.open(identity.name), self._server.registry.open_session() as cursor:
+        with (
+            contextlib.nullcontext() if from_main else self.streams.open(identity.name),
+            self._server.registry.open_session() as cursor,
+        ):
             push = functools.partial(self._server.push, peer=context.peer(), identity=identity)
             if local:  # the client routes among shards: it learns them first
                 await context.write(self._server.shards_reply())

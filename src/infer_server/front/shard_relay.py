@@ -45,7 +45,30 @@ class Relayed(ServerError):
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
-PUSH, PULL = "/infer.v1.InferenceService/PushData", "/infer.v1.InferenceService/PullResult"  # relayed methods
+_SERVICE = "/infer.v1.InferenceService"
+PUSH, PULL, SESSION = f"{_SERVICE}/PushData", f"{_SERVICE}/PullResult", f"{_SERVICE}/Session"  # relayed methods
+
+
+class Sender:
+    """A relayed call's requests: each ``send`` waits until the shard asks for one (its ``WANT``),
+    so that a shard that reads no more holds the sender back, as gRPC's flow control would."""
+
+    def __init__(self, link: Link, call_id: int) -> None:
+        self._link, self._call_id = link, call_id
+        self.credit = asyncio.Semaphore(0)
+
+    async def send(self, message: bytes) -> None:
+        await self.credit.acquire()
+        self._link.send(self._call_id, Kind.MESSAGE, message)
+
+    async def close(self) -> None:
+        """No more requests (the client's half-close)."""
+        await self.credit.acquire()
+        self._link.send(self._call_id, Kind.HALF_CLOSE)
+
+    async def one(self, message: bytes) -> None:
+        await self.send(message)
+        await self.close()  # asked only by a method that reads a stream of requests
 
 
 class ToShard:
@@ -60,24 +83,27 @@ class ToShard:
     async def connect(self, sock: socket.socket) -> None:
         await asyncio.get_running_loop().connect_accepted_socket(lambda: self.link, sock)
 
-    async def call(self, method: str, context: Any, request: bytes, write: Callable[[bytes], Awaitable[None]]) -> None:
-        """Run ``method`` on the shard with ``request`` (its only message) and the call's metadata,
-        peer and TLS auth context; ``write`` each response (serialized), acknowledged once it
-        returns. A call the shard ends with an error raises ``Relayed``; one whose task is
-        cancelled (the client went away) is cancelled on the shard."""
+    async def call(self, method: str, context: Any, requests: bytes | Callable[[Sender], Awaitable[None]],
+                   write: Callable[[bytes], Awaitable[None]]) -> None:  # fmt: skip
+        """Run ``method`` on the shard with the call's metadata, peer and TLS auth context, and
+        ``requests``: its one message, or what sends them (each once the shard asks, then the end of
+        them: ``Sender``); ``write`` each response (serialized), acknowledged once it returns. A
+        call the shard ends with an error raises ``Relayed``; one whose task is cancelled (the
+        client went away) is cancelled on the shard."""
         if self.link.closed:
             raise Relayed(grpc.StatusCode.UNAVAILABLE, f"shard {self.index} is being started again; retry")
         call_id = next(self._ids)
         events = self._calls[call_id] = asyncio.Queue()
         start = encode_start(method, context.invocation_metadata() or (), context.peer(), context.auth_context() or {})
         self.link.send(call_id, Kind.START, start)
-        ended, sent = False, False
+        sender = Sender(self.link, call_id)
+        feeding = asyncio.ensure_future(sender.one(requests) if isinstance(requests, bytes) else requests(sender))
+        ended = False
         try:
             while True:
                 kind, payload = await events.get()
-                if kind == Kind.WANT:  # the request, then (should it ask again) the end of the client's
-                    self.link.send(call_id, Kind.HALF_CLOSE if sent else Kind.MESSAGE, b"" if sent else request)
-                    sent = True
+                if kind == Kind.WANT:
+                    sender.credit.release()
                 elif kind == Kind.MESSAGE:
                     await write(payload)
                     self.link.send(call_id, Kind.ACK)
@@ -87,7 +113,10 @@ class ToShard:
                     if code:
                         raise Relayed(_CODES.get(code, grpc.StatusCode.UNKNOWN), details)
                     return
+                if feeding.done() and not feeding.cancelled() and (failed := feeding.exception()) is not None:
+                    raise failed  # what sends the requests failed (the client's stream broke): so does the call
         finally:
+            feeding.cancel()
             del self._calls[call_id]
             if not ended:
                 self.link.send(call_id, Kind.CANCEL)
@@ -137,26 +166,21 @@ class Relays(dict[int, ToShard]):
         return here, away
 
 
-DELIVERIES_PER_SESSION = 16  # another shard's batches a gRPC Session reads at once (front.spread_session)
-
-
 class CallFromMain(RelayedCall):
     """A call the main process relayed: it counted the client's stream against the stream quotas
-    already (``service.InferenceServicer``), and bounds how many it relays."""
+    already, and a Session's idle time is its to judge (``front.spread_session``)."""
 
     from_main = True
 
 
 class FromMain:
     """A shard's gRPC front: the calls the main process relays to it, over the inherited ``sock``,
-    served by this shard's gate and handlers (``start`` answers 0: the shard has no port). At
-    most the main process's own ``max_concurrent_rpcs`` calls, each a Session reading up to
-    ``DELIVERIES_PER_SESSION`` batches here, are open at once."""
+    served by this shard's gate and handlers (``start`` answers 0: the shard has no port). The
+    main process relays at most one call here per call of its own (``max_concurrent_rpcs``)."""
 
     def __init__(self, sock: socket.socket, handlers: Handlers, gate: Gates, max_calls: int) -> None:
         self._sock = sock
-        budget = CallBudget(max_calls * (1 + DELIVERIES_PER_SESSION))
-        self._calls = RelayedCalls(handlers, gate, budget, lambda: None)
+        self._calls = RelayedCalls(handlers, gate, CallBudget(max_calls), lambda: None)
         self._calls.call_class = CallFromMain
         self._calls.ready.set_result(0)  # nothing to wait for: the main process is there already
 
