@@ -23,6 +23,7 @@ from benchmarks.servers import cmdline
 from engines.scenes import Scene
 from infer_client import AsyncInferClient, InferError, LocalSession, RoutedSession
 from infer_client._protocol import BatchFiles, PushedBatches
+from infer_client.local import ended_with
 from infer_proto import infer_pb2, infer_pb2_grpc
 from infer_proto.framing import HEADER, Kind, encode_call_start, frame
 from infer_proto.shards import batch_shard, request_shard, shard_socket
@@ -98,6 +99,9 @@ def test_a_push_on_the_wrong_shards_socket_is_refused(sharded: RunningServer, sc
             session.push([scenes[0].jpeg], request_id=request_id)
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert f"shard {shard}'s" in refused.value.message
+        with pytest.raises(InferError) as refused:  # PushData alike: only gRPC's pushes are routed
+            _push_data(path, [scenes[0].jpeg], request_id)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION and f"shard {shard}'s" in refused.value.message
 
 
 def test_grpc_reaches_every_shard(sharded: RunningServer, scenes: list[Scene]) -> None:
@@ -150,8 +154,9 @@ def _push_data(path: str, images: list[bytes], request_id: str) -> str:
                 received = received[HEADER.size + length :]
                 if kind == Kind.WANT:
                     sock.sendall(frame(1, Kind.MESSAGE, request.SerializeToString()) + frame(1, Kind.HALF_CLOSE))
-    (reply,) = [payload for kind, payload in replies if kind == Kind.MESSAGE]
-    return infer_pb2.PushDataReply.FromString(reply).batch_id
+    if not (messages := [payload for kind, payload in replies if kind == Kind.MESSAGE]):
+        raise ended_with(replies[-1][1]) or AssertionError("no reply and no error")
+    return infer_pb2.PushDataReply.FromString(messages[0]).batch_id
 
 
 def test_a_pull_reads_each_batch_on_its_shards_socket(sharded: RunningServer, scenes: list[Scene]) -> None:

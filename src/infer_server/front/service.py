@@ -41,6 +41,7 @@ from infer_server.front.spread_session import SpreadSession
 
 if TYPE_CHECKING:
     from infer_server.front.server import InferenceServer
+    from infer_server.front.shards import ShardProcesses
 
 SERVICE_NAME = infer_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -150,11 +151,16 @@ class InferenceServicer:
             audit.refused_call(context.peer(), rpc, exc.code, exc.message)
             raise
 
+    def _routing(self, context: Any) -> ShardProcesses | None:
+        """The shards a gRPC call of the main process of several is routed among; None for a call on
+        a local socket (its client routes, and a shard refuses what is another's: docs/security.md)."""
+        return None if context.peer().startswith("local:") else self._server.shards
+
     @rpc_boundary
     async def PushData(self, request: Any, context: grpc.aio.ServicerContext) -> infer_pb2.PushDataReply:
         identity = self.identify(context, "PushData")
         request = readable(request)
-        shards = self._server.shards  # of a server of several: each push on its shard (Relays.place)
+        shards = self._routing(context)  # of a server of several: each gRPC push on its shard (Relays.place)
         if shards is not None and (shard := shards.relays.place(request.request_id)) is not None:
             replies: list[bytes] = []
             await shard.call(PUSH, context, request.SerializeToString(), _collect(replies))
@@ -166,7 +172,7 @@ class InferenceServicer:
     async def PullResult(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         identity = self.identify(context, "PullResult")
         request = readable(request)
-        shards = self._server.shards
+        shards = self._routing(context)
         here, away = shards.relays.split(request.batch_ids) if shards is not None else (request.batch_ids, {})
         # A call the main process relayed here counted its stream there (shard_relay.CallFromMain).
         with contextlib.nullcontext() if getattr(context, "from_main", False) else self.streams.open(identity.name):
@@ -203,7 +209,7 @@ class InferenceServicer:
         from_main = getattr(context, "from_main", False)  # a sub-session of the main process's (spread_session)
         idle = None if from_main else self._server.settings.stream_idle_timeout_s
         local = context.peer().startswith("local:")
-        if self._server.shards is not None and not local:  # a gRPC client: the server routes its pushes
+        if self._routing(context) is not None:  # a gRPC client: the server routes its pushes
             with self.streams.open(identity.name):
                 await SpreadSession(context, self._server, identity, idle).run()
             return
