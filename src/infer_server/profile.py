@@ -86,7 +86,7 @@ class Reference:
     def bin(self, value: Any) -> str:
         return str(bisect.bisect_right(self.edges, float(value))) if self.edges is not None else str(value)
 
-    def psi(self, counts: Mapping[str, int]) -> float:
+    def psi(self, counts: Mapping[str, float]) -> float:
         """Population stability index of a window's bin counts against this reference. The window's
         shares are smoothed (half an observation added to every bin) so that a bin a small window
         happens to miss does not count as a change; a reference share is at least 1e-3."""

@@ -93,9 +93,10 @@ def test_another_profile_starts_a_fresh_window_and_no_profile_no_watch() -> None
 
 def test_the_main_process_judges_every_shards_window() -> None:
     """A shard that saw only dark images flags the server, though the main process's own window
-    is in line; a shard binned for another detector version is left out."""
+    is in line; a shard binned for another detector version is left out. The windows together
+    (60 images) are judged as one window (50) in their proportions."""
     profile = json.dumps(build_profile([image(100.0 + (i % 20)) for i in range(200)], "unit"))
-    main, shard, stale = (DriftMonitor(window=50, threshold=0.25, min_images=60) for _ in range(3))
+    main, shard, stale = (DriftMonitor(window=50, threshold=0.25, min_images=50) for _ in range(3))
     for monitor, version in ((main, "1"), (shard, "1"), (stale, "0")):
         monitor.use(profile, ("detector", version))
     for i in range(30):
@@ -106,7 +107,12 @@ def test_the_main_process_judges_every_shards_window() -> None:
     assert main.images == 30 and not main.scores, "too few images with the stale shard's left out"
     exported = json.loads(json.dumps(shard.export()))  # as it crosses the link
     main.evaluate([exported, stale.export()])
-    assert main.images == 60 and main.scores["brightness"].flagged
+    assert main.images == 50 and main.scores["brightness"].flagged
+    union: dict[str, float] = {}
+    for part in (main.export(), exported):
+        for key, n in part["counts"]["brightness"].items():
+            union[key] = union.get(key, 0) + n * 50 / 60
+    assert main.scores["brightness"].psi == pytest.approx(main.references["brightness"].psi(union))
 
 
 def test_the_shipped_detector_has_a_profile() -> None:

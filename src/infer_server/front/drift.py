@@ -12,8 +12,9 @@ is logged and leaves an audit line; scores and flags are Prometheus gauges and t
 ``GetDrift``. A model change that brings another profile starts a fresh window.
 
 On a server of several shards (``--shards``) each shard keeps its own window of the images its
-workers answered; the main process judges their union (up to K windows: the shards' bin counts
-on the same reference, asked on their links at each evaluation), and only it logs and flags.
+workers answered; the main process judges their union (the shards' bin counts on the same
+reference, asked on their links at each evaluation) as one window of ``--drift-window`` images,
+each shard's counts in proportion when together they hold more, and only it logs and flags.
 
 ``docs/model-lifecycle.md`` has the false-alarm rate on held-out scenes of the training
 distribution and the delay on shifted streams, measured by ``benchmarks/drift.py``.
@@ -61,8 +62,9 @@ class DriftMonitor:
 
     @property
     def images(self) -> int:
-        """Images in the window judged: this process's, and the other shards' at the last evaluation."""
-        return len(self._images) + self._others
+        """Images in the window judged: this process's, and the other shards' at the last evaluation,
+        counted as at most ``window`` (their union is judged in those proportions: ``evaluate``)."""
+        return min(len(self._images) + self._others, self.window)
 
     @property
     def flagged(self) -> bool:
@@ -117,11 +119,14 @@ class DriftMonitor:
         self._others = sum(int(o["images"]) for o in others)
         if not self.enabled or self.images < self.min_images:
             return
+        # The shards' windows together hold up to K windows of images: judged as one window of them,
+        # each shard's counts in proportion (the score is of shares; smoothing is per image).
+        scale = min(1.0, self.window / max(1, len(self._images) + self._others))
         for name, reference in self.references.items():
             total = collections.Counter({k: n for k, n in self._counts[name].items() if n > 0})
             for other in others:
                 total.update(other["counts"].get(name, {}))
-            counts = dict(total)
+            counts = {k: n * scale for k, n in total.items()}
             if not counts:
                 continue
             score = Score(reference.psi(counts))
