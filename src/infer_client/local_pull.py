@@ -1,9 +1,10 @@
 """``PullResult``, and ``PushData`` with a request id, on the local sockets of a server of
 several shards (``--shards``).
 
-A shard's batches are its own: gRPC reaches shard 0 only, which refuses another shard's batch id
-with where it is. So ``InferClient.pull`` (and ``AsyncInferClient.pull``), given the server's
-local socket, pulls each batch on the socket of the shard its id names (``infer_proto.shards``):
+A shard's batches are its own: over gRPC the main process relays a pull of another shard's batch
+to it (one more hop, and more of the main process), and a shard's socket refuses another shard's
+batch id with where it is. So ``InferClient.pull`` (and ``AsyncInferClient.pull``), given the
+server's local socket, pulls each batch on the socket of the shard its id names (``infer_proto.shards``):
 one call per shard, read together (``poll`` in the calling thread, or tasks on the event loop),
 results yielded in the order they arrive.
 
@@ -13,7 +14,8 @@ error only after every result received before it, and every other shard's call, 
 
 A request id is one shard's (``request_shard``): ``InferClient.push`` with one, given the local
 socket, pushes on that shard's socket (``push_on_shard``), where a session's push with the same id
-goes too, so that a push repeated either way is one batch (over gRPC it would be shard 0's).
+goes too, so that a push repeated either way is one batch (over gRPC the main process relays it
+to the same shard).
 
 Every socket but the first must be served by the user that serves the first (``SO_PEERCRED``,
 checked before anything is sent): another user who binds ``PATH.k`` while shard k is being

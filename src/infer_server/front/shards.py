@@ -25,8 +25,8 @@ Routing is the client library's (``infer_client.local``): the first Session repl
 socket says how many shards there are and which one the client should use; batch ids and request
 ids name their shard (``infer_proto.shards``), and a shard refuses a push over the local socket
 whose request id is another shard's, so that a client that does not route cannot push one request
-twice. What is not there yet: gRPC reaches shard 0 only (its batches, and its request ids: a
-request id is one shard's per transport).
+twice. gRPC calls, which only this process serves, it routes itself: each push to its shard, each
+pulled batch read on its shard, over a relay each shard inherits (``front.shard_relay``).
 """
 
 from __future__ import annotations
