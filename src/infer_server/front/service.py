@@ -6,6 +6,10 @@
   in completion order, until every image was delivered.
 * ``Session``: pushes in, answers and results out on one stream (``front.session``).
 
+In the main process of a server of several shards (``--shards``), a gRPC call is routed: each push
+to its shard, each pulled batch read on its shard (``front.shard_relay``), a Session's pushes
+through sub-sessions on their shards (``front.spread_session``); a local socket's call is not.
+
 Every call is identified first (``front.identity``; a caller without valid credentials gets
 UNAUTHENTICATED and an audit line), and streams count against the server's and the caller's
 stream quotas (``StreamSlots``), so one caller cannot hold every stream and push others — health
