@@ -64,7 +64,12 @@ class DriftMonitor:
     def images(self) -> int:
         """Images in the window judged: this process's, and the other shards' at the last evaluation,
         counted as at most ``window`` (their union is judged in those proportions: ``evaluate``)."""
-        return min(len(self._images) + self._others, self.window)
+        return min(self._union, self.window)
+
+    @property
+    def _union(self) -> int:
+        """Images in this process's window and the other shards' at the last evaluation."""
+        return len(self._images) + self._others
 
     @property
     def flagged(self) -> bool:
@@ -121,7 +126,7 @@ class DriftMonitor:
             return
         # The shards' windows together hold up to K windows of images: judged as one window of them,
         # each shard's counts in proportion (the score is of shares; smoothing is per image).
-        scale = min(1.0, self.window / max(1, len(self._images) + self._others))
+        scale = min(1.0, self.window / max(1, self._union))
         for name, reference in self.references.items():
             total = collections.Counter({k: n for k, n in self._counts[name].items() if n > 0})
             for other in others:

@@ -114,7 +114,7 @@ class ToShard:
                         raise Relayed(_CODES.get(code, grpc.StatusCode.UNKNOWN), details)
                     return
                 if feeding.done() and not feeding.cancelled() and (failed := feeding.exception()) is not None:
-                    raise failed  # what sends the requests failed (the client's stream broke): so does the call
+                    raise failed  # what sends the requests failed: so does the call (it would wait for good)
         finally:
             feeding.cancel()
             del self._calls[call_id]
