@@ -27,6 +27,7 @@ from typing import Any, Literal
 import grpc
 
 from infer_client._batch_files import BatchFiles, ImageSource
+from infer_client.results import ImageResult
 from infer_proto import infer_pb2
 from infer_proto.addresses import is_loopback
 
@@ -277,6 +278,24 @@ class PushedBatches:
             del self._batches[batch_id]
         self.files.recycle(entry.path)
         return True
+
+    def accept_all(self, results: list[ImageResult]) -> list[ImageResult]:
+        """``accept`` of each result, under the lock once: those to keep, in order."""
+        kept, done = [], []
+        with self._lock:
+            for result in results:
+                entry = self._batches.get(result.batch_id)
+                if entry is not None:
+                    if result.index in entry.seen:
+                        continue
+                    entry.seen.add(result.index)
+                    if len(entry.seen) == entry.count:
+                        del self._batches[result.batch_id]
+                        done.append(entry.path)
+                kept.append(result)
+        for path in done:
+            self.files.recycle(path)
+        return kept
 
     def remove_all(self) -> None:
         with self._lock:

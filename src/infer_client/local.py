@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from infer_client._protocol import MAX_RECEIVE_BYTES, ImageSource, InferError, PushedBatches
-from infer_client.results import status_code
+from infer_client.results import reply_results, status_code
 from infer_client.session import _ENDED, BlockingSession, Metadata, SessionBook, _accepted
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
@@ -296,7 +296,7 @@ class LocalSession(BlockingSession):
             reply = infer_pb2.SessionReply.FromString(payload)
             if reply.HasField("shards"):
                 self._shards = reply.shards
-            self._book.absorb(reply)
+            self._book.absorb(reply, reply_results(payload, reply) if reply.results else [])
         elif kind == Kind.END:
             self._ended = True
             self._book.fail(ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))

@@ -1,9 +1,10 @@
 """Typed, immutable results of ``PullResult`` and ``Session``, converted from the wire form.
 
 Built by ``ImageResult.from_proto``, called by both clients (``client``, ``aio``) and their
-sessions (``session``) in the client application's process. ``Detection.attributes`` is a read-only
-mapping keyed by attribute model name (``det.attributes["color"].label``);
-:meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
+sessions (``session``) in the client application's process; a Session's replies on the local
+socket are read by ``reply_results``, straight from their bytes (the ``_replies`` extension) to
+the same records. ``Detection.attributes`` is a read-only mapping keyed by attribute model name
+(``det.attributes["color"].label``); :meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from infer_client import _replies
 from infer_proto import infer_pb2
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
@@ -159,3 +161,17 @@ class ImageResult:
             "cached": self.cached,
             "model_versions": dict(self.model_versions),
         }
+
+
+_replies.configure(ImageResult, Detection, Box, Attribute, _CODES, grpc.StatusCode.UNKNOWN)
+_RESULTS_FIELD = infer_pb2.SessionReply.DESCRIPTOR.fields_by_name["results"].number
+
+
+def reply_results(payload: bytes, reply: infer_pb2.SessionReply) -> list[ImageResult]:
+    """The results of the serialized SessionReply ``payload`` (``reply``: protobuf's parse of it),
+    read by the C reader where it can, which makes the records ``from_proto`` would at a fraction
+    of the cost; from ``reply`` where it refuses the bytes (``_replies.c`` says when)."""
+    try:
+        return _replies.image_results(payload, _RESULTS_FIELD)
+    except ValueError:
+        return [ImageResult.from_proto(result) for result in reply.results]

@@ -54,7 +54,7 @@ class SessionBook:
         self._tags = itertools.count(1)
         self._files: dict[int, str | None] = {}  # tag -> its tmpfs file, until answered
         self._answers: dict[int, infer_pb2.PushAnswer] = {}
-        self._results: dict[str, collections.deque[infer_pb2.ImageResult]] = {}  # accepted, not complete
+        self._results: dict[str, collections.deque[ImageResult]] = {}  # accepted, not complete
         self._complete: set[str] = set()  # complete batches whose results were not all read yet
         self.error: InferError | None = None
 
@@ -63,8 +63,9 @@ class SessionBook:
         self._files[tag] = prepared.owned_path
         return tag, infer_pb2.SessionRequest(tag=tag, push=prepared.request, defer_answer=defer_answer)
 
-    def absorb(self, reply: infer_pb2.SessionReply) -> None:
-        """Answers, then results, then completions: the order the server guarantees."""
+    def absorb(self, reply: infer_pb2.SessionReply, results: list[ImageResult] | None = None) -> None:
+        """Answers, then results, then completions: the order the server guarantees. ``results``:
+        the reply's results as records, if the caller read them (``reply_results``)."""
         for answer in reply.answers:
             path = self._files.pop(answer.tag, None)
             if answer.status.code == 0:
@@ -73,16 +74,16 @@ class SessionBook:
             else:
                 self._pushed.files.discard(path)
             self._answers[answer.tag] = answer
-        for result in reply.results:
-            buffered = self._results.get(result.batch_id)
-            if buffered is not None and self._pushed.accept(result.batch_id, result.index):
-                buffered.append(result)
+        results = [ImageResult.from_proto(r) for r in reply.results] if results is None else results
+        buffers = self._results
+        for result in self._pushed.accept_all([r for r in results if r.batch_id in buffers]):
+            buffers[result.batch_id].append(result)
         self._complete.update(b for b in reply.completed if b in self._results)
 
     def answer(self, tag: int) -> infer_pb2.PushAnswer | None:
         return self._answers.pop(tag, None)
 
-    def take(self, batch_id: str) -> tuple[list[infer_pb2.ImageResult], bool] | None:
+    def take(self, batch_id: str) -> tuple[list[ImageResult], bool] | None:
         """(results arrived since the last take, whether the batch is complete), or None."""
         buffered = self._results[batch_id]
         last = batch_id in self._complete
@@ -198,7 +199,7 @@ class BlockingSession:
         last = False
         while not last:
             taken, last = self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
-            yield from map(ImageResult.from_proto, taken)
+            yield from taken
 
     def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None
@@ -326,7 +327,7 @@ class AsyncSession:
         while not last:
             taken, last = await self._wait(lambda: self._book.take(batch_id), timeout or self._timeout)
             for result in taken:
-                yield ImageResult.from_proto(result)
+                yield result
 
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

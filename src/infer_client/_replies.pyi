@@ -1,0 +1,6 @@
+from typing import Any
+
+def configure(
+    image_result: type, detection: type, box: type, attribute: type, codes: dict[int, Any], unknown: Any, /
+) -> None: ...
+def image_results(payload: bytes, field: int, /) -> list[Any]: ...
