@@ -32,11 +32,13 @@ def samples(registry: CollectorRegistry, names: set[str]) -> set[tuple[str, tupl
     }
 
 
-def reference_scrape() -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
-    """What prometheus_client's own Counter and Histogram show for OUTCOMES."""
+def reference_scrape(
+    outcomes: list[ImageOutcome] = OUTCOMES, batches: int = 2, admitted: int = 4
+) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    """What prometheus_client's own Counter and Histogram show for ``outcomes``."""
     r = CollectorRegistry()
-    Counter("infer_batches", "", registry=r).inc(2)
-    Counter("infer_images_admitted", "", registry=r).inc(4)
+    Counter("infer_batches", "", registry=r).inc(batches)
+    Counter("infer_images_admitted", "", registry=r).inc(admitted)
     images = Counter("infer_images", "", ["code"], registry=r)
     stages = Histogram("infer_stage_seconds", "", ["stage"], buckets=_STAGE_BUCKETS, registry=r)
     batch_images = Histogram("infer_batch_images", "", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
@@ -44,7 +46,7 @@ def reference_scrape() -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
         "infer_model_inference_success", "infer_model_queue_seconds", "infer_model_compute_seconds"))  # fmt: skip
     for code in Code:
         images.labels(code.name)
-    for outcome in OUTCOMES:
+    for outcome in outcomes:
         images.labels(Code(outcome.code).name).inc()
         if outcome.batch_images:
             batch_images.observe(outcome.batch_images)
@@ -75,6 +77,19 @@ def test_a_scrape_shows_what_prometheus_own_counter_and_histogram_would() -> Non
     assert ("infer_model_inference_success_total", (("model", "detector"), ("version", "3")), 2.0) in got
     text = generate_latest(metrics.registry).decode()
     assert "infer_inflight_images 7.0" in text and "infer_batches_total 2.0" in text
+
+
+def test_images_that_share_their_timings_models_and_batch_are_each_counted() -> None:
+    """A chunk's images mostly share what is counted of them, and are counted as a run: every
+    image of a run, a run broken by another image and taken up again, runs differing in one thing."""
+    first, second, failed = OUTCOMES[0], OUTCOMES[1], OUTCOMES[2]
+    other_batch = ImageOutcome("b", 5, "", timings_ms=first.timings_ms, models=MODELS, batch_images=8)
+    other_models = ImageOutcome("b", 6, "", timings_ms=first.timings_ms, models=MODELS[1:], batch_images=3)
+    outcomes = [first, first, first, second, first, first, failed, failed, other_batch, other_models, other_models]
+    metrics = ServerMetrics(lambda: 0)
+    metrics.batch_accepted(len(outcomes))
+    metrics.images_done(outcomes)
+    assert samples(metrics.registry, FAMILIES) == reference_scrape(outcomes, batches=1, admitted=len(outcomes))
 
 
 def test_a_scrape_of_several_shards_is_one_servers_sums() -> None:

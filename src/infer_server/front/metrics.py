@@ -111,6 +111,10 @@ class _DriftCollector(Collector):
         yield GaugeMetricFamily("infer_drift_window_images", "Images in the drift window", value=m.images)
 
 
+# What the images of a run share: timings (stage, ms), models (name, version), pipeline batch size.
+_Shared = tuple[tuple[tuple[str, float], ...], tuple[tuple[str, str], ...], int]
+
+
 class _Series:
     """One histogram's counts: per bucket, not cumulative (the last is +Inf), and the sum."""
 
@@ -270,32 +274,50 @@ class ServerMetrics:
     def images_done(self, outcomes: Iterable[ImageOutcome]) -> None:
         """Count answered images: by code, per stage, the pipeline batch each ran in and, per model
         and version, Triton's nv_inference_* convention (every model of an image's pipeline counts
-        it; cumulative seconds, so that rate(sum) / rate(count) is the mean)."""
-        counts = self._counts
-        codes, stages, models = counts.codes, counts.stages, counts.models
+        it; cumulative seconds, so that rate(sum) / rate(count) is the mean). The images of a
+        chunk mostly share their timings, models and batch: each run of those is counted once,
+        times its length."""
+        codes, run = self._counts.codes, 0
+        last: _Shared | None = None
         for outcome in outcomes:
             codes[outcome.code] += 1
-            if outcome.batch_images:
-                counts.batch_images.observe(outcome.batch_images, _BATCH_BUCKETS)
-            queue_ms = compute_ms = 0.0
-            for stage, ms in outcome.timings_ms:
-                series = stages.get(stage)
-                if series is None:
-                    series = stages[stage] = _Series(len(_STAGE_BUCKETS))
-                seconds = ms / 1000.0
-                series.counts[bisect_left(_STAGE_BUCKETS, seconds)] += 1  # _Series.observe, inlined: per timing
-                series.sum += seconds
-                if stage == "queue":
-                    queue_ms = ms
-                elif stage != "read":
-                    compute_ms += ms
-            for model in outcome.models:
-                values = models.get(model)
-                if values is None:
-                    values = models[model] = [0, 0.0, 0.0]
-                values[0] += 1
-                values[1] += queue_ms / 1000.0
-                values[2] += compute_ms / 1000.0
+            shared = (outcome.timings_ms, outcome.models, outcome.batch_images)
+            if shared == last:
+                run += 1
+                continue
+            if last is not None:
+                self._count_run(last, run)
+            run, last = 1, shared
+        if last is not None:
+            self._count_run(last, run)
+
+    def _count_run(self, shared: _Shared, n: int) -> None:
+        """``n`` images of the same timings, models and pipeline batch size, counted."""
+        timings, models, batch_images = shared
+        counts = self._counts
+        if batch_images:
+            counts.batch_images.counts[bisect_left(_BATCH_BUCKETS, batch_images)] += n
+            counts.batch_images.sum += batch_images * n
+        queue_ms = compute_ms = 0.0
+        stages = counts.stages
+        for stage, ms in timings:
+            series = stages.get(stage)
+            if series is None:
+                series = stages[stage] = _Series(len(_STAGE_BUCKETS))
+            seconds = ms / 1000.0
+            series.counts[bisect_left(_STAGE_BUCKETS, seconds)] += n
+            series.sum += seconds * n
+            if stage == "queue":
+                queue_ms = ms
+            elif stage != "read":
+                compute_ms += ms
+        for model in models:
+            values = counts.models.get(model)
+            if values is None:
+                values = counts.models[model] = [0, 0.0, 0.0]
+            values[0] += n
+            values[1] += queue_ms / 1000.0 * n
+            values[2] += compute_ms / 1000.0 * n
 
     def shadow_done(self, done: ShadowDone, trial: tuple[str, str] | None) -> None:
         """A shadow run's counts, under the candidate's model and version."""
