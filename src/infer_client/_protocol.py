@@ -22,6 +22,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import grpc
@@ -41,6 +42,17 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_SEND_BYTES),
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 ]
+SESSION = "/infer.v1.InferenceService/Session"
+
+
+def session_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """What ``Session`` and ``AsyncSession`` ask of a stub (``Session(...)``), on ``channel``: the
+    call without a deserializer, whose replies are their bytes, which a session reads itself
+    (``results.read_reply``: its results straight into records)."""
+    return SimpleNamespace(Session=channel.stream_stream(SESSION, request_serializer=_SERIALIZE_REQUEST))
+
+
+_SERIALIZE_REQUEST = infer_pb2.SessionRequest.SerializeToString
 
 
 class InferError(Exception):

@@ -35,6 +35,7 @@ from infer_client._protocol import (
     prepare_push,
     pull_request,
     resolve_transport,
+    session_stub,
 )
 from infer_client.local_pull import pull_shards_async, push_on_shard, shard_count
 from infer_client.results import ImageResult
@@ -69,6 +70,7 @@ class AsyncInferClient:
         self._metadata = self.credentials.metadata
         self._channel = open_channel(target, CHANNEL_OPTIONS, self.credentials, aio=True)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
+        self._sessions = session_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
         self._session: AsyncSession | AsyncRoutedSession | None = None
@@ -152,7 +154,7 @@ class AsyncInferClient:
         client has one, routed among the server's shards); ``await close()`` it."""
         if self.local_socket is not None:
             return AsyncRoutedSession(self.local_socket, self.transport, self._pushed, self.timeout, self._metadata)
-        return AsyncSession(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
+        return AsyncSession(self._sessions, self.transport, self._pushed, self.timeout, self._metadata)
 
     async def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

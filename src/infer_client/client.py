@@ -35,6 +35,7 @@ from infer_client._protocol import (
     prepare_push,
     pull_request,
     resolve_transport,
+    session_stub,
 )
 from infer_client.local import LocalSession
 from infer_client.local_pull import pull_shards, push_on_shard, shard_count
@@ -77,6 +78,7 @@ class InferClient:
         self._metadata = self.credentials.metadata
         self._channel = open_channel(target, _SYNC_OPTIONS, self.credentials)
         self._stub = infer_pb2_grpc.InferenceServiceStub(self._channel)
+        self._sessions = session_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self.models = ModelAdmin(self._channel, self._metadata, timeout)  # which models serve, and changing them
         self._pushed = PushedBatches(BatchFiles(self.shm_dir))
@@ -158,7 +160,7 @@ class InferClient:
             count = session.count if isinstance(session, RoutedSession) else 1
             self._shard_count = count, session.server_uid  # what pull and push ask
             return session
-        return Session(self._stub, self.transport, self._pushed, self.timeout, self._metadata)
+        return Session(self._sessions, self.transport, self._pushed, self.timeout, self._metadata)
 
     def detect(
         self, images: Sequence[ImageSource], names: Sequence[str] | None = None, request_id: str | None = None

@@ -29,13 +29,12 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
-from infer_client._protocol import MAX_RECEIVE_BYTES, ImageSource, InferError, PushedBatches
-from infer_client.results import reply_results, status_code
+from infer_client._protocol import MAX_RECEIVE_BYTES, SESSION, ImageSource, InferError, PushedBatches
+from infer_client.results import read_reply, status_code
 from infer_client.session import _ENDED, BlockingSession, Metadata, SessionBook, _accepted
 from infer_proto import infer_pb2
 from infer_proto.framing import HEADER, Kind, decode_end, encode_call_start, frame
 
-SESSION = "/infer.v1.InferenceService/Session"
 CALL = 1  # the one call of this connection
 _PUSH = infer_pb2.SessionRequest.DESCRIPTOR.fields_by_name["push"].number
 _DATA = infer_pb2.PushDataRequest.DESCRIPTOR.fields_by_name["data"].number
@@ -293,10 +292,10 @@ class LocalSession(BlockingSession):
         if kind == Kind.WANT:
             self._window += int(payload)
         elif kind == Kind.MESSAGE:
-            reply = infer_pb2.SessionReply.FromString(payload)
+            reply, results = read_reply(payload)
             if reply.HasField("shards"):
                 self._shards = reply.shards
-            self._book.absorb(reply, reply_results(payload, reply) if reply.results else [])
+            self._book.absorb(reply, results)
         elif kind == Kind.END:
             self._ended = True
             self._book.fail(ended_with(payload) or InferError(grpc.StatusCode.CANCELLED, _ENDED))

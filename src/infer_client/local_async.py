@@ -93,10 +93,10 @@ class AsyncLocalCall:
         elif not self._connected.cancelled() and self._connected.exception() is None:
             self._connected.result()[1].transport.abort()
 
-    def __aiter__(self) -> AsyncIterator[infer_pb2.SessionReply]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
         return self._replies()
 
-    async def _replies(self) -> AsyncIterator[infer_pb2.SessionReply]:
+    async def _replies(self) -> AsyncIterator[bytes]:
         try:
             reader, _ = await self._connected
             while True:
@@ -108,7 +108,7 @@ class AsyncLocalCall:
                     self._window += int(payload)
                     self._news.set()
                 elif kind == Kind.MESSAGE:
-                    yield infer_pb2.SessionReply.FromString(payload)
+                    yield payload  # a reply's bytes, which AsyncSession reads
                 elif kind == Kind.END:
                     if error := ended_with(payload):
                         raise LocalCallError(error.code, error.message)

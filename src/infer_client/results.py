@@ -167,6 +167,13 @@ _replies.configure(ImageResult, Detection, Box, Attribute, _CODES, grpc.StatusCo
 _RESULTS_FIELD = infer_pb2.SessionReply.DESCRIPTOR.fields_by_name["results"].number
 
 
+def read_reply(payload: bytes) -> tuple[infer_pb2.SessionReply, list[ImageResult]]:
+    """A Session's reply from its bytes: protobuf's message, and its results as records
+    (``reply_results``). ``DecodeError`` if the bytes are not a reply."""
+    reply = infer_pb2.SessionReply.FromString(payload)
+    return reply, reply_results(payload, reply) if reply.results else []
+
+
 def reply_results(payload: bytes, reply: infer_pb2.SessionReply) -> list[ImageResult]:
     """The results of the serialized SessionReply ``payload`` (``reply``: protobuf's parse of it),
     read by the C reader where it can, which makes the records ``from_proto`` would at a fraction

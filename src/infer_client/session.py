@@ -29,16 +29,11 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from infer_client._batch_files import BatchFiles
-from infer_client._protocol import (
-    ImageSource,
-    InferError,
-    PreparedPush,
-    PushedBatches,
-    prepare_push,
-)
-from infer_client.results import ImageResult, status_code
+from infer_client._protocol import ImageSource, InferError, PreparedPush, PushedBatches, prepare_push
+from infer_client.results import ImageResult, read_reply, status_code
 from infer_proto import infer_pb2
 
 T = TypeVar("T")
@@ -63,9 +58,9 @@ class SessionBook:
         self._files[tag] = prepared.owned_path
         return tag, infer_pb2.SessionRequest(tag=tag, push=prepared.request, defer_answer=defer_answer)
 
-    def absorb(self, reply: infer_pb2.SessionReply, results: list[ImageResult] | None = None) -> None:
-        """Answers, then results, then completions: the order the server guarantees. ``results``:
-        the reply's results as records, if the caller read them (``reply_results``)."""
+    def absorb(self, reply: infer_pb2.SessionReply, results: list[ImageResult]) -> None:
+        """Answers, then results (``reply``'s, as records: ``read_reply``), then completions: the
+        order the server guarantees."""
         for answer in reply.answers:
             path = self._files.pop(answer.tag, None)
             if answer.status.code == 0:
@@ -74,7 +69,6 @@ class SessionBook:
             else:
                 self._pushed.files.discard(path)
             self._answers[answer.tag] = answer
-        results = [ImageResult.from_proto(r) for r in reply.results] if results is None else results
         buffers = self._results
         for result in self._pushed.accept_all([r for r in results if r.batch_id in buffers]):
             buffers[result.batch_id].append(result)
@@ -267,13 +261,14 @@ class Session(BlockingSession):
     def _read(self) -> None:
         error = InferError(grpc.StatusCode.CANCELLED, _ENDED)
         try:
-            for reply in self._call:
+            for payload in self._call:  # each reply's bytes (the stub's Session has no deserializer)
+                reply, results = read_reply(payload)
                 with self._cond:
-                    self._book.absorb(reply)
+                    self._book.absorb(reply, results)
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             error = InferError.from_rpc(exc)
-        except BaseException as exc:  # a bug or an OS error here must still fail the waiters
+        except BaseException as exc:  # a bug, an OS error, a reply that does not parse: fail the waiters
             error = InferError(grpc.StatusCode.INTERNAL, f"session reader failed: {exc!r}")
             self._call.cancel()
             raise
@@ -373,13 +368,17 @@ class AsyncSession:
     async def _read(self) -> None:
         error = self._ended()
         try:
-            async for reply in self._call:
+            async for payload in self._call:  # each reply's bytes, as Session._read's
+                reply, results = read_reply(payload)
                 if reply.HasField("shards"):
                     self._shards = reply.shards
-                self._book.absorb(reply)
+                self._book.absorb(reply, results)
                 self._changed.set()
         except grpc.RpcError as exc:
             error = InferError.from_rpc(exc)
+        except DecodeError as exc:  # a reply that does not parse: nothing after it can be trusted
+            error = InferError(grpc.StatusCode.INTERNAL, f"a malformed reply on the session: {exc}")
+            self._call.cancel()
         finally:  # also when the call (close) or this task is cancelled
             self._book.fail(error)
             self._changed.set()
