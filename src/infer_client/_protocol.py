@@ -203,10 +203,13 @@ class PreparedPush:
 
 
 def _names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
+    """The request's names: one per image, or none when every one is empty (the same to the server)."""
     if names is not None:
         if len(names) != len(images):
             raise ValueError(f"got {len(names)} names for {len(images)} images")
-        return list(names)
+        return list(names) if any(names) else []
+    if all(isinstance(img, bytes) for img in images):
+        return []
     return ["" if isinstance(img, bytes) else os.path.basename(os.fspath(img)) for img in images]
 
 

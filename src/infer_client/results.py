@@ -1,8 +1,8 @@
 """Typed, immutable results of ``PullResult`` and ``Session``, converted from the wire form.
 
 Built by ``ImageResult.from_proto``, called by both clients (``client``, ``aio``) and their
-sessions (``session``) in the client application's process; a Session's replies on the local
-socket are read by ``reply_results``, straight from their bytes (the ``_replies`` extension) to
+sessions (``session``) in the client application's process; a Session's replies, on any
+transport, are read by ``read_reply``, straight from their bytes (the ``_replies`` extension) to
 the same records. ``Detection.attributes`` is a read-only mapping keyed by attribute model name
 (``det.attributes["color"].label``); :meth:`ImageResult.to_dict` is the JSON shape the CLI prints.
 """

@@ -8,7 +8,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from infer_server.front.batches import Batch, BatchRegistry, Quota, Reservation
+from infer_proto import infer_pb2
+from infer_server.front.batches import Batch, BatchRegistry, Quota, Reservation, request_fingerprint
 from infer_server.front.cursors import PullCursor
 from infer_server.front.errors import Conflict, InvalidBatch, Overloaded, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
@@ -460,3 +461,11 @@ def test_a_session_waits_for_results_and_reports_a_batch_delivered_elsewhere() -
             assert [o.index for o in session.take()] == [0]
 
     run(main())
+
+
+def test_a_request_without_names_is_the_same_request_as_one_with_every_name_empty() -> None:
+    """A client that sends no names for unnamed images retries a push another sent with empty names."""
+    unnamed = request_fingerprint(infer_pb2.PushDataRequest(sizes=[3, 4]))
+    assert request_fingerprint(infer_pb2.PushDataRequest(sizes=[3, 4], names=["", ""])) == unnamed
+    assert request_fingerprint(infer_pb2.PushDataRequest(sizes=[3, 4], names=["a", ""])) != unnamed
+    assert request_fingerprint(infer_pb2.PushDataRequest(sizes=[3, 5])) != unnamed

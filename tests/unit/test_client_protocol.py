@@ -81,6 +81,14 @@ def test_inline_push_carries_the_bytes(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_a_push_whose_images_are_all_unnamed_sends_no_names(tmp_path: Path) -> None:
+    """No names and one empty name per image mean the same to the server; none is less to send and read."""
+    files = BatchFiles(tmp_path)
+    assert list(prepare_push([b"AA", b"C"], None, None, "inline", files).request.names) == []
+    assert list(prepare_push([b"AA", b"C"], ["", ""], None, "inline", files).request.names) == []
+    assert list(prepare_push([b"AA", b"C"], ["", "c"], None, "inline", files).request.names) == ["", "c"]
+
+
 def test_batch_file_is_freed_when_its_last_result_arrives(shm: Path) -> None:
     files = BatchFiles(shm, keep=1)
     pushed = PushedBatches(files)

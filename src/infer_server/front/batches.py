@@ -59,9 +59,10 @@ def request_fingerprint(request: infer_pb2.PushDataRequest) -> bytes:
     writes the same images into a new batch file, or sends them inline when the shared tmpfs is
     full. Request ids are each caller's own (``BatchRegistry.reserve``); this stops a caller's own
     request_id reused by mistake for another request."""
+    names = request.names if any(request.names) else ()  # no names and every name empty are the same
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{len(request.sizes)}:{len(request.names)}".encode())
-    for part in (*map(str, request.sizes), *request.names):
+    digest.update(f"{len(request.sizes)}:{len(names)}".encode())
+    for part in (*map(str, request.sizes), *names):
         encoded = part.encode("utf-8", "surrogatepass")
         digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no two lists run together
         digest.update(encoded)
