@@ -102,7 +102,8 @@ def _oip_point(tree: Path, way: str, concurrency: int, extra: list[str]) -> dict
         if done.returncode != 0:
             raise RuntimeError(f"benchmarks.oip failed against {tree}:\n{done.stderr[-3000:]}")
         (row,) = json.loads(Path(out.name).read_text())["rounds"]
-    return {"fps": row[way]["fps"], "cpu_server": row[way]["server_cpu_ms_per_image"]}
+    return {"fps": row[way]["fps"], "cpu_server": row[way]["server_cpu_ms_per_image"],
+            "cpu_clients": row[way]["clients_cpu_ms_per_image"]}  # fmt: skip
 
 
 def main(
