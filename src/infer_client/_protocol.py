@@ -43,6 +43,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
 ]
 SESSION = "/infer.v1.InferenceService/Session"
+_SERIALIZE_REQUEST = infer_pb2.SessionRequest.SerializeToString
 
 
 def session_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
@@ -50,9 +51,6 @@ def session_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     call without a deserializer, whose replies are their bytes, which a session reads itself
     (``results.read_reply``: its results straight into records)."""
     return SimpleNamespace(Session=channel.stream_stream(SESSION, request_serializer=_SERIALIZE_REQUEST))
-
-
-_SERIALIZE_REQUEST = infer_pb2.SessionRequest.SerializeToString
 
 
 class InferError(Exception):
