@@ -202,13 +202,11 @@ class PreparedPush:
 
 def _names(images: Sequence[ImageSource], names: Sequence[str] | None) -> list[str]:
     """The request's names: one per image, or none when every one is empty (the same to the server)."""
-    if names is not None:
-        if len(names) != len(images):
-            raise ValueError(f"got {len(names)} names for {len(images)} images")
-        return list(names) if any(names) else []
-    if all(isinstance(img, bytes) for img in images):
-        return []
-    return ["" if isinstance(img, bytes) else os.path.basename(os.fspath(img)) for img in images]
+    if names is not None and len(names) != len(images):
+        raise ValueError(f"got {len(names)} names for {len(images)} images")
+    if names is None:
+        names = ["" if isinstance(img, bytes) else os.path.basename(os.fspath(img)) for img in images]
+    return list(names) if any(names) else []
 
 
 def prepare_push(
@@ -280,35 +278,38 @@ class PushedBatches:
     def accept(self, batch_id: str, index: int) -> bool:
         """False if this result already arrived; frees the batch file after the last one."""
         with self._lock:
-            entry = self._batches.get(batch_id)
-            if entry is None:
-                return True  # not pushed by this client: nothing to track
-            if index in entry.seen:
-                return False
-            entry.seen.add(index)
-            if len(entry.seen) < entry.count:
-                return True
-            del self._batches[batch_id]
-        self.files.recycle(entry.path)
-        return True
+            new, done = self._seen(batch_id, index)
+        if done is not None:
+            self.files.recycle(done.path)
+        return new
 
     def accept_all(self, results: list[ImageResult]) -> list[ImageResult]:
         """``accept`` of each result, under the lock once: those to keep, in order."""
-        kept, done = [], []
+        kept, finished = [], []
         with self._lock:
             for result in results:
-                entry = self._batches.get(result.batch_id)
-                if entry is not None:
-                    if result.index in entry.seen:
-                        continue
-                    entry.seen.add(result.index)
-                    if len(entry.seen) == entry.count:
-                        del self._batches[result.batch_id]
-                        done.append(entry.path)
-                kept.append(result)
-        for path in done:
-            self.files.recycle(path)
+                new, done = self._seen(result.batch_id, result.index)
+                if new:
+                    kept.append(result)
+                if done is not None:
+                    finished.append(done)
+        for done in finished:
+            self.files.recycle(done.path)
         return kept
+
+    def _seen(self, batch_id: str, index: int) -> tuple[bool, _Pushed | None]:
+        """Under the lock: whether this result is new, and its batch once it was the last one (a
+        batch not pushed by this client is not tracked: every result of it is new)."""
+        entry = self._batches.get(batch_id)
+        if entry is None:
+            return True, None
+        if index in entry.seen:
+            return False, None
+        entry.seen.add(index)
+        if len(entry.seen) < entry.count:
+            return True, None
+        del self._batches[batch_id]
+        return True, entry
 
     def remove_all(self) -> None:
         with self._lock:

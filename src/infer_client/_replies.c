@@ -29,11 +29,6 @@ typedef struct {
     const uint8_t *p, *end;
 } Reader;
 
-static PyObject *refuse(const char *why) {
-    PyErr_SetString(PyExc_ValueError, why);
-    return NULL;
-}
-
 static int fail(const char *why) {
     PyErr_SetString(PyExc_ValueError, why);
     return -1;
@@ -53,7 +48,7 @@ static int read_varint(Reader *r, uint64_t *out) {
     return fail("a varint longer than ten bytes");
 }
 
-/* The next field's number and wire type; 0 at the end of the message. */
+/* The next field's number and wire type. */
 static int read_tag(Reader *r, uint32_t *field, int *wire) {
     uint64_t key;
     if (read_varint(r, &key)) return -1;
@@ -94,7 +89,7 @@ static int skip(Reader *r, int wire) {
     }
 }
 
-/* Field `field` of wire type `wire`: the one expected, or a refusal. */
+/* A known field's wire type `wire`: the one its type has (`expected`), or a refusal. */
 static int expect(int wire, int expected) { return wire == expected ? 0 : fail("a field of an unexpected wire type"); }
 
 static int read_uint32(Reader *r, int wire, uint32_t *out) {
@@ -387,7 +382,8 @@ static PyObject *image_results(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*l:image_results", &view, &wanted)) return NULL;
     if (image_result_cls == NULL || wanted < 1 || wanted > 536870911L) {
         PyBuffer_Release(&view);
-        return refuse(image_result_cls == NULL ? "configure() was not called" : "not a protobuf field number");
+        fail(image_result_cls == NULL ? "configure() was not called" : "not a protobuf field number");
+        return NULL;
     }
     Reader r = {view.buf, (const uint8_t *)view.buf + view.len};
     PyObject *out = PyList_New(0);

@@ -123,9 +123,10 @@ class _Series:
     def __init__(self, buckets: int) -> None:
         self.counts, self.sum = [0] * (buckets + 1), 0.0
 
-    def observe(self, value: float, bounds: tuple[float, ...]) -> None:
-        self.counts[bisect_left(bounds, value)] += 1  # le: the first bound >= value
-        self.sum += value
+    def observe(self, value: float, bounds: tuple[float, ...], n: int = 1) -> None:
+        """``n`` observations of ``value``."""
+        self.counts[bisect_left(bounds, value)] += n  # le: the first bound >= value
+        self.sum += value * n
 
     def buckets(self, bounds: tuple[float, ...]) -> list[tuple[str, float]]:
         """Prometheus's cumulative ``le`` buckets, ``+Inf`` last."""
@@ -296,17 +297,14 @@ class ServerMetrics:
         timings, models, batch_images = shared
         counts = self._counts
         if batch_images:
-            counts.batch_images.counts[bisect_left(_BATCH_BUCKETS, batch_images)] += n
-            counts.batch_images.sum += batch_images * n
+            counts.batch_images.observe(batch_images, _BATCH_BUCKETS, n)
         queue_ms = compute_ms = 0.0
         stages = counts.stages
         for stage, ms in timings:
             series = stages.get(stage)
             if series is None:
                 series = stages[stage] = _Series(len(_STAGE_BUCKETS))
-            seconds = ms / 1000.0
-            series.counts[bisect_left(_STAGE_BUCKETS, seconds)] += n
-            series.sum += seconds * n
+            series.observe(ms / 1000.0, _STAGE_BUCKETS, n)
             if stage == "queue":
                 queue_ms = ms
             elif stage != "read":
