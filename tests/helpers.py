@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,6 +38,15 @@ def on_small_tmpfs(tmp_path: Path, script: str, options: str = "size=2m") -> sub
     return done
 
 
+# Sets RLIMIT_RTPRIO to 0, then execs its arguments. A wrapper process rather than subprocess's
+# preexec_fn: preexec_fn makes subprocess fork() the test process, where gRPC's fork handlers can
+# restart its poller in the child, which then aborts when the child closes the poller's epoll fd
+# before exec (SIGABRT, "epoll_wait error: Bad file descriptor"), a run in a few hundred.
+_NO_RTPRIO = (
+    "import os, resource, sys; resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)); os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 def without_realtime(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` where the kernel refuses it ``SCHED_FIFO``: an ``RLIMIT_RTPRIO`` of 0 and, for
     root, no ``CAP_SYS_NICE`` (through setpriv; the test is skipped where it is missing)."""
@@ -48,10 +56,7 @@ def without_realtime(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProce
         if setpriv is None:
             pytest.skip("needs setpriv (util-linux), to run as root without CAP_SYS_NICE")
         wrapper = [setpriv, "--inh-caps=-all", "--bounding-set=-sys_nice"]
-    return subprocess.run(
-        [*wrapper, *cmd], capture_output=True, text=True,
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0)), **kwargs,
-    )  # fmt: skip
+    return subprocess.run([*wrapper, sys.executable, "-c", _NO_RTPRIO, *cmd], capture_output=True, text=True, **kwargs)
 
 
 MODELS = Path(__file__).resolve().parent.parent / "engines" / "models"
