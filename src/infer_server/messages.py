@@ -321,6 +321,9 @@ def _outcome_row(outcome: ImageOutcome) -> tuple[int, tuple[Any, ...]]:
 
 _rebuild_item = rebuilder(WorkItem, _WORK_ITEM_FIELDS)
 _rebuild_refs = rebuilder(ImageRef, _REF_FIELDS)
+# ImageRefs from rows of (index, offset, size, name), as a pipe message's are remade: a push's
+# layout makes its images' records this way (``front.layout``).
+image_refs = _rebuild_refs
 _rebuild_outcomes = rebuilder(ImageOutcome, _OUTCOME_FIELDS, ("code", _CODES))
 
 

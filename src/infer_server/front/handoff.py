@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 from infer_server.front.directories import DIR_FLAGS, check_shared_root, filesystem_type, open_dir
 from infer_server.front.errors import InvalidBatch, Overloaded, PermissionDeniedError
+from infer_server.front.layout import BatchPlan, HandoffLimits, plan_batch
 from infer_server.front.staging import StagingDir, after
 from infer_server.messages import FileRef, ImageRef
 
@@ -49,26 +50,6 @@ _STAGING = "path points into the server's own directory"
 # One answer for a file that is missing, unreadable, or another user's: a caller learns nothing
 # about files it may not push (not even that they exist, let alone their size or content).
 _NOT_YOURS = "no file at this path that this caller may push (it must exist and belong to a user the caller is allowed)"
-
-
-@dataclass(frozen=True)
-class HandoffLimits:
-    """The per-batch limits of ``ServerSettings`` that the handoff checks (the defaults live there)."""
-
-    max_images: int
-    max_bytes: int
-    max_name_bytes: int
-    max_path_bytes: int
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """A request whose layout passed the cheap checks; nothing has been opened yet."""
-
-    images: tuple[ImageRef, ...]
-    total_bytes: int
-    path: str | None
-    data: bytes | None
 
 
 @dataclass(frozen=True)
@@ -95,11 +76,6 @@ def _busy(exc: OSError) -> Overloaded | None:
     return None
 
 
-def too_long(text: str, limit: int) -> bool:
-    """More than ``limit`` bytes of UTF-8 (a character is 1 to 4 bytes: most texts need no encoding)."""
-    return len(text) > limit or (4 * len(text) > limit and len(text.encode("utf-8", "surrogatepass")) > limit)
-
-
 class Handoff:
     """Validation and staging for one shared directory (``root``) and its staging directory."""
 
@@ -119,6 +95,7 @@ class Handoff:
         self._bases: tuple[str, ...] = ()  # the root's names a client path may start with
         self._staging_parts: list[list[str]] = []  # of each staging directory beneath the root
         self._root_dev, self.in_memory = -1, False  # in_memory: the shared directory is on tmpfs/ramfs
+        self._root_fd = -1  # the shared directory, held open from prepare_dirs on
         self._batch_fds: dict[int, BatchFile] = {}  # validated batch files, open until their batch is done
         self._lock = threading.Lock()
 
@@ -130,8 +107,12 @@ class Handoff:
         root_fd = open_dir(self._real_root, "shared directory")
         try:
             check_shared_root(os.fstat(root_fd), self._real_root)
-        finally:
+        except BaseException:
             os.close(root_fd)
+            raise
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+        self._root_fd = root_fd  # client files are opened beneath the directory checked here, whatever its name becomes
         for tier in self.tiers[1:]:
             if os.path.commonpath([self._real_root, os.path.realpath(tier.path)]) == self._real_root:
                 raise RuntimeError(f"{tier.what} {tier.path} must be outside the shared directory")
@@ -146,36 +127,8 @@ class Handoff:
         self.in_memory = filesystem_type(self._real_root) in ("tmpfs", "ramfs")
 
     def plan(self, path: str, data: bytes, sizes: Sequence[int], names: Sequence[str]) -> BatchPlan:
-        """Check the request's layout: one source, 1..max images, sizes > 0, total within limits."""
-        if path and data:
-            raise InvalidBatch("send either 'path' or 'data', not both")
-        if not path and not data:
-            raise InvalidBatch("a batch needs either 'path' or 'data'")
-        if path and too_long(path, self.limits.max_path_bytes):  # before anything reads the path
-            raise InvalidBatch(f"path is longer than {self.limits.max_path_bytes} bytes")
-        self._check_count(len(sizes), names)  # len() first: the sizes list itself may be huge
-        refs, offset = [], 0  # Python ints: no overflow however large the uint64 sizes are
-        for index, size in enumerate(sizes):
-            if size <= 0:
-                raise InvalidBatch(f"image {index} has size 0")
-            if offset + size > self.limits.max_bytes:
-                raise InvalidBatch(f"a batch holds at most {self.limits.max_bytes} bytes")
-            name = names[index] if names else ""
-            if name and too_long(name, self.limits.max_name_bytes):
-                raise InvalidBatch(f"name of image {index} is longer than {self.limits.max_name_bytes} bytes")
-            refs.append(ImageRef(index=index, offset=offset, size=size, name=name))
-            offset += size
-        if data and len(data) != offset:
-            raise InvalidBatch(f"sizes add up to {offset} bytes but data holds {len(data)}")
-        return BatchPlan(tuple(refs), offset, path or None, data or None)
-
-    def _check_count(self, count: int, names: Sequence[str]) -> None:
-        if count == 0:
-            raise InvalidBatch("a batch needs at least one image size")
-        if count > self.limits.max_images:
-            raise InvalidBatch(f"a batch holds at most {self.limits.max_images} images, got {count}")
-        if names and len(names) != count:
-            raise InvalidBatch(f"got {len(names)} names for {count} images")
+        """The request's layout checked against this handoff's limits (``front.layout``)."""
+        return plan_batch(self.limits, path, data, sizes, names)
 
     def materialize(self, plan: BatchPlan, owners: Collection[int] | None = None) -> BatchFile:
         """Validate the client's file (``owners``: the uids whose files this caller may push; default:
@@ -276,10 +229,7 @@ class Handoff:
 
     def _open_beneath_root(self, parts: list[str]) -> int:
         """Open ``parts`` from a descriptor of the root, never following a symlink on the way."""
-        try:
-            dir_fd = os.open(self._real_root, DIR_FLAGS)
-        except OSError as exc:
-            raise _busy(exc) or exc from None
+        root = dir_fd = self._root_fd  # held from prepare_dirs on: never closed here
         try:
             for i, part in enumerate(parts):
                 last = i == len(parts) - 1
@@ -287,12 +237,13 @@ class Handoff:
                     fd = os.open(part, _FILE_FLAGS if last else DIR_FLAGS, dir_fd=dir_fd)
                 except OSError as exc:
                     raise self._open_error(exc, part, dir_fd) from None
-                os.close(dir_fd)
+                if dir_fd != root:
+                    os.close(dir_fd)
                 dir_fd = fd
-            fd, dir_fd = dir_fd, -1
+            fd, dir_fd = dir_fd, root
             return fd
         finally:
-            if dir_fd >= 0:
+            if dir_fd != root:
                 os.close(dir_fd)
 
     @staticmethod
@@ -395,6 +346,9 @@ class Handoff:
             fds, self._batch_fds = self._batch_fds, {}
         for fd in fds:
             os.close(fd)
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
         with self._lock:  # a late release must not unlink through a closed (reused) number
             for tier in self.tiers:
                 tier.remove()

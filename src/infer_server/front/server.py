@@ -38,8 +38,9 @@ from infer_server.front.drift import DriftMonitor
 from infer_server.front.errors import InvalidBatch, Refused, ServerError, Unavailable
 from infer_server.front.fronts import Front, make_front
 from infer_server.front.gate import Gate
-from infer_server.front.handoff import BatchFile, BatchPlan, Handoff, HandoffLimits, too_long
+from infer_server.front.handoff import BatchFile, Handoff
 from infer_server.front.identity import Authenticator, Identity, load_tokens
+from infer_server.front.layout import BatchPlan, HandoffLimits, too_long
 from infer_server.front.listen import raise_descriptor_limit
 from infer_server.front.metrics import ServerMetrics
 from infer_server.front.oip import OIP_SERVICE, OpenInferenceServicer
@@ -71,11 +72,9 @@ class InferenceServer:
             settings.max_batch_images, settings.max_batch_bytes, settings.max_name_bytes, settings.max_path_bytes
         )
         self.handoff = Handoff(
-            settings.shm_dir, settings.staging, limits,
-            spill=settings.spill_dir,
-            spill_at=settings.spill_at,
+            settings.shm_dir, settings.staging, limits, spill=settings.spill_dir, spill_at=settings.spill_at,
             others=[d for d in staging_dirs(self._whole) if d != settings.staging],
-        )
+        )  # fmt: skip
         quota = Quota(
             settings.max_inflight_images_per_identity or settings.max_inflight_images,
             settings.max_inflight_bytes_per_identity or settings.max_inflight_bytes,
