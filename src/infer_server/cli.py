@@ -173,6 +173,7 @@ async def _serve(
 ) -> int:
     """The main process (``shard`` None) or a shard (its link to the main process, its models, its relay)."""
     # Imported here so `--help` does not pay for grpc and the pool.
+    from infer_server import heap
     from infer_server.front.server import InferenceServer
     from infer_server.front.shard_link import LINE_LIMIT, answer_main
     from infer_server.front.shards import remove_leftovers
@@ -198,6 +199,7 @@ async def _serve(
     except RuntimeError as exc:  # a directory the server cannot trust, a port it cannot bind
         log.error("cannot start: %s", exc)
         return 1
+    heap.settle()  # what start-up made stays: out of the collector's sight
     if not stop.is_set():
         if shard is None:
             print(f"listening on {settings.host}:{port}", flush=True)

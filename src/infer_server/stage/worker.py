@@ -38,8 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import multiprocessing
-import multiprocessing.connection
+import multiprocessing.connection  # also binds multiprocessing
 import os
 import resource
 import signal
@@ -48,6 +47,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from infer_server import heap
 from infer_server.messages import (
     FAILED_EXIT,
     RETIRED_EXIT,
@@ -77,13 +77,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-)
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                "VECLIB_MAXIMUM_THREADS")  # fmt: skip
 
 
 def limit_threads(threads: int) -> None:
@@ -381,6 +376,7 @@ def run_worker(
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
+    heap.settle()  # the models and pipelines stay: out of the collector's sight
     results.send(ready)
     code = None
     try:
