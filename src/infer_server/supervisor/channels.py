@@ -46,6 +46,7 @@ class Inbox:
 
     def __init__(self, conn: Connection, batch_size: int = 1, wanted: int = 2, least: int = 2) -> None:
         self.conn = conn
+        self._fd = conn.fileno()  # -1 once closed: a write then fails (EBADF), never lands on a reused number
         with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
             fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, INBOX_BYTES)
         self.capacity = fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ)
@@ -84,10 +85,16 @@ class Inbox:
             assert item is not None
             refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
             frame = dumps(dataclasses.replace(item, images=refs))
-        self.conn.send_bytes(frame)
+        # Connection.send_bytes's framing (the worker reads with recv_bytes), in one write and one
+        # Python call: the frame is within the pipe's share, so it goes at once.
+        data = _LENGTH.pack(len(frame)) + frame
+        written = os.write(self._fd, data)
+        while written < len(data):  # a signal cut it short
+            written += os.write(self._fd, memoryview(data)[written:])
         return nameless
 
     def close(self) -> None:
+        self._fd = -1
         self.conn.close()
 
 
