@@ -100,13 +100,16 @@ def serve(settings: ServerSettings) -> None:
     raise typer.Exit(asyncio.run(_serve(settings)))
 
 
-def serve_shard(settings: ServerSettings, link: socket.socket, models: ModelState | None, relay: socket.socket) -> None:
+def serve_shard(
+    settings: ServerSettings, link: socket.socket, models: ModelState | None, relay: socket.socket, usage: int | None
+) -> None:
     """One shard of a server the main process runs (``front.shards``), serving ``models`` (None:
     what the repository's version policies pick) until SIGTERM/SIGINT or ``link``, its socket to
     the main process, ends; ``ready`` goes down it once it serves, model changes come up it. The
-    gRPC calls the main process hands it come on ``relay`` (``front.shard_relay``)."""
+    gRPC calls the main process hands it come on ``relay`` (``front.shard_relay``); ``usage``: the
+    descriptor of the table of each caller's work on every shard (``front.caller_usage``), if any."""
     _prepare(settings)
-    sys.exit(asyncio.run(_serve(settings, (link, models, relay))))
+    sys.exit(asyncio.run(_serve(settings, (link, models, relay, usage))))
 
 
 def _prepare(settings: ServerSettings) -> None:
@@ -169,9 +172,10 @@ def health(
 
 
 async def _serve(
-    settings: ServerSettings, shard: tuple[socket.socket, ModelState | None, socket.socket] | None = None
+    settings: ServerSettings, shard: tuple[socket.socket, ModelState | None, socket.socket, int | None] | None = None
 ) -> int:
-    """The main process (``shard`` None) or a shard (its link to the main process, its models, its relay)."""
+    """The main process (``shard`` None) or a shard (its link to the main process, its models, its
+    relay, the callers' work table)."""
     # Imported here so `--help` does not pay for grpc and the pool.
     from infer_server import heap
     from infer_server.front.server import InferenceServer
@@ -189,6 +193,10 @@ async def _serve(
         reader, link = await asyncio.open_unix_connection(sock=shard[0], limit=LINE_LIMIT)
     server = InferenceServer(settings)
     server.control.adopt(shard[1] if shard else None)
+    if shard and shard[3] is not None:
+        from infer_server.front.caller_usage import CallerUsage
+
+        server.registry.peers = CallerUsage(shard[3], settings.shards, settings.shard_index)
     try:
         # A signal during startup is honoured once start() returns: the pool's start cannot be
         # interrupted half-way without leaving workers behind, and it is bounded by its timeout.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -10,6 +11,7 @@ import pytest
 
 from infer_proto import infer_pb2
 from infer_server.front.batches import Batch, BatchRegistry, Quota, Reservation, request_fingerprint
+from infer_server.front.caller_usage import CallerUsage
 from infer_server.front.cursors import PullCursor
 from infer_server.front.errors import Conflict, InvalidBatch, Overloaded, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
@@ -331,6 +333,28 @@ def test_in_flight_quota_per_caller() -> None:
         with pytest.raises(Overloaded, match="this caller"):
             open_batch(reg, 1, owner="bob")
         open_batch(reg, 3, owner="alice")  # the server has room for alice
+
+    run(scenario())
+
+
+def test_a_callers_quota_counts_its_work_on_every_shard() -> None:
+    """Two shards' registries on one table (front.caller_usage): a caller's quota bounds its work
+    on both together, whichever shard each push lands on; finished work frees it on both."""
+
+    async def scenario() -> None:
+        table = CallerUsage.create(2)
+        regs = [make_registry(quota=Quota(inflight_images=4, inflight_bytes=1_000)) for _ in range(2)]
+        regs[0].peers, regs[1].peers = table, CallerUsage(os.dup(table.fd), 2, 1)
+        first = open_batch(regs[0], 3, owner="bob")
+        with pytest.raises(Overloaded, match="this caller has 3 images"):
+            open_batch(regs[1], 2, owner="bob")  # 3 on shard 0 + 2 > 4
+        open_batch(regs[1], 1, owner="bob")
+        with pytest.raises(Overloaded, match="this caller has 4 images"):
+            open_batch(regs[0], 1, owner="bob")
+        open_batch(regs[1], 4, owner="alice")  # another caller's quota is its own
+        assert "this caller" not in (regs[1].bytes_budget_spent("bob") or "")
+        regs[0].record(*(outcome(first, i) for i in range(3)))  # bob's batch on shard 0 finished
+        open_batch(regs[1], 3, owner="bob")
 
     run(scenario())
 

@@ -48,12 +48,14 @@ def test_each_shard_gets_its_share_and_its_own_socket_and_directories(tmp_path: 
     other = shard_settings(whole.model_copy(update={"shard_index": 1}))
     assert (main.workers, other.workers) == (2, 1)
     assert main.max_inflight_images == other.max_inflight_images == 600  # never below the largest batch
-    # At least one largest batch (600), unless the whole server allows less (300 per caller).
-    assert (other.max_inflight_bytes, other.max_inflight_images_per_identity) == (500, 300)
+    assert other.max_inflight_bytes == 500
     assert (other.result_cache_entries, other.result_cache_mib) == (5, 32)
-    assert other.max_inflight_bytes_per_identity == 200  # never above what the whole server allows
-    assert shard_settings(whole.model_copy(update={"max_inflight_bytes_per_identity": None, "shard_index": 1})
-                          ).max_inflight_bytes_per_identity is None  # unset stays unset (then the shard's own)
+    # Per-caller quotas stay whole: every shard counts the caller's work on all of them (front.caller_usage).
+    assert (other.max_inflight_images_per_identity, other.max_inflight_bytes_per_identity) == (300, 200)
+    half = shard_settings(whole.model_copy(update={"max_inflight_bytes_per_identity": None, "shard_index": 1}))
+    assert half.max_inflight_bytes_per_identity == 1001  # the one not set: the whole server's, as without shards
+    unset = whole.model_copy(update={"max_inflight_images_per_identity": None, "max_inflight_bytes_per_identity": None})
+    assert shard_settings(unset).max_inflight_images_per_identity is None  # no quotas: the shard's own bounds
     assert (main.local_socket, main.unix_socket, main.metrics_port) == (whole.local_socket, whole.unix_socket, 9100)
     assert other.local_socket == Path(shard_socket(tmp_path / "local.sock", 1)) == tmp_path / "local.sock.1"
     assert (other.unix_socket, other.metrics_port, other.fronts) == (None, None, 0)

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from infer_proto import infer_pb2
 from infer_proto.shards import batch_shard, new_batch_id
+from infer_server.front.caller_usage import CallerUsage
 from infer_server.front.cursors import PullCursor, SessionCursor
 from infer_server.front.errors import Conflict, Overloaded, Refused, Unavailable, UnknownBatch
 from infer_server.front.handoff import BatchFile
@@ -169,6 +170,7 @@ class BatchRegistry:
         self._seq = itertools.count()
         self.inflight_images = 0
         self.inflight_bytes = 0
+        self.peers: CallerUsage | None = None  # with shards and per-caller quotas: each caller's work on the others
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -193,6 +195,8 @@ class BatchRegistry:
         usage = self._usage.setdefault(owner, _Usage())
         usage.images += n
         usage.bytes += total_bytes
+        if self.peers is not None:
+            self.peers.add(owner, n, total_bytes)
         self.inflight_images += n
         self.inflight_bytes += total_bytes
         self._idle.clear()
@@ -213,21 +217,29 @@ class BatchRegistry:
             )
         if self.inflight_bytes + total_bytes > self.max_inflight_bytes:
             raise Overloaded("server is at capacity (bytes in flight); retry later")
-        usage = self._usage.get(owner) or _Usage()
-        if usage.images + images > self.quota.inflight_images or usage.bytes + total_bytes > self.quota.inflight_bytes:
+        held, held_bytes = self._held(owner)
+        if held + images > self.quota.inflight_images or held_bytes + total_bytes > self.quota.inflight_bytes:
             raise Overloaded(
-                f"this caller has {usage.images} images ({usage.bytes} bytes) in flight, its quota is "
+                f"this caller has {held} images ({held_bytes} bytes) in flight, its quota is "
                 f"{self.quota.inflight_images} ({self.quota.inflight_bytes} bytes); retry later"
             )
+
+    def _held(self, owner: str) -> tuple[int, int]:
+        """The images and bytes ``owner`` has in flight: here, and on the other shards if they count together."""
+        usage = self._usage.get(owner) or _Usage()
+        if self.peers is None:
+            return usage.images, usage.bytes
+        images, nbytes = self.peers.elsewhere(owner)
+        return usage.images + images, usage.bytes + nbytes
 
     def bytes_budget_spent(self, owner: str) -> str | None:
         """Why a push of ``owner`` cannot be admitted whatever its size (the server's or the caller's
         in-flight bytes are at their bound), or None: ``front.gate`` asks before receiving it."""
         if self.inflight_bytes >= self.max_inflight_bytes:
             return "server is at capacity (bytes in flight); retry later"
-        usage = self._usage.get(owner)
-        if usage is not None and usage.bytes >= self.quota.inflight_bytes:
-            return f"this caller has {usage.bytes} bytes in flight, its quota; retry later"
+        held_bytes = self._held(owner)[1]
+        if held_bytes >= self.quota.inflight_bytes:
+            return f"this caller has {held_bytes} bytes in flight, its quota; retry later"
         return None
 
     def discard(self, batch_id: str) -> None:
@@ -363,6 +375,8 @@ class BatchRegistry:
         usage = self._usage[batch.owner]
         usage.images -= batch.size
         usage.bytes -= batch.total_bytes
+        if self.peers is not None:
+            self.peers.add(batch.owner, -batch.size, -batch.total_bytes)
         if usage.idle:
             del self._usage[batch.owner]
         if self.inflight_images == 0:

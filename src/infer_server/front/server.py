@@ -134,6 +134,7 @@ class InferenceServer:
             self._front = front
             if s.shards > 1 and not s.shard_index:
                 self.shards = ShardProcesses(self._whole, lambda: self._spawn(self._set_health(self._pool_healthy)))
+                self.registry.peers = self.shards.caller_usage  # each caller's work on the other shards
                 await self.shards.start()
             self.pool = await asyncio.to_thread(self._start_pool, asyncio.get_running_loop())
             await self.control.align_shards()

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from infer_proto.shards import shard_socket
+from infer_server.front.caller_usage import CallerUsage, caller_quotas
 from infer_server.front.children import start_again, wait_or_kill
 from infer_server.front.choices import ModelState
 from infer_server.front.metrics import carried
@@ -77,11 +78,10 @@ def shard_settings(settings: ServerSettings) -> ServerSettings:
     s = settings
     assert s.local_socket is not None  # the settings' validation
     images, size = s.max_batch_images, s.max_batch_bytes  # what one batch may need
-    per_caller = {
-        name: None if value is None else _share(value, k, least)
-        for name, value, least in (("max_inflight_images_per_identity", s.max_inflight_images_per_identity, images),
-                                   ("max_inflight_bytes_per_identity", s.max_inflight_bytes_per_identity, size))
-    }  # fmt: skip
+    per_caller = {  # the whole quota, over the caller's work on every shard (front.caller_usage)
+        "max_inflight_images_per_identity": s.max_inflight_images_per_identity or s.max_inflight_images,
+        "max_inflight_bytes_per_identity": s.max_inflight_bytes_per_identity or s.max_inflight_bytes,
+    } if caller_quotas(s) else {}  # fmt: skip
     update: dict[str, object] = {
         "workers": max(1, s.workers // k + (1 if index < s.workers % k else 0)),  # each shard one at least
         "max_inflight_images": _share(s.max_inflight_images, k, images),
@@ -153,8 +153,9 @@ class ShardProcesses:
 
     Each is linked to this process by a socket pair it inherits (as front processes are): the
     settings go down it, ``ready`` comes back once the shard serves, and its end tells the shard
-    that this process is gone. Nothing else is shared: a shard's workers inherit neither end, so
-    the shard's exit alone is what ``wait`` waits for."""
+    that this process is gone. Nothing else is shared but, with per-caller quotas, the table of
+    each caller's work (``front.caller_usage``): a shard's workers inherit none of them, so the
+    shard's exit alone is what ``wait`` waits for."""
 
     def __init__(self, settings: ServerSettings, on_change: Callable[[], None]) -> None:
         self._settings, self._on_change = settings, on_change
@@ -169,6 +170,8 @@ class ShardProcesses:
         self._carried: dict[int, list[list[Any]]] = {}  # what its runs before the last start counted
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
+        # Each caller's work on every shard, when per-caller quotas are set: this process's view.
+        self.caller_usage = CallerUsage.create(settings.shards) if caller_quotas(settings) else None
 
     @property
     def serving(self) -> bool:
@@ -202,7 +205,10 @@ class ShardProcesses:
         (ours, theirs), (relay_ours, relay_theirs) = socket.socketpair(), socket.socketpair()
         relay = ToShard(index)
         with ours, theirs, relay_ours, relay_theirs:
-            fds = (theirs.fileno(), relay_theirs.fileno())
+            fds: tuple[int, ...] = (theirs.fileno(), relay_theirs.fileno())
+            if self.caller_usage is not None:
+                self.caller_usage.clear(index)  # what an earlier run of this shard had in flight went with it
+                fds += (self.caller_usage.fd,)
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "infer_server.front.shards", *map(str, fds), pass_fds=fds
             )
@@ -369,12 +375,14 @@ class ShardProcesses:
 
 def main() -> None:
     """A shard's process: its link to the main process is the descriptor named by its first
-    argument, the main process's gRPC relay the second (``front.shard_relay``); its settings (and
-    the models to serve, if a change was made before it started) come first on the link, as one
-    JSON line. Served until SIGTERM/SIGINT or the link ends."""
+    argument, the main process's gRPC relay the second (``front.shard_relay``), the callers' work
+    a third (``front.caller_usage``, with per-caller quotas); its settings (and the models to
+    serve, if a change was made first) come first on the link, as one JSON line. Served until
+    SIGTERM/SIGINT or the link ends."""
     from infer_server.cli import serve_shard
 
     link, relay = socket.socket(fileno=int(sys.argv[1])), socket.socket(fileno=int(sys.argv[2]))
+    usage = int(sys.argv[3]) if len(sys.argv) > 3 else None  # front.caller_usage's table, with per-caller quotas
     config = bytearray()
     while not config.endswith(b"\n"):
         if not (chunk := link.recv(65536)):
@@ -382,7 +390,7 @@ def main() -> None:
         config += chunk
     start = json.loads(config)
     models = None if start["models"] is None else ModelState.from_json(start["models"])
-    serve_shard(ServerSettings.model_validate(start["settings"]), link, models, relay)
+    serve_shard(ServerSettings.model_validate(start["settings"]), link, models, relay, usage)
 
 
 if __name__ == "__main__":
