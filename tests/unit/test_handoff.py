@@ -385,3 +385,18 @@ def test_an_output_into_a_leased_region_is_refused_at_once(handoff: Handoff, roo
         os.close(held)
         signal.signal(signal.SIGIO, previous)
         regions.close()
+
+
+def test_refused_paths_leave_the_held_root_open(handoff: Handoff, root: Path) -> None:
+    """Client files are opened beneath the shared directory's descriptor, held from start-up: no
+    refusal (the root itself, a directory, a missing file, a path through a file) may close it."""
+    (root / "dir").mkdir()
+    write(root / "file.bin", b"12345")
+    open_before = len(os.listdir("/proc/self/fd"))
+    for path in (str(root), f"{root}/", str(root / "dir"), str(root / "missing.bin"), str(root / "file.bin" / "x")):
+        with pytest.raises((InvalidBatch, PermissionDeniedError)):
+            push(handoff, path, [5])
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    batch = push(handoff, str(root / "file.bin"), [5])
+    assert os.pread(batch.file.fd, 5, 0) == b"12345"
+    handoff.release(batch)

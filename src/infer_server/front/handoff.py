@@ -229,6 +229,8 @@ class Handoff:
 
     def _open_beneath_root(self, parts: list[str]) -> int:
         """Open ``parts`` from a descriptor of the root, never following a symlink on the way."""
+        if not parts:  # the root itself: never a batch file, and its held descriptor is never handed out
+            raise PermissionDeniedError(_NOT_YOURS)
         root = dir_fd = self._root_fd  # held from prepare_dirs on: never closed here
         try:
             for i, part in enumerate(parts):
