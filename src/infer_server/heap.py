@@ -9,9 +9,11 @@ objects, each time walking what is in flight then: about 1.7% of the main proces
 instructions per push (``benchmarks.instructions``).
 
 ``settle()``, called once start-up is done, moves everything made so far out of the collector's
-sight (``gc.freeze``: what start-up made lives as long as the process) and collects the youngest
-generation every ``YOUNG_THRESHOLD`` allocations instead; a cycle of garbage then waits at most
-that many allocations longer. Reference counting still frees everything else at once.
+sight (``gc.freeze``: what start-up made lives as long as the process) and, in the main process
+and the shards, collects the youngest generation every ``YOUNG_THRESHOLD`` allocations instead; a
+cycle of garbage then waits at most that many allocations longer. A worker keeps the default: a
+cycle there can hold an image's buffers (a traceback's frames), and its resident memory is what
+retires it (``stage.worker``). Reference counting still frees everything else at once.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import gc
 YOUNG_THRESHOLD = 7000  # container allocations between collections of the youngest generation (default 700)
 
 
-def settle() -> None:
-    """Freeze what the process holds now and collect its youngest generation less often."""
+def settle(young: int | None = YOUNG_THRESHOLD) -> None:
+    """Freeze what the process holds now; collect its youngest generation every ``young``
+    allocations (None: as before)."""
     gc.collect()  # what start-up left as garbage goes now, not frozen for good
     gc.freeze()
-    _, middle, oldest = gc.get_threshold()
-    gc.set_threshold(YOUNG_THRESHOLD, middle, oldest)
+    if young is not None:
+        _, middle, oldest = gc.get_threshold()
+        gc.set_threshold(young, middle, oldest)

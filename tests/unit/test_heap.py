@@ -24,6 +24,8 @@ gone = weakref.ref(a)
 del a, b
 gc.collect()
 assert gone() is None
+heap.settle(young=None)  # a worker's: the threshold stays
+assert gc.get_threshold()[0] == heap.YOUNG_THRESHOLD
 print("ok")
 """
 

@@ -376,7 +376,7 @@ def run_worker(
         log.exception("worker %d: setup failed", worker_id)
         results.send(WorkerFailed(worker_id, f"{type(exc).__name__}: {exc}"))
         return
-    heap.settle()  # the models and pipelines stay: out of the collector's sight
+    heap.settle(young=None)  # the models and pipelines stay: out of the collector's sight
     results.send(ready)
     code = None
     try:
