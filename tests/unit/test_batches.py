@@ -487,6 +487,30 @@ def test_a_session_waits_for_results_and_reports_a_batch_delivered_elsewhere() -
     run(main())
 
 
+def test_an_ack_wakes_the_other_streams_on_its_batch_and_not_its_own() -> None:
+    """A stream that delivered the last result lets the others end; what it wrote itself leaves it
+    nothing new, so it is not woken by it (a Session then skips an empty look)."""
+
+    async def main() -> None:
+        reg = make_registry()
+        a = open_batch(reg, 1)
+        with reg.open_session() as session, reg.subscribe([a.batch_id]) as pull:
+            session.add(a, wake=False)
+            reg.record(outcome(a, 0))
+            got = await pull.next()  # the pull takes the only result
+            assert got is not None
+            waiter = asyncio.ensure_future(session.wait())
+            await asyncio.sleep(0)
+            assert not waiter.done()
+            pull.hush()
+            pull.ack([got])
+            assert not pull.woken
+            await asyncio.wait_for(waiter, 1)
+            assert session.take() == [] and session.completions([]) == [a.batch_id]
+
+    run(main())
+
+
 def test_a_request_without_names_is_the_same_request_as_one_with_every_name_empty() -> None:
     """A client that sends no names for unnamed images retries a push another sent with empty names."""
     unnamed = request_fingerprint(infer_pb2.PushDataRequest(sizes=[3, 4]))

@@ -291,3 +291,48 @@ def test_results_a_reply_could_not_be_made_of_go_back(monkeypatch: pytest.Monkey
         return sorted(outcome.index for outcome in pull.take())
 
     assert run(main()) == [0, 1]
+
+
+def test_results_recorded_while_a_reply_is_written_follow_it() -> None:
+    """The stream looks again after a reply only if something came meanwhile: what came must not
+    wait for a later wake-up (none may ever come)."""
+
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        task = asyncio.ensure_future(protocol.run())
+        stream.push(1, "a", images=3)
+        await stream.until_written(1)  # the answer
+        stream.writes_open.clear()  # the next reply hangs in its write
+        server.answer("a", 0)
+        await settle()
+        server.answer("a", 2)  # recorded while the reply with image 0 is being written
+        stream.writes_open.set()
+        await stream.until_written(3)
+        assert [r.index for reply in stream.replies for r in reply.results] == [0, 2]
+        stream.half_close()
+        server.answer("a", 1)
+        await task
+
+    run(main())
+
+
+def test_a_reply_cut_at_its_bound_is_followed_by_the_rest_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session_module, "MAX_RESULTS_PER_REPLY", 2)
+
+    async def main() -> None:
+        server, stream = Server(), FakeStream()
+        protocol, _ = server.protocol(stream)
+        stream.push(1, "a", images=5)
+        stream.half_close()
+        task = asyncio.ensure_future(protocol.run())
+        await stream.until_written(1)
+        stream.writes_open.clear()
+        for index in range(5):  # all ready before the next reply: no wake-up comes after it
+            server.answer("a", index)
+        await settle()
+        stream.writes_open.set()
+        await task  # ends only if every result went out without another event
+        assert [len(reply.results) for reply in stream.replies if reply.results] == [2, 2, 1]
+
+    run(main())

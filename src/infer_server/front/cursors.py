@@ -77,14 +77,30 @@ class Cursor:
         await self._wake.wait()
 
     def ack(self, outcomes: Iterable[ImageOutcome]) -> None:
-        """The outcomes were written to the stream: delivered, never handed out again."""
+        """The outcomes were written to the stream: delivered, never handed out again. Other
+        streams on their batches are woken (they may now be able to end); this one is not: what it
+        has just written leaves it nothing new to send (``woken`` stays as it was)."""
         acked: dict[str, Batch] = {}
         for outcome in outcomes:
             batch = acked[outcome.batch_id] = self._batches[outcome.batch_id]
             del batch.leases[outcome.index]
             batch.delivered += 1
+        mine = self._wake
         for batch in acked.values():
-            batch.notify()  # other streams on this batch may now be able to end
+            for event in batch.subscribers:
+                if event is not mine:
+                    event.set()
+
+    def hush(self) -> None:
+        """Forget what woke the stream: it is about to look at everything (``woken`` then says
+        whether anything changed since)."""
+        self._wake.clear()
+
+    @property
+    def woken(self) -> bool:
+        """Something may have changed since ``hush``: an outcome recorded or put back, a batch
+        added, sealed, expired, another stream's delivery, a poke."""
+        return self._wake.is_set()
 
     def nack(self, outcomes: Iterable[ImageOutcome]) -> None:
         """The stream could not send the outcomes: put them back, ahead of later completions."""

@@ -128,6 +128,7 @@ class SessionProtocol:
         self._idle_since: float | None = None  # loop time the writer began waiting with nothing owed
         self._idle_timer: asyncio.TimerHandle | None = None
         self._timed_out = False
+        self._cut = False  # the last reply took as many results as one may hold: more may be ready
         self._loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
@@ -135,8 +136,8 @@ class SessionProtocol:
         reader = asyncio.ensure_future(self._read_pushes())
         try:
             while True:
-                if await self._send_ready():
-                    continue
+                if await self._send_ready() and (self._cursor.woken or self._cut):
+                    continue  # more may be ready: the reply was cut at its bound, or something came meanwhile
                 if reader.done():
                     reader.result()  # a broken request stream ends this one with its error
                     if self._cursor.finished:
@@ -222,9 +223,12 @@ class SessionProtocol:
         return infer_pb2.PushAnswer(tag=request.tag, batch_id=batch.batch_id, image_count=batch.size)
 
     async def _send_ready(self) -> bool:
-        """Write one reply with whatever is ready; False if nothing was."""
+        """Write one reply with whatever is ready; False if nothing was. ``run`` looks again only
+        if the cursor was woken meanwhile or the reply was cut at ``MAX_RESULTS_PER_REPLY``."""
         cursor = self._cursor
+        cursor.hush()  # whatever changes from here on wakes it again
         outcomes = cursor.take(MAX_RESULTS_PER_REPLY)
+        self._cut = len(outcomes) == MAX_RESULTS_PER_REPLY
         completed = cursor.completions(outcomes)
         if self._deferred and (outcomes or completed):
             self._undefer({*(o.batch_id for o in outcomes), *completed})
