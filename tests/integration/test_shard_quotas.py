@@ -16,13 +16,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from benchmarks.procs import descendants
-from benchmarks.servers import cmdline
 from engines.scenes import Scene
 from infer_client import InferError, LocalSession
 from infer_client._protocol import BatchFiles, PushedBatches
+from infer_proto.shards import shard_socket
 from tests.integration.conftest import RunningServer, running_server
-from tests.integration.test_shards import _killed_while_health_says_so, _shard_pids
+from tests.integration.test_shards import killed_while_health_says_so, shard_pids
 
 pytestmark = pytest.mark.skipif("config.getoption('--local-socket')", reason="the same servers as without the option")
 
@@ -44,7 +43,7 @@ def quoted(model_repo_dir: Path) -> Iterator[RunningServer]:
 @contextlib.contextmanager
 def workers_stopped(server: RunningServer) -> Iterator[None]:
     """Every stage worker of every shard stopped: what is pushed meanwhile stays in flight."""
-    workers = [pid for pid in descendants(server.process.pid) if b"spawn_main" in cmdline(pid)]
+    workers = server.worker_pids()  # both shards' (their processes are the server's descendants)
     assert len(workers) == 2
     for pid in workers:
         os.kill(pid, signal.SIGSTOP)
@@ -58,7 +57,8 @@ def workers_stopped(server: RunningServer) -> Iterator[None]:
 
 @contextlib.contextmanager
 def on_shard(server: RunningServer, shard: int) -> Iterator[LocalSession]:
-    path = f"{server.local_socket}.{shard}" if shard else str(server.local_socket)
+    assert server.local_socket is not None
+    path = shard_socket(server.local_socket, shard)
     with LocalSession(path, "inline", PushedBatches(BatchFiles(str(server.shm_dir))), 30.0) as session:
         yield session
 
@@ -86,13 +86,13 @@ def test_a_callers_quota_spans_both_shards(quoted: RunningServer, scenes: list[S
 
 def test_a_shard_started_again_holds_nothing_of_its_predecessors(quoted: RunningServer, scenes: list[Scene]) -> None:
     jpeg = scenes[0].jpeg
-    (shard,) = _shard_pids(quoted)
+    (shard,) = shard_pids(quoted)
     with workers_stopped(quoted):
         with on_shard(quoted, 1) as one:
             one.push([jpeg] * 3)  # in flight on shard 1 until it is killed
         with on_shard(quoted, 0) as zero:
             assert "this caller has 3 images" in refused_for_quota(zero, [jpeg] * 2)
-        _killed_while_health_says_so(quoted, shard)  # its replacement's workers run
+        killed_while_health_says_so(quoted, shard)  # its replacement's workers run
     with on_shard(quoted, 0) as zero:
         batch_id = zero.push([jpeg] * QUOTA)
         assert len(list(zero.results(batch_id, timeout=60))) == QUOTA

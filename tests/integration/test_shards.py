@@ -51,7 +51,7 @@ def _request_id(shard: int, stem: str) -> str:
     return next(f"{stem}-{n}" for n in range(100) if request_shard(f"{stem}-{n}", 2) == shard)
 
 
-def _shard_pids(server: RunningServer) -> list[int]:
+def shard_pids(server: RunningServer) -> list[int]:
     return [pid for pid in descendants(server.process.pid) if b"infer_server.front.shards" in cmdline(pid)]
 
 
@@ -67,7 +67,7 @@ def test_sessions_spread_over_the_shards_and_each_batch_is_its_shards(
             assert batch_id.startswith(str(session.home))
             assert sorted(r.index for r in session.results(batch_id)) == [0, 1, 2]
             assert [r.index for r in session.detect(images[:2])] == [0, 1]
-    assert len(_shard_pids(sharded)) == 1
+    assert len(shard_pids(sharded)) == 1
 
 
 def test_each_shards_log_lines_say_whose_they_are(sharded: RunningServer) -> None:
@@ -203,7 +203,7 @@ def _statuses(channel: grpc.Channel) -> Iterator[int]:
         yield reply.status
 
 
-def _killed_while_health_says_so(
+def killed_while_health_says_so(
     server: RunningServer, pid: int, meanwhile: Callable[[], None] = lambda: None
 ) -> None:
     """Kill ``pid``: the server's health goes NOT_SERVING (then ``meanwhile`` runs), then SERVING
@@ -218,7 +218,7 @@ def _killed_while_health_says_so(
 
 
 def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningServer, scenes: list[Scene]) -> None:
-    (shard,) = _shard_pids(sharded)
+    (shard,) = shard_pids(sharded)
     workers = exit_waiters(descendants(shard))
 
     def on_grpc_meanwhile() -> None:  # shard 1's request ids and batches wait for it, on gRPC too
@@ -230,9 +230,9 @@ def test_a_killed_shard_is_started_again_while_health_says_so(sharded: RunningSe
                 list(grpc_only.pull("1" + "0" * 31, timeout=10))
             assert where.value.code == grpc.StatusCode.FAILED_PRECONDITION and "shard 1's" in where.value.message
 
-    _killed_while_health_says_so(sharded, shard, on_grpc_meanwhile)
+    killed_while_health_says_so(sharded, shard, on_grpc_meanwhile)
     assert still_running(workers, timeout=20) == [], "the killed shard's workers outlived it"
-    (replacement,) = _shard_pids(sharded)
+    (replacement,) = shard_pids(sharded)
     assert replacement != shard
     with sharded.client() as client, client.session() as session:
         batch_id = session.push([scenes[0].jpeg], request_id=_request_id(1, "after-kill"))
@@ -320,7 +320,7 @@ def test_a_push_with_a_request_id_goes_to_the_ids_shard_as_a_sessions_would(
 def test_a_dead_worker_of_a_shard_is_the_servers_health(sharded: RunningServer) -> None:
     """The server is NOT_SERVING while a shard's worker is being replaced, as it is for one of the
     main process's own."""
-    (shard,) = _shard_pids(sharded)
+    (shard,) = shard_pids(sharded)
     (worker,) = [pid for pid in descendants(shard) if b"spawn_main" in cmdline(pid)]
-    _killed_while_health_says_so(sharded, worker)
-    assert _shard_pids(sharded) == [shard], "the shard itself lives on"
+    killed_while_health_says_so(sharded, worker)
+    assert shard_pids(sharded) == [shard], "the shard itself lives on"

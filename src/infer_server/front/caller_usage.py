@@ -90,7 +90,8 @@ class CallerUsage:
         return images, nbytes
 
     def clear(self, shard: int) -> None:
-        """Forget shard ``shard``'s row (it exited: its batches went with it). Its own process only."""
+        """Forget shard ``shard``'s row (it exited: its batches went with it). The main process's
+        call, before it starts the shard again: no other process writes that row meanwhile."""
         start = (_HEADER + shard * _ROW) * 8
         self._map[start : start + _ROW * 8] = bytes(_ROW * 8)
 

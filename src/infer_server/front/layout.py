@@ -3,9 +3,10 @@
 limit. ``front.handoff`` then opens (or stages) what a layout that passed describes.
 
 This runs on the event loop for every push, so the common case — every size and name fine — is
-checked with one pass of C-level builtins per rule (``min``, ``accumulate``, ``max``) and the
-images' records made without their ``__init__``; a request that breaks any rule is walked image
-by image to name the first image that breaks one, as the error has always said.
+checked with one pass of builtins per rule (``min`` and ``accumulate`` over the sizes, ``any``
+over the names, if there are any) and the images' records are made without their ``__init__``;
+a request that breaks any rule is walked image by image to name the first image that breaks
+one, as the error has always said.
 """
 
 from __future__ import annotations
