@@ -77,6 +77,10 @@ def main(
     transport: Annotated[str, typer.Option(help="local (tmpfs on the local socket), local-inline, tmpfs or "
                                                 "inline (gRPC).")] = "local",  # fmt: skip
     top: Annotated[int, typer.Option(help="C functions to list.")] = 25,
+    server_arg: Annotated[
+        list[str] | None,
+        typer.Option(help="A server option, one word each: --server-arg=--event-loop --server-arg=asyncio."),
+    ] = None,
 ) -> None:
     """Instructions of the main process per push and per image."""
     if transport not in _TRANSPORTS:
@@ -90,7 +94,7 @@ def main(
         wrapper = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p"]
         blobs = [Path(p).read_bytes() for p in servers.scene_files(Path(tmp))]
         batch = (blobs * (images // len(blobs) + 1))[:images]
-        with oip.null_server(images, label="instructions", wrapper=wrapper) as server:
+        with oip.null_server(images, *(server_arg or ()), label="instructions", wrapper=wrapper) as server:
             assert server.shm_dir is not None and server.local_socket is not None
             local = str(server.local_socket) if transport.startswith("local") else None
             pool = [InferClient(server.address, shm_dir=str(server.shm_dir), transport=_TRANSPORTS[transport],  # type: ignore[arg-type]

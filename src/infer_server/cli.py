@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from infer_proto.grpc_io import EPOLL_IO, prefer_epoll_io
+from infer_server import event_loop
 from infer_server.settings import ServerSettings
 
 if typing.TYPE_CHECKING:
@@ -97,7 +98,7 @@ def serve(settings: ServerSettings) -> None:
         typer.echo("invalid settings: INFER_SHARD_INDEX is set by the server for the shards it starts", err=True)
         raise typer.Exit(2)
     _prepare(settings)
-    raise typer.Exit(asyncio.run(_serve(settings)))
+    raise typer.Exit(event_loop.run(_serve(settings), settings.event_loop))
 
 
 def serve_shard(
@@ -109,7 +110,7 @@ def serve_shard(
     gRPC calls the main process hands it come on ``relay`` (``front.shard_relay``); ``usage``: the
     descriptor of the table of each caller's work on every shard (``front.caller_usage``), if any."""
     _prepare(settings)
-    sys.exit(asyncio.run(_serve(settings, (link, models, relay, usage))))
+    sys.exit(event_loop.run(_serve(settings, (link, models, relay, usage)), settings.event_loop))
 
 
 def _prepare(settings: ServerSettings) -> None:
@@ -183,10 +184,10 @@ async def _serve(
     from infer_server.front.shards import remove_leftovers
     from infer_server.supervisor.pool import PipelineError
 
-    loop = asyncio.get_running_loop()
+    log.info("event loop: %s", event_loop.running_kind())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     if shard is None:  # the main process: what shards of an earlier run left
         remove_leftovers(settings)
     else:  # its main process holds the link's other end while it runs

@@ -132,7 +132,8 @@ class FrontProcesses:
         with ours, theirs:
             fd = theirs.fileno()
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "infer_server.relay", str(fd), str(index), pass_fds=(fd,)
+                sys.executable, "-m", "infer_server.relay", str(fd), str(index), self._settings.event_loop,
+                pass_fds=(fd,),
             )
             calls = RelayedCalls(self._handlers, self._gate, self._budget, lambda: self._lost(index, process))
             loop = asyncio.get_running_loop()

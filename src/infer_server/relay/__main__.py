@@ -1,4 +1,4 @@
-"""``python -m infer_server.relay <fd> <index>``: one gRPC front process (``relay.process``)."""
+"""``python -m infer_server.relay <fd> <index> <event loop>``: one gRPC front process (``relay.process``)."""
 
 import sys
 

@@ -29,6 +29,7 @@ import asyncio
 import base64
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from typing import cast
 
 from infer_proto.framing import HEADER, Kind, decode_call_start, encode_call_start
 
@@ -51,8 +52,8 @@ class Link(asyncio.Protocol):
         self._head_admitted = False  # the frame at the start of the buffer passed ``admit``
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # asyncio's or uvloop's (whose transports are not asyncio.Transport subclasses): both have its methods.
+        self._transport = cast(asyncio.Transport, transport)
 
     def admit(self, call: int, kind: int, length: int) -> str | None:
         """Checked once per frame as soon as its header is in, before its payload is taken in: why

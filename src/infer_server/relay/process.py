@@ -23,12 +23,14 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
 
 from infer_proto.framing import LINK, Kind, decode_end, encode_end
+from infer_server import event_loop
+from infer_server.event_loop import EventLoop
 from infer_server.front.listen import channel_options, listen
 from infer_server.relay.link import Link, encode_start
 from infer_server.settings import ServerSettings
@@ -153,4 +155,4 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(ConnectionError):
-        asyncio.run(serve(int(argv[0]), int(argv[1])))
+        event_loop.run(serve(int(argv[0]), int(argv[1])), cast(EventLoop, argv[2]))
