@@ -116,6 +116,11 @@ def test_bad_images_fail_alone_with_a_clear_reason(pipeline: VisionPipeline) -> 
         (5, Code.OK, ""),
     ]
     assert outcomes[5].width == SCENES[1].width and outcomes[0].detections
+    # Each outcome carries its call's batch size, an OK one the models that answered: the worker
+    # sends them as they come.
+    assert {o.batch_images for o in outcomes} == {6}
+    assert [bool(o.models) for o in outcomes] == [True, False, False, False, False, True]
+    assert outcomes[0].models == pipeline.models
 
 
 def test_a_chunk_of_only_bad_images_runs_no_model(pipeline: VisionPipeline) -> None:

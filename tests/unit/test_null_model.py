@@ -32,7 +32,7 @@ def test_answers_every_image_with_its_header_size_and_no_detections() -> None:
     assert outcomes[1].message == "image 1: not a JPEG or PNG"
     assert outcomes[2].message == "image 2: 3000x3000 exceeds the 2000000 pixel limit"
     assert [(o.width, o.height) for o in (outcomes[0], outcomes[3])] == [(1280, 720), (640, 480)]
-    assert all(o.detections == () and o.worker == 3 for o in outcomes)
+    assert all(o.detections == () and o.worker == 3 and o.batch_images == 4 for o in outcomes)
     assert dict(outcomes[0].timings_ms) == {"read": pytest.approx(2.0)}
     queued = list(NullPipeline(options).process("b", images, read_ms=8.0, queue_ms=1.5))
     assert [dict(o.timings_ms) for o in queued][:2] == [{"read": pytest.approx(2.0), "queue": 1.5}, {}]

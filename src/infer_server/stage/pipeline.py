@@ -162,23 +162,25 @@ class VisionPipeline:
         """Yield one outcome per image of a chunk (``len(images) <= batch_size``) as it is final.
 
         Images that fail the header check or do not decode are yielded first, as INVALID_ARGUMENT;
-        the rest of the chunk goes on. If a later stage raises, what was yielded stands. ``read_ms``
-        is the worker's time to read the chunk's bytes, ``queue_ms`` (a timing of OK images if
-        given) the time the chunk waited for the worker.
+        the rest of the chunk goes on. If a later stage raises, what was yielded stands. Each carries
+        ``batch_images`` (this call's) and, if OK, the models that answered: the worker sends it as
+        it is. ``read_ms`` is the worker's time to read the chunk's bytes, ``queue_ms`` (a timing of
+        OK images if given) the time the chunk waited for the worker.
         """
         good: list[tuple[ImageRef, bytes | memoryview]] = []
+        together = len(images)
         for ref, data in images:
             try:
                 check_image(data, self.max_image_pixels)
                 good.append((ref, data))
             except ImageRejected as exc:
-                yield self._rejected(batch_id, ref, str(exc))
+                yield self._rejected(batch_id, ref, str(exc), together)
         t0 = time.perf_counter()
         batch = self.preprocess.run([data for _, data in good])
         t1 = time.perf_counter()
         for pos, reason in batch.errors.items():
             ref = good[pos][0]
-            yield self._rejected(batch_id, ref, reason)
+            yield self._rejected(batch_id, ref, reason, together)
         n = len(batch.ok)
         if not n:
             return
@@ -189,7 +191,7 @@ class VisionPipeline:
         t3 = time.perf_counter()
         attributes, crop_ms, attr_ms = self._attributes(batch.originals, sizes, dets)
         decode_ms, detector_ms, post_ms = np.array([t1 - t0, t2 - t1, t3 - t2]) * 1e3 / n
-        stats = batch.stats.tolist()
+        stats, models = batch.stats.tolist(), self.models
         for k, pos in enumerate(batch.ok):
             ref = good[pos][0]
             timings = (
@@ -201,12 +203,12 @@ class VisionPipeline:
                 batch_id=batch_id, index=ref.index, name=ref.name, width=sizes[k][0], height=sizes[k][1],
                 detections=self._records(dets[k], attributes[k]),
                 timings_ms=tuple((stage, float(ms)) for stage, ms in timings), worker=self.worker_id,
-                input_stats=tuple(stats[k]),
+                models=models, input_stats=tuple(stats[k]), batch_images=together,
             )  # fmt: skip
 
-    def _rejected(self, batch_id: str, ref: ImageRef, reason: str) -> ImageOutcome:
+    def _rejected(self, batch_id: str, ref: ImageRef, reason: str, together: int) -> ImageOutcome:
         outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {reason}")
-        return dataclasses.replace(outcome, worker=self.worker_id)
+        return dataclasses.replace(outcome, worker=self.worker_id, batch_images=together)
 
     def _postprocess(self, coverage: np.ndarray, bbox: np.ndarray, size: tuple[int, int]) -> Detections:
         return postprocess_detector(
@@ -296,18 +298,20 @@ class NullPipeline:
         self, batch_id: str, images: Sequence[tuple[ImageRef, bytes | memoryview]], read_ms: float = 0.0,
         queue_ms: float | None = None,
     ) -> Iterator[ImageOutcome]:  # fmt: skip
-        """One outcome per image, in order: rejected as ``VisionPipeline`` would, else OK and empty."""
-        timings = (("read", read_ms / max(len(images), 1)), *(() if queue_ms is None else (("queue", queue_ms),)))
+        """One outcome per image, in order: rejected as ``VisionPipeline`` would, else OK and empty
+        (``batch_images`` set, as ``VisionPipeline`` sets it)."""
+        together = len(images)
+        timings = (("read", read_ms / max(together, 1)), *(() if queue_ms is None else (("queue", queue_ms),)))
         for ref, data in images:
             try:
                 header = check_image(data, self.max_image_pixels)
             except ImageRejected as exc:
                 outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {exc}")
-                yield dataclasses.replace(outcome, worker=self.worker_id)
+                yield dataclasses.replace(outcome, worker=self.worker_id, batch_images=together)
                 continue
             yield ImageOutcome(
                 batch_id=batch_id, index=ref.index, name=ref.name, width=header.width, height=header.height,
-                timings_ms=timings, worker=self.worker_id,
+                timings_ms=timings, worker=self.worker_id, batch_images=together,
             )  # fmt: skip
 
     def close(self) -> None:

@@ -257,8 +257,9 @@ class StageWorker:
         single_queue = queue_ms.get(items[0].item_id) if group.single else None
         together = len(readable)
         for outcome in pipeline.process(group.batch_id, readable, read_ms, single_queue):
-            if digests or models or together > 1:
-                kept = models if outcome.code == Code.OK else ()
+            kept = models if outcome.code == Code.OK else ()
+            # The pipelines here stamp their models and batch size themselves (a copy per image less).
+            if digests or outcome.models != kept or (together > 1 and outcome.batch_images != together):
                 digest = digests.get(outcome.index, b"")
                 outcome = replaced(outcome, digest=digest, models=kept, batch_images=together)
             answered.append(outcome)
