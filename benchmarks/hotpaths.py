@@ -21,13 +21,14 @@ push can show; these time the code alone, median of thousands of runs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,7 +93,11 @@ async def _front(images: int, runs: int) -> float:
     return _median_us(one, runs)
 
 
-def _worker(images: int, runs: int) -> float:
+@contextlib.contextmanager
+def null_worker(images: int) -> Iterator[Callable[[], None]]:
+    """A null-model ``StageWorker`` in this process and a function that hands it one chunk of
+    ``images`` scenes (a tmpfs batch file, read through this process's descriptor); its answers
+    go down a pipe that a thread drains."""
     with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
         blobs = [Path(p).read_bytes() for p in servers.scene_files(Path(tmp))]
         blobs = (blobs * (images // len(blobs) + 1))[:images]
@@ -110,18 +115,27 @@ def _worker(images: int, runs: int) -> float:
         worker = StageWorker(1, NullPipeline(options, 1), results, reader=ChunkReader(owner=os.getpid()))
         ids = iter(range(1, 1 << 62))
 
-        def one() -> float:
+        def chunk() -> None:
             item = WorkItem(next(ids), "a" * 32, file, refs, time.monotonic() + 60, submitted=time.monotonic())
-            start = time.perf_counter()
             worker.handle_group([item])
-            return time.perf_counter() - start
 
         try:
-            return _median_us(one, runs)
+            yield chunk
         finally:
             results.close()
             drain.join(5)
             os.close(fd)
+
+
+def _worker(images: int, runs: int) -> float:
+    with null_worker(images) as chunk:
+
+        def one() -> float:
+            start = time.perf_counter()
+            chunk()
+            return time.perf_counter() - start
+
+        return _median_us(one, runs)
 
 
 def _client(images: int, runs: int) -> float:
