@@ -6,7 +6,7 @@ several times: the socket's read, the admission task, the worker pipe's read, th
 and its acknowledgement. asyncio's own loop does that bookkeeping in Python (``_run_once``,
 the selector, the handles, the transports' reads and writes); uvloop does it in C on libuv, with
 the same ``asyncio`` API, so nothing else changes. Counted by ``benchmarks.instructions`` it takes
-5-8% off the main process's instructions per push (docs/performance.md, "The event loop");
+5-12% off the main process's instructions per push (docs/performance.md, "The event loop");
 asyncio's loop stays selectable, for a platform without uvloop's wheel or a suspected loop bug.
 """
 

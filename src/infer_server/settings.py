@@ -102,7 +102,7 @@ class ServerSettings(BaseSettings):
     event_loop: EventLoop = Field(
         default="uvloop",
         description="The event loop of the main process, its shards and front processes: uvloop (libuv's, in C; "
-        "5-8% fewer instructions per push) or asyncio's own (docs/performance.md, The event loop).",
+        "5-12% fewer instructions per push) or asyncio's own (docs/performance.md, The event loop).",
     )  # fmt: skip
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per pipeline batch (a chunk).")
     dynamic_batching: bool = Field(
