@@ -146,15 +146,19 @@ class ServerProcess:
         return main + fronts, workers
 
     def cpu_by_role(self) -> tuple[float, float, float]:
-        """CPU seconds so far of the main process, of its gRPC front processes (``--fronts``) and of
-        the stage workers (every other descendant)."""
-        fronts = workers = 0.0
+        """CPU seconds so far of the main process with its shards (``--shards``: main processes of
+        their own), of its gRPC front processes (``--fronts``) and of the stage workers (every other
+        descendant)."""
+        main, fronts, workers = cpu_seconds(self.process.pid), 0.0, 0.0
         for pid in descendants(self.process.pid):
-            if b"infer_server.relay" in cmdline(pid):
+            command = cmdline(pid)
+            if b"infer_server.relay" in command:
                 fronts += cpu_seconds(pid)
+            elif b"infer_server.front.shards" in command:
+                main += cpu_seconds(pid)
             else:
                 workers += cpu_seconds(pid)
-        return cpu_seconds(self.process.pid), fronts, workers
+        return main, fronts, workers
 
     def memory(self) -> dict[str, float]:
         """Peak of the sampled RSS sum, sum of per-process peaks (upper bound), PSS sum now; in MiB."""

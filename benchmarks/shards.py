@@ -11,8 +11,10 @@ against: K independent ``serve`` processes, each with ``--workers / K`` workers 
 socket, taking ``--clients / K`` clients each (no routing at all). Null model: the data path alone.
 
 Per round and way (``one``, ``triton``, ``sharded``, ``split``; the order reversed every other
-round): images/s, the share of the machine's cores left idle and the machine's CPU per image
-(everything that ran: servers and clients). Then the ratios per round and their medians.
+round): images/s, the share of the machine's cores left idle, the machine's CPU per image
+(everything that ran: servers and clients) and the server's (main processes and workers; Triton:
+its server and its Python stubs; the JSON has them apart, and the clients'). Then the ratios per
+round and their medians: of images/s, and of the server's CPU per image, sharded against Triton.
 
     python -m benchmarks.shards --clients 4 --images 8 --rounds 6 --json bench-out/shards-4x8.json
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -38,11 +41,18 @@ WAYS = ("one", "triton", "sharded", "split")  # the order of a round; every othe
 def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, seconds: float, images: int,
               paths: list[str], env: dict[str, str] | None) -> dict[str, float]:  # fmt: skip
     """``clients`` load clients split evenly over ``running``, every server's at once: images/s,
-    the cores left idle and the machine's CPU per image (ms) over the run."""
+    the cores left idle, the machine's CPU per image (ms) over the run, and the servers' (their
+    main processes with any shards and front processes, their workers: Triton's server and its
+    Python stubs) and the clients' CPU per image."""
     answered = [0] * len(running)
+    main_s, workers_s, clients_s = ([0.0] * len(running) for _ in range(3))  # CPU seconds per server
 
     def drive(k: int) -> None:
-        answered[k] = oip.run_clients(way, running[k], clients // len(running), seconds, images, paths, env)[0]
+        during: dict[str, float] = {}
+        answered[k], before, after = oip.run_clients(way, running[k], clients // len(running), seconds, images,
+                                                     paths, env, during)  # fmt: skip
+        main_s[k] = after[0] + after[1] - before[0] - before[1]
+        workers_s[k], clients_s[k] = after[2] - before[2], during.get("clients_cpu", 0.0)
 
     threads = [threading.Thread(target=drive, args=(k,)) for k in range(len(running))]
     busy, start = servers.machine_busy_seconds(), time.monotonic()
@@ -52,8 +62,11 @@ def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, 
         thread.join()
     busy, elapsed = servers.machine_busy_seconds() - busy, time.monotonic() - start
     idle = max(0.0, 1.0 - busy / (elapsed * (os.cpu_count() or 1)))
-    return {"fps": sum(answered) / seconds, "machine_idle": idle,
-            "machine_cpu_ms_per_image": 1e3 * busy / max(sum(answered), 1), "elapsed_s": elapsed}  # fmt: skip
+    per_image = 1e3 / max(sum(answered), 1)
+    return {"fps": sum(answered) / seconds, "machine_idle": idle, "machine_cpu_ms_per_image": busy * per_image,
+            "server_cpu_ms_per_image": (sum(main_s) + sum(workers_s)) * per_image,
+            "main_cpu_ms_per_image": sum(main_s) * per_image, "workers_cpu_ms_per_image": sum(workers_s) * per_image,
+            "clients_cpu_ms_per_image": sum(clients_s) * per_image, "elapsed_s": elapsed}  # fmt: skip
 
 
 def main(
@@ -87,11 +100,17 @@ def main(
             return _together(way, running[name], clients, seconds, images, paths, env)
 
         rows = oip.back_and_forth(WAYS, rounds, measure, lambda n, row: f"round {n + 1}: " + ", ".join(
-            f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, machine "
-            f"{row[name]['machine_cpu_ms_per_image']:.3f} ms/img)" for name in WAYS))  # fmt: skip
+            f"{name} {row[name]['fps']:.0f} img/s ({row[name]['machine_idle']:.0%} idle, ms/img: machine "
+            f"{row[name]['machine_cpu_ms_per_image']:.3f}, server {row[name]['server_cpu_ms_per_image']:.3f})"
+            for name in WAYS))  # fmt: skip
     pairs = {"sharded / triton": ("sharded", "triton"), "one / triton": ("one", "triton"),
              "sharded / one": ("sharded", "one"), "sharded / split": ("sharded", "split")}  # fmt: skip
-    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards)
+    # The server's CPU per image against Triton's (its server and stubs), round by round.
+    cpu = [r["sharded"]["server_cpu_ms_per_image"] / r["triton"]["server_cpu_ms_per_image"] for r in rows]
+    print(f"server CPU per image, sharded / triton: median {statistics.median(cpu):.2f} (rounds "
+          + " ".join(f"{x:.2f}" for x in cpu) + ")")  # fmt: skip
+    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards,
+                    server_cpu_sharded_over_triton=cpu)  # fmt: skip
 
 
 if __name__ == "__main__":
