@@ -96,9 +96,10 @@ class Batch:
         """Nothing more will ever be delivered from this batch."""
         return self.expired or self.delivered == self.size
 
-    def notify(self) -> None:
+    def notify(self, but: asyncio.Event | None = None) -> None:  # wakes every stream on it but ``but``
         for event in self.subscribers:
-            event.set()
+            if event is not but:
+                event.set()
 
 
 @dataclass(eq=False)

@@ -85,11 +85,8 @@ class Cursor:
             batch = acked[outcome.batch_id] = self._batches[outcome.batch_id]
             del batch.leases[outcome.index]
             batch.delivered += 1
-        mine = self._wake
         for batch in acked.values():
-            for event in batch.subscribers:
-                if event is not mine:
-                    event.set()
+            batch.notify(but=self._wake)
 
     def hush(self) -> None:
         """Forget what woke the stream: it is about to look at everything (``woken`` then says

@@ -258,8 +258,9 @@ class StageWorker:
         together = len(readable)
         for outcome in pipeline.process(group.batch_id, readable, read_ms, single_queue):
             kept = models if outcome.code == Code.OK else ()
-            # The pipelines here stamp their models and batch size themselves (a copy per image less).
-            if digests or outcome.models != kept or (together > 1 and outcome.batch_images != together):
+            # Every outcome carries its models and batch size; this server's pipelines set them
+            # themselves, so only a digest (or a pipeline that left them out) costs a copy.
+            if digests or outcome.models != kept or outcome.batch_images != together:
                 digest = digests.get(outcome.index, b"")
                 outcome = replaced(outcome, digest=digest, models=kept, batch_images=together)
             answered.append(outcome)
