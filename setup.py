@@ -1,7 +1,8 @@
 """Generates the gRPC stubs from proto/ into src/infer_proto/ whenever the package is built, and
-compiles the two C extensions, the server's ``infer_server._wire`` (replies written from its
-records) and the client's ``infer_client._replies`` (results read from a reply's bytes): a C
-compiler and Python's headers are needed to install the package.
+compiles the three C extensions, the server's ``infer_server._wire`` (replies written from its
+records) and ``infer_server._records`` (its records made without a ``__dict__``), and the client's
+``infer_client._replies`` (results read from a reply's bytes): a C compiler and Python's headers
+are needed to install the package.
 
 Stubs are never committed: a wheel build and an editable install (`pip install -e .`) both run
 ``build_py`` first, which calls ``grpc_tools.protoc`` on ``proto/infer.proto`` (this server's API)
@@ -46,6 +47,7 @@ setup(
     cmdclass={"build_py": BuildPyWithStubs},
     ext_modules=[
         Extension("infer_server._wire", ["src/infer_server/_wire.c"], extra_compile_args=["-O2", "-Wall"]),
+        Extension("infer_server._records", ["src/infer_server/_records.c"], extra_compile_args=["-O2", "-Wall"]),
         Extension("infer_client._replies", ["src/infer_client/_replies.c"], extra_compile_args=["-O2", "-Wall"]),
     ],
 )

@@ -3,32 +3,42 @@
 A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (its own
 ``__setattr__`` refuses): three to four times the cost of a plain one. The server's main process
 makes frozen records for every push (an ``ImageRef`` per image, the batch's ``FileRef`` and
-``WorkItem``) and remakes every ``ImageOutcome`` a worker sends back, so both
-ways are generated here once per class, as ``dataclasses`` generates ``__init__``: the values go
-straight into the new instance's ``__dict__``. The instances are the same dataclass instances as
-before, frozen as before (docs/performance.md has the measurement).
+``WorkItem``) and remakes every ``ImageOutcome`` a worker sends back, so both ways are generated
+here once per class, as ``dataclasses`` generates ``__init__``: the values are set by one C call
+(``infer_server._records``) that does what ``object.__setattr__`` does for each field, without
+its call per field. Set that way the fields live in the values array CPython lays out with the
+instance, never in a ``__dict__`` (none is made until something asks for one): a record is one
+object, not an object and a dict, and every read of a field costs about half of a read from a
+dict. The instances are the same dataclass instances as before, frozen as before
+(docs/performance.md has the measurements).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import MISSING, fields, is_dataclass
+from functools import partial
 from typing import Any, TypeVar
+
+from infer_server._records import build, fill
+
+__all__ = ["fast_init", "fill", "rebuilder"]
 
 _T = TypeVar("_T")
 
 
 def fast_init(cls: type[_T]) -> type[_T]:
-    """Give the frozen dataclass ``cls`` an ``__init__`` that stores its fields in the instance's
-    ``__dict__``: the same parameters, defaults and errors (a missing or unknown argument is a
-    ``TypeError``). Only for fields with plain defaults and no ``__post_init__``: anything else
-    is refused when the class is made."""
+    """Give the frozen dataclass ``cls`` an ``__init__`` that sets its fields in one C call: the
+    same parameters, defaults and errors (a missing or unknown argument is a ``TypeError``); and,
+    unless it has its own, a ``__reduce__`` that pickles its fields as a tuple, remade through that
+    ``__init__`` (a dataclass pickles its ``__dict__``, and is remade through it). Only for fields
+    with plain defaults and no ``__post_init__``: anything else is refused when the class is made."""
     if not is_dataclass(cls) or not cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
         raise TypeError(f"{cls.__name__} is not a frozen dataclass")
     if hasattr(cls, "__post_init__") or hasattr(cls, "__slots__"):
         raise TypeError(f"{cls.__name__}: __post_init__ and __slots__ need the dataclass's own __init__")
-    namespace: dict[str, Any] = {}
-    params, body = [], []
+    namespace: dict[str, Any] = {"_fill": fill, "_NAMES": tuple(f.name for f in fields(cls))}
+    params = []
     for f in fields(cls):
         if not f.init or f.kw_only or f.default_factory is not MISSING:
             raise TypeError(f"{cls.__name__}.{f.name}: only init fields with plain defaults")
@@ -37,35 +47,27 @@ def fast_init(cls: type[_T]) -> type[_T]:
         else:
             namespace[f"_default_{f.name}"] = f.default
             params.append(f"{f.name}=_default_{f.name}")
-        body.append(f"    __record[{f.name!r}] = {f.name}")
+    values = "".join(f"__record_self.{name}, " for name in namespace["_NAMES"])
     code = "\n".join([f"def __init__(__record_self, {', '.join(params)}):",
-                      "    __record = __record_self.__dict__", *body])  # fmt: skip
+                      f"    _fill(__record_self, _NAMES, ({', '.join(namespace['_NAMES'])},))",
+                      "def __reduce__(__record_self):",
+                      f"    return _cls, ({values})"])  # fmt: skip
+    namespace["_cls"] = cls
     exec(code, namespace)  # the code is made here from the dataclass's own field names
-    init = namespace["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[method-assign]
+    for name in ("__init__", "__reduce__"):
+        if name == "__init__" or name not in vars(cls):  # a __reduce__ of its own stays
+            namespace[name].__qualname__ = f"{cls.__qualname__}.{name}"
+            setattr(cls, name, namespace[name])
     return cls
 
 
-def rebuilder(cls: type[_T], names: tuple[str, ...], tag: tuple[str, dict[Any, Any]] | None = None
-              ) -> Callable[[Iterable[Any]], list[_T]]:  # fmt: skip
-    """A function making instances of the frozen dataclass ``cls`` from rows of the fields
-    ``names`` (every field: a record of a pipe message, ``messages``), without ``__init__``: each
-    row is unpacked straight into the new instance's ``__dict__``, a third of the cost of
-    ``__dict__.update(zip(names, row))``; a row of the wrong length raises ``ValueError``.
-    ``tag``: rows come as ``(key, row)`` and field ``tag[0]`` is ``tag[1][key]``."""
-    targets = ", ".join(f"d[{name!r}]" for name in names)
-    code = "\n".join([
-        "def rebuild(rows):",
-        "    built = []",
-        "    for key, row in rows:" if tag else "    for row in rows:",
-        "        obj = new(cls)",
-        "        d = obj.__dict__",
-        f"        {targets}, = row",
-        f"        d[{tag[0]!r}] = lookup[key]" if tag else "",
-        "        built.append(obj)",
-        "    return built",
-    ])  # fmt: skip
-    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls, "lookup": tag[1] if tag else None}
-    exec(code, namespace)  # the code is made here from the dataclass's own field names
-    return namespace["rebuild"]  # type: ignore[no-any-return]
+def rebuilder(cls: type[_T], convert: tuple[str, dict[Any, Any]] | None = None) -> Callable[[Iterable[Any]], list[_T]]:
+    """A function making instances of the frozen dataclass ``cls`` from rows of all its fields in
+    their order (a record of a pipe message, ``messages``), without ``__init__``, in one C call per
+    message; a row of the wrong length raises ``ValueError``. ``convert``: rows come as ``(key,
+    row)``, ``row`` every other field, and field ``convert[0]`` is ``convert[1][key]`` (an enum
+    member sent as its int; an unknown key raises ``KeyError``)."""
+    names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
+    if convert is None:
+        return partial(build, cls, names)
+    return partial(build, cls, names, names.index(convert[0]), convert[1])
