@@ -113,3 +113,17 @@ def test_staging_directories_of_shards_an_earlier_run_had_are_removed(tmp_path: 
     assert (tmp_path / "elsewhere").is_dir()
     remove_leftovers(whole.model_copy(update={"shards": 1, "local_socket": None}))
     assert not (shm / ".server.shard-1").exists()
+
+
+def test_batch_ids_never_repeat_and_a_forked_child_draws_its_own() -> None:
+    ids = {new_batch_id(0, 1) for _ in range(3000)}  # past several draws of the buffer
+    assert len(ids) == 3000 and all(len(i) == 32 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id must not be the one the parent makes next
+        os.write(write, new_batch_id(0, 1).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 64).decode() != new_batch_id(0, 1)
+    os.close(read)
+    os.close(write)

@@ -87,7 +87,7 @@ class LocalCall(RelayedCall):
     def deliver(self, raw: bytes | None) -> None:
         if raw is not None:
             self.received += HEADER.size + len(raw)
-        self._inbox.put_nowait(raw)
+        self._inbox.put(raw)
 
 
 class _EndedCall:

@@ -173,12 +173,22 @@ class LoopHandoff:
         self._queued: list[ImageOutcome] = []
         self._lock = threading.Lock()
         self._scheduled = False
+        self._loop_thread: int | None = None  # the loop's thread, once a call was seen to come from it
 
     def on_loop(self) -> bool:
+        """This thread runs the loop. Asked of the running loop until it answers yes once, then of
+        the thread's id: ``asyncio.get_running_loop`` makes a ``getpid`` system call, and this is
+        asked for every answer a worker sends."""
+        thread = threading.get_ident()
+        if self._loop_thread is not None:
+            return thread == self._loop_thread and self._loop.is_running()
         try:
-            return asyncio.get_running_loop() is self._loop
+            running = asyncio.get_running_loop() is self._loop
         except RuntimeError:  # no loop runs in this thread
             return False
+        if running:
+            self._loop_thread = thread
+        return running
 
     def call(self, callback: Callable[..., None], *args: Any) -> None:
         """``callback(*args)`` on the loop: now if this is the loop's thread, else soon."""
