@@ -14,6 +14,7 @@ With one shard nothing changes: batch ids are random throughout and any request 
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 
 MAX_SHARDS = 16
@@ -43,22 +44,25 @@ def new_batch_id(shard: int, shards: int) -> str:
 
 class _Entropy:
     """The operating system's random bytes (``os.urandom``), drawn 4 KiB at a time and handed out
-    once each: a batch id takes 16, so one system call per 256 ids instead of one per id. A process
-    forked from this one starts with none (it must never hand out its parent's)."""
+    once each, whichever thread asks: a batch id takes 16, so one system call per 256 ids instead
+    of one per id. A process forked from this one starts with none (it must never hand out its
+    parent's)."""
 
     def __init__(self, draw: int = 4096) -> None:
-        self._draw, self._bytes, self._next = draw, b"", 0
+        self._draw = draw
+        self._bytes, self._next, self._lock = b"", 0, threading.Lock()
         os.register_at_fork(after_in_child=self.forget)
 
     def take(self, n: int) -> bytes:
-        if self._next + n > len(self._bytes):
-            self._bytes, self._next = os.urandom(max(n, self._draw)), 0
-        start = self._next
-        self._next += n
-        return self._bytes[start : start + n]
+        with self._lock:
+            if self._next + n > len(self._bytes):
+                self._bytes, self._next = os.urandom(max(n, self._draw)), 0
+            start = self._next
+            self._next += n
+            return self._bytes[start : start + n]
 
     def forget(self) -> None:
-        self._bytes, self._next = b"", 0
+        self._bytes, self._next, self._lock = b"", 0, threading.Lock()
 
 
 _ENTROPY = _Entropy()

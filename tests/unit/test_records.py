@@ -117,7 +117,6 @@ def test_fill_sets_fields_past_a_frozen_setattr_and_build_refuses_what_it_cannot
         build(Plain, ("a", "b", "c"), 3, {}, [(1, ("y", ()))])
 
 
-
 def test_a_fast_record_pickles_as_its_fields_unless_it_has_a_reduce_of_its_own() -> None:
     assert Fast(1, "y").__reduce__() == (Fast, (1, "y", ()))
     for record in (Fast(1, "y", (2,)), DetectionRecord(1, "car", 0.5, Box(0.0, 1.0, 2.0, 3.0))):

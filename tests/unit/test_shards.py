@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -127,3 +128,17 @@ def test_batch_ids_never_repeat_and_a_forked_child_draws_its_own() -> None:
     assert os.read(read, 64).decode() != new_batch_id(0, 1)
     os.close(read)
     os.close(write)
+
+
+def test_threads_drawing_batch_ids_at_once_never_share_one() -> None:
+    ids: list[str] = []
+
+    def draw() -> None:
+        ids.extend(new_batch_id(0, 1) for _ in range(2000))
+
+    threads = [threading.Thread(target=draw) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(ids)) == len(ids) == 8000
