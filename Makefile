@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 TRAIN_STAMP := $(VENV)/.installed-train
 DEMO   := demo-out
 
-.PHONY: demo test image-test models evaluate bench bench-peers lint lock proto clean
+.PHONY: demo test image-test models evaluate bench bench-peers lint lock lock-keep proto clean
 
 # Every install takes exact versions with hashes from requirements/<set>.txt (see requirements/lock.py),
 # then the project itself without dependencies, built with the locked build requirements.
@@ -111,6 +111,10 @@ lint: $(STAMP)
 ## lock: resolve requirements/*.txt again (newest versions within pyproject's ranges, with hashes)
 lock: $(STAMP)
 	$(BIN)/python requirements/lock.py compile
+
+## lock-keep: resolve requirements/*.txt keeping every pin that still fits (add a dependency, move nothing else)
+lock-keep: $(STAMP)
+	$(BIN)/python requirements/lock.py compile --keep
 
 ## proto: regenerate the gRPC stubs after editing proto/infer.proto
 proto: $(STAMP)

@@ -18,7 +18,8 @@ the tests last passed with:
 ==============  ======================================================================
 
 ``python requirements/lock.py compile`` (``make lock``) resolves them again with uv, Linux x86-64,
-Python 3.11, newest versions within the ranges; pip's configured ``--find-links`` directories are
+Python 3.11, newest versions within the ranges (``compile --keep``, ``make lock-keep``: every pin
+that still fits stays, so adding a dependency moves nothing else); pip's configured ``--find-links`` directories are
 passed on, which is where the CPU build of torch (``torch==2.13.0+cpu``, pinned by hash in
 ``train.txt``) comes from: the registry serves only the CUDA build. Elsewhere ``make models`` needs
 that wheel from PyTorch's CPU wheel index (``PIP_EXTRA_INDEX_URL``) or a local directory.
@@ -122,7 +123,7 @@ def _find_links() -> list[str]:
     return [link for link in links if link]
 
 
-def compile_set(name: str, uv: str) -> None:
+def compile_set(name: str, uv: str, keep: bool = False) -> None:
     extras, with_build, with_project = SETS[name]
     out = HERE / f"{name}.txt"
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +137,9 @@ def compile_set(name: str, uv: str) -> None:
         else:
             cmd = [uv, "pip", "compile", str(tools_in)]
         platform = PLATFORMS.get(name, PLATFORM)
-        cmd += ["--upgrade", "--generate-hashes", "--python-version", PYTHON_VERSION, "--python-platform", platform,
+        # --keep: uv prefers the versions already in the output file, moving only what must move.
+        cmd += [] if keep else ["--upgrade"]
+        cmd += ["--generate-hashes", "--python-version", PYTHON_VERSION, "--python-platform", platform,
                 "--no-header", "--quiet", "-o", str(out)]
         cmd += [arg for link in _find_links() for arg in ("--find-links", link)]
         print("+", shlex.join(cmd), flush=True)
@@ -156,11 +159,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("compile", "check"))
     p.add_argument("--uv", default=str(Path(sys.executable).with_name("uv")), help="the uv binary to resolve with")
+    p.add_argument("--keep", action="store_true",
+                   help="compile: keep every pin that still fits (add or move only what pyproject.toml now needs)")
     p.add_argument("sets", nargs="*", default=list(SETS), help=f"which sets (default: all of {', '.join(SETS)})")
     args = p.parse_args()
     if args.action == "compile":
         for name in args.sets:
-            compile_set(name, args.uv)
+            compile_set(name, args.uv, args.keep)
     problems = [msg for name in args.sets for msg in check(name)]
     for msg in problems:
         print(msg, file=sys.stderr)
