@@ -29,12 +29,12 @@ from __future__ import annotations
 import enum
 import marshal
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from infer_server.records import fast_init, fill, rebuilder
+from infer_server.records import fast_init, rebuilder
+from infer_server.records import replaced as replaced  # the data path's copy of a record, from here
 
 _T = TypeVar("_T")
 
@@ -293,31 +293,6 @@ class ShadowDone:
     worker: int
     agreement: Agreement = field(default_factory=Agreement)
     skipped: bool = False
-
-
-def replaced(record: _T, **changes: Any) -> _T:
-    """``dataclasses.replace`` for the frozen records here, without ``__init__``: a copy of
-    ``record``'s fields with ``changes`` over them (none of the records has a ``__post_init__``),
-    set as ``records.fast_init`` sets them. A fifth of the cost; a worker makes one per image when
-    the front caches results."""
-    cls = type(record)
-    shape = _SHAPES.get(cls)
-    if shape is None:
-        names = tuple(f.name for f in fields(cls))  # type: ignore[arg-type]
-        shape = _SHAPES[cls] = (names, attrgetter(*names), {name: k for k, name in enumerate(names)})
-    names, row, position = shape
-    values = list(row(record)) if len(names) > 1 else [row(record)]
-    for name, value in changes.items():
-        if name not in position:
-            raise TypeError(f"{cls.__name__} has no field {name!r}")
-        values[position[name]] = value
-    new = object.__new__(cls)
-    fill(new, names, tuple(values))
-    return new
-
-
-# Per record class: its field names, a getter of all of them, each name's position.
-_SHAPES: dict[type, tuple[tuple[str, ...], Callable[[Any], tuple[Any, ...]], dict[str, int]]] = {}
 
 
 _REF_FIELDS = tuple(f.name for f in fields(ImageRef))

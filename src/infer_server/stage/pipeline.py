@@ -18,7 +18,6 @@ path alone (tmpfs handoff, queues, result stream), which is what ``benchmarks/fp
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -69,6 +68,13 @@ class _Classifier:
             device=options.device,
             batch_size=min(cfg.max_batch_size, 128),
         )
+
+
+def rejected(batch_id: str, ref: ImageRef, reason: str, worker: int, together: int) -> ImageOutcome:
+    """An image a pipeline refuses (a header check, a decode): INVALID_ARGUMENT ``image N: reason``,
+    stamped with the worker and the size of the call it came in, as its answered images are."""
+    return ImageOutcome(batch_id, ref.index, ref.name, Code.INVALID_ARGUMENT, f"image {ref.index}: {reason}",
+                        worker=worker, batch_images=together)  # fmt: skip
 
 
 class VisionPipeline:
@@ -174,13 +180,13 @@ class VisionPipeline:
                 check_image(data, self.max_image_pixels)
                 good.append((ref, data))
             except ImageRejected as exc:
-                yield self._rejected(batch_id, ref, str(exc), together)
+                yield rejected(batch_id, ref, str(exc), self.worker_id, together)
         t0 = time.perf_counter()
         batch = self.preprocess.run([data for _, data in good])
         t1 = time.perf_counter()
         for pos, reason in batch.errors.items():
             ref = good[pos][0]
-            yield self._rejected(batch_id, ref, reason, together)
+            yield rejected(batch_id, ref, reason, self.worker_id, together)
         n = len(batch.ok)
         if not n:
             return
@@ -205,10 +211,6 @@ class VisionPipeline:
                 timings_ms=tuple((stage, float(ms)) for stage, ms in timings), worker=self.worker_id,
                 models=models, input_stats=tuple(stats[k]), batch_images=together,
             )  # fmt: skip
-
-    def _rejected(self, batch_id: str, ref: ImageRef, reason: str, together: int) -> ImageOutcome:
-        outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {reason}")
-        return dataclasses.replace(outcome, worker=self.worker_id, batch_images=together)
 
     def _postprocess(self, coverage: np.ndarray, bbox: np.ndarray, size: tuple[int, int]) -> Detections:
         return postprocess_detector(
@@ -306,8 +308,7 @@ class NullPipeline:
             try:
                 header = check_image(data, self.max_image_pixels)
             except ImageRejected as exc:
-                outcome = ImageOutcome.failed(batch_id, ref, Code.INVALID_ARGUMENT, f"image {ref.index}: {exc}")
-                yield dataclasses.replace(outcome, worker=self.worker_id, batch_images=together)
+                yield rejected(batch_id, ref, str(exc), self.worker_id, together)
                 continue
             yield ImageOutcome(
                 batch_id=batch_id, index=ref.index, name=ref.name, width=header.width, height=header.height,
