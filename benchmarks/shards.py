@@ -72,6 +72,8 @@ def _together(way: str, running: Sequence[servers.ServerProcess], clients: int, 
 def main(
     clients: Annotated[int, typer.Option(help="Client processes in all.")] = 4,
     images: Annotated[int, typer.Option(help="Images per request.")] = 8,
+    batch: Annotated[int | None, typer.Option(help="Every server's --batch-size = Triton's max_batch_size "
+                                              "(both batch across requests up to it); default --images.")] = None,
     workers: Annotated[int, typer.Option(help="Workers in all (= instances of Triton's model).")] = 2,
     shards: Annotated[int, typer.Option(help="Shards of the sharded server; servers of the split one.")] = 2,
     rounds: Annotated[int, typer.Option(help="Rounds; each measures the three ways once.")] = 6,
@@ -82,17 +84,18 @@ def main(
     if workers % shards or clients % shards:
         raise typer.BadParameter("--workers and --clients must split evenly over --shards")
     models = servers.REPO_ROOT / "engines" / "models"
+    batch = batch or images
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         paths = servers.scene_files(Path(tmp))
         running = {
-            "one": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=images,
+            "one": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=batch,
                                                             null_model=True))],
-            "sharded": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=images,
+            "sharded": [stack.enter_context(servers.grpc_server(models, workers=workers, batch_size=batch,
                                                                 null_model=True, extra=("--shards", str(shards))))],
-            "split": [stack.enter_context(servers.grpc_server(models, workers=workers // shards, batch_size=images,
+            "split": [stack.enter_context(servers.grpc_server(models, workers=workers // shards, batch_size=batch,
                                                               null_model=True)) for _ in range(shards)],
             "triton": [stack.enter_context(peers.triton(null_model=True, models=models, workers=workers,
-                                                        batch=images))],
+                                                        batch=batch))],
         }  # fmt: skip
 
         def measure(name: str) -> dict[str, Any]:
@@ -109,7 +112,8 @@ def main(
     cpu = [r["sharded"]["server_cpu_ms_per_image"] / r["triton"]["server_cpu_ms_per_image"] for r in rows]
     print(f"server CPU per image, sharded / triton: median {statistics.median(cpu):.2f} (rounds "
           + " ".join(f"{x:.2f}" for x in cpu) + ")")  # fmt: skip
-    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, workers=workers, shards=shards,
+    oip.pair_ratios(rows, pairs, json_out, clients=clients, images=images, batch=batch, workers=workers,
+                    shards=shards,
                     server_cpu_sharded_over_triton=cpu)  # fmt: skip
 
 
