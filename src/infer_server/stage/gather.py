@@ -32,6 +32,7 @@ import time
 from typing import TYPE_CHECKING
 
 from infer_server.messages import STOP, Code, ImageOutcome, ImageRef, WorkItem, loads, replaced
+from infer_server.pipes import FrameReader
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -44,6 +45,8 @@ class Gatherer:
         self.inbox, self.batch_size, self.max_delay_s, self.enabled = inbox, batch_size, max_delay_s, enabled
         self.stopped = False  # the stop marker came, or the pool closed the inbox
         self._waiting: collections.deque[WorkItem] = collections.deque()  # received, not yet grouped
+        self._frames = FrameReader(inbox.fileno())  # a pipeful per read: every chunk the pool wrote at once
+        self._unread: collections.deque[memoryview] = collections.deque()  # read, not decoded yet
         # Whether the inbox holds a chunk yet: one poll() call (Connection.poll builds a selector per call).
         self._readable = select.poll()
         self._readable.register(inbox.fileno(), select.POLLIN)
@@ -78,12 +81,13 @@ class Gatherer:
     def _receive(self, timeout: float | None) -> WorkItem | None:
         """The inbox's next chunk, or None: none came within ``timeout`` (None: wait for one), or
         the stop marker or the inbox's end came (``stopped``)."""
-        if self.stopped or (timeout is not None and not self._readable.poll(math.ceil(timeout * 1000))):
-            return None
-        try:
-            item = loads(self.inbox.recv_bytes())
-        except EOFError:  # the pool closed the inbox: as good as the stop marker
-            item = STOP
+        while not self._unread:
+            if self.stopped or (timeout is not None and not self._readable.poll(math.ceil(timeout * 1000))):
+                return None
+            frames, ended = self._frames.read()  # the inbox blocks: this waits for bytes
+            self._unread.extend(frames)
+            self.stopped = ended and not frames  # the pool closed the inbox: as good as the stop marker
+        item = loads(self._unread.popleft())
         if item is STOP:
             self.stopped = True
             return None

@@ -15,20 +15,18 @@ import fcntl
 import logging
 import multiprocessing
 import os
-import struct
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 from infer_server.messages import ImageOutcome, WorkItem, dumps, loads
+from infer_server.pipes import FrameReader, frame
 
 log = logging.getLogger(__name__)
 
 INBOX_BYTES = 1 << 20  # asked for each worker's inbox pipe (pipe-max-size, 1 MiB by default, allows it)
 _PAGE = 4096
-READ_BYTES = 1 << 18  # taken from a result pipe per read: hundreds of messages
-_LENGTH, _LONG_LENGTH = struct.Struct("!i"), struct.Struct("!Q")  # Connection.send_bytes's framing
 
 
 class Inbox:
@@ -42,10 +40,20 @@ class Inbox:
     hands items over (``multiprocessing.Queue`` has one: a wake-up per item). An item that would
     not fit (very long image names in a very large chunk) is sent without its names;
     ``PipelinePool`` puts them back into the outcomes from its ledger.
+
+    ``hold`` (``WriteCoalescer.hold``) may keep an item back to go with the next ones (it then
+    calls ``flush``): items are written in the order put, never beyond its credit, so however many
+    go in one write, they fit.
     """
 
-    def __init__(self, conn: Connection, batch_size: int = 1, wanted: int = 2, least: int = 2) -> None:
+    def __init__(
+        self, conn: Connection, batch_size: int = 1, wanted: int = 2, least: int = 2,
+        hold: Callable[[Inbox], bool] | None = None,
+    ) -> None:  # fmt: skip
         self.conn = conn
+        self._hold = hold  # True: it will call flush() (on the loop, at the end of its turn)
+        self._held: list[bytes] = []  # framed items put and not written yet, in order
+        self._lock = threading.Lock()  # put() and flush() come from the loop and the pool's threads
         self._fd = conn.fileno()  # -1 once closed: a write then fails (EBADF), never lands on a reused number
         with contextlib.suppress(OSError):  # keep the default size where a larger one is not allowed
             fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, INBOX_BYTES)
@@ -77,73 +85,91 @@ class Inbox:
         return inbox.items
 
     def put(self, item: WorkItem | None) -> bool:
-        """Send ``item`` (or the stop marker); True if it went without its images' names.
-        BrokenPipeError if the worker is gone."""
-        frame = dumps(item)
-        nameless = len(frame) > self.limit and item is not None
+        """Send ``item`` (or the stop marker, never held); True if it went without its images'
+        names. BrokenPipeError if the worker is gone."""
+        message = dumps(item)
+        nameless = len(message) > self.limit and item is not None
         if nameless:
             assert item is not None
             refs = tuple(dataclasses.replace(ref, name="") for ref in item.images)
-            frame = dumps(dataclasses.replace(item, images=refs))
-        # Connection.send_bytes's framing (the worker reads with recv_bytes), in one write and one
-        # Python call: the frame is within the pipe's share, so it goes at once.
-        data = _LENGTH.pack(len(frame)) + frame
-        written = os.write(self._fd, data)
-        while written < len(data):  # a signal cut it short
-            written += os.write(self._fd, memoryview(data)[written:])
+            message = dumps(dataclasses.replace(item, images=refs))
+        with self._lock:  # within the pipe's share: whatever is held with it goes at once
+            self._held.append(frame(message))
+            if self._hold is None or item is None or not self._hold(self):
+                self._write_held()
         return nameless
 
+    def flush(self) -> None:
+        """Write the items held back. BrokenPipeError (or EBADF once closed): the worker is gone,
+        and so are they (its chunks, these with them, go back to the ledger: ``PipelinePool``)."""
+        with self._lock:
+            self._write_held()
+
+    def _write_held(self) -> None:
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        if data:
+            written = os.write(self._fd, data)  # in one write and one Python call
+            while written < len(data):  # a signal cut it short
+                written += os.write(self._fd, memoryview(data)[written:])
+
     def close(self) -> None:
-        self._fd = -1
+        with self._lock:
+            self._fd = -1
+            self._held.clear()
         self.conn.close()
+
+
+class WriteCoalescer:
+    """Inbox writes made on the loop, held to the end of its turn: the chunks one turn of the loop
+    hands a worker (the pushes it read, the answers that freed credit) go in one write, and the
+    worker wakes once for them and reads them in one read (``stage.gather``). Writes made in any
+    other thread (the watcher's, a stop's) go at once, with whatever was held before them."""
+
+    def __init__(self, to_loop: LoopHandoff) -> None:
+        self._to_loop = to_loop
+        self._due: dict[Inbox, None] = {}  # inboxes holding items, in the order they were first held; loop only
+
+    def hold(self, inbox: Inbox) -> bool:
+        """``Inbox``'s ``hold``: True if ``inbox`` will be flushed at the end of this turn (the
+        caller is the loop), False if it must write now."""
+        if not self._to_loop.on_loop():
+            return False
+        if not self._due:
+            self._to_loop.soon(self._flush)
+        self._due[inbox] = None
+        return True
+
+    def _flush(self) -> None:
+        due, self._due = self._due, {}
+        for inbox in due:
+            try:
+                inbox.flush()
+            except OSError:  # the worker is gone: the watcher hands its chunks back, these too
+                log.debug("a worker's inbox is closed; its chunks wait for its replacement")
 
 
 class ResultReader:
     """The loop's end of a worker's result pipe: every whole message it holds, from one
-    non-blocking read. The worker writes with ``Connection.send_bytes`` (a 4-byte length, or -1
-    and an 8-byte one, then what ``messages.dumps`` made); ``Connection.recv`` would read each
-    message in two system calls, and ``Connection.poll`` builds a selector to tell whether another
-    one follows."""
+    non-blocking read (``pipes.FrameReader``), decoded."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         os.set_blocking(conn.fileno(), False)  # the worker's end stays blocking: its own description
-        self._partial = b""  # the start of a message the next read completes
+        self._frames = FrameReader(conn.fileno())
 
     def read(self) -> tuple[list[Any], bool]:
         """The messages the pipe holds now (maybe none), and whether it ended: the worker closed it
         or died (a message it left cut short is dropped), or a message would not decode."""
-        try:
-            data = os.read(self.conn.fileno(), READ_BYTES)
-        except BlockingIOError:  # a spurious wake-up: nothing to read yet
-            return [], False
-        except OSError:
-            return [], True
-        if not data:
-            return [], True
-        if self._partial:
-            data = self._partial + data
+        frames, ended = self._frames.read()
         messages: list[Any] = []
-        offset, size = 0, len(data)
-        with memoryview(data) as view:
-            while size - offset >= _LENGTH.size:
-                (length,) = _LENGTH.unpack_from(data, offset)
-                start = offset + _LENGTH.size
-                if length == -1:
-                    if size - start < _LONG_LENGTH.size:
-                        break
-                    (length,) = _LONG_LENGTH.unpack_from(data, start)
-                    start += _LONG_LENGTH.size
-                if size - start < length:
-                    break
-                try:
-                    messages.append(loads(view[start : start + length]))
-                except Exception:
-                    log.exception("a message of %d bytes from a worker would not decode", length)
-                    return messages, True
-                offset = start + length
-        self._partial = data[offset:]
-        return messages, False
+        for data in frames:
+            try:
+                messages.append(loads(data))
+            except Exception:
+                log.exception("a message of %d bytes from a worker would not decode", len(data))
+                return messages, True
+        return messages, ended
 
 
 class Wakeup:
@@ -189,6 +215,10 @@ class LoopHandoff:
         if running:
             self._loop_thread = thread
         return running
+
+    def soon(self, callback: Callable[[], None]) -> None:
+        """``callback()`` on the loop at its next turn; from the loop's thread only."""
+        self._loop.call_soon(callback)
 
     def call(self, callback: Callable[..., None], *args: Any) -> None:
         """``callback(*args)`` on the loop: now if this is the loop's thread, else soon."""

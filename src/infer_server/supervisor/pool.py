@@ -8,14 +8,15 @@ and raises ``PipelineError`` with a worker's own message otherwise.
 Pipes and messages (``infer_server.messages``). ``submit_batch`` cuts a batch into chunks of at
 most ``batch_size`` images; chunks wait in the pool (their number is bounded by the front's
 admission control) and are handed to workers on credit: each worker has its own inbox, a pipe the
-pool writes into directly and without ever blocking (``channels.Inbox``), and holds two batches of
-images at most (one running, one waiting) in ``CREDIT`` chunks at most (``GATHER_CREDIT`` with
-dynamic batching, ``stage.gather``), so the pool knows which chunks each worker holds. A worker
-writes the id of the last chunk it takes into its shared ``current`` value and answers through its
-own result pipe with one ``ItemDone`` per chunk, carrying every image's outcome (a tuple of them
-per group of chunks it ran together). A pipe per worker, not one shared queue: a worker SIGKILLed
-while writing to a shared ``multiprocessing.Queue`` would leave its lock held (and a half-written
-message) for every other worker; a private pipe just reaches EOF and is discarded.
+pool writes into directly and without ever blocking (``channels.Inbox``; what one turn of the loop
+hands a worker goes in one write: ``channels.WriteCoalescer``), and holds two batches of images at
+most (one running, one waiting) in ``CREDIT`` chunks at most (``GATHER_CREDIT`` with dynamic
+batching, ``stage.gather``), so the pool knows which chunks each worker holds. A worker writes the
+id of the last chunk it takes into its shared ``current`` value and answers through its own result
+pipe with one ``ItemDone`` per chunk, carrying every image's outcome (a tuple of them per group of
+chunks it ran together). A pipe per worker, not one shared queue: a worker SIGKILLed while writing
+to a shared ``multiprocessing.Queue`` would leave its lock held (and a half-written message) for
+every other worker; a private pipe just reaches EOF and is discarded.
 
 Threads, and the loop. The server's asyncio loop reads every result pipe (``add_reader``), records
 which images are answered and calls ``on_outcomes`` with them — exactly once per submitted image:
@@ -69,7 +70,7 @@ from infer_server.messages import (
     WorkerOptions,
     WorkerReady,
 )
-from infer_server.supervisor.channels import Inbox, LoopHandoff, ResultReader, Wakeup
+from infer_server.supervisor.channels import Inbox, LoopHandoff, ResultReader, Wakeup, WriteCoalescer
 from infer_server.supervisor.ledger import ChunkLedger
 from infer_server.supervisor.processes import (
     MAX_WAIT,
@@ -110,6 +111,7 @@ class PipelinePool:
         self._on_health, self._on_shadow = on_health, on_shadow
         self._loop = loop
         self._to_loop = LoopHandoff(loop, on_outcomes)
+        self._coalescer = WriteCoalescer(self._to_loop)
         self._ctx = multiprocessing.get_context("spawn")
         self._stop_event = self._ctx.Event()
         self._halted = False  # the stop event was set (read on every dispatch)
@@ -230,7 +232,7 @@ class PipelinePool:
             chunk = self._ledger.pending.popleft()
             worker.hold(chunk)
             try:
-                chunk.nameless = worker.inbox.put(chunk.item)  # never blocks (see channels.Inbox)
+                chunk.nameless = worker.inbox.put(chunk.item)  # never blocks; on the loop, goes at its turn's end
             except OSError:  # the worker died: the watcher hands its chunks back, this one too
                 log.debug("worker %d is gone; chunk %d waits for its replacement", worker.slot, chunk.item.item_id)
 
@@ -353,7 +355,8 @@ class PipelinePool:
             process.start()
             child_end.close()  # the worker holds the only write end: its death is EOF here
             child_inbox.close()
-            to_worker = Inbox(inbox, self._ledger.batch_size, self._credit, least=CREDIT)  # this pipe's own credit
+            to_worker = Inbox(inbox, self._ledger.batch_size, self._credit, least=CREDIT,  # this pipe's own credit
+                              hold=self._coalescer.hold)  # fmt: skip
             worker = WorkerProcess(slot, process, to_worker, results, current, options=options)
             if slot == len(self._slots):
                 self._slots.append(worker)
