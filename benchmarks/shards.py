@@ -17,6 +17,11 @@ its server and its Python stubs; the JSON has them apart, and the clients'). The
 round and their medians: of images/s, and of the server's CPU per image, sharded against Triton.
 
     python -m benchmarks.shards --clients 4 --images 8 --rounds 6 --json bench-out/shards-4x8.json
+    python -m benchmarks.shards --clients 16 --images 1 --batch 8 --rounds 4   # batching across requests
+
+Every server's ``--batch-size`` (Triton's ``max_batch_size``) is ``--images`` unless ``--batch``
+says otherwise: at one image per request, ``--batch 8`` is the setting ``benchmarks.peers`` (and a
+fleet of cameras) runs, where both servers batch across requests.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@
 Clients that push one image each would otherwise cost a detector call, and a call of every
 attribute model, on a batch of one. The pool lets a worker hold several small chunks on credit (up
 to twice the batch size in images: ``supervisor.processes.WorkerProcess.has_credit``), so while it
-runs one batch, the next chunks queue in its inbox. ``Gatherer.next_group`` takes the next chunk,
-then every chunk already waiting behind it, in order, while they fit in ``batch_size`` images
-together and take the same route (stable, canary, shadow); while the batch is not full it waits for
-more up to ``max_delay_s`` after the oldest chunk of the group was submitted (Triton's
+runs one batch, the next chunks queue in its inbox (read a pipeful at a time, ``pipes.FrameReader``:
+the pool writes the chunks of one turn of its loop at once). ``Gatherer.next_group`` takes the
+next chunk, then every chunk already waiting behind it, in order, while they fit in ``batch_size``
+images together and take the same route (stable, canary, shadow); while the batch is not full it
+waits for more up to ``max_delay_s`` after the oldest chunk of the group was submitted (Triton's
 ``max_queue_delay_microseconds``; 0: only what is already waiting, which adds no latency), ending a
 delay's length before the earliest deadline of the group, so no chunk expires waiting. Under load a
 worker's inbox fills while it computes, so batches fill themselves.
