@@ -43,6 +43,7 @@ class Gatherer:
     """The chunks of a worker's inbox, grouped (``enabled`` False: one chunk at a time)."""
 
     def __init__(self, inbox: Connection, batch_size: int, max_delay_s: float = 0.0, enabled: bool = True) -> None:
+        # ``inbox`` is read through its descriptor (``_frames``); held here, it stays open while this reads it.
         self.inbox, self.batch_size, self.max_delay_s, self.enabled = inbox, batch_size, max_delay_s, enabled
         self.stopped = False  # the stop marker came, or the pool closed the inbox
         self._waiting: collections.deque[WorkItem] = collections.deque()  # received, not yet grouped

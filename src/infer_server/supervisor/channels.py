@@ -106,7 +106,7 @@ class Inbox:
             self._write_held()
 
     def _write_held(self) -> None:
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        data = b"".join(self._held)  # one item: that item itself, not a copy
         self._held.clear()
         if data:
             written = os.write(self._fd, data)  # in one write and one Python call
